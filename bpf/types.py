@@ -1,0 +1,45 @@
+"""Records produced by the kernel sensor (DESIGN.md: `KernelEvent` belongs to bpf/).
+
+bpf/ never imports prober/, so an event carries its own 5-tuple plus netns inode; the correlator
+matches it against a prober `Flow` in either direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class EventKind(StrEnum):
+    RETRANSMIT = "retransmit"
+    SYNACK_RETRANSMIT = "synack_retransmit"
+    STATE = "state"
+    RESET_RX = "reset_rx"
+    RESET_TX = "reset_tx"
+    DROP = "drop"
+    ICMP_SEND = "icmp_send"
+    SOCK_ERROR = "sock_error"
+    UDP_SEND = "udp_send"
+    UDP_RECV = "udp_recv"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelEvent:
+    ts_ns: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns)
+    kind: EventKind
+    proto: str  # "tcp" | "udp" | "icmp" | ...
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    netns: int
+    tcp_state: str | None = None  # e.g. "SYN_SENT"; for STATE events the new state
+    old_state: str | None = None
+    reason: str | None = None  # drop / reset reason by name, from the running kernel
+    location: str | None = None  # kernel symbol where a packet was dropped
+    tcp_flags: str | None = None  # e.g. "S", "SA", "PA" for dropped TCP packets
+    error: int | None = None  # errno for SOCK_ERROR, tracepoint err for retransmits
+
+    @property
+    def tuple(self) -> tuple[str, str, int, str, int]:
+        return (self.proto, self.saddr, self.sport, self.daddr, self.dport)

@@ -1,0 +1,125 @@
+"""Result types produced by the prober (DESIGN.md: `Flow` and `ProbeResult` belong to prober/).
+
+All timestamps are CLOCK_MONOTONIC nanoseconds (`time.monotonic_ns()`), the clock of the kernel's
+`bpf_ktime_get_ns()`, so probe phases and kernel events share one time axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Proto(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class ProbeKind(StrEnum):
+    HTTP = "http"
+    TCP = "tcp"
+    DNS = "dns"
+
+
+class ErrorKind(StrEnum):
+    """Closed set of reasons a probe failed. Every client exception maps to exactly one of these."""
+
+    DNS_NXDOMAIN = "dns_nxdomain"
+    DNS_SERVFAIL = "dns_servfail"
+    DNS_REFUSED = "dns_refused"
+    DNS_NO_ANSWER = "dns_no_answer"  # NOERROR but no record of the asked type
+    DNS_TIMEOUT = "dns_timeout"
+    DNS_UNREACHABLE = "dns_unreachable"  # ICMP port/host unreachable from the resolver
+    DNS_UNEXPECTED = "dns_unexpected"  # answer did not match the probe's expectations
+    CONNECT_TIMEOUT = "connect_timeout"
+    CONNECT_REFUSED = "connect_refused"
+    CONNECT_EPERM = "connect_eperm"  # local firewall (EPERM on connect/sendmsg)
+    CONNECT_UNREACHABLE = "connect_unreachable"  # EHOSTUNREACH / ENETUNREACH
+    CONNECT_RESET = "connect_reset"  # reset after the handshake, before an answer
+    TLS_ERROR = "tls_error"
+    READ_TIMEOUT = "read_timeout"
+    HTTP_STATUS = "http_status"
+    VALIDATION = "validation"  # body regex, header or other expectation failed
+    PROTOCOL_ERROR = "protocol_error"  # malformed answer from the peer
+    SOURCE_ERROR = "source_error"  # could not enter the source namespace
+    INTERNAL = "internal"  # a bug in connprobe; never silently swallowed
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One transport-level conversation as seen from the prober's side."""
+
+    proto: Proto
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    netns: int  # network-namespace inode (stat -L -c %i /run/netns/NAME)
+
+    def reversed(self) -> Flow:
+        """The peer's view: events seen on the server side of a lab carry this tuple."""
+        return Flow(self.proto, self.remote_addr, self.remote_port, self.local_addr, self.local_port, self.netns)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseSpan:
+    """A phase of a probe (resolve, connect, tls, processing, transfer) on the monotonic clock."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+@dataclass(frozen=True, slots=True)
+class DnsTransaction:
+    server: str
+    name: str
+    qtype: str
+    start_ns: int
+    end_ns: int | None  # None: no answer arrived
+    rcode: str | None  # "NOERROR", "NXDOMAIN", ... ; None when no answer
+    flow: Flow | None
+    answers: tuple[str, ...] = ()
+    transport: Proto = Proto.UDP
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    name: str
+    kind: ProbeKind
+    target: str
+    source: str  # "host" or the network namespace's name/path
+    start_ns: int
+    end_ns: int
+    ok: bool
+    error: ErrorKind | None = None
+    error_detail: str = ""
+    phases: tuple[PhaseSpan, ...] = ()
+    http_status: int | None = None
+    address: str | None = None  # the resolved address this result probed
+    flows: tuple[Flow, ...] = ()
+    dns: tuple[DnsTransaction, ...] = ()
+    failed_validators: tuple[str, ...] = ()
+    suspect: bool = False  # the event loop was starved while this probe ran
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def phase(self, name: str) -> PhaseSpan | None:
+        for span in self.phases:
+            if span.name == name:
+                return span
+        return None
+
+    def phase_durations_ns(self) -> dict[str, int]:
+        """Durations summed per phase name (redirect hops add up, as blackbox_exporter does)."""
+        out: dict[str, int] = {}
+        for span in self.phases:
+            out[span.name] = out.get(span.name, 0) + span.duration_ns
+        return out
