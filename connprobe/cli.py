@@ -1,0 +1,46 @@
+"""The `connprobe` command line. Each subcommand's work lives in its own module; this file only parses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from connprobe.lab.cli import run
+
+    return run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from connprobe.demo import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="connprobe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lab = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
+    lab.add_argument("action", choices=["up", "down", "status"])
+    lab.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
+    lab.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
+    lab.set_defaults(func=_lab)
+
+    demo = sub.add_parser("demo", help="bring the lab up, probe it under each fault, print what happened")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

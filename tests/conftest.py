@@ -1,0 +1,42 @@
+"""Shared test plumbing.
+
+Kernel tests (root, network namespaces, nftables, BPF) are marked `kernel`. Where the machine cannot run
+them they skip — unless CONNPROBE_REQUIRE_KERNEL=1 (set by .ci/run), in which case they fail, so CI can
+never go green by skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("CONNPROBE_REQUIRE_KERNEL") == "1"
+
+
+def _kernel_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    for tool in ("ip", "nft", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (run scripts/setup)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns unusable: {probe.stderr.strip()}"
+    return None
+
+
+def require(missing: str | None) -> None:
+    """Skip (or, with CONNPROBE_REQUIRE_KERNEL=1, fail) when `missing` names what is lacking."""
+    if missing is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"kernel test cannot run ({missing}) but CONNPROBE_REQUIRE_KERNEL=1", pytrace=False)
+    pytest.skip(f"kernel test skipped: {missing}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is not None:
+        require(_kernel_missing())
