@@ -126,6 +126,14 @@ def shared_executor(name_or_path: str) -> NetnsExecutor:
         return ex
 
 
+def close_shared_executor(name_or_path: str) -> None:
+    """End the shared executor of one namespace (before the namespace is deleted)."""
+    with _shared_lock:
+        ex = _shared.pop(netns_path(name_or_path), None)
+    if ex is not None:
+        ex.close()
+
+
 def close_shared_executors() -> None:
     with _shared_lock:
         for ex in _shared.values():

@@ -40,3 +40,28 @@ def require(missing: str | None) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is not None:
         require(_kernel_missing())
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """One lab for the whole session (faults are switched per test and always undone)."""
+    require(_kernel_missing())
+    from connprobe.lab import Lab
+
+    with Lab() as the_lab:
+        yield the_lab
+
+
+def _leftovers() -> list[str]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return []
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith("cp-")]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A lab namespace still present after the suite is a clean-up hole: fail the run."""
+    left = _leftovers()
+    if left:
+        session.config.get_terminal_writer().line(f"LEFT BEHIND by the tests: network namespaces {left}", red=True)
+        session.exitstatus = 1

@@ -1,0 +1,208 @@
+"""Fault injectors for the lab. Each is a context manager: switched on at `with`, undone on exit even when
+the body raises (and undone by `Lab.down()` if it is still on then).
+
+    with lab.policy_drop("srv1", direction="in", proto="tcp", port=8080):       # nftables drop
+    with lab.policy_drop("client", direction="out", action="reject", port=8080):  # nftables reject
+    with lab.packet_loss(0.2, link="client", direction="both"):                 # cls_bpf random loss
+    with lab.dns_fault("srv1.lab.test", "nxdomain"):                            # DNS modes
+    with lab.slow_upstream("srv1", 0.3):  with lab.http_status("srv1", 503):  with lab.no_listener("srv1"):
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from connprobe.lab import control
+from connprobe.lab.plumbing import LabError, in_ns, netns_names, nft
+
+if TYPE_CHECKING:
+    from connprobe.lab.topology import Lab
+
+HOOKS = {"in": "input", "out": "output", "forward": "forward"}
+FAMILIES = {"inet": None, "ipv4": "ipv4", "ipv6": "ipv6"}
+LOSS_SOURCE = Path(__file__).with_name("loss.c")
+CLSACT_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+
+
+class _Fault(AbstractContextManager):
+    on_enter = staticmethod(lambda fault: None)
+    on_exit = staticmethod(lambda fault: None)
+    active = False
+
+    def __enter__(self):
+        self._apply()
+        self.active = True
+        self.on_enter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self.on_exit(self)
+        self._undo()
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def _undo(self) -> None:
+        raise NotImplementedError
+
+
+class PolicyDrop(_Fault):
+    """An nftables rule in one lab namespace that drops (or rejects) matching packets.
+
+    direction: "in" (input hook), "out" (output hook) or "forward" (the router's forward hook);
+    proto: "tcp" | "udp"; port: destination port to match (None: every port); action: "drop" | "reject"
+    (a TCP reset for tcp, ICMP port unreachable for udp); family: "inet" (both), "ipv4" or "ipv6";
+    daddr: only packets to this address (e.g. a virtual IP).
+    """
+
+    def __init__(self, lab: Lab, ns: str, direction: str = "in", proto: str = "tcp", port: int | None = None,
+                 action: str = "drop", family: str = "inet", daddr: str | None = None):
+        if direction not in HOOKS:
+            raise LabError(f"policy_drop: direction {direction!r} must be one of {', '.join(HOOKS)}")
+        if proto not in ("tcp", "udp"):
+            raise LabError(f"policy_drop: proto {proto!r} must be tcp or udp")
+        if action not in ("drop", "reject"):
+            raise LabError(f"policy_drop: action {action!r} must be drop or reject")
+        if family not in FAMILIES:
+            raise LabError(f"policy_drop: family {family!r} must be one of {', '.join(FAMILIES)}")
+        if port is not None and not 0 < port < 65536:
+            raise LabError(f"policy_drop: port {port} is not a port number")
+        self.lab, self.role = lab, ns
+        self.ns_name = lab.ns(ns).name
+        self.table = f"connprobe_fault_{lab.next_fault_id()}"
+        match = [f"meta l4proto {proto}"]
+        if FAMILIES[family]:
+            match.insert(0, f"meta nfproto {FAMILIES[family]}")
+        if daddr:
+            match.append(f"{'ip6' if ':' in daddr else 'ip'} daddr {daddr}")
+        if port is not None:
+            match.append(f"th dport {port}")
+        verdict = "drop" if action == "drop" else ("reject with tcp reset" if proto == "tcp" else "reject")
+        self.rule = " ".join(match) + f" counter {verdict}"
+        self.hook = HOOKS[direction]
+
+    def _apply(self) -> None:
+        nft(self.ns_name, f"table inet {self.table} {{\n chain fault {{\n"
+                          f"  type filter hook {self.hook} priority -10; policy accept;\n  {self.rule}\n }}\n}}\n")
+
+    def _undo(self) -> None:
+        if self.ns_name in netns_names():
+            in_ns(self.ns_name, "nft", "delete", "table", "inet", self.table)
+
+    def matched(self) -> int:
+        """Packets the rule has matched so far (its nftables counter)."""
+        out = json.loads(in_ns(self.ns_name, "nft", "-j", "list", "table", "inet", self.table))
+        for item in out["nftables"]:
+            rule = item.get("rule")
+            if rule:
+                for expr in rule["expr"]:
+                    if "counter" in expr:
+                        return int(expr["counter"]["packets"])
+        return 0
+
+
+class PacketLoss(_Fault):
+    """Lose a random `fraction` of packets on a router link, with a tc clsact BPF program (no netem here).
+
+    link: "client" (the router's port toward the client) or a server role ("srv1", "srv2", "dns");
+    direction: "egress" (router → that namespace), "ingress" (that namespace → router) or "both";
+    proto: "tcp", "udp" or None for every IP packet. The kernel frees each lost packet with reason
+    TC_EGRESS / TC_INGRESS — distinct from a policy drop's NETFILTER_DROP.
+    """
+
+    def __init__(self, lab: Lab, fraction: float, link: str = "client", direction: str = "both",
+                 proto: str | None = "tcp"):
+        if not 0.0 <= fraction <= 1.0:
+            raise LabError(f"packet_loss: fraction {fraction} must be between 0 and 1")
+        if direction not in ("egress", "ingress", "both"):
+            raise LabError(f"packet_loss: direction {direction!r} must be egress, ingress or both")
+        if link != "client" and link not in ("srv1", "srv2", "dns"):
+            raise LabError(f"packet_loss: link {link!r} must be client, srv1, srv2 or dns")
+        if proto not in (None, "tcp", "udp"):
+            raise LabError(f"packet_loss: proto {proto!r} must be tcp, udp or None")
+        self.lab = lab
+        self.fraction = fraction
+        self.dev = "c0" if link == "client" else f"s-{link}"
+        self.directions = ("egress", "ingress") if direction == "both" else (direction,)
+        self.l4 = {None: 0, "tcp": 6, "udp": 17}[proto]
+        self.router = lab.ns("router").name
+        self._bpf = None
+
+    def _apply(self) -> None:
+        from bcc import BPF  # imported here: only loss injection needs bcc
+        from pyroute2 import IPRoute
+
+        threshold = min(int(self.fraction * 2**32), 2**32 - 1)
+        cflags = [f"-DTHRESHOLD={threshold}U", f"-DL4PROTO={self.l4}"]
+        self._bpf = BPF(text=LOSS_SOURCE.read_bytes(), cflags=cflags)
+        fn = self._bpf.load_func(b"lab_loss", BPF.SCHED_CLS)
+        try:
+            with IPRoute(netns=self.router) as ipr:  # a netlink socket inside the router namespace
+                idx = ipr.link_lookup(ifname=self.dev)[0]
+                ipr.tc("add", "clsact", idx)
+                for d in self.directions:
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name=fn.name,
+                           parent=CLSACT_PARENT[d], classid=1, direct_action=True)
+        except Exception:
+            self._undo()
+            raise
+
+    def _undo(self) -> None:
+        try:
+            if self.router in netns_names():
+                in_ns(self.router, "tc", "qdisc", "del", "dev", self.dev, "clsact", check=False)
+        finally:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+
+    def stats(self) -> tuple[int, int]:
+        """(packets considered, packets dropped) so far."""
+        if self._bpf is None:
+            return (0, 0)
+        t = self._bpf[b"loss_stats"]
+        return (t[0].value, t[1].value)
+
+
+class DnsFault(_Fault):
+    """Switch how the lab DNS server answers one name: nxdomain, servfail, refused, timeout, slow."""
+
+    def __init__(self, lab: Lab, name: str, mode: str, delay: float = 0.0):
+        self.lab = lab
+        self.name = name if name.endswith(".") else name + "."
+        self.mode, self.delay = mode, delay
+        self._before: dict | None = None
+
+    def _apply(self) -> None:
+        state = control.request(self.lab.dns_control, "ping")
+        self._before = state["modes"].get(self.name, {"mode": "answer", "delay": 0.0})
+        control.request(self.lab.dns_control, "mode", name=self.name, mode=self.mode, delay=self.delay)
+
+    def _undo(self) -> None:
+        assert self._before is not None
+        control.request(self.lab.dns_control, "mode", name=self.name, **self._before)
+
+
+class ServerFault(_Fault):
+    """Set a lab HTTP server's delay, forced status, or listening state; restore the old values on exit."""
+
+    def __init__(self, lab: Lab, server: str, **settings):
+        self.lab = lab
+        self.sock = lab.server(server).control
+        self.settings = settings
+        self._before: dict = {}
+
+    def _apply(self) -> None:
+        state = control.request(self.sock, "ping")
+        keymap = {"delay": "delay", "status": "status", "listen": "listening"}
+        self._before = {k: state[keymap[k]] for k in self.settings}
+        control.request(self.sock, "set", **self.settings)
+
+    def _undo(self) -> None:
+        control.request(self.sock, "set", **self._before)
