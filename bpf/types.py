@@ -39,6 +39,7 @@ class KernelEvent:
     location: str | None = None  # kernel symbol where a packet was dropped
     tcp_flags: str | None = None  # e.g. "S", "SA", "PA" for dropped TCP packets
     error: int | None = None  # errno for SOCK_ERROR, tracepoint err for retransmits
+    sock: int | None = None  # kernel socket address: links CLOSE->SYN_SENT (sport 0) to later events
 
     @property
     def tuple(self) -> tuple[str, str, int, str, int]:

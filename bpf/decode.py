@@ -1,0 +1,181 @@
+"""Decoding a ring-buffer record (`struct cp_event`, bpf/events.h) into a `KernelEvent`: a pure function.
+
+Numbers the kernel reports (drop reasons, reset reasons, TCP states) are turned into names with tables
+read from the running kernel (`KernelNames.from_kernel`), never from a header's enum.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from bpf.types import EventKind, KernelEvent
+
+# struct cp_event, bpf/events.h (little-endian, 80 bytes)
+EVENT_STRUCT = struct.Struct("<QQQIIiHHHHBBBB16s16s")
+EVENT_SIZE = EVENT_STRUCT.size
+
+KIND_BY_NUMBER: dict[int, EventKind] = {
+    1: EventKind.RETRANSMIT,
+    2: EventKind.SYNACK_RETRANSMIT,
+    3: EventKind.STATE,
+    4: EventKind.RESET_RX,
+    5: EventKind.RESET_TX,
+    6: EventKind.DROP,
+    7: EventKind.ICMP_SEND,
+    8: EventKind.SOCK_ERROR,
+    9: EventKind.UDP_SEND,
+    10: EventKind.UDP_RECV,
+}
+NUMBER_BY_KIND = {v: k for k, v in KIND_BY_NUMBER.items()}
+
+AF_INET, AF_INET6 = 2, 10
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
+
+# include/net/tcp_states.h: stable numbering since 2.x. Used only when tracefs has no table.
+DEFAULT_TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+    7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
+}
+
+# ICMP (v4) type/code names for the errors a prober cares about (RFC 792 / 1812 numbering).
+ICMP_NAMES = {
+    (3, 0): "NET_UNREACH", (3, 1): "HOST_UNREACH", (3, 2): "PROT_UNREACH", (3, 3): "PORT_UNREACH",
+    (3, 4): "FRAG_NEEDED", (3, 9): "NET_ANO", (3, 10): "HOST_ANO", (3, 13): "PKT_FILTERED",
+    (11, 0): "TTL_EXCEEDED", (11, 1): "FRAG_TIME_EXCEEDED",
+}
+
+TCP_FLAG_LETTERS = (("S", 0x02), ("F", 0x01), ("R", 0x04), ("P", 0x08), ("A", 0x10), ("U", 0x20))
+
+
+@dataclass(frozen=True)
+class KernelNames:
+    """Number → name tables of the running kernel, plus a kernel-address symboliser."""
+
+    drop_reasons: Mapping[int, str] = field(default_factory=dict)
+    rst_reasons: Mapping[int, str] = field(default_factory=dict)
+    tcp_states: Mapping[int, str] = field(default_factory=lambda: dict(DEFAULT_TCP_STATES))
+    symbolize: Callable[[int], str | None] | None = None
+
+    def reason_name(self, kind: EventKind, number: int) -> str:
+        """Name of a counter's reason dimension for `kind` (drop reason, reset reason, state, ...)."""
+        if kind == EventKind.DROP:
+            return self.drop_reasons.get(number, f"reason_{number}")
+        if kind == EventKind.RESET_TX:
+            return self.rst_reasons.get(number, f"reason_{number}")
+        if kind in (EventKind.RETRANSMIT, EventKind.STATE):
+            return self.tcp_states.get(number, f"state_{number}")
+        if kind == EventKind.ICMP_SEND:
+            return icmp_name(number >> 8, number & 0xFF)
+        if kind == EventKind.SOCK_ERROR:
+            return errno.errorcode.get(number, f"errno_{number}")
+        return ""
+
+
+def icmp_name(icmp_type: int, code: int) -> str:
+    return ICMP_NAMES.get((icmp_type, code), f"type{icmp_type}_code{code}")
+
+
+def tcp_flags_str(flags: int) -> str:
+    return "".join(letter for letter, bit in TCP_FLAG_LETTERS if flags & bit)
+
+
+def format_addr(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == AF_INET6:
+        addr = ipaddress.IPv6Address(raw[:16])
+        return str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr)
+    return ""
+
+
+class DecodeError(ValueError):
+    """A ring-buffer record that is not a `struct cp_event`."""
+
+
+def decode_event(raw: bytes, names: KernelNames) -> KernelEvent:
+    """One ring-buffer record → a frozen KernelEvent. Pure: no kernel access except `names.symbolize`."""
+    if len(raw) < EVENT_SIZE:
+        raise DecodeError(f"record of {len(raw)} bytes, expected {EVENT_SIZE}")
+    (ts_ns, location, skaddr, netns, reason, error, kind_no, family, sport, dport, proto, state, old_state,
+     tcp_flags, saddr, daddr) = EVENT_STRUCT.unpack_from(raw)
+    kind = KIND_BY_NUMBER.get(kind_no)
+    if kind is None:
+        raise DecodeError(f"unknown event kind {kind_no}")
+    ev_reason: str | None = None
+    ev_error: int | None = None
+    ev_state: str | None = None
+    ev_old: str | None = None
+    ev_location: str | None = None
+    flags: str | None = None
+    if kind == EventKind.DROP:
+        ev_reason = names.reason_name(kind, reason)
+        if location and names.symbolize is not None:
+            sym = names.symbolize(location)
+            ev_location = sym.split("+", 1)[0] if sym else None
+    elif kind == EventKind.RESET_TX:
+        ev_reason = names.reason_name(kind, reason)
+        ev_state = names.tcp_states.get(state) if state else None
+    elif kind == EventKind.ICMP_SEND:
+        ev_reason = icmp_name((error >> 8) & 0xFF, error & 0xFF)
+    elif kind == EventKind.SOCK_ERROR:
+        ev_error = error
+        ev_reason = names.reason_name(kind, error)
+    elif kind in (EventKind.RETRANSMIT, EventKind.SYNACK_RETRANSMIT):
+        ev_state = names.tcp_states.get(state, f"state_{state}")
+        ev_error = error if kind == EventKind.RETRANSMIT else None
+    elif kind == EventKind.STATE:
+        ev_state = names.tcp_states.get(state, f"state_{state}")
+        ev_old = names.tcp_states.get(old_state, f"state_{old_state}")
+    if proto == 6 and kind in (EventKind.DROP, EventKind.ICMP_SEND):
+        flags = tcp_flags_str(tcp_flags)
+    return KernelEvent(
+        ts_ns=ts_ns,
+        kind=kind,
+        proto=PROTO_NAMES.get(proto, str(proto)),
+        saddr=format_addr(family, saddr),
+        sport=sport,
+        daddr=format_addr(family, daddr),
+        dport=dport,
+        netns=netns,
+        tcp_state=ev_state,
+        old_state=ev_old,
+        reason=ev_reason,
+        location=ev_location,
+        tcp_flags=flags,
+        error=ev_error,
+        sock=skaddr or None,
+    )
+
+
+def encode_event(
+    *,
+    kind: EventKind,
+    ts_ns: int = 0,
+    proto: int = 6,
+    family: int = AF_INET,
+    saddr: str = "0.0.0.0",
+    daddr: str = "0.0.0.0",
+    sport: int = 0,
+    dport: int = 0,
+    netns: int = 0,
+    reason: int = 0,
+    error: int = 0,
+    state: int = 0,
+    old_state: int = 0,
+    tcp_flags: int = 0,
+    location: int = 0,
+    skaddr: int = 0,
+) -> bytes:
+    """The inverse of decode_event, for tests and replay tools (what the BPF side would write)."""
+    def raw(addr: str) -> bytes:
+        return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+
+    return EVENT_STRUCT.pack(
+        ts_ns, location, skaddr, netns, reason, error, NUMBER_BY_KIND[kind], family, sport, dport, proto,
+        state, old_state, tcp_flags, raw(saddr), raw(daddr),
+    )

@@ -1,0 +1,355 @@
+/* connprobe kernel sensor: stable tracepoints only (no kprobes, no fentry).
+ *
+ * Compiled by bcc with -D flags from bpf/sensor.py:
+ *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout)
+ *   RING_PAGES       ring-buffer size in pages (power of two)
+ *   WATCH_MAX        size of the watch list
+ *   HOOK_*           one per tracepoint that passed its feature check on this kernel
+ *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
+ *
+ * Events of watched flows (proto + local port on the watch list, matched on either port so the server
+ * side of a flow on the same node is caught too) go to the `events` ring buffer. Every event, watched or
+ * not, is counted in `counts`. Drop reasons on the `quiet` list (QUEUE_PURGE, NOT_SPECIFIED, ...) are only
+ * counted, never sent. Failed ring-buffer reservations are counted in `lost`.
+ */
+#include "events.h"
+
+/* Tracepoint structs that name these enums do not compile against older headers ("incomplete type").
+ * Complete dummy declarations make them compile; values are never taken from here (names come from the
+ * running kernel's tracefs formats). */
+enum skb_drop_reason { CP_DUMMY_DROP_REASON = 0 };
+enum sk_rst_reason { CP_DUMMY_RST_REASON = 0 };
+
+#define CP_AF_INET 2
+#define CP_AF_INET6 10
+#define CP_ETH_P_IP 0x0800
+#define CP_ETH_P_IPV6 0x86DD
+#define CP_IPPROTO_ICMP 1
+#define CP_IPPROTO_TCP 6
+#define CP_IPPROTO_UDP 17
+
+BPF_RINGBUF_OUTPUT(events, RING_PAGES);
+BPF_HASH(watch, u32, u8, WATCH_MAX);
+BPF_HASH(quiet, u32, u8, 256);
+BPF_PERCPU_HASH(counts, struct cp_count_key, u64, 4096);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+
+static __always_inline u32 watch_key(u8 proto, u16 port) { return ((u32)proto << 16) | port; }
+
+static __always_inline int is_watched(u8 proto, u16 sport, u16 dport) {
+    u32 k = watch_key(proto, sport);
+    if (watch.lookup(&k))
+        return 1;
+    k = watch_key(proto, dport);
+    if (watch.lookup(&k))
+        return 1;
+    return 0;
+}
+
+static __always_inline void count(u16 kind, u32 reason, int watched) {
+    struct cp_count_key k = {};
+    k.kind = kind;
+    k.watched = watched;
+    k.reason = reason;
+    u64 zero = 0;
+    u64 *v = counts.lookup_or_try_init(&k, &zero);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline void emit(struct cp_event *ev) {
+    struct cp_event *out = events.ringbuf_reserve(sizeof(struct cp_event));
+    if (!out) {
+        u32 z = 0;
+        u64 *v = lost.lookup(&z);
+        if (v)
+            (*v)++;
+        return;
+    }
+    __builtin_memcpy(out, ev, sizeof(struct cp_event));
+    events.ringbuf_submit(out, 0);
+}
+
+/* Network-namespace inode of a socket: sk->__sk_common.skc_net.net->ns.inum (BTF offsets). */
+static __always_inline u32 sk_netns(const void *sk) {
+    if (!sk)
+        return 0;
+    void *net = 0;
+    if (bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SK_NET) || !net)
+        return 0;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_INUM);
+    return inum;
+}
+
+/* Network-namespace inode of a packet: skb->dev->nd_net.net->ns.inum, else skb->sk's.
+ * skb->dev shares storage with dev_scratch, so a failed or zero read falls through to skb->sk. */
+static __always_inline u32 skb_netns(const void *skb) {
+    void *dev = 0;
+    u32 inum = 0;
+    if (!bpf_probe_read_kernel(&dev, sizeof(dev), (const char *)skb + OFF_SKB_DEV) && dev) {
+        void *net = 0;
+        if (!bpf_probe_read_kernel(&net, sizeof(net), (const char *)dev + OFF_NETDEV_ND_NET) && net) {
+            if (!bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_INUM) && inum)
+                return inum;
+        }
+    }
+    void *sk = 0;
+    if (!bpf_probe_read_kernel(&sk, sizeof(sk), (const char *)skb + OFF_SKB_SK) && sk)
+        return sk_netns(sk);
+    return 0;
+}
+
+/* Parse the IP and TCP/UDP headers of a packet at skb->head + skb->network_header. Returns 0 on success. */
+static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_event *ev) {
+    unsigned char *head = 0;
+    u16 nh = 0;
+    if (bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD) || !head)
+        return -1;
+    if (bpf_probe_read_kernel(&nh, sizeof(nh), (const char *)skb + OFF_SKB_NETWORK_HEADER) || nh == 0xFFFF)
+        return -1;
+    if (l3proto != CP_ETH_P_IP && l3proto != CP_ETH_P_IPV6 && l3proto != 0)
+        return -1;
+    unsigned char *ip = head + nh;
+    u8 vihl = 0;
+    if (bpf_probe_read_kernel(&vihl, 1, ip))
+        return -1;
+    unsigned char *th;
+    if ((vihl >> 4) == 4) {
+        u16 frag = 0;
+        ev->family = CP_AF_INET;
+        bpf_probe_read_kernel(&ev->proto, 1, ip + 9);
+        bpf_probe_read_kernel(ev->saddr, 4, ip + 12);
+        bpf_probe_read_kernel(ev->daddr, 4, ip + 16);
+        bpf_probe_read_kernel(&frag, 2, ip + 6);
+        if (frag & bpf_htons(0x1FFF))  /* not the first fragment: no transport header */
+            return 0;
+        th = ip + (vihl & 0x0F) * 4;
+    } else if ((vihl >> 4) == 6) {
+        ev->family = CP_AF_INET6;
+        bpf_probe_read_kernel(&ev->proto, 1, ip + 6);
+        bpf_probe_read_kernel(ev->saddr, 16, ip + 8);
+        bpf_probe_read_kernel(ev->daddr, 16, ip + 24);
+        th = ip + 40;  /* extension headers are not followed */
+    } else {
+        return -1;
+    }
+    if (ev->proto == CP_IPPROTO_TCP || ev->proto == CP_IPPROTO_UDP) {
+        u16 ports[2] = {};
+        if (bpf_probe_read_kernel(ports, sizeof(ports), th))
+            return 0;
+        ev->sport = bpf_ntohs(ports[0]);
+        ev->dport = bpf_ntohs(ports[1]);
+        if (ev->proto == CP_IPPROTO_TCP)
+            bpf_probe_read_kernel(&ev->tcp_flags, 1, th + 13);
+    }
+    return 0;
+}
+
+/* Copy the v4/v6 addresses of a tcp/sock tracepoint (saddr[4], daddr[4], saddr_v6[16], daddr_v6[16]). */
+#define CP_COPY_ADDRS(ev, args)                                              \
+    do {                                                                     \
+        if ((ev)->family == CP_AF_INET6) {                                   \
+            __builtin_memcpy((ev)->saddr, (args)->saddr_v6, 16);             \
+            __builtin_memcpy((ev)->daddr, (args)->daddr_v6, 16);             \
+        } else {                                                             \
+            __builtin_memcpy((ev)->saddr, (args)->saddr, 4);                 \
+            __builtin_memcpy((ev)->daddr, (args)->daddr, 4);                 \
+        }                                                                    \
+    } while (0)
+
+#ifdef HOOK_TCP_TCP_RETRANSMIT_SKB
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_RETRANSMIT;
+    ev.proto = CP_IPPROTO_TCP;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    ev.state = args->state;
+    ev.error = args->err;
+    int watched = is_watched(CP_IPPROTO_TCP, ev.sport, ev.dport);
+    count(CP_KIND_RETRANSMIT, ev.state, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = args->family;
+    ev.skaddr = (u64)args->skaddr;
+    ev.netns = sk_netns(args->skaddr);
+    CP_COPY_ADDRS(&ev, args);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_TCP_TCP_RETRANSMIT_SYNACK
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack) {
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_SYNACK_RETRANSMIT;
+    ev.proto = CP_IPPROTO_TCP;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    ev.state = 3; /* TCP_SYN_RECV */
+    int watched = is_watched(CP_IPPROTO_TCP, ev.sport, ev.dport);
+    count(CP_KIND_SYNACK_RETRANSMIT, 0, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = args->family;
+    ev.skaddr = (u64)args->skaddr;
+    ev.netns = sk_netns(args->skaddr);
+    CP_COPY_ADDRS(&ev, args);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_SOCK_INET_SOCK_SET_STATE
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != CP_IPPROTO_TCP)
+        return 0;
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_STATE;
+    ev.proto = CP_IPPROTO_TCP;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    ev.state = args->newstate;
+    ev.old_state = args->oldstate;
+    int watched = is_watched(CP_IPPROTO_TCP, ev.sport, ev.dport);
+    count(CP_KIND_STATE, ev.state, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = args->family;
+    ev.skaddr = (u64)args->skaddr;
+    ev.netns = sk_netns(args->skaddr);
+    CP_COPY_ADDRS(&ev, args);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_TCP_TCP_RECEIVE_RESET
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_RESET_RX;
+    ev.proto = CP_IPPROTO_TCP;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    int watched = is_watched(CP_IPPROTO_TCP, ev.sport, ev.dport);
+    count(CP_KIND_RESET_RX, 0, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = args->family;
+    ev.skaddr = (u64)args->skaddr;
+    ev.netns = sk_netns(args->skaddr);
+    CP_COPY_ADDRS(&ev, args);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_TCP_TCP_SEND_RESET
+/* 6.10+ layout: saddr/daddr are raw sockaddrs (family at 0, port at 2 network order, IPv4 address at 4,
+ * IPv6 address at 8); skaddr is NULL when no socket exists (reason NO_SOCKET). */
+TRACEPOINT_PROBE(tcp, tcp_send_reset) {
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_RESET_TX;
+    ev.proto = CP_IPPROTO_TCP;
+    ev.reason = args->reason;
+    ev.state = args->state;
+    u16 fam = 0, sp = 0, dp = 0;
+    __builtin_memcpy(&fam, args->saddr, 2);
+    __builtin_memcpy(&sp, args->saddr + 2, 2);
+    __builtin_memcpy(&dp, args->daddr + 2, 2);
+    ev.sport = bpf_ntohs(sp);
+    ev.dport = bpf_ntohs(dp);
+    int watched = is_watched(CP_IPPROTO_TCP, ev.sport, ev.dport);
+    count(CP_KIND_RESET_TX, ev.reason, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = fam;
+    ev.skaddr = (u64)args->skaddr;
+    if (fam == CP_AF_INET6) {
+        __builtin_memcpy(ev.saddr, args->saddr + 8, 16);
+        __builtin_memcpy(ev.daddr, args->daddr + 8, 16);
+    } else {
+        __builtin_memcpy(ev.saddr, args->saddr + 4, 4);
+        __builtin_memcpy(ev.daddr, args->daddr + 4, 4);
+    }
+    ev.netns = args->skaddr ? sk_netns(args->skaddr) : skb_netns(args->skbaddr);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_SKB_KFREE_SKB
+TRACEPOINT_PROBE(skb, kfree_skb) {
+    struct cp_event ev = {};
+    u32 reason = args->reason;
+    const void *skb = args->skbaddr;
+    ev.kind = CP_KIND_DROP;
+    ev.reason = reason;
+    int parsed = parse_skb(skb, args->protocol, &ev) == 0 &&
+                 (ev.proto == CP_IPPROTO_TCP || ev.proto == CP_IPPROTO_UDP);
+    int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
+    count(CP_KIND_DROP, reason, watched);
+    if (!watched || quiet.lookup(&reason))
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.location = (u64)args->location;
+    u32 inum = 0;
+#ifdef HAVE_KFREE_RX_SK
+    inum = sk_netns(args->rx_sk);
+#endif
+    if (!inum)
+        inum = skb_netns(skb);
+    ev.netns = inum;
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_ICMP_ICMP_SEND
+/* An ICMP error is being sent about skbaddr (the offending packet): e.g. port unreachable for a DNS query
+ * to a closed port. The event carries that packet's tuple (the prober's view) and type << 8 | code. */
+TRACEPOINT_PROBE(icmp, icmp_send) {
+    struct cp_event ev = {};
+    const void *skb = args->skbaddr;
+    ev.kind = CP_KIND_ICMP_SEND;
+    ev.error = (args->type << 8) | (args->code & 0xFF);
+    int parsed = parse_skb(skb, 0, &ev) == 0 && (ev.proto == CP_IPPROTO_TCP || ev.proto == CP_IPPROTO_UDP);
+    int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
+    count(CP_KIND_ICMP_SEND, (u32)ev.error, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.netns = skb_netns(skb);
+    emit(&ev);
+    return 0;
+}
+#endif
+
+#ifdef HOOK_SOCK_INET_SK_ERROR_REPORT
+/* No socket pointer in this tracepoint: netns stays 0 (unknown). */
+TRACEPOINT_PROBE(sock, inet_sk_error_report) {
+    if (args->error == 0)  /* a report after the error was already taken: nothing new */
+        return 0;
+    struct cp_event ev = {};
+    ev.kind = CP_KIND_SOCK_ERROR;
+    ev.proto = args->protocol;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    ev.error = args->error;
+    int watched = is_watched(ev.proto, ev.sport, ev.dport);
+    count(CP_KIND_SOCK_ERROR, (u32)ev.error, watched);
+    if (!watched)
+        return 0;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.family = args->family;
+    CP_COPY_ADDRS(&ev, args);
+    emit(&ev);
+    return 0;
+}
+#endif

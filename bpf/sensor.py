@@ -1,0 +1,541 @@
+"""The kernel sensor: bcc programs on stable tracepoints that report what the kernel did with a probe's packets.
+
+    async with KernelSensor() as sensor:
+        sensor.watch("tcp", local_port)          # before connect()
+        ...                                     # the probe runs
+        async for event in sensor: ...           # frozen KernelEvents (ts on CLOCK_MONOTONIC ns)
+        sensor.counters()                        # node-level per-kind / per-reason counts, all traffic
+        sensor.status()                          # which hooks are attached, and why any is not
+
+Exceptions:
+
+    SensorError
+     ├── SensorUnavailable   the sensor cannot run here at all (not root, no bcc, no BTF, no tracefs,
+     │                       no kernel headers, BPF refused); the message names the missing piece
+     └── SensorClosed        used after close()
+
+A hook whose tracepoint (or a field it needs) is missing is left out with a warning; the others run.
+Offsets of kernel struct fields come from BTF (bpf/btf.py), reason names from tracefs (bpf/kernel_compat.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpf.btf import Btf, BtfError, sensor_offsets
+from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, KernelNames, decode_event
+from bpf.kernel_compat import Kallsyms, Tracefs, TracefsUnavailable
+from bpf.types import EventKind, KernelEvent
+
+__all__ = [
+    "DEFAULT_QUIET_REASONS",
+    "HOOKS",
+    "HookSpec",
+    "HookStatus",
+    "KernelSensor",
+    "SensorClosed",
+    "SensorCounters",
+    "SensorError",
+    "SensorUnavailable",
+]
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent
+SOURCE = BPF_DIR / "sensor.c"
+
+# Drop reasons that fire on normal operation (QUEUE_PURGE on every close, ...): counted, never sent.
+DEFAULT_QUIET_REASONS = ("NOT_SPECIFIED", "QUEUE_PURGE", "SOCKET_CLOSE", "SKB_CONSUMED", "NOT_DROPPED_YET")
+
+
+class SensorError(Exception):
+    """Base of the sensor's errors."""
+
+
+class SensorUnavailable(SensorError):
+    """The kernel sensor cannot run on this machine; the message says what is missing and what to do."""
+
+
+class SensorClosed(SensorError):
+    """The sensor was used after close()."""
+
+
+@dataclass(frozen=True, slots=True)
+class HookSpec:
+    category: str
+    event: str
+    kind: EventKind
+    fields: tuple[tuple[str, int | None], ...]  # required field → size in bytes (None: any)
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}:{self.event}"
+
+    @property
+    def macro(self) -> str:
+        return f"HOOK_{self.category}_{self.event}".upper()
+
+
+_ADDRS = (("family", 2), ("saddr", 4), ("daddr", 4), ("saddr_v6", 16), ("daddr_v6", 16))
+
+HOOKS: tuple[HookSpec, ...] = (
+    HookSpec("tcp", "tcp_retransmit_skb", EventKind.RETRANSMIT,
+             (("skaddr", 8), ("state", 4), ("sport", 2), ("dport", 2), ("err", 4), *_ADDRS)),
+    HookSpec("tcp", "tcp_retransmit_synack", EventKind.SYNACK_RETRANSMIT,
+             (("skaddr", 8), ("sport", 2), ("dport", 2), *_ADDRS)),
+    HookSpec("sock", "inet_sock_set_state", EventKind.STATE,
+             (("skaddr", 8), ("oldstate", 4), ("newstate", 4), ("sport", 2), ("dport", 2),
+              ("protocol", 2), *_ADDRS)),
+    HookSpec("tcp", "tcp_receive_reset", EventKind.RESET_RX,
+             (("skaddr", 8), ("sport", 2), ("dport", 2), *_ADDRS)),
+    # 6.10+ layout: raw sockaddrs of 28 bytes and a reason; older kernels' layout is not supported.
+    HookSpec("tcp", "tcp_send_reset", EventKind.RESET_TX,
+             (("skbaddr", 8), ("skaddr", 8), ("state", 4), ("reason", 4), ("saddr", 28), ("daddr", 28))),
+    HookSpec("skb", "kfree_skb", EventKind.DROP,
+             (("skbaddr", 8), ("location", 8), ("protocol", 2), ("reason", 4))),
+    HookSpec("icmp", "icmp_send", EventKind.ICMP_SEND, (("skbaddr", 8), ("type", 4), ("code", 4))),
+    HookSpec("sock", "inet_sk_error_report", EventKind.SOCK_ERROR,
+             (("error", 4), ("sport", 2), ("dport", 2), ("protocol", 2), *_ADDRS)),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HookStatus:
+    name: str  # "tcp:tcp_retransmit_skb"
+    kind: EventKind
+    attached: bool
+    detail: str  # why not attached, or "" when attached
+
+
+@dataclass(frozen=True, slots=True)
+class SensorCounters:
+    """In-kernel counts since load. Keys are (kind, reason name); reason is "" for kinds without one."""
+
+    events: dict[tuple[EventKind, str], int]  # every event, watched or not (node-level telemetry)
+    watched: dict[tuple[EventKind, str], int]  # the subset on watched flows
+    lost: int  # failed ring-buffer reservations (kernel) + records dropped by a full user-space queue
+    ring_lost: int
+    queue_lost: int
+    delivered: int  # records decoded in user space
+
+    def total(self, kind: EventKind, reason: str | None = None, *, watched: bool = False) -> int:
+        table = self.watched if watched else self.events
+        return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
+
+
+def _kernel_headers_dir() -> Path | None:
+    release = os.uname().release
+    for sub in ("build", "source"):
+        path = Path("/lib/modules") / release / sub
+        if path.exists():
+            return path
+    return None
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError as exc:
+        raise SensorUnavailable(
+            f"bcc is not importable ({exc}): install python3-bpfcc and run scripts/setup"
+        ) from None
+    return bcc
+
+
+class KernelSensor:
+    """Loads the BPF programs, keeps the watch list, and delivers decoded events.
+
+    Use as an async context manager (events are read on the running loop), or call `open()`/`close()`
+    and `poll()` from synchronous code. Parameters are passed in so tests can shrink the ring buffer or
+    read recorded tracefs/BTF files.
+    """
+
+    def __init__(
+        self,
+        *,
+        ring_pages: int = 256,
+        watch_max: int = 16384,
+        queue_max: int = 100_000,
+        quiet_reasons: tuple[str, ...] = DEFAULT_QUIET_REASONS,
+        hooks: tuple[HookSpec, ...] = HOOKS,
+        btf_path: Path | None = None,
+        tracefs_root: Path | None = None,
+        kallsyms_path: Path = Path("/proc/kallsyms"),
+        debug_source: bool = False,
+    ):
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise ValueError("ring_pages must be a power of two")
+        self.ring_pages = ring_pages
+        self.watch_max = watch_max
+        self.queue_max = queue_max
+        self.quiet_reasons = quiet_reasons
+        self.hooks = hooks
+        self._btf_path = btf_path
+        self._tracefs_root = tracefs_root
+        self._kallsyms_path = kallsyms_path
+        self._debug_source = debug_source
+        self._bpf: Any = None
+        self._status: list[HookStatus] = []
+        self._names = KernelNames()
+        self._kallsyms: Kallsyms | None = None
+        self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._buf: collections.deque[KernelEvent] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ring_fd: int | None = None
+        self._queue_lost = 0
+        self._delivered = 0
+        self._decode_errors = 0
+        self._closed = False
+        self._cb: Any = None
+        self.load_seconds: float | None = None
+        self.cflags: list[str] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> KernelSensor:
+        self.open()
+        self._attach_loop(asyncio.get_running_loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> KernelSensor:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Check the machine, compile, load and attach. Raises SensorUnavailable naming what is missing."""
+        if self._bpf is not None:
+            return
+        if self._closed:
+            raise SensorClosed("the sensor was closed; create a new one")
+        t0 = time.monotonic()
+        bcc = import_bcc()
+        if os.geteuid() != 0:
+            raise SensorUnavailable("not root: the kernel sensor needs root (CAP_BPF and CAP_PERFMON)")
+        try:
+            tracefs = Tracefs(self._tracefs_root)
+        except TracefsUnavailable as exc:
+            raise SensorUnavailable(str(exc)) from None
+        try:
+            offsets = sensor_offsets(Btf.load(self._btf_path) if self._btf_path else Btf.load())
+        except BtfError as exc:
+            raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
+        if _kernel_headers_dir() is None:
+            raise SensorUnavailable(
+                f"no kernel headers at /lib/modules/{os.uname().release}/build: bcc needs them to compile; "
+                "install linux-headers and run scripts/setup as root (it links them there)"
+            )
+        self._names = self._read_names(tracefs)
+
+        enabled: list[HookSpec] = []
+        status: dict[str, HookStatus] = {}
+        for hook in self.hooks:
+            why = tracefs.check(hook.category, hook.event, dict(hook.fields))
+            if why is None:
+                enabled.append(hook)
+            else:
+                log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
+                status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
+        extra = []
+        kfree = tracefs.format("skb", "kfree_skb") if tracefs.exists("skb", "kfree_skb") else None
+        if kfree is not None and "rx_sk" in kfree.fields:
+            extra.append("-DHAVE_KFREE_RX_SK")
+        base = [f"-D{k}={v}" for k, v in sorted(offsets.items())]
+        base += [f"-DRING_PAGES={self.ring_pages}", f"-DWATCH_MAX={self.watch_max}", f"-I{BPF_DIR}", *extra]
+
+        bpf, failed = self._compile(bcc, base, enabled)
+        for hook, why in failed.items():
+            log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
+            status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
+        for hook in enabled:
+            if hook not in failed:
+                status[hook.name] = HookStatus(hook.name, hook.kind, True, "")
+        self._status = [status[h.name] for h in self.hooks]
+        self._bpf = bpf
+        try:
+            self._fill_quiet()
+            self._cb = self._bpf["events"].open_ring_buffer(self._on_record)
+            self._ring_fd = self._bpf["events"].map_fd
+        except Exception:
+            self._teardown()
+            raise
+        self.load_seconds = time.monotonic() - t0
+
+    def _compile(self, bcc: Any, base: list[str], enabled: list[HookSpec]) -> tuple[Any, dict[HookSpec, str]]:
+        """Compile and attach every enabled hook; if that fails, find the hooks that fail alone and drop them."""
+        failed: dict[HookSpec, str] = {}
+        text = SOURCE.read_bytes()
+        if self._debug_source:
+            log.info("kernel sensor source (%s), cflags %s:\n%s", SOURCE, base, text.decode())
+
+        def attempt(hooks: list[HookSpec]) -> Any:
+            self.cflags = base + [f"-D{h.macro}" for h in hooks]
+            return bcc.BPF(text=text, cflags=self.cflags)
+
+        try:
+            return attempt(enabled), failed
+        except Exception as exc:
+            first_error = _bpf_error(exc)
+        if not enabled:
+            raise SensorUnavailable(f"BPF load failed: {first_error}")
+        good = []
+        for hook in enabled:
+            try:
+                probe = attempt([hook])
+            except Exception as exc:
+                failed[hook] = f"load/attach failed: {_bpf_error(exc)}"
+                continue
+            probe.cleanup()
+            good.append(hook)
+        if not good:
+            raise SensorUnavailable(f"BPF load failed for every hook: {first_error}")
+        try:
+            return attempt(good), failed
+        except Exception as exc:
+            raise SensorUnavailable(f"BPF load failed: {_bpf_error(exc)}") from None
+
+    def _read_names(self, tracefs: Tracefs) -> KernelNames:
+        drops: dict[int, str] = {}
+        rsts: dict[int, str] = {}
+        states: dict[int, str] = {}
+        if tracefs.exists("skb", "kfree_skb"):
+            drops = tracefs.format("skb", "kfree_skb").symbolic("reason")
+        if tracefs.exists("tcp", "tcp_send_reset"):
+            rsts = tracefs.format("tcp", "tcp_send_reset").symbolic("reason")
+        if tracefs.exists("sock", "inet_sock_set_state"):
+            raw = tracefs.format("sock", "inet_sock_set_state").symbolic("newstate")
+            states = {k: v.removeprefix("TCP_") for k, v in raw.items()}
+        return KernelNames(
+            drop_reasons=drops,
+            rst_reasons=rsts,
+            tcp_states=states or KernelNames().tcp_states,
+            symbolize=self._symbolize,
+        )
+
+    def _symbolize(self, addr: int) -> str | None:
+        if self._kallsyms is None:
+            try:
+                self._kallsyms = Kallsyms(self._kallsyms_path)
+            except OSError:
+                return None
+        return self._kallsyms.lookup(addr)
+
+    def _fill_quiet(self) -> None:
+        table = self._bpf["quiet"]
+        by_name = {v: k for k, v in self._names.drop_reasons.items()}
+        for name in self.quiet_reasons:
+            if name in by_name:
+                table[table.Key(by_name[name])] = table.Leaf(1)
+
+    def _attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self._ring_fd is not None:
+            loop.add_reader(self._ring_fd, self._consume)
+
+    def close(self) -> None:
+        """Detach every program and free the maps. Idempotent; wakes any waiting iterator."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and self._ring_fd is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._ring_fd)
+        if self._bpf is not None:
+            with contextlib.suppress(Exception):
+                self._bpf.ring_buffer_consume()
+        self._teardown()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _teardown(self) -> None:
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            bpf.cleanup()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- watch list ---------------------------------------------------------------------------------------
+
+    def _key(self, proto: str, port: int) -> tuple[int, int]:
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+        return PROTO_NUMBERS[proto], port
+
+    def _require_open(self) -> Any:
+        if self._bpf is None:
+            raise SensorClosed("the sensor is not open")
+        return self._bpf
+
+    def watch(self, proto: str, port: int) -> None:
+        """Send events of flows with this local port (either side of the flow) to user space.
+
+        Call before connect()/sendto(). Reference-counted: two probes in different namespaces may
+        watch the same port; the port stays watched until both unwatch it.
+        """
+        key = self._key(proto, port)
+        table = self._require_open()["watch"]
+        if self._watch_refs[key] == 0:
+            table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
+        self._watch_refs[key] += 1
+
+    def unwatch(self, proto: str, port: int) -> None:
+        key = self._key(proto, port)
+        if self._watch_refs[key] == 0:
+            return
+        self._watch_refs[key] -= 1
+        if self._watch_refs[key] == 0:
+            del self._watch_refs[key]
+            if self._bpf is not None:
+                table = self._bpf["watch"]
+                with contextlib.suppress(KeyError):
+                    del table[table.Key((key[0] << 16) | key[1])]
+
+    def watched(self) -> set[tuple[str, int]]:
+        names = {v: k for k, v in PROTO_NUMBERS.items()}
+        return {(names[p], port) for p, port in self._watch_refs}
+
+    # -- events -------------------------------------------------------------------------------------------
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        try:
+            event = decode_event(ctypes.string_at(data, size), self._names)
+        except Exception:
+            self._decode_errors += 1
+            log.exception("kernel sensor: undecodable ring-buffer record")
+            return 0
+        if len(self._buf) >= self.queue_max:
+            self._queue_lost += 1
+            return 0
+        self._buf.append(event)
+        self._delivered += 1
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        return 0
+
+    def _consume(self) -> None:
+        if self._bpf is not None:
+            self._bpf.ring_buffer_consume()
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
+        bpf = self._require_open()
+        if timeout_ms > 0:
+            bpf.ring_buffer_poll(timeout_ms)
+        bpf.ring_buffer_consume()
+
+    def drain(self) -> list[KernelEvent]:
+        """Every event read so far and not yet taken, oldest first."""
+        if self._bpf is not None:
+            self._bpf.ring_buffer_consume()
+        out = list(self._buf)
+        self._buf.clear()
+        return out
+
+    def __aiter__(self) -> KernelSensor:
+        return self
+
+    async def __anext__(self) -> KernelEvent:
+        while not self._buf:
+            if self._closed:
+                raise StopAsyncIteration
+            self._consume()
+            if self._buf:
+                break
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._buf.popleft()
+
+    async def next_event(self, timeout: float) -> KernelEvent | None:
+        """The next event, or None after `timeout` seconds without one."""
+        try:
+            return await asyncio.wait_for(self.__anext__(), timeout)
+        except (TimeoutError, StopAsyncIteration):
+            return None
+
+    # -- telemetry ----------------------------------------------------------------------------------------
+
+    @property
+    def ring_lost(self) -> int:
+        bpf = self._require_open()
+        return sum(sum(v) for v in bpf["lost"].values())
+
+    @property
+    def lost_events(self) -> int:
+        """Events that happened on watched flows but never reached the caller."""
+        return self.ring_lost + self._queue_lost
+
+    @property
+    def decode_errors(self) -> int:
+        return self._decode_errors
+
+    def counters(self) -> SensorCounters:
+        bpf = self._require_open()
+        kinds = {v: k for k, v in NUMBER_BY_KIND.items()}
+        events: collections.Counter[tuple[EventKind, str]] = collections.Counter()
+        watched: collections.Counter[tuple[EventKind, str]] = collections.Counter()
+        for key, values in bpf["counts"].items():
+            kind = kinds.get(key.kind)
+            if kind is None:
+                continue
+            label = (kind, self._names.reason_name(kind, key.reason))
+            n = sum(values)
+            events[label] += n
+            if key.watched:
+                watched[label] += n
+        ring_lost = self.ring_lost
+        return SensorCounters(
+            events=dict(events),
+            watched=dict(watched),
+            lost=ring_lost + self._queue_lost,
+            ring_lost=ring_lost,
+            queue_lost=self._queue_lost,
+            delivered=self._delivered,
+        )
+
+    def status(self) -> list[HookStatus]:
+        return list(self._status)
+
+    @property
+    def names(self) -> KernelNames:
+        return self._names
+
+    def prog_ids(self) -> list[int]:
+        """Kernel ids of the loaded BPF programs (from /proc/self/fdinfo), for `bpftool prog show id N`."""
+        bpf = self._require_open()
+        ids = []
+        for fn in bpf.funcs.values():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
+                    if line.startswith("prog_id:"):
+                        ids.append(int(line.split()[1]))
+        return sorted(ids)
+
+
+def _bpf_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[-1] if text else type(exc).__name__
+    if isinstance(exc, PermissionError) or "Operation not permitted" in msg:
+        return f"{msg} (BPF needs root with CAP_BPF/CAP_PERFMON; a container may block bpf())"
+    return msg
