@@ -20,6 +20,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,6 +191,7 @@ class Lab(AbstractContextManager):
             self._build_network()
             self._write_tls_cert()
             self._start_servers()
+            self._warm_up()
         except BaseException:
             self.down()
             raise
@@ -277,6 +279,23 @@ class Lab(AbstractContextManager):
                 log = (self.state_dir / f"{role}.log").read_text(errors="replace")[-2000:]
                 raise LabError(f"lab server {role} did not start (exit {proc.poll()}): {log.strip()}")
             proc.stdout.close()
+
+    def _warm_up(self) -> None:
+        """One connection to every server in both families, so neighbour discovery has run before the
+        first measured probe (an unresolved IPv6 neighbour costs a first connect hundreds of ms)."""
+
+        def touch(addr: str, port: int) -> None:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect((addr, port))
+
+        with NetnsExecutor(self.ns_name("client")) as ex:
+            for srv in self.servers.values():
+                for addr in (srv.addr4, srv.addr6):
+                    ex.call(touch, addr, srv.port)
+            for addr in (self.dns_addr4, self.dns_addr6):
+                ex.call(touch, addr, DNS_PORT)
 
     def _write_state(self) -> None:
         state = {
