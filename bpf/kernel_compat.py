@@ -105,7 +105,7 @@ class Tracefs:
     """Reads tracepoint format files under one tracefs root."""
 
     def __init__(self, root: Path | None = None):
-        self.root = root if root is not None else find_tracefs()
+        self.root = find_tracefs((root,)) if root is not None else find_tracefs()
 
     def exists(self, category: str, event: str) -> bool:
         return (self.root / "events" / category / event / "format").is_file()

@@ -251,6 +251,10 @@ class KernelSensor:
             else:
                 log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
                 status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
+        if not enabled:
+            raise SensorUnavailable(
+                "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
+            )
         extra = []
         kfree = tracefs.format("skb", "kfree_skb") if tracefs.exists("skb", "kfree_skb") else None
         if kfree is not None and "rx_sk" in kfree.fields:
@@ -269,8 +273,8 @@ class KernelSensor:
         self._bpf = bpf
         try:
             self._fill_quiet()
-            self._cb = self._bpf["events"].open_ring_buffer(self._on_record)
-            self._ring_fd = self._bpf["events"].map_fd
+            self._cb = self._bpf[b"events"].open_ring_buffer(self._on_record)
+            self._ring_fd = self._bpf[b"events"].map_fd
         except Exception:
             self._teardown()
             raise
@@ -336,7 +340,7 @@ class KernelSensor:
         return self._kallsyms.lookup(addr)
 
     def _fill_quiet(self) -> None:
-        table = self._bpf["quiet"]
+        table = self._bpf[b"quiet"]
         by_name = {v: k for k, v in self._names.drop_reasons.items()}
         for name in self.quiet_reasons:
             if name in by_name:
@@ -392,7 +396,7 @@ class KernelSensor:
         watch the same port; the port stays watched until both unwatch it.
         """
         key = self._key(proto, port)
-        table = self._require_open()["watch"]
+        table = self._require_open()[b"watch"]
         if self._watch_refs[key] == 0:
             table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
         self._watch_refs[key] += 1
@@ -405,7 +409,7 @@ class KernelSensor:
         if self._watch_refs[key] == 0:
             del self._watch_refs[key]
             if self._bpf is not None:
-                table = self._bpf["watch"]
+                table = self._bpf[b"watch"]
                 with contextlib.suppress(KeyError):
                     del table[table.Key((key[0] << 16) | key[1])]
 
@@ -479,7 +483,7 @@ class KernelSensor:
     @property
     def ring_lost(self) -> int:
         bpf = self._require_open()
-        return sum(sum(v) for v in bpf["lost"].values())
+        return sum(sum(v) for v in bpf[b"lost"].values())
 
     @property
     def lost_events(self) -> int:
@@ -495,7 +499,7 @@ class KernelSensor:
         kinds = {v: k for k, v in NUMBER_BY_KIND.items()}
         events: collections.Counter[tuple[EventKind, str]] = collections.Counter()
         watched: collections.Counter[tuple[EventKind, str]] = collections.Counter()
-        for key, values in bpf["counts"].items():
+        for key, values in bpf[b"counts"].items():
             kind = kinds.get(key.kind)
             if kind is None:
                 continue

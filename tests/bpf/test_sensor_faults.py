@@ -1,0 +1,182 @@
+"""Each fault of the fault matrix leaves its kernel signature on the watched flow, with the exact tuple and
+network-namespace inode, in IPv4 and IPv6; an unwatched flow under the same fault sends nothing to user
+space but moves the counters. Real tracepoints on the running kernel, traffic only inside the lab."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import time
+
+import pytest
+from sensorlab import client_request, events_of, http_get, kinds
+
+from bpf.types import EventKind
+
+pytestmark = pytest.mark.kernel
+
+FAMILIES = [4, 6]
+
+
+def srv_addr(lab, family: int, role: str = "srv1") -> str:
+    s = lab.server(role)
+    return s.addr4 if family == 4 else s.addr6
+
+
+def client_addr(family: int) -> str:
+    return "10.77.1.2" if family == 4 else "fd77:1::2"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_syn_dropped_by_nftables_in_server_ns(lab, sensor, family):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
+        run = client_request(lab, sensor, srv, port, timeout=2.5)
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    assert run.error == errno.ETIMEDOUT
+    client = (client_addr(family), run.local_port, srv, port)
+    drops = [e for e in evs if e.kind == EventKind.DROP]
+    assert drops, f"no drop event: {evs}"
+    for d in drops:  # the SYN and each of its retransmissions, dropped in the server's namespace
+        assert d.reason == "NETFILTER_DROP"
+        assert d.netns == lab.ns("srv1").inode
+        assert (d.proto, d.saddr, d.sport, d.daddr, d.dport) == ("tcp", *client)
+        assert d.tcp_flags == "S"
+        assert d.location  # symbolised through /proc/kallsyms
+    retrans = [e for e in evs if e.kind == EventKind.RETRANSMIT]
+    assert len(retrans) >= 1
+    for r in retrans:
+        assert (r.tcp_state, r.netns) == ("SYN_SENT", lab.ns("client").inode)
+        assert (r.saddr, r.sport, r.daddr, r.dport) == client
+    assert len(drops) == len(retrans) + 1  # a policy drops every copy of the SYN
+    assert not [e for e in evs if e.kind == EventKind.STATE and e.tcp_state == "ESTABLISHED"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_loss_shows_established_retransmits_and_tc_drops(lab, sensor, family):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    evs, runs = [], []
+    with lab.packet_loss(0.1, link="client", direction="both"):
+        for _ in range(4):  # random: a few transfers until both signs showed (nearly always the first)
+            run = client_request(lab, sensor, srv, port, request=http_get("/bytes/1000000"), timeout=5)
+            runs.append(run)
+            try:
+                evs += events_of(sensor, run.local_port)
+            finally:
+                sensor.unwatch("tcp", run.local_port)
+            if {EventKind.RETRANSMIT, EventKind.DROP} <= kinds(evs):
+                break
+    assert all(r.error == 0 and r.received > 1_000_000 for r in runs)  # loss slows, the transfer completes
+    ports = {r.local_port for r in runs}
+    established = [e for e in evs if e.kind == EventKind.RETRANSMIT and e.tcp_state == "ESTABLISHED"]
+    assert established, f"no ESTABLISHED retransmit in {len(evs)} events"
+    for r in established:
+        if r.netns == lab.ns("srv1").inode:  # the server resends data: the reversed tuple
+            assert (r.saddr, r.sport, r.daddr) == (srv, port, client_addr(family)) and r.dport in ports
+        else:
+            assert r.netns == lab.ns("client").inode and r.sport in ports
+    drops = [e for e in evs if e.kind == EventKind.DROP]
+    lost = [d for d in drops if d.reason in ("TC_EGRESS", "TC_INGRESS")]
+    assert lost, f"no TC_* drop among {[d.reason for d in drops]}"
+    assert {d.netns for d in lost} == {lab.ns("router").inode}  # lost on the router's link
+    # Anything else dropped is a duplicate a retransmission created (TCP_OLD_DATA, TCP_OLD_SEQUENCE, ...)
+    assert all(d.reason.startswith("TCP_") for d in drops if d not in lost)
+    assert not kinds(evs) & {EventKind.RESET_TX, EventKind.RESET_RX}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_listener_gives_reset_no_socket(lab, sensor, family):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.no_listener("srv1"):
+        run = client_request(lab, sensor, srv, port)
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    assert run.error == errno.ECONNREFUSED
+    caddr = client_addr(family)
+    (rst,) = [e for e in evs if e.kind == EventKind.RESET_TX]
+    assert (rst.reason, rst.netns, rst.sock) == ("NO_SOCKET", lab.ns("srv1").inode, None)
+    assert (rst.saddr, rst.sport, rst.daddr, rst.dport) == (srv, port, caddr, run.local_port)
+    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
+    assert (drop.reason, drop.netns, drop.tcp_flags) == ("NO_SOCKET", lab.ns("srv1").inode, "S")
+    assert (drop.saddr, drop.sport, drop.daddr, drop.dport) == (caddr, run.local_port, srv, port)
+    (rx,) = [e for e in evs if e.kind == EventKind.RESET_RX]
+    assert rx.netns == lab.ns("client").inode and (rx.sport, rx.dport) == (run.local_port, port)
+    assert EventKind.RETRANSMIT not in kinds(evs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("delay", [0.0, 0.4])
+def test_healthy_and_slow_upstream_show_no_fault_signature(lab, sensor, family, delay):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.slow_upstream("srv1", delay):
+        t0 = time.monotonic()
+        run = client_request(lab, sensor, srv, port, request=http_get("/ok"))
+        took = time.monotonic() - t0
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    assert run.error == 0 and run.received > 0 and took >= delay
+    assert kinds(evs) == {EventKind.STATE}, evs  # QUEUE_PURGE on close is counted, never sent
+    states = [(e.netns, e.tcp_state) for e in evs]
+    assert (lab.ns("client").inode, "ESTABLISHED") in states
+    assert (lab.ns("srv1").inode, "ESTABLISHED") in states  # the server's side of the same flow
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    before = sensor.counters()
+    with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
+        run = client_request(lab, sensor, srv, port, timeout=1.5, watch=False)
+    with lab.no_listener("srv1"):
+        run2 = client_request(lab, sensor, srv, port, watch=False)
+    time.sleep(0.3)
+    all_events = sensor.drain()
+    after = sensor.counters()
+    assert (run.error, run2.error) == (errno.ETIMEDOUT, errno.ECONNREFUSED)
+    mine = {run.local_port, run2.local_port}
+    assert not [e for e in all_events if mine & {e.sport, e.dport}]
+    grew = {
+        key: after.events.get(key, 0) - before.events.get(key, 0)
+        for key in ((EventKind.DROP, "NETFILTER_DROP"), (EventKind.RETRANSMIT, "SYN_SENT"),
+                    (EventKind.RESET_TX, "NO_SOCKET"), (EventKind.DROP, "NO_SOCKET"))
+    }
+    assert all(n >= 1 for n in grew.values()), grew
+    assert after.total(EventKind.DROP, "NETFILTER_DROP", watched=True) == \
+        before.total(EventKind.DROP, "NETFILTER_DROP", watched=True)
+
+
+def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor):
+    """A Service VIP rewritten by DNAT on the router: the drop in the server namespace carries the real
+    destination, and is still matched through the client's watched local port."""
+    router = lab.ns("router").name
+    table = "connprobe_bpf_test_dnat"
+    vip, vport, port = "10.77.9.9", 80, lab.server("srv1").port
+    subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], check=True, text=True, input=(
+        f"table ip {table} {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n"
+        f"  ip daddr {vip} tcp dport {vport} dnat to {lab.server('srv1').addr4}:{port}\n }}\n}}\n"))
+    try:
+        with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
+            run = client_request(lab, sensor, vip, vport, timeout=1.5)
+    finally:
+        subprocess.run(["ip", "netns", "exec", router, "nft", "delete", "table", "ip", table], check=True)
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    drops = [e for e in evs if e.kind == EventKind.DROP]
+    assert drops and drops[0].netns == lab.ns("srv1").inode and drops[0].reason == "NETFILTER_DROP"
+    assert (drops[0].daddr, drops[0].dport, drops[0].sport) == (lab.server("srv1").addr4, port, run.local_port)
+    retrans = [e for e in evs if e.kind == EventKind.RETRANSMIT]
+    assert retrans and (retrans[0].daddr, retrans[0].dport) == (vip, vport)  # the client's own view
