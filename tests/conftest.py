@@ -52,16 +52,29 @@ def lab():
         yield the_lab
 
 
-def _leftovers() -> list[str]:
+def _our_labs() -> set[str]:
+    """Lab namespaces this test process owns, or whose owner is gone (ours, if they appeared during the run)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        return []
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith("cp-")]
+        return set()
+    from connprobe.lab import list_labs
+
+    names: set[str] = set()
+    for st in list_labs():
+        if st.get("owner_pid") == os.getpid() or st["stale"]:
+            names.update(st.get("present", []) or (st.get("namespaces") or {}).values())
+    return names
+
+
+_AT_START: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _AT_START.update(_our_labs())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A lab namespace still present after the suite is a clean-up hole: fail the run."""
-    left = _leftovers()
+    """A lab namespace this run made and left behind is a clean-up hole: fail the run."""
+    left = sorted(_our_labs() - _AT_START)
     if left:
         session.config.get_terminal_writer().line(f"LEFT BEHIND by the tests: network namespaces {left}", red=True)
         session.exitstatus = 1

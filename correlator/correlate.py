@@ -1,0 +1,67 @@
+"""From a probe result and the kernel's events to a `Verdict`: join, then the first rule that fits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from bpf.types import KernelEvent
+from correlator.join import GRACE_NS, join
+from correlator.rules import RULES, Context, EvidenceStatus, Finding
+from correlator.types import Cause, Verdict
+from prober.types import ProbeResult
+
+LOST_EVENTS_FACTOR = 0.6
+NO_KERNEL_CAP = 0.5
+
+
+def correlate(
+    result: ProbeResult,
+    events: Iterable[KernelEvent],
+    *,
+    budget_ns: int | None = None,
+    evidence: EvidenceStatus | None = None,
+    grace_ns: int = GRACE_NS,
+) -> Verdict:
+    evidence = evidence or EvidenceStatus()
+    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, evidence)
+    for rule in RULES:
+        finding = rule(ctx)
+        if finding is not None:
+            return _verdict(ctx, rule.__name__, finding)
+    facts = [f"failed with {result.error or 'no error'}: {result.error_detail}".rstrip(": ")]
+    if not evidence.available:
+        facts.append(f"no kernel evidence ({evidence.reason or 'sensor off'})")
+    elif not ctx.matched:
+        facts.append("the kernel reported nothing unusual for this probe's packets")
+    return _verdict(ctx, "fallback", Finding(Cause.UNKNOWN, None, 0.2, (), tuple(facts), needs_kernel=False))
+
+
+def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
+    confidence = f.confidence
+    facts = list(f.facts)
+    if f.needs_kernel and not ctx.evidence.available:
+        confidence = min(confidence, NO_KERNEL_CAP)
+        facts.append(f"no kernel evidence ({ctx.evidence.reason or 'sensor off'}): this is a guess")
+    if ctx.evidence.lost_events:
+        confidence *= LOST_EVENTS_FACTOR
+        facts.append(f"{ctx.evidence.lost_events} kernel event(s) were lost while this probe ran: "
+                     "the evidence may be incomplete")
+    evidence = tuple(sorted({m.event for m in f.evidence}, key=lambda e: e.ts_ns))
+    return Verdict(
+        result=ctx.result,
+        cause=f.cause,
+        sub_cause=f.sub_cause,
+        confidence=round(confidence, 2),
+        rule=rule,
+        evidence=evidence,
+        facts=tuple(facts),
+        summary=summary(ctx.result, f.cause, f.sub_cause, confidence, facts),
+    )
+
+
+def summary(result: ProbeResult, cause: Cause, sub: str | None, confidence: float, facts: list[str]) -> str:
+    label = sub or str(cause)
+    if cause == Cause.OK:
+        return f"{result.name}: ok — {facts[0]}"
+    lead = facts[0] if facts else ""
+    return f"{result.name}: {label} ({confidence:.0%}) — {lead}"

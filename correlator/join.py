@@ -1,0 +1,68 @@
+"""Joining kernel events to the probe that caused them — pure functions over recorded data.
+
+An event belongs to a probe when one of its endpoints is the local endpoint (address, port, protocol) of
+one of the probe's flows — its TCP connections, redirect hops included, and the UDP sockets of its own DNS
+queries — and it happened inside the probe's time span plus a grace period. Matching on the local
+endpoint, not the whole 4-tuple, keeps the server-side events of a flow (reversed tuple) and those seen
+after a DNAT rewrote the destination (a Service VIP). When an event was seen in the probe's own network
+namespace it must also carry that namespace's inode, so equal tuples in two namespaces stay apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bpf.types import KernelEvent
+from prober.types import Flow, ProbeResult
+
+GRACE_NS = 500_000_000  # late events (a reset after the probe gave up, a retransmit in flight)
+SLACK_NS = 5_000_000  # hooks can report a little before the prober's own timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class Matched:
+    """A kernel event joined to one flow of a probe, with the side it was seen on."""
+
+    event: KernelEvent
+    flow: Flow
+    outbound: bool  # the packet/socket goes from the probe towards the target
+    local_ns: bool  # seen in the probe's own network namespace
+
+
+def _key(proto: str, addr: str, port: int) -> tuple[str, str, int]:
+    return (proto, addr, port)
+
+
+def join(result: ProbeResult, events: Iterable[KernelEvent], grace_ns: int = GRACE_NS) -> list[Matched]:
+    """The events of `result`, in timestamp order."""
+    by_local: dict[tuple[str, str, int], Flow] = {}
+    for flow in result.flows:
+        by_local[_key(str(flow.proto), flow.local_addr, flow.local_port)] = flow
+    for tx in result.dns:
+        if tx.flow is not None:
+            by_local[_key(str(tx.flow.proto), tx.flow.local_addr, tx.flow.local_port)] = tx.flow
+    lo, hi = result.start_ns - SLACK_NS, result.end_ns + grace_ns
+    out: list[Matched] = []
+    for ev in events:
+        if not lo <= ev.ts_ns <= hi:
+            continue
+        flow = by_local.get(_key(ev.proto, ev.saddr, ev.sport))
+        outbound = True
+        if flow is None:
+            flow = by_local.get(_key(ev.proto, ev.daddr, ev.dport))
+            outbound = False
+        if flow is None:
+            continue
+        local_ns = ev.netns == flow.netns
+        if not local_ns and outbound and ev.kind not in _PATH_KINDS:
+            # A socket-level event with our source tuple in another namespace is someone else's socket.
+            continue
+        out.append(Matched(ev, flow, outbound, local_ns))
+    out.sort(key=lambda m: m.event.ts_ns)
+    return out
+
+
+# Packet-level events can be seen in any namespace on the path (router, server, DNAT node); socket-level
+# ones (retransmit, state, reset) with our source tuple belong to our socket, so to our namespace.
+_PATH_KINDS = frozenset({"drop", "icmp_send"})

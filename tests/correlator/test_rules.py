@@ -1,0 +1,216 @@
+"""Each rule on its own, on data shaped like the lab's kernel signatures; precedence between rules."""
+
+from __future__ import annotations
+
+import pytest
+from builders import (
+    CLIENT_NS,
+    DNS_FLOW,
+    MS,
+    OTHER_NS,
+    ROUTER_NS,
+    SERVER_NS,
+    TCP_FLOW,
+    established,
+    ev,
+    result,
+    syn_drop,
+    syn_retransmit,
+)
+
+from bpf.types import EventKind
+from correlator import Cause, EvidenceStatus, correlate
+from prober.types import ErrorKind
+
+CONNECT_FAILED = {"resolve": (0, 1), "connect": (1, 3001)}
+NO_SENSOR = EvidenceStatus(available=False, reason="not root")
+
+
+def test_healthy_probe_is_ok_with_no_events():
+    v = correlate(result(), [])
+    assert (v.cause, v.rule, v.confidence) == (Cause.OK, "healthy", 1.0)
+    assert v.summary.startswith("web: ok")
+
+
+def test_queue_purge_noise_never_changes_a_healthy_verdict():
+    noise = [ev(6, EventKind.DROP, reason="QUEUE_PURGE"), ev(6.1, EventKind.DROP, reason="NOT_SPECIFIED")]
+    assert correlate(result(), noise).cause == Cause.OK
+
+
+@pytest.mark.parametrize("error,sub", [(ErrorKind.DNS_NXDOMAIN, "dns/nxdomain"), (ErrorKind.DNS_SERVFAIL,
+                                       "dns/servfail"), (ErrorKind.DNS_REFUSED, "dns/refused")])
+def test_dns_rcode_failures_need_no_kernel(error, sub):
+    r = result(ok=False, error=error, phases={"resolve": (0, 1)}, flows=())
+    v = correlate(r, [], evidence=NO_SENSOR)
+    assert (v.cause, v.sub_cause, v.rule) == (Cause.DNS, sub, "dns_failure")
+    assert v.confidence >= 0.9
+
+
+def test_dns_queries_dropped_by_policy_is_dns_policy_drop_not_timeout():
+    r = result(ok=False, error=ErrorKind.DNS_TIMEOUT, phases={"resolve": (0, 2000)}, flows=(), dns_rcode=None)
+    drops = [ev(0.2, EventKind.DROP, flow=DNS_FLOW, netns=SERVER_NS, reason="NETFILTER_DROP"),
+             ev(1000.2, EventKind.DROP, flow=DNS_FLOW, netns=SERVER_NS, reason="NETFILTER_DROP")]
+    v = correlate(r, drops)
+    assert (v.cause, v.sub_cause) == (Cause.DNS, "dns/policy_drop")
+    assert len(v.evidence) == 2 and all(e.reason == "NETFILTER_DROP" for e in v.evidence)
+
+
+def test_dns_timeout_without_drops_stays_timeout():
+    r = result(ok=False, error=ErrorKind.DNS_TIMEOUT, phases={"resolve": (0, 2000)}, flows=(), dns_rcode=None)
+    v = correlate(r, [])
+    assert v.sub_cause == "dns/timeout"
+
+
+def test_policy_syn_drop_beats_connect_timeout():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    events = [syn_drop(1), syn_retransmit(1001), syn_drop(1001), syn_retransmit(2001), syn_drop(2001)]
+    v = correlate(r, events)
+    assert (v.cause, v.sub_cause, v.rule) == (Cause.POLICY_DROP, "policy_drop/syn", "policy_drop_connect")
+    assert v.confidence >= 0.9
+    assert "3 of 3 SYN(s) dropped by NETFILTER_DROP in netns 4026531002" in v.summary
+
+
+def test_egress_policy_drop_in_the_probes_own_namespace():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    events = [syn_drop(1, netns=CLIENT_NS), syn_retransmit(1001), syn_drop(1001, netns=CLIENT_NS)]
+    v = correlate(r, events)
+    assert v.cause == Cause.POLICY_DROP
+    assert "in the probe's own namespace" in v.facts[0]
+
+
+def test_syn_dropped_by_a_queue_is_loss_not_policy():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    v = correlate(r, [syn_drop(1, "QDISC_DROP", ROUTER_NS), syn_retransmit(1001), syn_drop(1001, "QDISC_DROP")])
+    assert (v.cause, v.sub_cause) == (Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost")
+
+
+def test_connect_timeout_with_no_drop_seen_is_unknown_and_says_why():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    v = correlate(r, [syn_retransmit(1001), syn_retransmit(2001)])
+    assert v.cause == Cause.UNKNOWN
+    assert "no drop seen on this node" in v.facts[0]
+
+
+def test_connect_timeout_without_a_sensor_is_an_honest_unknown():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    v = correlate(r, [], evidence=NO_SENSOR)
+    assert v.cause == Cause.UNKNOWN and v.confidence <= 0.3
+
+
+def test_reject_by_firewall_is_policy_drop_not_refused():
+    r = result(ok=False, error=ErrorKind.CONNECT_REFUSED, phases={"resolve": (0, 1), "connect": (1, 1.3)})
+    events = [syn_drop(1.1), ev(1.2, EventKind.RESET_RX)]
+    v = correlate(r, events)
+    assert (v.cause, v.sub_cause, v.rule) == (Cause.POLICY_DROP, "policy_drop/reject", "policy_reject")
+
+
+def test_no_listener_is_connection_refused():
+    r = result(ok=False, error=ErrorKind.CONNECT_REFUSED, phases={"resolve": (0, 1), "connect": (1, 1.3)})
+    events = [ev(1.1, EventKind.RESET_TX, reverse=True, netns=SERVER_NS, reason="NO_SOCKET"),
+              ev(1.1, EventKind.DROP, netns=SERVER_NS, reason="NO_SOCKET", tcp_flags="S"),
+              ev(1.2, EventKind.RESET_RX)]
+    v = correlate(r, events)
+    assert (v.cause, v.rule) == (Cause.CONNECTION_REFUSED, "connection_refused")
+    assert v.confidence >= 0.9
+
+
+def test_refused_without_a_sensor_is_refused_at_low_confidence():
+    r = result(ok=False, error=ErrorKind.CONNECT_REFUSED, phases={"resolve": (0, 1), "connect": (1, 1.3)})
+    v = correlate(r, [], evidence=NO_SENSOR)
+    assert v.cause == Cause.CONNECTION_REFUSED and v.confidence <= 0.5
+
+
+def test_drops_after_the_handshake_until_timeout_are_policy():
+    r = result(ok=False, error=ErrorKind.READ_TIMEOUT,
+               phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 3000)})
+    events = [established(1.5)]
+    for t in (2, 210, 620, 1440):
+        events += [ev(t, EventKind.DROP, netns=ROUTER_NS, reason="NETFILTER_DROP", tcp_flags="PA")]
+        if t > 2:
+            events.append(ev(t, EventKind.RETRANSMIT, tcp_state="ESTABLISHED"))
+    v = correlate(r, events)
+    assert (v.cause, v.sub_cause) == (Cause.POLICY_DROP, "policy_drop/established")
+
+
+def test_loss_in_transfer_over_budget_is_tcp_retransmit():
+    r = result(phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 4), "transfer": (4, 640)})
+    events = [established(1.5)]
+    for t in (10, 50, 230, 630):
+        events.append(ev(t, EventKind.RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="ESTABLISHED"))
+    events.append(ev(9, EventKind.DROP, netns=ROUTER_NS, reason="TC_EGRESS", reverse=True, tcp_flags="A"))
+    v = correlate(r, events, budget_ns=200 * MS)
+    assert (v.cause, v.sub_cause) == (Cause.TCP_RETRANSMIT, "tcp_retransmit/transfer")
+
+
+def test_slow_server_with_clean_tcp_is_upstream_latency():
+    r = result(phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 602), "transfer": (602, 603)})
+    v = correlate(r, [established(1.5)], budget_ns=300 * MS)
+    assert (v.cause, v.sub_cause) == (Cause.UPSTREAM_LATENCY, "upstream_latency/processing")
+
+
+def test_loss_plus_slow_upstream_is_attributed_where_the_time_went():
+    r = result(phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 602), "transfer": (602, 640)})
+    events = [established(1.5), ev(2.5, EventKind.RETRANSMIT, tcp_state="ESTABLISHED"),
+              ev(620, EventKind.RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="ESTABLISHED")]
+    v = correlate(r, events, budget_ns=300 * MS)
+    assert v.cause == Cause.UPSTREAM_LATENCY
+    assert "after the last one" in v.facts[1]
+
+
+def test_syn_retransmit_in_a_slow_connect_is_tcp_retransmit():
+    r = result(phases={"resolve": (0, 1), "connect": (1, 1003), "processing": (1003, 1005)})
+    v = correlate(r, [syn_retransmit(1001), established(1002)], budget_ns=500 * MS)
+    assert (v.cause, v.sub_cause) == (Cause.TCP_RETRANSMIT, "tcp_retransmit/syn")
+
+
+def test_slow_resolution_is_dns_slow():
+    r = result(phases={"resolve": (0, 800), "connect": (800, 801), "processing": (801, 803)})
+    v = correlate(r, [], budget_ns=500 * MS)
+    assert (v.cause, v.sub_cause) == (Cause.DNS, "dns/slow")
+
+
+def test_http_status_and_tls_are_their_own_causes():
+    v = correlate(result(ok=False, error=ErrorKind.HTTP_STATUS, status=503), [])
+    assert (v.cause, v.sub_cause) == (Cause.HTTP_ERROR, "http_error/503")
+    v = correlate(result(ok=False, error=ErrorKind.TLS_ERROR, detail="certificate verify failed"), [])
+    assert v.cause == Cause.TLS and "certificate verify failed" in v.facts[0]
+
+
+def test_lost_events_lower_confidence_and_are_said():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    events = [syn_drop(1), syn_retransmit(1001), syn_drop(1001)]
+    full = correlate(r, events)
+    truncated = correlate(r, events, evidence=EvidenceStatus(lost_events=12))
+    assert truncated.cause == full.cause
+    assert truncated.confidence < full.confidence and truncated.confidence < 0.6
+    assert any("12 kernel event(s) were lost" in f for f in truncated.facts)
+
+
+def test_truncated_evidence_never_gives_a_confident_wrong_cause():
+    # Loss whose drop events were lost: only the retransmits reached user space. Must not claim policy.
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    v = correlate(r, [syn_retransmit(1001), syn_retransmit(2001)], evidence=EvidenceStatus(lost_events=3))
+    assert v.cause == Cause.UNKNOWN and v.confidence < 0.5
+
+
+def test_equal_tuples_in_another_namespace_are_not_ours():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    foreign = [ev(1001, EventKind.RETRANSMIT, netns=OTHER_NS, tcp_state="SYN_SENT")]
+    v = correlate(r, foreign)
+    assert v.evidence == () and "SYN sent 1 time(s)" in v.facts[0]
+
+
+def test_events_after_a_dnat_rewrite_still_join():
+    vip_flow = TCP_FLOW.__class__(TCP_FLOW.proto, TCP_FLOW.local_addr, TCP_FLOW.local_port, "10.96.0.10", 80,
+                                  CLIENT_NS)
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED, flows=(vip_flow,))
+    # Seen in the server namespace after DNAT: destination is the real server, source is still ours.
+    v = correlate(r, [syn_drop(1), syn_retransmit(1001), syn_drop(1001)])
+    assert v.cause == Cause.POLICY_DROP and len(v.evidence) == 3
+
+
+def test_events_outside_the_window_are_ignored_and_order_does_not_matter():
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+    events = [syn_drop(2001), syn_retransmit(1001), syn_drop(1), syn_drop(-500), syn_drop(9000)]
+    v = correlate(r, events)
+    assert [round((e.ts_ns - r.start_ns) / MS) for e in v.evidence] == [1, 1001, 2001]
