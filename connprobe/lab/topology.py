@@ -4,6 +4,9 @@
     10.77.1.2       10.77.1.1       10.77.2.1 ├─ s-srv2 ⇄ eth0 ── srv2   (HTTP :8080, HTTPS :8443)
     fd77:1::2       fd77:1::1       fd77:2::1 └─ s-dns  ⇄ eth0 ── dns    (DNS :53, zone lab.test.)
 
+The client namespace also maps a Service virtual IP, 10.96.0.10:80 / [fd96::10]:80 (`svc.lab.test`), to srv1:8080
+with nftables DNAT, as kube-proxy does on a node.
+
 Every namespace is named `cp-<id>-<role>`, so two labs side by side never collide (their addresses are the
 same, but each lab's namespaces only see each other). Path faults go on the router. The root namespace
 gets nothing: every interface is created inside a lab namespace, and all addresses live there.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connprobe.lab import control, faults
-from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, netns_pids, run, spawn_in_ns
+from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, netns_pids, nft, run, spawn_in_ns
 from prober.netns import NetnsExecutor, close_shared_executor, netns_inode, shared_executor
 
 STATE_ROOT = Path(os.environ.get("CONNPROBE_LAB_STATE", "/run/connprobe/labs"))
@@ -47,6 +50,9 @@ CLIENT_NET = ("10.77.1.{}", "fd77:1::{}")
 SERVER_NET = ("10.77.2.{}", "fd77:2::{}")
 HOST_NUMBER = {"client": 2, "srv1": 11, "srv2": 12, "dns": 53}
 ROUTER_NUMBER = 1
+# A Service virtual IP, DNAT'ed in the client namespace to srv1 the way kube-proxy does it on a node.
+VIP = ("10.96.0.10", "fd96::10")
+VIP_PORT = 80
 
 
 def _addrs(role: str) -> tuple[str, str]:
@@ -92,6 +98,7 @@ def _zone_names() -> dict[str, dict[str, list[str]]]:
         f"v4only.{ZONE}": {"A": [s1[0]]},
         f"v6only.{ZONE}": {"AAAA": [s1[1]]},
         f"dns.{ZONE}": {"A": [d[0]], "AAAA": [d[1]]},
+        f"svc.{ZONE}": {"A": [VIP[0]], "AAAA": [VIP[1]]},
         # Too large for a 512-byte UDP answer: answered truncated, complete over TCP.
         f"large.{ZONE}": {"A": [f"10.77.3.{i}" for i in range(1, 61)]},
     }
@@ -142,6 +149,8 @@ class Lab(AbstractContextManager):
         self.dns_control = self.state_dir / "dns.sock"
         self.ca_file = self.state_dir / "tls.crt"
         self.zone = ZONE
+        self.vip4, self.vip6 = VIP
+        self.vip_port = VIP_PORT
         self._fault_seq = 0
         self._active_faults: list[AbstractContextManager] = []
 
@@ -227,6 +236,15 @@ class Lab(AbstractContextManager):
             ip(name, "link", "set", "eth0", "up")
             ip(name, "route", "add", "default", "via", net[0].format(ROUTER_NUMBER))
             ip(name, "-6", "route", "add", "default", "via", net[1].format(ROUTER_NUMBER))
+        s1 = _addrs("srv1")
+        nft(self.ns_name("client"), f"""table inet connprobe_lab {{
+ chain service_vip {{
+  type nat hook output priority -100; policy accept;
+  ip daddr {VIP[0]} tcp dport {VIP_PORT} dnat ip to {s1[0]}:{HTTP_PORT}
+  ip6 daddr {VIP[1]} tcp dport {VIP_PORT} dnat ip6 to [{s1[1]}]:{HTTP_PORT}
+ }}
+}}
+""")
         # `ip netns exec` (and connprobe's prober) read /etc/netns/NAME/resolv.conf for that namespace.
         conf = NETNS_CONF / self.ns_name("client")
         conf.mkdir(parents=True, exist_ok=True)

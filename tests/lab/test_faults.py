@@ -240,3 +240,15 @@ def test_bad_fault_arguments_name_the_field(lab):
         lab.packet_loss(1.5)
     with pytest.raises(LabError, match=r"lab \w+ has no namespace 'srv9'"):
         lab.policy_drop("srv9")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_service_vip_is_dnated_to_srv1_and_a_policy_behind_it_drops(lab, family):
+    vip = lab.vip4 if family == 4 else f"[{lab.vip6}]"
+    code, _, _ = curl(lab, f"http://{vip}:{lab.vip_port}/ok")
+    assert code == "200"
+    assert curl(lab, f"http://svc.lab.test:{lab.vip_port}/ok")[0] == "200"
+    with lab.policy_drop("srv1", direction="in", port=8080) as rule:
+        vip_addr = lab.vip4 if family == 4 else lab.vip6
+        assert connect_errno(lab, vip_addr, lab.vip_port, timeout=1.0) == errno.ETIMEDOUT
+        assert rule.matched() >= 1  # the SYN reached srv1 rewritten to its real address and port
