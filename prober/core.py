@@ -1,0 +1,225 @@
+"""Plumbing shared by the probe kinds: targets, the phase timeline, the environment, result building.
+
+Hooks only store `time.monotonic_ns()` stamps on a `Hop`; `Timeline.spans()` turns them into
+`PhaseSpan`s afterwards. A phase never reached is absent; one that started and never ended (the probe
+failed in it) ends at the failure time, so a correlator sees where the time went.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from prober.resolve import Resolution, ResolvConf, load_resolv_conf
+from prober.sockets import PortCallback, Source, no_callback
+from prober.spec import ProbeSpec
+from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult
+
+monotonic_ns = time.monotonic_ns
+
+
+class Hop:
+    """Raw timestamps of one connection (one redirect hop). 0 = not reached."""
+
+    __slots__ = (
+        "conn", "connect_end", "connect_start", "end", "first_byte", "peercert", "sent", "tls_end", "tls_start",
+    )
+
+    def __init__(self) -> None:
+        self.connect_start = self.connect_end = self.tls_start = self.tls_end = 0
+        self.sent = self.first_byte = self.end = 0
+        self.conn = None  # the protocol object that stamps first_byte (aiohttp)
+        self.peercert: dict | None = None  # the verified peer certificate (TLS hops)
+
+    def phase(self) -> str:
+        if self.first_byte or (self.conn is not None and getattr(self.conn, "first_byte_ns", 0)):
+            return "transfer"
+        if self.sent:
+            return "processing"
+        if self.tls_start and not self.tls_end:
+            return "tls"
+        if self.connect_end:
+            return "processing"
+        return "connect"
+
+
+class Timeline:
+    __slots__ = ("hops", "resolves")
+
+    def __init__(self) -> None:
+        self.hops: list[Hop] = []
+        self.resolves: list[tuple[int, int]] = []
+
+    def hop(self) -> Hop:
+        h = Hop()
+        if self.hops:
+            prev = self.hops[-1]
+            if not prev.end:
+                prev.end = monotonic_ns()
+        self.hops.append(h)
+        return h
+
+    def phase(self) -> str:
+        if self.hops:
+            return self.hops[-1].phase()
+        return "connect"
+
+    def spans(self, end_ns: int) -> tuple[PhaseSpan, ...]:
+        out: list[PhaseSpan] = [PhaseSpan("resolve", a, b) for a, b in self.resolves]
+        for h in self.hops:
+            first = h.first_byte or (getattr(h.conn, "first_byte_ns", 0) if h.conn is not None else 0)
+            stop = h.end or end_ns
+            if h.connect_start:
+                out.append(PhaseSpan("connect", h.connect_start, h.connect_end or stop))
+            if h.tls_start:
+                out.append(PhaseSpan("tls", h.tls_start, h.tls_end or stop))
+            if h.sent or first:
+                sent = h.sent or h.tls_end or h.connect_end or first
+                out.append(PhaseSpan("processing", sent, first or stop))
+            if first:
+                out.append(PhaseSpan("transfer", first, max(first, stop)))
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed probe target: where to connect (the address is resolved already, or None for dns)."""
+
+    raw: str
+    host: str
+    port: int
+    scheme: str = ""
+    address: str | None = None
+
+
+def parse_target(kind: str, target: str) -> Target:
+    """Split a target string per prober; raises ValueError with a message for config errors."""
+    if kind == "http":
+        u = urllib.parse.urlsplit(target)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"http target must be an http:// or https:// URL, got {redact_url(target)!r}")
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
+        return Target(target, u.hostname, port, u.scheme)
+    if kind == "tcp":
+        u = urllib.parse.urlsplit("//" + target)
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if not u.hostname or port is None:
+            raise ValueError(f"tcp target must be host:port (IPv6 as [addr]:port), got {target!r}")
+        return Target(target, u.hostname, port)
+    if kind == "dns":
+        if not target or target == "resolv.conf":
+            return Target(target, "", 53)
+        u = urllib.parse.urlsplit("//" + target)
+        try:
+            port = u.port or 53
+        except ValueError:
+            raise ValueError(f"dns target must be a server address[:port], got {target!r}") from None
+        if not u.hostname:
+            raise ValueError(f"dns target must be a server address[:port], got {target!r}")
+        return Target(target, u.hostname, port)
+    raise ValueError(f"unknown prober {kind!r}")
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password in its userinfo."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if u.password is None:
+        return url
+    netloc = u.netloc.replace(":" + u.password + "@", ":<redacted>@", 1)
+    return urllib.parse.urlunsplit(u._replace(netloc=netloc))
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    for s in secrets:
+        if s and s in text:
+            text = text.replace(s, "<redacted>")
+    return text
+
+
+class ProbeEnv:
+    """What probes share: the local-port callback and long-lived HTTP clients (one set per loop).
+
+    Use as `async with ProbeEnv(on_local_port=cb) as env:`; closing it closes every client.
+    """
+
+    def __init__(self, on_local_port: PortCallback = no_callback, resolv_conf: ResolvConf | None = None):
+        self.on_local_port = on_local_port
+        self.resolv_conf = resolv_conf  # overrides every source's resolv.conf (tests, pods)
+        self.clients: dict[object, object] = {}
+
+    async def aclose(self) -> None:
+        clients, self.clients = self.clients, {}
+        for client in clients.values():
+            close = getattr(client, "aclose", None) or client.close
+            await close()
+
+    async def __aenter__(self) -> ProbeEnv:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+@dataclass(slots=True)
+class Attempt:
+    """Mutable scratch of one probe run against one address; `result()` freezes it."""
+
+    spec: ProbeSpec
+    kind: ProbeKind
+    source: Source
+    target: Target
+    start_ns: int
+    resolution: Resolution | None = None
+    timeline: Timeline = field(default_factory=Timeline)
+    flows: list[Flow] = field(default_factory=list)
+    dns: list[DnsTransaction] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    http_status: int | None = None
+    secrets: tuple[str, ...] = ()
+    resolv: ResolvConf | None = None
+
+    def resolv_conf(self) -> ResolvConf:
+        return self.resolv or load_resolv_conf(self.source.resolv_conf)
+
+    def result(self, error: ErrorKind | None = None, detail: str = "") -> ProbeResult:
+        end = monotonic_ns()
+        for h in self.timeline.hops:
+            if not h.end:
+                h.end = end
+        if error is None and self.failed:
+            error = ErrorKind.VALIDATION
+            detail = detail or "failed: " + ", ".join(self.failed)
+        txns = list(self.resolution.transactions) if self.resolution is not None else []
+        txns.extend(self.dns)
+        phases = self.timeline.spans(end)
+        if self.resolution is not None and self.resolution.transactions:
+            phases = (PhaseSpan("resolve", self.resolution.start_ns, self.resolution.end_ns or end), *phases)
+        dns_flows = [t.flow for t in txns if t.flow is not None]
+        return ProbeResult(
+            name=self.spec.name,
+            kind=self.kind,
+            target=redact(redact_url(self.target.raw), self.secrets),
+            source=self.source.label,
+            start_ns=self.start_ns,
+            end_ns=end,
+            ok=error is None,
+            error=error,
+            error_detail=redact(detail, self.secrets),
+            phases=phases,
+            http_status=self.http_status,
+            address=self.target.address,
+            flows=(*dns_flows, *self.flows),
+            dns=tuple(txns),
+            failed_validators=tuple(self.failed),
+            labels=tuple(sorted(self.spec.labels.items())),
+        )

@@ -1,0 +1,461 @@
+"""HTTP probe: aiohttp by default, httpx per module (`http.client: httpx`), both timed the same way.
+
+Both clients get their sockets from `Source.open()` (bound, announced, right namespace) and resolve
+through the prober's own DNS; the connect / tls / first-byte stamps come from thin hooks:
+
+- aiohttp: a `TCPConnector` subclass whose `_wrap_create_connection` creates, connects and TLS-wraps
+  the socket itself (stamps around each step), and a `ResponseHandler` subclass stamping the first byte;
+  a `TraceConfig` stamps "request sent". Redirects are followed by aiohttp: each hop opens a new
+  connection (force_close), so each hop has its own stamps; durations are summed per phase.
+- httpx: an httpcore network backend whose stream stamps connect, start_tls, the last write before the
+  first read (request sent) and the first read.
+
+The connector hook is private aiohttp API; tests/prober/test_http.py fails if it stops being called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+import aiohttp
+import aiohttp.client_proto
+import aiohttp.connector
+import httpcore
+import httpx
+from aiohttp.abc import AbstractResolver
+
+from prober.core import Attempt, ProbeEnv, Timeline
+from prober.errors import classify
+from prober.resolve import resolve
+from prober.spec import HTTPSpec, TLSSpec
+from prober.types import ErrorKind, Proto
+
+monotonic_ns = time.monotonic_ns
+
+_CURRENT: contextvars.ContextVar[Attempt] = contextvars.ContextVar("connprobe_http_attempt")
+
+
+class ProbeFailure(OSError):
+    """Raised inside a client's hooks with a decided kind (e.g. a redirect's name did not resolve)."""
+
+    def __init__(self, kind: ErrorKind, detail: str):
+        super().__init__(0, detail)
+        self.kind = kind
+        self.detail = detail
+
+
+async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: Timeline):
+    """Socket from the source, announced, connected; stamps the connect phase on a new hop."""
+    hop = timeline.hop()
+    sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get())
+    loop = asyncio.get_running_loop()
+    hop.connect_start = monotonic_ns()
+    try:
+        await loop.sock_connect(sock, addr)
+    except BaseException:
+        attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
+        sock.close()
+        raise
+    hop.connect_end = monotonic_ns()
+    attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
+    return sock, hop
+
+
+_CTX_CB: contextvars.ContextVar = contextvars.ContextVar("connprobe_port_cb")
+
+
+async def _lookup(attempt: Attempt, host: str) -> str:
+    """The address for `host`: the probed one for the target host, else our own DNS (redirects)."""
+    if host == attempt.target.host and attempt.target.address:
+        return attempt.target.address
+    t0 = monotonic_ns()
+    deadline = _CTX_DEADLINE.get()
+    res = await resolve(
+        attempt.source, host, attempt.spec.module.ip_policy, deadline, _CTX_CB.get(), attempt.resolv_conf()
+    )
+    attempt.dns.extend(res.transactions)
+    if res.transactions:
+        attempt.timeline.resolves.append((t0, res.end_ns))
+    if res.error is not None or not res.addresses:
+        raise ProbeFailure(res.error or ErrorKind.DNS_NO_ANSWER, res.detail)
+    return res.addresses[0]
+
+
+_CTX_DEADLINE: contextvars.ContextVar[int] = contextvars.ContextVar("connprobe_deadline")
+
+
+# ---------------------------------------------------------------- aiohttp
+
+
+class _TimedHandler(aiohttp.client_proto.ResponseHandler):
+    first_byte_ns = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self.first_byte_ns:
+            self.first_byte_ns = monotonic_ns()
+        super().data_received(data)
+
+
+class _Resolver(AbstractResolver):
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        addr = await _lookup(_CURRENT.get(), host)
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        return [{"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        return None
+
+
+class _Connector(aiohttp.TCPConnector):
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._factory = functools.partial(_TimedHandler, loop=self._loop)
+
+    async def _wrap_create_connection(
+        self,
+        *args: Any,
+        addr_infos: list,
+        req: Any,
+        timeout: Any,
+        client_error: type[Exception] = aiohttp.ClientConnectorError,
+        **kwargs: Any,
+    ):
+        attempt = _CURRENT.get()
+        family, _, _, _, addr = addr_infos[0]
+        try:
+            sock, hop = await _open_connected(attempt, family, addr, attempt.timeline)
+        except OSError as exc:
+            raise client_error(req.connection_key, exc) from exc
+        try:
+            if kwargs.get("ssl"):
+                hop.tls_start = monotonic_ns()
+            transport, proto = await self._loop.create_connection(*args, **kwargs, sock=sock)
+            if hop.tls_start:
+                hop.tls_end = monotonic_ns()
+                hop.peercert = transport.get_extra_info("peercert")
+        except aiohttp.connector.cert_errors as exc:
+            sock.close()
+            raise aiohttp.ClientConnectorCertificateError(req.connection_key, exc) from exc
+        except aiohttp.connector.ssl_errors as exc:
+            sock.close()
+            raise aiohttp.ClientConnectorSSLError(req.connection_key, exc) from exc
+        except OSError as exc:
+            sock.close()
+            raise client_error(req.connection_key, exc) from exc
+        hop.conn = proto
+        return transport, proto
+
+
+async def _on_headers_sent(session, ctx, params) -> None:
+    attempt = _CURRENT.get(None)
+    if attempt is not None and attempt.timeline.hops:
+        attempt.timeline.hops[-1].sent = monotonic_ns()
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    tc = aiohttp.TraceConfig()
+    tc.on_request_headers_sent.append(_on_headers_sent)
+    tc.freeze()
+    return tc
+
+
+def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+_ssl_cache: dict[TLSSpec, ssl.SSLContext] = {}
+
+
+def ssl_context(tls: TLSSpec) -> ssl.SSLContext:
+    ctx = _ssl_cache.get(tls)
+    if ctx is None:
+        ctx = _ssl_cache[tls] = _ssl_context(tls)
+    return ctx
+
+
+def _aiohttp_session(env: ProbeEnv) -> aiohttp.ClientSession:
+    key = ("aiohttp", asyncio.get_running_loop())
+    session = env.clients.get(key)
+    if session is None or session.closed:
+        connector = _Connector(
+            force_close=True, use_dns_cache=False, resolver=_Resolver(), limit=0, enable_cleanup_closed=False
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None),
+            trace_configs=[_trace_config()],
+            auto_decompress=True,
+        )
+        env.clients[key] = session
+    return session
+
+
+async def _aiohttp_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
+    session = _aiohttp_session(env)
+    url = attempt.target.raw
+    headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
+    kwargs: dict[str, Any] = {}
+    if attempt.target.scheme == "https":
+        kwargs["ssl"] = ssl_context(spec.tls)
+        if spec.tls.server_name:
+            kwargs["server_hostname"] = spec.tls.server_name
+    async with session.request(
+        spec.method,
+        url,
+        headers=headers,
+        data=spec.body,
+        allow_redirects=spec.follow_redirects,
+        max_redirects=spec.max_redirects,
+        **kwargs,
+    ) as resp:
+        facts["status"] = resp.status
+        attempt.http_status = resp.status
+        facts["headers"] = resp.headers
+        facts["redirects"] = len(resp.history)
+        facts["ssl"] = resp.url.scheme == "https"
+        facts["body"] = await _read_body(resp.content, spec, facts, attempt)
+
+
+async def _read_body(content, spec: HTTPSpec, facts: dict, attempt: Attempt) -> bytes:
+    limit = spec.max_body_bytes
+    keep = bool(spec.fail_if_body_matches_regexp or spec.fail_if_body_not_matches_regexp)
+    if limit is None:
+        data = await content.read()
+        facts["size"] = len(data)
+        return data if keep else b""
+    size = 0
+    buf = bytearray()
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            attempt.failed.append("max_body_bytes")
+            break
+        if keep:
+            buf += chunk
+    facts["size"] = size
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- httpx
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """httpcore stream over our own socket; stamps request-sent, first byte and TLS."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream, hop, attempt: Attempt):
+        self._inner = inner
+        self._hop = hop
+        self._attempt = attempt
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        if not self._hop.first_byte:
+            self._hop.first_byte = monotonic_ns()
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+        if not self._hop.first_byte:
+            self._hop.sent = monotonic_ns()
+
+    async def aclose(self) -> None:
+        if not self._hop.end:
+            self._hop.end = monotonic_ns()
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        self._hop.tls_start = monotonic_ns()
+        inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        self._hop.tls_end = monotonic_ns()
+        sslobj = inner.get_extra_info("ssl_object")
+        self._hop.peercert = sslobj.getpeercert() if sslobj is not None else None
+        return _Stream(inner, self._hop, self._attempt)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._anyio = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        import anyio.abc
+
+        attempt = _CURRENT.get()
+        addr = await _lookup(attempt, host)
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sockaddr = (addr, port, 0, 0) if family == socket.AF_INET6 else (addr, port)
+        try:
+            sock, hop = await _open_connected(attempt, family, sockaddr, attempt.timeline)
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        from httpcore._backends.anyio import AnyIOStream
+
+        return _Stream(AnyIOStream(stream), hop, attempt)
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise httpcore.ConnectError("unix sockets are not probed")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _httpx_client(env: ProbeEnv, tls: TLSSpec) -> httpx.AsyncClient:
+    key = ("httpx", asyncio.get_running_loop(), tls)
+    client = env.clients.get(key)
+    if client is None or client.is_closed:
+        ctx = ssl_context(tls)
+        transport = httpx.AsyncHTTPTransport(verify=ctx)
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
+        )
+        client = httpx.AsyncClient(transport=transport, timeout=None, trust_env=False)
+        env.clients[key] = client
+    return client
+
+
+async def _httpx_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
+    client = _httpx_client(env, spec.tls)
+    headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
+    extensions = {}
+    if spec.tls.server_name:
+        extensions["sni_hostname"] = spec.tls.server_name
+    req = client.build_request(
+        spec.method, attempt.target.raw, headers=headers, content=spec.body, extensions=extensions
+    )
+    client.max_redirects = spec.max_redirects
+    resp = await client.send(req, follow_redirects=spec.follow_redirects, stream=True)
+    try:
+        facts["status"] = resp.status_code
+        attempt.http_status = resp.status_code
+        facts["headers"] = resp.headers
+        facts["redirects"] = len(resp.history)
+        facts["ssl"] = resp.url.scheme == "https"
+        limit = spec.max_body_bytes
+        keep = bool(spec.fail_if_body_matches_regexp or spec.fail_if_body_not_matches_regexp)
+        size = 0
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                attempt.failed.append("max_body_bytes")
+                break
+            if keep:
+                buf += chunk
+        facts["size"] = size
+        facts["body"] = bytes(buf)
+    finally:
+        await resp.aclose()
+
+
+# ---------------------------------------------------------------- validators
+
+
+def _header_value(headers, name: str) -> str | None:
+    values = headers.getall(name, None) if hasattr(headers, "getall") else headers.get_list(name) or None
+    return ", ".join(values) if values else None
+
+
+def validate(spec: HTTPSpec, facts: dict, attempt: Attempt) -> None:
+    """Append the names of failed validators to `attempt.failed` (status is checked by the caller)."""
+    body = facts.get("body", b"")
+    text = body.decode("utf-8", "replace") if body else ""
+    for pattern in spec.fail_if_body_matches_regexp:
+        if re.search(pattern, text):
+            attempt.failed.append("fail_if_body_matches_regexp")
+            break
+    for pattern in spec.fail_if_body_not_matches_regexp:
+        if not re.search(pattern, text):
+            attempt.failed.append("fail_if_body_not_matches_regexp")
+            break
+    headers = facts.get("headers")
+    for m in spec.fail_if_header_matches:
+        value = _header_value(headers, m.header) if headers is not None else None
+        if value is not None and re.search(m.regexp, value):
+            attempt.failed.append("fail_if_header_matches")
+            break
+    for m in spec.fail_if_header_not_matches:
+        value = _header_value(headers, m.header) if headers is not None else None
+        if (value is None and not m.allow_missing) or (value is not None and not re.search(m.regexp, value)):
+            attempt.failed.append("fail_if_header_not_matches")
+            break
+    if spec.fail_if_ssl and facts.get("ssl"):
+        attempt.failed.append("fail_if_ssl")
+    if spec.fail_if_not_ssl and not facts.get("ssl"):
+        attempt.failed.append("fail_if_not_ssl")
+    if spec.tls.min_cert_days is not None and facts.get("ssl"):
+        hops = attempt.timeline.hops
+        cert = hops[-1].peercert if hops else None
+        if not cert or "notAfter" not in cert:
+            attempt.failed.append("min_cert_days")
+        else:
+            left = (ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()) / 86400
+            if left < spec.tls.min_cert_days:
+                attempt.failed.append("min_cert_days")
+
+
+def status_ok(spec: HTTPSpec, status: int) -> bool:
+    if spec.valid_status_codes:
+        return status in spec.valid_status_codes
+    return 200 <= status <= 299
+
+
+async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
+    """Run one HTTP exchange against `attempt.target.address`; returns the frozen result."""
+    spec = attempt.spec.module.http
+    attempt.secrets = spec.secrets()
+    facts: dict[str, Any] = {}
+    t1 = _CURRENT.set(attempt)
+    t2 = _CTX_CB.set(env.on_local_port)
+    t3 = _CTX_DEADLINE.set(deadline_ns)
+    try:
+        exchange = _httpx_exchange if spec.client == "httpx" else _aiohttp_exchange
+        async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
+            await exchange(attempt, spec, env, facts)
+    except ProbeFailure as exc:
+        return attempt.result(exc.kind, exc.detail)
+    except Exception as exc:
+        failure = _find_failure(exc)
+        if failure is not None:
+            return attempt.result(failure.kind, failure.detail)
+        kind, detail = classify(exc, attempt.timeline.phase())
+        return attempt.result(kind, detail)
+    finally:
+        _CURRENT.reset(t1)
+        _CTX_CB.reset(t2)
+        _CTX_DEADLINE.reset(t3)
+    if attempt.timeline.hops:
+        attempt.timeline.hops[-1].end = monotonic_ns()
+    status = facts.get("status")
+    validate(spec, facts, attempt)
+    if status is not None and not status_ok(spec, status):
+        attempt.failed.insert(0, "status_code")
+        return attempt.result(ErrorKind.HTTP_STATUS, f"status {status}")
+    return attempt.result()
+
+
+def _find_failure(exc: BaseException) -> ProbeFailure | None:
+    seen = 0
+    while exc is not None and seen < 6:
+        if isinstance(exc, ProbeFailure):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

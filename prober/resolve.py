@@ -1,0 +1,340 @@
+"""The prober's own DNS: dnspython messages over sockets the prober created (so their flows are known).
+
+Nameservers, search list, ndots, timeout and attempts come from the *source's* resolv.conf
+(`/etc/netns/NAME/resolv.conf` for a named namespace when it exists, as `ip netns exec` does). Every
+query is one `DnsTransaction` (server, name, type, rcode, latency, flow); a truncated UDP answer is
+retried over TCP. `resolve()` asks A and/or AAAA as the ip policy says and returns every address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+
+from prober.sockets import PortCallback, Source
+from prober.types import DnsTransaction, ErrorKind, Proto
+
+IP_POLICIES = ("all", "first", "ipv4", "ipv6")
+
+_RCODE_ERROR = {
+    "NXDOMAIN": ErrorKind.DNS_NXDOMAIN,
+    "SERVFAIL": ErrorKind.DNS_SERVFAIL,
+    "REFUSED": ErrorKind.DNS_REFUSED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvConf:
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...] = ()
+    ndots: int = 1
+    timeout: float = 5.0
+    attempts: int = 2
+    port: int = 53
+
+
+_conf_cache: dict[str, tuple[float, ResolvConf]] = {}
+
+
+def load_resolv_conf(path: str | os.PathLike) -> ResolvConf:
+    """Parse resolv.conf with dnspython's parser; cached until the file's mtime changes."""
+    path = os.fspath(path)
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return ResolvConf(nameservers=())
+    hit = _conf_cache.get(path)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        r = dns.resolver.Resolver(filename=path, configure=True)
+        servers = tuple(str(ns) for ns in r.nameservers)
+        conf = ResolvConf(
+            nameservers=servers,
+            search=tuple(str(n).rstrip(".") for n in r.search),
+            ndots=r.ndots if r.ndots is not None else 1,
+            timeout=float(r.timeout),
+            attempts=_attempts(path),
+        )
+    except dns.resolver.NoResolverConfiguration:
+        conf = ResolvConf(nameservers=())
+    _conf_cache[path] = (mtime, conf)
+    return conf
+
+
+def _attempts(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
+        for line in lines:
+            parts = line.split()
+            if parts and parts[0] == "options":
+                for opt in parts[1:]:
+                    if opt.startswith("attempts:"):
+                        return max(1, min(5, int(opt.split(":", 1)[1])))
+    except (OSError, ValueError):
+        pass
+    return 2
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class QueryOutcome:
+    txn: DnsTransaction
+    response: dns.message.Message | None
+    error: ErrorKind | None
+    detail: str = ""
+
+
+async def query(
+    source: Source,
+    server: str,
+    qname: str,
+    qtype: str,
+    timeout: float,
+    on_local_port: PortCallback,
+    *,
+    port: int = 53,
+    tcp: bool = False,
+    recursion_desired: bool = True,
+) -> list[QueryOutcome]:
+    """One question to one server; UDP first (TCP when the answer is truncated or `tcp` is set).
+
+    Returns one outcome per transaction (two when UDP was truncated and retried over TCP).
+    """
+    msg = dns.message.make_query(qname, qtype)
+    if not recursion_desired:
+        msg.flags &= ~dns.flags.RD
+    wire = msg.to_wire()
+    outcomes: list[QueryOutcome] = []
+    if not tcp:
+        out = await _udp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port)
+        outcomes.append(out)
+        if out.response is None or not (out.response.flags & dns.flags.TC):
+            return outcomes
+    outcomes.append(await _tcp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port))
+    return outcomes
+
+
+def _outcome(server, qname, qtype, start, flow, proto, resp, error, detail="") -> QueryOutcome:
+    end = time.monotonic_ns() if resp is not None or error not in (ErrorKind.DNS_TIMEOUT,) else None
+    rcode = dns.rcode.to_text(resp.rcode()) if resp is not None else None
+    answers: tuple[str, ...] = ()
+    if resp is not None:
+        answers = tuple(
+            f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)} {rd.to_text()}"
+            for rrset in resp.answer
+            for rd in rrset
+        )
+        if error is None:
+            error = _RCODE_ERROR.get(rcode)
+    txn = DnsTransaction(server, qname, qtype, start, end, rcode, flow, answers, proto)
+    return QueryOutcome(txn, resp, error, detail or (rcode or ""))
+
+
+async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
+    loop = asyncio.get_running_loop()
+    sock = await source.open(_family(server), socket.SOCK_DGRAM, cb)
+    flow = None
+    start = time.monotonic_ns()
+    try:
+        sock.connect((server, port))  # UDP connect: no packet, but ICMP errors come back as ECONNREFUSED
+        flow = source.flow(sock, (server, port), Proto.UDP)
+        start = time.monotonic_ns()
+        await loop.sock_sendall(sock, wire)
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await loop.sock_recv(sock, 65535)
+                try:
+                    resp = dns.message.from_wire(data, ignore_trailing=True, one_rr_per_rrset=False)
+                except dns.exception.DNSException:
+                    continue  # garbage or another query's answer: keep waiting, as resolvers do
+                if msg.is_response(resp):
+                    return _outcome(server, qname, qtype, start, flow, Proto.UDP, resp, None)
+    except TimeoutError:
+        return _outcome(server, qname, qtype, start, flow, Proto.UDP, None, ErrorKind.DNS_TIMEOUT, "timeout")
+    except OSError as exc:
+        return _outcome(server, qname, qtype, start, flow, Proto.UDP, None, *_sock_error(exc))
+    finally:
+        sock.close()
+
+
+async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
+    loop = asyncio.get_running_loop()
+    sock = await source.open(_family(server), socket.SOCK_STREAM, cb)
+    flow = None
+    start = time.monotonic_ns()
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                await loop.sock_connect(sock, (server, port))
+            finally:
+                flow = source.flow(sock, (server, port), Proto.TCP)
+            await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)
+            head = await _recv_exact(loop, sock, 2)
+            data = await _recv_exact(loop, sock, struct.unpack("!H", head)[0])
+        resp = dns.message.from_wire(data, ignore_trailing=True)
+        if not msg.is_response(resp):
+            return _outcome(
+                server,
+                qname,
+                qtype,
+                start,
+                flow,
+                Proto.TCP,
+                None,
+                ErrorKind.PROTOCOL_ERROR,
+                "TCP answer does not match the question",
+            )
+        return _outcome(server, qname, qtype, start, flow, Proto.TCP, resp, None)
+    except TimeoutError:
+        return _outcome(server, qname, qtype, start, flow, Proto.TCP, None, ErrorKind.DNS_TIMEOUT, "timeout")
+    except dns.exception.DNSException as exc:
+        return _outcome(
+            server, qname, qtype, start, flow, Proto.TCP, None, ErrorKind.PROTOCOL_ERROR, f"malformed answer: {exc}"
+        )
+    except OSError as exc:
+        return _outcome(server, qname, qtype, start, flow, Proto.TCP, None, *_sock_error(exc))
+    finally:
+        sock.close()
+
+
+async def _recv_exact(loop, sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ConnectionResetError("DNS server closed the TCP connection early")
+        buf += chunk
+    return bytes(buf)
+
+
+def _sock_error(exc: OSError) -> tuple[ErrorKind, str]:
+    from prober.errors import errno_kind
+
+    kind = errno_kind(exc.errno)
+    if kind in (ErrorKind.CONNECT_REFUSED, ErrorKind.CONNECT_UNREACHABLE, ErrorKind.CONNECT_RESET) or kind is None:
+        kind = ErrorKind.DNS_UNREACHABLE
+    return kind, f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+@dataclass(slots=True)
+class Resolution:
+    host: str
+    addresses: list[str] = field(default_factory=list)
+    transactions: list[DnsTransaction] = field(default_factory=list)
+    error: ErrorKind | None = None
+    detail: str = ""
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+def candidates(host: str, conf: ResolvConf) -> list[str]:
+    """Names to try, in the order glibc's res_search tries them."""
+    if host.endswith("."):
+        return [host]
+    as_is = host + "."
+    searched = [f"{host}.{d}." for d in conf.search if d]
+    if host.count(".") >= conf.ndots:
+        return [as_is, *searched]
+    return [*searched, as_is]
+
+
+_STOP = {
+    ErrorKind.DNS_TIMEOUT,
+    ErrorKind.DNS_UNREACHABLE,
+    ErrorKind.DNS_SERVFAIL,
+    ErrorKind.DNS_REFUSED,
+    ErrorKind.CONNECT_EPERM,
+    ErrorKind.PROTOCOL_ERROR,
+}
+
+
+async def _ask(source, conf, name, qtype, deadline_ns, cb, res: Resolution) -> tuple[list[str], ErrorKind | None, str]:
+    """Ask every server in turn (resolv.conf attempts), as glibc does; first real answer wins."""
+    error: ErrorKind | None = ErrorKind.DNS_UNREACHABLE
+    detail = "no nameserver in resolv.conf"
+    for _ in range(max(1, conf.attempts)):
+        for server in conf.nameservers:
+            left = (deadline_ns - time.monotonic_ns()) / 1e9
+            if left <= 0:
+                return [], ErrorKind.DNS_TIMEOUT, "probe deadline reached during resolution"
+            outs = await query(source, server, name, qtype, min(conf.timeout, left), cb, port=conf.port)
+            res.transactions.extend(o.txn for o in outs)
+            last = outs[-1]
+            error, detail = last.error, last.detail
+            if last.response is not None and last.error not in (ErrorKind.DNS_SERVFAIL, ErrorKind.DNS_REFUSED):
+                rdtype = dns.rdatatype.from_text(qtype)
+                addrs = [rd.to_text() for rrset in last.response.answer if rrset.rdtype == rdtype for rd in rrset]
+                if last.error is None and not addrs:
+                    return [], ErrorKind.DNS_NO_ANSWER, f"no {qtype} record"
+                return addrs, last.error, detail
+    return [], error, detail
+
+
+async def resolve(
+    source: Source,
+    host: str,
+    policy: str,
+    deadline_ns: int,
+    on_local_port: PortCallback,
+    conf: ResolvConf | None = None,
+) -> Resolution:
+    """Addresses of `host` per the ip policy (`all`/`first` ask A and AAAA; AAAA addresses come first)."""
+    res = Resolution(host, start_ns=time.monotonic_ns())
+    if is_ip(host):
+        res.addresses = [host]
+        res.end_ns = res.start_ns
+        return res
+    conf = conf or load_resolv_conf(source.resolv_conf)
+    qtypes = {"ipv4": ("A",), "ipv6": ("AAAA",)}.get(policy, ("AAAA", "A"))
+    error, detail = ErrorKind.DNS_NXDOMAIN, "NXDOMAIN"
+    seen_nodata = False
+    for name in candidates(host, conf):
+        answers = await asyncio.gather(
+            *(_ask(source, conf, name, qt, deadline_ns, on_local_port, res) for qt in qtypes)
+        )
+        addrs = [a for got, _, _ in answers for a in got]
+        if addrs:
+            res.addresses = list(dict.fromkeys(addrs))
+            res.end_ns = time.monotonic_ns()
+            return res
+        errs = [(e, d) for _, e, d in answers if e is not None]
+        stop = [(e, d) for e, d in errs if e in _STOP]
+        if stop:
+            error, detail = stop[0]
+            break
+        # The name exists (NODATA) on any candidate: that beats NXDOMAIN on the others, as in glibc.
+        nodata = [(e, d) for e, d in errs if e is not ErrorKind.DNS_NXDOMAIN]
+        if nodata:
+            error, detail = nodata[0]
+            seen_nodata = True
+        elif errs and not seen_nodata:
+            error, detail = errs[0]
+    res.error, res.detail = error, f"{host}: {detail}"
+    res.end_ns = time.monotonic_ns()
+    return res

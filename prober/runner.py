@@ -1,0 +1,124 @@
+"""One entry point for every probe kind: `run_probe(spec, env)` → a tuple of `ProbeResult`s.
+
+The dispatch table `PROBERS` maps a module's `prober:` to a function with one signature,
+`async (attempt, env, deadline_ns) -> ProbeResult`; a new kind is one module and one entry. The runner
+resolves the target with the prober's own DNS, applies the ip policy (`all` gives one result per
+address) and guarantees that nothing raises out: an unexpected exception becomes `internal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from prober.core import Attempt, ProbeEnv, parse_target
+from prober.dns import probe_dns
+from prober.errors import describe
+from prober.http import probe_http
+from prober.resolve import Resolution, load_resolv_conf, resolve
+from prober.sockets import SourceError, get_source
+from prober.spec import ProbeSpec
+from prober.tcp import probe_tcp
+from prober.types import ErrorKind, ProbeKind, ProbeResult
+
+log = logging.getLogger(__name__)
+monotonic_ns = time.monotonic_ns
+
+ProbeFn = Callable[[Attempt, ProbeEnv, int], Awaitable[ProbeResult]]
+
+PROBERS: dict[str, ProbeFn] = {
+    "http": probe_http,
+    "tcp": probe_tcp,
+    "dns": probe_dns,
+}
+
+
+def select_addresses(addresses: list[str], policy: str) -> list[str]:
+    if policy == "all":
+        return addresses
+    if policy == "ipv4":
+        return [a for a in addresses if ":" not in a][:1]
+    if policy == "ipv6":
+        return [a for a in addresses if ":" in a][:1]
+    return addresses[:1]
+
+
+def _failure(
+    spec: ProbeSpec, source_label: str, start: int, kind: ErrorKind, detail: str, resolution: Resolution | None = None
+) -> ProbeResult:
+    from prober.core import redact, redact_url
+    from prober.types import PhaseSpan
+
+    phases = ()
+    txns = ()
+    if resolution is not None and resolution.transactions:
+        phases = (PhaseSpan("resolve", resolution.start_ns, resolution.end_ns),)
+        txns = tuple(resolution.transactions)
+    secrets = spec.module.http.secrets() if spec.module.http is not None else ()
+    return ProbeResult(
+        name=spec.name,
+        kind=ProbeKind(spec.module.prober),
+        target=redact(redact_url(spec.target), secrets),
+        source=source_label,
+        start_ns=start,
+        end_ns=monotonic_ns(),
+        ok=False,
+        error=kind,
+        error_detail=redact(detail, secrets),
+        phases=phases,
+        flows=tuple(t.flow for t in txns if t.flow is not None),
+        dns=txns,
+        labels=tuple(sorted(spec.labels.items())),
+    )
+
+
+async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
+    """Run a probe once: one result per probed address (at least one). Never raises (but cancels)."""
+    start = monotonic_ns()
+    deadline = start + int(spec.effective_timeout * 1e9)
+    kind = spec.module.prober
+    try:
+        source = get_source(spec.source)
+    except SourceError as exc:
+        return (_failure(spec, spec.source, start, ErrorKind.SOURCE_ERROR, exc.strerror or str(exc)),)
+    try:
+        fn = PROBERS[kind]
+        target = parse_target(kind, spec.target)
+        if kind == "dns":
+            attempt = Attempt(spec, ProbeKind.DNS, source, target, start, resolv=env.resolv_conf)
+            return (await fn(attempt, env, deadline),)
+        conf = env.resolv_conf or load_resolv_conf(source.resolv_conf)
+        res = await resolve(source, target.host, spec.module.ip_policy, deadline, env.on_local_port, conf)
+        if res.error is not None:
+            return (_failure(spec, source.label, start, res.error, res.detail, res),)
+        addresses = select_addresses(res.addresses, spec.module.ip_policy)
+        if not addresses:
+            return (
+                _failure(
+                    spec,
+                    source.label,
+                    start,
+                    ErrorKind.DNS_NO_ANSWER,
+                    f"{target.host}: no address for ip_policy {spec.module.ip_policy}",
+                    res,
+                ),
+            )
+        attempts = [
+            Attempt(
+                spec, ProbeKind(kind), source, replace(target, address=a), monotonic_ns(), resolution=res, resolv=conf
+            )
+            for a in addresses
+        ]
+        if len(attempts) == 1:
+            return (await fn(attempts[0], env, deadline),)
+        return tuple(await asyncio.gather(*(fn(a, env, deadline) for a in attempts)))
+    except asyncio.CancelledError:
+        raise
+    except SourceError as exc:
+        return (_failure(spec, source.label, start, ErrorKind.SOURCE_ERROR, describe(exc)),)
+    except Exception as exc:  # a bug: say so loudly, but still hand back a result
+        log.exception("probe %s crashed", spec.name)
+        return (_failure(spec, source.label, start, ErrorKind.INTERNAL, describe(exc)),)

@@ -1,0 +1,122 @@
+"""Sockets the prober creates itself: bound before use, announced, optionally inside another netns.
+
+Every socket a probe uses (TCP connections and the UDP/TCP sockets of its own DNS queries) comes from
+`Source.open()`: it is created in the probe's source namespace (checked with SIOCGSKNS for a named
+namespace), bound to an ephemeral port, and the port is handed to the `on_local_port(proto, port)`
+callback *before* the first packet can leave — the kernel sensor watches that port from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from prober.netns import NetnsError, netns_inode, netns_path, shared_executor, socket_netns
+from prober.types import Flow, Proto
+
+PortCallback = Callable[[Proto, int], None]
+
+_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+_PROTO = {socket.SOCK_STREAM: Proto.TCP, socket.SOCK_DGRAM: Proto.UDP}
+
+
+def no_callback(proto: Proto, port: int) -> None:
+    """Default `on_local_port`: nobody is watching."""
+
+
+class SourceError(OSError):
+    """The probe's source namespace cannot be used."""
+
+
+class Source:
+    """Where a probe's sockets live: the host (the process's own namespace) or a named/pinned netns.
+
+    `spec` is "host", "netns NAME", a bare namespace name, or a path (e.g. /proc/PID/ns/net).
+    """
+
+    __slots__ = ("inode", "label", "netns")
+
+    def __init__(self, spec: str = "host"):
+        spec = spec.strip()
+        if spec.startswith("netns "):
+            spec = spec[len("netns ") :].strip()
+        self.label = spec or "host"
+        if self.label == "host":
+            self.netns: str | None = None
+            self.inode = netns_inode()
+            return
+        self.netns = spec
+        try:
+            self.inode = shared_executor(spec).inode
+        except (NetnsError, OSError) as exc:
+            raise SourceError(exc.errno or 0, f"source {spec!r}: {exc.strerror or exc}") from None
+
+    @property
+    def resolv_conf(self) -> Path:
+        """The resolv.conf `ip netns exec NAME` would bind-mount, else the host's."""
+        if self.netns is not None and "/" not in self.netns:
+            candidate = Path("/etc/netns") / self.netns / "resolv.conf"
+            if candidate.exists():
+                return candidate
+        return Path("/etc/resolv.conf")
+
+    async def open(
+        self, family: int, type: int, on_local_port: PortCallback, local_addr: str | None = None
+    ) -> socket.socket:
+        """A non-blocking socket bound to an ephemeral port, announced through `on_local_port`."""
+        if self.netns is None:
+            sock = socket.socket(family, type)
+        else:
+            # Looked up each time: the lab may close and recreate a namespace's executor.
+            try:
+                executor = shared_executor(self.netns)
+            except (NetnsError, OSError) as exc:
+                raise SourceError(exc.errno or 0, f"source {self.netns!r}: {exc.strerror or exc}") from None
+            if executor.inode != self.inode:
+                raise SourceError(0, f"source {self.netns!r} was recreated (inode {executor.inode})")
+            sock = await asyncio.wrap_future(executor.submit(socket.socket, family, type))
+            if socket_netns(sock) != self.inode:
+                sock.close()
+                raise SourceError(0, f"socket not created in {netns_path(self.netns)}")
+        try:
+            sock.setblocking(False)
+            if type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((local_addr or _ANY[family], 0))
+            on_local_port(_PROTO[type], sock.getsockname()[1])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def flow(self, sock: socket.socket, remote: tuple, proto: Proto) -> Flow:
+        """The flow of a socket that has started connecting (its local address is then fixed)."""
+        try:
+            local = sock.getsockname()
+        except OSError:
+            local = ("", 0)
+        return Flow(proto, local[0], local[1], remote[0], remote[1], self.inode)
+
+    def __repr__(self) -> str:
+        return f"Source({self.label!r}, inode={self.inode})"
+
+
+_sources: dict[str, Source] = {}
+
+
+def get_source(spec: str | None) -> Source:
+    """A cached `Source` per spec (namespaces are re-checked by `shared_executor` when recreated)."""
+    key = spec or "host"
+    src = _sources.get(key)
+    if src is None or (src.netns is not None and _inode_or_none(src.netns) != src.inode):
+        src = _sources[key] = Source(key)
+    return src
+
+
+def _inode_or_none(name: str) -> int | None:
+    try:
+        return netns_inode(name)
+    except OSError:
+        return None

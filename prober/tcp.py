@@ -1,0 +1,78 @@
+"""TCP probe: connect from a bound, announced socket; optionally TLS, send, and expect a regex."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+
+from prober.core import Attempt, ProbeEnv
+from prober.errors import classify
+from prober.http import ssl_context
+from prober.types import ErrorKind, Proto
+
+monotonic_ns = time.monotonic_ns
+
+
+async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
+    spec = attempt.spec.module.tcp
+    addr = attempt.target.address
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sockaddr = (addr, attempt.target.port, 0, 0) if family == socket.AF_INET6 else (addr, attempt.target.port)
+    loop = asyncio.get_running_loop()
+    hop = attempt.timeline.hop()
+    sock = None
+    writer = None
+    try:
+        async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
+            sock = await attempt.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+            hop.connect_start = monotonic_ns()
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            finally:
+                attempt.flows.append(attempt.source.flow(sock, sockaddr, Proto.TCP))
+            hop.connect_end = monotonic_ns()
+            if not (spec.tls or spec.send or spec.expect):
+                hop.end = hop.connect_end
+                return attempt.result()
+            kwargs = {}
+            if spec.tls:
+                kwargs = {
+                    "ssl": ssl_context(spec.tls_config),
+                    "server_hostname": spec.tls_config.server_name or attempt.target.host,
+                }
+                hop.tls_start = monotonic_ns()
+            reader, writer = await asyncio.open_connection(sock=sock, **kwargs)
+            sock = None  # owned by the transport now
+            if spec.tls:
+                hop.tls_end = monotonic_ns()
+            if spec.send:
+                writer.write(spec.send.encode().decode("unicode_escape").encode("latin-1"))
+                await writer.drain()
+            hop.sent = monotonic_ns()
+            if spec.expect:
+                pattern = re.compile(spec.expect.encode())
+                buf = b""
+                while not pattern.search(buf):
+                    chunk = await reader.read(4096)
+                    if not hop.first_byte:
+                        hop.first_byte = monotonic_ns()
+                    if not chunk:
+                        attempt.failed.append("expect")
+                        break
+                    buf += chunk
+                    if len(buf) > 65536:
+                        attempt.failed.append("expect")
+                        break
+            hop.end = monotonic_ns()
+            return attempt.result()
+    except Exception as exc:
+        kind, detail = classify(exc, attempt.timeline.phase())
+        return attempt.result(kind, detail)
+    finally:
+        if writer is not None:
+            writer.close()
+        if sock is not None:
+            sock.close()
+    return attempt.result(ErrorKind.INTERNAL, "unreachable")

@@ -1,0 +1,203 @@
+"""Real in-process servers for the fast probe tests: an aiohttp app and a dnspython-based DNS server.
+
+Both listen on 127.0.0.1 (and ::1 where it helps) on port 0 and record what they saw, so tests can
+check the prober against the server's own view (peer ports, measured delays, queries received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from aiohttp import web
+
+
+@dataclass
+class HttpServer:
+    host: str
+    port: int
+    peer_ports: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)  # the server's own measurement of /slow
+    requests: list[web.Request] = field(default_factory=list)
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
+
+
+def make_app(state: HttpServer) -> web.Application:
+    @web.middleware
+    async def record(request: web.Request, handler):
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            state.peer_ports.append(peer[1])
+        state.seen_headers.append(dict(request.headers))
+        return await handler(request)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok hello", headers={"X-Server": "lab"})
+
+    async def slow(request: web.Request) -> web.Response:
+        delay = float(request.query.get("delay", "0.2"))
+        t0 = time.monotonic()
+        await asyncio.sleep(delay)
+        state.delays.append(time.monotonic() - t0)
+        return web.Response(text="slow")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="status")
+
+    async def nbytes(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * int(request.match_info["n"]))
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response(text="never")
+
+    async def upload(request: web.Request) -> web.Response:
+        data = await request.read()
+        return web.Response(text=str(len(data)))
+
+    app = web.Application(middlewares=[record])
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/bytes/{n}", nbytes)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/hang", hang)
+    app.router.add_post("/upload", upload)
+    return app
+
+
+# ---------------------------------------------------------------- DNS
+
+
+@dataclass
+class DnsServer:
+    """A small authoritative+recursive-looking server for the zone it holds.
+
+    `records[(name, type)] = [rdata text, ...]`; `faults[name] = ("nxdomain"|"servfail"|"timeout"|
+    "slow", delay)`. UDP answers larger than 512 bytes come back truncated (TC), as a real server does.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    records: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    faults: dict[str, tuple[str, float]] = field(default_factory=dict)
+    queries: list[tuple[str, str, str, int]] = field(default_factory=list)  # (proto, name, type, src port)
+    _udp: asyncio.DatagramTransport | None = None
+    _tcp: asyncio.base_events.Server | None = None
+
+    def add(self, name: str, rtype: str, *values: str) -> None:
+        self.records.setdefault((_abs(name), rtype), []).extend(values)
+
+    def fault(self, name: str, mode: str, delay: float = 0.0) -> None:
+        self.faults[_abs(name)] = (mode, delay)
+
+    async def answer(self, wire: bytes, proto: str, port: int) -> bytes | None:
+        try:
+            q = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        question = q.question[0]
+        name = question.name.to_text()
+        rtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries.append((proto, name, rtype, port))
+        resp = dns.message.make_response(q)
+        resp.flags |= dns.flags.AA | dns.flags.RA
+        mode, delay = self.faults.get(name, ("", 0.0))
+        if mode == "timeout":
+            return None
+        if mode == "slow":
+            await asyncio.sleep(delay)
+        if mode == "nxdomain":
+            resp.set_rcode(dns.rcode.NXDOMAIN)
+        elif mode == "servfail":
+            resp.set_rcode(dns.rcode.SERVFAIL)
+        elif mode == "refused":
+            resp.set_rcode(dns.rcode.REFUSED)
+        else:
+            values = self.records.get((name, rtype))
+            known = any(n == name for n, _ in self.records)
+            if values:
+                resp.answer.append(dns.rrset.from_text_list(name, 30, dns.rdataclass.IN, rtype, values))
+            elif not known:
+                resp.set_rcode(dns.rcode.NXDOMAIN)
+        if proto == "udp":
+            try:
+                return resp.to_wire(max_size=512)
+            except dns.exception.TooBig:
+                resp.answer.clear()
+                resp.flags |= dns.flags.TC
+                return resp.to_wire()
+        return resp.to_wire()
+
+    async def start(self) -> DnsServer:
+        loop = asyncio.get_running_loop()
+        server = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                async def reply():
+                    out = await server.answer(data, "udp", addr[1])
+                    if out is not None:
+                        self.transport.sendto(out, addr)
+
+                server._pending.add(t := asyncio.ensure_future(reply()))
+                t.add_done_callback(server._pending.discard)
+
+        self._pending: set[asyncio.Future] = set()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        tcp_sock = socket.socket(family, socket.SOCK_STREAM)
+        tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp_sock.bind((self.host, self.port))
+        self.port = tcp_sock.getsockname()[1]
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.port))
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            try:
+                head = await reader.readexactly(2)
+                data = await reader.readexactly(struct.unpack("!H", head)[0])
+                out = await self.answer(data, "tcp", writer.get_extra_info("peername")[1])
+                if out is not None:
+                    writer.write(struct.pack("!H", len(out)) + out)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self._tcp = await asyncio.start_server(handle, sock=tcp_sock)
+        return self
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+        for t in list(self._pending):
+            t.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+def _abs(name: str) -> str:
+    return name if name.endswith(".") else name + "."

@@ -1,0 +1,114 @@
+"""Every exception class the clients can raise has an explicit entry in the mapping table."""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import ssl
+
+import aiohttp
+import aiohttp.client_exceptions
+import aiohttp.http_exceptions
+import dns.exception
+import httpx
+import pytest
+
+import prober
+from prober.errors import _TABLE, BY_ERRNO, BY_PHASE, NOT_RAISED, classify, rule_for
+from prober.types import ErrorKind
+
+
+def _exception_classes(*modules) -> set[type[BaseException]]:
+    out = set()
+    for mod in modules:
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if inspect.isclass(obj) and issubclass(obj, BaseException):
+                out.add(obj)
+    return out
+
+
+def _library(prefix: str, classes) -> list[type[BaseException]]:
+    return sorted((c for c in classes if c.__module__.split(".")[0] == prefix), key=lambda c: c.__qualname__)
+
+
+AIOHTTP = _library("aiohttp", _exception_classes(aiohttp, aiohttp.client_exceptions, aiohttp.http_exceptions))
+HTTPX = _library("httpx", _exception_classes(httpx))
+
+
+def _dns_classes() -> list[type[BaseException]]:
+    def walk(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from walk(sub)
+
+    return sorted(set(walk(dns.exception.DNSException)), key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("cls", AIOHTTP + HTTPX, ids=lambda c: f"{c.__module__}.{c.__qualname__}")
+def test_every_client_exception_class_has_its_own_entry(cls):
+    assert cls in _TABLE, f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"
+
+
+@pytest.mark.parametrize("cls", _dns_classes(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
+def test_every_dnspython_exception_maps(cls):
+    rule = rule_for(cls)
+    assert rule is not None and rule is not NOT_RAISED
+
+
+def test_library_lists_are_not_empty():
+    assert len(AIOHTTP) > 30 and len(HTTPX) > 20  # the enumeration itself must keep working
+
+
+@pytest.mark.parametrize(
+    ("exc", "phase", "kind"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "connect", ErrorKind.CONNECT_REFUSED),
+        (PermissionError(errno.EPERM, "Operation not permitted"), "connect", ErrorKind.CONNECT_EPERM),
+        (OSError(errno.EHOSTUNREACH, "no route"), "connect", ErrorKind.CONNECT_UNREACHABLE),
+        (OSError(errno.ENETUNREACH, "no route"), "connect", ErrorKind.CONNECT_UNREACHABLE),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), "processing", ErrorKind.CONNECT_RESET),
+        (TimeoutError(), "connect", ErrorKind.CONNECT_TIMEOUT),
+        (TimeoutError(), "processing", ErrorKind.READ_TIMEOUT),
+        (TimeoutError(), "transfer", ErrorKind.READ_TIMEOUT),
+        (TimeoutError(), "resolve", ErrorKind.DNS_TIMEOUT),
+        (TimeoutError(), "tls", ErrorKind.TLS_ERROR),
+        (ssl.SSLCertVerificationError(1, "bad cert"), "tls", ErrorKind.TLS_ERROR),
+        (httpx.ConnectTimeout("t"), "connect", ErrorKind.CONNECT_TIMEOUT),
+        (httpx.RemoteProtocolError("bad"), "processing", ErrorKind.PROTOCOL_ERROR),
+        (aiohttp.ServerDisconnectedError(), "processing", ErrorKind.CONNECT_RESET),
+        (dns.exception.FormError("bad"), "resolve", ErrorKind.PROTOCOL_ERROR),
+    ],
+)
+def test_classify(exc, phase, kind):
+    assert classify(exc, phase)[0] is kind
+
+
+def test_wrapped_errno_decides():
+    """aiohttp and httpx wrap the socket error; the errno underneath decides the kind."""
+    try:
+        try:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        except OSError as inner:
+            raise httpx.ConnectError("connect failed") from inner
+    except httpx.ConnectError as outer:
+        assert classify(outer, "connect")[0] is ErrorKind.CONNECT_EPERM
+
+
+def test_unknown_exception_is_internal_and_says_so():
+    class Weird(Exception):
+        pass
+
+    kind, detail = classify(Weird("x"), "connect")
+    assert kind is ErrorKind.INTERNAL and "unmapped" in detail and "Weird" in detail
+
+
+def test_rules_are_kinds_or_known_markers():
+    for rule in _TABLE.values():
+        assert isinstance(rule, ErrorKind) or rule in (BY_ERRNO, BY_PHASE, NOT_RAISED)
+
+
+def test_public_names():
+    for name in prober.__all__:
+        assert getattr(prober, name) is not None
+    assert set(prober.PROBERS) == {"http", "tcp", "dns"}

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from prober import ErrorKind, Proto, TCPSpec, run_probe
+from tests.prober.helpers import spec
+
+
+@pytest.fixture
+async def echo_server():
+    peers: list[int] = []
+
+    async def handle(reader, writer):
+        peers.append(writer.get_extra_info("peername")[1])
+        writer.write(b"220 hello\r\n")
+        try:
+            data = await reader.readline()
+            writer.write(b"echo " + data)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.peers = peers
+    server.port = server.sockets[0].getsockname()[1]
+    yield server
+    server.close()
+    await server.wait_closed()
+
+
+async def test_connect_only(echo_server, env):
+    (r,) = await run_probe(spec(f"127.0.0.1:{echo_server.port}", prober="tcp"), env)
+    assert r.ok and [p.name for p in r.phases] == ["connect"]
+    await asyncio.sleep(0.05)
+    assert env.ports == [(Proto.TCP, echo_server.peers[-1])] and r.flows[0].local_port == echo_server.peers[-1]
+
+
+async def test_send_expect(echo_server, env):
+    s = spec(f"127.0.0.1:{echo_server.port}", prober="tcp", section=TCPSpec(send="ping\\n", expect="echo ping"))
+    (r,) = await run_probe(s, env)
+    assert r.ok, r
+    assert [p.name for p in r.phases] == ["connect", "processing", "transfer"]
+    s = spec(f"127.0.0.1:{echo_server.port}", prober="tcp", section=TCPSpec(send="ping\\n", expect="pong"))
+    (r,) = await run_probe(s, env)
+    assert r.error is ErrorKind.VALIDATION and r.failed_validators == ("expect",)
+
+
+async def test_refused(env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        (r,) = await run_probe(spec(f"127.0.0.1:{port}", prober="tcp"), env)
+    assert r.error is ErrorKind.CONNECT_REFUSED and r.flows[0].remote_port == port
+
+
+async def test_bad_source_namespace_is_source_error(env):
+    (r,) = await run_probe(spec("127.0.0.1:1", prober="tcp", source="netns cp-does-not-exist"), env)
+    assert r.error is ErrorKind.SOURCE_ERROR and r.source == "netns cp-does-not-exist"
