@@ -185,9 +185,9 @@ class ModuleSpec(Frozen):
     def _section_matches_prober(self) -> ModuleSpec:
         for section in ("http", "tcp", "dns"):
             if section != self.prober and getattr(self, section) is not None:
-                raise ValueError(f"section {section!r} given but prober is {self.prober!r}")
+                raise ValueError(f"{section}: section given but prober is {self.prober!r}")
         if self.prober == "dns" and self.dns is None:
-            raise ValueError("prober dns needs a 'dns' section with query_name")
+            raise ValueError("dns: required for prober dns (at least query_name)")
         if self.prober == "http" and self.http is None:
             object.__setattr__(self, "http", HTTPSpec())
         if self.prober == "tcp" and self.tcp is None:
@@ -211,15 +211,28 @@ class ProbeSpec(Frozen):
     def effective_timeout(self) -> float:
         return self.timeout if self.timeout is not None else self.module.timeout
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if v == "host" or v.startswith("/"):
+            return v
+        if re.fullmatch(r"netns [A-Za-z0-9_.-]+", v):
+            return v
+        raise ValueError(f"must be 'host', 'netns NAME' or an absolute path to a namespace, got {v!r}")
+
     @model_validator(mode="after")
     def _target_fits_prober(self) -> ProbeSpec:
         from prober.core import parse_target
 
-        parse_target(self.module.prober, self.target)
+        try:
+            parse_target(self.module.prober, self.target)
+        except ValueError as exc:
+            raise ValueError(f"target: {exc}") from None
         return self
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> ProbeSpec:
         if self.effective_timeout > self.interval:
-            raise ValueError(f"timeout {self.effective_timeout:g}s is longer than interval {self.interval:g}s")
+            raise ValueError(f"timeout: {self.effective_timeout:g}s is longer than interval {self.interval:g}s")
         return self
