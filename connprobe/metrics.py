@@ -1,0 +1,401 @@
+"""The Prometheus exporter's metric set: what every sink-fed `Verdict` and the kernel sensor become on `/metrics`.
+
+Names follow prometheus/blackbox_exporter where they overlap, so its dashboards keep working:
+
+    probe_success, probe_duration_seconds, probe_http_duration_seconds{phase}, probe_http_status_code,
+    probe_dns_lookup_time_seconds, probe_failed_due_to_regex
+
+In agent mode (`Metrics`, one registry for the whole process) these last-probe gauges carry the labels
+`probe`, `target` and `source`; the blackbox-style `/probe` answer (`probe_registry`) is a one-shot registry
+for a single verdict without them, exactly as blackbox_exporter answers.
+
+Everything else is `connprobe_*`: counters of probes and verdicts by cause, histograms of probe and phase
+durations, per-probe kernel evidence taken from the verdict, node-level kernel counters mirrored from the
+sensor's in-kernel maps, and the agent's own health.
+
+Labels are bounded by construction: probe, target, source, cause, reason, phase, hook, plus two closed
+enums (`result`, `kind`). Never a port or address of a client socket; a URL target loses its userinfo,
+query string and fragment (`clean_target`). `forget(probe)` removes every series of a probe that was
+taken out of the configuration.
+
+Dependencies are passed in (the registry, the wall clock), so tests use a fresh `CollectorRegistry`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bpf.types import EventKind, KernelEvent
+from correlator.types import Cause, Verdict
+from prober.types import ProbeKind, ProbeResult
+
+__all__ = [
+    "DEFAULT_DURATION_BUCKETS",
+    "DEFAULT_PHASE_BUCKETS",
+    "HTTP_PHASES",
+    "Metrics",
+    "clean_target",
+    "probe_registry",
+    "render",
+]
+
+HTTP_PHASES: tuple[str, ...] = ("resolve", "connect", "tls", "processing", "transfer")
+DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DEFAULT_PHASE_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+PROBE_LABELS = ("probe", "target", "source")
+RESULTS = ("success", "failure")
+RETRANSMIT_KINDS = (EventKind.RETRANSMIT, EventKind.SYNACK_RETRANSMIT)
+REGEX_VALIDATORS = frozenset({
+    "fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp",
+    "fail_if_header_matches", "fail_if_header_not_matches",
+})
+NO_REASON = "unknown"  # drop events whose reason the kernel did not name
+
+
+def clean_target(target: str) -> str:
+    """A target fit for a label: a URL keeps scheme, host, port and path; userinfo, query and fragment go."""
+    try:
+        u = urllib.parse.urlsplit(target)
+    except ValueError:
+        return target.split("?", 1)[0].split("#", 1)[0]
+    if not u.scheme or not u.netloc:
+        return target.split("?", 1)[0].split("#", 1)[0]
+    host = u.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
+
+
+def _regex_failed(r: ProbeResult) -> bool:
+    return any(v in REGEX_VALIDATORS for v in r.failed_validators)
+
+
+def _dns_lookup_seconds(r: ProbeResult) -> float | None:
+    """blackbox's probe_dns_lookup_time_seconds: the resolve phase, or for a DNS probe its own queries."""
+    resolve = r.phase_durations_ns().get("resolve")
+    if resolve is not None:
+        return resolve / 1e9
+    if r.kind == ProbeKind.DNS and r.dns:
+        return sum(((t.end_ns or r.end_ns) - t.start_ns) for t in r.dns) / 1e9
+    return None
+
+
+def _evidence_counts(events: Iterable[KernelEvent]) -> tuple[int, dict[str, int]]:
+    retransmits = 0
+    drops: dict[str, int] = {}
+    for e in events:
+        if e.kind in RETRANSMIT_KINDS:
+            retransmits += 1
+        elif e.kind == EventKind.DROP:
+            reason = e.reason or NO_REASON
+            drops[reason] = drops.get(reason, 0) + 1
+    return retransmits, drops
+
+
+class _SensorCollector(Collector):
+    """Mirrors the sensor's cumulative in-kernel counters (since load) as Prometheus counters.
+
+    The kernel keeps the counts, so they are exported as a snapshot rather than incremented here; when the
+    sensor is reloaded they start from zero again, which Prometheus treats as a counter reset.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[tuple[str, str], int] = {}
+        self._lost = 0
+        self._seen = 0
+        self._hooks: dict[str, bool] = {}
+        self._up = False
+
+    def update(self, events: dict[tuple[str, str], int], lost: int, seen: int, hooks: dict[str, bool],
+               up: bool) -> None:
+        with self._lock:
+            self._events, self._lost, self._seen, self._hooks, self._up = events, lost, seen, hooks, up
+
+    def _families(self, with_samples: bool) -> Iterator[Any]:
+        with self._lock:
+            events, lost, seen, hooks, up = self._events, self._lost, self._seen, self._hooks, self._up
+        if not with_samples:
+            events, hooks = {}, {}
+        all_events = CounterMetricFamily(
+            "connprobe_node_kernel_events", "Kernel events on this node, all traffic, by kind and reason "
+            "(counted in the kernel since the sensor was loaded).", labels=["kind", "reason"])
+        retrans = CounterMetricFamily(
+            "connprobe_node_tcp_retransmits", "TCP retransmissions on this node, all traffic (data and SYN-ACK).",
+            labels=[])
+        drops = CounterMetricFamily(
+            "connprobe_node_packet_drops", "Packets the kernel freed as dropped on this node, by drop reason.",
+            labels=["reason"])
+        n_retrans = 0
+        by_reason: dict[str, int] = {}
+        for (kind, reason), n in sorted(events.items()):
+            all_events.add_metric([kind, reason], n)
+            if kind in RETRANSMIT_KINDS:
+                n_retrans += n
+            elif kind == EventKind.DROP:
+                by_reason[reason or NO_REASON] = by_reason.get(reason or NO_REASON, 0) + n
+        if with_samples:
+            retrans.add_metric([], n_retrans)
+        for reason, n in sorted(by_reason.items()):
+            drops.add_metric([reason], n)
+        yield all_events
+        yield retrans
+        yield drops
+        attached = GaugeMetricFamily(
+            "connprobe_bpf_attached", "1 when the BPF program on this hook (tracepoint) is attached.",
+            labels=["hook"])
+        for hook, ok in sorted(hooks.items()):
+            attached.add_metric([hook], 1.0 if ok else 0.0)
+        yield attached
+        yield GaugeMetricFamily(
+            "connprobe_kernel_sensor_up", "1 when the kernel sensor is loaded and delivering events.",
+            value=(1.0 if up else 0.0) if with_samples else None)
+        yield CounterMetricFamily(
+            "connprobe_kernel_events_lost", "Events on watched flows that never reached the correlator "
+            "(ring buffer full, or user-space queue full).", value=lost if with_samples else None)
+        yield CounterMetricFamily(
+            "connprobe_kernel_events_seen", "Events on watched flows decoded in user space.",
+            value=seen if with_samples else None)
+
+    def collect(self) -> Iterator[Any]:
+        return self._families(True)
+
+    def describe(self) -> Iterator[Any]:
+        return self._families(False)
+
+
+class Metrics:
+    """The agent's metric set on one registry. Thread-safe; `observe` never blocks on I/O.
+
+        metrics = Metrics(registry, duration_buckets=(...), phase_buckets=(...))
+        metrics.declare("web", "http://srv1/", "client", kind=ProbeKind.HTTP, interval_s=10)
+        metrics.observe(verdict)                     # once per verdict
+        metrics.observe_sensor(sensor.counters(), sensor.lost_events, sensor.status())
+        metrics.observe_loop_lag(0.003)
+        metrics.forget("web")                        # the probe left the configuration
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        duration_buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS,
+        phase_buckets: Sequence[float] = DEFAULT_PHASE_BUCKETS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        self._lock = threading.Lock()
+        # probe name -> every (metric, label values) it created, so forget() removes exactly those
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        r = self.registry
+        pl = PROBE_LABELS
+
+        # blackbox_exporter-compatible last-probe gauges
+        self.success = Gauge("probe_success", "Whether the last probe succeeded (1) or failed (0).", pl,
+                             registry=r)
+        self.duration = Gauge("probe_duration_seconds", "How long the last probe took, in seconds.", pl,
+                              registry=r)
+        self.http_phase = Gauge("probe_http_duration_seconds", "Duration of each HTTP phase of the last probe "
+                                "(summed over redirects; 0 for a phase not reached).", (*pl, "phase"), registry=r)
+        self.http_status = Gauge("probe_http_status_code", "HTTP status code of the last probe (0 when none).",
+                                 pl, registry=r)
+        self.dns_lookup = Gauge("probe_dns_lookup_time_seconds", "How long the last probe's DNS lookup took.",
+                                pl, registry=r)
+        self.regex_failed = Gauge("probe_failed_due_to_regex", "1 when the last probe failed a regular "
+                                  "expression check on body or headers.", pl, registry=r)
+
+        # connprobe's own
+        self.last_ts = Gauge("connprobe_probe_last_timestamp_seconds", "Wall-clock time the last result of "
+                             "this probe was recorded.", pl, registry=r)
+        self.interval = Gauge("connprobe_probe_interval_seconds", "Configured interval of the probe.", pl,
+                              registry=r)
+        self.last_cause = Gauge("connprobe_probe_cause", "1 for the cause of the probe's last verdict (one "
+                                "series per probe, the cause label changes).", (*pl, "cause"), registry=r)
+        self.confidence = Gauge("connprobe_probe_verdict_confidence", "Confidence (0..1) of the last verdict.",
+                                pl, registry=r)
+        self.probes = Counter("connprobe_probes_total", "Probes run, by result (success/failure).",
+                              (*pl, "result"), registry=r)
+        self.verdicts = Counter("connprobe_verdicts_total", "Verdicts by cause (ok for a healthy probe).",
+                                (*pl, "cause"), registry=r)
+        self.duration_hist = Histogram("connprobe_probe_duration_seconds", "Probe durations.", pl,
+                                       buckets=tuple(duration_buckets), registry=r)
+        self.phase_hist = Histogram("connprobe_probe_phase_duration_seconds", "Durations of the phases probes "
+                                    "reached (resolve, connect, tls, processing, transfer).", (*pl, "phase"),
+                                    buckets=tuple(phase_buckets), registry=r)
+        self.retransmits = Counter("connprobe_probe_tcp_retransmits_total", "TCP retransmissions (data and "
+                                   "SYN) in the kernel evidence of this probe's verdicts.", pl, registry=r)
+        self.drops = Counter("connprobe_probe_packet_drops_total", "Dropped packets in the kernel evidence of "
+                             "this probe's verdicts, by drop reason.", (*pl, "reason"), registry=r)
+        self.suspect = Counter("connprobe_suspect_probes_total", "Probes whose timing is suspect because the "
+                               "agent's event loop was starved while they ran.", pl, registry=r)
+        self.loop_lag = Gauge("connprobe_event_loop_lag_seconds", "Last measured lag of the agent's event loop.",
+                              registry=r)
+        self._sensor = _SensorCollector()
+        r.register(self._sensor)
+
+    # -- probes -------------------------------------------------------------------------------------------
+
+    def _labels(self, probe: str, target: str, source: str) -> tuple[str, str, str]:
+        return (probe, clean_target(target), source)
+
+    def _touch(self, probe: str, metric: Any, values: tuple[str, ...]) -> Any:
+        self._series.setdefault(probe, set()).add((metric, values))
+        return metric.labels(*values)
+
+    def declare(self, probe: str, target: str, source: str, *, kind: ProbeKind | None = None,
+                interval_s: float | None = None) -> None:
+        """Create a configured probe's series before its first result: counters at 0 for every result and
+        cause (so `rate()` and `increase()` see the first failure), every HTTP phase at 0, the interval."""
+        pl = self._labels(probe, target, source)
+        with self._lock:
+            self._declare(pl, kind)
+            if interval_s is not None:
+                self._touch(probe, self.interval, pl).set(interval_s)
+
+    def _declare(self, pl: tuple[str, str, str], kind: ProbeKind | None) -> None:
+        probe = pl[0]
+        known = self._series.get(probe, set())
+        if (self.duration_hist, pl) in known and (
+            kind != ProbeKind.HTTP or (self.http_phase, (*pl, HTTP_PHASES[0])) in known
+        ):
+            return
+        for result in RESULTS:
+            self._touch(probe, self.probes, (*pl, result))
+        for cause in Cause:
+            self._touch(probe, self.verdicts, (*pl, str(cause)))
+        self._touch(probe, self.retransmits, pl)
+        self._touch(probe, self.suspect, pl)
+        self._touch(probe, self.duration_hist, pl)
+        if kind == ProbeKind.HTTP:
+            for phase in HTTP_PHASES:
+                self._touch(probe, self.http_phase, (*pl, phase)).set(0)
+                self._touch(probe, self.phase_hist, (*pl, phase))
+
+    def observe(self, verdict: Verdict) -> None:
+        """Record one verdict (and the probe result inside it)."""
+        r = verdict.result
+        pl = self._labels(r.name, r.target, r.source)
+        probe = r.name
+        now = self._clock()
+        phases = r.phase_durations_ns()
+        retransmits, drops = _evidence_counts(verdict.evidence)
+        with self._lock:
+            self._declare(pl, r.kind)
+            self._touch(probe, self.success, pl).set(1 if r.ok else 0)
+            self._touch(probe, self.duration, pl).set(r.duration_ns / 1e9)
+            self._touch(probe, self.last_ts, pl).set(now)
+            self._touch(probe, self.regex_failed, pl).set(1 if _regex_failed(r) else 0)
+            if r.kind == ProbeKind.HTTP:
+                self._touch(probe, self.http_status, pl).set(r.http_status or 0)
+                for phase in HTTP_PHASES:
+                    self._touch(probe, self.http_phase, (*pl, phase)).set(phases.get(phase, 0) / 1e9)
+            dns = _dns_lookup_seconds(r)
+            if dns is not None:
+                self._touch(probe, self.dns_lookup, pl).set(dns)
+            for values in [v for m, v in self._series[probe] if m is self.last_cause and v[:3] == pl]:
+                self.last_cause.remove(*values)
+                self._series[probe].discard((self.last_cause, values))
+            self._touch(probe, self.last_cause, (*pl, str(verdict.cause))).set(1)
+            self._touch(probe, self.confidence, pl).set(verdict.confidence)
+            self._touch(probe, self.probes, (*pl, "success" if r.ok else "failure")).inc()
+            self._touch(probe, self.verdicts, (*pl, str(verdict.cause))).inc()
+            self._touch(probe, self.duration_hist, pl).observe(r.duration_ns / 1e9)
+            for phase, ns in phases.items():
+                self._touch(probe, self.phase_hist, (*pl, phase)).observe(ns / 1e9)
+            if retransmits:
+                self._touch(probe, self.retransmits, pl).inc(retransmits)
+            for reason, n in drops.items():
+                self._touch(probe, self.drops, (*pl, reason)).inc(n)
+            if r.suspect:
+                self._touch(probe, self.suspect, pl).inc()
+
+    def forget(self, probe: str) -> None:
+        """Remove every series of a probe that left the configuration (all its targets and sources)."""
+        with self._lock:
+            for metric, values in self._series.pop(probe, set()):
+                try:
+                    metric.remove(*values)
+                except KeyError:
+                    pass
+
+    def probes_known(self) -> set[str]:
+        with self._lock:
+            return set(self._series)
+
+    # -- agent health -------------------------------------------------------------------------------------
+
+    def observe_sensor(self, counters: Any | None, lost: int = 0, status: Iterable[Any] = ()) -> None:
+        """Mirror the kernel sensor: `counters` is a `bpf.sensor.SensorCounters` (None when the sensor is
+        off), `lost` its `lost_events`, `status` its `status()` (HookStatus: name, attached)."""
+        hooks = {h.name: bool(h.attached) for h in status}
+        if counters is None:
+            self._sensor.update({}, lost, 0, hooks, False)
+            return
+        events = {(str(kind), reason or ""): int(n) for (kind, reason), n in counters.events.items()}
+        up = not hooks or any(hooks.values())
+        self._sensor.update(events, max(lost, int(counters.lost)), int(counters.delivered), hooks, up)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.set(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- blackbox-style /probe ----------------------------------------------------------------------------------
+
+
+def probe_registry(verdict: Verdict, *, registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """A one-shot registry answering `/probe?target=...&module=...` for one verdict, as blackbox_exporter
+    answers (no probe/target labels: Prometheus adds them from the scrape), plus the verdict itself."""
+    reg = registry if registry is not None else CollectorRegistry()
+    r = verdict.result
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, registry=reg).set(value)
+
+    gauge("probe_success", "Whether the probe succeeded.", 1 if r.ok else 0)
+    gauge("probe_duration_seconds", "How long the probe took, in seconds.", r.duration_ns / 1e9)
+    phases = r.phase_durations_ns()
+    if r.kind == ProbeKind.HTTP:
+        g = Gauge("probe_http_duration_seconds", "Duration of each HTTP phase.", ["phase"], registry=reg)
+        for phase in HTTP_PHASES:
+            g.labels(phase).set(phases.get(phase, 0) / 1e9)
+        gauge("probe_http_status_code", "HTTP status code (0 when none).", r.http_status or 0)
+        gauge("probe_failed_due_to_regex", "1 when a regular expression check failed.", 1 if _regex_failed(r) else 0)
+    dns = _dns_lookup_seconds(r)
+    if dns is not None:
+        gauge("probe_dns_lookup_time_seconds", "How long the DNS lookup took.", dns)
+    cause = Gauge("connprobe_probe_cause", "1 for the verdict's cause, 0 for the others.", ["cause"], registry=reg)
+    for c in Cause:
+        cause.labels(str(c)).set(1 if c == verdict.cause else 0)
+    gauge("connprobe_probe_verdict_confidence", "Confidence (0..1) of the verdict.", verdict.confidence)
+    retransmits, drops = _evidence_counts(verdict.evidence)
+    gauge("connprobe_probe_tcp_retransmits", "TCP retransmissions in the verdict's kernel evidence.", retransmits)
+    d = Gauge("connprobe_probe_packet_drops", "Dropped packets in the verdict's kernel evidence, by reason.",
+              ["reason"], registry=reg)
+    for reason, n in sorted(drops.items()):
+        d.labels(reason).set(n)
+    return reg
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition of a registry (serve with prometheus_client.CONTENT_TYPE_LATEST)."""
+    return generate_latest(registry)
