@@ -216,6 +216,13 @@ SENSOR_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("OFF_NETDEV_ND_NET", "net_device", "nd_net.net"),
     ("OFF_SK_NET", "sock_common", "skc_net.net"),
     ("OFF_NET_INUM", "net", "ns.inum"),
+    ("OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("OFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
+    ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("OFF_SKC_NUM", "sock_common", "skc_num"),
+    ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
 )
 
 
@@ -224,6 +231,10 @@ def sensor_offsets(btf: Btf) -> dict[str, int]:
     out = {}
     for macro, struct_name, path in SENSOR_FIELDS:
         out[macro] = btf.offsetof(struct_name, path)
-    # `struct sock` starts with `struct sock_common __sk_common`; check instead of assuming.
-    out["OFF_SK_NET"] += btf.offsetof("sock", "__sk_common")
+    # The sock_common fields are read through a `struct sock *`: add where __sk_common sits in it (0 today;
+    # checked instead of assumed).
+    base = btf.offsetof("sock", "__sk_common")
+    for macro, struct_name, _path in SENSOR_FIELDS:
+        if struct_name == "sock_common":
+            out[macro] += base
     return out

@@ -7,7 +7,9 @@ read from the running kernel (`KernelNames.from_kernel`), never from a header's 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,8 +73,8 @@ class KernelNames:
             return self.tcp_states.get(number, f"state_{number}")
         if kind == EventKind.ICMP_SEND:
             return icmp_name(number >> 8, number & 0xFF)
-        if kind == EventKind.SOCK_ERROR:
-            return errno.errorcode.get(number, f"errno_{number}")
+        if kind in (EventKind.SOCK_ERROR, EventKind.UDP_SEND, EventKind.UDP_RECV):
+            return errno.errorcode.get(number, f"errno_{number}") if number else ""
         return ""
 
 
@@ -84,12 +86,21 @@ def tcp_flags_str(flags: int) -> str:
     return "".join(letter for letter, bit in TCP_FLAG_LETTERS if flags & bit)
 
 
+_flags_str = functools.lru_cache(maxsize=256)(tcp_flags_str)
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+@functools.lru_cache(maxsize=4096)
 def format_addr(family: int, raw: bytes) -> str:
+    """Text form of an address; an IPv4-mapped IPv6 address is shown as the IPv4 address it maps."""
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
     if family == AF_INET6:
-        addr = ipaddress.IPv6Address(raw[:16])
-        return str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr)
+        if raw[:12] == _V4_MAPPED:
+            return socket.inet_ntop(socket.AF_INET, raw[12:16])
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
     return ""
 
 
@@ -112,31 +123,39 @@ def decode_event(raw: bytes, names: KernelNames) -> KernelEvent:
     ev_old: str | None = None
     ev_location: str | None = None
     flags: str | None = None
-    if kind == EventKind.DROP:
-        ev_reason = names.reason_name(kind, reason)
+    ev_length: int | None = None
+    # Branch on the kind's number: cheaper than comparing enum members, and this runs for every record.
+    if kind_no == 6:  # drop
+        ev_reason = names.drop_reasons.get(reason) or f"reason_{reason}"
         if location and names.symbolize is not None:
             sym = names.symbolize(location)
             ev_location = sym.split("+", 1)[0] if sym else None
-    elif kind == EventKind.RESET_TX:
-        ev_reason = names.reason_name(kind, reason)
+    elif kind_no == 5:  # reset_tx
+        ev_reason = names.rst_reasons.get(reason) or f"reason_{reason}"
         ev_state = names.tcp_states.get(state) if state else None
-    elif kind == EventKind.ICMP_SEND:
+    elif kind_no == 7:  # icmp_send
         ev_reason = icmp_name((error >> 8) & 0xFF, error & 0xFF)
-    elif kind == EventKind.SOCK_ERROR:
+    elif kind_no == 8:  # sock_error
         ev_error = error
         ev_reason = names.reason_name(kind, error)
-    elif kind in (EventKind.RETRANSMIT, EventKind.SYNACK_RETRANSMIT):
-        ev_state = names.tcp_states.get(state, f"state_{state}")
-        ev_error = error if kind == EventKind.RETRANSMIT else None
-    elif kind == EventKind.STATE:
-        ev_state = names.tcp_states.get(state, f"state_{state}")
-        ev_old = names.tcp_states.get(old_state, f"state_{old_state}")
-    if proto == 6 and kind in (EventKind.DROP, EventKind.ICMP_SEND):
-        flags = tcp_flags_str(tcp_flags)
+    elif kind_no in (1, 2):  # retransmit, synack_retransmit
+        ev_state = names.tcp_states.get(state) or f"state_{state}"
+        ev_error = error if kind_no == 1 else None
+    elif kind_no in (9, 10):  # udp_send, udp_recv: error holds the syscall's return value
+        if error >= 0:
+            ev_length = error
+        else:
+            ev_error = -error
+            ev_reason = errno.errorcode.get(-error, f"errno_{-error}")
+    elif kind_no == 3:  # state
+        ev_state = names.tcp_states.get(state) or f"state_{state}"
+        ev_old = names.tcp_states.get(old_state) or f"state_{old_state}"
+    if proto == 6 and kind_no in (6, 7):
+        flags = _flags_str(tcp_flags)
     return KernelEvent(
         ts_ns=ts_ns,
         kind=kind,
-        proto=PROTO_NAMES.get(proto, str(proto)),
+        proto=PROTO_NAMES.get(proto) or str(proto),
         saddr=format_addr(family, saddr),
         sport=sport,
         daddr=format_addr(family, daddr),
@@ -149,6 +168,7 @@ def decode_event(raw: bytes, names: KernelNames) -> KernelEvent:
         tcp_flags=flags,
         error=ev_error,
         sock=skaddr or None,
+        length=ev_length,
     )
 
 

@@ -9,7 +9,7 @@
  *    16     8  skaddr      socket address (links CLOSE->SYN_SENT, which has sport 0, to later events)
  *    24     4  netns       network-namespace inode (0 = unknown)
  *    28     4  reason      drop reason (kfree_skb) or reset reason (tcp_send_reset), kernel numbering
- *    32     4  error       retransmit err / socket error / icmp (type << 8 | code)
+ *    32     4  error       retransmit err / socket error / icmp (type << 8 | code) / UDP send/recv return value
  *    36     2  kind        CP_KIND_*
  *    38     2  family      AF_INET / AF_INET6 (0 when the packet could not be parsed)
  *    40     2  sport       host order

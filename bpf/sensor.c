@@ -353,3 +353,55 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report) {
     return 0;
 }
 #endif
+
+/* UDP datagrams sent / received on watched sockets (the DNS queries of a probe and their answers). These
+ * tracepoints fire for every sendmsg/recvmsg of every socket: anything not UDP leaves at the first test.
+ * The tuple comes from the socket (BTF offsets); an unconnected socket has no peer (daddr 0, dport 0). */
+static __always_inline int udp_sock_event(u16 kind, const void *sk, int ret) {
+    struct cp_event ev = {};
+    u16 num = 0, dport = 0;
+    bpf_probe_read_kernel(&num, 2, (const char *)sk + OFF_SKC_NUM);
+    bpf_probe_read_kernel(&dport, 2, (const char *)sk + OFF_SKC_DPORT);
+    ev.sport = num;
+    ev.dport = bpf_ntohs(dport);
+    int watched = is_watched(CP_IPPROTO_UDP, ev.sport, ev.dport);
+    count(kind, ret < 0 ? (u32)(-ret) : 0, watched);
+    if (!watched)
+        return 0;
+    ev.kind = kind;
+    ev.proto = CP_IPPROTO_UDP;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.error = ret;
+    ev.skaddr = (u64)sk;
+    bpf_probe_read_kernel(&ev.family, 2, (const char *)sk + OFF_SKC_FAMILY);
+    if (ev.family == CP_AF_INET6) {
+        bpf_probe_read_kernel(ev.saddr, 16, (const char *)sk + OFF_SKC_V6_RCV_SADDR);
+        bpf_probe_read_kernel(ev.daddr, 16, (const char *)sk + OFF_SKC_V6_DADDR);
+    } else {
+        bpf_probe_read_kernel(ev.saddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
+        bpf_probe_read_kernel(ev.daddr, 4, (const char *)sk + OFF_SKC_DADDR);
+    }
+    ev.netns = sk_netns(sk);
+    emit(&ev);
+    return 0;
+}
+
+#define CP_MSG_PEEK 2
+#define CP_EAGAIN 11
+
+#ifdef HOOK_SOCK_SOCK_SEND_LENGTH
+TRACEPOINT_PROBE(sock, sock_send_length) {
+    if (args->protocol != CP_IPPROTO_UDP || args->ret == -CP_EAGAIN)
+        return 0;
+    return udp_sock_event(CP_KIND_UDP_SEND, args->sk, args->ret);
+}
+#endif
+
+#ifdef HOOK_SOCK_SOCK_RECV_LENGTH
+TRACEPOINT_PROBE(sock, sock_recv_length) {
+    /* Non-blocking reads that found nothing (EAGAIN) and MSG_PEEKs are not datagrams. */
+    if (args->protocol != CP_IPPROTO_UDP || args->ret == -CP_EAGAIN || (args->flags & CP_MSG_PEEK))
+        return 0;
+    return udp_sock_event(CP_KIND_UDP_RECV, args->sk, args->ret);
+}
+#endif

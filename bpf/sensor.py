@@ -105,6 +105,10 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("icmp", "icmp_send", EventKind.ICMP_SEND, (("skbaddr", 8), ("type", 4), ("code", 4))),
     HookSpec("sock", "inet_sk_error_report", EventKind.SOCK_ERROR,
              (("error", 4), ("sport", 2), ("dport", 2), ("protocol", 2), *_ADDRS)),
+    HookSpec("sock", "sock_send_length", EventKind.UDP_SEND,
+             (("sk", 8), ("protocol", 2), ("ret", 4), ("flags", 4))),
+    HookSpec("sock", "sock_recv_length", EventKind.UDP_RECV,
+             (("sk", 8), ("protocol", 2), ("ret", 4), ("flags", 4))),
 )
 
 

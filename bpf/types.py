@@ -40,6 +40,7 @@ class KernelEvent:
     tcp_flags: str | None = None  # e.g. "S", "SA", "PA" for dropped TCP packets
     error: int | None = None  # errno for SOCK_ERROR, tracepoint err for retransmits
     sock: int | None = None  # kernel socket address: links CLOSE->SYN_SENT (sport 0) to later events
+    length: int | None = None  # bytes of a UDP_SEND / UDP_RECV datagram (None when it failed: see error)
 
     @property
     def tuple(self) -> tuple[str, str, int, str, int]:

@@ -125,3 +125,11 @@ def test_helpers() -> None:
     assert format_addr(0, b"\0" * 16) == ""
     assert KernelNames().reason_name(EventKind.SOCK_ERROR, 111) == "ECONNREFUSED"
     assert KernelNames().reason_name(EventKind.STATE, 2) == "SYN_SENT"
+
+
+def test_udp_send_and_recv_carry_length_or_errno(names: KernelNames) -> None:
+    ok = decode_event(encode_event(kind=EventKind.UDP_RECV, proto=17, sport=5353, error=61), names)
+    assert (ok.length, ok.error, ok.reason) == (61, None, None)
+    refused = decode_event(encode_event(kind=EventKind.UDP_RECV, proto=17, sport=5353, error=-111), names)
+    assert (refused.length, refused.error, refused.reason) == (None, 111, "ECONNREFUSED")
+    assert names.reason_name(EventKind.UDP_SEND, 0) == ""

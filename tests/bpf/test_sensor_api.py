@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sensorlab import events_of
 
 from bpf.sensor import HOOKS, KernelSensor, SensorClosed, SensorUnavailable
 from bpf.types import EventKind
+from tests.bpf.sensorlab import events_of
 
 kernel = pytest.mark.kernel
 
@@ -220,7 +220,7 @@ def test_offsets_decode_a_packet_whose_tuple_is_known(lab, sensor):
     """Second source for the BTF offsets: a TCP SYN sent from a socket whose addresses we chose must decode
     (skb->head + network_header, transport header, skb->dev->nd_net->ns.inum) to exactly those, in both
     families; a wrong offset gives garbage or nothing."""
-    from sensorlab import client_request
+    from tests.bpf.sensorlab import client_request
 
     for addr, caddr in ((lab.server("srv2").addr4, "10.77.1.2"), (lab.server("srv2").addr6, "fd77:1::2")):
         with lab.no_listener("srv2"):

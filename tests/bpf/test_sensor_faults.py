@@ -5,13 +5,12 @@ space but moves the counters. Real tracepoints on the running kernel, traffic on
 from __future__ import annotations
 
 import errno
-import subprocess
 import time
 
 import pytest
-from sensorlab import client_request, events_of, http_get, kinds
 
 from bpf.types import EventKind
+from tests.bpf.sensorlab import client_request, events_of, http_get, kinds
 
 pytestmark = pytest.mark.kernel
 
@@ -157,26 +156,78 @@ def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
         before.total(EventKind.DROP, "NETFILTER_DROP", watched=True)
 
 
-def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor):
-    """A Service VIP rewritten by DNAT on the router: the drop in the server namespace carries the real
-    destination, and is still matched through the client's watched local port."""
-    router = lab.ns("router").name
-    table = "connprobe_bpf_test_dnat"
-    vip, vport, port = "10.77.9.9", 80, lab.server("srv1").port
-    subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], check=True, text=True, input=(
-        f"table ip {table} {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n"
-        f"  ip daddr {vip} tcp dport {vport} dnat to {lab.server('srv1').addr4}:{port}\n }}\n}}\n"))
-    try:
-        with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
-            run = client_request(lab, sensor, vip, vport, timeout=1.5)
-    finally:
-        subprocess.run(["ip", "netns", "exec", router, "nft", "delete", "table", "ip", table], check=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor, family):
+    """The lab's Service VIP is DNAT'ed to srv1:8080 in the client namespace: the drop in the server
+    namespace carries the real destination and is still matched through the client's watched port, while
+    the client's own socket events keep the VIP."""
+    vip = lab.vip4 if family == 4 else lab.vip6
+    port = lab.server("srv1").port
+    with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
+        run = client_request(lab, sensor, vip, lab.vip_port, timeout=1.5)
     try:
         evs = events_of(sensor, run.local_port)
     finally:
         sensor.unwatch("tcp", run.local_port)
+    assert run.error == errno.ETIMEDOUT
     drops = [e for e in evs if e.kind == EventKind.DROP]
-    assert drops and drops[0].netns == lab.ns("srv1").inode and drops[0].reason == "NETFILTER_DROP"
-    assert (drops[0].daddr, drops[0].dport, drops[0].sport) == (lab.server("srv1").addr4, port, run.local_port)
+    assert drops and {(d.netns, d.reason) for d in drops} == {(lab.ns("srv1").inode, "NETFILTER_DROP")}
+    assert {(d.saddr, d.sport, d.daddr, d.dport) for d in drops} == {
+        (client_addr(family), run.local_port, srv_addr(lab, family), port)}
     retrans = [e for e in evs if e.kind == EventKind.RETRANSMIT]
-    assert retrans and (retrans[0].daddr, retrans[0].dport) == (vip, vport)  # the client's own view
+    assert retrans and {(r.daddr, r.dport) for r in retrans} == {(vip, lab.vip_port)}
+
+
+def dns_query(lab, sensor, server: str, timeout: float = 1.0) -> tuple[int, int, int, bytes]:
+    """One DNS query from a connected UDP socket in the client ns, its local port watched before sending.
+    Returns (local port, query length, errno, answer)."""
+    import socket
+
+    import dns.message
+
+    wire = dns.message.make_query(f"srv1.{lab.zone}", "A").to_wire()
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+
+    def run():
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            lport = s.getsockname()[1]
+            sensor.watch("udp", lport)
+            s.connect((server, 53))
+            s.send(wire)
+            s.settimeout(timeout)
+            try:
+                return lport, len(wire), 0, s.recv(4096)
+            except TimeoutError:
+                return lport, len(wire), errno.ETIMEDOUT, b""
+
+    return lab.executor("client").call(run)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
+    server = lab.dns_addr4 if family == 4 else lab.dns_addr6
+    lport, qlen, err, answer = dns_query(lab, sensor, server)
+    try:
+        evs = events_of(sensor, lport)
+    finally:
+        sensor.unwatch("udp", lport)
+    assert err == 0 and answer
+    (sent,) = [e for e in evs if e.kind == EventKind.UDP_SEND]
+    (got,) = [e for e in evs if e.kind == EventKind.UDP_RECV]
+    for e in (sent, got):
+        assert (e.proto, e.saddr, e.sport, e.daddr, e.dport) == ("udp", client_addr(family), lport, server, 53)
+        assert e.netns == lab.ns("client").inode
+    assert sent.length == qlen and got.length == len(answer) and got.ts_ns > sent.ts_ns
+
+    with lab.policy_drop("dns", direction="in", proto="udp", port=53):
+        lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5)
+    try:
+        evs = events_of(sensor, lport)
+    finally:
+        sensor.unwatch("udp", lport)
+    assert err == errno.ETIMEDOUT
+    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
+    assert drop.tuple == ("udp", client_addr(family), lport, server, 53)
+    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
+    assert EventKind.UDP_SEND in kinds(evs) and EventKind.UDP_RECV not in kinds(evs)

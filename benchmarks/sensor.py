@@ -1,0 +1,229 @@
+"""Benchmark of the kernel sensor (run as root): cost to load, cost to the node, and how fast it ingests.
+
+    .venv/bin/python benchmarks/sensor.py [--conns 3000] [--rounds 5] [--ingest-seconds 3]
+
+1. compile + load + attach time and process RSS (before bcc, after `import bcc`, after load);
+2. new-connection rate in the lab (client ns → srv1:8080, connect + close, many short TCP connections),
+   detached vs attached in interleaved rounds in one run: attached counting only (no flow watched), and
+   attached with every connection watched (each port registered before connect, events decoded);
+3. watched-event ingest: generator processes open loopback connections at a paced rate in the lab's client
+   namespace while the sensor reads on an asyncio loop; per rate: events generated, delivered, lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def connect_loop(addr: str, port: int, count: int, sensor=None) -> float:
+    """`count` connect+close to addr:port from the calling thread; returns connections per second."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    t0 = time.perf_counter()
+    for _ in range(count):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        if sensor is not None:
+            s.bind(("0.0.0.0", 0))
+            lport = s.getsockname()[1]
+            sensor.watch("tcp", lport)
+        s.connect((addr, port))
+        s.recv(1)  # the server closes first: TIME_WAIT stays on its side, the client's ports are reusable
+        s.close()
+        if sensor is not None:
+            sensor.unwatch("tcp", lport)
+    return count / (time.perf_counter() - t0)
+
+
+ACCEPTOR = r"""
+import socket, sys
+lst = socket.socket(socket.AF_INET6); lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+lst.bind(("::", int(sys.argv[1]))); lst.listen(4096)
+print("ready", flush=True)
+while True:
+    c, _ = lst.accept(); c.close()
+"""
+
+GENERATOR = r"""
+import socket, sys, threading, time
+rate, seconds = float(sys.argv[1]), float(sys.argv[2])
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(4096)
+print(lst.getsockname()[1], flush=True)
+sys.stdin.readline()  # go
+def acceptor():
+    while True:
+        try:
+            c, _ = lst.accept()
+        except OSError:
+            return
+        c.close()
+threading.Thread(target=acceptor, daemon=True).start()
+n, t0 = 0, time.monotonic()
+while (now := time.monotonic()) - t0 < seconds:
+    due = t0 + n / rate
+    if due > now:
+        time.sleep(due - now)
+    c = socket.create_connection(lst.getsockname()); c.close(); n += 1
+print(n, flush=True)
+"""
+
+
+async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs: int) -> dict:
+    gens = []
+    try:
+        for _ in range(procs):
+            p = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, "-c", GENERATOR,
+                                  str(rate / procs), str(seconds)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            gens.append(p)
+        ports = [int(p.stdout.readline()) for p in gens]
+        for port in ports:
+            sensor.watch("tcp", port)
+        lost0, got0 = sensor.lost_events, 0
+        sensor.drain()
+        t0 = time.monotonic()
+        for p in gens:
+            p.stdin.write("\n")
+            p.stdin.flush()
+        done = asyncio.gather(*(asyncio.to_thread(p.stdout.readline) for p in gens))
+        while not done.done():
+            ev = await sensor.next_event(timeout=0.2)
+            if ev is not None:
+                got0 += 1
+        conns = sum(int(x) for x in done.result())
+        while await sensor.next_event(timeout=0.3) is not None:
+            got0 += 1
+        took = time.monotonic() - t0
+        for port in ports:
+            sensor.unwatch("tcp", port)
+        return {"target_conn_s": rate, "conns": conns, "delivered": got0, "lost": sensor.lost_events - lost0,
+                "events_s": got0 / took, "seconds": took}
+    finally:
+        for p in gens:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                if f and not f.closed:
+                    f.close()
+
+
+async def ingest(lab, rates: list[float], seconds: float, procs: int) -> list[dict]:
+    from bpf.sensor import KernelSensor
+
+    out = []
+    async with KernelSensor() as sensor:
+        for rate in rates:
+            out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conns", type=int, default=3000, help="connections per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ingest-seconds", type=float, default=3.0)
+    ap.add_argument("--rates", default="1000,2000,4000,8000,16000", help="connections/s per ingest level")
+    ap.add_argument("--procs", type=int, default=4, help="generator processes per ingest level")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (the lab and BPF need it)", file=sys.stderr)
+        return 2
+
+    print(f"kernel {os.uname().release}, python {sys.version.split()[0]}, cpus {os.cpu_count()}")
+    rss0 = rss_mb()
+    t0 = time.monotonic()
+    import bcc  # noqa: F401
+
+    t_import = time.monotonic() - t0
+    rss_bcc = rss_mb()
+    from bpf.sensor import KernelSensor
+
+    t0 = time.monotonic()
+    sensor = KernelSensor()
+    sensor.open()
+    t_load = time.monotonic() - t0
+    rss_load = rss_mb()
+    attached = sum(h.attached for h in sensor.status())
+    sensor.close()
+    print("\n## load")
+    print(f"import bcc                       {t_import * 1000:7.0f} ms")
+    print(f"BTF + checks + compile + attach  {t_load * 1000:7.0f} ms  ({attached} tracepoints)")
+    print(f"RSS before bcc / after import / after load: {rss0:.0f} / {rss_bcc:.0f} / {rss_load:.0f} MB")
+
+    from connprobe.lab import Lab
+
+    with Lab() as lab:
+        srv = lab.server("srv1")
+        port = 9099
+        # A bare accept+close server (the lab's aiohttp server accepts too slowly to measure the kernel).
+        acceptor = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv1").name, sys.executable, "-c", ACCEPTOR,
+                                     str(port)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert acceptor.stdout is not None and acceptor.stdout.readline().strip() == "ready"
+            run_rates(lab, srv.addr4, port, args)
+            print(f"\n## watched-event ingest ({args.procs} generator processes, {args.ingest_seconds:.0f} s "
+                  "per level, loopback in the lab's client namespace)")
+            levels = asyncio.run(ingest(lab, [float(r) for r in args.rates.split(",")], args.ingest_seconds,
+                                        args.procs))
+            print(f"{'target conn/s':>13} {'conns':>8} {'delivered':>10} {'events/s':>10} {'lost':>8}")
+            for lv in levels:
+                print(f"{lv['target_conn_s']:13.0f} {lv['conns']:8d} {lv['delivered']:10d} "
+                      f"{lv['events_s']:10.0f} {lv['lost']:8d}")
+        finally:
+            acceptor.kill()
+            acceptor.wait()
+            acceptor.stdout.close()
+    return 0
+
+
+def run_rates(lab, addr: str, port: int, args) -> None:
+    from bpf.sensor import KernelSensor
+
+    ex = lab.executor("client")
+    lab.exec("client", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
+    ex.call(connect_loop, addr, port, 300)  # warm-up
+    modes: dict[str, list[float]] = {"detached": [], "attached, unwatched": [], "attached, all watched": []}
+    delivered = lost = 0
+    async def attached_round() -> None:
+        nonlocal delivered, lost
+        async with KernelSensor() as s:  # the ring buffer is read on this loop while the thread connects
+            modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
+                                                                        args.conns))
+            s.drain()
+            modes["attached, all watched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
+                                                                          args.conns, s))
+            await asyncio.sleep(0.2)
+            delivered += len(s.drain())
+            lost += s.lost_events
+
+    for _ in range(args.rounds):
+        modes["detached"].append(ex.call(connect_loop, addr, port, args.conns))
+        asyncio.run(attached_round())
+    base = statistics.median(modes["detached"])
+    print(f"\n## new-connection rate (client ns -> srv1:{port} via the router, connect+close, {args.conns} "
+          f"per round, {args.rounds} interleaved rounds, median)")
+    for mode, rates in modes.items():
+        med = statistics.median(rates)
+        print(f"{mode:<24} {med:8.0f} conn/s  {med / base:5.3f}x  (rounds: {', '.join(f'{r:.0f}' for r in rates)})")
+    print(f"watched rounds: {delivered} events delivered, {lost} lost")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
