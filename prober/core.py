@@ -12,7 +12,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from prober.resolve import Resolution, ResolvConf, load_resolv_conf
-from prober.sockets import PortCallback, Source, no_callback
+from prober.sockets import PortCallback, Source, close_socket_pools, no_callback
 from prober.spec import ProbeSpec
 from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult
 
@@ -158,6 +158,7 @@ class ProbeEnv:
         self.clients: dict[object, object] = {}
 
     async def aclose(self) -> None:
+        close_socket_pools()
         clients, self.clients = self.clients, {}
         for client in clients.values():
             close = getattr(client, "aclose", None) or client.close
@@ -187,6 +188,7 @@ class Attempt:
     http_status: int | None = None
     secrets: tuple[str, ...] = ()
     resolv: ResolvConf | None = None
+    captured: tuple[tuple[str, str], ...] = ()
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
@@ -221,5 +223,6 @@ class Attempt:
             flows=(*dns_flows, *self.flows),
             dns=tuple(txns),
             failed_validators=tuple(self.failed),
+            captured_headers=self.captured,
             labels=tuple(sorted(self.spec.labels.items())),
         )

@@ -444,6 +444,10 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     if attempt.timeline.hops:
         attempt.timeline.hops[-1].end = monotonic_ns()
     status = facts.get("status")
+    if spec.capture_headers and facts.get("headers") is not None:
+        attempt.captured = tuple(
+            (h, v) for h in spec.capture_headers if (v := _header_value(facts["headers"], h)) is not None
+        )
     validate(spec, facts, attempt)
     if status is not None and not status_ok(spec, status):
         attempt.failed.insert(0, "status_code")

@@ -9,6 +9,8 @@ callback *before* the first packet can leave — the kernel sensor watches that 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -69,17 +71,7 @@ class Source:
         if self.netns is None:
             sock = socket.socket(family, type)
         else:
-            # Looked up each time: the lab may close and recreate a namespace's executor.
-            try:
-                executor = shared_executor(self.netns)
-            except (NetnsError, OSError) as exc:
-                raise SourceError(exc.errno or 0, f"source {self.netns!r}: {exc.strerror or exc}") from None
-            if executor.inode != self.inode:
-                raise SourceError(0, f"source {self.netns!r} was recreated (inode {executor.inode})")
-            sock = await asyncio.wrap_future(executor.submit(socket.socket, family, type))
-            if socket_netns(sock) != self.inode:
-                sock.close()
-                raise SourceError(0, f"socket not created in {netns_path(self.netns)}")
+            sock = self._pooled(family, type) or await self._create(family, type)
         try:
             sock.setblocking(False)
             if type == socket.SOCK_STREAM:
@@ -89,6 +81,50 @@ class Source:
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    def _executor(self):
+        # Looked up each time: the lab may close and recreate a namespace's executor.
+        try:
+            executor = shared_executor(self.netns)
+        except (NetnsError, OSError) as exc:
+            raise SourceError(exc.errno or 0, f"source {self.netns!r}: {exc.strerror or exc}") from None
+        if executor.inode != self.inode:
+            raise SourceError(0, f"source {self.netns!r} was recreated (inode {executor.inode})")
+        return executor
+
+    def _make(self, family: int, type: int, n: int) -> list[socket.socket]:
+        """Runs on the namespace's worker thread: n sockets, each checked with SIOCGSKNS."""
+        out = []
+        for _ in range(n):
+            sock = socket.socket(family, type)
+            if socket_netns(sock) != self.inode:
+                sock.close()
+                break
+            out.append(sock)
+        return out
+
+    async def _create(self, family: int, type: int) -> socket.socket:
+        got = await asyncio.wrap_future(self._executor().submit(self._make, family, type, 1))
+        if not got:
+            raise SourceError(0, f"socket not created in {netns_path(self.netns)}")
+        return got[0]
+
+    def _pooled(self, family: int, type: int) -> socket.socket | None:
+        """A socket made ahead of time in the namespace (keeps the worker-thread hop off the timed path)."""
+        pool = _POOLS.setdefault((self.inode, family, type), collections.deque())
+        sock = pool.popleft() if pool else None
+        if len(pool) < POOL_SIZE // 2 and (self.inode, family, type) not in _refilling:
+            _refilling.add((self.inode, family, type))
+            fut = self._executor().submit(self._make, family, type, POOL_SIZE - len(pool))
+            loop = asyncio.get_running_loop()
+
+            def done(f, key=(self.inode, family, type)):
+                _refilling.discard(key)
+                if not f.cancelled() and f.exception() is None:
+                    loop.call_soon_threadsafe(_POOLS.setdefault(key, collections.deque()).extend, f.result())
+
+            fut.add_done_callback(done)
         return sock
 
     def flow(self, sock: socket.socket, remote: tuple, proto: Proto) -> Flow:
@@ -102,6 +138,20 @@ class Source:
     def __repr__(self) -> str:
         return f"Source({self.label!r}, inode={self.inode})"
 
+
+POOL_SIZE = 16
+_POOLS: dict[tuple[int, int, int], collections.deque[socket.socket]] = {}
+_refilling: set[tuple[int, int, int]] = set()
+
+
+def close_socket_pools() -> None:
+    """Close the sockets made ahead of time for namespace sources (ProbeEnv.aclose calls this)."""
+    for pool in _POOLS.values():
+        while pool:
+            pool.popleft().close()
+
+
+atexit.register(close_socket_pools)
 
 _sources: dict[str, Source] = {}
 

@@ -83,6 +83,7 @@ class HTTPSpec(Frozen):
     fail_if_header_matches: tuple[HeaderMatch, ...] = ()
     fail_if_header_not_matches: tuple[HeaderMatch, ...] = ()
     max_body_bytes: int | None = Field(default=None, ge=0)
+    capture_headers: tuple[str, ...] = ()  # response headers copied into the result (e.g. X-Request-Id)
     tls: TLSSpec = TLSSpec()
 
     @field_validator("fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp")

@@ -105,6 +105,7 @@ class ProbeResult:
     dns: tuple[DnsTransaction, ...] = ()
     failed_validators: tuple[str, ...] = ()
     suspect: bool = False  # the event loop was starved while this probe ran
+    captured_headers: tuple[tuple[str, str], ...] = ()  # response headers asked for (e.g. X-Request-Id)
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     @property
