@@ -231,3 +231,43 @@ def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
     assert drop.tuple == ("udp", client_addr(family), lport, server, 53)
     assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
     assert EventKind.UDP_SEND in kinds(evs) and EventKind.UDP_RECV not in kinds(evs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_egress_dropped_by_nftables_in_client_ns(lab, sensor, family):
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.policy_drop("client", direction="out", proto="tcp", port=port):
+        run = client_request(lab, sensor, srv, port, timeout=1.5)
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    assert run.error == errno.ETIMEDOUT
+    drops = [e for e in evs if e.kind == EventKind.DROP]
+    retrans = [e for e in evs if e.kind == EventKind.RETRANSMIT]
+    assert drops and len(drops) == len(retrans) + 1
+    assert {(d.reason, d.netns, d.tcp_flags) for d in drops} == {("NETFILTER_DROP", lab.ns("client").inode, "S")}
+    assert {d.tuple for d in drops} == {("tcp", client_addr(family), run.local_port, srv, port)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_policy_reject_is_a_netfilter_drop_and_a_reset_the_server_never_sent(lab, sensor, family):
+    """nft `reject with tcp reset`: the SYN is freed with NETFILTER_DROP in the server namespace and the
+    client receives a reset, but no tcp_send_reset fires (nftables builds its own), unlike a closed port."""
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.policy_drop("srv1", direction="in", proto="tcp", port=port, action="reject"):
+        run = client_request(lab, sensor, srv, port)
+    try:
+        evs = events_of(sensor, run.local_port)
+    finally:
+        sensor.unwatch("tcp", run.local_port)
+    assert run.error == errno.ECONNREFUSED
+    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
+    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("srv1").inode)
+    (rx,) = [e for e in evs if e.kind == EventKind.RESET_RX]
+    assert rx.netns == lab.ns("client").inode
+    assert EventKind.RESET_TX not in kinds(evs)
+    errs = [e for e in evs if e.kind == EventKind.SOCK_ERROR]
+    assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].netns == 0  # no socket in that tracepoint
