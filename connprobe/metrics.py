@@ -60,6 +60,8 @@ REGEX_VALIDATORS = frozenset({
     "fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp",
     "fail_if_header_matches", "fail_if_header_not_matches",
 })
+DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})  # anything else is folded into no_answer
 NO_REASON = "unknown"  # drop events whose reason the kernel did not name
 
 
@@ -91,8 +93,8 @@ def _dns_lookup_seconds(r: ProbeResult) -> float | None:
     resolve = r.phase_durations_ns().get("resolve")
     if resolve is not None:
         return resolve / 1e9
-    if r.kind == ProbeKind.DNS and r.dns:
-        return sum(((t.end_ns or r.end_ns) - t.start_ns) for t in r.dns) / 1e9
+    if r.kind == ProbeKind.DNS and r.dns:  # first query sent to last answer (or the probe's end, unanswered)
+        return (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
     return None
 
 
@@ -243,6 +245,9 @@ class Metrics:
                                    "SYN) in the kernel evidence of this probe's verdicts.", pl, registry=r)
         self.drops = Counter("connprobe_probe_packet_drops_total", "Dropped packets in the kernel evidence of "
                              "this probe's verdicts, by drop reason.", (*pl, "reason"), registry=r)
+        self.dns_queries = Counter("connprobe_dns_queries_total", "DNS queries the probes sent, by answer: the "
+                                   "rcode in lower case (noerror, nxdomain, servfail, ...) or no_answer.",
+                                   (*pl, "result"), registry=r)
         self.suspect = Counter("connprobe_suspect_probes_total", "Probes whose timing is suspect because the "
                                "agent's event loop was starved while they ran.", pl, registry=r)
         self.loop_lag = Gauge("connprobe_event_loop_lag_seconds", "Last measured lag of the agent's event loop.",
@@ -325,15 +330,26 @@ class Metrics:
                 self._touch(probe, self.drops, (*pl, reason)).inc(n)
             if r.suspect:
                 self._touch(probe, self.suspect, pl).inc()
+            for tx in r.dns:
+                answer = tx.rcode.lower() if tx.rcode and tx.rcode.upper() in DNS_RCODES else "no_answer"
+                self._touch(probe, self.dns_queries, (*pl, answer)).inc()
 
-    def forget(self, probe: str) -> None:
-        """Remove every series of a probe that left the configuration (all its targets and sources)."""
+    def forget(self, probe: str, target: str | None = None, source: str | None = None) -> None:
+        """Remove the series of a probe that left the configuration: all of them, or only those of one target
+        and/or source (a probe whose target changed on reload)."""
+        want_target = None if target is None else clean_target(target)
         with self._lock:
-            for metric, values in self._series.pop(probe, set()):
+            series = self._series.get(probe, set())
+            gone = {(m, v) for m, v in series
+                    if (want_target is None or v[1] == want_target) and (source is None or v[2] == source)}
+            for metric, values in gone:
                 try:
                     metric.remove(*values)
                 except KeyError:
                     pass
+            series -= gone
+            if not series:
+                self._series.pop(probe, None)
 
     def probes_known(self) -> set[str]:
         with self._lock:

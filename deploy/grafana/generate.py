@@ -230,7 +230,14 @@ def target() -> Dashboard:
               f"(rate(connprobe_probe_phase_duration_seconds_bucket{{{sel}}}[$__rate_interval])))", "{{phase}}"),
             unit="s",
         ))
-        .with_panel(ts("DNS lookup time", q(f"probe_dns_lookup_time_seconds{{{sel}}}", "{{source}}"), unit="s"))
+        .with_panel(ts("DNS lookup time", q(f"probe_dns_lookup_time_seconds{{{sel}}}", "{{source}}"), unit="s",
+                       span=6))
+        .with_panel(ts(
+            "DNS answers",
+            q(f"sum by (result) (increase(connprobe_dns_queries_total{{{sel}}}[$__rate_interval]))", "{{result}}"),
+            span=6, stacked=True, bars=True,
+            description="The probes' own DNS queries by answer: rcode (noerror, nxdomain, servfail, ...) or no_answer.",
+        ))
         .with_panel(ts(
             "Verdicts by cause",
             q(f"sum by (cause) (increase(connprobe_verdicts_total{{{sel}}}[$__rate_interval]))", "{{cause}}"),

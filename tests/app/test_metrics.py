@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -193,19 +195,43 @@ def test_forget_removes_every_series_of_a_removed_probe_only():
     m.forget("nonexistent")  # harmless
 
 
+def test_forget_one_target_or_source_keeps_the_rest_of_the_probe():
+    m = fresh()
+    m.observe(verdict(result()))
+    m.observe(verdict(result(target="http://srv2.lab.test/")))
+    m.observe(verdict(result(source="host")))
+    m.forget("web", target="http://srv2.lab.test/?ignored=1")
+    text = m.render().decode()
+    assert "srv2.lab.test" not in text
+    assert val(text.encode(), "probe_success", **lab()) == 1.0
+    assert val(text.encode(), "probe_success", **lab(source="host")) == 1.0
+    m.forget("web", source="host")
+    assert val(m.render(), "probe_success", **lab(source="host")) is None
+    assert val(m.render(), "probe_success", **lab()) == 1.0
+    assert m.probes_known() == {"web"}
+    m.forget("web", target=URL, source="cp-client")
+    assert m.probes_known() == set()
+    assert 'probe="web"' not in m.render().decode()
+
+
 def test_dns_probe_and_regex_failure():
     m = fresh()
     tx = DnsTransaction("10.77.2.53", "srv1.lab.test.", "A", T0, T0 + 7 * MS, "NXDOMAIN", None)
+    lost = DnsTransaction("10.77.2.53", "srv1.lab.test.", "A", T0, None, None, None)
     r = result(name="dns", kind=ProbeKind.DNS, target="srv1.lab.test", phases={}, status=None, ok=False,
-               error=ErrorKind.DNS_NXDOMAIN, dns=(tx,))
+               error=ErrorKind.DNS_NXDOMAIN, dns=(tx, tx, lost))
     m.observe(verdict(r, Cause.DNS))
+    assert val(m.render(), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.01
+    m.observe(verdict(dataclasses.replace(r, dns=(tx,)), Cause.DNS))
     regex = result(ok=False, error=ErrorKind.VALIDATION, validators=("fail_if_body_not_matches_regexp",))
     m.observe(verdict(regex, Cause.HTTP_ERROR))
     text = m.render()
     dns = lab("dns", "srv1.lab.test")
     assert val(text, "probe_dns_lookup_time_seconds", **dns) == 0.007
+    assert val(text, "connprobe_dns_queries_total", **dns, result="nxdomain") == 3.0
+    assert val(text, "connprobe_dns_queries_total", **dns, result="no_answer") == 1.0
     assert val(text, "probe_http_duration_seconds", **dns, phase="connect") is None  # not an HTTP probe
-    assert val(text, "connprobe_verdicts_total", **dns, cause="dns") == 1.0
+    assert val(text, "connprobe_verdicts_total", **dns, cause="dns") == 2.0
     assert val(text, "probe_failed_due_to_regex", **lab()) == 1.0
 
 

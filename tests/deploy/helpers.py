@@ -41,12 +41,12 @@ def exported_metric_names() -> set[str]:
     from bpf.types import EventKind, KernelEvent
     from connprobe.metrics import Metrics
     from correlator.types import Cause, Verdict
-    from prober.types import PhaseSpan, ProbeKind, ProbeResult
+    from prober.types import DnsTransaction, PhaseSpan, ProbeKind, ProbeResult
 
     m = Metrics(CollectorRegistry())
     m.declare("p", "http://t/", "s", kind=ProbeKind.HTTP, interval_s=10)
     r = ProbeResult("p", ProbeKind.HTTP, "http://t/", "s", 0, 10, False, phases=(PhaseSpan("resolve", 0, 1),),
-                    suspect=True)
+                    suspect=True, dns=(DnsTransaction("d", "t.", "A", 0, 1, "NOERROR", None),))
     drop = KernelEvent(1, EventKind.DROP, "tcp", "a", 1, "b", 2, 3, reason="NETFILTER_DROP")
     retrans = KernelEvent(1, EventKind.RETRANSMIT, "tcp", "a", 1, "b", 2, 3)
     m.observe(Verdict(r, Cause.POLICY_DROP, None, 0.5, "x", (drop, retrans), (), ""))
