@@ -8,7 +8,7 @@ import shutil
 import yaml
 
 from correlator.types import Cause
-from tests.deploy.helpers import METRIC_NAME, RULE_TESTS, RULES, exported_metric_names, run
+from tests.deploy.helpers import DEPLOY, METRIC_NAME, RULE_TESTS, RULES, exported_metric_names, run
 
 CAUSE_ALERTS = {
     "ConnprobeDNSFailures": "dns",
@@ -75,3 +75,24 @@ def test_rules_use_only_exported_metrics():
             used |= set(METRIC_NAME.findall(text))
     assert used, "no metric names found"
     assert used <= exported, used - exported
+
+
+def test_example_prometheus_config_is_valid_and_names_the_job(promtool):
+    config = RULES.parent / "prometheus.yml"
+    out = run(promtool, "check", "config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = {j["job_name"]: j for j in yaml.safe_load(config.read_text())["scrape_configs"]}
+    assert "connprobe" in jobs  # ConnprobeAgentDown watches up{job="connprobe"}
+    probe = jobs["connprobe-probe"]
+    assert probe["metrics_path"] == "/probe" and probe["params"]["module"]
+
+
+def test_kubernetes_scrape_job_keeps_the_agents_metrics_port():
+    k8s = DEPLOY / "kubernetes"
+    (job,) = yaml.safe_load((RULES.parent / "scrape-kubernetes.yml").read_text())["scrape_configs"]
+    assert job["job_name"] == "connprobe"
+    namespace = yaml.safe_load((k8s / "namespace.yaml").read_text())["metadata"]["name"]
+    assert job["kubernetes_sd_configs"] == [{"role": "endpoints", "namespaces": {"names": [namespace]}}]
+    service = yaml.safe_load((k8s / "service.yaml").read_text())
+    keep = next(r for r in job["relabel_configs"] if r.get("action") == "keep")
+    assert keep["regex"] == f"{service['metadata']['name']};{service['spec']['ports'][0]['name']}"
