@@ -18,6 +18,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from connprobe.diagnose import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="connprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
     lab.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
     lab.set_defaults(func=_lab)
+
+    diag = sub.add_parser("diagnose", help="probe a target with the kernel sensor attached and say why it fails")
+    from connprobe.diagnose import add_arguments
+
+    add_arguments(diag)
+    diag.set_defaults(func=_diagnose)
 
     demo = sub.add_parser("demo", help="bring the lab up, probe it under each fault, print what happened")
     demo.set_defaults(func=_demo)

@@ -59,7 +59,9 @@ class TcpFacts:
     def of(cls, matched: Iterable[Matched]) -> TcpFacts:
         tcp = [m for m in matched if m.event.proto == "tcp"]
         drops = tuple(m for m in tcp if m.event.kind == "drop" and reason_class(m.event.reason) != "other")
-        rtx = [m for m in tcp if m.event.kind == "retransmit" and m.event.error in (None, 0)]
+        # err -16 (EBUSY) is a deferred retransmit that was not sent; other errors (EPERM from a local
+        # firewall) still mean the stack tried again.
+        rtx = [m for m in tcp if m.event.kind == "retransmit" and m.event.error != -16]
         return cls(
             drops=drops,
             syn_drops=tuple(m for m in drops if is_syn(m)),

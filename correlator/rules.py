@@ -12,15 +12,17 @@ when several stories fit one probe:
                         Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit.
  5. policy_drop_established  the handshake passed, then every retransmission of our data (or of the
                         answer) was dropped until the probe gave up: a policy on the established flow.
- 6. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
- 7. tls, 8. http_error  the handshake or the HTTP answer failed, on a network that delivered.
- 9. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
+ 6. local_policy        connect()/sendto() got EPERM: a firewall in the probe's own namespace.
+ 7. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
+ 8. tls, 9. http_error  the handshake or the HTTP answer failed, on a network that delivered.
+10. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
                         time went decides — resolve → dns/slow; connect with SYN retransmits →
-                        tcp_retransmit; processing/transfer → tcp_retransmit when the answer came right
-                        after retransmissions, upstream_latency when the network was clean or the wait
-                        went on long after the last retransmission.
-10. healthy             ok and within budget.
-11. (fallback)          unknown, saying what is missing.
+                        tcp_retransmit; transfer with retransmissions → tcp_retransmit; processing →
+                        tcp_retransmit when recovering from loss explains at least half the wait for the
+                        first byte (see loss_cost_ns), upstream_latency when the network was clean or
+                        loss explains less than that.
+11. healthy             ok and within budget.
+12. (fallback)          unknown, saying what is missing.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
     decisive = tuple(m for m in t.syn_drops if reason_class(m.event.reason) in ("policy", "program", "loss"))
     if not decisive:
         return None
-    attempts = 1 + len(t.syn_retransmits)
+    attempts = max(1 + len(t.syn_retransmits), len(decisive))
     first = decisive[0]
     facts = [f"{len(decisive)} of {attempts} SYN(s) dropped by {first.event.reason} {where(first)}",
              "the connection was never established"]
@@ -184,6 +186,19 @@ def policy_drop_established(ctx: Context) -> Finding | None:
         return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/stalled", 0.6, blocked + t.data_retransmits, facts)
     return Finding(Cause.POLICY_DROP, "policy_drop/established", 0.9 if cls == "policy" else 0.75,
                    blocked + t.data_retransmits, facts)
+
+
+def local_policy(ctx: Context) -> Finding | None:
+    """connect()/sendto() failed with EPERM: a firewall in the probe's own namespace said no."""
+    if ctx.result.error != ErrorKind.CONNECT_EPERM:
+        return None
+    local = tuple(m for m in ctx.matched if m.event.kind == "drop" and m.local_ns
+                  and reason_class(m.event.reason) == "policy")
+    facts = ["the kernel refused to send: EPERM, a firewall rule in the probe's own namespace"]
+    if local:
+        facts.append(f"dropped by {local[0].event.reason} {where(local[0])}")
+    return Finding(Cause.POLICY_DROP, "policy_drop/local", 0.95 if local else 0.85, local, tuple(facts),
+                   needs_kernel=False)
 
 
 def connect_unexplained(ctx: Context) -> Finding | None:
@@ -256,14 +271,52 @@ def slow_or_stalled(ctx: Context) -> Finding | None:
         return Finding(Cause.UPSTREAM_LATENCY, f"upstream_latency/{phase.name}", 0.85, (),
                        (head, "no retransmission or drop on the connection: the network delivered, the server "
                         "took the time"))
-    tail = phase.end_ns - rtx[-1].event.ts_ns
-    if tail > phase.duration_ns // 2:
-        return Finding(Cause.UPSTREAM_LATENCY, f"upstream_latency/{phase.name}", 0.7, rtx,
-                       (head, f"{len(rtx)} retransmission(s), but the wait went on {ms(tail)} after the last one: "
-                        "the server took the time"))
-    return Finding(Cause.TCP_RETRANSMIT, f"tcp_retransmit/{phase.name}", 0.85, rtx + _in(phase, t.drops),
-                   (head, f"{len(rtx)} retransmission(s) in {phase.name}; the answer came "
-                    f"{ms(max(tail, 0))} after the last one"))
+    drops = _in(phase, t.drops)
+    if phase.name != "processing":
+        # Throughput phases (transfer, tls): loss shrinks the window for the rest of the phase, so the
+        # retransmissions themselves understate what the loss cost. The network is to blame.
+        return Finding(Cause.TCP_RETRANSMIT, f"tcp_retransmit/{phase.name}", 0.85, rtx + drops,
+                       (head, f"{len(rtx)} retransmission(s) and {len(drops)} drop(s) seen in {phase.name}"))
+    cost = loss_cost_ns(rtx, t.drops)
+    if cost < phase.duration_ns // 2:
+        return Finding(Cause.UPSTREAM_LATENCY, "upstream_latency/processing", 0.7, rtx + drops,
+                       (head, f"{len(rtx)} retransmission(s), but recovering from loss explains at most "
+                        f"{ms(cost)} of the wait for the first byte: the server took the rest"))
+    return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/processing", 0.85, rtx + drops,
+                   (head, f"{len(rtx)} retransmission(s): recovering from loss explains up to {ms(cost)} of the "
+                    "wait for the first byte"))
+
+
+RTO_MIN_NS = 200_000_000  # Linux TCP_RTO_MIN: the least a timeout-driven retransmission costs
+BURST_GAP_NS = 50_000_000
+
+
+def loss_cost_ns(rtx: tuple[Matched, ...], drops: tuple[Matched, ...]) -> int:
+    """How much of a wait retransmissions can explain, burst by burst.
+
+    A burst whose lost packet was seen dropped (same direction, before it) cost the time from that drop
+    to the retransmission. A burst after which only packets of the other direction were seen dropped is
+    spurious — an acknowledgement was lost, the data had arrived — and cost the waiter nothing. A burst
+    with no drop seen (lost beyond this node) is charged one minimum RTO, so loss is never under-blamed.
+    """
+    total, last_end = 0, None
+    bursts: list[list[Matched]] = []
+    for m in rtx:
+        if last_end is None or m.event.ts_ns - last_end > BURST_GAP_NS:
+            bursts.append([])
+        bursts[-1].append(m)
+        last_end = m.event.ts_ns
+    prev_end = 0
+    for burst in bursts:
+        first = burst[0]
+        before = [d for d in drops if prev_end <= d.event.ts_ns <= first.event.ts_ns]
+        same = [d for d in before if d.outbound == first.outbound]
+        if same:
+            total += first.event.ts_ns - same[-1].event.ts_ns
+        elif not before:
+            total += RTO_MIN_NS
+        prev_end = burst[-1].event.ts_ns
+    return total
 
 
 def healthy(ctx: Context) -> Finding | None:
@@ -282,6 +335,7 @@ RULES: tuple[Rule, ...] = (
     connection_refused,
     policy_drop_connect,
     policy_drop_established,
+    local_policy,
     connect_unexplained,
     tls,
     http_error,

@@ -11,6 +11,7 @@ the body raises (and undone by `Lab.down()` if it is still on then).
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,11 +59,14 @@ class PolicyDrop(_Fault):
     direction: "in" (input hook), "out" (output hook) or "forward" (the router's forward hook);
     proto: "tcp" | "udp"; port: destination port to match (None: every port); action: "drop" | "reject"
     (a TCP reset for tcp, ICMP port unreachable for udp); family: "inet" (both), "ipv4" or "ipv6";
-    daddr: only packets to this address (e.g. a virtual IP).
+    daddr: only packets to this address (e.g. a virtual IP); port_side: match the "dst" port (default)
+    or the "src" port (e.g. a server's answers); expr: extra nftables match expressions, appended as
+    given (e.g. "tcp flags & (syn | ack) == ack" to spare the handshake and drop the data after it).
     """
 
     def __init__(self, lab: Lab, ns: str, direction: str = "in", proto: str = "tcp", port: int | None = None,
-                 action: str = "drop", family: str = "inet", daddr: str | None = None):
+                 action: str = "drop", family: str = "inet", daddr: str | None = None, port_side: str = "dst",
+                 expr: str | None = None):
         if direction not in HOOKS:
             raise LabError(f"policy_drop: direction {direction!r} must be one of {', '.join(HOOKS)}")
         if proto not in ("tcp", "udp"):
@@ -71,6 +75,8 @@ class PolicyDrop(_Fault):
             raise LabError(f"policy_drop: action {action!r} must be drop or reject")
         if family not in FAMILIES:
             raise LabError(f"policy_drop: family {family!r} must be one of {', '.join(FAMILIES)}")
+        if port_side not in ("dst", "src"):
+            raise LabError(f"policy_drop: port_side {port_side!r} must be dst or src")
         if port is not None and not 0 < port < 65536:
             raise LabError(f"policy_drop: port {port} is not a port number")
         self.lab, self.role = lab, ns
@@ -82,7 +88,9 @@ class PolicyDrop(_Fault):
         if daddr:
             match.append(f"{'ip6' if ':' in daddr else 'ip'} daddr {daddr}")
         if port is not None:
-            match.append(f"th dport {port}")
+            match.append(f"th {port_side[0]}port {port}")
+        if expr:
+            match.append(expr)
         verdict = "drop" if action == "drop" else ("reject with tcp reset" if proto == "tcp" else "reject")
         self.rule = " ".join(match) + f" counter {verdict}"
         self.hook = HOOKS[direction]
@@ -142,13 +150,18 @@ class PacketLoss(_Fault):
         cflags = [f"-DTHRESHOLD={threshold}U", f"-DL4PROTO={self.l4}"]
         self._bpf = BPF(text=LOSS_SOURCE.read_bytes(), cflags=cflags)
         fn = self._bpf.load_func(b"lab_loss", BPF.SCHED_CLS)
-        try:
+        def attach() -> None:
             with IPRoute(netns=self.router) as ipr:  # a netlink socket inside the router namespace
                 idx = ipr.link_lookup(ifname=self.dev)[0]
                 ipr.tc("add", "clsact", idx)
                 for d in self.directions:
                     ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name=fn.name,
                            parent=CLSACT_PARENT[d], classid=1, direct_action=True)
+
+        try:
+            # pyroute2 runs an asyncio loop of its own: give it a thread where no loop is running.
+            with ThreadPoolExecutor(1, thread_name_prefix="lab-tc") as pool:
+                pool.submit(attach).result()
         except Exception:
             self._undo()
             raise

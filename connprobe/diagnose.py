@@ -1,0 +1,276 @@
+"""`connprobe diagnose TARGET`: probe a target N times with the kernel sensor attached, show each attempt's
+timeline (phases and kernel events on one time axis) and a one-line verdict.
+
+TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
+resolv.conf). Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from bpf.types import KernelEvent
+from connprobe.evidence import KernelEvidence
+from connprobe.netnames import netns_names
+from correlator import Cause, Verdict, correlate
+from correlator.record import Recording, dumps, to_jsonable
+from correlator.rules import EvidenceStatus
+from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
+from prober.spec import parse_duration
+
+JSON_SCHEMA_VERSION = 1
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """Bad arguments: the message names the argument and the value."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    index: int
+    verdict: Verdict
+    events: tuple[KernelEvent, ...]
+    evidence: EvidenceStatus
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="http(s)://URL, host:port (TCP) or dns:NAME")
+    p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
+    p.add_argument("--from", dest="source", default="host", metavar="NETNS",
+                   help="probe from this network namespace (name in /run/netns or a path)")
+    p.add_argument("--budget", default=None, help="latency budget, e.g. 300ms or 1s: slower counts as a problem")
+    p.add_argument("--timeout", default="5s", help="per-attempt timeout (default 5s)")
+    p.add_argument("--interval", default="0s", help="pause between attempts (default 0s)")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client")
+    p.add_argument("--ip", dest="ip_policy", choices=["first", "all", "ipv4", "ipv6"], default="first",
+                   help="which resolved addresses to probe (default first)")
+    p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
+    p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="also write each attempt (result + kernel events) as a recording into DIR")
+
+
+def _duration(name: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except (ValueError, TypeError):
+        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+
+
+def build_spec(args: argparse.Namespace) -> ProbeSpec:
+    timeout = _duration("timeout", args.timeout) or 5.0
+    target = args.target
+    try:
+        if target.startswith("dns:"):
+            name = target[4:]
+            if not name:
+                raise UsageError("TARGET: dns: needs a name, e.g. dns:api.example.com")
+            module = ModuleSpec(prober="dns", timeout=timeout,
+                                dns=DNSSpec(query_name=name, query_type=args.qtype))
+            target = "resolv.conf"
+        elif "://" in target:
+            module = ModuleSpec(prober="http", timeout=timeout, ip_policy=args.ip_policy,
+                                http=HTTPSpec(client=args.client))
+        else:
+            module = ModuleSpec(prober="tcp", timeout=timeout, ip_policy=args.ip_policy)
+        source = args.source
+        if source not in ("host", "") and not source.startswith(("/", "netns ")):
+            source = f"netns {source}"
+        return ProbeSpec(name="diagnose", module=module, target=target, source=source,
+                         interval=max(timeout, 1.0))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UsageError(f"TARGET {args.target!r}: {msg}") from None
+
+
+async def open_sensor(disabled: bool) -> KernelEvidence:
+    if disabled:
+        return KernelEvidence(None, "disabled with --no-kernel")
+    try:
+        from bpf.sensor import KernelSensor, SensorError
+    except ImportError as exc:  # bcc missing
+        return KernelEvidence(None, f"kernel sensor unavailable: {exc}")
+    sensor = KernelSensor()
+    try:
+        await sensor.__aenter__()
+    except SensorError as exc:
+        return KernelEvidence(None, str(exc))
+    except Exception as exc:  # e.g. bcc not importable: name the cause rather than die
+        return KernelEvidence(None, f"{type(exc).__name__}: {exc}")
+    ev = KernelEvidence(sensor)
+    await ev.start()
+    return ev
+
+
+async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEvidence | None = None) -> list[Attempt]:
+    """Run the attempts. `evidence` (a running KernelEvidence) is opened and closed here when not given."""
+    budget = _duration("budget", args.budget)
+    interval = _duration("interval", args.interval) or 0.0
+    owned = evidence is None
+    if evidence is None:
+        evidence = await open_sensor(args.no_kernel)
+    attempts: list[Attempt] = []
+    try:
+        async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+            for i in range(args.count):
+                if i and interval:
+                    await asyncio.sleep(interval)
+                for result in await run_probe(spec, env):
+                    events, status = await evidence.collect(result)
+                    verdict = correlate(result, events, budget_ns=int(budget * 1e9) if budget else None,
+                                        evidence=status)
+                    attempts.append(Attempt(i + 1, verdict, tuple(verdict.evidence), status))
+                    if args.record:
+                        _record(args.record, spec, attempts[-1], events, budget)
+    finally:
+        if owned:
+            await evidence.stop()
+            if evidence.sensor is not None:
+                evidence.sensor.close()
+    return attempts
+
+
+def _record(directory: Path, spec: ProbeSpec, a: Attempt, events: list[KernelEvent], budget: float | None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rec = Recording(f"diagnose {spec.target}", a.verdict.result, tuple(events), a.evidence,
+                    int(budget * 1e9) if budget else None, str(a.verdict.cause))
+    (directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json").write_text(dumps(rec))
+
+
+# --- output ---------------------------------------------------------------------------------------------
+def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) -> dict:
+    """The `--json` document (schema in docs/diagnose.schema.json)."""
+    names = netns_names()
+    out = []
+    for a in attempts:
+        v, r = a.verdict, a.verdict.result
+        out.append({
+            "attempt": a.index,
+            "address": r.address,
+            "ok": r.ok,
+            "error": r.error.value if r.error else None,
+            "error_detail": r.error_detail,
+            "duration_ms": round(r.duration_ns / 1e6, 3),
+            "http_status": r.http_status,
+            "phases": [{"name": p.name, "start_ms": round((p.start_ns - r.start_ns) / 1e6, 3),
+                        "duration_ms": round(p.duration_ns / 1e6, 3)} for p in r.phases],
+            "dns": [{"server": tx.server, "name": tx.name, "type": tx.qtype, "rcode": tx.rcode,
+                     "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
+                    for tx in r.dns],
+            "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
+            "kernel_evidence": {"available": a.evidence.available, "lost_events": a.evidence.lost_events,
+                                "reason": a.evidence.reason},
+            "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
+                        "rule": v.rule, "facts": list(v.facts), "summary": v.summary},
+            "result": to_jsonable(r),
+        })
+    return {"schema": JSON_SCHEMA_VERSION, "target": args.target, "source": args.source,
+            "budget_ms": round(_duration("budget", args.budget) * 1000, 3) if args.budget else None,
+            "exit_code": code, "attempts": out}
+
+
+def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
+    return {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
+            "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
+            "netns_name": names.get(e.netns), "tcp_state": e.tcp_state, "reason": e.reason,
+            "location": e.location, "tcp_flags": e.tcp_flags}
+
+
+CAUSE_STYLE = {Cause.OK: "green", Cause.UNKNOWN: "yellow"}
+
+
+def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -> None:
+    r, v = a.verdict.result, a.verdict
+    head = f"attempt {a.index}/{total}  {r.target}"
+    if r.address:
+        head += f" → {r.address}"
+    head += f"  from {r.source}"
+    out.print(f"[bold]{escape(head)}[/bold]")
+    rows: list[tuple[int, str]] = []
+    for p in r.phases:
+        rows.append((p.start_ns, f"[cyan]{p.name:<10}[/cyan] {p.duration_ns / 1e6:9.1f} ms"))
+    for tx in r.dns:
+        took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
+        rows.append((tx.start_ns, f"  dns {tx.qtype} {escape(tx.name)} @{tx.server}: {tx.rcode or '-'} ({took})"))
+    for e in v.evidence:
+        where = names.get(e.netns, f"netns {e.netns}")
+        bits = [str(e.kind)]
+        bits += [x for x in (e.reason, e.tcp_state, f"flags {e.tcp_flags}" if e.tcp_flags else None) if x]
+        bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport}")
+        bits.append(f"in {where}")
+        if e.location:
+            bits.append(f"at {e.location}")
+        rows.append((e.ts_ns, "  [magenta]▲ kernel[/magenta] " + escape(" ".join(bits))))
+    rows.sort(key=lambda x: x[0])
+    for ts, text in rows:
+        out.print(f"  {(ts - r.start_ns) / 1e6:+9.1f} ms  {text}")
+    end = f"{r.duration_ns / 1e6:.1f} ms"
+    outcome = "ok" if r.ok else f"{r.error.value if r.error else 'failed'}"
+    if r.http_status:
+        outcome += f", HTTP {r.http_status}"
+    out.print(f"  {(r.end_ns - r.start_ns) / 1e6:+9.1f} ms  end ({outcome}, {end})")
+    for f in v.facts[1:]:
+        out.print(f"      · {escape(name_namespaces(f, names))}")
+    style = CAUSE_STYLE.get(v.cause, "red")
+    line = name_namespaces(v.summary.removeprefix(f"{r.name}: "), names)
+    out.print(f"  [bold {style}]verdict: {escape(line)}[/bold {style}]  [dim](rule {v.rule})[/dim]")
+
+
+def name_namespaces(text: str, names: dict[int, str]) -> str:
+    """`netns 4026532481` → `cp-1a2b3c-srv1` where the inode has a name."""
+    return re.sub(r"netns (\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), text)
+
+
+def exit_code(attempts: list[Attempt]) -> int:
+    return EXIT_OK if attempts and all(a.verdict.cause == Cause.OK for a in attempts) else EXIT_PROBLEM
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    try:
+        if args.count < 1:
+            raise UsageError(f"--count: {args.count} must be at least 1")
+        spec = build_spec(args)
+        _duration("budget", args.budget)
+        _duration("interval", args.interval)
+        attempts = asyncio.run(diagnose(args, spec))
+    except UsageError as exc:
+        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
+        return EXIT_USAGE
+    code = exit_code(attempts)
+    if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
+        err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
+                  "(list namespaces with `ip netns list`)", markup=False, highlight=False)
+        return EXIT_USAGE
+    if args.json:
+        sys.stdout.write(json.dumps(to_document(args, attempts, code), indent=1) + "\n")
+        return code
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(width=160, highlight=False)
+    first = attempts[0].evidence if attempts else None
+    if first is not None and not first.available:
+        out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
+    names = netns_names()
+    for a in attempts:
+        print_attempt(out, a, args.count, names)
+    bad = sum(a.verdict.cause != Cause.OK for a in attempts)
+    out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
+    return code
