@@ -24,6 +24,18 @@ def _diagnose(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from connprobe.doctor import run
+
+    return run(args)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from connprobe.config import check_config_main
+
+    return check_config_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="connprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(diag)
     diag.set_defaults(func=_diagnose)
+
+    doctor = sub.add_parser("doctor", help="check root, BPF, BTF, tracefs, headers and each tracepoint")
+    from connprobe.doctor import add_arguments as doctor_arguments
+
+    doctor_arguments(doctor)
+    doctor.set_defaults(func=_doctor)
+
+    check = sub.add_parser("check-config", help="validate a config file without running it")
+    check.add_argument("file", help="the YAML config")
+    check.set_defaults(func=_check_config)
 
     demo = sub.add_parser("demo", help="bring the lab up, probe it under each fault, print what happened")
     demo.set_defaults(func=_demo)
