@@ -171,6 +171,41 @@ class ProbeEnv:
         await self.aclose()
 
 
+class Prepared:
+    """Everything derived from a spec once (it is frozen): parsed target, shown target, secrets, labels."""
+
+    __slots__ = ("headers", "ip_literal", "kind", "labels", "secrets", "shown_target", "spec", "target")
+
+    def __init__(self, spec: ProbeSpec):
+        self.spec = spec
+        self.kind = ProbeKind(spec.module.prober)
+        self.target = parse_target(spec.module.prober, spec.target)
+        http = spec.module.http
+        self.secrets = http.secrets() if http is not None else ()
+        self.headers = {k: v.get_secret_value() for k, v in http.headers.items()} if http is not None else {}
+        self.shown_target = redact(redact_url(spec.target), self.secrets)
+        self.labels = tuple(sorted(spec.labels.items()))
+        self.ip_literal = _is_ip(self.target.host)
+
+
+def _is_ip(host: str) -> bool:
+    from prober.resolve import is_ip
+
+    return is_ip(host)
+
+
+_prepared: dict[int, Prepared] = {}
+
+
+def prepared(spec: ProbeSpec) -> Prepared:
+    p = _prepared.get(id(spec))
+    if p is None or p.spec is not spec:
+        if len(_prepared) > 10000:
+            _prepared.clear()
+        p = _prepared[id(spec)] = Prepared(spec)
+    return p
+
+
 @dataclass(slots=True)
 class Attempt:
     """Mutable scratch of one probe run against one address; `result()` freezes it."""
@@ -188,6 +223,7 @@ class Attempt:
     http_status: int | None = None
     secrets: tuple[str, ...] = ()
     resolv: ResolvConf | None = None
+    prep: Prepared | None = None
     captured: tuple[tuple[str, str], ...] = ()
 
     def resolv_conf(self) -> ResolvConf:
@@ -210,7 +246,8 @@ class Attempt:
         return ProbeResult(
             name=self.spec.name,
             kind=self.kind,
-            target=redact(redact_url(self.target.raw), self.secrets),
+            target=self.prep.shown_target if self.prep is not None else redact(redact_url(self.target.raw),
+                                                                                   self.secrets),
             source=self.source.label,
             start_ns=self.start_ns,
             end_ns=end,
@@ -224,5 +261,5 @@ class Attempt:
             dns=tuple(txns),
             failed_validators=tuple(self.failed),
             captured_headers=self.captured,
-            labels=tuple(sorted(self.spec.labels.items())),
+            labels=self.prep.labels if self.prep is not None else tuple(sorted(self.spec.labels.items())),
         )

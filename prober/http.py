@@ -205,7 +205,7 @@ def _aiohttp_session(env: ProbeEnv) -> aiohttp.ClientSession:
 async def _aiohttp_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     session = _aiohttp_session(env)
     url = attempt.target.raw
-    headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
+    headers = attempt.prep.headers if attempt.prep is not None else _headers(spec)
     kwargs: dict[str, Any] = {}
     if attempt.target.scheme == "https":
         kwargs["ssl"] = ssl_context(spec.tls)
@@ -333,7 +333,7 @@ def _httpx_client(env: ProbeEnv, tls: TLSSpec) -> httpx.AsyncClient:
 
 async def _httpx_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     client = _httpx_client(env, spec.tls)
-    headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
+    headers = attempt.prep.headers if attempt.prep is not None else _headers(spec)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name
@@ -366,6 +366,10 @@ async def _httpx_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts
 
 
 # ---------------------------------------------------------------- validators
+
+
+def _headers(spec: HTTPSpec) -> dict[str, str]:
+    return {k: v.get_secret_value() for k, v in spec.headers.items()}
 
 
 def _header_value(headers, name: str) -> str | None:
@@ -420,7 +424,7 @@ def status_ok(spec: HTTPSpec, status: int) -> bool:
 async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     """Run one HTTP exchange against `attempt.target.address`; returns the frozen result."""
     spec = attempt.spec.module.http
-    attempt.secrets = spec.secrets()
+    attempt.secrets = attempt.prep.secrets if attempt.prep is not None else spec.secrets()
     facts: dict[str, Any] = {}
     t1 = _CURRENT.set(attempt)
     t2 = _CTX_CB.set(env.on_local_port)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from prober.core import Attempt, ProbeEnv, parse_target
+from prober.core import Attempt, ProbeEnv, prepared
 from prober.dns import probe_dns
 from prober.errors import describe
 from prober.http import probe_http
@@ -86,9 +86,14 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
         return (_failure(spec, spec.source, start, ErrorKind.SOURCE_ERROR, exc.strerror or str(exc)),)
     try:
         fn = PROBERS[kind]
-        target = parse_target(kind, spec.target)
+        prep = prepared(spec)
+        target = prep.target
         if kind == "dns":
-            attempt = Attempt(spec, ProbeKind.DNS, source, target, start, resolv=env.resolv_conf)
+            attempt = Attempt(spec, ProbeKind.DNS, source, target, start, resolv=env.resolv_conf, prep=prep)
+            return (await fn(attempt, env, deadline),)
+        if prep.ip_literal:  # nothing to resolve: straight to the one address
+            attempt = Attempt(spec, prep.kind, source, replace(target, address=target.host), start,
+                              resolv=env.resolv_conf, prep=prep)
             return (await fn(attempt, env, deadline),)
         conf = env.resolv_conf or load_resolv_conf(source.resolv_conf)
         res = await resolve(source, target.host, spec.module.ip_policy, deadline, env.on_local_port, conf)
@@ -108,7 +113,8 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
             )
         attempts = [
             Attempt(
-                spec, ProbeKind(kind), source, replace(target, address=a), monotonic_ns(), resolution=res, resolv=conf
+                spec, prep.kind, source, replace(target, address=a), monotonic_ns(), resolution=res, resolv=conf,
+                prep=prep,
             )
             for a in addresses
         ]
