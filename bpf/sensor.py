@@ -207,8 +207,13 @@ class KernelSensor:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> KernelSensor:
-        self.open()
-        self._attach_loop(asyncio.get_running_loop())
+        # BTF parsing, compiling and kallsyms take about a second: not on the event loop.
+        await asyncio.to_thread(self.open)
+        try:
+            self._attach_loop(asyncio.get_running_loop())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -245,6 +250,11 @@ class KernelSensor:
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
         self._names = self._read_names(tracefs)
+        try:
+            self._kallsyms = Kallsyms(self._kallsyms_path)
+        except OSError as exc:
+            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
+                        self._kallsyms_path, exc)
 
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
@@ -336,12 +346,7 @@ class KernelSensor:
         )
 
     def _symbolize(self, addr: int) -> str | None:
-        if self._kallsyms is None:
-            try:
-                self._kallsyms = Kallsyms(self._kallsyms_path)
-            except OSError:
-                return None
-        return self._kallsyms.lookup(addr)
+        return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
 
     def _fill_quiet(self) -> None:
         table = self._bpf[b"quiet"]
