@@ -36,6 +36,12 @@ def _check_config(args: argparse.Namespace) -> int:
     return check_config_main(args)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from connprobe.agent import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="connprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file without running it")
     check.add_argument("file", help="the YAML config")
     check.set_defaults(func=_check_config)
+
+    agent = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status page")
+    from connprobe.agent import add_arguments as add_agent_arguments
+
+    add_agent_arguments(agent)
+    agent.set_defaults(func=_agent)
 
     demo = sub.add_parser("demo", help="bring the lab up, probe it under each fault, print what happened")
     demo.set_defaults(func=_demo)

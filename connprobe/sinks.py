@@ -1,0 +1,188 @@
+"""Where verdicts go: every sink consumes `Verdict`s and none of them can block the agent's pipeline.
+
+    pipeline ──offer(verdict)──► QueuedSink(name, handler, maxsize) ──worker task──► handler(verdict)
+
+`offer()` never waits: it puts the verdict on the sink's bounded queue, and when the queue is full the
+verdict is dropped for that sink and counted (`dropped`). A slow handler (a full disk, a stuck stdout
+pipe) only makes its own queue overflow; the other sinks and the probes keep going. A handler that raises
+is counted in `errors` and logged once per kind of error; the worker keeps running. A handler that does
+blocking I/O (`threaded=True`) runs in a worker thread, so a stuck write cannot stall the event loop either.
+
+The handlers themselves live here too: `json_line` (one JSON object per verdict) and `StatusBoard` (the
+recent verdicts per probe that the status page shows). The metrics handler is `connprobe.metrics.Metrics.observe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from correlator.types import Cause, Verdict
+
+__all__ = ["BoardEntry", "JsonLinesWriter", "QueuedSink", "StatusBoard", "verdict_document"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Verdict], Any | Awaitable[Any]]
+
+
+class QueuedSink:
+    """A bounded queue in front of one handler, drained by its own task."""
+
+    def __init__(self, name: str, handler: Handler, maxsize: int = 1000, *, threaded: bool = False):
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.name = name
+        self.handler = handler
+        self.queue: asyncio.Queue[Verdict] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        self.errors = 0
+        self.written = 0
+        self._task: asyncio.Task | None = None
+        self._is_async = inspect.iscoroutinefunction(handler)
+        self.threaded = threaded  # a blocking handler (file, pipe) runs in a thread: a stuck write stalls only it
+        self._logged: set[str] = set()
+
+    def offer(self, verdict: Verdict) -> bool:
+        """Queue a verdict for the handler; False (and counted) when the queue is full. Never blocks."""
+        try:
+            self.queue.put_nowait(verdict)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            return False
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._work(), name=f"connprobe-sink-{self.name}")
+
+    async def stop(self, flush_timeout: float = 2.0) -> None:
+        """Give the handler `flush_timeout` seconds to write what is queued, then stop the worker."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.join(), flush_timeout)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _work(self) -> None:
+        while True:
+            verdict = await self.queue.get()
+            try:
+                if self.threaded and not self._is_async:
+                    await asyncio.to_thread(self.handler, verdict)
+                else:
+                    out = self.handler(verdict)
+                    if self._is_async or inspect.isawaitable(out):
+                        await out
+                self.written += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.errors += 1
+                kind = type(exc).__name__
+                if kind not in self._logged:
+                    self._logged.add(kind)
+                    log.error("sink %s: %s: %s (further errors of this kind are only counted)", self.name, kind, exc)
+            finally:
+                self.queue.task_done()
+
+
+# -- JSON lines ---------------------------------------------------------------------------------------------
+
+
+def verdict_document(v: Verdict, wall_time: float | None = None) -> dict[str, Any]:
+    """A verdict as one JSON-able object (the JSON-lines log and the status page's data)."""
+    r = v.result
+    return {
+        "time": round(wall_time if wall_time is not None else time.time(), 3),
+        "probe": r.name,
+        "kind": str(r.kind),
+        "target": r.target,
+        "source": r.source,
+        "address": r.address,
+        "ok": r.ok,
+        "error": str(r.error) if r.error else None,
+        "error_detail": r.error_detail or None,
+        "http_status": r.http_status,
+        "duration_ms": round(r.duration_ns / 1e6, 3),
+        "phases_ms": {k: round(ns / 1e6, 3) for k, ns in r.phase_durations_ns().items()},
+        "suspect": r.suspect,
+        "cause": str(v.cause),
+        "sub_cause": v.sub_cause,
+        "confidence": v.confidence,
+        "rule": v.rule,
+        "summary": v.summary,
+        "facts": list(v.facts),
+        "kernel_events": len(v.evidence),
+    }
+
+
+class JsonLinesWriter:
+    """Writes one JSON object per verdict to a text stream, flushed per line (tail -f works)."""
+
+    def __init__(self, stream: IO[str], clock: Callable[[], float] = time.time):
+        self.stream = stream
+        self.clock = clock
+
+    def __call__(self, v: Verdict) -> None:
+        self.stream.write(json.dumps(verdict_document(v, self.clock()), separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+# -- the status page's ring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardEntry:
+    wall_time: float
+    verdict: Verdict
+
+
+@dataclass
+class _ProbeRing:
+    entries: collections.deque[BoardEntry]
+    counts: collections.Counter = field(default_factory=collections.Counter)  # cause -> verdicts seen
+
+
+class StatusBoard:
+    """The recent verdicts of each probe (a ring of `per_probe` entries), for the status page."""
+
+    def __init__(self, per_probe: int = 20, clock: Callable[[], float] = time.time):
+        self.per_probe = per_probe
+        self.clock = clock
+        self._rings: dict[str, _ProbeRing] = {}
+
+    def __call__(self, v: Verdict) -> None:
+        ring = self._rings.get(v.result.name)
+        if ring is None:
+            ring = self._rings[v.result.name] = _ProbeRing(collections.deque(maxlen=self.per_probe))
+        ring.entries.append(BoardEntry(self.clock(), v))
+        ring.counts[str(v.cause)] += 1
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Forget the probes that left the configuration."""
+        keep = set(names)
+        for name in [n for n in self._rings if n not in keep]:
+            del self._rings[name]
+
+    def forget(self, name: str) -> None:
+        self._rings.pop(name, None)
+
+    def probes(self) -> dict[str, list[BoardEntry]]:
+        """Probe name -> its recent entries, oldest first."""
+        return {name: list(ring.entries) for name, ring in self._rings.items()}
+
+    def failing(self) -> list[str]:
+        """Probes whose last verdict is not ok."""
+        return [n for n, ring in self._rings.items() if ring.entries and ring.entries[-1].verdict.cause != Cause.OK]

@@ -1,0 +1,201 @@
+"""The agent's status page `/`: which targets fail and why, at a glance; server-rendered, no external assets.
+
+Top: the agent (kernel sensor, probes, reloads). Then one row per probe, failing ones first: a coloured
+verdict, the one-line summary, the recent verdicts as a strip of squares, the last duration and its phases.
+Below, for every probe whose last verdict is not ok, the kernel timeline of that failure: phases and kernel
+events on one time axis (the same picture `connprobe diagnose` prints).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from connprobe.netnames import netns_names
+from connprobe.sinks import BoardEntry
+from correlator.types import Cause, Verdict
+
+__all__ = ["CAUSE_COLOURS", "render_status_page"]
+
+CAUSE_COLOURS: dict[str, str] = {
+    "ok": "#2e7d32",
+    "dns": "#6a1b9a",
+    "tcp_retransmit": "#ef6c00",
+    "policy_drop": "#c62828",
+    "upstream_latency": "#f9a825",
+    "connection_refused": "#ad1457",
+    "tls": "#4527a0",
+    "http_error": "#d84315",
+    "unknown": "#616161",
+}
+PHASE_COLOURS = {"resolve": "#7e57c2", "connect": "#42a5f5", "tls": "#26a69a", "processing": "#ffa726",
+                 "transfer": "#66bb6a"}
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:12px 20px;display:flex;gap:24px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+header .meta{color:#c8cdd8;font-size:13px}
+main{padding:16px 20px}
+.summary{display:flex;gap:12px;margin-bottom:16px;flex-wrap:wrap}
+.card{background:#fff;border-radius:6px;padding:10px 16px;box-shadow:0 1px 2px rgba(0,0,0,.12)}
+.card b{font-size:22px;display:block}
+table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.12)}
+th,td{text-align:left;padding:6px 10px;border-bottom:1px solid #e3e6ec;vertical-align:top}
+th{background:#eceff4;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.03em}
+tr.fail td{background:#fff5f5}
+.cause{display:inline-block;color:#fff;border-radius:3px;padding:1px 8px;font-weight:600;white-space:nowrap}
+.strip span{display:inline-block;width:9px;height:16px;margin-right:1px;border-radius:1px}
+.phases{display:flex;height:12px;width:180px;background:#eceff4;border-radius:2px;overflow:hidden}
+.phases span{display:block;height:100%}
+.target{font-family:ui-monospace,monospace;font-size:13px;word-break:break-all}
+.dim{color:#6b7385}
+section.timeline{background:#fff;margin-top:18px;padding:10px 16px;box-shadow:0 1px 2px rgba(0,0,0,.12)}
+section.timeline h2{font-size:15px;margin:4px 0 8px}
+pre{font:12px/1.5 ui-monospace,monospace;margin:0;white-space:pre-wrap}
+.ev{color:#ad1457}
+.legend span{margin-right:12px}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cause_badge(v: Verdict) -> str:
+    cause = str(v.cause)
+    label = v.sub_cause or cause
+    return f'<span class="cause" style="background:{CAUSE_COLOURS.get(cause, "#616161")}">{_e(label)}</span>'
+
+
+def _ago(then: float, now: float) -> str:
+    s = max(0.0, now - then)
+    if s < 90:
+        return f"{s:.0f}s ago"
+    if s < 5400:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago"
+
+
+def _phase_bar(v: Verdict) -> str:
+    r = v.result
+    total = max(r.duration_ns, 1)
+    parts = []
+    for name, ns in r.phase_durations_ns().items():
+        pct = 100.0 * ns / total
+        if pct >= 0.5:
+            parts.append(f'<span title="{_e(name)} {ns / 1e6:.1f} ms" '
+                         f'style="width:{pct:.1f}%;background:{PHASE_COLOURS.get(name, "#90a4ae")}"></span>')
+    text = ", ".join(f"{k} {ns / 1e6:.1f}" for k, ns in r.phase_durations_ns().items())
+    return f'<div class="phases">{"".join(parts)}</div><div class="dim">{_e(text or "no phase reached")}</div>'
+
+
+def _strip(entries: list[BoardEntry]) -> str:
+    cells = []
+    for e in entries:
+        c = str(e.verdict.cause)
+        cells.append(f'<span title="{_e(c)}" style="background:{CAUSE_COLOURS.get(c, "#616161")}"></span>')
+    return f'<div class="strip">{"".join(cells)}</div>'
+
+
+def timeline_lines(v: Verdict, names: dict[int, str]) -> list[str]:
+    """Phases, DNS transactions and kernel events of one probe on one time axis (ms from its start)."""
+    r = v.result
+    rows: list[tuple[int, str]] = []
+    for p in r.phases:
+        rows.append((p.start_ns, f"{p.name:<10} {p.duration_ns / 1e6:9.1f} ms"))
+    for tx in r.dns:
+        took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
+        rows.append((tx.start_ns, f"  dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})"))
+    for ev in v.evidence:
+        where = names.get(ev.netns, f"netns {ev.netns}")
+        bits = [str(ev.kind)]
+        bits += [x for x in (ev.reason, ev.tcp_state, f"flags {ev.tcp_flags}" if ev.tcp_flags else None) if x]
+        bits.append(f"{ev.saddr}:{ev.sport} → {ev.daddr}:{ev.dport} in {where}")
+        if ev.location:
+            bits.append(f"at {ev.location}")
+        rows.append((ev.ts_ns, "\x00▲ kernel " + " ".join(bits)))
+    rows.sort(key=lambda x: x[0])
+    out = []
+    for ts, text in rows:
+        line = f"{(ts - r.start_ns) / 1e6:+9.1f} ms  "
+        if text.startswith("\x00"):
+            out.append(f'{_e(line)}<span class="ev">{_e(text[1:])}</span>')
+        else:
+            out.append(_e(line + text))
+    outcome = "ok" if r.ok else (str(r.error) if r.error else "failed")
+    if r.http_status:
+        outcome += f", HTTP {r.http_status}"
+    out.append(_e(f"{r.duration_ns / 1e6:+9.1f} ms  end ({outcome})"))
+    return out
+
+
+def render_status_page(agent: Any, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    specs = agent.probe_specs()
+    board = agent.board.probes()
+    names = netns_names()
+    rows = []
+    failing: list[tuple[str, BoardEntry]] = []
+    for name, spec in specs.items():
+        entries = board.get(name, [])
+        last = entries[-1] if entries else None
+        bad = last is not None and last.verdict.cause != Cause.OK
+        ok_n = sum(1 for e in entries if e.verdict.cause == Cause.OK)
+        rows.append((0 if bad else (1 if last is None else 2), name, spec, entries, last, ok_n))
+        if bad and last is not None:
+            # the most recent failure that carries kernel evidence, else the last failure
+            with_events = [e for e in entries if e.verdict.cause != Cause.OK and e.verdict.evidence]
+            failing.append((name, with_events[-1] if with_events else last))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    n_fail = sum(1 for r in rows if r[0] == 0)
+    n_ok = sum(1 for r in rows if r[0] == 2)
+    n_wait = sum(1 for r in rows if r[0] == 1)
+
+    body = []
+    body.append('<table id="probes"><thead><tr><th>probe</th><th>target</th><th>from</th><th>verdict</th>'
+                '<th>why</th><th>recent</th><th>last</th><th>phases (ms)</th></tr></thead><tbody>')
+    for state, name, spec, entries, last, ok_n in rows:
+        if last is None:
+            verdict_cell, why, last_cell, phases = '<span class="dim">waiting</span>', "", "", ""
+        else:
+            v = last.verdict
+            verdict_cell = _cause_badge(v)
+            why = _e(v.summary.removeprefix(f"{name}: "))
+            last_cell = f"{v.result.duration_ns / 1e6:.1f} ms<br><span class='dim'>{_ago(last.wall_time, now)}</span>"
+            phases = _phase_bar(v)
+        ratio = f'<div class="dim">{ok_n}/{len(entries)} ok</div>' if entries else ""
+        cls = ' class="fail"' if state == 0 else ""
+        body.append(f'<tr{cls} data-probe="{_e(name)}" data-cause="{_e(last.verdict.cause if last else "")}">'
+                    f"<td><b>{_e(name)}</b></td><td class='target'>{_e(spec.target)}</td>"
+                    f"<td>{_e(spec.source)}</td><td>{verdict_cell}</td><td>{why}</td>"
+                    f"<td>{_strip(entries)}{ratio}</td><td>{last_cell}</td><td>{phases}</td></tr>")
+    body.append("</tbody></table>")
+    for name, entry in failing:
+        v = entry.verdict
+        facts = "".join(f"<li>{_e(f)}</li>" for f in v.facts)
+        evidence = "kernel evidence: " + (f"{len(v.evidence)} event(s)" if v.evidence else "none in this window")
+        body.append(f'<section class="timeline" data-probe="{_e(name)}"><h2>{_e(name)} — {_cause_badge(v)} '
+                    f'<span class="dim">{_ago(entry.wall_time, now)}, rule {_e(v.rule)}, confidence '
+                    f'{v.confidence:.2f}, {evidence}</span></h2><ul>{facts}</ul><pre>'
+                    + "\n".join(timeline_lines(v, names)) + "</pre></section>")
+    legend = "".join(f'<span><span class="cause" style="background:{c}">{_e(k)}</span></span>'
+                     for k, c in CAUSE_COLOURS.items())
+    reload_note = ""
+    if not agent.last_reload_ok:
+        reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'
+                       f"<pre>{_e(agent.last_reload_error)}</pre>the previous configuration keeps running</div>")
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta http-equiv="refresh" content="10"><meta name="viewport" content="width=device-width">'
+        f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
+        f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(agent.config_path)}</span>"
+        f"<span class='meta'>kernel sensor {_e(agent.sensor_state)}</span>"
+        f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>"
+        f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'
+        f'<div class="card"><b style="color:#2e7d32">{n_ok}</b>ok</div>'
+        f'<div class="card"><b>{n_wait}</b>waiting for a first result</div>{reload_note}</div>'
+        + "".join(body)
+        + f'<p class="legend dim">{legend}</p></main></body></html>'
+    )
