@@ -222,6 +222,9 @@ def run_rates(lab, addr: str, port: int, args) -> None:
     for mode, rates in modes.items():
         med = statistics.median(rates)
         print(f"{mode:<24} {med:8.0f} conn/s  {med / base:5.3f}x  (rounds: {', '.join(f'{r:.0f}' for r in rates)})")
+    ratios = [a / d for a, d in zip(modes["attached, unwatched"], modes["detached"], strict=True)]
+    print(f"attached/detached per round (paired): median {statistics.median(ratios):.3f}x "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"watched rounds: {delivered} events delivered, {lost} lost")
 
 

@@ -46,12 +46,14 @@ def bpftool_prog_exists(prog_id: int) -> bool:
 
 def test_not_root_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
     with pytest.raises(SensorUnavailable, match=r"not root: the kernel sensor needs root"):
         KernelSensor().open()
 
 
 def test_missing_tracefs_and_btf_name_the_missing_piece(monkeypatch, tmp_path):
     monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)  # these checks come before bcc is used
     with pytest.raises(SensorUnavailable, match="tracefs is not mounted"):
         KernelSensor(tracefs_root=tmp_path / "no-tracefs").open()
     (tmp_path / "events").mkdir()
@@ -258,8 +260,34 @@ async def test_events_arrive_while_the_loop_waits():
 
 def test_no_usable_tracepoint_is_unavailable(monkeypatch, tmp_path):
     monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
     (tmp_path / "events").mkdir()
-    if not Path("/sys/kernel/btf/vmlinux").exists() or not Path("/lib/modules").exists():
-        pytest.skip("needs BTF and kernel headers to get as far as the tracepoint checks")
+    monkeypatch.setattr("bpf.sensor._kernel_headers_dir", lambda: tmp_path)
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        pytest.skip("needs the kernel's BTF to get as far as the tracepoint checks")
     with pytest.raises(SensorUnavailable, match=r"no usable tracepoint.*kfree_skb does not exist"):
+        KernelSensor(tracefs_root=tmp_path).open()
+
+
+def test_missing_bcc_and_headers_name_the_missing_piece(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bcc(name, *args, **kwargs):
+        if name == "bcc":
+            raise ImportError("No module named 'bcc'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bcc)
+    with pytest.raises(SensorUnavailable, match=r"bcc is not importable.*python3-bpfcc"):
+        KernelSensor().open()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
+    monkeypatch.setattr("bpf.sensor._kernel_headers_dir", lambda: None)
+    (tmp_path / "events").mkdir()
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        pytest.skip("needs the kernel's BTF to get as far as the headers check")
+    with pytest.raises(SensorUnavailable, match=r"no kernel headers at /lib/modules/.*scripts/setup"):
         KernelSensor(tracefs_root=tmp_path).open()
