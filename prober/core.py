@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prober.resolve import Resolution, ResolvConf, load_resolv_conf
 from prober.sockets import PortCallback, Source, close_socket_pools, no_callback
@@ -23,7 +23,15 @@ class Hop:
     """Raw timestamps of one connection (one redirect hop). 0 = not reached."""
 
     __slots__ = (
-        "conn", "connect_end", "connect_start", "end", "first_byte", "peercert", "sent", "tls_end", "tls_start",
+        "conn",
+        "connect_end",
+        "connect_start",
+        "end",
+        "first_byte",
+        "peercert",
+        "sent",
+        "tls_end",
+        "tls_start",
     )
 
     def __init__(self) -> None:
@@ -174,7 +182,18 @@ class ProbeEnv:
 class Prepared:
     """Everything derived from a spec once (it is frozen): parsed target, shown target, secrets, labels."""
 
-    __slots__ = ("headers", "ip_literal", "kind", "labels", "secrets", "shown_target", "spec", "target")
+    __slots__ = (
+        "direct",
+        "headers",
+        "ip_literal",
+        "kind",
+        "labels",
+        "secrets",
+        "shown_target",
+        "spec",
+        "target",
+        "url",
+    )
 
     def __init__(self, spec: ProbeSpec):
         self.spec = spec
@@ -186,6 +205,9 @@ class Prepared:
         self.shown_target = redact(redact_url(spec.target), self.secrets)
         self.labels = tuple(sorted(spec.labels.items()))
         self.ip_literal = _is_ip(self.target.host)
+        # an IP target needs no resolution: its one Target with the address filled in, built once
+        self.direct = replace(self.target, address=self.target.host) if self.ip_literal else None
+        self.url = None  # the client's parsed URL (yarl), filled in by the http prober
 
 
 def _is_ip(host: str) -> bool:
@@ -246,8 +268,9 @@ class Attempt:
         return ProbeResult(
             name=self.spec.name,
             kind=self.kind,
-            target=self.prep.shown_target if self.prep is not None else redact(redact_url(self.target.raw),
-                                                                                   self.secrets),
+            target=self.prep.shown_target
+            if self.prep is not None
+            else redact(redact_url(self.target.raw), self.secrets),
             source=self.source.label,
             start_ns=self.start_ns,
             end_ns=end,

@@ -29,8 +29,10 @@ import aiohttp.client_proto
 import aiohttp.connector
 import httpcore
 import httpx
+import yarl
 from aiohttp.abc import AbstractResolver
 
+from prober import _lean
 from prober.core import Attempt, ProbeEnv, Timeline
 from prober.errors import classify
 from prober.resolve import resolve
@@ -204,7 +206,13 @@ def _aiohttp_session(env: ProbeEnv) -> aiohttp.ClientSession:
 
 async def _aiohttp_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     session = _aiohttp_session(env)
-    url = attempt.target.raw
+    prep = attempt.prep
+    if prep is not None:
+        if prep.url is None:
+            prep.url = yarl.URL(attempt.target.raw)
+        url = prep.url
+    else:
+        url = attempt.target.raw
     headers = attempt.prep.headers if attempt.prep is not None else _headers(spec)
     kwargs: dict[str, Any] = {}
     if attempt.target.scheme == "https":
@@ -430,7 +438,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     t2 = _CTX_CB.set(env.on_local_port)
     t3 = _CTX_DEADLINE.set(deadline_ns)
     try:
-        exchange = _httpx_exchange if spec.client == "httpx" else _aiohttp_exchange
+        exchange = _EXCHANGES[spec.client]
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
             await exchange(attempt, spec, env, facts)
     except ProbeFailure as exc:
@@ -457,6 +465,31 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         attempt.failed.insert(0, "status_code")
         return attempt.result(ErrorKind.HTTP_STATUS, f"status {status}")
     return attempt.result()
+
+
+def _lean_failure(what: str, detail: str) -> ProbeFailure:
+    if what == "protocol_error":
+        return ProbeFailure(ErrorKind.PROTOCOL_ERROR, detail)
+    attempt = _CURRENT.get()
+    attempt.failed.append(what)
+    return ProbeFailure(ErrorKind.VALIDATION, detail)
+
+
+async def _lean_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
+    await _lean.exchange(
+        attempt,
+        spec,
+        env,
+        facts,
+        lookup=_lookup,
+        open_connected=_open_connected,
+        ssl_context=ssl_context,
+        read_body=_read_body,
+        failure=_lean_failure,
+    )
+
+
+_EXCHANGES = {"aiohttp": _lean_exchange, "aiohttp-session": _aiohttp_exchange, "httpx": _httpx_exchange}
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:

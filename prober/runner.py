@@ -92,8 +92,7 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
             attempt = Attempt(spec, ProbeKind.DNS, source, target, start, resolv=env.resolv_conf, prep=prep)
             return (await fn(attempt, env, deadline),)
         if prep.ip_literal:  # nothing to resolve: straight to the one address
-            attempt = Attempt(spec, prep.kind, source, replace(target, address=target.host), start,
-                              resolv=env.resolv_conf, prep=prep)
+            attempt = Attempt(spec, prep.kind, source, prep.direct, start, resolv=env.resolv_conf, prep=prep)
             return (await fn(attempt, env, deadline),)
         conf = env.resolv_conf or load_resolv_conf(source.resolv_conf)
         res = await resolve(source, target.host, spec.module.ip_policy, deadline, env.on_local_port, conf)
@@ -113,7 +112,13 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
             )
         attempts = [
             Attempt(
-                spec, prep.kind, source, replace(target, address=a), monotonic_ns(), resolution=res, resolv=conf,
+                spec,
+                prep.kind,
+                source,
+                replace(target, address=a),
+                monotonic_ns(),
+                resolution=res,
+                resolv=conf,
                 prep=prep,
             )
             for a in addresses

@@ -69,7 +69,9 @@ class HeaderMatch(Frozen):
 
 
 class HTTPSpec(Frozen):
-    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    # aiohttp: aiohttp's parser on the prober's own connection (fastest); aiohttp-session: a full
+    # aiohttp.ClientSession; httpx: httpx over an httpcore backend using the prober's sockets
+    client: Literal["aiohttp", "aiohttp-session", "httpx"] = "aiohttp"
     method: str = "GET"
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     body: str | None = None
@@ -90,6 +92,16 @@ class HTTPSpec(Frozen):
     @classmethod
     def _re(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _check_regexes(v)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_header_injection(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"invalid header name {name!r}")
+            if re.search(r"[\r\n\x00]", value.get_secret_value()):
+                raise ValueError(f"header {name!r}: value contains a line break")
+        return v
 
     @field_validator("method")
     @classmethod

@@ -37,7 +37,8 @@ EXPECTED = {
     "dns_without_query": 'module "dns_a": dns: required for prober dns (at least query_name)',
     "bad_query_type": "module \"dns_a\": dns.query_type: unknown query type 'AXFRR' "
     "(one of A, AAAA, ANY, CAA, CNAME, HTTPS, MX, NS, PTR, SOA, SRV, SVCB, TXT)",
-    "bad_client": "module \"http_2xx\": http.client: must be 'aiohttp' or 'httpx'",
+    "bad_client": "module \"http_2xx\": http.client: must be 'aiohttp', 'aiohttp-session' or 'httpx'",
+    "header_injection": "module \"http_2xx\": http.headers: header 'X-Test': value contains a line break",
     "bad_source": "probe \"db\": source: must be 'host', 'netns NAME' or an absolute path to a namespace, "
     "got 'namespace client'",
     "jitter_out_of_range": 'probe "db": jitter: must be less than or equal to 1',

@@ -9,7 +9,7 @@ import pytest
 from prober import ErrorKind, HTTPSpec, ProbeKind, Proto, TLSSpec, run_probe
 from tests.prober.helpers import ms, spec
 
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["aiohttp", "aiohttp-session", "httpx"]
 
 
 @pytest.mark.parametrize("client", CLIENTS)

@@ -33,7 +33,7 @@ def _http(url, src, timeout=3.0, client="aiohttp", **http):
     return spec(url, source=src, timeout=timeout, section=HTTPSpec(client=client, **http))
 
 
-@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_healthy_by_name_uses_the_client_namespace_and_its_resolver(lab, src, penv, client):
     srv = lab.server("srv1")
     (r,) = await run_probe(_http(f"http://srv1.lab.test:{srv.port}/ok", src, client=client), penv)
@@ -56,7 +56,7 @@ async def test_source_namespace_is_honoured(lab, src, penv):
     assert r.ok and r.source == path and r.flows[0].netns == lab.ns("client").inode
 
 
-@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_ipv6(lab, src, penv, client):
     srv = lab.server("srv1")
     (r,) = await run_probe(_http(srv.url("/ok", family=6), src, client=client), penv)
@@ -103,7 +103,7 @@ async def test_callback_fires_before_the_syn(lab, src):
 # ---------------------------------------------------------------- phase accuracy
 
 
-@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_server_delay_is_processing_within_2ms(lab, src, penv, client):
     """The server measures its own sleep D (X-Slept); the median of processing - D stays under 2 ms."""
     srv = lab.server("srv1")
@@ -186,7 +186,7 @@ async def test_connect_kinds(lab, src, penv):
     assert r.error is ErrorKind.CONNECT_RESET, r
 
 
-@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_http_kinds(lab, src, penv, client):
     srv = lab.server("srv1")
     r = await _one(penv, _http(srv.url("/ok", tls=True), src, client=client))  # lab CA not trusted
