@@ -187,8 +187,17 @@ class ReloadOutcome:
     changed: tuple[str, ...] = ()
 
 
+def source_label(source: str) -> str:
+    """The `source` a probe's results (and so its metrics) carry: "host", or the namespace's name without the
+    "netns " prefix (as `prober.sockets.Source.label`)."""
+    s = source.strip()
+    if s.startswith("netns "):
+        s = s[len("netns "):].strip()
+    return s or "host"
+
+
 def _labels_of(spec: ProbeSpec) -> tuple[str, str]:
-    return clean_target(spec.target), spec.source
+    return clean_target(spec.target), source_label(spec.source)
 
 
 class _AgentCollector:
@@ -419,7 +428,8 @@ class Agent:
 
     def _declare(self, probes: Iterable[ProbeSpec]) -> None:
         for p in probes:
-            self.metrics.declare(p.name, p.target, p.source, kind=ProbeKind(p.module.prober), interval_s=p.interval)
+            self.metrics.declare(p.name, p.target, source_label(p.source), kind=ProbeKind(p.module.prober),
+                                 interval_s=p.interval)
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -476,7 +486,7 @@ class Agent:
         if new is None:
             self.metrics.forget(old.name)
         elif _labels_of(old) != _labels_of(new):
-            self.metrics.forget(old.name, target=old.target, source=old.source)
+            self.metrics.forget(old.name, target=old.target, source=source_label(old.source))
             self._declare([new])
 
     async def _retire(self, name: str, old: ProbeSpec, new: ProbeSpec | None) -> None:

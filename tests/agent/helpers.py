@@ -173,3 +173,51 @@ class AgentProcess:
         with contextlib.suppress(Exception):
             self._stderr.close()
         return self.proc.returncode
+
+
+def lab_config(path: Path, lab, interval: str = "3s", extra: list[dict] | None = None,
+               names: tuple[str, ...] = ("web", "api")) -> Path:
+    """Probes from the lab's client namespace: `web` → srv1, `api` → srv2 (HTTP, 2.5 s timeout, 300 ms budget)."""
+    source = f"netns {lab.ns('client').name}"
+    targets = {"web": "http://srv1.lab.test:8080/ok", "api": "http://srv2.lab.test:8080/ok"}
+    probes = [{"name": n, "module": "http_2xx", "target": targets[n], "source": source, "interval": interval,
+               "jitter": 0} for n in names]
+    modules = {"http_2xx": {"prober": "http", "timeout": "2.5s", "budget": "300ms"},
+               "tcp": {"prober": "tcp", "timeout": "2s"}}
+    return write_config(path, probes + (extra or []), modules)
+
+
+class Daemon:
+    """A server process started by a test (Prometheus, Alertmanager, Chromium); stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        return self
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        with contextlib.suppress(Exception):
+            self._log.close()
