@@ -85,15 +85,15 @@ async def test_jitter_and_start_offset_spread_starts():
 
 
 async def test_results_flow_through_the_queue_and_starved_runs_are_suspect():
-    rec = Recorder(duration=0.01, block=0.15)
-    sched = Scheduler(_probes(1, 0.3), run=rec, lag_interval=0.02, lag_threshold=0.05, rng=random.Random(3))
+    rec = Recorder(duration=0.01, block=0.5)
+    sched = Scheduler(_probes(1, 1.0), run=rec, lag_interval=0.02, lag_threshold=0.25, rng=random.Random(3))
     async with sched:
         r = await asyncio.wait_for(sched.results.get(), 2)
     assert r.name == "p0" and r.suspect
-    assert sched.stats.max_lag_s >= 0.1 and sched.stats.suspect_results >= 1
+    assert sched.stats.max_lag_s >= 0.4 and sched.stats.suspect_results >= 1
 
     calm = Recorder(duration=0.01)
-    sched = Scheduler(_probes(1, 0.3), run=calm, lag_interval=0.02, lag_threshold=0.05)
+    sched = Scheduler(_probes(1, 0.3), run=calm, lag_interval=0.02, lag_threshold=0.25)
     async with sched:
         r = await asyncio.wait_for(sched.results.get(), 2)
     assert not r.suspect
