@@ -140,7 +140,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         if module_name in bad_modules:
             continue  # its module's own errors are reported already
         if module_name not in modules:
-            known = ", ".join(sorted(modules)) or "none defined"
+            known = ", ".join(sorted(str(m) for m in raw_modules)) or "none defined"
             errors.append(f'{owner}: module: unknown module "{module_name}" (known: {known})')
             continue
         try:

@@ -112,7 +112,7 @@ def test_several_errors_are_all_reported():
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert info.value.errors == ['module "a": timout: unknown key',
-                                 'probe "x": module: unknown module "b" (known: none defined)']
+                                 'probe "x": module: unknown module "b" (known: a)']
 
 
 def test_missing_file(tmp_path, capsys):
