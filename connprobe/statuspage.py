@@ -9,6 +9,7 @@ events on one time axis (the same picture `connprobe diagnose` prints).
 from __future__ import annotations
 
 import html
+import re
 import time
 from typing import Any
 
@@ -61,6 +62,11 @@ pre{font:12px/1.5 ui-monospace,monospace;margin:0;white-space:pre-wrap}
 
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
+
+
+def _named(text: str, names: dict[int, str]) -> str:
+    """`netns 4026532481` → the namespace's name where it has one."""
+    return re.sub(r"netns (\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), text)
 
 
 def _cause_badge(v: Verdict) -> str:
@@ -162,7 +168,7 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
         else:
             v = last.verdict
             verdict_cell = _cause_badge(v)
-            why = _e(v.summary.removeprefix(f"{name}: "))
+            why = _e(_named(v.summary.removeprefix(f"{name}: "), names))
             last_cell = f"{v.result.duration_ns / 1e6:.1f} ms<br><span class='dim'>{_ago(last.wall_time, now)}</span>"
             phases = _phase_bar(v)
         ratio = f'<div class="dim">{ok_n}/{len(entries)} ok</div>' if entries else ""
@@ -174,7 +180,7 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
     body.append("</tbody></table>")
     for name, entry in failing:
         v = entry.verdict
-        facts = "".join(f"<li>{_e(f)}</li>" for f in v.facts)
+        facts = "".join(f"<li>{_e(_named(f, names))}</li>" for f in v.facts)
         evidence = "kernel evidence: " + (f"{len(v.evidence)} event(s)" if v.evidence else "none in this window")
         body.append(f'<section class="timeline" data-probe="{_e(name)}"><h2>{_e(name)} — {_cause_badge(v)} '
                     f'<span class="dim">{_ago(entry.wall_time, now)}, rule {_e(v.rule)}, confidence '
