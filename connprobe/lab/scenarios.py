@@ -104,3 +104,84 @@ async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence) -> dict:
         attempts = await diagnose(args, spec, evidence)
     doc = to_document(args, attempts, exit_code(attempts))
     return doc
+
+
+async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence):
+    """One trial as a Recording: the probe result, every kernel event of its window, the evidence status."""
+    from connprobe.diagnose import build_spec
+    from correlator.record import Recording
+    from prober import ProbeEnv, run_probe
+
+    args = diagnose_args(sc, lab, family)
+    spec = build_spec(args)
+    budget_ns = None
+    if sc.budget:
+        from prober.spec import parse_duration
+
+        budget_ns = int(parse_duration(sc.budget) * 1e9)
+    with sc.fault(lab):
+        async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+            (result,) = await run_probe(spec, env)
+    events, status = await evidence.collect(result)
+    return Recording(f"{sc.name} (IPv{family})", result, tuple(events), status, budget_ns, sc.expected,
+                     note=f"recorded in the lab by `python -m connprobe.lab.scenarios record`; expected sub-cause "
+                          f"{sc.expected_sub}")
+
+
+async def _main(argv: list[str]) -> int:
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    from connprobe.diagnose import open_sensor
+    from correlator.record import dumps
+
+    if not argv or argv[0] not in ("record", "matrix"):
+        print("usage: python -m connprobe.lab.scenarios record DIR | matrix TRIALS", file=sys.stderr)
+        return 2
+    with Lab() as lab:
+        evidence = await open_sensor(disabled=False)
+        if not evidence.available:
+            print(f"kernel sensor unavailable: {evidence.unavailable_reason}", file=sys.stderr)
+            return 2
+        try:
+            if argv[0] == "record":
+                out = Path(argv[1])
+                out.mkdir(parents=True, exist_ok=True)
+                for sc in SCENARIOS:
+                    rec = await record_scenario(lab, sc, 4, evidence)
+                    (out / f"{sc.name}.json").write_text(dumps(rec) + "\n")
+                    print(f"recorded {sc.name}: {len(rec.events)} events")
+                return 0
+            trials = int(argv[1])
+            confusion: Counter[tuple[str, str]] = Counter()
+            for sc in SCENARIOS:
+                for family in (4, 6):
+                    for _ in range(trials):
+                        doc = await run_scenario(lab, sc, family, evidence)
+                        confusion[(sc.name, doc["attempts"][0]["verdict"]["cause"])] += 1
+            causes = ["ok", "dns", "tcp_retransmit", "policy_drop", "upstream_latency", "connection_refused",
+                      "tls", "http_error", "unknown"]
+            print(f"| scenario (expected) | {' | '.join(causes)} |")
+            print("|---|" + "---|" * len(causes))
+            for sc in SCENARIOS:
+                cells = []
+                for c in causes:
+                    n = confusion[(sc.name, c)]
+                    mark = c == sc.expected
+                    cells.append((f"**{n}**" if mark else str(n)) if n else ("0" if mark else ""))
+                print(f"| {sc.name} ({sc.expected}) | {' | '.join(cells)} |")
+            right = sum(n for (name, c), n in confusion.items() if c == next(s.expected for s in SCENARIOS
+                                                                              if s.name == name))
+            print(f"\n{right}/{sum(confusion.values())} verdicts on the diagonal ({trials} trials x IPv4+IPv6 each)")
+            return 0
+        finally:
+            await evidence.stop()
+            evidence.sensor.close()
+
+
+if __name__ == "__main__":
+    import asyncio
+    import sys
+
+    sys.exit(asyncio.run(_main(sys.argv[1:])))
