@@ -96,7 +96,7 @@ def test_unknown_source_namespace_is_an_environment_error():
 
 
 class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
