@@ -36,7 +36,7 @@ def normalise(text: str, lab_id: str) -> str:
     text = re.sub(r"[+-]?\d+\.\d+ ms", "T ms", text)
     text = re.sub(r"(\d+\.\d+\.\d+\.\d+):\d+", r"\1:PORT", text)
     text = re.sub(r"succeeded in \d+ ms", "succeeded in T ms", text)
-    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    return "\n".join(re.sub(r" +", " ", line.rstrip()) for line in text.splitlines()) + "\n"
 
 
 @pytest.mark.kernel
