@@ -185,7 +185,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
               "'no kernel evidence'.", file=out)
         return 1
     extra = f" with {len(warned)} warning(s)" if warned else ""
-    print(f"kernel sensor: ready{extra}.", file=out)
+    if getattr(args, "no_load", False):
+        print(f"kernel sensor: prerequisites present{extra}; load not tried (--no-load).", file=out)
+    else:
+        print(f"kernel sensor: ready{extra}.", file=out)
     return 0
 
 
