@@ -17,7 +17,6 @@ import functools
 import socket
 import time
 
-import aiohttp
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_exceptions import ClientPayloadError, ServerDisconnectedError
 from aiohttp.http_parser import HttpResponseParser
@@ -177,4 +176,3 @@ async def exchange(attempt, spec, env, facts: dict, *, lookup, open_connected, s
 
 
 __all__ = ["exchange"]
-_ = aiohttp  # aiohttp's exception classes reach the caller's mapping table unchanged

@@ -31,6 +31,9 @@ import httpcore
 import httpx
 import yarl
 from aiohttp.abc import AbstractResolver
+from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
+from anyio._backends._asyncio import StreamProtocol as _AnyioStreamProtocol
+from httpcore._backends.anyio import AnyIOStream
 
 from prober import _lean
 from prober.core import Attempt, ProbeEnv, Timeline
@@ -298,13 +301,22 @@ class _Stream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
+class _StampProtocol(_AnyioStreamProtocol):
+    hop = None
+
+    def data_received(self, data: bytes) -> None:
+        hop = self.hop
+        # plain HTTP only: with TLS the first bytes after the request may be a session ticket
+        if hop is not None and hop.sent and not hop.first_byte and not hop.tls_start:
+            hop.first_byte = monotonic_ns()
+        super().data_received(data)
+
+
 class _Backend(httpcore.AsyncNetworkBackend):
     def __init__(self) -> None:
         self._anyio = httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        import anyio.abc
-
         attempt = _CURRENT.get()
         addr = await _lookup(attempt, host)
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -313,10 +325,16 @@ class _Backend(httpcore.AsyncNetworkBackend):
             sock, hop = await _open_connected(attempt, family, sockaddr, attempt.timeline)
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
-        stream = await anyio.abc.SocketStream.from_socket(sock)
-        from httpcore._backends.anyio import AnyIOStream
-
-        return _Stream(AnyIOStream(stream), hop, attempt)
+        # The transport is made here (not by anyio.from_socket) so its protocol can stamp the first
+        # byte when it arrives, not when httpcore's read returns a few loop iterations later.
+        loop = asyncio.get_running_loop()
+        try:
+            transport, proto = await loop.create_connection(_StampProtocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        proto.hop = hop
+        return _Stream(AnyIOStream(_AnyioSocketStream(transport, proto)), hop, attempt)
 
     async def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise httpcore.ConnectError("unix sockets are not probed")

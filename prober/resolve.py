@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import secrets
 import socket
 import struct
 import time
@@ -126,10 +127,7 @@ async def query(
 
     Returns one outcome per transaction (two when UDP was truncated and retried over TCP).
     """
-    msg = dns.message.make_query(qname, qtype)
-    if not recursion_desired:
-        msg.flags &= ~dns.flags.RD
-    wire = msg.to_wire()
+    msg, wire = _question(qname, qtype, recursion_desired)
     outcomes: list[QueryOutcome] = []
     if not tcp:
         out = await _udp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port)
@@ -154,6 +152,37 @@ def _outcome(server, qname, qtype, start, flow, proto, resp, error, detail="") -
             error = _RCODE_ERROR.get(rcode)
     txn = DnsTransaction(server, qname, qtype, start, end, rcode, flow, answers, proto)
     return QueryOutcome(txn, resp, error, detail or (rcode or ""))
+
+
+class _Asked:
+    """The one thing the transports need of a query: does this answer belong to it?"""
+
+    __slots__ = ("id", "template")
+
+    def __init__(self, qid: int, template: dns.message.Message):
+        self.id = qid
+        self.template = template
+
+    def is_response(self, resp: dns.message.Message) -> bool:
+        return resp.id == self.id and bool(resp.flags & dns.flags.QR) and resp.question == self.template.question
+
+
+_templates: dict[tuple[str, str, bool], tuple[dns.message.Message, bytes]] = {}
+
+
+def _question(qname: str, qtype: str, rd: bool) -> tuple[_Asked, bytes]:
+    """Query wire for (name, type), built once by dnspython; each query gets a fresh random id."""
+    key = (qname, qtype, rd)
+    hit = _templates.get(key)
+    if hit is None:
+        if len(_templates) > 4096:
+            _templates.clear()
+        msg = dns.message.make_query(qname, qtype)
+        if not rd:
+            msg.flags &= ~dns.flags.RD
+        hit = _templates[key] = (msg, msg.to_wire())
+    qid = secrets.randbits(16)
+    return _Asked(qid, hit[0]), qid.to_bytes(2, "big") + hit[1][2:]
 
 
 async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
@@ -315,9 +344,12 @@ async def resolve(
     error, detail = ErrorKind.DNS_NXDOMAIN, "NXDOMAIN"
     seen_nodata = False
     for name in candidates(host, conf):
-        answers = await asyncio.gather(
-            *(_ask(source, conf, name, qt, deadline_ns, on_local_port, res) for qt in qtypes)
-        )
+        if len(qtypes) == 1:  # no gather: its tasks would start one loop iteration later
+            answers = [await _ask(source, conf, name, qtypes[0], deadline_ns, on_local_port, res)]
+        else:
+            answers = await asyncio.gather(
+                *(_ask(source, conf, name, qt, deadline_ns, on_local_port, res) for qt in qtypes)
+            )
         addrs = [a for got, _, _ in answers for a in got]
         if addrs:
             res.addresses = list(dict.fromkeys(addrs))

@@ -144,11 +144,15 @@ _POOLS: dict[tuple[int, int, int], collections.deque[socket.socket]] = {}
 _refilling: set[tuple[int, int, int]] = set()
 
 
-def close_socket_pools() -> None:
-    """Close the sockets made ahead of time for namespace sources (ProbeEnv.aclose calls this)."""
-    for pool in _POOLS.values():
-        while pool:
-            pool.popleft().close()
+def close_socket_pools(inode: int | None = None) -> None:
+    """Close the sockets made ahead of time for namespace sources (all, or one namespace's).
+
+    ProbeEnv.aclose calls this; an open socket keeps its namespace alive after the namespace is removed.
+    """
+    for (ns, _, _), pool in _POOLS.items():
+        if inode is None or ns == inode:
+            while pool:
+                pool.popleft().close()
 
 
 atexit.register(close_socket_pools)
@@ -161,6 +165,9 @@ def get_source(spec: str | None) -> Source:
     key = spec or "host"
     src = _sources.get(key)
     if src is None or (src.netns is not None and _inode_or_none(src.netns) != src.inode):
+        if src is not None:
+            # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
+            close_socket_pools(src.inode)
         src = _sources[key] = Source(key)
     return src
 

@@ -7,7 +7,10 @@ import asyncio
 import select
 import socket
 import statistics
+import time
 
+import dns.message
+import dns.query
 import pytest
 
 from prober import DNSSpec, ErrorKind, HTTPSpec, ProbeEnv, Proto, TCPSpec, TLSSpec, run_probe
@@ -119,19 +122,26 @@ async def test_server_delay_is_processing_within_2ms(lab, src, penv, client):
 
 
 async def test_dns_delay_is_resolve_within_2ms(lab, src, penv):
-    """An injected DNS delay E shows up in the resolve phase: median(resolve with E) - median(without)
-    is E within 2 ms (the difference removes the lab server's own per-query cost)."""
+    """With a DNS delay E injected, the resolve phase is E plus what a bare dnspython query from the same
+    namespace measures for the same answer, within 2 ms (minimum of 7 each: a busy machine's scheduling
+    noise stays out; the lab DNS server is a Python process too)."""
     url = f"http://srv1.lab.test:{lab.server('srv1').port}/ok"
 
-    async def resolve_ms() -> float:
-        (r,) = await run_probe(_http(url, src), penv)
-        assert r.ok
-        return ms(r, "resolve")
+    def raw_ms() -> float:
+        q = dns.message.make_query("srv1.lab.test.", "A")
+        t0 = time.monotonic_ns()
+        dns.query.udp(q, lab.dns_addr4, timeout=2)
+        return (time.monotonic_ns() - t0) / 1e6
 
-    base = statistics.median([await resolve_ms() for _ in range(7)])
     with lab.dns_fault("srv1.lab.test", "slow", delay=0.15):
-        slow = statistics.median([await resolve_ms() for _ in range(7)])
-    assert abs(slow - base - 150) < 2.0, (slow, base)
+        raw = min(lab.executor("client").call(raw_ms) for _ in range(7))
+        got = []
+        for _ in range(7):
+            (r,) = await run_probe(spec(url, source=src, ip_policy="ipv4"), penv)
+            assert r.ok and len(r.dns) == 1
+            got.append(ms(r, "resolve"))
+    assert raw >= 150 and all(x >= 150 for x in got)
+    assert abs(min(got) - raw) < 2.0, (got, raw)
 
 
 # ---------------------------------------------------------------- every error kind, real causes
@@ -156,6 +166,9 @@ async def test_dns_kinds(lab, src, penv):
     with lab.policy_drop(ns="dns", direction="in", proto="udp", port=53, action="reject"):
         r = await _one(penv, _http(f"http://srv1.lab.test:{port}/ok", src))
     assert r.error is ErrorKind.DNS_UNREACHABLE, r
+    s = spec(f"http://large.lab.test:{port}/", source=src, ip_policy="ipv4")  # 60 A records: TC, then TCP
+    r = await _one(penv, s)
+    assert r.dns[0].transport is Proto.UDP and r.dns[1].transport is Proto.TCP and r.address.startswith("10.77.3.")
     s = spec(lab.dns_addr4, prober="dns", source=src,
              section=DNSSpec(query_name="srv1.lab.test", fail_if_answer_not_matches_regexp=("10\\.0\\.0\\.99",)))
     assert (await _one(penv, s)).error is ErrorKind.DNS_UNEXPECTED

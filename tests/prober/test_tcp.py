@@ -60,3 +60,16 @@ async def test_refused(env):
 async def test_bad_source_namespace_is_source_error(env):
     (r,) = await run_probe(spec("127.0.0.1:1", prober="tcp", source="netns cp-does-not-exist"), env)
     assert r.error is ErrorKind.SOURCE_ERROR and r.source == "netns cp-does-not-exist"
+
+
+async def test_tls_connect(https_server, env):
+    from prober import TLSSpec
+
+    s = spec(f"127.0.0.1:{https_server.port}", prober="tcp",
+             section=TCPSpec(tls=True, tls_config=TLSSpec(insecure_skip_verify=True)))
+    (r,) = await run_probe(s, env)
+    assert r.ok, r
+    assert [p.name for p in r.phases][:2] == ["connect", "tls"]
+    s = spec(f"127.0.0.1:{https_server.port}", prober="tcp", section=TCPSpec(tls=True))
+    (r,) = await run_probe(s, env)
+    assert r.error is ErrorKind.TLS_ERROR  # self-signed, not trusted
