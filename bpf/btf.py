@@ -226,6 +226,25 @@ SENSOR_FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Fields only one hook needs: when the running kernel lacks one (or has it as a bitfield), that hook is off.
+OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("OFF_SK_ERR", "sock", "sk_err"),
+    ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
+    ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
+)
+
+
+def optional_offsets(btf: Btf) -> dict[str, int]:
+    """Offsets of OPTIONAL_FIELDS that this kernel has as plain members (absent ones are left out)."""
+    out = {}
+    for macro, struct_name, path in OPTIONAL_FIELDS:
+        try:
+            out[macro] = btf.offsetof(struct_name, path)
+        except BtfError:
+            continue
+    return out
+
+
 def sensor_offsets(btf: Btf) -> dict[str, int]:
     """Byte offsets of every field in SENSOR_FIELDS, keyed by macro name. Raises BtfError if one is absent."""
     out = {}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpf.btf import Btf, BtfError, sensor_offsets
+from bpf.btf import Btf, BtfError, optional_offsets, sensor_offsets
 from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, KernelNames, decode_event
 from bpf.kernel_compat import Kallsyms, Tracefs, TracefsUnavailable
 from bpf.types import EventKind, KernelEvent
@@ -75,6 +75,8 @@ class HookSpec:
     event: str
     kind: EventKind
     fields: tuple[tuple[str, int | None], ...]  # required field → size in bytes (None: any)
+    offsets: tuple[str, ...] = ()  # optional BTF offsets (bpf.btf.OPTIONAL_FIELDS) the program needs
+    raw: bool = False  # attached as a raw tracepoint (arguments are the kernel function's, not the format's)
 
     @property
     def name(self) -> str:
@@ -103,8 +105,9 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("skb", "kfree_skb", EventKind.DROP,
              (("skbaddr", 8), ("location", 8), ("protocol", 2), ("reason", 4))),
     HookSpec("icmp", "icmp_send", EventKind.ICMP_SEND, (("skbaddr", 8), ("type", 4), ("code", 4))),
-    HookSpec("sock", "inet_sk_error_report", EventKind.SOCK_ERROR,
-             (("error", 4), ("sport", 2), ("dport", 2), ("protocol", 2), *_ADDRS)),
+    # Raw: the regular tracepoint has no socket pointer, so no namespace; the socket's fields come from BTF.
+    HookSpec("sock", "inet_sk_error_report", EventKind.SOCK_ERROR, (),
+             offsets=("OFF_SK_ERR", "OFF_SK_PROTOCOL", "OFF_INET_SPORT"), raw=True),
     HookSpec("sock", "sock_send_length", EventKind.UDP_SEND,
              (("sk", 8), ("protocol", 2), ("ret", 4), ("flags", 4))),
     HookSpec("sock", "sock_recv_length", EventKind.UDP_RECV,
@@ -241,7 +244,9 @@ class KernelSensor:
         except TracefsUnavailable as exc:
             raise SensorUnavailable(str(exc)) from None
         try:
-            offsets = sensor_offsets(Btf.load(self._btf_path) if self._btf_path else Btf.load())
+            btf = Btf.load(self._btf_path) if self._btf_path else Btf.load()
+            offsets = sensor_offsets(btf)
+            offsets.update(optional_offsets(btf))
         except BtfError as exc:
             raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
         if _kernel_headers_dir() is None:
@@ -260,6 +265,9 @@ class KernelSensor:
         status: dict[str, HookStatus] = {}
         for hook in self.hooks:
             why = tracefs.check(hook.category, hook.event, dict(hook.fields))
+            missing = [m for m in hook.offsets if m not in offsets]
+            if why is None and missing:
+                why = f"kernel BTF lacks {', '.join(missing)} (or has it as a bitfield)"
             if why is None:
                 enabled.append(hook)
             else:

@@ -86,12 +86,20 @@ def check_tracefs(root: Path | None = None) -> tuple[Check, object | None]:
     return Check("tracefs", OK, str(tracefs.root)), tracefs
 
 
-def check_tracepoints(tracefs) -> list[Check]:
+def check_tracepoints(tracefs, btf_path: Path = Path("/sys/kernel/btf/vmlinux")) -> list[Check]:
+    from bpf.btf import Btf, BtfError, optional_offsets
     from bpf.sensor import HOOKS
 
+    try:
+        have = set(optional_offsets(Btf.load(btf_path)))
+    except BtfError:
+        have = set()
     out = []
     for hook in HOOKS:
         why = tracefs.check(hook.category, hook.event, dict(hook.fields)) if tracefs is not None else "no tracefs"
+        missing = [m for m in hook.offsets if m not in have]
+        if why is None and missing:
+            why = f"kernel BTF lacks {', '.join(missing)}"
         if why is None:
             out.append(Check(f"tracepoint {hook.name}", OK, f"{hook.kind} events"))
         else:

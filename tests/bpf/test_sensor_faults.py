@@ -276,4 +276,6 @@ def test_policy_reject_is_a_netfilter_drop_and_a_reset_the_server_never_sent(lab
     assert rx.netns == lab.ns("client").inode
     assert EventKind.RESET_TX not in kinds(evs)
     errs = [e for e in evs if e.kind == EventKind.SOCK_ERROR]
-    assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].netns == 0  # no socket in that tracepoint
+    assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].netns == lab.ns("client").inode
+    assert (errs[0].saddr, errs[0].sport, errs[0].daddr, errs[0].dport) == (client_addr(family), run.local_port,
+                                                                             srv, port)
