@@ -1,16 +1,17 @@
-"""HTTP probe: aiohttp by default, httpx per module (`http.client: httpx`), both timed the same way.
+"""HTTP probe with three clients, all timed the same way and all on the prober's own sockets.
 
-Both clients get their sockets from `Source.open()` (bound, announced, right namespace) and resolve
-through the prober's own DNS; the connect / tls / first-byte stamps come from thin hooks:
+- `aiohttp` (default, `prober/_lean.py`): aiohttp's C HTTP/1.1 parser on a connection the prober opens
+  itself; stamps are taken where the bytes move (connect, TLS, request written, first byte received).
+- `aiohttp-session`: a full `aiohttp.ClientSession`; a `TCPConnector` subclass whose
+  `_wrap_create_connection` creates, connects and TLS-wraps the socket itself (stamps around each step),
+  a `ResponseHandler` subclass stamps the first byte, a `TraceConfig` stamps "request sent".
+- `httpx`: an httpcore network backend whose stream stamps connect, start_tls, the last write before
+  the first read (request sent) and the first byte (in the transport's protocol for plain HTTP).
 
-- aiohttp: a `TCPConnector` subclass whose `_wrap_create_connection` creates, connects and TLS-wraps
-  the socket itself (stamps around each step), and a `ResponseHandler` subclass stamping the first byte;
-  a `TraceConfig` stamps "request sent". Redirects are followed by aiohttp: each hop opens a new
-  connection (force_close), so each hop has its own stamps; durations are summed per phase.
-- httpx: an httpcore network backend whose stream stamps connect, start_tls, the last write before the
-  first read (request sent) and the first read.
-
-The connector hook is private aiohttp API; tests/prober/test_http.py fails if it stops being called.
+Every client gets its sockets from `Source.open()` (bound, announced, right namespace) and resolves
+other hosts (redirects) through the prober's own DNS. Redirects: a new connection per hop, each hop its
+own stamps; durations are summed per phase. `aiohttp-session` relies on a private aiohttp hook;
+tests/prober/test_http.py fails if it stops being called (no connect phase).
 """
 
 from __future__ import annotations

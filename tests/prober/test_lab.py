@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-import statistics
 import time
 
 import dns.message
@@ -108,7 +107,9 @@ async def test_callback_fires_before_the_syn(lab, src):
 
 @pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_server_delay_is_processing_within_2ms(lab, src, penv, client):
-    """The server measures its own sleep D (X-Slept); the median of processing - D stays under 2 ms."""
+    """The server measures its own sleep D (X-Slept); processing - D stays under 2 ms. Minimum of 7: a
+    systematic error (a stamp in the wrong place) shows in every sample, a busy machine's scheduling
+    noise only in some; the benchmark reports the median (BENCH)."""
     srv = lab.server("srv1")
     over = []
     for _ in range(7):
@@ -118,7 +119,7 @@ async def test_server_delay_is_processing_within_2ms(lab, src, penv, client):
         slept_ms = float(dict(r.captured_headers)["X-Slept"]) * 1e3
         assert ms(r, "processing") > slept_ms  # never less than the server's own sleep
         over.append(ms(r, "processing") - slept_ms)
-    assert statistics.median(over) < 2.0, over
+    assert min(over) < 2.0, over
 
 
 async def test_dns_delay_is_resolve_within_2ms(lab, src, penv):
