@@ -1,0 +1,12 @@
+"""The kernel sensor: what the Linux kernel did with a probe's packets (DESIGN.md, "Kernel side").
+
+Modules:
+    types          KernelEvent, EventKind (the records this package produces)
+    sensor         KernelSensor (load, watch list, events, counters, status) and its errors
+    decode         ring-buffer record -> KernelEvent (pure)
+    btf            struct offsets and enums from the running kernel's BTF
+    kernel_compat  tracefs formats (tracepoints, fields, reason names) and /proc/kallsyms
+    sensor.c, events.h   the BPF programs (bcc), compiled at start-up with -D flags from btf.py
+
+`bpf.sensor` imports nothing from bcc until a sensor is opened, so the rest of connprobe works without it.
+"""

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,7 @@ class KernelSensor:
         btf_path: Path | None = None,
         tracefs_root: Path | None = None,
         kallsyms_path: Path = Path("/proc/kallsyms"),
-        debug_source: bool = False,
+        debug_source: bool | None = None,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -189,7 +190,8 @@ class KernelSensor:
         self._btf_path = btf_path
         self._tracefs_root = tracefs_root
         self._kallsyms_path = kallsyms_path
-        self._debug_source = debug_source
+        # CONNPROBE_BPF_SOURCE=1 prints the program text and the cflags it is compiled with to stderr.
+        self._debug_source = os.environ.get("CONNPROBE_BPF_SOURCE") == "1" if debug_source is None else debug_source
         self._bpf: Any = None
         self._status: list[HookStatus] = []
         self._names = KernelNames()
@@ -307,7 +309,9 @@ class KernelSensor:
         failed: dict[HookSpec, str] = {}
         text = SOURCE.read_bytes()
         if self._debug_source:
-            log.info("kernel sensor source (%s), cflags %s:\n%s", SOURCE, base, text.decode())
+            hooks = " ".join(f"-D{h.macro}" for h in enabled)
+            print(f"// {SOURCE}\n// cflags: {' '.join(base)} {hooks}\n{(BPF_DIR / 'events.h').read_text()}\n"
+                  f"{text.decode()}", file=sys.stderr)
 
         def attempt(hooks: list[HookSpec]) -> Any:
             self.cflags = base + [f"-D{h.macro}" for h in hooks]

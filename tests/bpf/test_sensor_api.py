@@ -302,3 +302,21 @@ def test_missing_bcc_and_headers_name_the_missing_piece(monkeypatch, tmp_path):
         pytest.skip("needs the kernel's BTF to get as far as the headers check")
     with pytest.raises(SensorUnavailable, match=r"no kernel headers at /lib/modules/.*scripts/setup"):
         KernelSensor(tracefs_root=tmp_path).open()
+
+
+def test_public_names():
+    import bpf.sensor
+
+    for name in bpf.sensor.__all__:
+        assert hasattr(bpf.sensor, name), name
+    assert issubclass(SensorUnavailable, bpf.sensor.SensorError)
+    assert issubclass(SensorClosed, bpf.sensor.SensorError)
+
+
+@kernel
+def test_source_switch_prints_the_program_and_its_flags(capfd):
+    with KernelSensor(debug_source=True, ring_pages=1):
+        pass
+    err = capfd.readouterr().err
+    assert "TRACEPOINT_PROBE(skb, kfree_skb)" in err and "struct cp_event {" in err
+    assert "-DOFF_SKB_HEAD=" in err and "-DHOOK_SKB_KFREE_SKB" in err
