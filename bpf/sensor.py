@@ -27,6 +27,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,7 @@ class KernelSensor:
         self._names = KernelNames()
         self._kallsyms: Kallsyms | None = None
         self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._watch_lock = threading.Lock()
         self._buf: collections.deque[KernelEvent] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -418,25 +420,28 @@ class KernelSensor:
         """
         key = self._key(proto, port)
         table = self._require_open()[b"watch"]
-        if self._watch_refs[key] == 0:
-            table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
-        self._watch_refs[key] += 1
+        with self._watch_lock:  # probes register from worker threads (one per namespace) too
+            if self._watch_refs[key] == 0:
+                table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
+            self._watch_refs[key] += 1
 
     def unwatch(self, proto: str, port: int) -> None:
         key = self._key(proto, port)
-        if self._watch_refs[key] == 0:
-            return
-        self._watch_refs[key] -= 1
-        if self._watch_refs[key] == 0:
-            del self._watch_refs[key]
-            if self._bpf is not None:
-                table = self._bpf[b"watch"]
-                with contextlib.suppress(KeyError):
-                    del table[table.Key((key[0] << 16) | key[1])]
+        with self._watch_lock:
+            if self._watch_refs[key] == 0:
+                return
+            self._watch_refs[key] -= 1
+            if self._watch_refs[key] == 0:
+                del self._watch_refs[key]
+                if self._bpf is not None:
+                    table = self._bpf[b"watch"]
+                    with contextlib.suppress(KeyError):
+                        del table[table.Key((key[0] << 16) | key[1])]
 
     def watched(self) -> set[tuple[str, int]]:
         names = {v: k for k, v in PROTO_NUMBERS.items()}
-        return {(names[p], port) for p, port in self._watch_refs}
+        with self._watch_lock:
+            return {(names[p], port) for p, port in self._watch_refs}
 
     # -- events -------------------------------------------------------------------------------------------
 
