@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -40,11 +43,13 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bpf.types import KernelEvent
 from connprobe.config import Config, ConfigError, parse_config
-from connprobe.evidence import KernelEvidence
+from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
+from correlator.rules import EvidenceStatus
 from correlator.types import Verdict
 from prober.core import ProbeEnv
 from prober.scheduler import Scheduler
@@ -56,6 +61,7 @@ __all__ = ["Agent", "AgentConfig", "add_arguments", "load_agent_config", "parse_
 log = logging.getLogger("connprobe.agent")
 
 DEFAULT_LISTEN = "127.0.0.1:9516"
+ORDER_SLACK_NS = 1_000_000_000  # kernel events arrive in timestamp order up to this much reordering
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -67,7 +73,7 @@ class AgentConfig:
     budgets: dict[str, float] = field(default_factory=dict)  # probe name -> latency budget, seconds
     path: str = "<config>"
 
-    @property
+    @functools.cached_property
     def probes(self) -> dict[str, ProbeSpec]:
         return {p.name: p for p in self.config.probes}
 
@@ -173,6 +179,70 @@ class ReloadableScheduler(Scheduler):
 
     def scheduled(self) -> set[str]:
         return set(self._tasks)
+
+
+# -- kernel evidence indexed by port -------------------------------------------------------------------------
+
+
+class IndexedEvidence(KernelEvidence):
+    """`KernelEvidence` for many probes at once: events are kept per (protocol, port) of either endpoint, so a
+    probe's collection looks only at the events of its own ports, not at every event of its time window
+    (at 100 probes/s that window holds thousands of other probes' events). What `collect` returns is a
+    superset of what `correlator.join` keeps (it matches the probe's local endpoints on either side), so the
+    verdicts are the same as with `KernelEvidence`."""
+
+    def __init__(self, sensor=None, unavailable_reason: str = "", keep_ns: int = KEEP_NS):
+        super().__init__(sensor, unavailable_reason)
+        self.keep_ns = keep_ns
+        self._by_port: dict[tuple[str, int], collections.deque[KernelEvent]] = {}
+        self._next_prune_ns = 0
+
+    def _add(self, ev: KernelEvent) -> None:
+        self.events_seen += 1
+        for key in {(ev.proto, ev.sport), (ev.proto, ev.dport)}:
+            dq = self._by_port.get(key)
+            if dq is None:
+                dq = self._by_port[key] = collections.deque()
+            dq.append(ev)
+        if ev.ts_ns >= self._next_prune_ns:
+            self._prune(ev.ts_ns - self.keep_ns)
+            self._next_prune_ns = ev.ts_ns + 1_000_000_000
+
+    def _prune(self, horizon: int) -> None:
+        for key in list(self._by_port):
+            dq = self._by_port[key]
+            while dq and dq[0].ts_ns < horizon:
+                dq.popleft()
+            if not dq:
+                del self._by_port[key]
+
+    def _lost_between(self, lo: int, hi: int) -> int:
+        i = max(bisect.bisect_right(self._lost_samples, lo, key=lambda s: s[0]) - 1, 0)
+        return self._lost_samples[-1][1] - self._lost_samples[i][1]
+
+    async def collect(self, result: ProbeResult) -> tuple[list[KernelEvent], EvidenceStatus]:
+        if self.sensor is None:
+            return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
+        wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
+        if wait > 0:
+            await asyncio.sleep(wait)
+        for ev in self.sensor.drain():  # whatever the pump has not picked up yet
+            self._add(ev)
+        self._sample_lost()
+        lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
+        ports = {(str(f.proto), f.local_port) for f in result.flows}
+        ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
+        seen: dict[int, KernelEvent] = {}
+        for key in ports:
+            for e in reversed(self._by_port.get(key, ())):
+                if e.ts_ns < lo - ORDER_SLACK_NS:
+                    break
+                if lo <= e.ts_ns <= hi:
+                    seen[id(e)] = e
+        events = sorted(seen.values(), key=lambda e: e.ts_ns)
+        lost = self._lost_between(result.start_ns, hi)
+        self.release(result)
+        return events, EvidenceStatus(available=True, lost_events=lost)
 
 
 # -- the agent -----------------------------------------------------------------------------------------------
@@ -310,7 +380,11 @@ class Agent:
     async def _bring_up(self) -> None:
         from connprobe.diagnose import open_sensor
 
-        evidence = await open_sensor(disabled=not self.kernel)
+        opened = await open_sensor(disabled=not self.kernel)
+        evidence = IndexedEvidence(opened.sensor, opened.unavailable_reason)
+        if opened.available:  # the same sensor, read by our own pump
+            await opened.stop()
+            await evidence.start()
         self.evidence = evidence
         if evidence.available:
             self.sensor_state = "attached"

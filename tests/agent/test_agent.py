@@ -365,3 +365,43 @@ def _async(pred):
         return pred()
 
     return f
+
+
+async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp_path, upstream, monkeypatch):
+    import connprobe.diagnose
+    from connprobe.evidence import KernelEvidence
+
+    release = asyncio.Event()
+
+    async def slow_sensor(disabled: bool) -> KernelEvidence:
+        await release.wait()
+        return KernelEvidence(None, "BPF unavailable (test)")
+
+    monkeypatch.setattr(connprobe.diagnose, "open_sensor", slow_sensor)
+    cfg = write_config(tmp_path / "c.yml", [probe("web", upstream.url("/ok"), interval="0.2s")])
+    agent = Agent(cfg, kernel=True)
+    await agent.start()
+    runner = await start_server(agent, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/-/healthy") as r:
+                assert r.status == 200
+            async with s.get(base + "/-/ready") as r:
+                assert (r.status, await r.text()) == (503, "connprobe agent is not ready: kernel sensor loading.\n")
+            await asyncio.sleep(0.5)
+            assert upstream.requests == []  # probes wait for the sensor's outcome
+            release.set()
+            await agent.wait_ready(5)
+            async with s.get(base + "/-/ready") as r:
+                assert (r.status, await r.text()) == (
+                    200, "connprobe agent is Ready (kernel sensor off: BPF unavailable (test)).\n")
+            for _ in range(50):
+                if agent.board.probes().get("web"):
+                    break
+                await asyncio.sleep(0.1)
+            v = agent.board.probes()["web"][-1].verdict
+            assert v.cause == Cause.OK and upstream.requests
+    finally:
+        await runner.cleanup()
+        await agent.stop()
