@@ -40,7 +40,8 @@ async def test_scenario_gets_the_right_cause_every_time(lab, evidence, scenario,
         if got != (scenario.expected, scenario.expected_sub):
             wrong.append(f"trial {trial}: {got} — {v['summary']} | {v['facts']} | events {a['events']}")
             continue
-        assert a["address"] and (":" in a["address"]) == (family == 6)
+        if scenario.expected != "dns":  # a name that never resolved has no address
+            assert a["address"] and (":" in a["address"]) == (family == 6)
         assert a["kernel_evidence"] == {"available": True, "lost_events": 0, "reason": ""}
         if scenario.expected in NEEDS_EVIDENCE:
             assert a["events"], f"{scenario.name}: verdict without kernel evidence"
