@@ -281,9 +281,12 @@ class _Stream(httpcore.AsyncNetworkStream):
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-        if not self._hop.first_byte:
+        # Stamped before: the bytes reach the kernel at once, but anyio's write then waits for the
+        # transport's drain event, which a busy loop can deliver milliseconds later. httpcore also
+        # writes b"" at the end of a message: that is not when the request left.
+        if buffer and not self._hop.first_byte:
             self._hop.sent = monotonic_ns()
+        await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
         if not self._hop.end:

@@ -107,17 +107,17 @@ async def test_callback_fires_before_the_syn(lab, src):
 
 @pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_server_delay_is_processing_within_2ms(lab, src, penv, client):
-    """The server measures its own sleep D (X-Slept); processing - D stays under 2 ms. Minimum of 7: a
+    """The server measures its own sleep D (X-Slept); processing - D stays under 2 ms. Minimum of 9: a
     systematic error (a stamp in the wrong place) shows in every sample, a busy machine's scheduling
     noise only in some; the benchmark reports the median (BENCH)."""
     srv = lab.server("srv1")
     over = []
-    for _ in range(7):
+    for _ in range(9):
         (r,) = await run_probe(_http(srv.url("/slow?delay=0.2"), src, client=client,
                                      capture_headers=("X-Slept",)), penv)
         assert r.ok
         slept_ms = float(dict(r.captured_headers)["X-Slept"]) * 1e3
-        assert ms(r, "processing") > slept_ms  # never less than the server's own sleep
+        assert ms(r, "processing") > slept_ms, (ms(r, "processing"), slept_ms)  # never less than the sleep
         over.append(ms(r, "processing") - slept_ms)
     assert min(over) < 2.0, over
 
