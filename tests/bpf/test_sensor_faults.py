@@ -161,6 +161,24 @@ def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
     assert after.total(EventKind.DROP, "NETFILTER_DROP", watched=True) == \
         before.total(EventKind.DROP, "NETFILTER_DROP", watched=True)
 
+    # Random loss on the path, unwatched: TC drops and retransmits are counted, nothing is sent.
+    before = sensor.counters()
+    ports = set()
+    with lab.packet_loss(0.1, link="client", direction="both"):
+        for _ in range(4):
+            run = client_request(lab, sensor, srv, port, request=http_get("/bytes/500000"), timeout=5, watch=False)
+            assert run.error == 0 and run.received > 500_000
+            ports.add(run.local_port)
+            now = sensor.counters()
+            tc = sum(now.total(EventKind.DROP, r) - before.total(EventKind.DROP, r)
+                     for r in ("TC_EGRESS", "TC_INGRESS"))
+            retrans = now.total(EventKind.RETRANSMIT) - before.total(EventKind.RETRANSMIT)
+            if tc and retrans:
+                break
+    assert tc >= 1 and retrans >= 1, (tc, retrans)
+    time.sleep(0.3)
+    assert not [e for e in sensor.drain() if ports & {e.sport, e.dport}]
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor, family):
