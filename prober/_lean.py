@@ -149,8 +149,11 @@ async def exchange(attempt, spec, env, facts: dict, *, lookup, open_connected, s
             sock.close()
             raise
         try:
-            transport.write(_request_bytes(method, url, headers, body))
+            request = _request_bytes(method, url, headers, body)
+            # Stamped just before the write: it hands the bytes to the kernel, which sends them within
+            # the syscall; a stamp after it would be late by however long the process is preempted.
             hop.sent = monotonic_ns()
+            transport.write(request)
             msg = await conn.response
             status = msg.code
             location = msg.headers.get("Location")

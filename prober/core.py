@@ -87,6 +87,7 @@ class Timeline:
                 out.append(PhaseSpan("processing", sent, first or stop))
             if first:
                 out.append(PhaseSpan("transfer", first, max(first, stop)))
+        out.sort(key=lambda s: s.start_ns)  # chronological: a redirect hop's resolve sits before its connect
         return tuple(out)
 
 

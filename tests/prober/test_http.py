@@ -189,3 +189,24 @@ async def test_post_body(http_server, env, client):
     h = HTTPSpec(client=client, method="POST", body="x" * 1234, fail_if_body_not_matches_regexp=("^1234$",))
     (r,) = await run_probe(spec(http_server.url("/upload"), section=h), env)
     assert r.ok, r.failed_validators
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_redirect_to_a_name_is_resolved_by_the_prober(http_server, dns_server, env, client):
+    to = f"http://v4only.lab.test:{http_server.port}/ok"
+    (r,) = await run_probe(spec(http_server.url(f"/redirect?to={to}"), section=HTTPSpec(client=client)), env)
+    assert r.ok, r.error_detail
+    assert [t.name for t in r.dns] == ["v4only.lab.test.", "v4only.lab.test."]  # A and AAAA (NODATA)
+    assert r.phase("resolve") is not None
+    names = [p.name for p in r.phases]
+    assert names.index("resolve") > names.index("connect")  # the second hop's resolution
+    assert {(f.proto, f.local_port) for f in r.flows} == set(env.ports)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_relative_redirect_and_redirect_limit(http_server, env, client):
+    (r,) = await run_probe(spec(http_server.url("/redirect?to=/ok"), section=HTTPSpec(client=client)), env)
+    assert r.ok and r.http_status == 200 and len(r.flows) == 2
+    loop_url = http_server.url("/redirect?to=/redirect%3Fto%3D/ok")
+    (r,) = await run_probe(spec(loop_url, section=HTTPSpec(client=client, max_redirects=1)), env)
+    assert not r.ok and r.error is ErrorKind.VALIDATION, r
