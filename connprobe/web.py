@@ -18,6 +18,7 @@ import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 from pydantic import ValidationError
 
 from connprobe.agent import Agent
@@ -29,13 +30,69 @@ from correlator.types import Cause
 from prober.runner import run_probe
 from prober.spec import ProbeSpec, parse_duration
 
-__all__ = ["PROBE_TIMEOUT_OFFSET", "build_app", "start_server"]
+__all__ = ["PROBE_TIMEOUT_OFFSET", "build_app", "exposition", "start_server"]
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_OFFSET = 0.5  # as blackbox_exporter: leave the scrape this much time to spare
 DEFAULT_SCRAPE_TIMEOUT = 10.0
 AGENT_KEY = web.AppKey("agent", Agent)
+
+
+def _escape_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+_LABELS: dict[tuple, str] = {}
+
+
+def exposition(registry) -> bytes:
+    """The text exposition format, byte for byte what `prometheus_client.generate_latest` writes, about twice
+    as fast: the formatted label set of a series is cached (1,000 probes are ~100,000 series that keep their
+    labels from scrape to scrape). Assumes legacy metric and label names (connprobe's are)."""
+    out: list[str] = []
+    append = out.append
+    cache = _LABELS
+    if len(cache) > 1_000_000:  # removed probes' label sets: start over now and then
+        cache.clear()
+    for metric in registry.collect():
+        mname, mtype = metric.name, metric.type
+        if mtype == "counter":
+            mname += "_total"
+        elif mtype == "info":
+            mname, mtype = mname + "_info", "gauge"
+        elif mtype == "stateset":
+            mtype = "gauge"
+        elif mtype == "gaugehistogram":
+            mtype = "histogram"
+        elif mtype == "unknown":
+            mtype = "untyped"
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        append(f"# HELP {mname} {doc}\n# TYPE {mname} {mtype}\n")
+        om: dict[str, list[str]] = {}
+        specials = {metric.name + sfx: sfx for sfx in ("_created", "_gsum", "_gcount")}
+        for sample in metric.samples:
+            labels = sample.labels
+            if labels:
+                key = tuple(labels.items())
+                text = cache.get(key)
+                if text is None:
+                    text = cache[key] = "{" + ",".join(
+                        f'{k}="{_escape_value(v)}"' for k, v in sorted(labels.items())) + "}"
+            else:
+                text = ""
+            line = f"{sample.name}{text} {floatToGoString(sample.value)}"
+            if sample.timestamp is not None:
+                line += f" {int(float(sample.timestamp) * 1000):d}"
+            sfx = specials.get(sample.name)
+            if sfx is None:
+                append(line + "\n")
+            else:
+                om.setdefault(sfx, []).append(line + "\n")
+        for sfx, lines in sorted(om.items()):
+            append(f"# HELP {metric.name}{sfx} {doc}\n# TYPE {metric.name}{sfx} gauge\n")
+            out.extend(lines)
+    return "".join(out).encode("utf-8")
 
 
 def _agent(request: web.Request) -> Agent:
@@ -46,7 +103,7 @@ async def metrics(request: web.Request) -> web.Response:
     agent = _agent(request)
     agent.refresh_health()
     # ~100 lines per probe: rendering 1,000 probes takes a while, and must not stall the probes' event loop
-    body = await asyncio.to_thread(generate_latest, agent.registry)
+    body = await asyncio.to_thread(exposition, agent.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -405,3 +405,22 @@ async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp
     finally:
         await runner.cleanup()
         await agent.stop()
+
+
+def test_fast_exposition_is_byte_identical_to_prometheus_client():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+    from connprobe.web import exposition
+
+    reg = CollectorRegistry()
+    g = Gauge("g", "a gauge\nwith a \\ in its help", ["probe", "target"], registry=reg)
+    g.labels("a", 'http://x/"quoted"\\back\nslash').set(1.5)
+    g.labels("b", "plain").set(float("inf"))
+    Counter("c", "a counter", ["cause"], registry=reg).labels("ok").inc(3)
+    h = Histogram("h", "a histogram", ["phase"], buckets=(0.1, 1.0), registry=reg)
+    h.labels("connect").observe(0.05)
+    h.labels("connect").observe(5)
+    Info("i", "an info", registry=reg).info({"version": "1"})
+    Gauge("empty", "no series yet", ["x"], registry=reg)
+    assert exposition(reg) == generate_latest(reg)
+    assert exposition(reg) == generate_latest(reg)  # and again, from the label cache
