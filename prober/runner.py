@@ -116,7 +116,7 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
                 prep.kind,
                 source,
                 replace(target, address=a),
-                monotonic_ns(),
+                start,  # the probe's start: its duration (and latency budget) includes resolution
                 resolution=res,
                 resolv=conf,
                 prep=prep,
