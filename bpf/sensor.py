@@ -307,39 +307,57 @@ class KernelSensor:
         self.load_seconds = time.monotonic() - t0
 
     def _compile(self, bcc: Any, base: list[str], enabled: list[HookSpec]) -> tuple[Any, dict[HookSpec, str]]:
-        """Compile and attach every enabled hook; if that fails, find the hooks that fail alone and drop them."""
+        """Compile once, then load and attach each hook on its own, so one failure costs one event kind.
+
+        bcc's automatic attaching is off (a failure half-way through its constructor would leave the
+        hooks attached before it with no object to clean them up). If the whole program does not compile,
+        each hook is compiled alone to find the culprits, and the rest is compiled together.
+        """
         failed: dict[HookSpec, str] = {}
         text = SOURCE.read_bytes()
         if self._debug_source:
             hooks = " ".join(f"-D{h.macro}" for h in enabled)
             print(f"// {SOURCE}\n// cflags: {' '.join(base)} {hooks}\n{(BPF_DIR / 'events.h').read_text()}\n"
                   f"{text.decode()}", file=sys.stderr)
+        manual = _manual_attach_class(bcc)
 
-        def attempt(hooks: list[HookSpec]) -> Any:
+        def compile_(hooks: list[HookSpec]) -> Any:
             self.cflags = base + [f"-D{h.macro}" for h in hooks]
-            return bcc.BPF(text=text, cflags=self.cflags)
+            return manual(text=text, cflags=self.cflags)
 
         try:
-            return attempt(enabled), failed
+            bpf = compile_(enabled)
         except Exception as exc:
             first_error = _bpf_error(exc)
-        if not enabled:
-            raise SensorUnavailable(f"BPF load failed: {first_error}")
-        good = []
-        for hook in enabled:
+            good = []
+            for hook in enabled:
+                try:
+                    compile_([hook]).cleanup()
+                except Exception as exc:
+                    failed[hook] = f"compile failed: {_bpf_error(exc)}"
+                    continue
+                good.append(hook)
+            if not good:
+                raise SensorUnavailable(f"BPF compile failed: {first_error}") from None
             try:
-                probe = attempt([hook])
+                bpf = compile_(good)
+            except Exception as exc:
+                raise SensorUnavailable(f"BPF compile failed: {_bpf_error(exc)}") from None
+        for hook in enabled:
+            if hook in failed:
+                continue
+            try:
+                if hook.raw:
+                    bpf.attach_raw_tracepoint(tp=hook.event.encode(), fn_name=f"raw_tracepoint__{hook.event}".encode())
+                else:
+                    bpf.attach_tracepoint(tp=hook.name.encode(),
+                                          fn_name=f"tracepoint__{hook.category}__{hook.event}".encode())
             except Exception as exc:
                 failed[hook] = f"load/attach failed: {_bpf_error(exc)}"
-                continue
-            probe.cleanup()
-            good.append(hook)
-        if not good:
-            raise SensorUnavailable(f"BPF load failed for every hook: {first_error}")
-        try:
-            return attempt(good), failed
-        except Exception as exc:
-            raise SensorUnavailable(f"BPF load failed: {_bpf_error(exc)}") from None
+        if len(failed) == len(enabled):
+            bpf.cleanup()
+            raise SensorUnavailable("BPF load failed for every hook: " + "; ".join(failed.values()))
+        return bpf, failed
 
     def _read_names(self, tracefs: Tracefs) -> KernelNames:
         drops: dict[int, str] = {}
@@ -561,6 +579,14 @@ class KernelSensor:
                     if line.startswith("prog_id:"):
                         ids.append(int(line.split()[1]))
         return sorted(ids)
+
+
+def _manual_attach_class(bcc: Any) -> type:
+    class ManualAttachBPF(bcc.BPF):
+        def _trace_autoload(self) -> None:  # KernelSensor._compile attaches hook by hook
+            return None
+
+    return ManualAttachBPF
 
 
 def _bpf_error(exc: BaseException) -> str:

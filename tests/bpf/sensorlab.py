@@ -4,6 +4,7 @@ between bind() and connect(), as the prober does, and event filters."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -54,10 +55,19 @@ def client_request(lab, sensor: KernelSensor | None, addr: str, port: int, *, re
     return lab.executor("client").call(run)
 
 
-def events_of(sensor: KernelSensor, port: int, settle: float = 0.3) -> list[KernelEvent]:
-    """Every event read so far that involves `port` on either side (after letting late ones arrive)."""
+def lab_netns(lab) -> set[int]:
+    from connprobe.lab.topology import ROLES
+
+    return {lab.ns(role).inode for role in ROLES}
+
+
+def events_of(sensor: KernelSensor, port: int, lab=None, settle: float = 0.3) -> list[KernelEvent]:
+    """Every event read so far that involves `port` on either side (after letting late ones arrive), seen in
+    one of `lab`'s namespaces (or, without a lab, in this process's own). The sensor watches ports on the
+    whole node: another lab on this machine (same addresses, other namespaces) may use the same port."""
     time.sleep(settle)
-    return [e for e in sensor.drain() if port in (e.sport, e.dport)]
+    keep = lab_netns(lab) if lab is not None else {os.stat("/proc/self/ns/net").st_ino}
+    return [e for e in sensor.drain() if port in (e.sport, e.dport) and e.netns in keep]
 
 
 def kinds(events: list[KernelEvent]) -> set[EventKind]:

@@ -214,7 +214,7 @@ def test_udp_to_a_closed_port_gives_no_socket_drop_and_icmp(lab, sensor):
 
     lport, err = lab.executor("client").call(query)
     try:
-        evs = events_of(sensor, lport)
+        evs = events_of(sensor, lport, lab)
     finally:
         sensor.unwatch("udp", lport)
     assert err == errno.ECONNREFUSED
@@ -239,7 +239,7 @@ def test_offsets_decode_a_packet_whose_tuple_is_known(lab, sensor):
         with lab.no_listener("srv2"):
             run = client_request(lab, sensor, addr, 8080)
         try:
-            evs = events_of(sensor, run.local_port)
+            evs = events_of(sensor, run.local_port, lab)
         finally:
             sensor.unwatch("tcp", run.local_port)
         (drop,) = [e for e in evs if e.kind == EventKind.DROP]
@@ -320,3 +320,27 @@ def test_source_switch_prints_the_program_and_its_flags(capfd):
     err = capfd.readouterr().err
     assert "TRACEPOINT_PROBE(skb, kfree_skb)" in err and "struct cp_event {" in err
     assert "-DOFF_SKB_HEAD=" in err and "-DHOOK_SKB_KFREE_SKB" in err
+
+
+@kernel
+def test_a_hook_that_fails_to_attach_costs_only_itself(tmp_path):
+    """A tracepoint that passes the format check but cannot be attached (here: one the kernel lacks, with a
+    format file planted in a copied tracefs) is reported in status(); every other hook is attached, and
+    nothing of the failed one stays loaded."""
+    from bpf.sensor import HookSpec
+
+    real = Path("/sys/kernel/tracing/events")
+    for hook in HOOKS:
+        dst = tmp_path / "events" / hook.category / hook.event
+        dst.mkdir(parents=True)
+        shutil.copy(real / hook.category / hook.event / "format", dst / "format")
+    bogus = HookSpec("tcp", "tcp_connprobe_bogus", EventKind.RETRANSMIT, ())
+    (tmp_path / "events" / "tcp" / bogus.event).mkdir()
+    shutil.copy(real / "tcp" / "tcp_retransmit_skb" / "format", tmp_path / "events" / "tcp" / bogus.event / "format")
+    with KernelSensor(tracefs_root=tmp_path, hooks=(*HOOKS, bogus)) as sensor:
+        status = {h.name: h for h in sensor.status()}
+        assert not status[bogus.name].attached and "load/attach failed" in status[bogus.name].detail
+        assert all(status[h.name].attached for h in HOOKS)
+        ids = sensor.prog_ids()
+        assert len(ids) == len(HOOKS)
+    assert not still_loaded(ids)

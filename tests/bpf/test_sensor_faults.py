@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bpf.types import EventKind
-from tests.bpf.sensorlab import client_request, events_of, http_get, kinds
+from tests.bpf.sensorlab import client_request, events_of, http_get, kinds, lab_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -33,7 +33,7 @@ def test_syn_dropped_by_nftables_in_server_ns(lab, sensor, family):
     with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
         run = client_request(lab, sensor, srv, port, timeout=2.5)
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == errno.ETIMEDOUT
@@ -52,7 +52,7 @@ def test_syn_dropped_by_nftables_in_server_ns(lab, sensor, family):
         assert (r.tcp_state, r.netns) == ("SYN_SENT", lab.ns("client").inode)
         assert (r.saddr, r.sport, r.daddr, r.dport) == client
     assert len(drops) == len(retrans) + 1  # a policy drops every copy of the SYN
-    assert not [e for e in evs if e.kind == EventKind.STATE and e.tcp_state == "ESTABLISHED"]
+    assert not [e for e in evs if e.kind == EventKind.STATE and e.tcp_state == "ESTABLISHED"], evs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -65,7 +65,7 @@ def test_random_loss_shows_established_retransmits_and_tc_drops(lab, sensor, fam
             run = client_request(lab, sensor, srv, port, request=http_get("/bytes/1000000"), timeout=5)
             runs.append(run)
             try:
-                evs += events_of(sensor, run.local_port)
+                evs += events_of(sensor, run.local_port, lab)
             finally:
                 sensor.unwatch("tcp", run.local_port)
             if any(e.kind == EventKind.RETRANSMIT and e.tcp_state == "ESTABLISHED" for e in evs) and any(
@@ -96,7 +96,7 @@ def test_no_listener_gives_reset_no_socket(lab, sensor, family):
     with lab.no_listener("srv1"):
         run = client_request(lab, sensor, srv, port)
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == errno.ECONNREFUSED
@@ -123,7 +123,7 @@ def test_healthy_and_slow_upstream_show_no_fault_signature(lab, sensor, family, 
         run = client_request(lab, sensor, srv, port, request=http_get("/ok"))
         took = time.monotonic() - t0
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == 0 and run.received > 0 and took >= delay
@@ -143,7 +143,7 @@ def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
     port = lab.server("srv1").port
     before = sensor.counters()
     with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
-        run = client_request(lab, sensor, srv, port, timeout=1.5, watch=False)
+        run = client_request(lab, sensor, srv, port, timeout=2.5, watch=False)
     with lab.no_listener("srv1"):
         run2 = client_request(lab, sensor, srv, port, watch=False)
     time.sleep(0.3)
@@ -151,7 +151,7 @@ def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
     after = sensor.counters()
     assert (run.error, run2.error) == (errno.ETIMEDOUT, errno.ECONNREFUSED)
     mine = {run.local_port, run2.local_port}
-    assert not [e for e in all_events if mine & {e.sport, e.dport}]
+    assert not [e for e in all_events if mine & {e.sport, e.dport} and e.netns in lab_netns(lab)]
     grew = {
         key: after.events.get(key, 0) - before.events.get(key, 0)
         for key in ((EventKind.DROP, "NETFILTER_DROP"), (EventKind.RETRANSMIT, "SYN_SENT"),
@@ -177,7 +177,7 @@ def test_unwatched_flow_sends_nothing_but_counters_move(lab, sensor, family):
                 break
     assert tc >= 1 and retrans >= 1, (tc, retrans)
     time.sleep(0.3)
-    assert not [e for e in sensor.drain() if ports & {e.sport, e.dport}]
+    assert not [e for e in sensor.drain() if ports & {e.sport, e.dport} and e.netns in lab_netns(lab)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -188,9 +188,9 @@ def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor, family):
     vip = lab.vip4 if family == 4 else lab.vip6
     port = lab.server("srv1").port
     with lab.policy_drop("srv1", direction="in", proto="tcp", port=port):
-        run = client_request(lab, sensor, vip, lab.vip_port, timeout=1.5)
+        run = client_request(lab, sensor, vip, lab.vip_port, timeout=2.5)
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == errno.ETIMEDOUT
@@ -233,7 +233,7 @@ def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
     server = lab.dns_addr4 if family == 4 else lab.dns_addr6
     lport, qlen, err, answer = dns_query(lab, sensor, server)
     try:
-        evs = events_of(sensor, lport)
+        evs = events_of(sensor, lport, lab)
     finally:
         sensor.unwatch("udp", lport)
     assert err == 0 and answer
@@ -247,7 +247,7 @@ def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
     with lab.policy_drop("dns", direction="in", proto="udp", port=53):
         lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5)
     try:
-        evs = events_of(sensor, lport)
+        evs = events_of(sensor, lport, lab)
     finally:
         sensor.unwatch("udp", lport)
     assert err == errno.ETIMEDOUT
@@ -262,9 +262,9 @@ def test_egress_dropped_by_nftables_in_client_ns(lab, sensor, family):
     srv = srv_addr(lab, family)
     port = lab.server("srv1").port
     with lab.policy_drop("client", direction="out", proto="tcp", port=port):
-        run = client_request(lab, sensor, srv, port, timeout=1.5)
+        run = client_request(lab, sensor, srv, port, timeout=2.5)
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == errno.ETIMEDOUT
@@ -284,7 +284,7 @@ def test_policy_reject_is_a_netfilter_drop_and_a_reset_the_server_never_sent(lab
     with lab.policy_drop("srv1", direction="in", proto="tcp", port=port, action="reject"):
         run = client_request(lab, sensor, srv, port)
     try:
-        evs = events_of(sensor, run.local_port)
+        evs = events_of(sensor, run.local_port, lab)
     finally:
         sensor.unwatch("tcp", run.local_port)
     assert run.error == errno.ECONNREFUSED
