@@ -10,7 +10,7 @@ from correlator.rules import RULES, Context, EvidenceStatus, Finding
 from correlator.types import Cause, Verdict
 from prober.types import ProbeResult
 
-LOST_EVENTS_FACTOR = 0.6
+LOST_EVENTS_FACTOR = 0.5
 NO_KERNEL_CAP = 0.5
 
 
