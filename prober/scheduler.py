@@ -78,6 +78,7 @@ class Scheduler:
         self._starved: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
         self._last_tick_ns = 0
         self._stopping = False
+        self._retiring: set[str] = set()  # probes whose loop ends after the run in flight
 
     # ------------------------------------------------------------ lifecycle
 
@@ -118,6 +119,45 @@ class Scheduler:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    # ------------------------------------------------------------ reload: one probe at a time
+
+    def add(self, spec: ProbeSpec) -> None:
+        """Start scheduling one more probe (a started scheduler only)."""
+        if self._sem is None:
+            raise RuntimeError("scheduler not started")
+        if spec.name in self._tasks:
+            raise ValueError(f"probe {spec.name!r} is already scheduled")
+        self._tasks[spec.name] = asyncio.create_task(self._loop(spec), name=f"connprobe-probe-{spec.name}")
+
+    async def retire(self, name: str, grace: float = 5.0) -> bool:
+        """Stop one probe; a run in flight may finish within `grace` s and its result is published.
+
+        True when nothing was cut short.
+        """
+        task = self._tasks.get(name)
+        if task is None:
+            return True
+        clean = True
+        if name in self._busy and not task.done():
+            self._retiring.add(name)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            except TimeoutError:
+                clean = False
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+            finally:
+                self._retiring.discard(name)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
+        return clean
+
+    def scheduled(self) -> set[str]:
+        return set(self._tasks)
+
     # ------------------------------------------------------------ probing
 
     def _wait(self, spec: ProbeSpec) -> float:
@@ -144,6 +184,8 @@ class Scheduler:
                     self._busy.discard(spec.name)
             self.stats.runs += 1
             self._publish(results)
+            if spec.name in self._retiring:
+                return
             next_at += self._wait(spec)
             now = loop.time()
             if next_at < now:  # the run outlasted its interval: skip the missed ticks, don't pile up

@@ -145,3 +145,36 @@ def test_duplicate_names_rejected():
 
 async def test_run_probe_is_the_default():
     assert Scheduler([]).__dict__["_run"] is run_probe
+
+
+async def test_add_and_retire_one_probe():
+    rec = Recorder(duration=0.2)
+    sched = Scheduler(_probes(1, 0.05), run=rec)
+    before = asyncio.all_tasks()
+    with pytest.raises(RuntimeError, match="not started"):
+        sched.add(_probes(2, 0.05)[1])
+    async with sched:
+        sched.add(_probes(2, 0.05)[1])
+        with pytest.raises(ValueError, match="already scheduled"):
+            sched.add(_probes(2, 0.05)[1])
+        assert sched.scheduled() == {"p0", "p1"}
+        while "p1" not in sched._busy:
+            await asyncio.sleep(0.01)
+        assert await sched.retire("p1", grace=1.0) is True  # the run in flight finished
+        names = [sched.results.get_nowait().name for _ in range(sched.results.qsize())]
+        assert "p1" in names  # ... and its result was published
+        assert sched.scheduled() == {"p0"}
+        assert await sched.retire("nope") is True
+    assert asyncio.all_tasks() == before
+
+
+async def test_retire_cuts_a_long_run_short_after_the_grace():
+    rec = Recorder(duration=5.0)
+    before = asyncio.all_tasks()
+    async with Scheduler(_probes(1, 0.05), run=rec) as sched:
+        while "p0" not in sched._busy:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        assert await sched.retire("p0", grace=0.05) is False
+        assert time.monotonic() - t0 < 0.5 and rec.total == 0 and sched.scheduled() == set()
+    assert asyncio.all_tasks() == before
