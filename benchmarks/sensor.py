@@ -194,18 +194,23 @@ def main() -> int:
 
 
 def run_rates(lab, addr: str, port: int, args) -> None:
-    from bpf.sensor import KernelSensor
+    from bpf.sensor import KernelSensor, bpf_run_time_stats
 
     ex = lab.executor("client")
     lab.exec("client", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
     ex.call(connect_loop, addr, port, 300)  # warm-up
     modes: dict[str, list[float]] = {"detached": [], "attached, unwatched": [], "attached, all watched": []}
     delivered = lost = 0
+    bpf_ns: list[float] = []
+
     async def attached_round() -> None:
         nonlocal delivered, lost
         async with KernelSensor() as s:  # the ring buffer is read on this loop while the thread connects
-            modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
-                                                                        args.conns))
+            with bpf_run_time_stats():
+                before = sum(ns for _n, ns in s.prog_stats().values())
+                modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
+                                                                            args.conns))
+                bpf_ns.append((sum(ns for _n, ns in s.prog_stats().values()) - before) / args.conns)
             s.drain()
             modes["attached, all watched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
                                                                           args.conns, s))
@@ -222,6 +227,10 @@ def run_rates(lab, addr: str, port: int, args) -> None:
     for mode, rates in modes.items():
         med = statistics.median(rates)
         print(f"{mode:<24} {med:8.0f} conn/s  {med / base:5.3f}x  (rounds: {', '.join(f'{r:.0f}' for r in rates)})")
+    conn_us = 1e6 / base
+    print(f"BPF run time per connection, unwatched (kernel run-time stats): median "
+          f"{statistics.median(bpf_ns) / 1000:.2f} us = {statistics.median(bpf_ns) / 10 / conn_us:.2f} % of a "
+          f"detached connection's {conn_us:.0f} us")
     ratios = [a / d for a, d in zip(modes["attached, unwatched"], modes["detached"], strict=True)]
     print(f"attached/detached per round (paired): median {statistics.median(ratios):.3f}x "
           f"({', '.join(f'{r:.2f}' for r in ratios)})")

@@ -24,11 +24,14 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ __all__ = [
     "SensorCounters",
     "SensorError",
     "SensorUnavailable",
+    "bpf_run_time_stats",
 ]
 
 log = logging.getLogger(__name__)
@@ -569,6 +573,21 @@ class KernelSensor:
     def names(self) -> KernelNames:
         return self._names
 
+    def prog_stats(self) -> dict[str, tuple[int, int]]:
+        """Per attached program: (times run, total ns spent in it), from /proc/self/fdinfo. Both stay 0 unless
+        the kernel's BPF run-time statistics are on (`bpf_run_time_stats()` or kernel.bpf_stats_enabled)."""
+        bpf = self._require_open()
+        out = {}
+        for name, fn in bpf.funcs.items():
+            fields = {}
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    fields[key] = value.strip()
+            out[name.decode() if isinstance(name, bytes) else name] = (
+                int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
+        return out
+
     def prog_ids(self) -> list[int]:
         """Kernel ids of the loaded BPF programs (from /proc/self/fdinfo), for `bpftool prog show id N`."""
         bpf = self._require_open()
@@ -579,6 +598,29 @@ class KernelSensor:
                     if line.startswith("prog_id:"):
                         ids.append(int(line.split()[1]))
         return sorted(ids)
+
+
+@contextlib.contextmanager
+def bpf_run_time_stats() -> Iterator[None]:
+    """Turn on the kernel's per-program run-time statistics while the block runs (bpf(BPF_ENABLE_STATS):
+    off again when the returned fd closes, so nothing global is left changed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("<I", 0), 8)  # BPF_STATS_RUN_TIME
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf syscall number unknown on {os.uname().machine}")
+    fd = libc.syscall(nr, _BPF_ENABLE_STATS, attr, 8)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+_BPF_ENABLE_STATS = 32
 
 
 def _manual_attach_class(bcc: Any) -> type:

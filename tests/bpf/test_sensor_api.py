@@ -344,3 +344,20 @@ def test_a_hook_that_fails_to_attach_costs_only_itself(tmp_path):
         ids = sensor.prog_ids()
         assert len(ids) == len(HOOKS)
     assert not still_loaded(ids)
+
+
+@kernel
+def test_run_time_stats_count_program_runs_while_enabled():
+    from bpf.sensor import bpf_run_time_stats
+
+    lst = listener()
+    try:
+        with KernelSensor(ring_pages=1) as sensor:
+            with bpf_run_time_stats():
+                before = sensor.prog_stats()["tracepoint__sock__inet_sock_set_state"]
+                loopback_pair(5, lst)
+                after = sensor.prog_stats()["tracepoint__sock__inet_sock_set_state"]
+            assert after[0] - before[0] >= 5 * 4  # each connection changes state several times on each side
+            assert after[1] > before[1]
+    finally:
+        lst.close()
