@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_arguments(agent)
     agent.set_defaults(func=_agent)
 
-    demo = sub.add_parser("demo", help="bring the lab up, probe it under each fault, print what happened")
+    demo = sub.add_parser("demo", help="run the agent on the lab with faults switching on and off; show verdicts")
+    from connprobe.demo import add_arguments as demo_arguments
+
+    demo_arguments(demo)
     demo.set_defaults(func=_demo)
     return parser
 
