@@ -212,6 +212,7 @@ class KernelSensor:
         self._decode_errors = 0
         self._closed = False
         self._cb: Any = None
+        self._final: SensorCounters | None = None
         self.load_seconds: float | None = None
         self.cflags: list[str] = []
 
@@ -407,6 +408,8 @@ class KernelSensor:
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._bpf.ring_buffer_consume()
+            with contextlib.suppress(Exception):
+                self._final = self.counters()  # what counters()/lost_events answer after close
         self._teardown()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -530,6 +533,8 @@ class KernelSensor:
 
     @property
     def ring_lost(self) -> int:
+        if self._bpf is None and self._final is not None:
+            return self._final.ring_lost
         bpf = self._require_open()
         return sum(sum(v) for v in bpf[b"lost"].values())
 
@@ -543,6 +548,9 @@ class KernelSensor:
         return self._decode_errors
 
     def counters(self) -> SensorCounters:
+        """In-kernel counts since load (after close: the last counts, read while closing)."""
+        if self._bpf is None and self._final is not None:
+            return self._final
         bpf = self._require_open()
         kinds = {v: k for k, v in NUMBER_BY_KIND.items()}
         events: collections.Counter[tuple[EventKind, str]] = collections.Counter()

@@ -118,6 +118,8 @@ async def test_async_iteration_delivers_watched_events_only():
             assert c.lost == 0 and c.delivered == len(seen)
         assert sensor.closed
         assert await sensor.next_event(timeout=0.1) is None  # iteration ends after close
+        assert sensor.counters().total(EventKind.STATE, "ESTABLISHED", watched=True) == 2  # last counts kept
+        assert sensor.lost_events == 0
     finally:
         lst.close()
         other.close()
