@@ -1,10 +1,12 @@
 /* connprobe kernel sensor: stable tracepoints only (no kprobes, no fentry).
  *
  * Compiled by bcc with -D flags from bpf/sensor.py:
- *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout)
+ *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout);
+ *                    the optional ones (OFF_SK_ERR, OFF_SK_PROTOCOL, OFF_INET_SPORT) only when present
  *   RING_PAGES       ring-buffer size in pages (power of two)
  *   WATCH_MAX        size of the watch list
- *   HOOK_*           one per tracepoint that passed its feature check on this kernel
+ *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/sensor.py
+ *                    attaches each program itself, so one that fails to load costs only its event kind)
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
  *
  * Events of watched flows (proto + local port on the watch list, matched on either port so the server
