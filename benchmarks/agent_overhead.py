@@ -104,22 +104,26 @@ def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> d
                 raise SystemExit("agent not ready after 60 s")
             time.sleep(0.2)
         time.sleep(args.warmup)
+        s0 = time.monotonic()
         _, body = get(url + "/metrics")
-        before, cpu0, t0 = totals(body.decode()), proc_cpu(proc.pid), time.monotonic()
+        # counters are read at render time, somewhere inside the scrape: date them at its midpoint
+        before, cpu0, t0, r0 = totals(body.decode()), proc_cpu(proc.pid), time.monotonic(), (s0 + time.monotonic()) / 2
         scrape_ms, sizes, lines = [], [], []
         gap = args.duration / args.scrapes
         for _ in range(args.scrapes):
             time.sleep(gap)
-            s0 = time.perf_counter()
+            s0 = time.monotonic()
             _, body = get(url + "/metrics")
-            scrape_ms.append((time.perf_counter() - s0) * 1000)
+            s1 = time.monotonic()
+            scrape_ms.append((s1 - s0) * 1000)
             sizes.append(len(body))
             lines.append(body.count(b"\n"))
-        cpu1, t1 = proc_cpu(proc.pid), time.monotonic()
+        cpu1, t1, r1 = proc_cpu(proc.pid), time.monotonic(), (s0 + s1) / 2
         after = totals(body.decode())
         mem = proc_mem(proc.pid)
         elapsed = t1 - t0
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        rate_window = r1 - r0
         scrape_ms.sort()
         return {
             "mode": mode,
@@ -129,7 +133,7 @@ def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> d
             "cpu_percent": round(100 * (cpu1 - cpu0) / elapsed, 1),
             "rss_mib": round(mem["VmRSS"], 1),
             "peak_rss_mib": round(mem["VmHWM"], 1),
-            "verdicts_per_s": round(d.get("connprobe_probes_total", 0) / elapsed, 1),
+            "verdicts_per_s": round(d.get("connprobe_probes_total", 0) / rate_window, 1),
             "scrape_ms_median": round(statistics.median(scrape_ms), 1),
             "scrape_ms_p95": round(scrape_ms[int(0.95 * (len(scrape_ms) - 1))], 1),
             "scrape_ms_max": round(scrape_ms[-1], 1),
