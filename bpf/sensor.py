@@ -164,6 +164,25 @@ def import_bcc() -> Any:
     return bcc
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def missing_capabilities(status: Path = Path("/proc/self/status")) -> list[str]:
+    """Capabilities the process lacks to load and attach tracing programs (empty: none missing).
+
+    Checked up front: without them every program fails to load one by one, slowly and with a message
+    that does not say why.
+    """
+    try:
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return []  # cannot tell: let the load itself decide
+    eff = int(line.split()[1], 16)
+    if eff >> CAP_SYS_ADMIN & 1:
+        return []
+    return [name for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not eff >> bit & 1]
+
+
 class KernelSensor:
     """Loads the BPF programs, keeps the watch list, and delivers decoded events.
 
@@ -248,6 +267,12 @@ class KernelSensor:
         bcc = import_bcc()
         if os.geteuid() != 0:
             raise SensorUnavailable("not root: the kernel sensor needs root (CAP_BPF and CAP_PERFMON)")
+        missing = missing_capabilities()
+        if missing:
+            raise SensorUnavailable(
+                f"root without {' and '.join(missing)}: loading BPF tracing programs needs them "
+                "(or CAP_SYS_ADMIN); grant them to the process (a container: securityContext.capabilities.add)"
+            )
         try:
             tracefs = Tracefs(self._tracefs_root)
         except TracefsUnavailable as exc:
