@@ -145,43 +145,6 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     return parse_agent_config(text, str(p))
 
 
-# -- a scheduler whose probes can be added and retired one by one -----------------------------------------
-
-
-class ReloadableScheduler(Scheduler):
-    """`prober.scheduler.Scheduler` plus `add(spec)` and `retire(name)` for reloads.
-
-    `retire` lets a run in flight finish (its result is published as usual) and cancels the probe's loop
-    while it waits for its next tick, so a reload never drops a probe in flight.
-    """
-
-    def add(self, spec: ProbeSpec) -> None:
-        if spec.name in self._tasks:
-            raise ValueError(f"probe {spec.name!r} is already scheduled")
-        self._tasks[spec.name] = asyncio.create_task(self._loop(spec), name=f"connprobe-probe-{spec.name}")
-
-    async def retire(self, name: str, grace: float) -> bool:
-        """Stop one probe after its run in flight (at most `grace` s). True when nothing was cut short."""
-        task = self._tasks.get(name)
-        if task is None:
-            return True
-        deadline = time.monotonic() + grace
-        clean = True
-        while name in self._busy and not task.done():
-            if time.monotonic() >= deadline:
-                clean = False
-                break
-            await asyncio.sleep(0.02)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if self._tasks.get(name) is task:
-            del self._tasks[name]
-        return clean
-
-    def scheduled(self) -> set[str]:
-        return set(self._tasks)
-
-
 # -- kernel evidence indexed by port -------------------------------------------------------------------------
 
 
@@ -343,7 +306,7 @@ class Agent:
         self.active: AgentConfig | None = None
         self.evidence: KernelEvidence | None = None
         self.env: ProbeEnv | None = None
-        self.scheduler: ReloadableScheduler | None = None
+        self.scheduler: Scheduler | None = None
         self.results: asyncio.Queue[ProbeResult] = asyncio.Queue(10_000)
         self.results_dropped = 0
         self.sensor_state = "loading"
@@ -394,7 +357,7 @@ class Agent:
             self.sensor_state = f"off: {evidence.unavailable_reason}"
             log.warning("kernel evidence is off: %s; verdicts will say so", evidence.unavailable_reason)
         assert self.active is not None and self.env is not None
-        self.scheduler = ReloadableScheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
+        self.scheduler = Scheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
                                              queue=self.results)
         await self.scheduler.start()
         self.ready = True
