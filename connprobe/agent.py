@@ -18,8 +18,7 @@
   start, and the series of removed probes (or of a probe's old target) disappear from `/metrics`.
 
 Latency budgets: a probe's `budget:` (or its module's `budget:`) is a duration; a probe slower than its
-budget gets a verdict even when it succeeded. The keys are read here and taken out before the rest of the
-file goes to `connprobe.config.parse_config`, so `budget` needs no change to the probe specs.
+budget gets a verdict even when it succeeded (`ProbeSpec.effective_budget`).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import prometheus_client
-import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -54,7 +52,7 @@ from correlator.rules import EvidenceStatus
 from correlator.types import Verdict
 from prober.core import ProbeEnv
 from prober.scheduler import Scheduler
-from prober.spec import ProbeSpec, parse_duration
+from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
 
 __all__ = ["Agent", "AgentConfig", "add_arguments", "load_agent_config", "parse_agent_config", "run"]
@@ -83,56 +81,10 @@ class AgentConfig:
         return int(b * 1e9) if b is not None else None
 
 
-def _take_budget(owner: str, body: Any, errors: list[str]) -> float | None:
-    if not isinstance(body, dict) or "budget" not in body:
-        return None
-    value = body.pop("budget")
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        errors.append(f"{owner}: budget: {exc}")
-        return None
-    if seconds <= 0:
-        errors.append(f"{owner}: budget: must be greater than 0")
-        return None
-    return seconds
-
-
 def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
-    """The probe configuration plus latency budgets; raises ConfigError (one line per problem)."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parse_config(text, filename)  # raises the canonical one-line error
-        raise
-    if not isinstance(raw, dict):
-        return AgentConfig(parse_config(text, filename), {}, filename)
-    errors: list[str] = []
-    module_budgets: dict[str, float] = {}
-    modules = raw.get("modules")
-    if isinstance(modules, dict):
-        for name, body in modules.items():
-            b = _take_budget(f'module "{name}"', body, errors)
-            if b is not None:
-                module_budgets[str(name)] = b
-    budgets: dict[str, float] = {}
-    probes = raw.get("probes")
-    if isinstance(probes, list):
-        for i, body in enumerate(probes):
-            name = body.get("name") if isinstance(body, dict) else None
-            owner = f'probe "{name}"' if isinstance(name, str) and name else f"probes[{i}]"
-            b = _take_budget(owner, body, errors)
-            if isinstance(name, str) and name:
-                mod = body.get("module")
-                b = b if b is not None else module_budgets.get(str(mod)) if mod is not None else None
-                if b is not None:
-                    budgets[name] = b
-    try:
-        config = parse_config(yaml.safe_dump(raw, sort_keys=False), filename)
-    except ConfigError as exc:
-        raise ConfigError(errors + exc.errors) from None
-    if errors:
-        raise ConfigError(errors)
+    """The probe configuration plus each probe's latency budget; raises ConfigError (one line per problem)."""
+    config = parse_config(text, filename)
+    budgets = {p.name: p.effective_budget for p in config.probes if p.effective_budget is not None}
     return AgentConfig(config, budgets, filename)
 
 

@@ -187,8 +187,9 @@ def check_config_main(args: Any) -> int:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no probes"
     print(f"{path}: OK: {len(cfg.modules)} modules, {len(cfg.probes)} probes ({summary})")
     for p in cfg.probes:
+        budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
         print(f"  {p.name}: {p.module.prober} {_shown_target(p)} from {p.source} every {p.interval:g}s, "
-              f"timeout {p.effective_timeout:g}s")
+              f"timeout {p.effective_timeout:g}s{budget}")
     return 0
 
 

@@ -189,6 +189,7 @@ class ModuleSpec(Frozen):
 
     prober: ProberName
     timeout: Duration = 5.0
+    budget: Duration | None = None  # latency budget: a slower probe gets a verdict even when it succeeded
     ip_policy: Literal["all", "first", "ipv4", "ipv6"] = "first"
     http: HTTPSpec | None = None
     tcp: TCPSpec | None = None
@@ -217,12 +218,17 @@ class ProbeSpec(Frozen):
     source: str = "host"
     interval: Duration = 15.0
     timeout: Duration | None = None  # default: the module's
+    budget: Duration | None = None  # default: the module's
     jitter: float = Field(default=0.1, ge=0, le=1)  # fraction of the interval, +/- on each wait
     labels: dict[str, str] = Field(default_factory=dict)
 
     @property
     def effective_timeout(self) -> float:
         return self.timeout if self.timeout is not None else self.module.timeout
+
+    @property
+    def effective_budget(self) -> float | None:
+        return self.budget if self.budget is not None else self.module.budget
 
     @field_validator("source")
     @classmethod

@@ -21,6 +21,7 @@ EXPECTED = {
     "missing_target": 'probe "db": target: required',
     "missing_name": "probes[0]: name: required",
     "bad_duration": "probe \"db\": interval: expected a duration like 5s or 250ms, got 'soon'",
+    "bad_budget": "module \"web\": budget: expected a duration like 5s or 250ms, got '-1s'",
     "timeout_longer_than_interval": 'probe "db": timeout: 10s is longer than interval 5s',
     "target_not_url": "probe \"api\": target: http target must be an http:// or https:// URL, "
     "got 'srv1.lab.test:8080'",
