@@ -89,7 +89,7 @@ def test_metrics_port_health_checks_and_scrape_annotations_agree(objs, pod):
     (port,) = agent["ports"]
     annotations = objs[("DaemonSet", "connprobe")]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(port["containerPort"])
-    assert any(a.endswith(f":{port['containerPort']}") for a in agent["args"] if a.startswith("--listen-address="))
+    assert any(a.endswith(f":{port['containerPort']}") for a in agent["args"] if a.startswith("--listen="))
     assert agent["readinessProbe"]["httpGet"]["path"] == "/-/ready"
     assert agent["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
     svc = objs[("Service", "connprobe")]["spec"]
@@ -118,3 +118,14 @@ def test_configmap_holds_a_config_connprobe_accepts(objs, pod):
     config = parse_config(objs[("ConfigMap", cm_name)]["data"]["config.yaml"], "configmap.yaml")
     assert {p.module.prober for p in config.probes} == {"http", "tcp", "dns"}
     assert all(p.source == "host" for p in config.probes)
+
+
+def test_the_container_arguments_are_ones_the_cli_accepts(pod):
+    from connprobe.agent import parse_listen
+    from connprobe.cli import build_parser
+
+    (agent,) = pod["containers"]
+    args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in agent["args"]]
+    ns = build_parser().parse_args(args)
+    assert ns.command == "agent" and ns.config == "/etc/connprobe/config.yaml"
+    assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
