@@ -66,9 +66,15 @@ class _Conn(BaseProtocol):
                 self.payload = payload
                 self.response.set_result(msg)
 
+    def _reject(self, exc: BaseException) -> None:
+        """Fail the response future. Nobody awaits it when the probe already gave up (timeout, failed write):
+        mark the exception as seen so asyncio does not log 'Future exception was never retrieved'."""
+        self.response.set_exception(exc)
+        self.response.exception()
+
     def _fail(self, exc: BaseException) -> None:
         if not self.response.done():
-            self.response.set_exception(exc)
+            self._reject(exc)
         elif self.payload is not None and not self.payload.is_eof():
             self.payload.set_exception(exc)
 
@@ -79,7 +85,7 @@ class _Conn(BaseProtocol):
         except Exception as underlying:
             self._fail(ClientPayloadError(f"response payload is not completed: {underlying!r}"))
         if not self.response.done():
-            self.response.set_exception(ServerDisconnectedError())
+            self._reject(ServerDisconnectedError())
         elif self.payload is not None and not self.payload.is_eof():
             self.payload.set_exception(ClientPayloadError("response payload is not completed"))
 
