@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import collections
 import contextlib
 import functools
@@ -48,7 +47,6 @@ from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
-from correlator.rules import EvidenceStatus
 from correlator.types import Verdict
 from prober.core import ProbeEnv
 from prober.scheduler import Scheduler
@@ -132,20 +130,8 @@ class IndexedEvidence(KernelEvidence):
             if not dq:
                 del self._by_port[key]
 
-    def _lost_between(self, lo: int, hi: int) -> int:
-        i = max(bisect.bisect_right(self._lost_samples, lo, key=lambda s: s[0]) - 1, 0)
-        return self._lost_samples[-1][1] - self._lost_samples[i][1]
-
-    async def collect(self, result: ProbeResult) -> tuple[list[KernelEvent], EvidenceStatus]:
-        if self.sensor is None:
-            return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
-        wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
-        if wait > 0:
-            await asyncio.sleep(wait)
-        for ev in self.sensor.drain():  # whatever the pump has not picked up yet
-            self._add(ev)
-        self._sample_lost()
-        lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
+    def _window(self, result: ProbeResult, lo: int, hi: int) -> list[KernelEvent]:
+        """Only the events of the result's own ports (a full scan of the window cost ms per probe)."""
         ports = {(str(f.proto), f.local_port) for f in result.flows}
         ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
         seen: dict[int, KernelEvent] = {}
@@ -155,10 +141,7 @@ class IndexedEvidence(KernelEvidence):
                     break
                 if lo <= e.ts_ns <= hi:
                     seen[id(e)] = e
-        events = sorted(seen.values(), key=lambda e: e.ts_ns)
-        lost = self._lost_between(result.start_ns, hi)
-        self.release(result)
-        return events, EvidenceStatus(available=True, lost_events=lost)
+        return sorted(seen.values(), key=lambda e: e.ts_ns)
 
 
 # -- the agent -----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from bpf.types import KernelEvent
+from connprobe import timeline
 from connprobe.evidence import KernelEvidence
 from connprobe.netnames import netns_names
+from connprobe.timeline import name_namespaces
 from correlator import Cause, Verdict, correlate
 from correlator.record import Recording, dumps, to_jsonable
 from correlator.rules import EvidenceStatus
@@ -202,39 +203,20 @@ def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -
         head += f" → {r.address}"
     head += f"  from {r.source}"
     out.print(f"[bold]{escape(head)}[/bold]")
-    rows: list[tuple[int, str]] = []
-    for p in r.phases:
-        rows.append((p.start_ns, f"[cyan]{p.name:<10}[/cyan] {p.duration_ns / 1e6:9.1f} ms"))
-    for tx in r.dns:
-        took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
-        rows.append((tx.start_ns, f"  dns {tx.qtype} {escape(tx.name)} @{tx.server}: {tx.rcode or '-'} ({took})"))
-    for e in v.evidence:
-        where = names.get(e.netns, f"netns {e.netns}")
-        bits = [str(e.kind)]
-        bits += [x for x in (e.reason, e.tcp_state, f"flags {e.tcp_flags}" if e.tcp_flags else None) if x]
-        bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport}")
-        bits.append(f"in {where}")
-        if e.location:
-            bits.append(f"at {e.location}")
-        rows.append((e.ts_ns, "  [magenta]▲ kernel[/magenta] " + escape(" ".join(bits))))
-    rows.sort(key=lambda x: x[0])
-    for ts, text in rows:
-        out.print(f"  {(ts - r.start_ns) / 1e6:+9.1f} ms  {text}")
-    end = f"{r.duration_ns / 1e6:.1f} ms"
-    outcome = "ok" if r.ok else f"{r.error.value if r.error else 'failed'}"
-    if r.http_status:
-        outcome += f", HTTP {r.http_status}"
-    out.print(f"  {(r.end_ns - r.start_ns) / 1e6:+9.1f} ms  end ({outcome}, {end})")
+    for row in timeline.rows(v, names):
+        text = escape(row.text)
+        if row.kind == "phase":
+            text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel":
+            text = f"  [magenta]▲ kernel[/magenta] {text}"
+        elif row.kind == "dns":
+            text = f"  {text}"
+        out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
     for f in v.facts[1:]:
         out.print(f"      · {escape(name_namespaces(f, names))}")
     style = CAUSE_STYLE.get(v.cause, "red")
     line = name_namespaces(v.summary.removeprefix(f"{r.name}: "), names)
     out.print(f"  [bold {style}]verdict: {escape(line)}[/bold {style}]  [dim](rule {v.rule})[/dim]")
-
-
-def name_namespaces(text: str, names: dict[int, str]) -> str:
-    """`netns 4026532481` → `cp-1a2b3c-srv1` where the inode has a name."""
-    return re.sub(r"netns (\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), text)
 
 
 def exit_code(attempts: list[Attempt]) -> int:

@@ -84,8 +84,7 @@ class KernelEvidence:
                 del self._lost_samples[: len(self._lost_samples) // 2]
 
     def _lost_between(self, lo: int, hi: int) -> int:
-        times = [t for t, _ in self._lost_samples]
-        i = max(bisect.bisect_right(times, lo) - 1, 0)
+        i = max(bisect.bisect_right(self._lost_samples, lo, key=lambda s: s[0]) - 1, 0)
         return self._lost_samples[-1][1] - self._lost_samples[i][1]
 
     # -- collection ---------------------------------------------------------------------------------------
@@ -100,7 +99,11 @@ class KernelEvidence:
             self._add(ev)
         self._sample_lost()
         lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
-        events = [e for e in self._events if lo <= e.ts_ns <= hi]
+        events = self._window(result, lo, hi)
         lost = self._lost_between(result.start_ns, hi)
         self.release(result)
         return events, EvidenceStatus(available=True, lost_events=lost)
+
+    def _window(self, result: ProbeResult, lo: int, hi: int) -> list[KernelEvent]:
+        """The kept events between lo and hi (a subclass may look them up by the result's ports)."""
+        return [e for e in self._events if lo <= e.ts_ns <= hi]

@@ -9,12 +9,13 @@ events on one time axis (the same picture `connprobe diagnose` prints).
 from __future__ import annotations
 
 import html
-import re
 import time
 from typing import Any
 
+from connprobe import timeline
 from connprobe.netnames import netns_names
 from connprobe.sinks import BoardEntry
+from connprobe.timeline import name_namespaces
 from correlator.types import Cause, Verdict
 
 __all__ = ["CAUSE_COLOURS", "render_status_page"]
@@ -64,11 +65,6 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _named(text: str, names: dict[int, str]) -> str:
-    """`netns 4026532481` → the namespace's name where it has one."""
-    return re.sub(r"netns (\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), text)
-
-
 def _cause_badge(v: Verdict) -> str:
     cause = str(v.cause)
     label = v.sub_cause or cause
@@ -107,33 +103,13 @@ def _strip(entries: list[BoardEntry]) -> str:
 
 def timeline_lines(v: Verdict, names: dict[int, str]) -> list[str]:
     """Phases, DNS transactions and kernel events of one probe on one time axis (ms from its start)."""
-    r = v.result
-    rows: list[tuple[int, str]] = []
-    for p in r.phases:
-        rows.append((p.start_ns, f"{p.name:<10} {p.duration_ns / 1e6:9.1f} ms"))
-    for tx in r.dns:
-        took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
-        rows.append((tx.start_ns, f"  dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})"))
-    for ev in v.evidence:
-        where = names.get(ev.netns, f"netns {ev.netns}")
-        bits = [str(ev.kind)]
-        bits += [x for x in (ev.reason, ev.tcp_state, f"flags {ev.tcp_flags}" if ev.tcp_flags else None) if x]
-        bits.append(f"{ev.saddr}:{ev.sport} → {ev.daddr}:{ev.dport} in {where}")
-        if ev.location:
-            bits.append(f"at {ev.location}")
-        rows.append((ev.ts_ns, "\x00▲ kernel " + " ".join(bits)))
-    rows.sort(key=lambda x: x[0])
     out = []
-    for ts, text in rows:
-        line = f"{(ts - r.start_ns) / 1e6:+9.1f} ms  "
-        if text.startswith("\x00"):
-            out.append(f'{_e(line)}<span class="ev">{_e(text[1:])}</span>')
+    for row in timeline.rows(v, names):
+        head = f"{row.offset_ms:+9.1f} ms  "
+        if row.kind == "kernel":
+            out.append(f'{_e(head)}<span class="ev">{_e("▲ kernel " + row.text)}</span>')
         else:
-            out.append(_e(line + text))
-    outcome = "ok" if r.ok else (str(r.error) if r.error else "failed")
-    if r.http_status:
-        outcome += f", HTTP {r.http_status}"
-    out.append(_e(f"{r.duration_ns / 1e6:+9.1f} ms  end ({outcome})"))
+            out.append(_e(head + ("  " if row.kind == "dns" else "") + row.text))
     return out
 
 
@@ -168,7 +144,7 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
         else:
             v = last.verdict
             verdict_cell = _cause_badge(v)
-            why = _e(_named(v.summary.removeprefix(f"{name}: "), names))
+            why = _e(name_namespaces(v.summary.removeprefix(f"{name}: "), names))
             last_cell = f"{v.result.duration_ns / 1e6:.1f} ms<br><span class='dim'>{_ago(last.wall_time, now)}</span>"
             phases = _phase_bar(v)
         ratio = f'<div class="dim">{ok_n}/{len(entries)} ok</div>' if entries else ""
@@ -180,7 +156,7 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
     body.append("</tbody></table>")
     for name, entry in failing:
         v = entry.verdict
-        facts = "".join(f"<li>{_e(_named(f, names))}</li>" for f in v.facts)
+        facts = "".join(f"<li>{_e(name_namespaces(f, names))}</li>" for f in v.facts)
         evidence = "kernel evidence: " + (f"{len(v.evidence)} event(s)" if v.evidence else "none in this window")
         body.append(f'<section class="timeline" data-probe="{_e(name)}"><h2>{_e(name)} — {_cause_badge(v)} '
                     f'<span class="dim">{_ago(entry.wall_time, now)}, rule {_e(v.rule)}, confidence '

@@ -1,0 +1,45 @@
+"""One probe's story on one time axis: its phases, its DNS transactions and the kernel events that decided
+its verdict, in ms from the probe's start. `connprobe diagnose` prints it; the status page shows it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from correlator.types import Verdict
+
+
+@dataclass(frozen=True)
+class Row:
+    offset_ms: float
+    kind: str  # "phase", "dns", "kernel" or "end"
+    text: str
+
+
+def rows(v: Verdict, names: dict[int, str]) -> list[Row]:
+    r = v.result
+    items: list[tuple[int, str, str]] = []
+    for p in r.phases:
+        items.append((p.start_ns, "phase", f"{p.name:<10} {p.duration_ns / 1e6:9.1f} ms"))
+    for tx in r.dns:
+        took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
+        items.append((tx.start_ns, "dns", f"dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})"))
+    for e in v.evidence:
+        bits = [str(e.kind)]
+        bits += [x for x in (e.reason, e.tcp_state, f"flags {e.tcp_flags}" if e.tcp_flags else None) if x]
+        bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport} in {names.get(e.netns, f'netns {e.netns}')}")
+        if e.location:
+            bits.append(f"at {e.location}")
+        items.append((e.ts_ns, "kernel", " ".join(bits)))
+    items.sort(key=lambda x: x[0])
+    out = [Row((ts - r.start_ns) / 1e6, kind, text) for ts, kind, text in items]
+    outcome = "ok" if r.ok else (str(r.error) if r.error else "failed")
+    if r.http_status:
+        outcome += f", HTTP {r.http_status}"
+    out.append(Row(r.duration_ns / 1e6, "end", f"end ({outcome}, {r.duration_ns / 1e6:.1f} ms)"))
+    return out
+
+
+def name_namespaces(text: str, names: dict[int, str]) -> str:
+    """`netns 4026532481` → `cp-1a2b3c-srv1` where the inode has a name."""
+    return re.sub(r"netns (\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), text)
