@@ -306,6 +306,8 @@ async def test_reload_adds_removes_and_forgets_series(tmp_path, upstream, run_ag
         return not any(dict(lbl).get("probe") == "b" for (_, lbl) in m)
 
     await a.until(b_gone, 10, "every series of the removed probe to disappear")
+    # "a" restarts at a random offset within its interval after the reload: wait for its result
+    await a.until(lambda: _count(a, "a", "success", 1), 10, "a's result under the new config")
     m = await a.metrics()
     targets = {dict(lbl)["target"] for lbl in samples_named(m, "probe_success", probe="a")}
     assert targets == {upstream.url("/ok")}  # /metrics labels drop the query string: same series
