@@ -43,7 +43,11 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="connprobe", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="connprobe",
+        description="Synthetic probes with kernel evidence: was a failed or slow call DNS, packet loss, a policy "
+        "drop, or the upstream itself?",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lab = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
