@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bpf.types import KernelEvent
-from connprobe.config import Config, ConfigError, parse_config
+from connprobe.config import Config, ConfigError, load_config, parse_config
 from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
@@ -79,20 +79,18 @@ class AgentConfig:
         return int(b * 1e9) if b is not None else None
 
 
-def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
-    """The probe configuration plus each probe's latency budget; raises ConfigError (one line per problem)."""
-    config = parse_config(text, filename)
+def _with_budgets(config: Config, filename: str) -> AgentConfig:
     budgets = {p.name: p.effective_budget for p in config.probes if p.effective_budget is not None}
     return AgentConfig(config, budgets, filename)
 
 
+def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
+    """The probe configuration plus each probe's latency budget; raises ConfigError (one line per problem)."""
+    return _with_budgets(parse_config(text, filename), filename)
+
+
 def load_agent_config(path: str | Path) -> AgentConfig:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
-    return parse_agent_config(text, str(p))
+    return _with_budgets(load_config(path), str(path))
 
 
 # -- kernel evidence indexed by port -------------------------------------------------------------------------

@@ -180,14 +180,19 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
-def _has_in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+def find_in_chain(exc: BaseException | None, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of `kinds` in exc's cause/context chain (at most six deep), else None."""
     seen = 0
     while exc is not None and seen < 6:
         if isinstance(exc, kinds):
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
         seen += 1
-    return False
+    return None
+
+
+def _has_in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    return find_in_chain(exc, kinds) is not None
 
 
 def classify(exc: BaseException, phase: str | None) -> tuple[ErrorKind, str]:

@@ -38,7 +38,7 @@ from httpcore._backends.anyio import AnyIOStream
 
 from prober import _lean
 from prober.core import Attempt, ProbeEnv, Timeline
-from prober.errors import classify
+from prober.errors import classify, find_in_chain
 from prober.resolve import resolve
 from prober.spec import HTTPSpec, TLSSpec
 from prober.types import ErrorKind, Proto
@@ -515,10 +515,5 @@ _EXCHANGES = {"aiohttp": _lean_exchange, "aiohttp-session": _aiohttp_exchange, "
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:
-    seen = 0
-    while exc is not None and seen < 6:
-        if isinstance(exc, ProbeFailure):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    found = find_in_chain(exc, ProbeFailure)
+    return found if isinstance(found, ProbeFailure) else None
