@@ -1,9 +1,13 @@
 """Runs probes on their intervals and hands results out through an asyncio.Queue.
 
-- One loop task per probe: a probe never overlaps itself (a run that outlasts its interval makes the
-  next tick late; missed ticks are skipped and counted, never queued up).
+- One timer for all probes: a heap of due times and a single `loop.call_at` handle. Starts that fall due
+  within `slot` seconds of the first one are started together (at most `slot` early), so 1,000 probes a
+  second cost ~1/slot timer wake-ups, not 1,000 (BENCHMARKS.md: a wake-up of the loop costs about as much
+  CPU as a probe's own Python code on a small VM).
+- A probe never overlaps itself: its next due time is set when its run ends (a run that outlasts its
+  interval skips the missed ticks and counts them, never queues them up).
 - A random start offset in [0, interval) and +/- `jitter` x interval on every wait spread the starts.
-- A global semaphore caps how many probes run at once.
+- A global cap on runs in flight: a start beyond it waits in a FIFO until a run ends.
 - A lag monitor ticks every `lag_interval` s; when a tick is late by more than `lag_threshold` s the
   loop was starved for that window, and every result whose run overlaps a starved window is `suspect`
   (its timings include the stall, not only the network).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -50,6 +56,7 @@ class Scheduler:
         *,
         concurrency: int = 64,
         queue: asyncio.Queue | None = None,
+        slot: float = 0.01,
         lag_interval: float = 0.05,
         lag_threshold: float = 0.05,
         rng: random.Random | None = None,
@@ -61,54 +68,63 @@ class Scheduler:
             raise ValueError(f"duplicate probe names: {', '.join(sorted(dupes))}")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if slot < 0:
+            raise ValueError("slot must not be negative")
         self.probes = tuple(probes)
         self._own_env = env is None
         self.env = env or ProbeEnv()
         self.concurrency = concurrency
         self.results: asyncio.Queue[ProbeResult] = queue if queue is not None else asyncio.Queue()
+        self.slot = slot
         self.lag_interval = lag_interval
         self.lag_threshold = lag_threshold
         self.rng = rng or random.Random()
         self._run = run
         self.stats = SchedulerStats()
-        self._sem: asyncio.Semaphore | None = None
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._busy: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._specs: dict[str, ProbeSpec] = {}
+        self._generation: dict[str, int] = {}  # a retired name's heap entries are stale
+        self._counter = itertools.count()
+        self._heap: list[tuple[float, int, str, int]] = []  # (due, tie-break, name, generation)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._waiting: collections.deque[tuple[ProbeSpec, float]] = collections.deque()  # over the cap
+        self._busy: dict[str, asyncio.Task] = {}  # runs in flight, by probe name
         self._monitor: asyncio.Task | None = None
         self._starved: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
         self._last_tick_ns = 0
         self._stopping = False
-        self._retiring: set[str] = set()  # probes whose loop ends after the run in flight
+        self._retiring: set[str] = set()  # probes whose run in flight is their last
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        if self._tasks:
+        if self._loop is not None:
             raise RuntimeError("scheduler already started")
-        self._sem = asyncio.Semaphore(self.concurrency)
+        self._loop = asyncio.get_running_loop()
         self._last_tick_ns = monotonic_ns()
         self._monitor = asyncio.create_task(self._watch_lag(), name="connprobe-lag-monitor")
         for spec in self.probes:
-            self._tasks[spec.name] = asyncio.create_task(self._loop(spec), name=f"connprobe-probe-{spec.name}")
+            self.add(spec)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop scheduling; running probes get `grace` seconds to finish; no task is left behind."""
         self._stopping = True
-        tasks = list(self._tasks.values())
-        for name, task in self._tasks.items():
-            if name not in self._busy:
-                task.cancel()
-        busy = [t for n, t in self._tasks.items() if n in self._busy]
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+        self._waiting.clear()
+        busy = list(self._busy.values())
         if busy:
             _, pending = await asyncio.wait(busy, timeout=grace)
             for task in pending:
                 task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*busy, return_exceptions=True)
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
-        self._tasks.clear()
+        self._specs.clear()
         if self._own_env:
             await self.env.aclose()
 
@@ -123,75 +139,103 @@ class Scheduler:
 
     def add(self, spec: ProbeSpec) -> None:
         """Start scheduling one more probe (a started scheduler only)."""
-        if self._sem is None:
+        if self._loop is None:
             raise RuntimeError("scheduler not started")
-        if spec.name in self._tasks:
+        if spec.name in self._specs:
             raise ValueError(f"probe {spec.name!r} is already scheduled")
-        self._tasks[spec.name] = asyncio.create_task(self._loop(spec), name=f"connprobe-probe-{spec.name}")
+        self._specs[spec.name] = spec
+        self._generation[spec.name] = generation = next(self._counter)
+        self._push(self._loop.time() + self.rng.uniform(0, spec.interval), spec.name, generation)
 
     async def retire(self, name: str, grace: float = 5.0) -> bool:
         """Stop one probe; a run in flight may finish within `grace` s and its result is published.
 
         True when nothing was cut short.
         """
-        task = self._tasks.get(name)
+        if self._specs.pop(name, None) is None:
+            return True
+        self._generation.pop(name, None)
+        if any(s.name == name for s, _ in self._waiting):
+            self._waiting = collections.deque((s, due) for s, due in self._waiting if s.name != name)
+        task = self._busy.get(name)
         if task is None:
             return True
-        clean = True
-        if name in self._busy and not task.done():
-            self._retiring.add(name)
-            try:
-                await asyncio.wait_for(asyncio.shield(task), grace)
-            except TimeoutError:
-                clean = False
-            except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
-            finally:
-                self._retiring.discard(name)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if self._tasks.get(name) is task:
-            del self._tasks[name]
-        return clean
+        self._retiring.add(name)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+            return True
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            return False
+        finally:
+            self._retiring.discard(name)
 
     def scheduled(self) -> set[str]:
-        return set(self._tasks)
+        return set(self._specs)
 
-    # ------------------------------------------------------------ probing
+    # ------------------------------------------------------------ timing
 
     def _wait(self, spec: ProbeSpec) -> float:
         j = spec.jitter
         return spec.interval * (1.0 + (self.rng.uniform(-j, j) if j else 0.0))
 
-    async def _loop(self, spec: ProbeSpec) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.rng.uniform(0, spec.interval)
-        while not self._stopping:
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if self._stopping:
-                return
-            assert self._sem is not None
-            async with self._sem:
-                if self._stopping:
-                    return
-                self._busy.add(spec.name)
-                try:
-                    results = await self._run(spec, self.env)
-                finally:
-                    self._busy.discard(spec.name)
-            self.stats.runs += 1
-            self._publish(results)
-            if spec.name in self._retiring:
-                return
-            next_at += self._wait(spec)
-            now = loop.time()
-            if next_at < now:  # the run outlasted its interval: skip the missed ticks, don't pile up
-                missed = int((now - next_at) // spec.interval) + 1
-                self.stats.skipped_ticks += missed
-                next_at += missed * spec.interval
+    def _push(self, due: float, name: str, generation: int) -> None:
+        heapq.heappush(self._heap, (due, next(self._counter), name, generation))
+        if self._timer is None or due < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = due
+            self._timer = self._loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        """The timer: start every probe due within the next `slot` seconds, then re-arm."""
+        self._timer = None
+        if self._stopping:
+            return
+        heap = self._heap
+        horizon = self._loop.time() + self.slot
+        generation = self._generation
+        while heap and heap[0][0] <= horizon:
+            due, _, name, gen = heapq.heappop(heap)
+            if generation.get(name) == gen:  # else: retired (and maybe re-added) since
+                self._launch(self._specs[name], due)
+        if heap:
+            self._timer_at = heap[0][0]
+            self._timer = self._loop.call_at(self._timer_at, self._fire)
+
+    def _launch(self, spec: ProbeSpec, due: float) -> None:
+        if len(self._busy) >= self.concurrency:
+            self._waiting.append((spec, due))
+            return
+        self._busy[spec.name] = asyncio.create_task(self._run_once(spec, due), name=f"connprobe-probe-{spec.name}")
+
+    async def _run_once(self, spec: ProbeSpec, due: float) -> None:
+        name = spec.name
+        try:
+            results = await self._run(spec, self.env)
+        except Exception:  # run_probe never raises; another run function might: say so, keep scheduling
+            log.exception("probe %s: run failed", name)
+            results = ()
+        finally:
+            del self._busy[name]
+            while self._waiting and len(self._busy) < self.concurrency and not self._stopping:
+                self._launch(*self._waiting.popleft())
+        self.stats.runs += 1
+        self._publish(results)
+        if self._stopping or name in self._retiring or self._specs.get(name) is not spec:
+            return
+        due += self._wait(spec)
+        now = self._loop.time()
+        if due < now:  # the run outlasted its interval: skip the missed ticks, don't pile up
+            missed = int((now - due) // spec.interval) + 1
+            self.stats.skipped_ticks += missed
+            due += missed * spec.interval
+        self._push(due, name, self._generation[name])
 
     def _publish(self, results: tuple[ProbeResult, ...]) -> None:
         self._note_lag_now()

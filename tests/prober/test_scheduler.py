@@ -84,6 +84,34 @@ async def test_jitter_and_start_offset_spread_starts():
     assert max(gaps) < 0.2
 
 
+def _groups(times: list[float], gap: float = 0.02) -> int:
+    """How many bursts the start times form (starts closer than `gap` are one burst)."""
+    times = sorted(times)
+    return 1 + sum(1 for a, b in itertools.pairwise(times) if b - a > gap)
+
+
+async def test_starts_due_within_a_slot_share_one_wakeup():
+    rec = Recorder(duration=0.0)
+    async with Scheduler(_probes(40, 1.0), run=rec, slot=0.25, rng=random.Random(5)):
+        await asyncio.sleep(1.05)
+    firsts = [s[0] for s in rec.starts.values()]
+    assert len(firsts) == 40
+    assert _groups(firsts) <= 5  # ~1 s of offsets / 0.25 s slots (+1 for the slot boundary)
+    # the next run is planned from the nominal due time: a probe's period stays its interval
+    seconds = [s[1] - s[0] for s in rec.starts.values() if len(s) > 1]
+    assert seconds and all(0.7 < d < 1.3 for d in seconds)
+
+    rec = Recorder(duration=0.0)
+    async with Scheduler(_probes(40, 1.0), run=rec, slot=0.0, rng=random.Random(5)):
+        await asyncio.sleep(1.0)
+    assert _groups([s[0] for s in rec.starts.values()], gap=0.001) > 20  # without a slot: one wake-up each
+
+
+def test_negative_slot_rejected():
+    with pytest.raises(ValueError, match="slot must not be negative"):
+        Scheduler([], slot=-0.1)
+
+
 async def test_results_flow_through_the_queue_and_starved_runs_are_suspect():
     rec = Recorder(duration=0.01, block=0.5)
     sched = Scheduler(_probes(1, 1.0), run=rec, lag_interval=0.02, lag_threshold=0.25, rng=random.Random(3))
