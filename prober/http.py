@@ -40,6 +40,7 @@ from prober import _lean
 from prober.core import Attempt, ProbeEnv, Timeline
 from prober.errors import classify, find_in_chain
 from prober.resolve import resolve
+from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
 from prober.types import ErrorKind, Proto
 
@@ -64,12 +65,11 @@ async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: 
     loop = asyncio.get_running_loop()
     hop.connect_start = monotonic_ns()
     try:
-        await loop.sock_connect(sock, addr)
+        hop.connect_end = await connect(loop, sock, addr)
     except BaseException:
         attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
         sock.close()
         raise
-    hop.connect_end = monotonic_ns()
     attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
     return sock, hop
 

@@ -10,6 +10,7 @@ import time
 from prober.core import Attempt, ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
+from prober.sockets import connect
 from prober.types import ErrorKind, Proto
 
 monotonic_ns = time.monotonic_ns
@@ -29,10 +30,9 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             sock = await attempt.source.open(family, socket.SOCK_STREAM, env.on_local_port)
             hop.connect_start = monotonic_ns()
             try:
-                await loop.sock_connect(sock, sockaddr)
+                hop.connect_end = await connect(loop, sock, sockaddr)
             finally:
                 attempt.flows.append(attempt.source.flow(sock, sockaddr, Proto.TCP))
-            hop.connect_end = monotonic_ns()
             if not (spec.tls or spec.send or spec.expect):
                 hop.end = hop.connect_end
                 return attempt.result()

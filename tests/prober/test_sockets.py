@@ -1,0 +1,135 @@
+"""prober.sockets.connect, the prober's own thin connect, on the plain asyncio loop and on uvloop.
+
+Each path it can take is made to happen for real on loopback: the handshake over before connect()
+returns, a handshake that has to be waited for (the listener's accept queue is full, so the first SYN is
+dropped and the kernel retransmits it ~1 s later), and a refused connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+
+import pytest
+
+from prober.sockets import connect
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop_kind: str, main):
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def _listener(backlog: int) -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(backlog)
+    return srv
+
+
+def _client() -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    return sock
+
+
+async def _works(sock: socket.socket, peer: socket.socket) -> None:
+    """The connected socket carries an asyncio transport afterwards."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"ping")
+    await writer.drain()
+    assert peer.recv(4) == b"ping"
+    peer.sendall(b"pong")
+    assert await reader.readexactly(4) == b"pong"
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_connect_on_a_short_path(loop_kind):
+    srv = _listener(8)
+
+    async def main():
+        sock = _client()
+        before = time.monotonic_ns()
+        stamp = await connect(asyncio.get_running_loop(), sock, srv.getsockname())
+        assert before <= stamp <= time.monotonic_ns()
+        peer, _ = srv.accept()
+        with peer:
+            await _works(sock, peer)
+
+    try:
+        run(loop_kind, main)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_connect_waits_for_a_late_handshake_and_stamps_when_it_completes(loop_kind):
+    srv = _listener(0)
+    first = socket.create_connection(srv.getsockname())  # fills the accept queue: the next SYN is dropped
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock = _client()
+        before = time.monotonic_ns()
+        pending = asyncio.ensure_future(connect(loop, sock, srv.getsockname()))
+        await asyncio.sleep(0.2)
+        assert not pending.done()  # still in SYN_SENT
+        srv.accept()[0].close()  # room again: the retransmitted SYN (after ~1 s) gets through
+        stamp = await asyncio.wait_for(pending, 5)
+        assert stamp - before > 0.5e9  # stamped when the handshake completed, not when connect() began
+        assert time.monotonic_ns() - stamp < 0.5e9
+        peer, _ = srv.accept()
+        with peer:
+            await _works(sock, peer)
+
+    try:
+        run(loop_kind, main)
+    finally:
+        first.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_connect_refused_raises_the_errno(loop_kind):
+    srv = _listener(1)
+    addr = srv.getsockname()
+    srv.close()  # nothing listens there now
+
+    async def main():
+        sock = _client()
+        with sock, pytest.raises(OSError) as info:
+            await connect(asyncio.get_running_loop(), sock, addr)
+        assert info.value.errno == errno.ECONNREFUSED
+
+    run(loop_kind, main)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_cancelled_connect_stops_watching_the_socket(loop_kind):
+    srv = _listener(0)
+    first = socket.create_connection(srv.getsockname())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock = _client()
+        pending = asyncio.ensure_future(connect(loop, sock, srv.getsockname()))
+        await asyncio.sleep(0.1)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert not loop.remove_writer(sock.fileno())  # nothing left registered for it (uvloop says None)
+        sock.close()
+
+    try:
+        run(loop_kind, main)
+    finally:
+        first.close()
+        srv.close()
