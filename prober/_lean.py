@@ -155,7 +155,12 @@ async def exchange(attempt, spec, env, facts: dict, *, lookup, open_connected, s
             sock.close()
             raise
         try:
-            request = _request_bytes(method, url, headers, body)
+            if redirects == 0 and prep is not None:  # the same bytes every run: built once per spec
+                request = prep.request
+                if request is None:
+                    request = prep.request = _request_bytes(method, url, headers, body)
+            else:
+                request = _request_bytes(method, url, headers, body)
             # Stamped just before the write: it hands the bytes to the kernel, which sends them within
             # the syscall; a stamp after it would be late by however long the process is preempted.
             hop.sent = monotonic_ns()

@@ -189,6 +189,7 @@ class Prepared:
         "ip_literal",
         "kind",
         "labels",
+        "request",
         "secrets",
         "shown_target",
         "spec",
@@ -209,6 +210,7 @@ class Prepared:
         # an IP target needs no resolution: its one Target with the address filled in, built once
         self.direct = replace(self.target, address=self.target.host) if self.ip_literal else None
         self.url = None  # the client's parsed URL (yarl), filled in by the http prober
+        self.request: bytes | None = None  # the default client's first request, built on first use
 
 
 def _is_ip(host: str) -> bool:
