@@ -8,11 +8,14 @@ Brings up the lab, and inside its client namespace runs, one after the other:
   - connprobe's prober in its own process, which drives itself: the Scheduler at the fixed rate (probes
     spread over a 1 s interval), then `run_probe` in a closed loop of --concurrency; with the plain asyncio
     loop and with uvloop when installed.
-Every probe is a fresh-connection HTTP GET of srv1's /ok by IP, with phase timing and the local-port
-callback on. CPU = utime+stime of the probing process only (/proc/PID/stat, or getrusage for the
-worker itself), over the measured window after a warm-up.
-Then phase accuracy: 30 sequential probes of /slow?delay=0.2, `processing` minus the server's own
-measured sleep (X-Slept) for connprobe and minus the nominal 200 ms for both.
+Every probe is a fresh-connection HTTP GET by IP of a minimal responder in srv2 (`--server lab`: srv1's
+aiohttp server), with phase timing and the local-port callback on. CPU = utime+stime of the probing
+process only (/proc/PID/stat, or getrusage for the worker itself), over the measured window after a
+warm-up. Fixed-rate rows also give the measured connect phase (p50/p99), which shows whether the
+Scheduler's start slot (`--slot`, repeatable to compare) skews timings.
+Then phase accuracy: --accuracy-n sequential probes of the responder's /slow?delay=0.2, which measures its
+own delay from the request's arrival to its answer: `processing` minus that (X-Slept for connprobe; the
+responder's log, matched probe by probe, for blackbox_exporter), and minus the nominal 200 ms.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def self_sys() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 
@@ -57,7 +64,7 @@ def _spec(url: str, name: str, interval: float = 1.0, capture: tuple[str, ...] =
                      module=ModuleSpec(prober="http", http=HTTPSpec(capture_headers=capture)))
 
 
-async def prober_fixed(url: str, rate: int, duration: float, warmup: float) -> dict:
+async def prober_fixed(url: str, rate: int, duration: float, warmup: float, slot: float | None) -> dict:
     """The Scheduler running `rate` probes with a 1 s interval: `rate` probes per second."""
     from prober import ProbeEnv, Scheduler
 
@@ -67,16 +74,21 @@ async def prober_fixed(url: str, rate: int, duration: float, warmup: float) -> d
         ports[port] = ports.get(port, 0) + 1
 
     env = ProbeEnv(on_local_port=on_port)
-    sched = Scheduler([_spec(url, f"p{i}") for i in range(rate)], env=env, concurrency=4096)
+    kw = {} if slot is None else {"slot": slot}
+    sched = Scheduler([_spec(url, f"p{i}") for i in range(rate)], env=env, concurrency=4096, **kw)
     counts = {"ok": 0, "fail": 0}
     window = {"on": False}
     errors: dict[str, int] = {}
+
+    connect_us: list[float] = []
 
     async def consume():
         while True:
             r = await sched.results.get()
             if window["on"]:
                 counts["ok" if r.ok else "fail"] += 1
+                if r.ok:
+                    connect_us.append(r.phase_durations_ns()["connect"] / 1e3)
                 if not r.ok:
                     errors[str(r.error)] = errors.get(str(r.error), 0) + 1
 
@@ -84,16 +96,19 @@ async def prober_fixed(url: str, rate: int, duration: float, warmup: float) -> d
     await sched.start()
     await asyncio.sleep(warmup)
     window["on"] = True
-    c0, t0 = self_cpu(), time.monotonic()
+    c0, t0, s0 = self_cpu(), time.monotonic(), self_sys()
     await asyncio.sleep(duration)
     window["on"] = False
-    c1, t1 = self_cpu(), time.monotonic()
+    c1, t1, s1 = self_cpu(), time.monotonic(), self_sys()
     await sched.stop(grace=2.0)
     consumer.cancel()
     await asyncio.gather(consumer, return_exceptions=True)
     await env.aclose()
     n = counts["ok"] + counts["fail"]
-    return {"probes": n, "ok": counts["ok"], "cpu_s": c1 - c0, "wall_s": t1 - t0, "errors": errors,
+    connect_us.sort()
+    return {"probes": n, "ok": counts["ok"], "cpu_s": c1 - c0, "sys_s": s1 - s0, "wall_s": t1 - t0, "errors": errors,
+            "connect_p50_us": connect_us[len(connect_us) // 2] if connect_us else None,
+            "connect_p99_us": connect_us[int(len(connect_us) * 0.99)] if connect_us else None,
             "suspect": sched.stats.suspect_results, "max_lag_ms": round(sched.stats.max_lag_s * 1e3, 1)}
 
 
@@ -156,6 +171,7 @@ async def bb_drive(mode: str, target: str, rate: int, concurrency: int, duration
                    pid: int) -> dict:
     """Load driver for blackbox_exporter's /probe (its own CPU is not what is measured)."""
     import aiohttp
+    from yarl import URL
 
     url = f"http://{BB_ADDR}/probe"
     params = {"module": "http_2xx", "target": target}
@@ -181,10 +197,19 @@ async def bb_drive(mode: str, target: str, rate: int, concurrency: int, duration
                     processing.append(float(m.group(1)) * 1e3)
 
         if mode == "accuracy":
+            log_url = str(URL(target).with_path("/log").with_query(None))
+            async with session.get(log_url) as resp:  # empties the server's log
+                await resp.read()
             for _ in range(rate):  # rate = number of sequential probes here
                 window["on"] = True
                 await one()
-            return {"n": len(processing), "median_vs_nominal_ms": statistics.median(processing) - 200.0}
+            async with session.get(log_url) as resp:
+                slept = json.loads(await resp.text())
+            out = {"n": len(processing), "median_vs_nominal_ms": statistics.median(processing) - 200.0}
+            if len(slept) == len(processing):  # sequential probes: the i-th request is the i-th probe's
+                pairs = zip(processing, slept, strict=True)
+                out["median_vs_server_ms"] = statistics.median(p - s * 1e3 for p, s in pairs)
+            return out
 
         stop = asyncio.Event()
         pending: set[asyncio.Task] = set()
@@ -226,10 +251,21 @@ async def bb_drive(mode: str, target: str, rate: int, concurrency: int, duration
 # ------------------------------------------------------------------------------------------ responder
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+SLOW = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Slept: %.6f\r\nConnection: close\r\n\r\nok\n"
 
 
 async def responder(host: str, port: int) -> None:
-    """A minimal HTTP/1.1 responder (asyncio protocol, uvloop) so the server is not the bottleneck."""
+    """A minimal HTTP/1.1 responder (asyncio protocol, uvloop) so the server is not the bottleneck.
+
+    GET /slow?delay=S answers after S seconds and measures its own delay: from the moment the request
+    head has arrived to just before the answer is written (X-Slept, and kept for GET /log, which answers
+    the list so far as JSON and empties it: how blackbox_exporter's probes are checked, as it shows no
+    response headers).
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    loop = asyncio.get_running_loop()
+    slept: list[float] = []
 
     class Proto(asyncio.Protocol):
         def connection_made(self, transport):
@@ -238,11 +274,31 @@ async def responder(host: str, port: int) -> None:
 
         def data_received(self, data):
             self.buf += data
-            if b"\r\n\r\n" in self.buf:
+            if b"\r\n\r\n" not in self.buf:
+                return
+            arrived = time.monotonic_ns()
+            path = self.buf.split(b" ", 2)[1].decode()
+            self.buf = b""
+            if path.startswith("/slow"):
+                delay = float(parse_qs(urlsplit(path).query).get("delay", ["0.2"])[0])
+                loop.call_later(delay, self.answer_slow, arrived)
+                return
+            if path == "/log":
+                body = json.dumps(slept).encode()
+                slept.clear()
+                self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (len(body), body))
+            else:
                 self.t.write(RESPONSE)
-                self.t.close()
+            self.t.close()
 
-    server = await asyncio.get_running_loop().create_server(Proto, host, port, backlog=4096, reuse_address=True)
+        def answer_slow(self, arrived):
+            took = (time.monotonic_ns() - arrived) / 1e9
+            slept.append(took)
+            self.t.write(SLOW % took)
+            self.t.close()
+
+    server = await loop.create_server(Proto, host, port, backlog=4096, reuse_address=True)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -282,20 +338,18 @@ def main_orchestrate(args) -> int:
     acc: dict[str, dict] = {}
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
         ns = lab.ns("client").name
-        srv = lab.server("srv1")
-        url = srv.url("/ok")
-        slow = srv.url("/slow?delay=0.2")
         bb = None
-        fast = None
-        if args.server == "fast":  # a C-speed responder in srv2, so 1,000/s is not limited by the server
-            srv2 = lab.server("srv2")
-            fast = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv2").name, sys.executable,
-                                     str(Path(__file__).resolve()), "--responder", f"{srv2.addr4}:9000"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if fast.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"responder did not start: {fast.stderr.read()}")
-            url = f"http://{srv2.addr4}:9000/ok"
+        # A C-speed responder in srv2: the throughput target (so 1,000/s is not limited by the server) and
+        # always the accuracy target (it measures its own delay, from request to answer).
+        srv2 = lab.server("srv2")
+        fast = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv2").name, sys.executable,
+                                 str(Path(__file__).resolve()), "--responder", f"{srv2.addr4}:9000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if fast.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"responder did not start: {fast.stderr.read()}")
+        url = f"http://{srv2.addr4}:9000/ok" if args.server == "fast" else lab.server("srv1").url("/ok")
+        slow = f"http://{srv2.addr4}:9000/slow?delay=0.2"
         if have_bb and not args.skip_blackbox:
             cfg = Path(tmp) / "blackbox.yml"
             cfg.write_text("modules:\n  http_2xx:\n    prober: http\n    timeout: 5s\n"
@@ -317,18 +371,22 @@ def main_orchestrate(args) -> int:
                                                      "--rate", str(args.accuracy_n), "--pid", str(bb.pid),
                                                      *common)
             for loop in loops:
-                for mode in ("fixed", "saturate"):
-                    r = run_in_ns(ns, "--worker", mode, "--loop", loop, "--url", url, "--rate", str(args.rate),
-                                  "--concurrency", str(args.concurrency), *common)
-                    rows.append((f"connprobe ({loop})", mode, r))
+                for slot in args.slot or [None]:
+                    extra = [] if slot is None else ["--slot", str(slot)]
+                    r = run_in_ns(ns, "--worker", "fixed", "--loop", loop, "--url", url, "--rate", str(args.rate),
+                                  *extra, *common)
+                    r["slot"] = slot
+                    rows.append((f"connprobe ({loop})", "fixed", r))
+                r = run_in_ns(ns, "--worker", "saturate", "--loop", loop, "--url", url, "--rate", str(args.rate),
+                              "--concurrency", str(args.concurrency), *common)
+                rows.append((f"connprobe ({loop})", "saturate", r))
                 acc[f"connprobe ({loop})"] = run_in_ns(ns, "--worker", "accuracy", "--loop", loop, "--url", slow,
                                                        "--rate", str(args.accuracy_n), *common)
         finally:
-            if fast is not None:
-                fast.terminate()
-                fast.wait(timeout=5)
-                fast.stdout.close()
-                fast.stderr.close()
+            fast.terminate()
+            fast.wait(timeout=5)
+            fast.stdout.close()
+            fast.stderr.close()
             if bb is not None:
                 bb.terminate()
                 try:
@@ -343,12 +401,16 @@ def main_orchestrate(args) -> int:
     where = "a minimal responder in srv2" if args.server == "fast" else "the lab's srv1 /ok"
     print(f"\nfresh-connection HTTP probes of {where} from the client namespace; "
           f"{args.duration:g}s per run after {args.warmup:g}s warm-up; {os.cpu_count()} CPUs")
-    print(f"{'prober':<22} {'mode':<22} {'probes/s':>9} {'ok':>7} {'CPU s':>7} {'probes/CPU-s':>13} {'vs bb':>6}")
+    print(f"{'prober':<22} {'mode':<28} {'probes/s':>9} {'ok':>7} {'CPU s':>7} {'probes/CPU-s':>13} {'vs bb':>6}"
+          f" {'connect p50/p99 us':>19}")
     for name, mode, r in rows:
         label = f"fixed {args.rate}/s" if mode == "fixed" else f"saturate c={args.concurrency}"
+        if r.get("slot") is not None:
+            label += f" slot {r['slot'] * 1e3:g}ms"
         ratio = per_cpu(r) / base[mode] if base.get(mode) else float("nan")
-        print(f"{name:<22} {label:<22} {r['probes'] / r['wall_s']:>9.0f} {r['ok']:>7} {r['cpu_s']:>7.2f} "
-              f"{per_cpu(r):>13.0f} {ratio:>6.2f}")
+        conn = f"{r['connect_p50_us']:.0f}/{r['connect_p99_us']:.0f}" if r.get("connect_p50_us") else ""
+        print(f"{name:<22} {label:<28} {r['probes'] / r['wall_s']:>9.0f} {r['ok']:>7} {r['cpu_s']:>7.2f} "
+              f"{per_cpu(r):>13.0f} {ratio:>6.2f} {conn:>19}")
     print("\nphase accuracy, /slow?delay=0.2 (median over the probes, ms):")
     for name, a in acc.items():
         extra = f", vs server's own X-Slept {a['median_vs_server_ms']:+.2f}" if "median_vs_server_ms" in a else ""
@@ -369,6 +431,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--accuracy-n", type=int, default=30)
     p.add_argument("--skip-blackbox", action="store_true")
+    p.add_argument("--slot", type=float, action="append",
+                   help="the Scheduler's start slot in seconds for the fixed-rate runs (default: its own); "
+                        "give it more than once to compare")
     p.add_argument("--json", help="also write the raw figures here")
     p.add_argument("--server", choices=["fast", "lab"], default="fast",
                    help="throughput target: a minimal uvloop responder in srv2 (default) or the lab's srv1")
@@ -392,7 +457,7 @@ def main() -> int:
 
             uvloop.install()
         if args.worker == "fixed":
-            coro = prober_fixed(args.url, args.rate, args.duration, args.warmup)
+            coro = prober_fixed(args.url, args.rate, args.duration, args.warmup, args.slot[0] if args.slot else None)
         elif args.worker == "saturate":
             coro = prober_saturate(args.url, args.concurrency, args.duration, args.warmup)
         else:
