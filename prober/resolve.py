@@ -25,7 +25,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from prober.sockets import PortCallback, Source
+from prober.sockets import PortCallback, Source, connect, recv_stamped
 from prober.types import DnsTransaction, ErrorKind, Proto
 
 IP_POLICIES = ("all", "first", "ipv4", "ipv6")
@@ -138,8 +138,11 @@ async def query(
     return outcomes
 
 
-def _outcome(server, qname, qtype, start, flow, proto, resp, error, detail="") -> QueryOutcome:
-    end = time.monotonic_ns() if resp is not None or error not in (ErrorKind.DNS_TIMEOUT,) else None
+def _outcome(server, qname, qtype, start, flow, proto, resp, error, detail="", end_ns=None) -> QueryOutcome:
+    if end_ns is not None:
+        end = end_ns
+    else:
+        end = time.monotonic_ns() if resp is not None or error not in (ErrorKind.DNS_TIMEOUT,) else None
     rcode = dns.rcode.to_text(resp.rcode()) if resp is not None else None
     answers: tuple[str, ...] = ()
     if resp is not None:
@@ -197,13 +200,13 @@ async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
         await loop.sock_sendall(sock, wire)
         async with asyncio.timeout(timeout):
             while True:
-                data = await loop.sock_recv(sock, 65535)
+                data, seen = await recv_stamped(loop, sock)
                 try:
                     resp = dns.message.from_wire(data, ignore_trailing=True, one_rr_per_rrset=False)
                 except dns.exception.DNSException:
                     continue  # garbage or another query's answer: keep waiting, as resolvers do
                 if msg.is_response(resp):
-                    return _outcome(server, qname, qtype, start, flow, Proto.UDP, resp, None)
+                    return _outcome(server, qname, qtype, start, flow, Proto.UDP, resp, None, end_ns=seen)
     except TimeoutError:
         return _outcome(server, qname, qtype, start, flow, Proto.UDP, None, ErrorKind.DNS_TIMEOUT, "timeout")
     except OSError as exc:
@@ -220,7 +223,7 @@ async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
     try:
         async with asyncio.timeout(timeout):
             try:
-                await loop.sock_connect(sock, (server, port))
+                await connect(loop, sock, (server, port))
             finally:
                 flow = source.flow(sock, (server, port), Proto.TCP)
             await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)

@@ -59,6 +59,39 @@ def _writable(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(monotonic_ns())
 
+
+async def recv_stamped(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int = 65535) -> tuple[bytes, int]:
+    """One datagram from a non-blocking socket, and when the loop saw it arrive (ns).
+
+    Stamped in the loop's I/O callback, as `connect` is: a DNS answer's time does not wait for the
+    steps of other probes that the loop runs before this task resumes.
+    """
+    try:
+        return sock.recv(size), monotonic_ns()
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    waiter = loop.create_future()
+    loop.add_reader(fd, _readable, sock, size, waiter)
+    try:
+        return await waiter
+    finally:
+        loop.remove_reader(fd)
+
+
+def _readable(sock: socket.socket, size: int, waiter: asyncio.Future) -> None:
+    if waiter.done():
+        return
+    seen = monotonic_ns()
+    try:
+        data = sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError as exc:  # e.g. ECONNREFUSED: an ICMP port unreachable came back
+        waiter.set_exception(exc)
+        return
+    waiter.set_result((data, seen))
+
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 _PROTO = {socket.SOCK_STREAM: Proto.TCP, socket.SOCK_DGRAM: Proto.UDP}
 

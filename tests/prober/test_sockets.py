@@ -1,8 +1,10 @@
-"""prober.sockets.connect, the prober's own thin connect, on the plain asyncio loop and on uvloop.
+"""prober.sockets.connect and recv_stamped (the prober's own thin connect and datagram read), on the
+plain asyncio loop and on uvloop.
 
-Each path it can take is made to happen for real on loopback: the handshake over before connect()
+Each path they can take is made to happen for real on loopback: the handshake over before connect()
 returns, a handshake that has to be waited for (the listener's accept queue is full, so the first SYN is
-dropped and the kernel retransmits it ~1 s later), and a refused connection.
+dropped and the kernel retransmits it ~1 s later), a refused connection, a datagram that arrives later or
+is queued already, and an ICMP error.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 import pytest
 
-from prober.sockets import connect
+from prober.sockets import connect, recv_stamped
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -133,3 +135,54 @@ def test_cancelled_connect_stops_watching_the_socket(loop_kind):
     finally:
         first.close()
         srv.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_recv_stamped_stamps_a_datagram_when_it_arrives(loop_kind):
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        with sock:
+            sock.connect(peer.getsockname())
+            sent: list[int] = []
+
+            def answer():
+                sent.append(time.monotonic_ns())
+                peer.sendto(b"late", sock.getsockname())
+
+            loop.call_later(0.2, answer)
+            data, seen = await asyncio.wait_for(recv_stamped(loop, sock), 5)
+            assert data == b"late" and 0 <= seen - sent[0] < 50e6
+            peer.sendto(b"early", sock.getsockname())  # already queued: read at once
+            await asyncio.sleep(0.05)
+            before = time.monotonic_ns()
+            data, seen = await recv_stamped(loop, sock)
+            assert data == b"early" and seen >= before
+
+    try:
+        run(loop_kind, main)
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_recv_stamped_raises_an_icmp_error(loop_kind):
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gone.bind(("127.0.0.1", 0))
+    addr = gone.getsockname()
+    gone.close()  # nothing listens there: the kernel answers with ICMP port unreachable
+
+    async def main():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        with sock, pytest.raises(OSError) as info:
+            sock.connect(addr)
+            sock.send(b"anyone?")
+            await asyncio.wait_for(recv_stamped(asyncio.get_running_loop(), sock), 5)
+        assert info.value.errno == errno.ECONNREFUSED
+
+    run(loop_kind, main)
