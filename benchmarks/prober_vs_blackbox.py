@@ -413,7 +413,7 @@ def main_orchestrate(args) -> int:
               f"{per_cpu(r):>13.0f} {ratio:>6.2f} {conn:>19}")
     print("\nphase accuracy, /slow?delay=0.2 (median over the probes, ms):")
     for name, a in acc.items():
-        extra = f", vs server's own X-Slept {a['median_vs_server_ms']:+.2f}" if "median_vs_server_ms" in a else ""
+        extra = f", vs the server's own measure {a['median_vs_server_ms']:+.2f}" if "median_vs_server_ms" in a else ""
         print(f"  {name:<22} processing - 200 ms: {a['median_vs_nominal_ms']:+.2f}{extra}  (n={a['n']})")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "accuracy": acc}, indent=1))
