@@ -200,13 +200,15 @@ class Scheduler:
         heap = self._heap
         horizon = self._loop.time() + self.slot
         generation = self._generation
-        while heap and heap[0][0] <= horizon:
-            due, _, name, gen = heapq.heappop(heap)
-            if generation.get(name) == gen:  # else: retired (and maybe re-added) since
-                self._launch(self._specs[name], due)
-        if heap:
-            self._timer_at = heap[0][0]
-            self._timer = self._loop.call_at(self._timer_at, self._fire)
+        try:
+            while heap and heap[0][0] <= horizon:
+                due, _, name, gen = heapq.heappop(heap)
+                if generation.get(name) == gen:  # else: retired (and maybe re-added) since
+                    self._launch(self._specs[name], due)
+        finally:  # whatever happened, the other probes keep their timer
+            if heap and self._timer is None:
+                self._timer_at = heap[0][0]
+                self._timer = self._loop.call_at(self._timer_at, self._fire)
 
     def _launch(self, spec: ProbeSpec, due: float) -> None:
         if len(self._busy) >= self.concurrency:
