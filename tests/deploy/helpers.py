@@ -53,4 +53,14 @@ def exported_metric_names() -> set[str]:
     m.observe_sensor(SensorCounters({(EventKind.DROP, "NETFILTER_DROP"): 1}, {}, 0, 0, 0, 0), 0,
                      [HookStatus("skb:kfree_skb", EventKind.DROP, True, "")])
     m.observe_loop_lag(0.1)
-    return {s.name for fam in m.registry.collect() for s in fam.samples}
+    names = {s.name for fam in m.registry.collect() for s in fam.samples}
+    return names | {s.name for fam in _idle_agent().registry.collect() for s in fam.samples}
+
+
+def _idle_agent():
+    """An agent that is never started: what its own pipeline collector exports (sinks, reloads, scheduler)."""
+    from prometheus_client import CollectorRegistry
+
+    from connprobe.agent import Agent
+
+    return Agent("never-read.yaml", registry=CollectorRegistry())

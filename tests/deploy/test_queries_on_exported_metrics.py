@@ -1,7 +1,8 @@
 """The dashboards' and alerts' PromQL, evaluated by promtool on what connprobe.metrics really exports.
 
 A simulated half hour: six probes (healthy, policy drop, DNS failure, slow upstream, packet loss, one that
-stops running), the kernel sensor with a detached hook and lost events, a lagging event loop. Every minute
+stops running), the kernel sensor with a detached hook and lost events, a lagging event loop, and the
+agent's own pipeline collector (a sink that starts dropping, a config reload that is rejected). Every minute
 the exposition text of `Metrics` is parsed into samples; those become promtool input series (with the
 `instance` and `job` labels a scrape adds). Then:
   - every alert of deploy/prometheus fires for exactly the probe or agent it is about;
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bpf.sensor import HookStatus, SensorCounters
 from bpf.types import EventKind, KernelEvent
+from connprobe.agent import Agent, _AgentCollector
 from connprobe.metrics import Metrics
 from correlator.types import Cause, Verdict
 from prober.types import DnsTransaction, ErrorKind, PhaseSpan, ProbeKind, ProbeResult
@@ -71,9 +73,14 @@ def simulate() -> dict[str, list[float | None]]:
     m = Metrics(CollectorRegistry(), clock=lambda: now[0])
     for name, target in (("web", WEB), ("gone", "http://srv3.lab.test/")):
         m.declare(name, target, "client", kind=ProbeKind.HTTP, interval_s=60)
+    agent = Agent("never-read.yaml", registry=CollectorRegistry())  # never started: its counters are set below
+    m.registry.register(_AgentCollector(agent))
+    status_sink = next(s for s in agent.sinks if s.name == "status")
     series: dict[str, list[float | None]] = {}
     for minute in range(MINUTES):
         now[0] = minute * 60.0
+        status_sink.dropped = 20 * max(0, minute - 10)
+        agent.last_reload_ok = minute < 20
         for v in _verdicts(minute):
             m.observe(v)
         counters = SensorCounters(
@@ -134,6 +141,8 @@ def test_every_alert_fires_for_what_it_is_about_on_exported_metrics(promtool, tm
         "ConnprobeBPFDetached": [{"hook": "skb:kfree_skb", **SCRAPE, "severity": "warning"}],
         "ConnprobeKernelEventsLost": [{**SCRAPE, "severity": "warning"}],
         "ConnprobeEventLoopLag": [{**SCRAPE, "severity": "warning"}],
+        "ConnprobeConfigReloadFailed": [{**SCRAPE, "severity": "warning"}],
+        "ConnprobeSinkDropping": [{**SCRAPE, "sink": "status", "severity": "warning"}],
         "ConnprobeNodeRetransmitStorm": [],  # 50 retransmits a minute is no storm
         "ConnprobeAgentDown": [],
     }
