@@ -27,6 +27,13 @@ enum sk_rst_reason { CP_DUMMY_RST_REASON = 0 };
 #define CP_ETH_P_IP 0x0800
 #define CP_ETH_P_IPV6 0x86DD
 #define CP_IPPROTO_ICMP 1
+/* IPv6 extension headers the packet parser steps over, and how many at most */
+#define CP_NEXTHDR_HOP 0
+#define CP_NEXTHDR_ROUTING 43
+#define CP_NEXTHDR_FRAGMENT 44
+#define CP_NEXTHDR_AUTH 51
+#define CP_NEXTHDR_DEST 60
+#define CP_IPV6_MAX_EXT 6
 #define CP_IPPROTO_TCP 6
 #define CP_IPPROTO_UDP 17
 
@@ -128,11 +135,40 @@ static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_eve
             return 0;
         th = ip + (vihl & 0x0F) * 4;
     } else if ((vihl >> 4) == 6) {
+        u8 next = 0;
         ev->family = CP_AF_INET6;
-        bpf_probe_read_kernel(&ev->proto, 1, ip + 6);
+        bpf_probe_read_kernel(&next, 1, ip + 6);
         bpf_probe_read_kernel(ev->saddr, 16, ip + 8);
         bpf_probe_read_kernel(ev->daddr, 16, ip + 24);
-        th = ip + 40;  /* extension headers are not followed */
+        th = ip + 40;
+        /* Follow extension headers to the transport header (RFC 8200 4.1 order; a bounded walk). */
+#pragma unroll
+        for (int i = 0; i < CP_IPV6_MAX_EXT; i++) {
+            u8 h[4] = {};
+            if (next == CP_NEXTHDR_HOP || next == CP_NEXTHDR_ROUTING || next == CP_NEXTHDR_DEST) {
+                if (bpf_probe_read_kernel(h, 2, th))
+                    break;
+                next = h[0];
+                th += ((u32)h[1] + 1) * 8;
+            } else if (next == CP_NEXTHDR_FRAGMENT) {
+                if (bpf_probe_read_kernel(h, 4, th))
+                    break;
+                next = h[0];
+                th += 8;
+                if ((((u16)h[2] << 8) | h[3]) >> 3) {  /* not the first fragment: no transport header */
+                    ev->proto = next;
+                    return 0;
+                }
+            } else if (next == CP_NEXTHDR_AUTH) {
+                if (bpf_probe_read_kernel(h, 2, th))
+                    break;
+                next = h[0];
+                th += ((u32)h[1] + 2) * 4;
+            } else {
+                break;
+            }
+        }
+        ev->proto = next;
     } else {
         return -1;
     }

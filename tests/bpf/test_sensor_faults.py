@@ -202,7 +202,12 @@ def test_flow_to_a_dnat_vip_is_caught_after_the_rewrite(lab, sensor, family):
     assert retrans and {(r.daddr, r.dport) for r in retrans} == {(vip, lab.vip_port)}
 
 
-def dns_query(lab, sensor, server: str, timeout: float = 1.0) -> tuple[int, int, int, bytes]:
+# An IPv6 Destination Options header holding one PadN option (RFC 8200 4.6): 8 bytes, the kernel fills in
+# the next-header byte. Sent as a sticky socket option, it sits between the IPv6 and the UDP header.
+DSTOPTS_PADN = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+
+
+def dns_query(lab, sensor, server: str, timeout: float = 1.0, dstopts: bytes = b"") -> tuple[int, int, int, bytes]:
     """One DNS query from a connected UDP socket in the client ns, its local port watched before sending.
     Returns (local port, query length, errno, answer)."""
     import socket
@@ -217,6 +222,8 @@ def dns_query(lab, sensor, server: str, timeout: float = 1.0) -> tuple[int, int,
             s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
             lport = s.getsockname()[1]
             sensor.watch("udp", lport)
+            if dstopts:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, dstopts)
             s.connect((server, 53))
             s.send(wire)
             s.settimeout(timeout)
@@ -255,6 +262,25 @@ def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
     assert drop.tuple == ("udp", client_addr(family), lport, server, 53)
     assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
     assert EventKind.UDP_SEND in kinds(evs) and EventKind.UDP_RECV not in kinds(evs)
+
+
+def test_a_dropped_ipv6_packet_with_an_extension_header_keeps_its_ports(lab, sensor):
+    """The drop parser steps over IPv6 extension headers to the UDP header (here Destination Options)."""
+    server = lab.dns_addr6
+    lport, _qlen, err, answer = dns_query(lab, sensor, server, dstopts=DSTOPTS_PADN)
+    sensor.unwatch("udp", lport)
+    assert err == 0 and answer  # the server answers a query that carries the option
+
+    with lab.policy_drop("dns", direction="in", proto="udp", port=53):
+        lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5, dstopts=DSTOPTS_PADN)
+    try:
+        evs = events_of(sensor, lport, lab)
+    finally:
+        sensor.unwatch("udp", lport)
+    assert err == errno.ETIMEDOUT
+    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
+    assert drop.tuple == ("udp", client_addr(6), lport, server, 53)
+    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
