@@ -40,6 +40,8 @@ EXPECTED_EMPTY = {
     "ConnprobeAgentDown": "the agent is up",
     "ConnprobeBPFDetached": "the sensor and its hooks are attached",
     "ConnprobeKernelEventsLost": "no events are lost at this volume",
+    "ConnprobeConfigReloadFailed": "the agent's config is never reloaded here",
+    "ConnprobeSinkDropping": "the sinks keep up with three probes",
     "ConnprobeEventLoopLag": "the agent's loop is idle",
 }
 
