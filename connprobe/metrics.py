@@ -23,15 +23,18 @@ Dependencies are passed in (the registry, the wall clock), so tests use a fresh 
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from bpf.types import EventKind, KernelEvent
 from correlator.types import Cause, Verdict
@@ -41,8 +44,10 @@ __all__ = [
     "DEFAULT_DURATION_BUCKETS",
     "DEFAULT_PHASE_BUCKETS",
     "HTTP_PHASES",
+    "LabelledHistogram",
     "Metrics",
     "clean_target",
+    "escape_label_value",
     "probe_registry",
     "render",
 ]
@@ -107,6 +112,141 @@ def _evidence_counts(events: Iterable[KernelEvent]) -> tuple[int, dict[str, int]
             reason = e.reason or NO_REASON
             drops[reason] = drops.get(reason, 0) + 1
     return retransmits, drops
+
+
+def escape_label_value(v: str) -> str:
+    """A label value as the text exposition format writes it."""
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_labels(labels: Iterable[tuple[str, str]]) -> str:
+    """`{a="1",b="2"}`: sorted by name, as prometheus_client writes them ("" for none)."""
+    items = sorted(labels)
+    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in items) + "}" if items else ""
+
+
+class _HistogramSeries:
+    """One label set of a `LabelledHistogram`: per-bucket counts (not cumulative) and the sum."""
+
+    __slots__ = ("counts", "owner", "prefixes", "total")
+
+    def __init__(self, owner: LabelledHistogram, values: tuple[str, ...]):
+        self.owner = owner
+        self.counts = [0] * len(owner.les)
+        self.total = 0.0
+        pairs = list(zip(owner.labelnames, values, strict=True))
+        name = owner.name
+        # every exposition line up to its value, formatted once for the life of the series
+        self.prefixes = (
+            *(f"{name}_bucket{format_labels([*pairs, ('le', le)])} " for le in owner.les),
+            f"{name}_count{format_labels(pairs)} ",
+            f"{name}_sum{format_labels(pairs)} ",
+        )
+
+    def observe(self, amount: float) -> None:
+        owner = self.owner
+        i = bisect.bisect_left(owner.bounds, amount)  # the first bucket whose bound is >= amount
+        with owner.lock:
+            self.counts[i] += 1
+            self.total += amount
+
+
+class _RenderedHistogramFamily(Metric):
+    """What `LabelledHistogram.collect` yields: a histogram family whose samples are built only when read
+    (generate_latest, tests), and whose `exposition_text()` writes the same lines without building them."""
+
+    def __init__(self, owner: LabelledHistogram):
+        self._owner = owner
+        self._built: list | None = None
+        super().__init__(owner.name, owner.documentation, "histogram")
+
+    @property
+    def samples(self) -> list:
+        if self._built is None:
+            self._built = self._owner.samples()
+        return self._built
+
+    @samples.setter
+    def samples(self, value: list) -> None:  # Metric.__init__ sets [] and add_sample appends
+        self._built = list(value) if value else None
+
+    def exposition_text(self) -> str:
+        return self._owner.text()
+
+
+class LabelledHistogram(Collector):
+    """A labelled histogram kept as plain counters and written straight to exposition text.
+
+    prometheus_client's `Histogram` builds ~15 `Sample` objects (each with its own label dict) per series on
+    every `collect()`; at 1,000 HTTP probes that is ~84,000 histogram lines and most of a scrape's time.
+    Here each series keeps its bucket counts and its lines' formatted beginnings, and `text()` only adds the
+    numbers. `collect()` still yields a standard histogram family, so `generate_latest` writes the same
+    bytes (tests/app/test_metrics.py compares them); connprobe's own writer (`connprobe.web.exposition`)
+    takes the text. API as far as `Metrics` uses it: `labels(*values).observe(x)`, `remove(*values)`.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
+                 registry: CollectorRegistry | None = None):
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(bounds)
+        self.les = tuple(floatToGoString(b) for b in bounds)
+        self.lock = threading.Lock()
+        self._series: dict[tuple[str, ...], _HistogramSeries] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
+        values = tuple(str(v) for v in values)
+        series = self._series.get(values)
+        if series is None:
+            with self.lock:
+                series = self._series.setdefault(values, _HistogramSeries(self, values))
+        return series
+
+    def remove(self, *values: str) -> None:
+        with self.lock:
+            del self._series[tuple(str(v) for v in values)]
+
+    def _snapshot(self) -> list[tuple[tuple[str, ...], _HistogramSeries, list[int], float]]:
+        with self.lock:
+            return [(values, s, s.counts[:], s.total) for values, s in self._series.items()]
+
+    def samples(self) -> list:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, _, counts, total in self._snapshot():
+            cumulative, acc = [], 0
+            for le, n in zip(self.les, counts, strict=True):
+                acc += n
+                cumulative.append((le, acc))
+            fam.add_metric(list(values), cumulative, total)
+        return fam.samples
+
+    def text(self) -> str:
+        out: list[str] = []
+        append = out.append
+        fmt = floatToGoString
+        for _, series, counts, total in self._snapshot():
+            prefixes = series.prefixes
+            acc = 0
+            for i, n in enumerate(counts):
+                acc += n
+                append(prefixes[i] + fmt(acc) + "\n")
+            append(prefixes[-2] + fmt(acc) + "\n")
+            append(prefixes[-1] + fmt(total) + "\n")
+        return "".join(out)
+
+    def collect(self) -> Iterator[Metric]:
+        yield _RenderedHistogramFamily(self)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class _SensorCollector(Collector):
@@ -235,11 +375,11 @@ class Metrics:
                               (*pl, "result"), registry=r)
         self.verdicts = Counter("connprobe_verdicts_total", "Verdicts by cause (ok for a healthy probe).",
                                 (*pl, "cause"), registry=r)
-        self.duration_hist = Histogram("connprobe_probe_duration_seconds", "Probe durations.", pl,
-                                       buckets=tuple(duration_buckets), registry=r)
-        self.phase_hist = Histogram("connprobe_probe_phase_duration_seconds", "Durations of the phases probes "
-                                    "reached (resolve, connect, tls, processing, transfer).", (*pl, "phase"),
-                                    buckets=tuple(phase_buckets), registry=r)
+        self.duration_hist = LabelledHistogram("connprobe_probe_duration_seconds", "Probe durations.", pl,
+                                               buckets=duration_buckets, registry=r)
+        self.phase_hist = LabelledHistogram("connprobe_probe_phase_duration_seconds", "Durations of the phases "
+                                            "probes reached (resolve, connect, tls, processing, transfer).",
+                                            (*pl, "phase"), buckets=phase_buckets, registry=r)
         self.retransmits = Counter("connprobe_probe_tcp_retransmits_total", "TCP retransmissions (data and "
                                    "SYN) in the kernel evidence of this probe's verdicts.", pl, registry=r)
         self.drops = Counter("connprobe_probe_packet_drops_total", "Dropped packets in the kernel evidence of "

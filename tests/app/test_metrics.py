@@ -281,6 +281,34 @@ def test_histogram_buckets_are_configurable():
     assert val(text, "connprobe_probe_phase_duration_seconds_bucket", **lab(phase="processing", le="0.01")) == 0.0
 
 
+def test_labelled_histogram_counts_like_prometheus_client_and_writes_the_same_bytes():
+    from prometheus_client import Histogram, generate_latest
+
+    from connprobe.metrics import LabelledHistogram
+    from connprobe.web import exposition
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    h = LabelledHistogram("h_seconds", "help with a \\ and\na newline", ["probe", "target"], (0.1, 1.0, 2.5),
+                          registry=ours)
+    ref = Histogram("h_seconds", "help with a \\ and\na newline", ["probe", "target"], buckets=(0.1, 1.0, 2.5),
+                    registry=theirs)
+    label_sets = [("web", 'http://x/"quoted"\\back\nslash'), ("api", "http://api/")]
+    amounts = [0.0, 0.1, 0.1000001, 1.0, 2.5, 7.0, 1e9, 0.05]  # bounds themselves count as "less or equal"
+    for labels in label_sets:
+        for x in amounts:
+            h.labels(*labels).observe(x)
+            ref.labels(*labels).observe(x)
+    h.labels("idle", "http://idle/")  # declared, never observed: zeros
+    ref.labels("idle", "http://idle/")
+    created = [line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line]
+    expected = "\n".join(created) + "\n"
+    assert generate_latest(ours).decode() == expected  # the Sample path
+    assert exposition(ours).decode() == expected  # the text path, without Samples
+    h.remove("web", 'http://x/"quoted"\\back\nslash')
+    assert 'probe="web"' not in exposition(ours).decode()
+    assert exposition(ours) == generate_latest(ours)
+
+
 def test_probe_registry_answers_like_blackbox_with_the_verdict():
     failed = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, status=None, phases={"resolve": (0, 1),
                                                                                      "connect": (1, 1001)})
