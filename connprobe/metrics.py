@@ -48,6 +48,7 @@ __all__ = [
     "Metrics",
     "clean_target",
     "escape_label_value",
+    "format_labels",
     "probe_registry",
     "render",
 ]

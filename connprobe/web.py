@@ -22,7 +22,7 @@ from prometheus_client.utils import floatToGoString
 from pydantic import ValidationError
 
 from connprobe.agent import Agent
-from connprobe.metrics import escape_label_value, probe_registry
+from connprobe.metrics import format_labels, probe_registry
 from connprobe.sinks import verdict_document
 from connprobe.statuspage import render_status_page
 from correlator.join import GRACE_NS
@@ -78,8 +78,7 @@ def exposition(registry) -> bytes:
                 key = tuple(labels.items())
                 text = cache.get(key)
                 if text is None:
-                    text = cache[key] = "{" + ",".join(
-                        f'{k}="{escape_label_value(v)}"' for k, v in sorted(labels.items())) + "}"
+                    text = cache[key] = format_labels(labels.items())
             else:
                 text = ""
             line = f"{sample.name}{text} {floatToGoString(sample.value)}"
