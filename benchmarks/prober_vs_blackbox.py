@@ -79,7 +79,6 @@ async def prober_fixed(url: str, rate: int, duration: float, warmup: float, slot
     counts = {"ok": 0, "fail": 0}
     window = {"on": False}
     errors: dict[str, int] = {}
-
     connect_us: list[float] = []
 
     async def consume():
@@ -89,7 +88,7 @@ async def prober_fixed(url: str, rate: int, duration: float, warmup: float, slot
                 counts["ok" if r.ok else "fail"] += 1
                 if r.ok:
                     connect_us.append(r.phase_durations_ns()["connect"] / 1e3)
-                if not r.ok:
+                else:
                     errors[str(r.error)] = errors.get(str(r.error), 0) + 1
 
     consumer = asyncio.create_task(consume())
