@@ -20,12 +20,11 @@ import pytest
 import yaml
 
 from tests.agent.helpers import REPO, AgentProcess, Daemon, free_port, http_get, lab_config, wait_for
-from tests.deploy.helpers import METRIC_NAME
+from tests.deploy.helpers import METRIC_NAME, dashboard_queries
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
 RULES = REPO / "deploy" / "prometheus" / "connprobe-alerts.yml"
-DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 FOR = "3s"  # instead of the rules' minutes
 
 # Alert expressions that select series in this run (the policy drop on api); every other rule is a valid query
@@ -90,20 +89,6 @@ def query(prom: str, promql: str) -> list[dict]:
     doc = json.loads(text)
     assert code == 200 and doc["status"] == "success", f"{promql}: {text[:500]}"
     return doc["data"]["result"]
-
-
-def dashboard_queries() -> list[tuple[str, str]]:
-    out = []
-    for path in sorted(DASHBOARDS.glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
-            for target in panel.get("targets", []):
-                promql = (target["expr"].replace("$__rate_interval", "30s").replace("$__range", "5m")
-                          .replace("$__interval", "5s"))
-                for var in ("probe", "target", "source", "instance"):
-                    promql = promql.replace(f'"${var}"', '".*"')
-                assert "$" not in promql, promql
-                out.append((f"{path.stem}: {panel['title']} ({target['refId']})", promql))
-    return out
 
 
 def write_rules(path: Path) -> dict[str, str]:
@@ -190,7 +175,8 @@ def test_policy_drop_alert_reaches_alertmanager_and_every_query_has_data(lab, tm
                 assert all(a["labels"].get("probe") != "web" for a in hook.alerts)
 
                 wait_for(lambda: query(prom, exprs["ConnprobeProbeFailing"]), 60, "api failing over half its probes")
-                empty_panels = [title for title, promql in dashboard_queries() if not query(prom, promql)]
+                panels = dashboard_queries("30s", "5m", "5s")  # durations that fit this short run
+                empty_panels = [title for title, promql in panels if not query(prom, promql)]
                 assert not empty_panels, f"dashboard queries without data: {empty_panels}"
                 for name, expr in exprs.items():
                     result = query(prom, expr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "connprobe-alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "tests" / "connprobe-alerts.test.yml"
 METRIC_NAME = re.compile(r"\b(?:probe|connprobe)_[a-z_]+\b")
+DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 
 
 def run(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,3 +66,19 @@ def _idle_agent():
     from connprobe.agent import Agent
 
     return Agent("never-read.yaml", registry=CollectorRegistry())
+
+
+def dashboard_queries(rate_interval: str, range_: str, interval: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard panel, with Grafana's variables filled in for a plain query:
+    the given durations for $__rate_interval, $__range and $__interval, any value for the template ones."""
+    out = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                promql = (target["expr"].replace("$__rate_interval", rate_interval).replace("$__range", range_)
+                          .replace("$__interval", interval))
+                for var in ("probe", "target", "source", "instance"):
+                    promql = promql.replace(f'"${var}"', '".*"')
+                assert "$" not in promql, promql
+                out.append((f"{path.stem}: {panel['title']} ({target['refId']})", promql))
+    return out

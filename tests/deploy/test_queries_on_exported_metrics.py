@@ -25,7 +25,7 @@ from connprobe.agent import Agent, _AgentCollector
 from connprobe.metrics import Metrics
 from correlator.types import Cause, Verdict
 from prober.types import DnsTransaction, ErrorKind, PhaseSpan, ProbeKind, ProbeResult
-from tests.deploy.helpers import DEPLOY, RULES, run
+from tests.deploy.helpers import RULES, dashboard_queries, run
 
 MINUTES = 30
 SCRAPE = {"instance": "node1:9516", "job": "connprobe"}
@@ -162,17 +162,7 @@ def test_every_alert_fires_for_what_it_is_about_on_exported_metrics(promtool, tm
 
 
 def test_every_dashboard_query_returns_data_on_exported_metrics(promtool, tmp_path):
-    queries = []
-    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
-        dash = json.loads(path.read_text())
-        for panel in dash["panels"]:
-            for target in panel.get("targets", []):
-                promql = (target["expr"].replace("$__rate_interval", "2m").replace("$__range", "10m")
-                          .replace("$__interval", "1m"))
-                for var in ("probe", "target", "source", "instance"):
-                    promql = promql.replace(f'"${var}"', '".*"')
-                assert "$" not in promql, promql
-                queries.append((f"{path.stem}: {panel['title']} ({target['refId']})", promql))
+    queries = dashboard_queries("2m", "10m", "1m")
     rules = [{"alert": f"Panel{i}", "expr": f"count({promql}) > 0"} for i, (_, promql) in enumerate(queries)]
     rule_file = tmp_path / "panels.yml"
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
