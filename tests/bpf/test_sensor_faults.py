@@ -235,6 +235,22 @@ def dns_query(lab, sensor, server: str, timeout: float = 1.0, dstopts: bytes = b
     return lab.executor("client").call(run)
 
 
+def dropped_dns_query(lab, sensor, server: str, client: str, dstopts: bytes = b"") -> list:
+    """A query that the DNS namespace's nftables drops: it times out, and the sensor reports exactly one
+    drop, with its full tuple, the netfilter reason and the DNS namespace. Returns the flow's events."""
+    with lab.policy_drop("dns", direction="in", proto="udp", port=53):
+        lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5, dstopts=dstopts)
+    try:
+        evs = events_of(sensor, lport, lab)
+    finally:
+        sensor.unwatch("udp", lport)
+    assert err == errno.ETIMEDOUT
+    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
+    assert drop.tuple == ("udp", client, lport, server, 53)
+    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
+    return evs
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
     server = lab.dns_addr4 if family == 4 else lab.dns_addr6
@@ -251,16 +267,7 @@ def test_dns_query_and_its_answer_and_a_dropped_query(lab, sensor, family):
         assert e.netns == lab.ns("client").inode
     assert sent.length == qlen and got.length == len(answer) and got.ts_ns > sent.ts_ns
 
-    with lab.policy_drop("dns", direction="in", proto="udp", port=53):
-        lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5)
-    try:
-        evs = events_of(sensor, lport, lab)
-    finally:
-        sensor.unwatch("udp", lport)
-    assert err == errno.ETIMEDOUT
-    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
-    assert drop.tuple == ("udp", client_addr(family), lport, server, 53)
-    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
+    evs = dropped_dns_query(lab, sensor, server, client_addr(family))
     assert EventKind.UDP_SEND in kinds(evs) and EventKind.UDP_RECV not in kinds(evs)
 
 
@@ -271,16 +278,7 @@ def test_a_dropped_ipv6_packet_with_an_extension_header_keeps_its_ports(lab, sen
     sensor.unwatch("udp", lport)
     assert err == 0 and answer  # the server answers a query that carries the option
 
-    with lab.policy_drop("dns", direction="in", proto="udp", port=53):
-        lport, _qlen, err, _answer = dns_query(lab, sensor, server, timeout=0.5, dstopts=DSTOPTS_PADN)
-    try:
-        evs = events_of(sensor, lport, lab)
-    finally:
-        sensor.unwatch("udp", lport)
-    assert err == errno.ETIMEDOUT
-    (drop,) = [e for e in evs if e.kind == EventKind.DROP]
-    assert drop.tuple == ("udp", client_addr(6), lport, server, 53)
-    assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
+    dropped_dns_query(lab, sensor, server, client_addr(6), dstopts=DSTOPTS_PADN)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
