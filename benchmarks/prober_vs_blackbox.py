@@ -50,10 +50,6 @@ def self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def self_sys() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
 # ------------------------------------------------------------------------------------------ workers
 
 
@@ -95,17 +91,17 @@ async def prober_fixed(url: str, rate: int, duration: float, warmup: float, slot
     await sched.start()
     await asyncio.sleep(warmup)
     window["on"] = True
-    c0, t0, s0 = self_cpu(), time.monotonic(), self_sys()
+    c0, t0 = self_cpu(), time.monotonic()
     await asyncio.sleep(duration)
     window["on"] = False
-    c1, t1, s1 = self_cpu(), time.monotonic(), self_sys()
+    c1, t1 = self_cpu(), time.monotonic()
     await sched.stop(grace=2.0)
     consumer.cancel()
     await asyncio.gather(consumer, return_exceptions=True)
     await env.aclose()
     n = counts["ok"] + counts["fail"]
     connect_us.sort()
-    return {"probes": n, "ok": counts["ok"], "cpu_s": c1 - c0, "sys_s": s1 - s0, "wall_s": t1 - t0, "errors": errors,
+    return {"probes": n, "ok": counts["ok"], "cpu_s": c1 - c0, "wall_s": t1 - t0, "errors": errors,
             "connect_p50_us": connect_us[len(connect_us) // 2] if connect_us else None,
             "connect_p99_us": connect_us[int(len(connect_us) * 0.99)] if connect_us else None,
             "suspect": sched.stats.suspect_results, "max_lag_ms": round(sched.stats.max_lag_s * 1e3, 1)}
