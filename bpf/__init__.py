@@ -1,4 +1,4 @@
-"""The kernel sensor: what the Linux kernel did with a probe's packets (DESIGN.md, "Kernel side").
+"""The kernel sensor: what the Linux kernel did with a probe's packets (docs/architecture.md, "The parts").
 
 Modules:
     types          KernelEvent, EventKind (the records this package produces)

@@ -1,4 +1,4 @@
-"""Records produced by the kernel sensor (DESIGN.md: `KernelEvent` belongs to bpf/).
+"""Records produced by the kernel sensor: `KernelEvent` (bpf/ owns it; the correlator reads it).
 
 bpf/ never imports prober/, so an event carries its own 5-tuple plus netns inode; the correlator
 matches it against a prober `Flow` in either direction.

@@ -1,4 +1,4 @@
-"""Verdicts produced by the correlator (DESIGN.md: `Verdict` belongs to correlator/)."""
+"""Verdicts produced by the correlator: `Verdict` and `Cause` (the correlator owns them; the app's sinks read them)."""
 
 from __future__ import annotations
 

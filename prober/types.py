@@ -1,4 +1,4 @@
-"""Result types produced by the prober (DESIGN.md: `Flow` and `ProbeResult` belong to prober/).
+"""Result types produced by the prober: `Flow` and `ProbeResult` (prober/ owns them; the correlator reads them).
 
 All timestamps are CLOCK_MONOTONIC nanoseconds (`time.monotonic_ns()`), the clock of the kernel's
 `bpf_ktime_get_ns()`, so probe phases and kernel events share one time axis.
