@@ -9,9 +9,12 @@
   the first read (request sent) and the first byte (in the transport's protocol for plain HTTP).
 
 Every client gets its sockets from `Source.open()` (bound, announced, right namespace) and resolves
-other hosts (redirects) through the prober's own DNS. Redirects: a new connection per hop, each hop its
-own stamps; durations are summed per phase. `aiohttp-session` relies on a private aiohttp hook;
-tests/prober/test_http.py fails if it stops being called (no connect phase).
+other hosts (redirects) through the prober's own DNS. A client only sends one request and hands back
+its answer (`_SENDERS`); `_exchange` does the rest the same way for all three: redirects (a new
+connection per hop, each hop its own stamps, durations summed per phase; `redirected` decides what the
+next hop carries) and the body (`_read_body`: read in pieces, kept only for a body regexp, capped).
+`aiohttp-session` relies on a private aiohttp hook; tests/prober/test_http.py fails if it stops being
+called (no connect phase).
 """
 
 from __future__ import annotations
