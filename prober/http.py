@@ -152,13 +152,21 @@ def _first_request(attempt: Attempt, spec: HTTPSpec) -> _Request:
     return _Request(spec.method, prep.url, prep.headers, spec.body)
 
 
+def _sendable(req: _Request) -> _Request:
+    """A configured Authorization header wins over the URL's userinfo, in every client (aiohttp's session
+    refuses the pair, httpx would let the userinfo win)."""
+    if req.url.raw_user is None or not any(k.lower() == "authorization" for k in req.headers):
+        return req
+    return _Request(req.method, req.url.with_user(None), req.headers, req.body)
+
+
 async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     """Request, redirects (a fresh connection per hop, sent by the module's client), then the body."""
     send = _SENDERS[spec.client]
     req = _first_request(attempt, spec)
     redirects = 0
     while True:
-        resp = await send(attempt, spec, env, req, redirects == 0)
+        resp = await send(attempt, spec, env, _sendable(req), redirects == 0)
         try:
             location = resp.headers.get("Location")
             if spec.follow_redirects and resp.status in REDIRECTS and location:

@@ -97,6 +97,14 @@ async def test_userinfo_is_not_sent_to_another_host(http_server, second_host, en
     assert "Authorization" not in second_host.seen_headers[0]
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_configured_authorization_wins_over_userinfo(http_server, env, client):
+    target = http_server.url("/ok").replace("http://", "http://probe:pa55word@", 1)
+    (r,) = await run_probe(spec(target, section=_sec(client)), env)
+    assert r.ok, r.error_detail
+    assert http_server.seen_headers[-1]["Authorization"] == SECRETS["Authorization"]
+
+
 @pytest.fixture
 async def https_first(cert_files):
     cert, key = cert_files
