@@ -3,10 +3,10 @@
 Why not `aiohttp.ClientSession`: a probe is one request on a fresh connection, and the session's
 generality (pooling, cookies, proxies, trace signals, per-request timers) cost ~45% of a probe's CPU
 (benchmarks/prober_vs_blackbox.py: ~2,000 vs ~3,700 probes per CPU-second on the same machine). This
-path keeps aiohttp's parser, payload StreamReader (chunked, gzip/deflate, limits) and exception classes,
-and does the rest itself: write the request, stamp each phase, follow redirects (a new connection per
-hop, names resolved by the prober's own DNS). The full session stays available as
-`client: aiohttp-session`, httpx as `client: httpx`.
+path keeps aiohttp's parser, payload StreamReader (chunked, gzip/deflate, flow control) and exception
+classes, and does the rest itself: write the request, stamp each phase. One call is one hop; redirects
+(and which headers a hop carries) are decided by `prober/http.py` for every client alike. The full
+session stays available as `client: aiohttp-session`, httpx as `client: httpx`.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from yarl import URL
 
 monotonic_ns = time.monotonic_ns
 
-REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "connprobe/0.1"
 
 
 class _Conn(BaseProtocol):
-    __slots__ = ("hop", "parser", "payload", "response")
+    """One connection's protocol. The parser is BaseProtocol's `_parser`: the payload's flow control
+    (pause_reading when more than 128 KiB wait, or a compressed chunk still has output) goes through it."""
+
+    __slots__ = ("hop", "payload", "response")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, hop, head: bool):
         super().__init__(loop)
         self.hop = hop
-        self.parser = HttpResponseParser(
+        self._parser = HttpResponseParser(
             self,
             loop,
             2**16,
@@ -53,7 +55,7 @@ class _Conn(BaseProtocol):
         if not self.hop.first_byte:
             self.hop.first_byte = monotonic_ns()
         try:
-            messages, _, _ = self.parser.feed_data(data)
+            messages, _, _ = self._parser.feed_data(data)
         except Exception as exc:
             if self.transport is not None:
                 self.transport.close()
@@ -81,7 +83,7 @@ class _Conn(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         try:
-            self.parser.feed_eof()  # completes a read-until-close body
+            self._parser.feed_eof()  # completes a read-until-close body
         except Exception as underlying:
             self._fail(ClientPayloadError(f"response payload is not completed: {underlying!r}"))
         if not self.response.done():
@@ -90,7 +92,7 @@ class _Conn(BaseProtocol):
             self.payload.set_exception(ClientPayloadError("response payload is not completed"))
 
 
-def _request_bytes(method: str, url: URL, headers: dict[str, str], body: bytes | None) -> bytes:
+def request_bytes(method: str, url: URL, headers: dict[str, str], body: bytes | None) -> bytes:
     host = url.raw_host or ""
     if ":" in host:
         host = f"[{host}]"
@@ -115,78 +117,79 @@ def _request_bytes(method: str, url: URL, headers: dict[str, str], body: bytes |
     return data + body if body else data
 
 
-async def exchange(attempt, spec, env, facts: dict, *, lookup, open_connected, ssl_context, read_body, failure):
-    """One probe: request (and redirects) on fresh connections; fills `facts` like the other clients."""
+class Response:
+    """One hop's answer: status line and headers parsed, the body still on the wire."""
+
+    __slots__ = ("conn", "headers", "status", "transport")
+
+    def __init__(self, msg, conn: _Conn, transport) -> None:
+        self.status = msg.code
+        self.headers = msg.headers
+        self.conn = conn
+        self.transport = transport
+
+    async def chunks(self):
+        """The decoded body in pieces of at most ~128 KiB (the payload's flow control bounds them)."""
+        payload = self.conn.payload
+        while True:
+            chunk = await payload.readany()
+            if not chunk:
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.transport.close()
+
+
+async def send(
+    attempt,
+    spec,
+    method: str,
+    url: URL,
+    headers: dict[str, str],
+    body: bytes | None,
+    request: bytes | None,
+    *,
+    lookup,
+    open_connected,
+    ssl_context,
+) -> Response:
+    """One request on a fresh connection; `request` is its bytes when prebuilt (the first hop)."""
     loop = asyncio.get_running_loop()
-    prep = attempt.prep
-    if prep is not None:
-        if prep.url is None:
-            prep.url = URL(attempt.target.raw)
-        url = prep.url
-    else:
-        url = URL(attempt.target.raw)
-    headers = prep.headers if prep is not None else {k: v.get_secret_value() for k, v in spec.headers.items()}
-    method = spec.method
-    body = spec.body.encode() if spec.body is not None else None
-    redirects = 0
-    while True:
-        if url.scheme not in ("http", "https"):
-            raise failure("protocol_error", f"redirect to a non-HTTP URL: {url.scheme}:")
-        host = url.raw_host or ""
-        addr = await lookup(attempt, host)
-        v6 = ":" in addr
-        sockaddr = (addr, url.port, 0, 0) if v6 else (addr, url.port)
-        sock, hop = await open_connected(attempt, socket.AF_INET6 if v6 else socket.AF_INET, sockaddr, attempt.timeline)
-        factory = functools.partial(_Conn, loop, hop, method == "HEAD")
-        try:
-            if url.scheme == "https":
-                hop.tls_start = monotonic_ns()
-                transport, conn = await loop.create_connection(
-                    factory,
-                    sock=sock,
-                    ssl=ssl_context(spec.tls),
-                    server_hostname=spec.tls.server_name or host.rstrip("."),
-                )
-                hop.tls_end = monotonic_ns()
-                hop.peercert = transport.get_extra_info("peercert")
-            else:
-                transport, conn = await loop.create_connection(factory, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            if redirects == 0 and prep is not None:  # the same bytes every run: built once per spec
-                request = prep.request
-                if request is None:
-                    request = prep.request = _request_bytes(method, url, headers, body)
-            else:
-                request = _request_bytes(method, url, headers, body)
-            # Stamped just before the write: it hands the bytes to the kernel, which sends them within
-            # the syscall; a stamp after it would be late by however long the process is preempted.
-            hop.sent = monotonic_ns()
-            transport.write(request)
-            msg = await conn.response
-            status = msg.code
-            location = msg.headers.get("Location")
-            if spec.follow_redirects and status in REDIRECTS and location:
-                if redirects >= spec.max_redirects:
-                    attempt.http_status = status
-                    raise failure("max_redirects", f"more than {spec.max_redirects} redirects")
-                redirects += 1
-                hop.end = monotonic_ns()
-                url = url.join(URL(location))
-                if status == 303 or (status in (301, 302) and method == "POST"):
-                    method, body = ("GET" if method != "HEAD" else "HEAD"), None
-                continue
-            facts["status"] = status
-            attempt.http_status = status
-            facts["headers"] = msg.headers
-            facts["redirects"] = redirects
-            facts["ssl"] = url.scheme == "https"
-            facts["body"] = await read_body(conn.payload, spec, facts, attempt)
-            return
-        finally:
-            transport.close()
+    host = url.raw_host or ""
+    addr = await lookup(attempt, host)
+    v6 = ":" in addr
+    sockaddr = (addr, url.port, 0, 0) if v6 else (addr, url.port)
+    sock, hop = await open_connected(attempt, socket.AF_INET6 if v6 else socket.AF_INET, sockaddr, attempt.timeline)
+    factory = functools.partial(_Conn, loop, hop, method == "HEAD")
+    try:
+        if url.scheme == "https":
+            hop.tls_start = monotonic_ns()
+            transport, conn = await loop.create_connection(
+                factory,
+                sock=sock,
+                ssl=ssl_context(spec.tls),
+                server_hostname=spec.tls.server_name or host.rstrip("."),
+            )
+            hop.tls_end = monotonic_ns()
+            hop.peercert = transport.get_extra_info("peercert")
+        else:
+            transport, conn = await loop.create_connection(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        if request is None:
+            request = request_bytes(method, url, headers, body)
+        # Stamped just before the write: it hands the bytes to the kernel, which sends them within
+        # the syscall; a stamp after it would be late by however long the process is preempted.
+        hop.sent = monotonic_ns()
+        transport.write(request)
+        msg = await conn.response
+    except BaseException:
+        transport.close()
+        raise
+    return Response(msg, conn, transport)
 
 
-__all__ = ["exchange"]
+__all__ = ["Response", "request_bytes", "send"]

@@ -9,9 +9,12 @@
   the first read (request sent) and the first byte (in the transport's protocol for plain HTTP).
 
 Every client gets its sockets from `Source.open()` (bound, announced, right namespace) and resolves
-other hosts (redirects) through the prober's own DNS. Redirects: a new connection per hop, each hop its
-own stamps; durations are summed per phase. `aiohttp-session` relies on a private aiohttp hook;
-tests/prober/test_http.py fails if it stops being called (no connect phase).
+other hosts (redirects) through the prober's own DNS. A client only sends one request and hands back
+its answer (`_SENDERS`); `_exchange` does the rest the same way for all three: redirects (a new
+connection per hop, each hop its own stamps, durations summed per phase; `redirected` decides what the
+next hop carries) and the body (`_read_body`: read in pieces, kept only for a body regexp, capped).
+`aiohttp-session` relies on a private aiohttp hook; tests/prober/test_http.py fails if it stops being
+called (no connect phase).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 import socket
 import ssl
 import time
+import zlib
 from typing import Any
 
 import aiohttp
@@ -95,6 +99,126 @@ async def _lookup(attempt: Attempt, host: str) -> str:
 
 
 _CTX_DEADLINE: contextvars.ContextVar[int] = contextvars.ContextVar("connprobe_deadline")
+
+
+# ---------------------------------------------------------------- one exchange, every client
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+BODY_CAP_WITH_REGEXP = 10 * 2**20  # the body kept for a body regexp when max_body_bytes is not set
+
+
+class _Request:
+    """What one hop sends. `headers` are the module's configured headers still allowed on this hop."""
+
+    __slots__ = ("body", "headers", "method", "url")
+
+    def __init__(self, method: str, url: yarl.URL, headers: dict[str, str], body: str | None) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+
+
+def origin(url: yarl.URL) -> tuple[str, str, int | None]:
+    return url.scheme, (url.host or "").lower(), url.port
+
+
+def redirected(req: _Request, status: int, location: str) -> _Request:
+    """The next hop's request. Once the origin (scheme, host, port) differs from the hop before, the
+    request carries none of the module's configured headers (every one is treated as a credential, like
+    Authorization, Cookie and Proxy-Authorization in aiohttp and httpx), and never again in this probe;
+    Basic credentials come only from the new URL's own userinfo. An http→https upgrade changes the
+    scheme, so it drops them too (as aiohttp does)."""
+    try:
+        url = req.url.join(yarl.URL(location))
+        new_origin = origin(url)
+    except (ValueError, TypeError) as exc:
+        raise ProbeFailure(ErrorKind.PROTOCOL_ERROR, f"invalid redirect location: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ProbeFailure(ErrorKind.PROTOCOL_ERROR, f"redirect to a non-HTTP URL: {url.scheme or '(none)'}:")
+    method, body = req.method, req.body
+    if status == 303 or (status in (301, 302) and method == "POST"):
+        method, body = ("GET" if method != "HEAD" else "HEAD"), None
+    headers = req.headers if new_origin == origin(req.url) else {}
+    return _Request(method, url, headers, body)
+
+
+def _first_request(attempt: Attempt, spec: HTTPSpec) -> _Request:
+    prep = attempt.prep
+    if prep is None:
+        return _Request(spec.method, yarl.URL(attempt.target.raw), _headers(spec), spec.body)
+    if prep.url is None:
+        prep.url = yarl.URL(attempt.target.raw)
+    return _Request(spec.method, prep.url, prep.headers, spec.body)
+
+
+def _sendable(req: _Request) -> _Request:
+    """A configured Authorization header wins over the URL's userinfo, in every client (aiohttp's session
+    refuses the pair, httpx would let the userinfo win)."""
+    if req.url.raw_user is None or not any(k.lower() == "authorization" for k in req.headers):
+        return req
+    return _Request(req.method, req.url.with_user(None), req.headers, req.body)
+
+
+async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
+    """Request, redirects (a fresh connection per hop, sent by the module's client), then the body."""
+    send = _SENDERS[spec.client]
+    req = _first_request(attempt, spec)
+    redirects = 0
+    while True:
+        resp = await send(attempt, spec, env, _sendable(req), redirects == 0)
+        try:
+            location = resp.headers.get("Location")
+            if spec.follow_redirects and resp.status in REDIRECTS and location:
+                if redirects >= spec.max_redirects:
+                    attempt.http_status = resp.status
+                    attempt.failed.append("max_redirects")
+                    raise ProbeFailure(ErrorKind.VALIDATION, f"more than {spec.max_redirects} redirects")
+                req = redirected(req, resp.status, location)
+                redirects += 1
+                hop = attempt.timeline.hops[-1] if attempt.timeline.hops else None
+                if hop is not None and not hop.end:
+                    hop.end = monotonic_ns()
+                continue
+            facts["status"] = resp.status
+            attempt.http_status = resp.status
+            facts["headers"] = resp.headers
+            facts["redirects"] = redirects
+            facts["ssl"] = req.url.scheme == "https"
+            coding = resp.headers.get("Content-Encoding", "").strip().lower()
+            facts["body"] = await _read_body(resp.chunks(), spec, facts, attempt, coding not in ("", "identity"))
+            return
+        finally:
+            await resp.aclose()
+
+
+async def _read_body(chunks, spec: HTTPSpec, facts: dict, attempt: Attempt, encoded: bool) -> bytes:
+    """Read the decoded body piece by piece: kept only for a body regexp (then capped), else counted and
+    dropped. A compressed body is also capped at max_decompressed_bytes, kept or not."""
+    keep = bool(spec.fail_if_body_matches_regexp or spec.fail_if_body_not_matches_regexp)
+    cap = spec.max_body_bytes
+    if cap is None and keep:
+        cap = BODY_CAP_WITH_REGEXP
+    inflated_cap = spec.max_decompressed_bytes if encoded else None
+    size = 0
+    buf = bytearray()
+    async for chunk in chunks:
+        size += len(chunk)
+        if cap is not None and size > cap:
+            facts["size"] = size
+            attempt.failed.append("max_body_bytes")
+            why = "max_body_bytes" if spec.max_body_bytes is not None else "default cap with a body regexp"
+            raise ProbeFailure(ErrorKind.VALIDATION, f"body larger than {cap} bytes ({why})")
+        if inflated_cap is not None and size > inflated_cap:
+            facts["size"] = size
+            attempt.failed.append("max_decompressed_bytes")
+            raise ProbeFailure(
+                ErrorKind.VALIDATION, f"compressed body inflates past {inflated_cap} bytes (max_decompressed_bytes)"
+            )
+        if keep:
+            buf += chunk
+    facts["size"] = size
+    return bytes(buf)
 
 
 # ---------------------------------------------------------------- aiohttp
@@ -208,59 +332,37 @@ def _aiohttp_session(env: ProbeEnv) -> aiohttp.ClientSession:
     return session
 
 
-async def _aiohttp_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
-    session = _aiohttp_session(env)
-    prep = attempt.prep
-    if prep is not None:
-        if prep.url is None:
-            prep.url = yarl.URL(attempt.target.raw)
-        url = prep.url
-    else:
-        url = attempt.target.raw
-    headers = attempt.prep.headers if attempt.prep is not None else _headers(spec)
+class _SessionResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def chunks(self):
+        """The decoded body in pieces of at most ~128 KiB (the payload's flow control bounds them)."""
+        content = self._resp.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
+async def _session_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
     kwargs: dict[str, Any] = {}
-    if attempt.target.scheme == "https":
+    if req.url.scheme == "https":
         kwargs["ssl"] = ssl_context(spec.tls)
         if spec.tls.server_name:
             kwargs["server_hostname"] = spec.tls.server_name
-    async with session.request(
-        spec.method,
-        url,
-        headers=headers,
-        data=spec.body,
-        allow_redirects=spec.follow_redirects,
-        max_redirects=spec.max_redirects,
-        **kwargs,
-    ) as resp:
-        facts["status"] = resp.status
-        attempt.http_status = resp.status
-        facts["headers"] = resp.headers
-        facts["redirects"] = len(resp.history)
-        facts["ssl"] = resp.url.scheme == "https"
-        facts["body"] = await _read_body(resp.content, spec, facts, attempt)
-
-
-async def _read_body(content, spec: HTTPSpec, facts: dict, attempt: Attempt) -> bytes:
-    limit = spec.max_body_bytes
-    keep = bool(spec.fail_if_body_matches_regexp or spec.fail_if_body_not_matches_regexp)
-    if limit is None:
-        data = await content.read()
-        facts["size"] = len(data)
-        return data if keep else b""
-    size = 0
-    buf = bytearray()
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            attempt.failed.append("max_body_bytes")
-            break
-        if keep:
-            buf += chunk
-    facts["size"] = size
-    return bytes(buf)
+    resp = await _aiohttp_session(env).request(
+        req.method, req.url, headers=req.headers, data=req.body, allow_redirects=False, **kwargs
+    )
+    return _SessionResponse(resp)
 
 
 # ---------------------------------------------------------------- httpx
@@ -356,43 +458,89 @@ def _httpx_client(env: ProbeEnv, tls: TLSSpec) -> httpx.AsyncClient:
         transport._pool = httpcore.AsyncConnectionPool(
             ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
         )
-        client = httpx.AsyncClient(transport=transport, timeout=None, trust_env=False)
+        # only the codings _HttpxResponse decodes itself (httpx would add br/zstd when their modules exist)
+        client = httpx.AsyncClient(
+            transport=transport, timeout=None, trust_env=False, headers={"Accept-Encoding": "gzip, deflate"}
+        )
         env.clients[key] = client
     return client
 
 
-async def _httpx_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
+class _Inflater:
+    """One gzip or deflate layer, decoded in pieces of at most `_PIECE` bytes (zlib's max_length), so a
+    compressed chunk never becomes one large buffer (httpx's own decoder inflates a read in one call)."""
+
+    __slots__ = ("encoding", "obj")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.obj = None
+
+    def feed(self, data: bytes):
+        if self.obj is None:
+            if not data:
+                return
+            if self.encoding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send
+                wbits = zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS
+            else:
+                wbits = 16 + zlib.MAX_WBITS
+            self.obj = zlib.decompressobj(wbits)
+        while True:
+            try:
+                out = self.obj.decompress(data, _PIECE)
+            except zlib.error as exc:
+                raise ProbeFailure(
+                    ErrorKind.PROTOCOL_ERROR, f"cannot decode content-encoding {self.encoding}: {exc}"
+                ) from None
+            data = self.obj.unconsumed_tail
+            if out:
+                yield out
+            if not data and len(out) < _PIECE:
+                return
+
+
+_PIECE = 2**16
+_INFLATED = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
+
+
+def _decode(layers: list[_Inflater], data: bytes, i: int = 0):
+    if i == len(layers):
+        if data:
+            yield data
+        return
+    for piece in layers[i].feed(data):
+        yield from _decode(layers, piece, i + 1)
+
+
+class _HttpxResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self.status = resp.status_code
+        self.headers = resp.headers
+
+    async def chunks(self):
+        """The body decoded layer by layer (gzip, deflate; other codings pass through, as in httpx)."""
+        codings = [c.strip().lower() for c in self.headers.get("Content-Encoding", "").split(",")]
+        layers = [_Inflater(_INFLATED[c]) for c in reversed(codings) if c in _INFLATED]
+        async for raw in self._resp.aiter_raw():
+            for piece in _decode(layers, raw):
+                yield piece
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
     client = _httpx_client(env, spec.tls)
-    headers = attempt.prep.headers if attempt.prep is not None else _headers(spec)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name
-    req = client.build_request(
-        spec.method, attempt.target.raw, headers=headers, content=spec.body, extensions=extensions
+    request = client.build_request(
+        req.method, str(req.url), headers=req.headers, content=req.body, extensions=extensions
     )
-    client.max_redirects = spec.max_redirects
-    resp = await client.send(req, follow_redirects=spec.follow_redirects, stream=True)
-    try:
-        facts["status"] = resp.status_code
-        attempt.http_status = resp.status_code
-        facts["headers"] = resp.headers
-        facts["redirects"] = len(resp.history)
-        facts["ssl"] = resp.url.scheme == "https"
-        limit = spec.max_body_bytes
-        keep = bool(spec.fail_if_body_matches_regexp or spec.fail_if_body_not_matches_regexp)
-        size = 0
-        buf = bytearray()
-        async for chunk in resp.aiter_bytes():
-            size += len(chunk)
-            if limit is not None and size > limit:
-                attempt.failed.append("max_body_bytes")
-                break
-            if keep:
-                buf += chunk
-        facts["size"] = size
-        facts["body"] = bytes(buf)
-    finally:
-        await resp.aclose()
+    return _HttpxResponse(await client.send(request, follow_redirects=False, stream=True))
 
 
 # ---------------------------------------------------------------- validators
@@ -460,9 +608,8 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     t2 = _CTX_CB.set(env.on_local_port)
     t3 = _CTX_DEADLINE.set(deadline_ns)
     try:
-        exchange = _EXCHANGES[spec.client]
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
-            await exchange(attempt, spec, env, facts)
+            await _exchange(attempt, spec, env, facts)
     except ProbeFailure as exc:
         return attempt.result(exc.kind, exc.detail)
     except Exception as exc:
@@ -489,29 +636,29 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     return attempt.result()
 
 
-def _lean_failure(what: str, detail: str) -> ProbeFailure:
-    if what == "protocol_error":
-        return ProbeFailure(ErrorKind.PROTOCOL_ERROR, detail)
-    attempt = _CURRENT.get()
-    attempt.failed.append(what)
-    return ProbeFailure(ErrorKind.VALIDATION, detail)
-
-
-async def _lean_exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
-    await _lean.exchange(
+async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
+    body = req.body.encode() if req.body is not None else None
+    request = None
+    prep = attempt.prep
+    if first and prep is not None:  # the same bytes every run: built once per spec
+        request = prep.request
+        if request is None:
+            request = prep.request = _lean.request_bytes(req.method, req.url, req.headers, body)
+    return await _lean.send(
         attempt,
         spec,
-        env,
-        facts,
+        req.method,
+        req.url,
+        req.headers,
+        body,
+        request,
         lookup=_lookup,
         open_connected=_open_connected,
         ssl_context=ssl_context,
-        read_body=_read_body,
-        failure=_lean_failure,
     )
 
 
-_EXCHANGES = {"aiohttp": _lean_exchange, "aiohttp-session": _aiohttp_exchange, "httpx": _httpx_exchange}
+_SENDERS = {"aiohttp": _lean_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:

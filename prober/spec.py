@@ -84,7 +84,8 @@ class HTTPSpec(Frozen):
     fail_if_body_not_matches_regexp: tuple[str, ...] = ()
     fail_if_header_matches: tuple[HeaderMatch, ...] = ()
     fail_if_header_not_matches: tuple[HeaderMatch, ...] = ()
-    max_body_bytes: int | None = Field(default=None, ge=0)
+    max_body_bytes: int | None = Field(default=None, ge=0)  # unset: 10 MiB with a body regexp, else no cap
+    max_decompressed_bytes: int = Field(default=32 * 2**20, ge=1)  # a compressed body inflated (gzip bombs)
     capture_headers: tuple[str, ...] = ()  # response headers copied into the result (e.g. X-Request-Id)
     tls: TLSSpec = TLSSpec()
 

@@ -7,9 +7,12 @@ check the prober against the server's own view (peer ports, measured delays, que
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+import ssl
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import dns.exception
@@ -69,6 +72,25 @@ def make_app(state: HttpServer) -> web.Application:
         await asyncio.sleep(3600)
         return web.Response(text="never")
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        """`n` bytes of "x" written 64 KiB at a time (the server itself holds little of the body)."""
+        n = int(request.match_info["n"])
+        resp = web.StreamResponse(headers={"Content-Length": str(n)})
+        await resp.prepare(request)
+        piece = b"x" * 2**16
+        while n > 0:
+            await resp.write(piece[: min(n, len(piece))])
+            n -= len(piece)
+        await resp.write_eof()
+        return resp
+
+    async def compressed(request: web.Request) -> web.Response:
+        """`n` bytes ("hello " then zeros) sent compressed: /gzip/N, /deflate/N (zlib), /rawdeflate/N."""
+        coding = request.match_info["coding"]
+        data = compress(coding, int(request.match_info["n"]))
+        header = "deflate" if coding == "rawdeflate" else coding
+        return web.Response(body=data, headers={"Content-Encoding": header, "Content-Type": "text/plain"})
+
     async def upload(request: web.Request) -> web.Response:
         data = await request.read()
         return web.Response(text=str(len(data)))
@@ -80,8 +102,89 @@ def make_app(state: HttpServer) -> web.Application:
     app.router.add_get("/bytes/{n}", nbytes)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/hang", hang)
+    app.router.add_get("/stream/{n}", stream)
+    app.router.add_get("/{coding:gzip|deflate|rawdeflate}/{n}", compressed)
     app.router.add_post("/upload", upload)
     return app
+
+
+@functools.lru_cache(maxsize=16)
+def compress(coding: str, n: int) -> bytes:
+    """'hello ' and zeros up to `n` bytes, compressed (a gzip bomb for a large n: ~1,000 to 1)."""
+    wbits = {"gzip": 31, "deflate": 15, "rawdeflate": -15}[coding]
+    c = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    parts = [c.compress(b"hello ")]
+    zeros = bytes(2**20)
+    left = n - 6
+    while left > 0:
+        parts.append(c.compress(zeros[: min(left, len(zeros))]))
+        left -= len(zeros)
+    parts.append(c.flush())
+    return b"".join(parts)
+
+
+async def serve_http(host: str, ssl_context: ssl.SSLContext | None = None) -> tuple[HttpServer, web.AppRunner]:
+    """The test app on host:0 (plain or TLS); the caller cleans the runner up."""
+    state = HttpServer(host, 0)
+    runner = web.AppRunner(make_app(state), access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
+    await site.start()
+    state.port = site._server.sockets[0].getsockname()[1]
+    return state, runner
+
+
+# ---------------------------------------------------------------- scripted HTTP
+
+
+@dataclass
+class ScriptedHttpServer:
+    """A raw TCP server on loopback that answers every request with the bytes of `script`:
+    a list of (delay seconds, bytes) written in turn, then the connection is closed (or held open
+    for `hold` seconds first). For responses no real server would send."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    script: list[tuple[float, bytes]] = field(default_factory=list)
+    hold: float = 0.0
+    _server: asyncio.base_events.Server | None = None
+    _tasks: set = field(default_factory=set)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        try:
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                pass
+            for delay, data in self.script:
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+            if self.hold:
+                await asyncio.sleep(self.hold)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._tasks.discard(asyncio.current_task())
+
+    async def start(self) -> ScriptedHttpServer:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
 
 
 # ---------------------------------------------------------------- DNS
@@ -109,7 +212,15 @@ class DnsServer:
     def fault(self, name: str, mode: str, delay: float = 0.0) -> None:
         self.faults[_abs(name)] = (mode, delay)
 
+    mutate: object = None  # a function (answer bytes, proto) -> bytes | None applied to every answer
+
     async def answer(self, wire: bytes, proto: str, port: int) -> bytes | None:
+        out = await self._answer(wire, proto, port)
+        if out is not None and self.mutate is not None:
+            return self.mutate(out, proto)
+        return out
+
+    async def _answer(self, wire: bytes, proto: str, port: int) -> bytes | None:
         try:
             q = dns.message.from_wire(wire)
         except dns.exception.DNSException:
