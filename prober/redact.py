@@ -3,7 +3,7 @@
 Secrets a probe can carry, and where they come from:
 
 - a URL's userinfo (`http://user:password@host/`, and a bare `http://tok3n@host/`), also in a
-  `user@host:port` TCP target,
+  `user@host:port` TCP target, and the `Basic base64(user:password)` an HTTP client sends for it,
 - its query values (`?token=...`) and its fragment,
 - every configured header value (`http.headers`, any length), plus a module's basic-auth password or
   bearer token where such a field exists.
@@ -41,6 +41,7 @@ spec by `prober.core.Prepared`; results, error details and captured headers go t
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -132,7 +133,8 @@ def label_target(target: str) -> str:
 
 
 def url_secrets(target: str) -> tuple[str, ...]:
-    """The secret parts of a target, raw and percent-decoded: userinfo (both halves), query values, fragment."""
+    """The secret parts of a target, raw and percent-decoded: userinfo (both halves, and the Basic
+    credentials a client makes of it), query values, fragment."""
     _prefix, authority, _path, query, fragment = _split(target)
     parts: list[str] = []
     if "@" in authority:
@@ -150,6 +152,10 @@ def url_secrets(target: str) -> tuple[str, ...]:
         for form in (p, urllib.parse.unquote_plus(p)):
             if form.strip() and form not in out:
                 out.append(form)
+    if "@" in authority:  # what an HTTP client sends for it: `Authorization: Basic base64(user:password)`
+        user, _, password = authority.rpartition("@")[0].partition(":")
+        cred = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+        out.append(base64.b64encode(cred.encode()).decode())
     return tuple(out)
 
 

@@ -53,7 +53,8 @@ def test_label_target_drops_what_redact_url_replaces():
 
 def test_url_secrets_raw_and_decoded():
     assert url_secrets("http://us%40r:p%2Fw@h/?a=b%20c&flag#f") == (
-        "us%40r:p%2Fw", "us@r:p/w", "us%40r", "us@r", "p%2Fw", "p/w", "b%20c", "b c", "flag", "f")
+        "us%40r:p%2Fw", "us@r:p/w", "us%40r", "us@r", "p%2Fw", "p/w", "b%20c", "b c", "flag", "f",
+        "dXNAcjpwL3c=")  # base64("us@r:p/w"): the Basic credentials a client sends
 
 
 def _spec(target="http://h.test/", headers=None):
@@ -63,7 +64,8 @@ def _spec(target="http://h.test/", headers=None):
 
 def test_secrets_of_every_place():
     spec = _spec("http://usr:pw@h.test/?token=qv1#frag", {"Authorization": "Bearer t0k", "X-K": "ab"})
-    assert set(secrets_of(spec)) == {"Bearer t0k", "ab", "usr:pw", "usr", "pw", "qv1", "frag"}
+    assert set(secrets_of(spec)) == {"Bearer t0k", "ab", "usr:pw", "usr", "pw", "qv1", "frag",
+                                     "dXNyOnB3"}
 
 
 def test_long_secrets_anywhere_short_header_values_as_whole_tokens_only():
