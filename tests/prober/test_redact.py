@@ -104,3 +104,12 @@ def test_log_records_lose_remembered_secrets_in_message_and_traceback():
     out = logging.Formatter().format(record)
     assert "logcanary123" not in out and "'k9'" not in out and "pw@" not in out and "zz" not in out
     assert f"key={R}" in out and f"b'{R}'" in out and "ValueError" in out
+
+
+@pytest.mark.parametrize("padding", [0, 100])  # one regular expression, or (many secrets) the prefix table
+def test_many_secrets_same_rules(padding):
+    filler = [f"filler-secret-{i}" for i in range(padding)]
+    red = Redactor([*filler, "abcd", "abcdef-long", "ab"], short_ok=["ab"])
+    assert red.text("x abcdef-long y abcdz ab tab filler-secret-7") == (
+        f"x {R} y {R}z {R} tab " + (R if padding else "filler-secret-7"))
+    assert red.text("") == "" and red.text("nothing here") == "nothing here"
