@@ -24,19 +24,25 @@ Two ways of redacting, because outputs hold two kinds of text:
    mangle unrelated text (a header value `ok` inside `broken`, `1` inside `127.0.0.1`), so:
    - a secret of `LONG` (4) characters or more is replaced wherever it occurs, even inside a longer word;
    - a shorter header value (1-3 characters) is replaced only as a whole token: not glued to a letter or
-     digit on either side (`b'ab'` and `value ab,` lose it; `abc` and `tab` keep their letters). The rest of
-     a 3-character secret can't be told from ordinary text, and where it stands alone it is gone;
+     digit on either side (`b'ab'` and `value ab,` lose it; `abc` and `tab` keep their letters). Glued to
+     other letters or digits it is left as it is: the price of not mangling text (README says so);
    - a short userinfo, query value or fragment is not searched for in free text at all: in free text those
      appear inside a URL, which step (a) handles, and searching for `?page=1`'s `1` would wreck every
      address and number in the text.
    Whitespace-only values are not secrets.
 
-The agent's log lines go through `LogRedaction` (installed once for the process by the `connprobe`
-command): each record's message and traceback are redacted with the URLs rule and every secret of every
-probe prepared in this process (`remember()`).
+Who uses what:
 
-The `Redactor` of one probe (its secrets compiled into one regular expression) is built once per probe
-spec by `prober.core.Prepared`; results, error details and captured headers go through it.
+- `ProbeResult.target` is `redact_url(spec.target)` and `error_detail` / `captured_headers` go through the
+  probe's `Redactor` (`prober.core.Prepared`, built once per spec; `prober.runner` for early failures), so
+  everything made from a result — verdict facts and summary, `/api/recent`, the JSON lines, `diagnose` text,
+  `--json` and recordings — starts out redacted.
+- Outputs that show a spec's target themselves use `redact_url` (status page, `check-config`, `diagnose`'s
+  document and recordings, config error messages); metric labels use `label_target` (`clean_target`).
+- `connprobe.sinks.verdict_document` applies the structural rules once more (a result built elsewhere).
+- Log lines: `LogRedaction`, put on the log handlers by `connprobe agent` and `connprobe diagnose`
+  (`install_log_redaction`), redacts each record's message and traceback with the URL rule and every secret
+  of every probe prepared in this process (`remember()`).
 """
 
 from __future__ import annotations
