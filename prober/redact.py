@@ -210,24 +210,31 @@ class Redactor:
     tries an alternation's branches one by one: 10,000 secrets cost ~10 ms a line).
     """
 
-    __slots__ = ("_by_prefix", "_pattern", "secrets")
+    __slots__ = ("_allowed", "_built", "_by_prefix", "_pattern", "secrets")
 
     def __init__(self, secrets: Iterable[str] = (), short_ok: Iterable[str] | None = None):
         self.secrets = tuple(dict.fromkeys(s for s in secrets if s and s.strip()))
-        allowed = set(self.secrets) if short_ok is None else set(short_ok)
+        self._allowed = None if short_ok is None else frozenset(short_ok)
+        self._built = False  # compiled on the first text to redact: most probes never have one
+        self._by_prefix: dict[str, list[str]] | None = None
+        self._pattern: re.Pattern | None = None
+
+    def _build(self) -> None:
+        allowed = set(self.secrets) if self._allowed is None else self._allowed
         ordered = sorted(self.secrets, key=len, reverse=True)  # the longest of overlapping secrets wins
         long = [s for s in ordered if len(s) >= LONG]
-        self._by_prefix: dict[str, list[str]] | None = None
         alts = []
         if len(long) > _REGEX_MAX:
-            self._by_prefix = {}
+            by_prefix: dict[str, list[str]] = {}
             for s in long:
-                self._by_prefix.setdefault(s[:LONG], []).append(s)
+                by_prefix.setdefault(s[:LONG], []).append(s)
+            self._by_prefix = by_prefix
         else:
             alts += [re.escape(s) for s in long]
         alts += [rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])" for s in ordered
                  if len(s) < LONG and s in allowed]
         self._pattern = re.compile("|".join(alts)) if alts else None
+        self._built = True
 
     @classmethod
     def for_spec(cls, spec) -> Redactor:
@@ -241,6 +248,8 @@ class Redactor:
         """Free text with its URLs redacted and every known secret replaced."""
         if not text:
             return text
+        if not self._built:
+            self._build()
         if self._by_prefix is not None:  # long secrets first: a short one must not split a long one
             text = self._scan(text)
         if self._pattern is not None:
