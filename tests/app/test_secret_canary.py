@@ -239,7 +239,8 @@ def test_no_secret_reaches_any_output(tmp_path):
         text = run_cli("diagnose", d_target, "--no-kernel", "--record", str(rec))
         assert text.returncode == 1, text.stderr
         outputs["diagnose text"] = text.stdout + text.stderr
-        js = run_cli("diagnose", up.url("/echo", d_user), "--no-kernel", "--json", "-n", "2", "--record", str(rec))
+        rec2 = tmp_path / "rec2"  # made by diagnose
+        js = run_cli("diagnose", up.url("/echo", d_user), "--no-kernel", "--json", "-n", "2", "--record", str(rec2))
         assert js.returncode == 1, js.stderr
         doc = json.loads(js.stdout)
         assert doc["target"].startswith("http://<redacted>@127.0.0.1:")
@@ -247,12 +248,14 @@ def test_no_secret_reaches_any_output(tmp_path):
         usage = run_cli("diagnose", f"http://user:{d_pw}@127.0.0.1:99999/?token={d_qv}", "--no-kernel")
         assert usage.returncode == 2 and "TARGET" in usage.stderr, usage.stderr
         outputs["diagnose usage error"] = usage.stdout + usage.stderr
-        files = sorted(rec.iterdir())
-        assert len(files) == 2  # attempt 1 (rewritten by both runs) and attempt 2
+        files = sorted(rec.iterdir()) + sorted(rec2.iterdir())
+        assert [f.name for f in files] == ["attempt-001-127.0.0.1.json",  # existed, mode 0644, rewritten
+                                           "attempt-001-127.0.0.1.json", "attempt-002-127.0.0.1.json"]
+        assert stat.S_IMODE(rec2.stat().st_mode) == 0o700
         for f in files:
-            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{f.name} has mode {oct(f.stat().st_mode)}"
-            outputs[f"record {f.name}"] = f.read_text()
-        assert json.loads(files[0].read_text())["result"]["error"] == "protocol_error"
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{f} has mode {oct(f.stat().st_mode)}"
+            outputs[f"record {f.parent.name}/{f.name}"] = f.read_text()
+            assert json.loads(f.read_text())["result"]["error"] == "protocol_error"
 
         assert set(c.by_place) >= {"header", "header_2_chars", "password", "username_only", "query_value",
                                    "fragment"}
