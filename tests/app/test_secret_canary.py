@@ -104,9 +104,11 @@ class Canaries:
         self.by_place[place] = value
         return value
 
-    def basic(self, user: str, password: str = "") -> None:
+    def basic(self, user: str, password: str = "") -> str:
         """The Basic credentials an HTTP client sends for a URL's userinfo: a secret in another encoding."""
-        self.by_place[f"basic({user})"] = base64.b64encode(f"{user}:{password}".encode()).decode()
+        value = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.by_place[f"basic({user}:{password})"] = value
+        return value
 
 
 def find_leaks(outputs: dict[str, str], canaries: Canaries) -> list[str]:
@@ -134,7 +136,7 @@ def test_no_secret_reaches_any_output(tmp_path):
         s_pw = c.new("session_password")
         s_qv = c.new("session_query_value")
         c.basic("user", pw)
-        c.basic(user_only)
+        basic_user_only = c.basic(user_only)
         c.basic("user", s_pw)
         modules = {
             "secret_http": {"prober": "http", "timeout": "800ms",
@@ -193,7 +195,7 @@ def test_no_secret_reaches_any_output(tmp_path):
         r_frag = c.new("reload_fragment")
         modules["reloaded"] = {"prober": "http", "timeout": "800ms",
                                "http": {"headers": {"X-Api-Key": r_hdr, "X-Tiny": r_short}}}
-        c.basic(r_user)
+        basic_r_user = c.basic(r_user)
         probes.append(probe("after_reload", "reloaded", up.url(f"/echo#{r_frag}", r_user)))
         cfg.write_text(yaml.safe_dump({"modules": modules, "probes": probes}, sort_keys=False))
         agent.signal(signal.SIGHUP)
@@ -202,8 +204,7 @@ def test_no_secret_reaches_any_output(tmp_path):
 
         # the secrets did go out: each one reached the upstream (or the probe's own error text)
         sent = b"\n".join(up.seen)
-        for secret in (hdr, short, r_hdr, r_short, qv, s_qv, c.by_place[f"basic({user_only})"],
-                       c.by_place[f"basic({r_user})"]):
+        for secret in (hdr, short, r_hdr, r_short, qv, s_qv, basic_user_only, basic_r_user):
             assert secret.encode() in sent, f"{secret!r} never reached the upstream: the test would prove nothing"
 
         code, outputs["/metrics"] = http_get(agent.url + "/metrics")
