@@ -49,6 +49,7 @@ from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
 from correlator.types import Verdict
 from prober.core import ProbeEnv
+from prober.redact import install_log_redaction
 from prober.scheduler import Scheduler
 from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
@@ -557,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
     prometheus_client.disable_created_metrics()
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # every line, tracebacks included, without the probes' secrets
     try:
         parse_listen(args.listen)
     except ValueError as exc:

@@ -176,8 +176,10 @@ def check_config_main(args: Any) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+        from prober.redact import redact_text
+
+        for line in exc.errors:  # the messages name targets redacted already; a URL quoted elsewhere is too
+            print(redact_text(line), file=sys.stderr)
         n = len(exc.errors)
         print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
         return 1
@@ -194,6 +196,6 @@ def check_config_main(args: Any) -> int:
 
 
 def _shown_target(p: ProbeSpec) -> str:
-    from prober.core import redact_url
+    from prober.redact import redact_url
 
     return redact_url(p.target)

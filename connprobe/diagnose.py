@@ -25,9 +25,10 @@ from connprobe.evidence import KernelEvidence
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
 from correlator import Cause, Verdict, correlate
-from correlator.record import Recording, dumps, to_jsonable
+from correlator.record import Recording, save, to_jsonable
 from correlator.rules import EvidenceStatus
 from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
+from prober.redact import install_log_redaction, redact_url
 from prober.spec import parse_duration
 
 JSON_SCHEMA_VERSION = 1
@@ -97,7 +98,7 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
-        raise UsageError(f"TARGET {args.target!r}: {msg}") from None
+        raise UsageError(f"TARGET {redact_url(args.target)!r}: {msg}") from None
 
 
 async def open_sensor(disabled: bool) -> KernelEvidence:
@@ -148,10 +149,18 @@ async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEv
 
 
 def _record(directory: Path, spec: ProbeSpec, a: Attempt, events: list[KernelEvent], budget: float | None) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    rec = Recording(f"diagnose {spec.target}", a.verdict.result, tuple(events), a.evidence,
+    """One attempt as a recording, readable by its owner only (0600): it names the target and its errors."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--record: cannot create {directory}: {exc.strerror or exc}") from None
+    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.evidence,
                     int(budget * 1e9) if budget else None, str(a.verdict.cause))
-    (directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json").write_text(dumps(rec))
+    path = directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json"
+    try:
+        save(path, rec)
+    except OSError as exc:
+        raise UsageError(f"--record: cannot write {path}: {exc.strerror or exc}") from None
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -181,7 +190,7 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
                         "rule": v.rule, "facts": list(v.facts), "summary": v.summary},
             "result": to_jsonable(r),
         })
-    return {"schema": JSON_SCHEMA_VERSION, "target": args.target, "source": args.source,
+    return {"schema": JSON_SCHEMA_VERSION, "target": redact_url(args.target), "source": args.source,
             "budget_ms": round(_duration("budget", args.budget) * 1000, 3) if args.budget else None,
             "exit_code": code, "attempts": out}
 
@@ -226,6 +235,7 @@ def exit_code(attempts: list[Attempt]) -> int:
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    install_log_redaction()
     try:
         if args.count < 1:
             raise UsageError(f"--count: {args.count} must be at least 1")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from bpf.types import EventKind, KernelEvent
 from correlator.types import Cause, Verdict
+from prober.redact import label_target
 from prober.types import ProbeKind, ProbeResult
 
 __all__ = [
@@ -71,22 +71,9 @@ NO_REASON = "unknown"  # drop events whose reason the kernel did not name
 
 
 def clean_target(target: str) -> str:
-    """A target fit for a label: a URL keeps scheme, host, port and path; userinfo, query and fragment go."""
-    try:
-        u = urllib.parse.urlsplit(target)
-    except ValueError:
-        return target.split("?", 1)[0].split("#", 1)[0]
-    if not u.scheme or not u.netloc:
-        return target.split("?", 1)[0].split("#", 1)[0]
-    host = u.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    try:
-        port = u.port
-    except ValueError:
-        port = None
-    netloc = f"{host}:{port}" if port is not None else host
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
+    """A target fit for a label: a URL keeps scheme, host, port and path; userinfo, query and fragment go
+    (`prober.redact.label_target`, the redactor's form for labels)."""
+    return label_target(target)
 
 
 def _regex_failed(r: ProbeResult) -> bool:

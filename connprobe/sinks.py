@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from correlator.types import Cause, Verdict
+from prober.redact import redact_text, redact_url
 
 __all__ = ["BoardEntry", "JsonLinesWriter", "QueuedSink", "StatusBoard", "verdict_document"]
 
@@ -102,18 +103,22 @@ class QueuedSink:
 
 
 def verdict_document(v: Verdict, wall_time: float | None = None) -> dict[str, Any]:
-    """A verdict as one JSON-able object (the JSON-lines log and the status page's data)."""
+    """A verdict as one JSON-able object (the JSON-lines log and the status page's data).
+
+    The result's target and texts were redacted where the result was built (`prober.redact`); they go
+    through the redactor's structural rules once more here, so a result built elsewhere can't leak a URL's
+    userinfo, query values or fragment into `/api/recent` or the log."""
     r = v.result
     return {
         "time": round(wall_time if wall_time is not None else time.time(), 3),
         "probe": r.name,
         "kind": str(r.kind),
-        "target": r.target,
+        "target": redact_url(r.target),
         "source": r.source,
         "address": r.address,
         "ok": r.ok,
         "error": str(r.error) if r.error else None,
-        "error_detail": r.error_detail or None,
+        "error_detail": redact_text(r.error_detail) or None,
         "http_status": r.http_status,
         "duration_ms": round(r.duration_ns / 1e6, 3),
         "phases_ms": {k: round(ns / 1e6, 3) for k, ns in r.phase_durations_ns().items()},
@@ -122,8 +127,8 @@ def verdict_document(v: Verdict, wall_time: float | None = None) -> dict[str, An
         "sub_cause": v.sub_cause,
         "confidence": v.confidence,
         "rule": v.rule,
-        "summary": v.summary,
-        "facts": list(v.facts),
+        "summary": redact_text(v.summary),
+        "facts": [redact_text(f) for f in v.facts],
         "kernel_events": len(v.evidence),
     }
 

@@ -17,6 +17,7 @@ from connprobe.netnames import netns_names
 from connprobe.sinks import BoardEntry
 from connprobe.timeline import name_namespaces
 from correlator.types import Cause, Verdict
+from prober.redact import redact_url
 
 __all__ = ["CAUSE_COLOURS", "render_status_page"]
 
@@ -150,7 +151,7 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
         ratio = f'<div class="dim">{ok_n}/{len(entries)} ok</div>' if entries else ""
         cls = ' class="fail"' if state == 0 else ""
         body.append(f'<tr{cls} data-probe="{_e(name)}" data-cause="{_e(last.verdict.cause if last else "")}">'
-                    f"<td><b>{_e(name)}</b></td><td class='target'>{_e(spec.target)}</td>"
+                    f"<td><b>{_e(name)}</b></td><td class='target'>{_e(redact_url(spec.target))}</td>"
                     f"<td>{_e(spec.source)}</td><td>{verdict_cell}</td><td>{why}</td>"
                     f"<td>{_strip(entries)}{ratio}</td><td>{last_cell}</td><td>{phases}</td></tr>")
     body.append("</tbody></table>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -81,6 +82,15 @@ def from_jsonable(tp: Any, data: Any) -> Any:
 
 def dumps(rec: Recording) -> str:
     return json.dumps({"schema": SCHEMA_VERSION, **to_jsonable(rec)}, indent=1)
+
+
+def save(path: Path, rec: Recording) -> None:
+    """Write a recording readable by its owner only (mode 0600, also when the file exists already): it
+    holds a probe's target and error details."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o600)
+        f.write(dumps(rec))
 
 
 def loads(text: str) -> Recording:

@@ -11,6 +11,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
 
+from prober.redact import Redactor, redact, redact_url, remember  # noqa: F401 - redact: its old home
 from prober.resolve import Resolution, ResolvConf, load_resolv_conf
 from prober.sockets import PortCallback, Source, close_socket_pools, no_callback
 from prober.spec import ProbeSpec
@@ -120,7 +121,7 @@ def parse_target(kind: str, target: str) -> Target:
         except ValueError:
             port = None
         if not u.hostname or port is None:
-            raise ValueError(f"tcp target must be host:port (IPv6 as [addr]:port), got {target!r}")
+            raise ValueError(f"tcp target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
         return Target(target, u.hostname, port)
     if kind == "dns":
         if not target or target == "resolv.conf":
@@ -129,30 +130,11 @@ def parse_target(kind: str, target: str) -> Target:
         try:
             port = u.port or 53
         except ValueError:
-            raise ValueError(f"dns target must be a server address[:port], got {target!r}") from None
+            raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}") from None
         if not u.hostname:
-            raise ValueError(f"dns target must be a server address[:port], got {target!r}")
+            raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}")
         return Target(target, u.hostname, port)
     raise ValueError(f"unknown prober {kind!r}")
-
-
-def redact_url(url: str) -> str:
-    """The URL without a password in its userinfo."""
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    if u.password is None:
-        return url
-    netloc = u.netloc.replace(":" + u.password + "@", ":<redacted>@", 1)
-    return urllib.parse.urlunsplit(u._replace(netloc=netloc))
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    for s in secrets:
-        if s and s in text:
-            text = text.replace(s, "<redacted>")
-    return text
 
 
 class ProbeEnv:
@@ -189,6 +171,7 @@ class Prepared:
         "ip_literal",
         "kind",
         "labels",
+        "redactor",
         "request",
         "secrets",
         "shown_target",
@@ -202,9 +185,11 @@ class Prepared:
         self.kind = ProbeKind(spec.module.prober)
         self.target = parse_target(spec.module.prober, spec.target)
         http = spec.module.http
-        self.secrets = http.secrets() if http is not None else ()
+        self.redactor = Redactor.for_spec(spec)  # error details and captured headers go through it
+        self.secrets = self.redactor.secrets
+        remember(spec)  # and log lines are scrubbed of them
         self.headers = {k: v.get_secret_value() for k, v in http.headers.items()} if http is not None else {}
-        self.shown_target = redact(redact_url(spec.target), self.secrets)
+        self.shown_target = redact_url(spec.target)
         self.labels = tuple(sorted(spec.labels.items()))
         self.ip_literal = _is_ip(self.target.host)
         # an IP target needs no resolution: its one Target with the address filled in, built once
@@ -268,24 +253,26 @@ class Attempt:
         if self.resolution is not None and self.resolution.transactions:
             phases = (PhaseSpan("resolve", self.resolution.start_ns, self.resolution.end_ns or end), *phases)
         dns_flows = [t.flow for t in txns if t.flow is not None]
+        red = self.prep.redactor if self.prep is not None else Redactor(self.secrets)
+        captured = self.captured
+        if captured:
+            captured = tuple((k, red.text(v)) for k, v in captured)
         return ProbeResult(
             name=self.spec.name,
             kind=self.kind,
-            target=self.prep.shown_target
-            if self.prep is not None
-            else redact(redact_url(self.target.raw), self.secrets),
+            target=self.prep.shown_target if self.prep is not None else redact_url(self.target.raw),
             source=self.source.label,
             start_ns=self.start_ns,
             end_ns=end,
             ok=error is None,
             error=error,
-            error_detail=redact(detail, self.secrets),
+            error_detail=red.text(detail),
             phases=phases,
             http_status=self.http_status,
             address=self.target.address,
             flows=(*dns_flows, *self.flows),
             dns=tuple(txns),
             failed_validators=tuple(self.failed),
-            captured_headers=self.captured,
+            captured_headers=captured,
             labels=self.prep.labels if self.prep is not None else tuple(sorted(self.spec.labels.items())),
         )

@@ -49,7 +49,7 @@ def select_addresses(addresses: list[str], policy: str) -> list[str]:
 def _failure(
     spec: ProbeSpec, source_label: str, start: int, kind: ErrorKind, detail: str, resolution: Resolution | None = None
 ) -> ProbeResult:
-    from prober.core import redact, redact_url
+    from prober.redact import Redactor, redact_url
     from prober.types import PhaseSpan
 
     phases = ()
@@ -57,17 +57,16 @@ def _failure(
     if resolution is not None and resolution.transactions:
         phases = (PhaseSpan("resolve", resolution.start_ns, resolution.end_ns),)
         txns = tuple(resolution.transactions)
-    secrets = spec.module.http.secrets() if spec.module.http is not None else ()
     return ProbeResult(
         name=spec.name,
         kind=ProbeKind(spec.module.prober),
-        target=redact(redact_url(spec.target), secrets),
+        target=redact_url(spec.target),
         source=source_label,
         start_ns=start,
         end_ns=monotonic_ns(),
         ok=False,
         error=kind,
-        error_detail=redact(detail, secrets),
+        error_detail=Redactor.for_spec(spec).text(detail),
         phases=phases,
         flows=tuple(t.flow for t in txns if t.flow is not None),
         dns=txns,

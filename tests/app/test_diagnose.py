@@ -127,3 +127,12 @@ def test_without_privileges_probes_run_and_verdicts_say_no_kernel_evidence():
     a = doc["attempts"][0]
     assert a["kernel_evidence"]["available"] is False
     assert a["verdict"]["cause"] == "connection_refused" and a["verdict"]["confidence"] <= 0.5
+
+
+def test_record_into_an_unwritable_place_is_a_one_line_usage_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    proc = diagnose("127.0.0.1:1", "--no-kernel", "--record", str(not_a_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("connprobe diagnose: --record: cannot create ")
+    assert "Traceback" not in proc.stderr
