@@ -245,7 +245,9 @@ class Privileges:
                       " ".join(names(c.union & ~self._keep)))
         kept = "; ".join(f"{c} ({_WHY[c]} {', '.join(ps[:3])}{', ...' if len(ps) > 3 else ''})"
                          for c, ps in self.kept.items())
-        log.info("capabilities: kept %s; dropped all others (bounding set too, no_new_privs on)", kept or "none")
+        bounding = ("bounding set too" if not read_caps().bounding & ~self._keep else
+                    "not from the bounding set: no CAP_SETPCAP, and no_new_privs keeps execve from regaining them")
+        log.info("capabilities: kept %s; dropped all others (%s; no_new_privs on)", kept or "none", bounding)
 
     def check(self, probes: Iterable[ProbeSpec]) -> None:
         """Raise ConfigError (one line per probe) when a probe needs a capability the agent dropped at start."""

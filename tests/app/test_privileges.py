@@ -41,7 +41,10 @@ def _prog_exists(prog_id: int) -> bool:
     return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True).returncode == 0
 
 
-def _assert_every_thread_holds(pid: int, want: list[str]) -> dict[int, tuple[str, CapSets]]:
+def _assert_every_thread_holds(pid: int, want: list[str], bounding: list[str] | None = None
+                               ) -> dict[int, tuple[str, CapSets]]:
+    """Every thread: `want` effective and permitted, nothing inheritable or ambient, no_new_privs; the bounding
+    set `want` too (the tests run with CAP_SETPCAP, so it goes), or `bounding` when given."""
     mask = mask_of(want)
     threads = held_by_threads(pid)
     assert threads
@@ -49,7 +52,7 @@ def _assert_every_thread_holds(pid: int, want: list[str]) -> dict[int, tuple[str
         where = f"thread {tid} ({comm})"
         assert names(caps.effective) == names(mask), where
         assert names(caps.permitted) == names(mask), where
-        assert names(caps.bounding) == names(mask), where   # the test runs with CAP_SETPCAP: the bounding set goes too
+        assert names(caps.bounding) == names(mask_of(bounding) if bounding is not None else mask), where
         assert caps.inheritable == 0 and caps.ambient == 0, where
         assert caps.no_new_privs, where
     assert read_caps(Path(f"/proc/{pid}/status")) == threads[pid][1]
@@ -224,6 +227,29 @@ def _daemonset_caps() -> list[str]:
     sc = agent["securityContext"]["capabilities"]
     assert sc["drop"] == ["ALL"]
     return [f"CAP_{c}" for c in sc["add"]]
+
+
+_EXEC_UNDER_CAPS = """
+import os, sys
+from connprobe.privileges import drop_to, mask_of
+drop_to(mask_of(sys.argv[1].split(",")))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
+    """Started as the container starts it: only the DaemonSet's capabilities, no CAP_SETPCAP, no_new_privs."""
+    caps = _daemonset_caps()
+    agent = AgentProcess(lab_config(tmp_path / "agent.yml", lab), tmp_path)
+    agent.argv = [sys.executable, "-c", _EXEC_UNDER_CAPS, ",".join(caps), *agent.argv[1:]]
+    try:
+        agent.start()
+        assert "kernel sensor attached" in http_get(agent.url + "/-/ready")[1]
+        assert "not from the bounding set: no CAP_SETPCAP" in agent.stderr()
+        wait_for(lambda: (_last(agent, "web") or {}).get("cause") == "ok", 20, "web healthy")
+        _assert_every_thread_holds(agent.proc.pid, ["CAP_SYS_ADMIN"], bounding=caps)
+    finally:
+        assert agent.stop() == 0
 
 
 def test_the_daemonset_capabilities_load_the_sensor_and_each_is_needed():
