@@ -14,12 +14,57 @@ from pathlib import Path
 import pytest
 import yaml
 
-from connprobe.privileges import CapSets, held_by_threads, mask_of, names, read_caps
+from connprobe.config import ConfigError, parse_config
+from connprobe.privileges import CapSets, Privileges, held_by_threads, mask_of, names, needed_for, read_caps
 from tests.agent.helpers import REPO, AgentProcess, http_get, lab_config, samples_named, wait_for, write_config
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
+kernel = pytest.mark.kernel
 
 DAEMONSET = REPO / "deploy" / "kubernetes" / "daemonset.yaml"
+
+
+# -- without the kernel ------------------------------------------------------------------------------------------
+
+
+def _probes(*sources: str):
+    text = yaml.safe_dump({"modules": {"tcp": {"prober": "tcp"}},
+                           "probes": [{"name": f"p{i}", "module": "tcp", "target": "127.0.0.1:1", "source": s}
+                                      for i, s in enumerate(sources)]})
+    return parse_config(text).probes
+
+
+def test_what_the_probes_need():
+    assert needed_for(_probes("host")) == {}
+    assert needed_for(_probes("host", "netns a", "netns b")) == {"CAP_SYS_ADMIN": ["p1", "p2"]}
+    assert needed_for(_probes("/proc/42/ns/net")) == {"CAP_SYS_ADMIN": ["p0"], "CAP_SYS_PTRACE": ["p0"]}
+
+
+def test_a_reload_needing_a_dropped_capability_is_one_line_per_probe():
+    p = Privileges()
+    p.dropped, p.kept = True, needed_for(_probes("netns a"))
+    p.check(_probes("netns a", "netns b", "host"))  # what was kept is enough
+    with pytest.raises(ConfigError) as err:
+        p.check(_probes("netns a", "/proc/7/ns/net"))
+    assert err.value.errors == [
+        "probe 'p1': needs CAP_SYS_PTRACE (opening another process's /proc/PID/ns/net for its source), which the "
+        "agent dropped at start-up (no probe needed it then): restart the agent to use this configuration"]
+    Privileges(enabled=False).check(_probes("/proc/7/ns/net"))  # nothing dropped, nothing refused
+
+
+def test_capability_sets_from_a_status_file(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nCapInh:\t0000000000000000\nCapPrm:\t0000000000200000\n"
+                      "CapEff:\t0000000000200000\nCapBnd:\t000000c000200000\nCapAmb:\t0000000000000000\n"
+                      "NoNewPrivs:\t1\n")
+    caps = read_caps(status)
+    assert names(caps.effective) == names(caps.permitted) == ["CAP_SYS_ADMIN"]
+    assert names(caps.bounding) == ["CAP_SYS_ADMIN", "CAP_PERFMON", "CAP_BPF"]
+    assert caps.inheritable == caps.ambient == 0 and caps.no_new_privs
+    assert mask_of(["CAP_SYS_ADMIN", "CAP_BPF"]) == 1 << 21 | 1 << 39
+
+
+# -- the running agent -------------------------------------------------------------------------------------------
 
 
 def _bpf_prog_ids(pid: int) -> list[int]:
@@ -70,6 +115,7 @@ def _held_metric(agent: AgentProcess) -> set[str]:
     return {dict(lbl)["capability"] for lbl in samples_named(agent.metrics(), "connprobe_capability_held")}
 
 
+@kernel
 def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees_drops(lab, tmp_path):
     cfg = lab_config(tmp_path / "agent.yml", lab)
     agent = AgentProcess(cfg, tmp_path)
@@ -112,6 +158,7 @@ def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees
     wait_for(lambda: not any(_prog_exists(i) for i in prog_ids), 5, "the programs to be unloaded")
 
 
+@kernel
 def test_agent_with_host_probes_only_drops_every_capability(tmp_path):
     cfg = write_config(tmp_path / "agent.yml", [
         {"name": "refused", "module": "tcp", "target": "127.0.0.1:1", "interval": "1s", "jitter": 0}])
@@ -134,6 +181,7 @@ def test_agent_with_host_probes_only_drops_every_capability(tmp_path):
         assert agent.stop() == 0
 
 
+@kernel
 def test_keep_capabilities_keeps_them(tmp_path):
     cfg = write_config(tmp_path / "agent.yml", [{"name": "refused", "module": "tcp", "target": "127.0.0.1:1"}])
     agent = AgentProcess(cfg, tmp_path, "--no-kernel", "--keep-capabilities")
@@ -198,6 +246,7 @@ def _srv1(lab) -> str:
     return f"{srv.addr4}:{srv.port}"
 
 
+@kernel
 def test_sys_admin_is_what_lets_a_probe_enter_a_named_namespace(lab):
     source, target = f"netns {lab.ns('client').name}", _srv1(lab)
     assert _probe_from(source, target, ["CAP_SYS_ADMIN"]) == {"ok": True, "error": None, "detail": ""}
@@ -205,6 +254,7 @@ def test_sys_admin_is_what_lets_a_probe_enter_a_named_namespace(lab):
     assert without["error"] == "source_error" and "Operation not permitted" in without["detail"], without
 
 
+@kernel
 def test_sys_ptrace_is_what_lets_a_probe_use_another_process_namespace(lab):
     target = _srv1(lab)
     # a root process with every capability, inside the lab's client namespace (ours, stopped by PID)
@@ -237,6 +287,7 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
+@kernel
 def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
     """Started as the container starts it: only the DaemonSet's capabilities, no CAP_SETPCAP, no_new_privs."""
     caps = _daemonset_caps()
@@ -252,6 +303,7 @@ def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
         assert agent.stop() == 0
 
 
+@kernel
 def test_the_daemonset_capabilities_load_the_sensor_and_each_is_needed():
     caps = _daemonset_caps()
     assert sorted(caps) == ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
