@@ -146,8 +146,10 @@ class CapSets:
     no_new_privs: bool
 
     @property
-    def union(self) -> int:
-        return self.effective | self.permitted | self.inheritable | self.bounding | self.ambient
+    def held(self) -> int:
+        """What the thread can use or raise. The bounding set only limits what an execve() could give, and
+        with no_new_privs nothing beyond the permitted set."""
+        return self.effective | self.permitted | self.inheritable | self.ambient
 
 
 def read_caps(status: Path = Path("/proc/thread-self/status")) -> CapSets:
@@ -239,13 +241,15 @@ class Privileges:
         await asyncio.to_thread(loader.shutdown)
         if not self.dropped:
             return
-        over = {tid: (comm, c) for tid, (comm, c) in held_by_threads().items() if c.union & ~self._keep}
-        for tid, (comm, c) in over.items():
-            log.error("capabilities: thread %d (%s) still holds %s", tid, comm,
-                      " ".join(names(c.union & ~self._keep)))
+        own_bounding = read_caps().bounding  # the loop thread's, as far as it could be reduced
+        for tid, (comm, c) in held_by_threads().items():
+            extra = c.held & ~self._keep | c.bounding & ~own_bounding
+            if extra or not c.no_new_privs:
+                log.error("capabilities: thread %d (%s) still holds %s%s", tid, comm, " ".join(names(extra)),
+                          "" if c.no_new_privs else " (no_new_privs off)")
         kept = "; ".join(f"{c} ({_WHY[c]} {', '.join(ps[:3])}{', ...' if len(ps) > 3 else ''})"
                          for c, ps in self.kept.items())
-        bounding = ("bounding set too" if not read_caps().bounding & ~self._keep else
+        bounding = ("bounding set too" if not own_bounding & ~self._keep else
                     "not from the bounding set: no CAP_SETPCAP, and no_new_privs keeps execve from regaining them")
         log.info("capabilities: kept %s; dropped all others (%s; no_new_privs on)", kept or "none", bounding)
 
@@ -262,13 +266,13 @@ class Privileges:
     # -- metrics ------------------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Any]:
-        held = GaugeMetricFamily("connprobe_capability_held", "Capabilities some thread of the agent still holds "
-                                 "(in any of its sets), by name: after start-up, only those its probes need.",
-                                 labels=["capability"])
+        held = GaugeMetricFamily("connprobe_capability_held", "Capabilities some thread of the agent can use or "
+                                 "raise (effective, permitted, inheritable or ambient set), by name: after "
+                                 "start-up, only those its probes need.", labels=["capability"])
         union = 0
         try:
             for _comm, caps in held_by_threads().values():
-                union |= caps.union
+                union |= caps.held
         except OSError:
             pass
         for name in names(union):

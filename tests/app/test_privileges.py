@@ -125,6 +125,7 @@ def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees
         code, text = http_get(agent.url + "/-/ready")
         assert code == 200 and "kernel sensor attached" in text
         assert "capabilities: kept CAP_SYS_ADMIN (setns() into the network namespace of web, api)" in agent.stderr()
+        assert "still holds" not in agent.stderr()
         prog_ids = _bpf_prog_ids(agent.proc.pid)
         assert prog_ids
         for name in ("web", "api"):
@@ -165,7 +166,8 @@ def test_agent_with_host_probes_only_drops_every_capability(tmp_path):
     agent = AgentProcess(cfg, tmp_path)
     try:
         agent.start()
-        assert "capabilities: kept none; dropped all others" in agent.stderr()
+        assert "capabilities: kept none; dropped all others (bounding set too; no_new_privs on)" in agent.stderr()
+        assert "still holds" not in agent.stderr()
         _assert_every_thread_holds(agent.proc.pid, [])
         assert _held_metric(agent) == set()
         # the watch list and the ring buffer work with no capability at all: the reset is kernel evidence
@@ -297,6 +299,8 @@ def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
         agent.start()
         assert "kernel sensor attached" in http_get(agent.url + "/-/ready")[1]
         assert "not from the bounding set: no CAP_SETPCAP" in agent.stderr()
+        assert "still holds" not in agent.stderr()
+        assert _held_metric(agent) == {"CAP_SYS_ADMIN"}
         wait_for(lambda: (_last(agent, "web") or {}).get("cause") == "ok", 20, "web healthy")
         _assert_every_thread_holds(agent.proc.pid, ["CAP_SYS_ADMIN"], bounding=caps)
     finally:
