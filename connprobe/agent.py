@@ -554,7 +554,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("stopping")
     except OSError as exc:
-        print(f"connprobe agent: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        hint = (" (a port below 1024 needs CAP_NET_BIND_SERVICE, which the agent drops before it listens: use "
+                "another port or --keep-capabilities)" if agent.privileges.dropped and port < 1024 else "")
+        print(f"connprobe agent: cannot listen on {args.listen}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 2
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):

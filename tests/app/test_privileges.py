@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,28 @@ def test_keep_capabilities_keeps_them(tmp_path):
     finally:
         assert agent.stop() == 0
 
+
+@kernel
+def test_a_port_below_1024_is_refused_with_the_reason(tmp_path):
+    port = next(p for p in range(1023, 900, -1) if _free(p))
+    cfg = write_config(tmp_path / "agent.yml", [{"name": "refused", "module": "tcp", "target": "127.0.0.1:1"}])
+    out = subprocess.run([sys.executable, "-m", "connprobe.cli", "agent", "--config", str(cfg), "--no-kernel",
+                          "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("connprobe agent:")]
+    assert line.startswith(f"connprobe agent: cannot listen on 127.0.0.1:{port}: ") and line.endswith(
+        "(a port below 1024 needs CAP_NET_BIND_SERVICE, which the agent drops before it listens: use another "
+        "port or --keep-capabilities)")
+    assert "Traceback" not in out.stderr
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 # -- each capability kept, and what fails without it -----------------------------------------------------------
 
