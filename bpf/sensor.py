@@ -167,8 +167,9 @@ def import_bcc() -> Any:
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
 
-def missing_capabilities(status: Path = Path("/proc/self/status")) -> list[str]:
-    """Capabilities the process lacks to load and attach tracing programs (empty: none missing).
+def missing_capabilities(status: Path = Path("/proc/thread-self/status")) -> list[str]:
+    """Capabilities the calling thread lacks to load and attach tracing programs (empty: none missing).
+    Capabilities are per thread: /proc/self/status shows the main thread's, not the loading thread's.
 
     Checked up front: without them every program fails to load one by one, slowly and with a message
     that does not say why.

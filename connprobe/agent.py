@@ -45,6 +45,7 @@ from bpf.types import KernelEvent
 from connprobe.config import Config, ConfigError, load_config, parse_config
 from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
+from connprobe.privileges import Privileges
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
 from correlator.types import Verdict
@@ -223,6 +224,7 @@ class Agent:
         board_size: int = 20,
         concurrency: int = 256,
         stop_grace: float = 5.0,
+        drop_capabilities: bool = False,
     ):
         self.config_path = Path(config_path)
         self.kernel = kernel
@@ -258,12 +260,15 @@ class Agent:
         self._main: list[asyncio.Task] = []
         self._lag = 0.0
         self.registry.register(_AgentCollector(self))
+        self.privileges = Privileges(drop_capabilities)  # on: only what the probes need, from start-up
+        self.registry.register(self.privileges)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
         self.active = load_agent_config(self.config_path)
+        self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
         self._declare(self.active.config.probes)
         for s in self.sinks:
             s.start()
@@ -291,6 +296,7 @@ class Agent:
             self.sensor_state = f"off: {evidence.unavailable_reason}"
             log.warning("kernel evidence is off: %s; verdicts will say so", evidence.unavailable_reason)
         assert self.active is not None and self.env is not None
+        await self.privileges.end()  # the sensor is attached: its loading thread drops and ends
         self.scheduler = Scheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
                                              queue=self.results)
         await self.scheduler.start()
@@ -420,6 +426,7 @@ class Agent:
             self.last_reload_time = time.time()
             try:
                 new = await asyncio.to_thread(load_agent_config, self.config_path)
+                self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
             except ConfigError as exc:
                 self.reloads["failure"] += 1
                 self.last_reload_ok = False
@@ -501,6 +508,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # accepted, not yet used on this branch: the web-config work (TLS, basic auth) implements them
+    p.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                   help="exporter-toolkit web config: TLS and basic auth")
+    p.add_argument("--web.allow-unauthenticated", dest="web_allow_unauthenticated", action="store_true",
+                   help="serve /probe, /-/reload, /api/recent and the status page to non-loopback callers without auth")
+    p.add_argument("--keep-capabilities", action="store_true",
+                   help="keep every capability after start-up (default: drop all that the probes do not need)")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -520,7 +534,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         stream = sys.stdout
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream)
+    agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
+                  drop_capabilities=not args.keep_capabilities)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
@@ -540,7 +555,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("stopping")
     except OSError as exc:
-        print(f"connprobe agent: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        hint = (" (a port below 1024 needs CAP_NET_BIND_SERVICE, which the agent drops before it listens: use "
+                "another port or --keep-capabilities)" if agent.privileges.dropped and port < 1024 else "")
+        print(f"connprobe agent: cannot listen on {args.listen}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 2
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):

@@ -77,14 +77,26 @@ class NetnsExecutor:
     def __init__(self, name_or_path: str):
         self.path = netns_path(name_or_path)
         self.inode = netns_inode(name_or_path)
+        self._enter_error: OSError | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"netns-{self.path.name}", initializer=_setns, initargs=(self.path,)
+            max_workers=1, thread_name_prefix=f"netns-{self.path.name}", initializer=self._enter
         )
         # Surface a failing setns now, not at first use.
         got = self._pool.submit(netns_inode).result()
+        if self._enter_error is not None:  # setns failed (e.g. EPERM without CAP_SYS_ADMIN)
+            self._pool.shutdown(wait=False)
+            raise self._enter_error
         if got != self.inode:
             self._pool.shutdown(wait=False)
             raise NetnsError(0, f"worker thread is in netns {got}, wanted {self.inode} ({self.path})")
+
+    def _enter(self) -> None:
+        """The worker's initializer. A failure is kept for __init__ to raise (an initializer that raises would
+        only break the pool, with a logged traceback instead of the error)."""
+        try:
+            _setns(self.path)
+        except OSError as exc:
+            self._enter_error = exc if isinstance(exc, NetnsError) else NetnsError(exc.errno, f"{self.path}: {exc}")
 
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> concurrent.futures.Future[T]:
         return self._pool.submit(fn, *args, **kwargs)

@@ -1,8 +1,8 @@
 """Sockets the prober creates itself: bound before use, announced, optionally inside another netns.
 
 Every socket a probe uses (TCP connections and the UDP/TCP sockets of its own DNS queries) comes from
-`Source.open()`: it is created in the probe's source namespace (checked with SIOCGSKNS for a named
-namespace), bound to an ephemeral port, and the port is handed to the `on_local_port(proto, port)`
+`Source.open()`: it is created in the probe's source namespace (for a named namespace, on a worker thread
+checked to be in it), bound to an ephemeral port, and the port is handed to the `on_local_port(proto, port)`
 callback *before* the first packet can leave — the kernel sensor watches that port from then on.
 """
 
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prober.netns import NetnsError, netns_inode, netns_path, shared_executor, socket_netns
+from prober.netns import NetnsError, netns_inode, netns_path, shared_executor
 from prober.types import Flow, Proto
 
 PortCallback = Callable[[Proto, int], None]
@@ -166,15 +166,12 @@ class Source:
         return executor
 
     def _make(self, family: int, type: int, n: int) -> list[socket.socket]:
-        """Runs on the namespace's worker thread: n sockets, each checked with SIOCGSKNS."""
-        out = []
-        for _ in range(n):
-            sock = socket.socket(family, type)
-            if socket_netns(sock) != self.inode:
-                sock.close()
-                break
-            out.append(sock)
-        return out
+        """Runs on the namespace's worker thread: n sockets. socket() creates a socket in the calling thread's
+        namespace, so the thread's namespace is what is checked (ioctl SIOCGSKNS on each socket would need
+        CAP_NET_ADMIN, which the agent does not keep: connprobe/privileges.py)."""
+        if netns_inode() != self.inode:
+            return []
+        return [socket.socket(family, type) for _ in range(n)]
 
     async def _create(self, family: int, type: int) -> socket.socket:
         got = await asyncio.wrap_future(self._executor().submit(self._make, family, type, 1))

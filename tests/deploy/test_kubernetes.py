@@ -1,19 +1,25 @@
-"""deploy/kubernetes: the DaemonSet, RBAC, ConfigMap and Service parse, decode into the Kubernetes API's own
-models without losing a key, and carry what the agent needs (host namespaces, BPF capabilities, read-only
-kernel mounts, read-only RBAC, a config connprobe accepts)."""
+"""deploy/kubernetes: the DaemonSet, ServiceAccount, ConfigMap, web-config Secret and Service parse, decode into
+the Kubernetes API's own models without losing a key, and carry what the agent needs and no more (the host
+network, BPF capabilities and SYS_ADMIN with their reasons, the runtime's default seccomp and AppArmor profiles,
+read-only kernel mounts, no RBAC and no token, a config connprobe accepts, the web config Prometheus uses).
+tests/app/test_privileges.py shows, on the kernel, that each capability given is needed."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import yaml
 from kubernetes.client import ApiClient
 
 from connprobe.config import parse_config
-from tests.deploy.helpers import DEPLOY
+from tests.deploy.helpers import DEPLOY, run
 
 K8S = DEPLOY / "kubernetes"
 FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 KERNEL_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/btf", "/run/netns")
+CAPABILITIES = ["BPF", "PERFMON", "SYS_ADMIN"]
+WEB_CONFIG = "/etc/connprobe/web/web-config.yml"
 
 
 def objects() -> dict[tuple[str, str], dict]:
@@ -46,27 +52,103 @@ def test_manifests_decode_into_the_kubernetes_models(path):
 
 
 def test_the_set_is_complete_and_kustomize_lists_it(objs):
-    assert {k for k, _ in objs} == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                    "ConfigMap", "DaemonSet", "Service"}
+    assert {k for k, _ in objs} == {"Namespace", "ServiceAccount", "Secret", "ConfigMap", "DaemonSet", "Service"}
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(p.name for p in FILES)
     for (kind, _), obj in objs.items():
-        if kind not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+        if kind != "Namespace":
             assert obj["metadata"]["namespace"] == "connprobe", kind
 
 
-def test_daemonset_runs_in_the_host_namespaces_with_bpf_capabilities(objs, pod):
+def test_daemonset_has_the_host_network_and_only_the_capabilities_it_needs(objs, pod):
     ds = objs[("DaemonSet", "connprobe")]
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
-    assert pod["hostNetwork"] is True and pod["hostPID"] is True
+    assert pod["hostNetwork"] is True
+    assert not pod.get("hostPID") and not pod.get("hostIPC")  # only a /proc/PID/ns/net source would need hostPID
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"operator": "Exists"} in pod["tolerations"]
     (agent,) = pod["containers"]
     sc = agent["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"} <= set(sc["capabilities"]["add"])
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPABILITIES}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["appArmorProfile"] == {"type": "RuntimeDefault"}
     assert "--config=/etc/connprobe/config.yaml" in agent["args"]
+
+
+def test_each_privilege_kept_says_why_in_the_manifest():
+    text = (K8S / "daemonset.yaml").read_text()
+    header = text[:text.index("apiVersion:")]
+    for cap in CAPABILITIES:
+        assert re.search(rf"^#\s+(\w+, )*{cap}\b.*\S", header, re.M), f"no reason given for {cap}"
+    assert re.search(r"^#\s+hostNetwork\s+\S", header, re.M)
+    for gone in ("NET_ADMIN", "SYS_PTRACE", "hostPID", "SYS_RESOURCE"):
+        assert gone in header, f"the manifest does not say why {gone} is not given"
+
+
+def test_no_rbac_and_no_token(objs, pod):
+    assert not {k for k, _ in objs} & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    sa = objs[("ServiceAccount", pod["serviceAccountName"])]
+    assert sa["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is False
+    (agent,) = pod["containers"]
+    assert not any(m["mountPath"].startswith("/var/run/secrets") for m in agent["volumeMounts"])
+
+
+def _projected_files(pod) -> dict[str, tuple[str, str, str]]:
+    """Path inside the container -> (kind, object name, key) of the config volume's projected sources."""
+    (agent,) = pod["containers"]
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/etc/connprobe")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    out = {}
+    for src in volume["projected"]["sources"]:
+        (kind, ref), = src.items()
+        for item in ref.get("items", []):
+            out[f"{mount['mountPath']}/{item['path']}"] = (kind, ref["name"], item["key"])
+    return out
+
+
+def test_web_config_secret_is_mounted_and_passed_to_the_agent(objs, pod):
+    (agent,) = pod["containers"]
+    assert f"--web.config.file={WEB_CONFIG}" in agent["args"]
+    files = _projected_files(pod)
+    kind, name, key = files[WEB_CONFIG]
+    assert kind == "secret"
+    secret = objs[("Secret", name)]["stringData"]
+    web = yaml.safe_load(secret[key])
+    assert set(web) == {"tls_server_config", "basic_auth_users"}
+    tls = web["tls_server_config"]
+    for path in (tls["cert_file"], tls["key_file"]):  # each file the web config names is in the mount
+        assert files[path][:2] == ("secret", name) and files[path][2] in secret, path
+    # a placeholder, not a real hash: no password works until the operator puts one in
+    (user, placeholder), = web["basic_auth_users"].items()
+    assert user == "prometheus" and not placeholder.startswith("$2")
+    for check in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert agent[check]["httpGet"]["scheme"] == "HTTPS"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["projected"]["defaultMode"] == 0o400
+
+
+def test_prometheus_scrapes_the_agents_with_tls_and_basic_auth(objs, promtool, tmp_path):
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "scrape-kubernetes.yml").read_text())["scrape_configs"]
+    assert job["scheme"] == "https"
+    assert job["basic_auth"]["username"] == "prometheus" and job["basic_auth"]["password_file"]
+    assert "insecure_skip_verify" not in job["tls_config"]
+    # the certificate the Secret's instructions make carries the name Prometheus checks
+    header = (K8S / "web-config-secret.yaml").read_text()
+    assert f"subjectAltName=DNS:{job['tls_config']['server_name']}" in header
+    # promtool checks the TLS and auth settings (this Debian build has no Kubernetes discovery: a static target)
+    for key in ("ca_file", "password_file"):
+        section = job["tls_config"] if key == "ca_file" else job["basic_auth"]
+        local = tmp_path / key
+        local.write_text("x")
+        section[key] = str(local)
+    del job["kubernetes_sd_configs"]
+    job["static_configs"] = [{"targets": ["10.0.0.7:9516"]}]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    out = run(promtool, "check", "config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_kernel_mounts_are_read_only_host_paths(pod):
@@ -98,26 +180,19 @@ def test_metrics_port_health_checks_and_scrape_annotations_agree(objs, pod):
     assert svc["selector"].items() <= objs[("DaemonSet", "connprobe")]["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_rbac_is_read_only_and_bound_to_the_agent(objs, pod):
-    role = objs[("ClusterRole", "connprobe")]
-    for rule in role["rules"]:
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
-        assert "secrets" not in rule["resources"]
-    binding = objs[("ClusterRoleBinding", "connprobe")]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "connprobe"} in \
-        binding["subjects"]
-    assert ("ServiceAccount", pod["serviceAccountName"]) in objs
-
-
 def test_configmap_holds_a_config_connprobe_accepts(objs, pod):
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    (agent,) = pod["containers"]
-    config_mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/etc/connprobe")
-    cm_name = volumes[config_mount["name"]]["configMap"]["name"]
+    files = _projected_files(pod)
+    (cm_name,) = [src["configMap"]["name"] for src in
+                  next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
+                  if "configMap" in src and "items" not in src["configMap"]]
     config = parse_config(objs[("ConfigMap", cm_name)]["data"]["config.yaml"], "configmap.yaml")
     assert {p.module.prober for p in config.probes} == {"http", "tcp", "dns"}
     assert all(p.source == "host" for p in config.probes)
+    # every CA file a module names is mounted (the cluster's CA, without a service account token)
+    for module in config.modules.values():
+        tls = getattr(getattr(module, "http", None), "tls", None)
+        if tls is not None and tls.ca_file:
+            assert files[tls.ca_file] == ("configMap", "kube-root-ca.crt", "ca.crt"), tls.ca_file
 
 
 def test_the_container_arguments_are_ones_the_cli_accepts(pod):
@@ -128,4 +203,5 @@ def test_the_container_arguments_are_ones_the_cli_accepts(pod):
     args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in agent["args"]]
     ns = build_parser().parse_args(args)
     assert ns.command == "agent" and ns.config == "/etc/connprobe/config.yaml"
+    assert ns.web_config_file == WEB_CONFIG and not ns.keep_capabilities
     assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
