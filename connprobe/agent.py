@@ -50,6 +50,7 @@ from correlator import correlate
 from correlator.types import Verdict
 from prober.core import ProbeEnv
 from prober.scheduler import Scheduler
+from prober.source import parse_source
 from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
 
@@ -155,12 +156,9 @@ class ReloadOutcome:
 
 
 def source_label(source: str) -> str:
-    """The `source` a probe's results (and so its metrics) carry: "host", or the namespace's name without the
-    "netns " prefix (as `prober.sockets.Source.label`)."""
-    s = source.strip()
-    if s.startswith("netns "):
-        s = s[len("netns "):].strip()
-    return s or "host"
+    """The `source` a probe's results (and so its metrics) carry: "host", the namespace's name, or the
+    /proc/PID/ns/net path (`prober.source.SourceSpec.label`)."""
+    return parse_source(source).label
 
 
 def _labels_of(spec: ProbeSpec) -> tuple[str, str]:
