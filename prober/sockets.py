@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
+import errno
+import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from prober.netns import NetnsError, netns_inode, netns_path, shared_executor, socket_netns
+from prober.source import SourceSpec, parse_source
 from prober.types import Flow, Proto
 
 PortCallback = Callable[[Proto, int], None]
@@ -107,34 +111,37 @@ class SourceError(OSError):
 class Source:
     """Where a probe's sockets live: the host (the process's own namespace) or a named/pinned netns.
 
-    `spec` is "host", "netns NAME", a bare namespace name, or a path (e.g. /proc/PID/ns/net).
+    `spec` is a `prober.source.SourceSpec` or its written form: "host", "netns NAME" (or a bare NAME),
+    /run/netns/NAME or /proc/PID/ns/net. Building one for a namespace opens and checks the namespace file
+    and may start its worker thread: from a coroutine use `await open_source(spec)`, which does it off the loop.
     """
 
-    __slots__ = ("inode", "label", "netns")
+    __slots__ = ("inode", "label", "netns", "spec")
 
-    def __init__(self, spec: str = "host"):
-        spec = spec.strip()
-        if spec.startswith("netns "):
-            spec = spec[len("netns ") :].strip()
-        self.label = spec or "host"
-        if self.label == "host":
+    def __init__(self, spec: str | SourceSpec = "host"):
+        try:
+            self.spec = parse_source(spec, bare_name=True)
+        except ValueError as exc:
+            raise SourceError(errno.EINVAL, f"source {spec!r}: {exc}") from None
+        self.label = self.spec.label
+        if self.spec.path is None:
             self.netns: str | None = None
             self.inode = netns_inode()
             return
-        self.netns = spec
+        self.netns = str(self.spec.path)
         try:
-            self.inode = shared_executor(spec).inode
+            self.inode = shared_executor(self.netns).inode
         except (NetnsError, OSError) as exc:
-            raise SourceError(exc.errno or 0, f"source {spec!r}: {exc.strerror or exc}") from None
+            raise SourceError(exc.errno or 0, f"source {self.label!r}: {exc.strerror or exc}") from None
 
     @property
     def resolv_conf(self) -> Path:
         """The resolv.conf `ip netns exec NAME` would bind-mount, else the host's."""
-        if self.netns is not None and "/" not in self.netns:
-            candidate = Path("/etc/netns") / self.netns / "resolv.conf"
-            if candidate.exists():
-                return candidate
-        return Path("/etc/resolv.conf")
+        return self.spec.resolv_conf
+
+    def vanished(self) -> bool:
+        """Whether the namespace's file is gone or names another namespace now (never for the host)."""
+        return self.netns is not None and _inode_or_none(self.netns) != self.inode
 
     async def open(
         self, family: int, type: int, on_local_port: PortCallback, local_addr: str | None = None
@@ -160,9 +167,9 @@ class Source:
         try:
             executor = shared_executor(self.netns)
         except (NetnsError, OSError) as exc:
-            raise SourceError(exc.errno or 0, f"source {self.netns!r}: {exc.strerror or exc}") from None
+            raise SourceError(exc.errno or 0, f"source {self.label!r}: {exc.strerror or exc}") from None
         if executor.inode != self.inode:
-            raise SourceError(0, f"source {self.netns!r} was recreated (inode {executor.inode})")
+            raise SourceError(0, f"source {self.label!r} was recreated (inode {executor.inode})")
         return executor
 
     def _make(self, family: int, type: int, n: int) -> list[socket.socket]:
@@ -230,22 +237,56 @@ def close_socket_pools(inode: int | None = None) -> None:
 atexit.register(close_socket_pools)
 
 _sources: dict[str, Source] = {}
+MAX_SOURCES = 1024  # cached Source objects (only sources that opened: a bad one is never kept)
+_OPENER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="netns-open")
 
 
-def get_source(spec: str | None) -> Source:
-    """A cached `Source` per spec (namespaces are re-checked by `shared_executor` when recreated)."""
-    key = spec or "host"
-    src = _sources.get(key)
-    if src is None or (src.netns is not None and _inode_or_none(src.netns) != src.inode):
-        if src is not None:
-            # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
-            close_socket_pools(src.inode)
-        src = _sources[key] = Source(key)
+def _cached(spec: str | SourceSpec | None) -> tuple[SourceSpec, Source | None]:
+    try:
+        parsed = parse_source(spec or "host", bare_name=True)
+    except ValueError as exc:
+        raise SourceError(errno.EINVAL, f"source {spec!r}: {exc}") from None
+    src = _sources.get(parsed.text)
+    if src is not None and src.vanished():
+        # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
+        close_socket_pools(src.inode)
+        del _sources[parsed.text]
+        src = None
+    return parsed, src
+
+
+def _keep(parsed: SourceSpec, src: Source) -> Source:
+    while len(_sources) >= MAX_SOURCES:
+        old = _sources.pop(next(iter(_sources)))
+        close_socket_pools(old.inode)
+    _sources[parsed.text] = src
     return src
 
 
+def get_source(spec: str | SourceSpec | None) -> Source:
+    """A cached `Source` per spec (namespaces are re-checked by `shared_executor` when recreated).
+
+    Opens a namespace on the calling thread: coroutines use `open_source`.
+    """
+    parsed, src = _cached(spec)
+    return src if src is not None else _keep(parsed, Source(parsed))
+
+
+async def open_source(spec: str | SourceSpec | None) -> Source:
+    """`get_source` for a coroutine: a namespace file is opened, checked and its worker thread started on a
+    small bounded pool (`_OPENER`), never on the event loop; SourceError (one line) when it cannot be used."""
+    parsed, src = _cached(spec)
+    if src is not None:
+        return src
+    if parsed.path is None:
+        return _keep(parsed, Source(parsed))
+    src = await asyncio.wrap_future(_OPENER.submit(Source, parsed))
+    return _keep(parsed, src)
+
+
 def _inode_or_none(name: str) -> int | None:
+    """The inode a namespace path names now (a plain stat: cheap enough for every probe run)."""
     try:
-        return netns_inode(name)
+        return os.stat(netns_path(name)).st_ino
     except OSError:
         return None
