@@ -48,7 +48,7 @@ def format_duration(seconds: float) -> str:
     """Seconds as Prometheus writes a duration: 250ms, 5s, 1m30s, 2h, 1s500ms (or 0.0001s below 1ms)."""
     ms = seconds * 1000
     if abs(ms - round(ms)) > 1e-6:
-        return f"{seconds:g}s"
+        return f"{seconds:.9f}".rstrip("0") + "s"  # what parse_duration reads back (9 decimals at most)
     left, out = round(ms), ""
     for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
         n, left = divmod(left, size)
@@ -58,7 +58,7 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like "250ms", "5s", "1m", "1m30s"; finite and at most 24h.
+    """Seconds from a number or a string like "250ms", "5s", "1m", "1m30s"; finite, 0 or 1ms to 24h.
 
     Raises ValueError with a one-line message (never OverflowError or TypeError).
     """
@@ -86,6 +86,8 @@ def parse_duration(value: object) -> float:
             seconds = sum(int(g) * size for g, size in zip(m.groups(), _COMPOUND_UNITS, strict=True) if g)
     else:
         raise ValueError(f"{_DURATION_HINT}, got {_shown(value)}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {_shown(value)}")
     if seconds > MAX_DURATION:
         raise ValueError(f"must be at most {format_duration(MAX_DURATION)}, got {_shown(value)}")
     if 0 < seconds < MIN_DURATION:

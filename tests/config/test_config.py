@@ -55,7 +55,7 @@ EXPECTED = {
     "duration_400_digits": 'probe "db": interval: must be at most 24h, got a number of about 400 digits',
     "duration_400_digit_string": "probe \"db\": interval: expected a duration like 5s, 250ms or 1m30s, got "
     "'99999999999999999999999999999999999999…",
-    "duration_negative": 'probe "db": interval: must be greater than 0',
+    "duration_negative": 'probe "db": interval: must not be negative, got -5',
     "duration_too_large": "probe \"db\": interval: must be at most 24h, got '25h'",
     "duration_microsecond": 'module "tcp": timeout: must be at least 1ms, got 1e-06',
     "timeout_too_large": 'module "tcp": timeout: must be at most 10m, got 11m',
