@@ -96,7 +96,12 @@ def netns_inode(name_or_path: str | None = None) -> int:
     """Inode of a namespace (checked to be one, `open_netns`); None means this thread's own."""
     if name_or_path is None:
         return os.stat("/proc/thread-self/ns/net").st_ino
-    fd = open_netns(netns_path(name_or_path))
+    try:
+        fd = open_netns(netns_path(name_or_path))
+    except NetnsError as exc:
+        if exc.errno == errno.ENOENT:  # named as the caller named it
+            raise NetnsError(exc.errno, f"network namespace {name_or_path!r} does not exist") from None
+        raise
     try:
         return os.fstat(fd).st_ino
     finally:

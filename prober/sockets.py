@@ -128,7 +128,7 @@ class Source:
             self.netns: str | None = None
             self.inode = netns_inode()
             return
-        self.netns = str(self.spec.path)
+        self.netns = self.spec.name or str(self.spec.path)  # a name: /run/netns/NAME
         try:
             self.inode = shared_executor(self.netns).inode
         except (NetnsError, OSError) as exc:
