@@ -80,12 +80,9 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
     start = monotonic_ns()
     deadline = start + int(spec.effective_timeout * 1e9)
     try:
-        source = await asyncio.wait_for(open_source(spec.source), spec.effective_timeout)
+        source = await open_source(spec.source, timeout=spec.effective_timeout)
     except SourceError as exc:
         return (_failure(spec, spec.source_spec.label, start, ErrorKind.SOURCE_ERROR, exc.strerror or str(exc)),)
-    except TimeoutError:
-        detail = f"source {spec.source_spec.label!r}: the namespace could not be opened within the timeout"
-        return (_failure(spec, spec.source_spec.label, start, ErrorKind.SOURCE_ERROR, detail),)
     return _unless_vanished(await _run(spec, env, source, start, deadline), source)
 
 

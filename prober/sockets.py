@@ -241,25 +241,23 @@ MAX_SOURCES = 1024  # cached Source objects (only sources that opened: a bad one
 _OPENER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="netns-open")
 
 
-def _cached(spec: str | SourceSpec | None) -> tuple[SourceSpec, Source | None]:
-    try:
-        parsed = parse_source(spec or "host", bare_name=True)
-    except ValueError as exc:
-        raise SourceError(errno.EINVAL, f"source {spec!r}: {exc}") from None
-    src = _sources.get(parsed.text)
+def _cached(spec: str | SourceSpec | None) -> tuple[str | SourceSpec, Source | None]:
+    """The cached Source of a spec (by the spec as written: no parsing on the hot path), or None."""
+    key = spec or "host"
+    src = _sources.get(key)
     if src is not None and src.vanished():
         # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
         close_socket_pools(src.inode)
-        del _sources[parsed.text]
+        del _sources[key]
         src = None
-    return parsed, src
+    return key, src
 
 
-def _keep(parsed: SourceSpec, src: Source) -> Source:
+def _keep(key: str | SourceSpec, src: Source) -> Source:
     while len(_sources) >= MAX_SOURCES:
         old = _sources.pop(next(iter(_sources)))
         close_socket_pools(old.inode)
-    _sources[parsed.text] = src
+    _sources[key] = src
     return src
 
 
@@ -268,20 +266,28 @@ def get_source(spec: str | SourceSpec | None) -> Source:
 
     Opens a namespace on the calling thread: coroutines use `open_source`.
     """
-    parsed, src = _cached(spec)
-    return src if src is not None else _keep(parsed, Source(parsed))
+    key, src = _cached(spec)
+    return src if src is not None else _keep(key, Source(key))
 
 
-async def open_source(spec: str | SourceSpec | None) -> Source:
+async def open_source(spec: str | SourceSpec | None, timeout: float | None = None) -> Source:
     """`get_source` for a coroutine: a namespace file is opened, checked and its worker thread started on a
-    small bounded pool (`_OPENER`), never on the event loop; SourceError (one line) when it cannot be used."""
-    parsed, src = _cached(spec)
+    small bounded pool (`_OPENER`), never on the event loop, within `timeout` seconds; SourceError (one
+    line) when it cannot be used. A cached source costs no thread hop."""
+    key, src = _cached(spec)
     if src is not None:
         return src
+    try:
+        parsed = parse_source(key, bare_name=True)
+    except ValueError as exc:
+        raise SourceError(errno.EINVAL, f"source {key!r}: {exc}") from None
     if parsed.path is None:
-        return _keep(parsed, Source(parsed))
-    src = await asyncio.wrap_future(_OPENER.submit(Source, parsed))
-    return _keep(parsed, src)
+        return _keep(key, Source(parsed))
+    try:
+        src = await asyncio.wait_for(asyncio.wrap_future(_OPENER.submit(Source, parsed)), timeout)
+    except TimeoutError:
+        raise SourceError(errno.ETIMEDOUT, f"source {parsed.label!r}: not opened within {timeout:g}s") from None
+    return _keep(key, src)
 
 
 def _inode_or_none(name: str) -> int | None:
