@@ -495,7 +495,7 @@ class Agent:
         sources = {plan.after[n].source for n in (*plan.added, *plan.changed)} - {"host"}
         for source in sorted(sources):
             with contextlib.suppress(SourceError):
-                await open_source(source)
+                await open_source(source, timeout=5.0)
 
     def _set_retention(self, keep_ns: int) -> None:
         """The sensor side of a config: how long kernel events are kept for its probes."""
