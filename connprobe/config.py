@@ -24,7 +24,9 @@ of the wrong type anywhere — never another exception, never a traceback.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,10 +307,21 @@ def _parse(text: str, filename: str) -> Config:
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        with p.open("rb") as f:
+        # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError([f"{p}: cannot read: not a regular file"])
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        raise ConfigError([f"{p}: larger than {MAX_BYTES >> 20} MiB"])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,15 @@ def test_check_config_command_prints_one_line_no_traceback(rule):
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [EXPECTED[rule].format(file=path), f"{path}: 1 error"]
+
+
+def test_what_is_not_a_config_file(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nobody writes: a blocking open would never return
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (16 << 20) + b"\n")
+    for path, message in [(fifo, "cannot read: not a regular file"), (tmp_path, "cannot read: not a regular file"),
+                          (big, "larger than 16 MiB")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.errors == [f"{path}: {message}"]
