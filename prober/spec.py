@@ -159,7 +159,7 @@ def query_name_error(name: str) -> str | None:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no value is ever .inf or .nan
 
 
 def _check_regexes(values: tuple[str, ...]) -> tuple[str, ...]:

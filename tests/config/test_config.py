@@ -49,6 +49,7 @@ EXPECTED = {
     "source_path": "probe \"db\": source: must be 'host', 'netns NAME', /run/netns/NAME or /proc/PID/ns/net, "
     "got '/etc/hostname'",
     "jitter_out_of_range": 'probe "db": jitter: must be less than or equal to 1',
+    "jitter_nan": 'probe "db": jitter: must be a finite number',
     "probes_not_a_list": "config: probes: must be a list of probes",
     "bad_method": "module \"http_post\": http.method: invalid HTTP method 'PO ST'",
     # values that used to validate and then crash the agent (issue 10, item 8)
