@@ -201,6 +201,12 @@ def _sweep(now: float) -> None:
             ex.close(wait=False)
 
 
+def release_vanished_executors() -> None:
+    """Release now the workers whose namespace is gone (`shared_executor` also does it, at most once a second)."""
+    with _shared_lock:
+        _sweep(time.monotonic())
+
+
 def shared_executor(name_or_path: str) -> NetnsExecutor:
     """One long-lived executor per namespace path, for callers that create sockets repeatedly.
 

@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prober.netns import NetnsError, netns_inode, netns_path, shared_executor, socket_netns
+from prober.netns import (
+    NetnsError,
+    netns_inode,
+    netns_path,
+    release_vanished_executors,
+    shared_executor,
+    socket_netns,
+)
 from prober.source import SourceSpec, parse_source
 from prober.types import Flow, Proto
 
@@ -270,10 +277,31 @@ def get_source(spec: str | SourceSpec | None) -> Source:
     return src if src is not None else _keep(key, Source(key))
 
 
+_SWEEP_S = 1.0
+_next_sweep = 0.0
+
+
+def release_vanished_sources() -> None:
+    """Forget the sources whose namespace is gone and close their pooled sockets, and end the worker
+    threads of vanished namespaces: both would keep a deleted namespace alive."""
+    for key, src in list(_sources.items()):
+        if src.netns is not None and src.vanished():
+            close_socket_pools(src.inode)
+            _sources.pop(key, None)
+    release_vanished_executors()
+
+
 async def open_source(spec: str | SourceSpec | None, timeout: float | None = None) -> Source:
     """`get_source` for a coroutine: a namespace file is opened, checked and its worker thread started on a
     small bounded pool (`_OPENER`), never on the event loop, within `timeout` seconds; SourceError (one
-    line) when it cannot be used. A cached source costs no thread hop."""
+    line) when it cannot be used. A cached source costs no thread hop. At most once a second it also
+    releases what vanished namespaces still hold (`release_vanished_sources`), even for a probe of another
+    source: a namespace no probe uses any more is let go too."""
+    global _next_sweep
+    now = time.monotonic()
+    if now >= _next_sweep:
+        _next_sweep = now + _SWEEP_S
+        release_vanished_sources()
     key, src = _cached(spec)
     if src is not None:
         return src

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prober import ErrorKind, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, netns, run_probe
+from prober import ErrorKind, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, netns, run_probe, sockets
 from prober.netns import NetnsError, NetnsExecutor, open_netns, shared_executor, shared_executor_count
 from prober.sockets import Source, SourceError
 from prober.source import parse_source
@@ -194,11 +194,14 @@ async def test_namespace_deleted_mid_probe_is_source_error():
                 (r,) = await asyncio.wait_for(task, 10)
             assert r.error is ErrorKind.SOURCE_ERROR
             assert r.error_detail == f"network namespace {name!r} vanished during the probe"
-            # the worker thread that kept the deleted namespace alive is released
-            netns._next_sweep = 0.0
-            with pytest.raises(NetnsError):
-                shared_executor(name)
-            assert RUN / name not in netns._shared
+            # what kept the deleted namespace alive (its worker thread, its pooled sockets) is released at the
+            # next probe of any source, here the host
+            assert RUN / name in netns._shared and any(s.netns == name for s in sockets._sources.values())
+            sockets._next_sweep = 0.0
+            async with ProbeEnv() as env:
+                (r,) = await run_probe(_spec("host"), env)
+            assert r.error is not ErrorKind.SOURCE_ERROR
+            assert RUN / name not in netns._shared and all(s.netns != name for s in sockets._sources.values())
         finally:
             if conn is not None:
                 conn.close()
