@@ -12,10 +12,12 @@
   their verdicts say "no kernel evidence".
 - Every sink has a bounded queue; a slow sink drops (and counts, `connprobe_sink_dropped_total{sink}`)
   its own verdicts and never holds up the probes or the other sinks.
-- Reload (SIGHUP or `POST /-/reload`): the new file is parsed in full first; if it is invalid the error is
-  logged and returned, and the running configuration stays. Otherwise probes that are gone or changed are
-  retired once their run in flight has finished (its result is still delivered), new and changed ones
-  start, and the series of removed probes (or of a probe's old target) disappear from `/metrics`.
+- Reload (SIGHUP or `POST /-/reload`): everything the new file needs is built first (parsed in full, its
+  kernel-side retention worked out, its source namespaces opened); if any of it fails, the error is logged
+  as one line and returned, and the running configuration stays — all of it. Otherwise the swap is made
+  (a step that fails there is undone, so a reload applies all of the new config or none), probes that are
+  gone or changed are retired once their run in flight has finished (its result is still delivered), new
+  and changed ones start, and the series of removed probes (or of a probe's old target) disappear from `/metrics`.
 
 Latency budgets: a probe's `budget:` (or its module's `budget:`) is a duration; a probe slower than its
 budget gets a verdict even when it succeeded (`ProbeSpec.effective_budget`).
@@ -32,7 +34,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -52,6 +54,8 @@ from correlator.types import Verdict
 from prober.core import ProbeEnv
 from prober.redact import install_log_redaction
 from prober.scheduler import Scheduler
+from prober.sockets import SourceError, open_source
+from prober.source import parse_source
 from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
 
@@ -156,13 +160,39 @@ class ReloadOutcome:
     changed: tuple[str, ...] = ()
 
 
+@dataclass
+class _ReloadPlan:
+    """What a reload changes, worked out before anything running is touched."""
+
+    old: AgentConfig
+    new: AgentConfig
+    removed: tuple[str, ...]
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    keep_ns: int = 0
+
+    @property
+    def before(self) -> dict[str, ProbeSpec]:
+        return self.old.probes
+
+    @property
+    def after(self) -> dict[str, ProbeSpec]:
+        return self.new.probes
+
+    @classmethod
+    def between(cls, old: AgentConfig | None, new: AgentConfig) -> _ReloadPlan:
+        assert old is not None
+        before, after = old.probes, new.probes
+        return cls(old, new,
+                   removed=tuple(n for n in before if n not in after),
+                   added=tuple(n for n in after if n not in before),
+                   changed=tuple(n for n in after if n in before and after[n] != before[n]))
+
+
 def source_label(source: str) -> str:
-    """The `source` a probe's results (and so its metrics) carry: "host", or the namespace's name without the
-    "netns " prefix (as `prober.sockets.Source.label`)."""
-    s = source.strip()
-    if s.startswith("netns "):
-        s = s[len("netns "):].strip()
-    return s or "host"
+    """The `source` a probe's results (and so its metrics) carry: "host", the namespace's name, or the
+    /proc/PID/ns/net path (`prober.source.SourceSpec.label`)."""
+    return parse_source(source).label
 
 
 def _labels_of(spec: ProbeSpec) -> tuple[str, str]:
@@ -421,53 +451,102 @@ class Agent:
         t.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> ReloadOutcome:
-        """Re-read the config file. An invalid file changes nothing and is reported with its errors."""
+        """Re-read the config file and apply all of it or none of it.
+
+        Everything the new config needs is built first, while the running configuration is untouched: the
+        parsed config (off the loop), the kernel-side retention it needs, its source namespaces opened (off
+        the loop). Only when all of that succeeded is it swapped in; a step that fails during the swap is
+        undone, so a failed reload leaves the old configuration fully in place. Never raises: every failure
+        is one logged line and a `ReloadOutcome(False, ...)` (POST /-/reload answers 400 with it).
+        """
         async with self._reload_lock:
             self.last_reload_time = time.time()
             try:
                 new = await asyncio.to_thread(load_agent_config, self.config_path)
                 self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
+                plan = _ReloadPlan.between(self.active, new)
+                plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
+                await self._open_sources(plan)
             except ConfigError as exc:
-                self.reloads["failure"] += 1
-                self.last_reload_ok = False
-                self.last_reload_error = str(exc)
-                log.error("reload of %s rejected, the running configuration stays:\n%s", self.config_path, exc)
-                return ReloadOutcome(False, str(exc))
-            old = self.active
-            assert old is not None
-            before, after = old.probes, new.probes
-            removed = tuple(n for n in before if n not in after)
-            added = tuple(n for n in after if n not in before)
-            changed = tuple(n for n in after if n in before and after[n] != before[n])
-            self.active = new
-            if isinstance(self.evidence, IndexedEvidence):
-                self.evidence.keep_ns = max(self._keep_ns(old), self._keep_ns(new))  # old probes may be in flight
-            self._declare(after[n] for n in added)
-            for n in changed:
-                if _labels_of(before[n]) == _labels_of(after[n]):
-                    self._declare([after[n]])
-            sched = self.scheduler
-            if sched is not None:
-                for n in added:
-                    sched.add(after[n])
-                for n in removed:
-                    self._spawn(self._retire(n, before[n], None), f"connprobe-retire-{n}")
-                for n in changed:
-                    self._spawn(self._retire(n, before[n], after[n]), f"connprobe-retire-{n}")
-            else:
-                for n in removed:
-                    self.metrics.forget(n)
-                for n in changed:
-                    self._forget_old_labels(before[n], after[n])
-            for n in removed:
-                self.board.forget(n)
+                return self._reload_failed(str(exc))
+            except Exception as exc:  # one line, never a traceback and never half a config
+                return self._reload_failed(f"{type(exc).__name__}: {exc}")
+            undo: list[Callable[[], object]] = []
+            try:
+                self._swap(plan, undo)
+            except Exception as exc:
+                for step in reversed(undo):
+                    with contextlib.suppress(Exception):
+                        step()
+                return self._reload_failed(f"{type(exc).__name__}: {exc}")
+            self._start_changes(plan)
             self.reloads["success"] += 1
             self.last_reload_ok = True
             self.last_reload_error = ""
-            msg = (f"reloaded {self.config_path}: {len(after)} probes "
-                   f"({len(added)} added, {len(removed)} removed, {len(changed)} changed)")
+            msg = (f"reloaded {self.config_path}: {len(plan.after)} probes "
+                   f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
             log.info("%s", msg)
-            return ReloadOutcome(True, msg, added, removed, changed)
+            return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
+
+    def _reload_failed(self, message: str) -> ReloadOutcome:
+        self.reloads["failure"] += 1
+        self.last_reload_ok = False
+        self.last_reload_error = message
+        lines = message.splitlines() or [message]
+        more = f" (and {len(lines) - 1} more errors)" if len(lines) > 1 else ""
+        log.error("reload of %s rejected, the running configuration stays: %s%s", self.config_path, lines[0], more)
+        return ReloadOutcome(False, message)
+
+    async def _open_sources(self, plan: _ReloadPlan) -> None:
+        """Open the namespaces of new and changed probes ahead of the swap, off the loop. A namespace that
+        cannot be opened does not fail the reload: its probe reports `source_error`, as at start-up."""
+        sources = {plan.after[n].source for n in (*plan.added, *plan.changed)} - {"host"}
+        for source in sorted(sources):
+            with contextlib.suppress(SourceError):
+                await open_source(source, timeout=5.0)
+
+    def _set_retention(self, keep_ns: int) -> None:
+        """The sensor side of a config: how long kernel events are kept for its probes."""
+        if isinstance(self.evidence, IndexedEvidence):
+            self.evidence.keep_ns = keep_ns
+
+    def _swap(self, plan: _ReloadPlan, undo: list[Callable[[], object]]) -> None:
+        """Put the new config in place; each step pushes its own undo before the next one runs."""
+        old_active = self.active
+        undo.append(lambda: setattr(self, "active", old_active))
+        self.active = plan.new
+        for n in plan.added:
+            undo.append(functools.partial(self.metrics.forget, n))
+            self._declare([plan.after[n]])
+        for n in plan.changed:
+            if _labels_of(plan.before[n]) == _labels_of(plan.after[n]):
+                undo.append(functools.partial(self._declare, [plan.before[n]]))
+                self._declare([plan.after[n]])
+        ev = self.evidence
+        if isinstance(ev, IndexedEvidence):
+            old_keep = ev.keep_ns
+            undo.append(lambda: self._set_retention(old_keep))
+        self._set_retention(plan.keep_ns)
+
+    def _start_changes(self, plan: _ReloadPlan) -> None:
+        """After the swap: start new probes, retire removed and changed ones once their run in flight ends."""
+        before, after = plan.before, plan.after
+        sched = self.scheduler
+        if sched is not None:
+            for n in plan.added:
+                if n not in sched.scheduled():  # else a retirement still pending re-adds it (`_retire`)
+                    sched.add(after[n])
+            for n in plan.removed:
+                self._spawn(self._retire(n, before[n], None), f"connprobe-retire-{n}")
+            for n in plan.changed:
+                self._spawn(self._retire(n, before[n], after[n]), f"connprobe-retire-{n}")
+        else:
+            for n in plan.removed:
+                self.metrics.forget(n)
+            for n in plan.changed:
+                self._forget_old_labels(before[n], after[n])
+        for n in plan.removed:
+            self.board.forget(n)
 
     def _forget_old_labels(self, old: ProbeSpec, new: ProbeSpec | None) -> None:
         if new is None:
@@ -485,8 +564,8 @@ class Agent:
         if self.active is None:
             return
         current = self.active.probes.get(name)
-        if new is not None and current == new and name not in sched.scheduled():
-            sched.add(new)
+        if current is not None and name not in sched.scheduled():  # changed, or added back by a later reload
+            sched.add(current)
         if current is None:
             self.metrics.forget(name)
         elif current != old:

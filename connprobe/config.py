@@ -11,40 +11,134 @@
         target: http://srv1.lab.test:8080/ok
         source: netns cp-lab-client
         interval: 15s
+    limits: {max_probes: 10000, min_interval: 1s}   # optional; these are the defaults
 
 Parsed once into frozen objects (`prober.spec.ModuleSpec` / `ProbeSpec`); unknown keys are rejected;
 every error is one line naming the probe (or module) and the field. `connprobe check-config FILE`
 validates without probing (`check_config_main`).
+
+Whatever the file holds, loading it ends in a `Config` or a `ConfigError` (one line per problem): not
+UTF-8, invalid YAML, a duplicate key, nesting deeper than `MAX_DEPTH`, a self-referencing alias, a value
+of the wrong type anywhere — never another exception, never a traceback.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
-from prober.spec import ModuleSpec, ProbeSpec
+from prober.spec import Duration, Frozen, ModuleSpec, ProbeSpec, format_duration
 
-TOP_KEYS = ("modules", "probes")
+TOP_KEYS = ("modules", "probes", "limits")
+MAX_DEPTH = 32  # the deepest real config is 5 levels; recursion past this is an attack or a mistake
+MAX_BYTES = 16 << 20  # a 10,000-probe config is about 1.5 MiB
+MAX_ERRORS = 100  # lines reported; the rest are counted
+MAX_LINE = 300  # characters in one error line
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; `errors` holds one line per problem."""
+    """The configuration is invalid; `errors` holds one line per problem (each a single line of text)."""
 
     def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors))
-        self.errors = errors
+        lines = [_one_line(e) for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_ERRORS} more errors")
+        super().__init__("\n".join(lines))
+        self.errors = lines
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters escaped (a name with a line break cannot split a line), length capped."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
+
+
+class Limits(Frozen):
+    """`limits:` in the config: what the agent accepts at most (defaults here; each may be set)."""
+
+    max_probes: int = Field(default=10_000, ge=1, le=1_000_000)  # probes in one config
+    min_interval: Duration = 1.0  # no probe runs more often than this
 
 
 @dataclass(frozen=True)
 class Config:
     modules: dict[str, ModuleSpec]
     probes: tuple[ProbeSpec, ...]
+    limits: Limits = field(default_factory=Limits)
+
+
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 3x faster at 10,000 probes
+
+
+class _Loader(_SafeLoader):
+    """yaml's safe loader that rejects a key given twice in one mapping (YAML says keys are unique;
+    PyYAML silently keeps the last). Keys brought in by a `<<` merge may be overridden, as YAML allows."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_depth(text: str, filename: str) -> None:
+    """Reject nesting deeper than MAX_DEPTH before the (recursive) composer sees it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError([f"{filename}:{event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_shape(raw: Any) -> None:
+    """Depth through aliases, and no alias that contains itself (iterative; each node visited once)."""
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(raw, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        key = id(node)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if done:
+            on_path.discard(key)
+            depth[key] = 1 + max((depth.get(id(c), 0) for c in children if isinstance(c, dict | list)), default=0)
+            if depth[key] > MAX_DEPTH:
+                raise ConfigError([f"config: nested more than {MAX_DEPTH} levels deep (through aliases)"])
+            continue
+        if key in depth:
+            continue
+        if key in on_path:
+            raise ConfigError(["config: a YAML alias refers to a collection that contains it"])
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if isinstance(c, dict | list))
 
 
 def _loc(loc: tuple) -> str:
@@ -63,10 +157,16 @@ _MESSAGES = {
 }
 
 
-def _format(owner: str, exc: ValidationError) -> list[str]:
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _format(owner: str, exc: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = (prefix,) if prefix else ()
+        loc += tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # a union/literal branch name (e.g. "float") adds nothing for the reader
         loc = tuple(p for p in loc if p not in ("constrained-float", "float", "str", "int"))
         msg = _MESSAGES.get(err["type"], err["msg"])
@@ -80,21 +180,60 @@ def _format(owner: str, exc: ValidationError) -> list[str]:
     return lines
 
 
-def parse_config(text: str, filename: str = "<config>") -> Config:
-    """Validate a whole config; raises ConfigError listing every problem found."""
+def _load_yaml(text: str, filename: str) -> Any:
     try:
-        raw = yaml.safe_load(text)
+        _yaml_depth(text, filename)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader (with the duplicate-key check)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{filename}:{mark.line + 1}" if mark is not None else filename
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    except ConfigError:
+        raise
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError([f"{filename}: invalid YAML: {exc}"]) from None
+    _check_shape(raw)
+    return raw
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate a whole config; raises ConfigError listing every problem found (and nothing else)."""
+    try:
+        return _parse(text, filename)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError([f"{filename}: nested too deeply to load"]) from None
+    except Exception as exc:  # a loader failure nobody foresaw: still one line, never a traceback
+        raise ConfigError([f"{filename}: cannot load: {type(exc).__name__}: {exc}"]) from None
+
+
+def _key(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def _parse(text: str, filename: str) -> Config:
+    if len(text) > MAX_BYTES:
+        raise ConfigError([f"{filename}: larger than {MAX_BYTES >> 20} MiB"])
+    raw = _load_yaml(text, filename)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"config: top level must be a mapping with {' and '.join(TOP_KEYS)}"])
-    errors: list[str] = [f"config: {k}: unknown key (expected {', '.join(TOP_KEYS)})" for k in raw
+        raise ConfigError([f"config: top level must be a mapping with {', '.join(TOP_KEYS)}"])
+    errors: list[str] = [f"config: {_key(k)}: unknown key (expected {', '.join(TOP_KEYS)})" for k in raw
                          if k not in TOP_KEYS]
+
+    limits = Limits()
+    raw_limits = raw.get("limits")
+    if raw_limits is not None:
+        if not isinstance(raw_limits, dict):
+            errors.append("config: limits: must be a mapping (max_probes, min_interval)")
+        else:
+            try:
+                limits = Limits.model_validate(raw_limits)
+            except ValidationError as exc:
+                errors.extend(_format("config", exc, prefix="limits"))
 
     modules: dict[str, ModuleSpec] = {}
     raw_modules = raw.get("modules") or {}
@@ -102,22 +241,26 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         errors.append("config: modules: must be a mapping of module name to settings")
         raw_modules = {}
     bad_modules: set[str] = set()
-    for name, body in raw_modules.items():
+    for key, body in raw_modules.items():
+        name = _key(key)
         owner = f'module "{name}"'
         if not isinstance(body, dict):
             errors.append(f"{owner}: must be a mapping")
-            bad_modules.add(str(name))
+            bad_modules.add(name)
             continue
         try:
-            modules[str(name)] = ModuleSpec.model_validate(body)
+            modules[name] = ModuleSpec.model_validate(body)
         except ValidationError as exc:
             errors.extend(_format(owner, exc))
-            bad_modules.add(str(name))
+            bad_modules.add(name)
 
     probes: list[ProbeSpec] = []
     raw_probes = raw.get("probes") or []
     if not isinstance(raw_probes, list):
         errors.append("config: probes: must be a list of probes")
+        raw_probes = []
+    if len(raw_probes) > limits.max_probes:
+        errors.append(f"config: probes: {len(raw_probes)} probes, more than limits.max_probes ({limits.max_probes})")
         raw_probes = []
     seen: dict[str, int] = {}
     for i, body in enumerate(raw_probes):
@@ -127,7 +270,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         name = body.get("name")
         owner = f'probe "{name}"' if isinstance(name, str) and name else f"probes[{i}]"
         if not (isinstance(name, str) and name):
-            errors.append(f"{owner}: name: required")
+            errors.append(f"{owner}: name: required" if name is None else f"{owner}: name: must be a non-empty string")
             continue
         if name in seen:
             errors.append(f"{owner}: name: duplicate (first defined as probes[{seen[name]}])")
@@ -137,27 +280,53 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         if module_name is None:
             errors.append(f"{owner}: module: required")
             continue
+        if not isinstance(module_name, str):
+            errors.append(f"{owner}: module: must be a module name, got {_shown(module_name)}")
+            continue
         if module_name in bad_modules:
             continue  # its module's own errors are reported already
         if module_name not in modules:
-            known = ", ".join(sorted(str(m) for m in raw_modules)) or "none defined"
+            known = ", ".join(sorted(_key(m) for m in raw_modules)) or "none defined"
             errors.append(f'{owner}: module: unknown module "{module_name}" (known: {known})')
             continue
         try:
-            probes.append(ProbeSpec.model_validate({**body, "module": modules[module_name]}))
+            probe = ProbeSpec.model_validate({**body, "module": modules[module_name]})
         except ValidationError as exc:
             errors.extend(_format(owner, exc))
+            continue
+        if probe.interval < limits.min_interval:
+            errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
+                          f"limits.min_interval ({format_duration(limits.min_interval)})")
+            continue
+        probes.append(probe)
     if errors:
         raise ConfigError(errors)
-    return Config(modules=modules, probes=tuple(probes))
+    return Config(modules=modules, probes=tuple(probes), limits=limits)
 
 
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError([f"{p}: cannot read: not a regular file"])
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        raise ConfigError([f"{p}: larger than {MAX_BYTES >> 20} MiB"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{p}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"]) from None
     return parse_config(text, str(p))
 
 

@@ -29,6 +29,7 @@ from correlator.record import Recording, save, to_jsonable
 from correlator.rules import EvidenceStatus
 from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
 from prober.redact import install_log_redaction, redact_url
+from prober.source import parse_source
 from prober.spec import parse_duration
 
 JSON_SCHEMA_VERSION = 1
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="http(s)://URL, host:port (TCP) or dns:NAME")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
-                   help="probe from this network namespace (name in /run/netns or a path)")
+                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
     p.add_argument("--budget", default=None, help="latency budget, e.g. 300ms or 1s: slower counts as a problem")
     p.add_argument("--timeout", default="5s", help="per-attempt timeout (default 5s)")
     p.add_argument("--interval", default="0s", help="pause between attempts (default 0s)")
@@ -90,10 +91,11 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
                                 http=HTTPSpec(client=args.client))
         else:
             module = ModuleSpec(prober="tcp", timeout=timeout, ip_policy=args.ip_policy)
-        source = args.source
-        if source not in ("host", "") and not source.startswith(("/", "netns ")):
-            source = f"netns {source}"
-        return ProbeSpec(name="diagnose", module=module, target=target, source=source,
+        try:
+            source = parse_source(args.source, bare_name=True)
+        except ValueError as exc:
+            raise UsageError(f"--from: {exc}") from None
+        return ProbeSpec(name="diagnose", module=module, target=target, source=source.text,
                          interval=max(timeout, 1.0))
     except ValidationError as exc:
         err = exc.errors()[0]

@@ -177,11 +177,11 @@ def needed_for(probes: Iterable[ProbeSpec]) -> dict[str, list[str]]:
     """The capabilities the running agent needs for these probes: name -> the probes that need it."""
     need: dict[str, list[str]] = {}
     for p in probes:
-        source = p.source.strip()
-        if source == "host":
+        kind = p.source_spec.kind
+        if kind == "host":
             continue
         need.setdefault("CAP_SYS_ADMIN", []).append(p.name)  # setns() into the probe's namespace
-        if source.startswith("/proc/"):
+        if kind == "pid":
             need.setdefault("CAP_SYS_PTRACE", []).append(p.name)  # open another process's /proc/PID/ns/net
     return need
 

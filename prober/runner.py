@@ -19,7 +19,7 @@ from prober.dns import probe_dns
 from prober.errors import describe
 from prober.http import probe_http
 from prober.resolve import Resolution, load_resolv_conf, resolve
-from prober.sockets import SourceError, get_source
+from prober.sockets import Source, SourceError, open_source
 from prober.spec import ProbeSpec
 from prober.tcp import probe_tcp
 from prober.types import ErrorKind, ProbeKind, ProbeResult
@@ -78,11 +78,23 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
     """Run a probe once: one result per probed address (at least one). Never raises (but cancels)."""
     start = monotonic_ns()
     deadline = start + int(spec.effective_timeout * 1e9)
-    kind = spec.module.prober
     try:
-        source = get_source(spec.source)
+        source = await open_source(spec.source, timeout=spec.effective_timeout)
     except SourceError as exc:
-        return (_failure(spec, spec.source, start, ErrorKind.SOURCE_ERROR, exc.strerror or str(exc)),)
+        return (_failure(spec, spec.source_spec.label, start, ErrorKind.SOURCE_ERROR, exc.strerror or str(exc)),)
+    return _unless_vanished(await _run(spec, env, source, start, deadline), source)
+
+
+def _unless_vanished(results: tuple[ProbeResult, ...], source: Source) -> tuple[ProbeResult, ...]:
+    """A probe whose namespace was deleted while it ran measured a dying namespace: `source_error`."""
+    if not source.vanished():
+        return results
+    detail = f"network namespace {source.label!r} vanished during the probe"
+    return tuple(replace(r, ok=False, error=ErrorKind.SOURCE_ERROR, error_detail=detail) for r in results)
+
+
+async def _run(spec: ProbeSpec, env: ProbeEnv, source: Source, start: int, deadline: int) -> tuple[ProbeResult, ...]:
+    kind = spec.module.prober
     try:
         fn = PROBERS[kind]
         prep = prepared(spec)

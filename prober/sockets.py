@@ -11,12 +11,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
+import errno
+import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prober.netns import NetnsError, netns_inode, netns_path, shared_executor
+from prober.netns import (
+    NetnsError,
+    netns_inode,
+    netns_path,
+    release_vanished_executors,
+    shared_executor,
+)
+from prober.source import SourceSpec, parse_source
 from prober.types import Flow, Proto
 
 PortCallback = Callable[[Proto, int], None]
@@ -107,34 +117,37 @@ class SourceError(OSError):
 class Source:
     """Where a probe's sockets live: the host (the process's own namespace) or a named/pinned netns.
 
-    `spec` is "host", "netns NAME", a bare namespace name, or a path (e.g. /proc/PID/ns/net).
+    `spec` is a `prober.source.SourceSpec` or its written form: "host", "netns NAME" (or a bare NAME),
+    /run/netns/NAME or /proc/PID/ns/net. Building one for a namespace opens and checks the namespace file
+    and may start its worker thread: from a coroutine use `await open_source(spec)`, which does it off the loop.
     """
 
-    __slots__ = ("inode", "label", "netns")
+    __slots__ = ("inode", "label", "netns", "spec")
 
-    def __init__(self, spec: str = "host"):
-        spec = spec.strip()
-        if spec.startswith("netns "):
-            spec = spec[len("netns ") :].strip()
-        self.label = spec or "host"
-        if self.label == "host":
+    def __init__(self, spec: str | SourceSpec = "host"):
+        try:
+            self.spec = parse_source(spec, bare_name=True)
+        except ValueError as exc:
+            raise SourceError(errno.EINVAL, f"source {spec!r}: {exc}") from None
+        self.label = self.spec.label
+        if self.spec.path is None:
             self.netns: str | None = None
             self.inode = netns_inode()
             return
-        self.netns = spec
+        self.netns = self.spec.name or str(self.spec.path)  # a name: /run/netns/NAME
         try:
-            self.inode = shared_executor(spec).inode
+            self.inode = shared_executor(self.netns).inode
         except (NetnsError, OSError) as exc:
-            raise SourceError(exc.errno or 0, f"source {spec!r}: {exc.strerror or exc}") from None
+            raise SourceError(exc.errno or 0, f"source {self.label!r}: {exc.strerror or exc}") from None
 
     @property
     def resolv_conf(self) -> Path:
         """The resolv.conf `ip netns exec NAME` would bind-mount, else the host's."""
-        if self.netns is not None and "/" not in self.netns:
-            candidate = Path("/etc/netns") / self.netns / "resolv.conf"
-            if candidate.exists():
-                return candidate
-        return Path("/etc/resolv.conf")
+        return self.spec.resolv_conf
+
+    def vanished(self) -> bool:
+        """Whether the namespace's file is gone or names another namespace now (never for the host)."""
+        return self.netns is not None and _inode_or_none(self.netns) != self.inode
 
     async def open(
         self, family: int, type: int, on_local_port: PortCallback, local_addr: str | None = None
@@ -160,9 +173,9 @@ class Source:
         try:
             executor = shared_executor(self.netns)
         except (NetnsError, OSError) as exc:
-            raise SourceError(exc.errno or 0, f"source {self.netns!r}: {exc.strerror or exc}") from None
+            raise SourceError(exc.errno or 0, f"source {self.label!r}: {exc.strerror or exc}") from None
         if executor.inode != self.inode:
-            raise SourceError(0, f"source {self.netns!r} was recreated (inode {executor.inode})")
+            raise SourceError(0, f"source {self.label!r} was recreated (inode {executor.inode})")
         return executor
 
     def _make(self, family: int, type: int, n: int) -> list[socket.socket]:
@@ -227,22 +240,83 @@ def close_socket_pools(inode: int | None = None) -> None:
 atexit.register(close_socket_pools)
 
 _sources: dict[str, Source] = {}
+MAX_SOURCES = 1024  # cached Source objects (only sources that opened: a bad one is never kept)
+_OPENER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="netns-open")
 
 
-def get_source(spec: str | None) -> Source:
-    """A cached `Source` per spec (namespaces are re-checked by `shared_executor` when recreated)."""
+def _cached(spec: str | SourceSpec | None) -> tuple[str | SourceSpec, Source | None]:
+    """The cached Source of a spec (by the spec as written: no parsing on the hot path), or None."""
     key = spec or "host"
     src = _sources.get(key)
-    if src is None or (src.netns is not None and _inode_or_none(src.netns) != src.inode):
-        if src is not None:
-            # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
-            close_socket_pools(src.inode)
-        src = _sources[key] = Source(key)
+    if src is not None and src.vanished():
+        # The namespace is gone or was recreated: pooled sockets would keep the old one alive.
+        close_socket_pools(src.inode)
+        del _sources[key]
+        src = None
+    return key, src
+
+
+def _keep(key: str | SourceSpec, src: Source) -> Source:
+    while len(_sources) >= MAX_SOURCES:
+        old = _sources.pop(next(iter(_sources)))
+        close_socket_pools(old.inode)
+    _sources[key] = src
     return src
 
 
-def _inode_or_none(name: str) -> int | None:
+def get_source(spec: str | SourceSpec | None) -> Source:
+    """A cached `Source` per spec (namespaces are re-checked by `shared_executor` when recreated).
+
+    Opens a namespace on the calling thread: coroutines use `open_source`.
+    """
+    key, src = _cached(spec)
+    return src if src is not None else _keep(key, Source(key))
+
+
+_SWEEP_S = 1.0
+_next_sweep = 0.0
+
+
+def release_vanished_sources() -> None:
+    """Forget the sources whose namespace is gone and close their pooled sockets, and end the worker
+    threads of vanished namespaces: both would keep a deleted namespace alive."""
+    for key, src in list(_sources.items()):
+        if src.netns is not None and src.vanished():
+            close_socket_pools(src.inode)
+            _sources.pop(key, None)
+    release_vanished_executors()
+
+
+async def open_source(spec: str | SourceSpec | None, timeout: float | None = None) -> Source:
+    """`get_source` for a coroutine: a namespace file is opened, checked and its worker thread started on a
+    small bounded pool (`_OPENER`), never on the event loop, within `timeout` seconds; SourceError (one
+    line) when it cannot be used. A cached source costs no thread hop. At most once a second it also
+    releases what vanished namespaces still hold (`release_vanished_sources`), even for a probe of another
+    source: a namespace no probe uses any more is let go too."""
+    global _next_sweep
+    now = time.monotonic()
+    if now >= _next_sweep:
+        _next_sweep = now + _SWEEP_S
+        release_vanished_sources()
+    key, src = _cached(spec)
+    if src is not None:
+        return src
     try:
-        return netns_inode(name)
+        parsed = parse_source(key, bare_name=True)
+    except ValueError as exc:
+        raise SourceError(errno.EINVAL, f"source {key!r}: {exc}") from None
+    if parsed.path is None:
+        return _keep(key, Source(parsed))
+    try:
+        src = await asyncio.wait_for(asyncio.wrap_future(_OPENER.submit(Source, parsed)), timeout)
+    except TimeoutError:
+        raise SourceError(errno.ETIMEDOUT, f"source {parsed.label!r}: not opened within {timeout:g}s") from None
+    return _keep(key, src)
+
+
+def _inode_or_none(name: str) -> int | None:
+    """The inode a namespace path names now (a plain stat: cheap enough for every probe run)."""
+    try:
+        return os.stat(netns_path(name)).st_ino
     except OSError:
         return None

@@ -6,33 +6,160 @@ Header values are `SecretStr`: they never show in a repr, a result, a log line o
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+import dns.exception
+import dns.name
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+from prober.source import SourceSpec, parse_source
+
+# "5s", "250ms", "1.5m", "2h" (one unit, a decimal number), or Prometheus' compound form "1m30s",
+# "1h2m3s4ms" (whole numbers, units in this order). Digits are bounded: a duration is never a 400-digit number.
+_SIMPLE = re.compile(r"(\d{1,9}(?:\.\d{1,9})?)(ms|s|m|h|d)?")
+_COMPOUND = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?(?:(\d{1,9})ms)?")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_COMPOUND_UNITS = (86400.0, 3600.0, 60.0, 1.0, 0.001)
+
+MIN_DURATION = 0.001  # 1ms: below it a deadline or an interval means nothing to the scheduler
+MAX_DURATION = 86400.0  # 24h: the longest interval
+MAX_TIMEOUT = 600.0  # 10m: the longest probe timeout (and latency budget)
+_DURATION_HINT = "expected a duration like 5s, 250ms or 1m30s"
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """repr of a config value, cut short (an error line stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as Prometheus writes a duration: 250ms, 5s, 1m30s, 2h, 1s500ms (or 0.0001s below 1ms)."""
+    ms = seconds * 1000
+    if abs(ms - round(ms)) > 1e-6:
+        return f"{seconds:.9f}".rstrip("0") + "s"  # what parse_duration reads back (9 decimals at most)
+    left, out = round(ms), ""
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        n, left = divmod(left, size)
+        if n:
+            out += f"{n}{unit}"
+    return out or "0s"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like "250ms", "5s", "1m"."""
+    """Seconds from a number or a string like "250ms", "5s", "1m", "1m30s"; finite, 0 or 1ms to 24h.
+
+    Raises ValueError with a one-line message (never OverflowError or TypeError).
+    """
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 5s or 250ms")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
+        raise ValueError(f"{_DURATION_HINT}, got {value!r}")
+    if isinstance(value, int):
+        if abs(value) > MAX_DURATION:
+            digits = int(abs(value).bit_length() * 0.30103) + 1  # str() of a huge int costs (or raises)
+            shown = _shown(value) if digits < 30 else f"a number of about {digits} digits"
+            raise ValueError(f"must be at most {format_duration(MAX_DURATION)}, got {shown}")
+        seconds = float(value)
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite duration, got {value!r}")
+        seconds = value
+    elif isinstance(value, str):
+        text = value.strip()
+        m = _SIMPLE.fullmatch(text)
         if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise ValueError(f"expected a duration like 5s or 250ms, got {value!r}")
+            seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        else:
+            m = _COMPOUND.fullmatch(text) if text else None
+            if m is None or not any(m.groups()):
+                raise ValueError(f"{_DURATION_HINT}, got {_shown(value)}")
+            seconds = sum(int(g) * size for g, size in zip(m.groups(), _COMPOUND_UNITS, strict=True) if g)
+    else:
+        raise ValueError(f"{_DURATION_HINT}, got {_shown(value)}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {_shown(value)}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most {format_duration(MAX_DURATION)}, got {_shown(value)}")
+    if 0 < seconds < MIN_DURATION:
+        raise ValueError(f"must be at least {format_duration(MIN_DURATION)}, got {_shown(value)}")
+    return seconds
+
+
+def _at_most(limit: float):
+    def check(seconds: float) -> float:
+        if seconds > limit:
+            raise ValueError(f"must be at most {format_duration(limit)}, got {format_duration(seconds)}")
+        return seconds
+
+    return AfterValidator(check)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+TimeoutDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0), _at_most(MAX_TIMEOUT)]
+
+
+# -- DNS names ---------------------------------------------------------------------------------------------
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def host_name_error(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a valid DNS host name (labels of letters, digits, '-', '_'),
+    or None when it is one. Checked once at load, so a probe never fails at run time on its own name."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name:
+        return f"{_shown(host, 100)} is not a host name"
+    if not name.isascii():
+        return f"{_shown(host, 100)}: non-ASCII name (write its xn-- form)"
+    if len(name) > 253:
+        return f"{_shown(host, 100)}: name longer than 253 characters"
+    for i, label in enumerate(name.split("."), 1):
+        if not label:
+            return f"{_shown(host, 100)}: label {i} is empty"
+        if len(label) > 63:
+            return f"{_shown(host, 100)}: label {i} is {len(label)} characters long (at most 63)"
+        if not _HOST_LABEL.fullmatch(label):
+            return (f"{_shown(host, 100)}: label {i} may hold only letters, digits, '-' and '_' "
+                    "and may not start or end with '-'")
+    return None
+
+
+def query_name_error(name: str) -> str | None:
+    """Why `name` cannot be asked in a DNS question (what dnspython would raise at run time), or None."""
+    if not name or any(c.isspace() or not c.isprintable() for c in name):
+        return f"{_shown(name)} is not a DNS name"
+    if not name.isascii():
+        return f"{_shown(name)}: non-ASCII name (write its xn-- form)"
+    try:
+        dns.name.from_text(name)
+    except dns.name.EmptyLabel:
+        return f"{_shown(name)}: a label is empty"
+    except dns.name.LabelTooLong:
+        return f"{_shown(name)}: a label is longer than 63 characters"
+    except dns.name.NameTooLong:
+        return f"{_shown(name)}: name longer than 255 bytes"
+    except dns.exception.DNSException as exc:
+        return f"{_shown(name)}: {exc}"
+    return None
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no value is ever .inf or .nan
 
 
 def _check_regexes(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -48,7 +175,14 @@ class TLSSpec(Frozen):
     insecure_skip_verify: bool = False
     server_name: str | None = None  # SNI and the name the certificate must match
     ca_file: str | None = None
-    min_cert_days: float | None = Field(default=None, gt=0)  # fail when the cert expires sooner
+    min_cert_days: float | None = Field(default=None, gt=0, le=36500)  # fail when the cert expires sooner
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str | None) -> str | None:
+        if v is not None and (err := host_name_error(v)):
+            raise ValueError(err)
+        return v
 
     @model_validator(mode="after")
     def _expiry_needs_verify(self) -> TLSSpec:
@@ -161,6 +295,13 @@ class DNSSpec(Frozen):
     fail_if_no_answer: bool = False
     fail_if_answer_not_matches_regexp: tuple[str, ...] = ()
 
+    @field_validator("query_name")
+    @classmethod
+    def _qname(cls, v: str) -> str:
+        if err := query_name_error(v):
+            raise ValueError(err)
+        return v
+
     @field_validator("query_type")
     @classmethod
     def _qtype(cls, v: str) -> str:
@@ -190,8 +331,8 @@ class ModuleSpec(Frozen):
     """A reusable way of probing (blackbox_exporter's `modules:`)."""
 
     prober: ProberName
-    timeout: Duration = 5.0
-    budget: Duration | None = None  # latency budget: a slower probe gets a verdict even when it succeeded
+    timeout: TimeoutDuration = 5.0
+    budget: TimeoutDuration | None = None  # latency budget: a slower probe gets a verdict even when it succeeded
     ip_policy: Literal["all", "first", "ipv4", "ipv6"] = "first"
     http: HTTPSpec | None = None
     tcp: TCPSpec | None = None
@@ -219,8 +360,8 @@ class ProbeSpec(Frozen):
     target: str = Field(min_length=1)
     source: str = "host"
     interval: Duration = 15.0
-    timeout: Duration | None = None  # default: the module's
-    budget: Duration | None = None  # default: the module's
+    timeout: TimeoutDuration | None = None  # default: the module's
+    budget: TimeoutDuration | None = None  # default: the module's
     jitter: float = Field(default=0.1, ge=0, le=1)  # fraction of the interval, +/- on each wait
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -232,24 +373,25 @@ class ProbeSpec(Frozen):
     def effective_budget(self) -> float | None:
         return self.budget if self.budget is not None else self.module.budget
 
-    @field_validator("source")
+    @field_validator("source", mode="before")
     @classmethod
-    def _source(cls, v: str) -> str:
-        v = v.strip()
-        if v == "host" or v.startswith("/"):
-            return v
-        if re.fullmatch(r"netns [A-Za-z0-9_.-]+", v):
-            return v
-        raise ValueError(f"must be 'host', 'netns NAME' or an absolute path to a namespace, got {v!r}")
+    def _source(cls, v: object) -> str:
+        return parse_source(v).text  # the canonical form: "host", "netns NAME" or "/proc/PID/ns/net"
+
+    @property
+    def source_spec(self) -> SourceSpec:
+        return parse_source(self.source)
 
     @model_validator(mode="after")
     def _target_fits_prober(self) -> ProbeSpec:
         from prober.core import parse_target
 
         try:
-            parse_target(self.module.prober, self.target)
+            target = parse_target(self.module.prober, self.target)
         except ValueError as exc:
             raise ValueError(f"target: {exc}") from None
+        if target.host and (err := host_name_error(target.host)):
+            raise ValueError(f"target: {err}")
         return self
 
     @model_validator(mode="after")

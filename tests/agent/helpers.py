@@ -78,7 +78,9 @@ def write_config(path: Path, probes: list[dict], modules: dict | None = None) ->
         "http_2xx": {"prober": "http", "timeout": "2s"},
         "tcp": {"prober": "tcp", "timeout": "1s"},
     }
-    path.write_text(yaml.safe_dump({"modules": modules, "probes": probes}, sort_keys=False))
+    # the tests probe every 0.2 s, faster than the default limits.min_interval (1s)
+    path.write_text(yaml.safe_dump({"limits": {"min_interval": "100ms"}, "modules": modules, "probes": probes},
+                                   sort_keys=False))
     return path
 
 

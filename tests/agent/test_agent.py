@@ -103,7 +103,7 @@ def test_bad_budget_and_other_errors_are_reported_together():
                            "  - {name: a, module: m, target: 'http://x/', budget: soon}\n"
                            "  - {name: b, module: nope, target: 'http://x/'}\n")
     assert exc.value.errors == [
-        "probe \"a\": budget: expected a duration like 5s or 250ms, got 'soon'",
+        "probe \"a\": budget: expected a duration like 5s, 250ms or 1m30s, got 'soon'",
         'probe "b": module: unknown module "nope" (known: m)',
     ]
 

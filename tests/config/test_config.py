@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from connprobe.config import ConfigError, check_config_main, load_config, parse_config
 from prober import ProbeSpec
+from prober.spec import parse_duration
 
 HERE = Path(__file__).parent
 
 EXPECTED = {
-    "yaml_syntax": "{file}:4: invalid YAML: expected <block end>, but found '<block mapping start>'",
-    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes)",
+    "yaml_syntax": "{file}:4: invalid YAML: did not find expected key",
+    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes, limits)",
     "module_unknown_key": 'module "http_2xx": http.methd: unknown key',
     "probe_unknown_key": 'probe "db": intervl: unknown key',
     "unknown_module": 'probe "api": module: unknown module "http_3xx" (known: http_2xx)',
     "duplicate_probe": 'probe "db": name: duplicate (first defined as probes[0])',
     "missing_target": 'probe "db": target: required',
     "missing_name": "probes[0]: name: required",
-    "bad_duration": "probe \"db\": interval: expected a duration like 5s or 250ms, got 'soon'",
-    "bad_budget": "module \"web\": budget: expected a duration like 5s or 250ms, got '-1s'",
+    "bad_duration": "probe \"db\": interval: expected a duration like 5s, 250ms or 1m30s, got 'soon'",
+    "bad_budget": "module \"web\": budget: expected a duration like 5s, 250ms or 1m30s, got '-1s'",
     "timeout_longer_than_interval": 'probe "db": timeout: 10s is longer than interval 5s',
     "target_not_url": "probe \"api\": target: http target must be an http:// or https:// URL, "
     "got 'srv1.lab.test:8080'",
@@ -40,11 +44,35 @@ EXPECTED = {
     "(one of A, AAAA, ANY, CAA, CNAME, HTTPS, MX, NS, PTR, SOA, SRV, SVCB, TXT)",
     "bad_client": "module \"http_2xx\": http.client: must be 'aiohttp', 'aiohttp-session' or 'httpx'",
     "header_injection": "module \"http_2xx\": http.headers: header 'X-Test': value contains a line break",
-    "bad_source": "probe \"db\": source: must be 'host', 'netns NAME' or an absolute path to a namespace, "
+    "bad_source": "probe \"db\": source: must be 'host', 'netns NAME', /run/netns/NAME or /proc/PID/ns/net, "
     "got 'namespace client'",
+    "source_path": "probe \"db\": source: must be 'host', 'netns NAME', /run/netns/NAME or /proc/PID/ns/net, "
+    "got '/etc/hostname'",
     "jitter_out_of_range": 'probe "db": jitter: must be less than or equal to 1',
+    "jitter_nan": 'probe "db": jitter: must be a finite number',
     "probes_not_a_list": "config: probes: must be a list of probes",
     "bad_method": "module \"http_post\": http.method: invalid HTTP method 'PO ST'",
+    # values that used to validate and then crash the agent (issue 10, item 8)
+    "duration_inf": 'module "tcp": timeout: expected a finite duration, got inf',
+    "duration_400_digits": 'probe "db": interval: must be at most 24h, got a number of about 400 digits',
+    "duration_400_digit_string": "probe \"db\": interval: expected a duration like 5s, 250ms or 1m30s, got "
+    "'99999999999999999999999999999999999999…",
+    "duration_negative": 'probe "db": interval: must not be negative, got -5',
+    "duration_too_large": "probe \"db\": interval: must be at most 24h, got '25h'",
+    "duration_microsecond": 'module "tcp": timeout: must be at least 1ms, got 1e-06',
+    "timeout_too_large": 'module "tcp": timeout: must be at most 10m, got 11m',
+    "module_not_a_name": "probe \"db\": module: must be a module name, got ['x']",
+    "deep_nesting": "{file}:4: nested more than 32 levels deep",
+    "alias_loop": "config: a YAML alias refers to a collection that contains it",
+    "not_utf8": "{file}:4: not UTF-8: byte 0xff at offset 51",
+    "target_empty_label": "probe \"api\": target: 'a..b': label 2 is empty",
+    "target_label_too_long": f"probe \"db\": target: '{'a' * 64}.lab.test': label 1 is 64 characters long (at most 63)",
+    "query_name_empty_label": "module \"dns_a\": dns.query_name: 'srv1..lab.test': a label is empty",
+    "duplicate_key": "{file}:8: invalid YAML: duplicate key 'interval' (first at line 7)",
+    "too_many_probes": "config: probes: 3 probes, more than limits.max_probes (2)",
+    "interval_below_minimum": 'probe "db": interval: 100ms is shorter than limits.min_interval (1s)',
+    "bad_limits": "config: limits.max_probes: must be greater than or equal to 1",
+    "name_with_line_break": "module \"tcp\\nx\": prober: must be 'http', 'tcp' or 'dns'",
 }
 
 
@@ -119,3 +147,117 @@ def test_several_errors_are_all_reported():
 def test_missing_file(tmp_path, capsys):
     assert check_config_main([str(tmp_path / "nope.yaml")]) == 1
     assert "cannot read: No such file or directory" in capsys.readouterr().err
+
+
+# -- values that must load, and loaders that must never leak an exception -----------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1m30s", 90.0), ("1h2m3s4ms", 3723.004), ("250ms", 0.25), ("1.5m", 90.0), ("5", 5.0), (7, 7.0),
+    ("1s500ms", 1.5), ("24h", 86400.0), ("1d", 86400.0), (" 2s ", 2.0),
+])
+def test_durations_accepted(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (float("inf"), "expected a finite duration, got inf"),
+    (float("nan"), "expected a finite duration, got nan"),
+    (10**400, "must be at most 24h, got a number of about 401 digits"),
+    ("1s1m", "expected a duration like 5s, 250ms or 1m30s, got '1s1m'"),
+    ("1.5m30s", "expected a duration like 5s, 250ms or 1m30s, got '1.5m30s'"),
+    ("25h", "must be at most 24h, got '25h'"),
+    (True, "expected a duration like 5s, 250ms or 1m30s, got True"),
+    ([1], "expected a duration like 5s, 250ms or 1m30s, got [1]"),
+])
+def test_durations_refused(value, message):
+    with pytest.raises(ValueError) as info:
+        parse_duration(value)
+    assert str(info.value) == message
+
+
+def test_limits_and_source_forms():
+    text = """
+limits: {max_probes: 3, min_interval: 100ms}
+modules:
+  tcp: {prober: tcp, timeout: 50ms}
+probes:
+  - {name: a, module: tcp, target: "db.lab.test:1", interval: 200ms}
+  - {name: b, module: tcp, target: "db.lab.test:2", source: /run/netns/cp-x, interval: 1m30s}
+  - {name: c, module: tcp, target: "db.lab.test:3", source: /proc/1/ns/net}
+"""
+    cfg = parse_config(text)
+    assert cfg.limits.max_probes == 3 and cfg.limits.min_interval == 0.1
+    a, b, c = cfg.probes
+    assert a.interval == 0.2 and b.interval == 90.0
+    assert b.source == "netns cp-x" and b.source_spec.label == "cp-x"  # the path form is written as netns NAME
+    assert c.source == "/proc/1/ns/net" and c.source_spec.label == "/proc/1/ns/net"
+
+
+def test_merge_key_may_be_overridden():
+    text = """
+modules:
+  tcp: {prober: tcp, timeout: 1s}
+common: &common {module: tcp, interval: 1m30s}
+probes:
+  - {<<: *common, name: a, target: "db.lab.test:1", interval: 20s}
+"""
+    with pytest.raises(ConfigError, match="common: unknown key"):
+        parse_config(text)
+    cfg = parse_config(text.replace("common: &common {module: tcp, interval: 1m30s}\n", "").replace(
+        "<<: *common", "<<: {module: tcp, interval: 1m30s}"))
+    assert cfg.probes[0].interval == 20.0  # the explicit key wins over the merged one: not a duplicate
+
+
+def test_duplicate_module_name_is_refused():
+    text = "modules:\n  tcp: {prober: tcp}\n  tcp: {prober: http}\nprobes: []\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yml")
+    assert info.value.errors == ["c.yml:3: invalid YAML: duplicate key 'tcp' (first at line 2)"]
+
+
+@pytest.mark.parametrize("text", [
+    "a: " + "[" * 100_000,  # libyaml's own limit
+    "a: " + "{a: " * 3000 + "1" + "}" * 3000,
+    "- " * 3000 + "x",
+    "probes: &p [*p]",
+    "!!python/object/apply:os.system ['true']",
+    "modules: {? [a, b] : x}",
+    "probes: [{name: 1, module: 2}, {name: x, module: {a: b}}, {name: y, module: tcp, target: [1]}]",
+    "modules: {m: {prober: http, http: {headers: [1]}}}",
+    "a: " + "9" * 5000,
+    "\ufeffmodules: {}\x00",
+])
+def test_hostile_yaml_is_one_config_error(text):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yml")
+    assert info.value.errors and all("\n" not in line and len(line) <= 300 for line in info.value.errors)
+
+
+def test_many_errors_are_capped():
+    probes = "".join(f"  - {{name: p{i}, module: nope}}\n" for i in range(500))
+    with pytest.raises(ConfigError) as info:
+        parse_config("modules: {}\nprobes:\n" + probes)
+    assert len(info.value.errors) == 101 and info.value.errors[-1] == "... and 400 more errors"
+
+
+@pytest.mark.parametrize("rule", ["not_utf8", "deep_nesting", "duration_inf", "module_not_a_name", "duplicate_key"])
+def test_check_config_command_prints_one_line_no_traceback(rule):
+    path = HERE / "bad" / f"{rule}.yaml"
+    proc = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [EXPECTED[rule].format(file=path), f"{path}: 1 error"]
+
+
+def test_what_is_not_a_config_file(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nobody writes: a blocking open would never return
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (16 << 20) + b"\n")
+    for path, message in [(fifo, "cannot read: not a regular file"), (tmp_path, "cannot read: not a regular file"),
+                          (big, "larger than 16 MiB")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.errors == [f"{path}: {message}"]
