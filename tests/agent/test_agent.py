@@ -38,7 +38,7 @@ class Running:
             return r.status, await r.text()
 
     async def post(self, path: str) -> tuple[int, str]:
-        async with self.session.post(self.base + path) as r:
+        async with self.session.post(self.base + path, headers={"X-Connprobe-Request": "1"}) as r:
             return r.status, await r.text()
 
     async def metrics(self) -> dict:
