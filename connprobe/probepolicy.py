@@ -107,7 +107,7 @@ def check_target(module: ModuleSpec, host: str, addresses: Iterable[str]) -> str
     addrs = [a for a in (_address(x) for x in addresses) if a is not None]
     for a in addrs:
         if _blocked(a) and not (allowed.holds(a) or allowed.host_named(host)):
-            shown = f"{host} resolves to {a}" if str(a) != host else str(a)
+            shown = host if _address(host) == a else f"{host} resolves to {a}"
             return (f"target: {shown}, a link-local or metadata address; refused on /probe unless the module "
                     "lists it in allowed_targets")
     if carries_secrets(module):
@@ -127,10 +127,12 @@ def connect_guard(module: ModuleSpec, host: str, nameservers: Iterable[str] = ()
     def guard(address: str) -> None:
         if address in exempt:
             return
-        reason = check_target(module, host, [address])
+        a = _address(address)
+        literal = _address(host)
+        # an address target that leads elsewhere was redirected: the new address speaks for itself
+        reason = check_target(module, address if literal is not None and literal != a else host, [address])
         if reason is None and carries_secrets(module):
             # a redirect to another host: its address must be allowed on its own
-            a = _address(address)
             allowed = _Allowed.of(module)
             if not allowed.host_matches(host) and (a is None or not allowed.holds(a)):
                 reason = f"target: {address} is not in the module's allowed_targets"

@@ -332,18 +332,7 @@ def debug_text(verdicts: list[Verdict], verdict: Verdict) -> str:
 
 
 async def probe(request: web.Request) -> web.Response:
-    limiter = request.app[LIMITER_KEY]
-    refused = limiter.try_acquire()
-    if refused is not None:
-        why, wait = refused
-        return _text(429, f"{why}: retry in {wait}s", {"Retry-After": str(wait)})
-    try:
-        return await _probe(request)
-    finally:
-        limiter.release()
-
-
-async def _probe(request: web.Request) -> web.Response:
+    """Validated first (a refusal costs nothing), then admitted by the limiter, then probed."""
     agent = _agent(request)
     q = request.query
     target = q.get("target")
@@ -377,6 +366,19 @@ async def _probe(request: web.Request) -> web.Response:
     reason = check_target(module, host, addresses) if host else None
     if reason is not None:
         return _text(400, reason)
+    limiter = request.app[LIMITER_KEY]
+    refused = limiter.try_acquire()
+    if refused is not None:
+        why, wait = refused
+        return _text(429, f"{why}: retry in {wait}s", {"Retry-After": str(wait)})
+    try:
+        return await _run(request, agent, spec, module, host, budget)
+    finally:
+        limiter.release()
+
+
+async def _run(request: web.Request, agent: Agent, spec: ProbeSpec, module, host: str,
+               budget: float | None) -> web.Response:
     # a host name is checked where it resolves: before each connect of the probe (redirects included)
     guard = _RecordingGuard(connect_guard(module, host, _nameservers(agent.env)))
     token = sockets.connect_guard.set(guard if host else None)
@@ -389,7 +391,7 @@ async def _probe(request: web.Request) -> web.Response:
     verdicts = await asyncio.gather(*[agent.verdict_for(r, int(budget * 1e9) if budget else None) for r in results])
     # blackbox answers for one probe: with several addresses (ip_policy: all) the first that went wrong speaks
     verdict = next((v for v in verdicts if v.cause != Cause.OK), verdicts[0])
-    if q.get("debug") == "true":
+    if request.query.get("debug") == "true":
         return _text(200, debug_text(list(verdicts), verdict))
     return web.Response(body=generate_latest(probe_registry(verdict)), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

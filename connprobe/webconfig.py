@@ -211,7 +211,10 @@ def parse_web_config(text: str, filename: str = "<web config>") -> WebConfig:
                                      f"{', '.join(TLS_VERSIONS)}")
         tls = TLSServerConfig(**kw, client_auth_type=auth, client_ca_file=ca,
                               min_version=t.get("min_version", "TLS12"), max_version=t.get("max_version"))
-        tls.ssl_context()  # the files exist and match, now rather than at the first connection
+        try:
+            tls.ssl_context()  # the files exist and match, now rather than at the first connection
+        except WebConfigError as exc:
+            raise WebConfigError(f"{filename}: {exc}") from None
     users: dict[str, str] = {}
     for user, h in _mapping(raw.get("basic_auth_users"), f"{filename}: basic_auth_users").items():
         if not isinstance(user, str) or not user or ":" in user:
