@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from bpf.types import KernelEvent
 from connprobe.config import Config, ConfigError, load_config, parse_config
@@ -216,6 +216,11 @@ class _AgentCollector:
         yield reloads
         yield GaugeMetricFamily("connprobe_config_last_reload_successful", "1 when the last reload succeeded "
                                 "(or none was attempted).", value=1.0 if a.last_reload_ok else 0.0)
+        blocked = HistogramMetricFamily("connprobe_event_loop_blocked_seconds", "How late the event loop woke up "
+                                        "because its own callbacks held it (sampled every 20 ms; time the OS did "
+                                        "not run the process is not counted).")
+        blocked.add_metric([], a.loop_blocked.buckets(), a.loop_blocked.sum)
+        yield blocked
         errors = CounterMetricFamily("connprobe_internal_errors", "Unexpected exceptions while running or "
                                      "correlating a probe (a bug); each probe's traceback is logged once per "
                                      "window, the rest only counted.", labels=["where"])
@@ -227,6 +232,33 @@ class _AgentCollector:
 
     def describe(self) -> Iterator[Any]:
         return iter(())
+
+
+LOOP_BLOCKED_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _Histogram:
+    """Cumulative bucket counts of observations (for a custom collector)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for b, n in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += n
+            out.append((b, total))
+        return out
 
 
 class TracebackThrottle(logging.Filter):
@@ -320,6 +352,7 @@ class Agent:
         self._main: list[asyncio.Task] = []
         self._lag = 0.0
         self.tracebacks = TracebackThrottle()
+        self.loop_blocked = _Histogram(LOOP_BLOCKED_BUCKETS)
         self.registry.register(_AgentCollector(self))
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -441,12 +474,17 @@ class Agent:
             self.metrics.observe(v)
 
     async def _watch_loop(self) -> None:
-        interval = 0.5
+        """Every 20 ms: how late the loop woke up (`connprobe_event_loop_lag_seconds`), and how much of that the
+        loop itself caused (`connprobe_event_loop_blocked_seconds`): the lateness, but no more than the CPU time
+        the loop's thread used meanwhile, so a process the OS did not schedule is not mistaken for a callback
+        that held the loop."""
+        interval = 0.02
         loop = asyncio.get_running_loop()
         while True:
-            t0 = loop.time()
+            t0, c0 = loop.time(), time.thread_time()
             await asyncio.sleep(interval)
             self._lag = max(0.0, loop.time() - t0 - interval)
+            self.loop_blocked.observe(min(self._lag, time.thread_time() - c0))
             self.metrics.observe_loop_lag(self._lag)
 
     def refresh_health(self) -> None:
@@ -628,6 +666,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
+        agent._spawn(_freeze_heap_when_ready(agent), "connprobe-gc-freeze")
         scheme = "https" if runner.ssl_context is not None else "http"
         log.info("listening on %s://%s:%d/", scheme, f"[{host}]" if ":" in host else host, port)
         loop.add_signal_handler(signal.SIGHUP, lambda: agent._spawn(runner.reload(), "connprobe-sighup-reload"))
@@ -647,6 +686,17 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
     return 0
+
+
+async def _freeze_heap_when_ready(agent: Agent) -> None:
+    """Once up, move everything allocated so far (modules, the config, every probe's metric series) out of the
+    garbage collector's reach: a full collection then scans only what came later. Measured with 500 /probe
+    calls at once: full collections held the event loop 44-100 ms each before, which delays every probe."""
+    import gc
+
+    await agent.wait_ready()
+    gc.collect()
+    gc.freeze()
 
 
 def run(args: argparse.Namespace) -> int:
