@@ -34,6 +34,7 @@ import os
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -81,8 +82,15 @@ def exposition(registry) -> bytes:
     times faster: the formatted label set of a series is cached (1,000 probes are ~100,000 series that keep
     their labels from scrape to scrape), and `LabelledHistogram` families (most of those series) write their
     own lines. Assumes legacy metric and label names (connprobe's are)."""
+    return b"".join(exposition_chunks(registry))
+
+
+def exposition_chunks(registry, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """`exposition()` in pieces of about `chunk` bytes (whole metric families), so `/metrics` streams: at 10,000
+    probes the text is ~60 MB, and holding it whole (lines, joined, encoded, copied) peaked at ~850 MiB RSS."""
     out: list[str] = []
     append = out.append
+    size = 0
     cache = _LABELS
     if len(cache) > 1_000_000:  # removed probes' label sets: start over now and then
         cache.clear()
@@ -99,10 +107,16 @@ def exposition(registry) -> bytes:
         elif mtype == "unknown":
             mtype = "untyped"
         doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        if out and size >= chunk:
+            yield "".join(out).encode("utf-8")
+            out.clear()
+            size = 0
         append(f"# HELP {mname} {doc}\n# TYPE {mname} {mtype}\n")
         rendered = getattr(metric, "exposition_text", None)
         if rendered is not None:  # connprobe.metrics.LabelledHistogram: its lines, without Sample objects
-            append(rendered())
+            text = rendered()
+            append(text)
+            size += len(text)
             continue
         om: dict[str, list[str]] = {}
         specials = {metric.name + sfx: sfx for sfx in ("_created", "_gsum", "_gcount")}
@@ -119,6 +133,7 @@ def exposition(registry) -> bytes:
             if sample.timestamp is not None:
                 line += f" {int(float(sample.timestamp) * 1000):d}"
             sfx = specials.get(sample.name)
+            size += len(line) + 1
             if sfx is None:
                 append(line + "\n")
             else:
@@ -126,7 +141,8 @@ def exposition(registry) -> bytes:
         for sfx, lines in sorted(om.items()):
             append(f"# HELP {metric.name}{sfx} {doc}\n# TYPE {metric.name}{sfx} gauge\n")
             out.extend(lines)
-    return "".join(out).encode("utf-8")
+    if out:
+        yield "".join(out).encode("utf-8")
 
 
 _gc_lock = threading.Lock()
@@ -307,12 +323,22 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
 # -- endpoints ------------------------------------------------------------------------------------------------
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(request: web.Request) -> web.StreamResponse:
     agent = _agent(request)
     agent.refresh_health()
-    # ~100 lines per probe: rendering 1,000 probes takes a while, and must not stall the probes' event loop
-    body = await asyncio.to_thread(off_loop_render, exposition, agent.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # ~100 lines per probe: rendered in a worker thread a piece at a time, streamed as the pieces come
+    pieces = exposition_chunks(agent.registry)
+    try:
+        piece = await asyncio.to_thread(off_loop_render, next, pieces, None)
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        await response.prepare(request)
+        while piece is not None:
+            await response.write(piece)
+            piece = await asyncio.to_thread(off_loop_render, next, pieces, None)
+        await response.write_eof()
+        return response
+    finally:
+        pieces.close()
 
 
 def probe_timeout(header: str | None, module_timeout: float) -> float:
