@@ -128,13 +128,15 @@ def connect_guard(module: ModuleSpec, host: str, nameservers: Iterable[str] = ()
         if address in exempt:
             return
         a = _address(address)
+        if a is None:  # the probers connect to numeric addresses only: anything else fails closed
+            raise TargetRefused(f"refused by /probe policy: target: {address!r} is not a numeric address")
         literal = _address(host)
         # an address target that leads elsewhere was redirected: the new address speaks for itself
         reason = check_target(module, address if literal is not None and literal != a else host, [address])
         if reason is None and carries_secrets(module):
             # a redirect to another host: its address must be allowed on its own
             allowed = _Allowed.of(module)
-            if not allowed.host_matches(host) and (a is None or not allowed.holds(a)):
+            if not allowed.host_matches(host) and not allowed.holds(a):
                 reason = f"target: {address} is not in the module's allowed_targets"
         if reason is not None:
             raise TargetRefused(f"refused by /probe policy: {reason}")

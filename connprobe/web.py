@@ -412,6 +412,9 @@ async def probe(request: web.Request) -> web.Response:
         return _text(400, f"{err['msg'].removeprefix('Value error, ')}")
     except ValueError as exc:
         return _text(400, str(exc).splitlines()[0] if str(exc) else "invalid request")
+    if module.prober == "dns" and host and not is_ip(host):
+        # the DNS prober hands a server name to the system's resolver, out of this policy's sight
+        return _text(400, f"target: {_shown(host)}: on /probe a DNS server is given by its address")
     addresses = [host] if is_ip(host) else []
     reason = check_target(module, host, addresses) if host else None
     if reason is not None:
@@ -430,7 +433,7 @@ async def probe(request: web.Request) -> web.Response:
 async def _run(request: web.Request, agent: Agent, spec: ProbeSpec, module, host: str,
                budget: float | None) -> web.Response:
     # a host name is checked where it resolves: before each connect of the probe (redirects included)
-    guard = _RecordingGuard(connect_guard(module, host, _nameservers(agent.env)))
+    guard = _RecordingGuard(connect_guard(module, host, _nameservers(agent.env, spec.source)))
     token = sockets.connect_guard.set(guard if host else None)
     try:
         results = await run_probe(spec, agent.env)
@@ -461,15 +464,19 @@ class _RecordingGuard:
             raise
 
 
-def _nameservers(env) -> tuple[str, ...]:
+def _nameservers(env, source: str) -> tuple[str, ...]:
+    """The nameservers the probe's own resolver asks (exempt from the guard): the environment's override, else
+    the resolv.conf that `ip netns exec` would give the source's namespace, else the host's."""
+    from prober.resolve import load_resolv_conf
+
     conf = getattr(env, "resolv_conf", None)
     if conf is None:
-        try:
-            from prober.resolve import load_resolv_conf
-
-            conf = load_resolv_conf("/etc/resolv.conf")
-        except (OSError, ValueError):
-            return ()
+        path = "/etc/resolv.conf"
+        if source.startswith("netns "):
+            candidate = os.path.join("/etc/netns", source[len("netns "):].strip(), "resolv.conf")
+            if os.path.exists(candidate):
+                path = candidate
+        conf = load_resolv_conf(path)
     return tuple(conf.nameservers)
 
 

@@ -139,6 +139,7 @@ def write_yaml(path: Path, doc: dict) -> Path:
 def probe_config(path: Path, upstream: str, probes: list[dict] | None = None, modules: dict | None = None) -> Path:
     mods = {"http_2xx": {"prober": "http", "timeout": "2s"},
             "tcp": {"prober": "tcp", "timeout": "1s", "tcp": {"expect": "^HELLO"}},
+            "dns": {"prober": "dns", "timeout": "1s", "dns": {"query_name": "example.test"}},
             "with_token": {"prober": "http", "timeout": "2s", "allowed_targets": ["*.allowed.test", "10.0.0.0/8"],
                            "http": {"headers": {"Authorization": "Bearer tok-7f1e-secret"}}},
             "token_no_list": {"prober": "http", "timeout": "2s",
@@ -403,6 +404,11 @@ async def test_link_local_and_metadata_targets_are_refused_before_any_connect(tm
             assert (status, text) == (400, reason + "; refused on /probe unless the module lists it in "
                                                     "allowed_targets\n"), target
         status, text = await _get_probe(a, "169.254.169.254:22", module="tcp")
+        assert status == 400 and "link-local" in text
+        # a DNS probe's server: by address only (a name would go to the system's resolver)
+        status, text = await _get_probe(a, "meta.test:53", module="dns")
+        assert (status, text) == (400, "target: 'meta.test': on /probe a DNS server is given by its address\n")
+        status, text = await _get_probe(a, "[fe80::53]:53", module="dns")
         assert status == 400 and "link-local" in text
         assert not [c for c in rec.connects if not c.startswith("127.")]  # not one connect() elsewhere
         assert upstream.seen == [("/redirect", None)]  # the redirect was followed up to the refused hop only
