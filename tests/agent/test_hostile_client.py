@@ -22,6 +22,7 @@ import dns.rrset
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
 
 from connprobe.agent import Agent
 from connprobe.probepolicy import ProbeLimiter, check_target
@@ -523,3 +524,32 @@ async def test_api_recent_is_paginated(tmp_path, upstream, start_agent):
         400, "limit: '5000' must be a whole number from 1 to 1000\n")
     assert (await a.call("GET", "/api/recent?offset=-1"))[:2] == (
         400, "offset: '-1' must be a whole number from 0 to 1000000000\n")
+
+
+async def test_a_renewed_certificate_applies_on_reload_and_tls_off_needs_a_restart(tmp_path, upstream, pki,
+                                                                                 start_agent):
+    cfg = probe_config(tmp_path / "c.yml", upstream.url)
+    webcfg = users_config(tmp_path / "web.yml", pki, client_auth_type="VerifyClientCertIfGiven")
+    a = await start_agent(cfg, webcfg)
+    port = int(a.base.rsplit(":", 1)[1])
+
+    async def served_serial() -> int:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(pki, None))
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = await served_serial()
+    renewed = pki["ca"].issue("server", server=True)  # the same files, a new certificate
+    auth = ("prometheus", PASSWORD)
+    status, text, _ = await a.call("POST", "/-/reload", auth=auth, headers=RELOAD_HEADERS,
+                                   ssl_ctx=client_ctx(pki, None))
+    assert status == 200, text
+    assert await served_serial() == x509.load_pem_x509_certificate(renewed.cert.read_bytes()).serial_number != before
+    users_config(webcfg)  # no tls_server_config any more
+    status, text, _ = await a.call("POST", "/-/reload", auth=auth, headers=RELOAD_HEADERS,
+                                   ssl_ctx=client_ctx(pki, None))
+    assert status == 400 and text.endswith(
+        f"failed to reload web config: {webcfg}: turning TLS on or off needs a restart of the agent\n")
+    assert (await a.call("GET", "/metrics", auth=auth, ssl_ctx=client_ctx(pki, "client")))[0] == 200
