@@ -565,6 +565,27 @@ def build_app(agent: Agent, security_settings: WebSecurity | None = None,
     return app
 
 
+class _LimiterCollector:
+    """`/probe` calls refused with 429, by reason, and the calls running."""
+
+    def __init__(self, limiter: ProbeLimiter):
+        self.limiter = limiter
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        refused = CounterMetricFamily("connprobe_probe_requests_refused", "/probe calls answered 429, by reason "
+                                      "(concurrency: too many at once; rate: over the rate limit).", labels=["reason"])
+        for reason, n in sorted(self.limiter.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield GaugeMetricFamily("connprobe_probe_requests_running", "/probe calls being served.",
+                                value=self.limiter.running)
+
+    def describe(self):
+        return iter(())
+
+
 class WebServer:
     """The running server: the aiohttp runner, its site and the security settings that a reload swaps."""
 
@@ -638,6 +659,7 @@ async def start_server(agent: Agent, host: str = "127.0.0.1", port: int = 9516, 
     ssl_context = config.tls.ssl_context() if config.tls is not None else None
     sec = WebSecurity(host, config, allow_unauthenticated, node_names(), config.basic_auth())
     app = build_app(agent, sec, limiter)
+    agent.registry.register(_LimiterCollector(app[LIMITER_KEY]))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)

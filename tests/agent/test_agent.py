@@ -427,4 +427,4 @@ def test_fast_exposition_is_byte_identical_to_prometheus_client():
     assert exposition(reg) == generate_latest(reg)
     assert exposition(reg) == generate_latest(reg)  # and again, from the label cache
     pieces = list(exposition_chunks(reg, chunk=64))  # /metrics streams it in pieces of whole families
-    assert len(pieces) > 3 and b"".join(pieces) == generate_latest(reg)
+    assert len(pieces) >= 2 and b"".join(pieces) == generate_latest(reg)

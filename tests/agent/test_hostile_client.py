@@ -493,6 +493,10 @@ async def test_probe_calls_beyond_the_cap_get_429_with_retry_after(tmp_path, ups
         assert int(headers["Retry-After"]) >= 1
         assert text in ("too many /probe calls in flight: retry in 1s\n",
                         f"/probe rate limit reached: retry in {headers['Retry-After']}s\n")
+    _, metrics, _ = await a.call("GET", "/metrics")
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("connprobe_probe_requests_refused_total{"))
+    assert counted == len(refused)
 
 
 async def _get_probe_full(a: Running, target: str):
