@@ -184,10 +184,23 @@ class StatusBoard:
     def forget(self, name: str) -> None:
         self._rings.pop(name, None)
 
+    # Readers may run in a thread (the status page, /api/recent) while the loop appends: every copy below is
+    # one C-level operation on a dict or a deque (`list(...)`), which the GIL keeps whole.
+
     def probes(self) -> dict[str, list[BoardEntry]]:
         """Probe name -> its recent entries, oldest first."""
-        return {name: list(ring.entries) for name, ring in self._rings.items()}
+        return {name: list(ring.entries) for name, ring in list(self._rings.items())}
+
+    def names(self) -> list[str]:
+        """The probes that have verdicts, sorted."""
+        return sorted(list(self._rings))
+
+    def entries(self, names: Iterable[str]) -> dict[str, list[BoardEntry]]:
+        """The recent entries of some probes (a page of `/api/recent`)."""
+        rings = self._rings
+        return {n: list(r.entries) for n in names if (r := rings.get(n)) is not None}
 
     def failing(self) -> list[str]:
         """Probes whose last verdict is not ok."""
-        return [n for n, ring in self._rings.items() if ring.entries and ring.entries[-1].verdict.cause != Cause.OK]
+        return [n for n, ring in list(self._rings.items())
+                if ring.entries and ring.entries[-1].verdict.cause != Cause.OK]

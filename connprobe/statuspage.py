@@ -4,6 +4,10 @@ Top: the agent (kernel sensor, probes, reloads). Then one row per probe, failing
 verdict, the one-line summary, the recent verdicts as a strip of squares, the last duration and its phases.
 Below, for every probe whose last verdict is not ok, the kernel timeline of that failure: phases and kernel
 events on one time axis (the same picture `connprobe diagnose` prints).
+
+The page is rendered in a thread (`web.status_page`), from copies that are safe to take there (the board's
+`probes()`, the running config's dict which a reload replaces but never changes), and it is bounded: at most
+`max_rows` rows (failing probes first) and `MAX_TIMELINES` timelines; `/api/recent` pages through the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from connprobe.timeline import name_namespaces
 from correlator.types import Cause, Verdict
 from prober.redact import redact_url
 
-__all__ = ["CAUSE_COLOURS", "render_status_page"]
+__all__ = ["CAUSE_COLOURS", "MAX_ROWS", "MAX_TIMELINES", "render_status_page"]
+
+MAX_ROWS = 500
+MAX_TIMELINES = 20
 
 CAUSE_COLOURS: dict[str, str] = {
     "ok": "#2e7d32",
@@ -114,7 +121,8 @@ def timeline_lines(v: Verdict, names: dict[int, str]) -> list[str]:
     return out
 
 
-def render_status_page(agent: Any, now: float | None = None) -> str:
+def render_status_page(agent: Any, now: float | None = None, *, warning: str = "", max_rows: int = MAX_ROWS) -> str:
+    """The page; `warning` (the server's, when it listens beyond loopback unauthenticated) is shown on top."""
     now = time.time() if now is None else now
     specs = agent.probe_specs()
     board = agent.board.probes()
@@ -135,6 +143,10 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
     n_fail = sum(1 for r in rows if r[0] == 0)
     n_ok = sum(1 for r in rows if r[0] == 2)
     n_wait = sum(1 for r in rows if r[0] == 1)
+    hidden = max(0, len(rows) - max_rows)
+    rows = rows[:max_rows]
+    failing.sort(key=lambda f: f[0])
+    failing = failing[:MAX_TIMELINES]
 
     body = []
     body.append('<table id="probes"><thead><tr><th>probe</th><th>target</th><th>from</th><th>verdict</th>'
@@ -155,6 +167,9 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
                     f"<td>{_e(spec.source)}</td><td>{verdict_cell}</td><td>{why}</td>"
                     f"<td>{_strip(entries)}{ratio}</td><td>{last_cell}</td><td>{phases}</td></tr>")
     body.append("</tbody></table>")
+    if hidden:
+        body.append(f'<p class="dim" id="hidden">{hidden} more probes not shown (failing ones come first); '
+                    '<a href="api/recent">/api/recent</a> pages through all of them</p>')
     for name, entry in failing:
         v = entry.verdict
         facts = "".join(f"<li>{_e(name_namespaces(f, names))}</li>" for f in v.facts)
@@ -169,13 +184,17 @@ def render_status_page(agent: Any, now: float | None = None) -> str:
     if not agent.last_reload_ok:
         reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'
                        f"<pre>{_e(agent.last_reload_error)}</pre>the previous configuration keeps running</div>")
+    banner = ""
+    if warning:
+        banner = ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
+                  f"<b>unauthenticated</b>{_e(warning)}</div>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta http-equiv="refresh" content="10"><meta name="viewport" content="width=device-width">'
         f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
         f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(agent.config_path)}</span>"
         f"<span class='meta'>kernel sensor {_e(agent.sensor_state)}</span>"
-        f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>"
+        f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
         f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'
         f'<div class="card"><b style="color:#2e7d32">{n_ok}</b>ok</div>'
         f'<div class="card"><b>{n_wait}</b>waiting for a first result</div>{reload_note}</div>'

@@ -25,7 +25,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from prober.sockets import PortCallback, Source, connect, recv_stamped
+from prober.sockets import PortCallback, Source, connect, connect_guard, recv_stamped
 from prober.types import DnsTransaction, ErrorKind, Proto
 
 IP_POLICIES = ("all", "first", "ipv4", "ipv6")
@@ -194,6 +194,9 @@ async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
     flow = None
     start = time.monotonic_ns()
     try:
+        guard = connect_guard.get()
+        if guard is not None:  # the agent's /probe: a DNS target it refuses gets no packet either
+            guard(server)
         sock.connect((server, port))  # UDP connect: no packet, but ICMP errors come back as ECONNREFUSED
         flow = source.flow(sock, (server, port), Proto.UDP)
         start = time.monotonic_ns()

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import errno
 import os
+import contextvars
 import socket
 import time
 from collections.abc import Callable
@@ -32,6 +33,12 @@ from prober.types import Flow, Proto
 PortCallback = Callable[[Proto, int], None]
 monotonic_ns = time.monotonic_ns
 
+# Who the probes of the current context may connect to: None (scheduled probes: the operator's own choice), or
+# a callable given the numeric address that raises OSError to refuse it before any packet leaves. The agent's
+# `/probe` sets it, so a redirect or a name that re-resolves elsewhere cannot reach what `/probe` refuses.
+connect_guard: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "connprobe_connect_guard", default=None)
+
 
 async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> int:
     """Connect a non-blocking socket to a numeric address; returns when it was seen connected (ns).
@@ -42,6 +49,9 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tu
     taken in the loop's I/O callback. On a short path (loopback, a lab) the handshake is often over before
     connect() returns, which getpeername() tells at once: then there is nothing to wait for.
     """
+    guard = connect_guard.get()
+    if guard is not None:
+        guard(addr[0])
     try:
         sock.connect(addr)
         return monotonic_ns()

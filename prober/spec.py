@@ -337,6 +337,25 @@ class ModuleSpec(Frozen):
     http: HTTPSpec | None = None
     tcp: TCPSpec | None = None
     dns: DNSSpec | None = None
+    # the agent's /probe only (where the caller picks the target): the targets this module may be pointed at
+    # when it carries secrets (http.headers), and the link-local/metadata addresses it may reach; hostnames
+    # (wildcards: *.example.com) or addresses/CIDRs (10.0.0.0/8)
+    allowed_targets: tuple[str, ...] = ()
+
+    @field_validator("allowed_targets")
+    @classmethod
+    def _allowed_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+                continue
+            except ValueError:
+                pass
+            if not re.fullmatch(r"[A-Za-z0-9*_-]+(\.[A-Za-z0-9*_-]+)*\.?", entry):
+                raise ValueError(f"{entry!r} is neither a hostname (wildcards allowed) nor an address or CIDR")
+        return v
 
     @model_validator(mode="after")
     def _section_matches_prober(self) -> ModuleSpec:

@@ -38,7 +38,7 @@ class Running:
             return r.status, await r.text()
 
     async def post(self, path: str) -> tuple[int, str]:
-        async with self.session.post(self.base + path) as r:
+        async with self.session.post(self.base + path, headers={"X-Connprobe-Request": "1"}) as r:
             return r.status, await r.text()
 
     async def metrics(self) -> dict:
@@ -412,7 +412,7 @@ async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp
 def test_fast_exposition_is_byte_identical_to_prometheus_client():
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-    from connprobe.web import exposition
+    from connprobe.web import exposition, exposition_chunks
 
     reg = CollectorRegistry()
     g = Gauge("g", "a gauge\nwith a \\ in its help", ["probe", "target"], registry=reg)
@@ -426,3 +426,5 @@ def test_fast_exposition_is_byte_identical_to_prometheus_client():
     Gauge("empty", "no series yet", ["x"], registry=reg)
     assert exposition(reg) == generate_latest(reg)
     assert exposition(reg) == generate_latest(reg)  # and again, from the label cache
+    pieces = list(exposition_chunks(reg, chunk=64))  # /metrics streams it in pieces of whole families
+    assert len(pieces) >= 2 and b"".join(pieces) == generate_latest(reg)

@@ -85,3 +85,24 @@ def test_old_events_and_empty_ports_are_pruned():
     ev._add(KernelEvent(late, EventKind.STATE, "tcp", "a", 5000, "b", 80, 1))
     assert set(ev._by_port) == {("tcp", 5000), ("tcp", 80)}
     assert list(ev._by_port[("tcp", 80)]) == [e for e in ev._by_port[("tcp", 5000)]]
+
+
+async def test_a_collected_probes_events_are_kept_for_its_own_retention_only():
+    """Once probe "short" was collected, its port's events live for its retention (here 2 s); an uncollected
+    port's events for `keep_ns` (the longest probe's window, 60 s here)."""
+    retention = {"short": 2_000_000_000}
+    ev = IndexedEvidence(FakeSensor(), keep_ns=60_000_000_000, retention_ns=retention.get)
+    t0 = time.monotonic_ns() - 30_000_000_000
+    short = ProbeResult("short", ProbeKind.TCP, "srv:80", "host", t0, t0 + 1_000_000, False,
+                        flows=(Flow(Proto.TCP, "10.0.0.2", 40001, "10.0.1.2", 80, 7),))
+    ev._add(KernelEvent(t0 + 10, EventKind.RETRANSMIT, "tcp", "10.0.0.2", 40001, "10.0.1.2", 80, 7))
+    ev._add(KernelEvent(t0 + 20, EventKind.RETRANSMIT, "tcp", "10.0.0.2", 40002, "10.0.1.2", 80, 7))  # in flight
+    events, _ = await ev.collect(short)
+    assert [e.sport for e in events] == [40001]
+    # 5 s later (the next event drives the pruning): the collected port is gone, the other one stays
+    ev._add(KernelEvent(t0 + 5_000_000_000, EventKind.STATE, "tcp", "10.0.0.2", 40003, "10.0.1.2", 80, 7))
+    assert ("tcp", 40001) not in ev._by_port
+    assert ("tcp", 40002) in ev._by_port
+    # past keep_ns, the uncollected one goes too
+    ev._add(KernelEvent(t0 + 61_000_000_000, EventKind.STATE, "tcp", "10.0.0.2", 40004, "10.0.1.2", 80, 7))
+    assert ("tcp", 40002) not in ev._by_port
