@@ -250,6 +250,9 @@ STATE_KEY = web.AppKey("state", _State)
 LIMITER_KEY = web.AppKey("probe_limiter", ProbeLimiter)
 RESTRICTED = ("/probe", "/-/reload", "/api/recent", "/")
 STATE_CHANGING = ("/-/reload",)
+# The kubelet's liveness/readiness checks cannot send credentials (short of writing the password into the
+# DaemonSet): these two answer without them. They say only "Healthy" / "Ready (kernel sensor STATE)".
+HEALTH_CHECKS = ("/-/healthy", "/-/ready")
 DEFAULT_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
 
 
@@ -294,7 +297,7 @@ async def security(request: web.Request, handler):
     if not sec.config.secured and not _host_allowed(request, sec):
         host = request.headers.get("Host", "")[:100]
         return _refuse(403, f"Host {host!r} is not this agent's address or name (DNS rebinding is refused)")
-    if sec.basic is not None and not await _authenticated(request, sec.basic):
+    if sec.basic is not None and request.path not in HEALTH_CHECKS and not await _authenticated(request, sec.basic):
         return _refuse(401, "authentication required", {"WWW-Authenticate": 'Basic realm="connprobe"'})
     path = request.path
     if sec.loopback_only and path in RESTRICTED and not _is_loopback(request.remote or ""):

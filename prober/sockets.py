@@ -12,9 +12,9 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextvars
 import errno
 import os
-import contextvars
 import socket
 import time
 from collections.abc import Callable

@@ -32,8 +32,9 @@ from prober.spec import ModuleSpec
 from tests.agent.pki import CA
 
 PASSWORD = "correct horse"
-ENDPOINTS = [("GET", "/metrics"), ("GET", "/-/healthy"), ("GET", "/-/ready"), ("GET", "/"), ("GET", "/api/recent"),
+ENDPOINTS = [("GET", "/metrics"), ("GET", "/"), ("GET", "/api/recent"),
              ("GET", "/probe?module=http_2xx&target={upstream}/ok"), ("POST", "/-/reload")]
+HEALTH_CHECKS = [("GET", "/-/healthy"), ("GET", "/-/ready")]  # the kubelet's checks: no credentials needed
 RELOAD_HEADERS = {"X-Connprobe-Request": "1"}
 
 
@@ -148,7 +149,7 @@ def probe_config(path: Path, upstream: str, probes: list[dict] | None = None, mo
             "token_loopback": {"prober": "http", "timeout": "2s", "allowed_targets": ["127.0.0.0/8"],
                                "http": {"headers": {"Authorization": "Bearer tok-7f1e-secret"}}},
             **(modules or {})}
-    return write_yaml(path, {"modules": mods, "probes": probes or []})
+    return write_yaml(path, {"modules": mods, "probes": probes or [], "limits": {"min_interval": "100ms"}})
 
 
 class Running:
@@ -258,6 +259,9 @@ async def test_basic_auth_alone_leaves_nothing_open(tmp_path, upstream, start_ag
     for method, path in ENDPOINTS:
         status, _, _ = await a.call(method, path.format(upstream=upstream.url), headers=RELOAD_HEADERS)
         assert status == 401, path
+    for method, path in HEALTH_CHECKS:
+        status, text, _ = await a.call(method, path)
+        assert status == 200 and text.startswith("connprobe agent is"), (path, text)
     status, text, _ = await a.call("GET", "/metrics", auth=("prometheus", PASSWORD))
     assert status == 200 and "connprobe_agent_ready 1.0" in text
 
