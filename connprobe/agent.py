@@ -192,6 +192,9 @@ class _AgentCollector:
                                   "of the probe was still going.", value=stats.skipped_ticks if stats else 0)
         yield CounterMetricFamily("connprobe_results_dropped", "Probe results dropped because the pipeline's "
                                   "queue was full.", value=(stats.dropped_results if stats else 0) + a.results_dropped)
+        yield CounterMetricFamily("connprobe_probe_overruns", "Probe runs still going past their deadline (plus a "
+                                  "margin): ended by a guard and reported as error kind internal.",
+                                  value=a.env.overruns if a.env is not None else 0)
         yield GaugeMetricFamily("connprobe_probes_configured", "Probes in the running configuration.",
                                 value=len(a.active.probes) if a.active else 0)
         reloads = CounterMetricFamily("connprobe_config_reloads", "Configuration reloads by result.",

@@ -177,7 +177,14 @@ class Source:
         return out
 
     async def _create(self, family: int, type: int) -> socket.socket:
-        got = await asyncio.wrap_future(self._executor().submit(self._make, family, type, 1))
+        made = self._executor().submit(self._make, family, type, 1)
+        try:
+            got = await asyncio.wrap_future(made)
+        except asyncio.CancelledError:
+            # The probe gave up (its deadline) while the worker thread was busy: whatever the worker still
+            # makes is nobody's, close it there and then.
+            made.add_done_callback(_close_made)
+            raise
         if not got:
             raise SourceError(0, f"socket not created in {netns_path(self.netns)}")
         return got[0]
@@ -209,6 +216,12 @@ class Source:
 
     def __repr__(self) -> str:
         return f"Source({self.label!r}, inode={self.inode})"
+
+
+def _close_made(f) -> None:
+    if not f.cancelled() and f.exception() is None:
+        for sock in f.result():
+            sock.close()
 
 
 POOL_SIZE = 16
