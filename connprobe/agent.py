@@ -104,7 +104,7 @@ class IndexedEvidence(KernelEvidence):
     verdicts are the same as with `KernelEvidence`."""
 
     def __init__(self, sensor=None, unavailable_reason: str = "", keep_ns: int = KEEP_NS):
-        super().__init__(sensor, unavailable_reason)
+        super().__init__(sensor, unavailable_reason, lease_ns=keep_ns)
         self.keep_ns = keep_ns
         self._by_port: dict[tuple[str, int], collections.deque[KernelEvent]] = {}
         self._next_prune_ns = 0
@@ -195,6 +195,13 @@ class _AgentCollector:
         yield CounterMetricFamily("connprobe_probe_overruns", "Probe runs still going past their deadline (plus a "
                                   "margin): ended by a guard and reported as error kind internal.",
                                   value=a.env.overruns if a.env is not None else 0)
+        ev = a.evidence
+        yield CounterMetricFamily("connprobe_watch_list_full", "Probe ports the kernel watch list had no room for: "
+                                  "those probes ran without kernel evidence (\"watch list full\").",
+                                  value=ev.watch_full if ev is not None else 0)
+        yield CounterMetricFamily("connprobe_watch_list_expired", "Watched ports released by their lease because no "
+                                  "result of theirs was collected (cancelled or overrun probes).",
+                                  value=ev.expired if ev is not None else 0)
         yield GaugeMetricFamily("connprobe_probes_configured", "Probes in the running configuration.",
                                 value=len(a.active.probes) if a.active else 0)
         reloads = CounterMetricFamily("connprobe_config_reloads", "Configuration reloads by result.",
@@ -294,7 +301,7 @@ class Agent:
             log.warning("kernel evidence is off: %s; verdicts will say so", evidence.unavailable_reason)
         assert self.active is not None and self.env is not None
         self.scheduler = Scheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
-                                             queue=self.results)
+                                   queue=self.results, on_dropped=evidence.release)
         await self.scheduler.start()
         self.ready = True
         self._ready_event.set()
@@ -437,6 +444,7 @@ class Agent:
             self.active = new
             if isinstance(self.evidence, IndexedEvidence):
                 self.evidence.keep_ns = max(self._keep_ns(old), self._keep_ns(new))  # old probes may be in flight
+                self.evidence.lease_ns = self.evidence.keep_ns
             self._declare(after[n] for n in added)
             for n in changed:
                 if _labels_of(before[n]) == _labels_of(after[n]):
