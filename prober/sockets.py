@@ -44,6 +44,7 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tu
         pass
     fd = sock.fileno()
     waiter = loop.create_future()
+    _forget_stale(loop, fd)
     loop.add_writer(fd, _writable, waiter)
     try:
         stamp = await waiter
@@ -53,6 +54,18 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tu
     if err:
         raise OSError(err, f"Connect call failed {addr}")
     return stamp
+
+
+def _forget_stale(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Drop whatever the loop still has registered for this fd number: the socket is new, so that belongs to
+    a closed one. Code that closes an fd without removing its reader/writer leaves asyncio's selector a key
+    that epoll no longer has; add_writer then only swaps the callback (same events: no epoll_ctl) and the
+    new socket's event is never seen — a connect that waits for nothing, its deadline its only way out."""
+    for remove in (loop.remove_reader, loop.remove_writer):
+        try:
+            remove(fd)
+        except (OSError, ValueError):  # the kernel had forgotten it already (ENOENT): the key is gone now
+            pass
 
 
 def _writable(waiter: asyncio.Future) -> None:
@@ -72,6 +85,7 @@ async def recv_stamped(loop: asyncio.AbstractEventLoop, sock: socket.socket, siz
         pass
     fd = sock.fileno()
     waiter = loop.create_future()
+    _forget_stale(loop, fd)
     loop.add_reader(fd, _readable, sock, size, waiter)
     try:
         return await waiter
