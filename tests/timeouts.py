@@ -109,6 +109,8 @@ class _Limit:
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()  # no thread left behind by a test
         signal.signal(signal.SIGALRM, self._previous)
 
 
