@@ -23,6 +23,7 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 SIOCGSKNS = 0x894C  # linux/sockios.h: get the socket's network namespace as a new fd
 NETNS_RUN_DIR = Path("/run/netns")
+START_TIMEOUT_S = 5.0  # a worker thread that has not entered its namespace by then is given up on
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -80,8 +81,12 @@ class NetnsExecutor:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"netns-{self.path.name}", initializer=_setns, initargs=(self.path,)
         )
-        # Surface a failing setns now, not at first use.
-        got = self._pool.submit(netns_inode).result()
+        # Surface a failing setns now, not at first use; never wait for ever (this runs on the event loop).
+        try:
+            got = self._pool.submit(netns_inode).result(timeout=START_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise NetnsError(0, f"the worker thread for {self.path} did not start in {START_TIMEOUT_S:g}s") from None
         if got != self.inode:
             self._pool.shutdown(wait=False)
             raise NetnsError(0, f"worker thread is in netns {got}, wanted {self.inode} ({self.path})")
@@ -120,8 +125,8 @@ def shared_executor(name_or_path: str) -> NetnsExecutor:
     with _shared_lock:
         ex = _shared.get(path)
         if ex is None or ex.inode != netns_inode(name_or_path):
-            if ex is not None:
-                ex.close()
+            if ex is not None:  # its namespace is gone: don't hold the caller (the event loop) up for its queue
+                ex._pool.shutdown(wait=False, cancel_futures=True)
             ex = _shared[path] = NetnsExecutor(name_or_path)
         return ex
 
