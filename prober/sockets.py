@@ -214,8 +214,13 @@ class Source:
 
             def done(f, key=(self.inode, family, type)):
                 _refilling.discard(key)
-                if not f.cancelled() and f.exception() is None:
+                if f.cancelled() or f.exception() is not None:
+                    return
+                try:
                     loop.call_soon_threadsafe(_POOLS.setdefault(key, collections.deque()).extend, f.result())
+                except RuntimeError:  # that loop is closed (its probes are long gone): nobody will use them
+                    for made in f.result():
+                        made.close()
 
             fut.add_done_callback(done)
         return sock
