@@ -125,3 +125,33 @@ async def test_every_fault_kind_ends_by_its_deadline(lab):
     assert not internal and overruns == 0, internal
     failed = {s.name.split("-")[0] for s, (_, r) in outcomes if not r.ok}
     assert {"drop", "reject", "stalled", "tls", "redirect", "dead", "tcp", "dns", "slow"} <= failed, failed
+
+
+async def test_a_busy_namespace_worker_does_not_hold_a_probe_past_its_deadline(lab):
+    """The source namespace's worker thread (which makes the probes' sockets there) is busy for longer than
+    the probes' timeout, and no socket is pooled: every probe still ends by its deadline (the hand-off to
+    the worker is inside each probe's deadline, DNS included)."""
+    from prober.sockets import close_socket_pools
+
+    src = f"netns {lab.ns('client').name}"
+    s1 = lab.server("srv1")
+    specs = [_http(s1.url("/ok"), src, c, f"http-{c}") for c in CLIENTS]
+    specs += [spec(f"{s1.addr4}:{s1.port}", prober="tcp", source=src, timeout=TIMEOUT_S, name="tcp"),
+              spec(lab.dns_addr4, prober="dns", source=src, timeout=TIMEOUT_S, name="dns-udp",
+                   section=DNSSpec(query_name="srv1.lab.test")),
+              spec(lab.dns_addr4, prober="dns", source=src, timeout=TIMEOUT_S, name="dns-tcp",
+                   section=DNSSpec(query_name="srv1.lab.test", transport="tcp")),
+              _http(f"http://srv1.lab.test:{s1.port}/ok", src, "aiohttp", "by-name")]
+    async with ProbeEnv() as env:
+        close_socket_pools(lab.ns("client").inode)
+        busy = lab.executor("client").submit(time.sleep, TIMEOUT_S + 2.0)
+        try:
+            outcomes = await asyncio.gather(*(_timed(env, s) for s in specs))
+        finally:
+            await asyncio.wrap_future(busy)
+        overruns = env.overruns
+    late = [(s.name, round(took, 3)) for s, (took, _) in zip(specs, outcomes, strict=True)
+            if took > s.effective_timeout + MARGIN_S]
+    assert not late, late
+    assert all(not r.ok and r.error is not ErrorKind.INTERNAL for _, r in outcomes), [r for _, r in outcomes]
+    assert overruns == 0
