@@ -75,6 +75,10 @@ class SensorClosed(SensorError):
     """The sensor was used after close()."""
 
 
+class WatchListFull(SensorError):
+    """The kernel watch list has no free slot for one more port (`watch_max` ports are watched)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HookSpec:
     category: str
@@ -473,8 +477,19 @@ class KernelSensor:
         table = self._require_open()[b"watch"]
         with self._watch_lock:  # probes register from worker threads (one per namespace) too
             if self._watch_refs[key] == 0:
-                table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
+                if len(self._watch_refs) >= self.watch_max:
+                    raise WatchListFull(f"the watch list is full ({self.watch_max} ports): {proto}/{port} not watched")
+                try:
+                    table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
+                except Exception as exc:  # bcc raises a bare Exception with the errno's text
+                    raise WatchListFull(f"watching {proto}/{port} failed: {exc}") from None
             self._watch_refs[key] += 1
+
+    @property
+    def watch_count(self) -> int:
+        """Ports on the watch list now."""
+        with self._watch_lock:
+            return len(self._watch_refs)
 
     def unwatch(self, proto: str, port: int) -> None:
         key = self._key(proto, port)

@@ -112,7 +112,7 @@ class IndexedEvidence(KernelEvidence):
 
     def __init__(self, sensor=None, unavailable_reason: str = "", keep_ns: int = KEEP_NS,
                  retention_ns: Callable[[str], int | None] | None = None):
-        super().__init__(sensor, unavailable_reason)
+        super().__init__(sensor, unavailable_reason, lease_ns=keep_ns)
         self.keep_ns = keep_ns  # until a port's probe has been collected (then: that probe's own retention)
         self.retention_ns = retention_ns or (lambda name: None)
         self._by_port: dict[tuple[str, int], collections.deque[KernelEvent]] = {}
@@ -239,6 +239,16 @@ class _AgentCollector:
                                   "of the probe was still going.", value=stats.skipped_ticks if stats else 0)
         yield CounterMetricFamily("connprobe_results_dropped", "Probe results dropped because the pipeline's "
                                   "queue was full.", value=(stats.dropped_results if stats else 0) + a.results_dropped)
+        yield CounterMetricFamily("connprobe_probe_overruns", "Probe runs still going past their deadline (plus a "
+                                  "margin): ended by a guard and reported as error kind internal.",
+                                  value=a.env.overruns if a.env is not None else 0)
+        ev = a.evidence
+        yield CounterMetricFamily("connprobe_watch_list_full", "Probe ports the kernel watch list had no room for: "
+                                  "those probes ran without kernel evidence (\"watch list full\").",
+                                  value=ev.watch_full if ev is not None else 0)
+        yield CounterMetricFamily("connprobe_watch_list_expired", "Watched ports released by their lease because no "
+                                  "result of theirs was collected (cancelled or overrun probes).",
+                                  value=ev.expired if ev is not None else 0)
         yield GaugeMetricFamily("connprobe_probes_configured", "Probes in the running configuration.",
                                 value=len(a.active.probes) if a.active else 0)
         reloads = CounterMetricFamily("connprobe_config_reloads", "Configuration reloads by result.",
@@ -427,7 +437,7 @@ class Agent:
         assert self.active is not None and self.env is not None
         await self.privileges.end()  # the sensor is attached: its loading thread drops and ends
         self.scheduler = Scheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
-                                             queue=self.results)
+                                   queue=self.results, on_dropped=evidence.release)
         await self.scheduler.start()
         self.ready = True
         self._ready_event.set()
@@ -623,6 +633,7 @@ class Agent:
         """The sensor side of a config: how long kernel events are kept for its probes."""
         if isinstance(self.evidence, IndexedEvidence):
             self.evidence.keep_ns = keep_ns
+            self.evidence.lease_ns = keep_ns  # a watched port no result released is let go after as long
 
     def _swap(self, plan: _ReloadPlan, undo: list[Callable[[], object]]) -> None:
         """Put the new config in place; each step pushes its own undo before the next one runs."""

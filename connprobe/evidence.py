@@ -4,6 +4,12 @@ the events of its window together with an honest evidence status.
 prober/ and bpf/ never meet: the prober calls `on_local_port` (given to its ProbeEnv) before each
 connect()/sendto(); this class forwards it to the sensor's watch list and remembers it, so the port can
 be unwatched once the probe's events are collected.
+
+Every watched port is released on every path: `collect` releases the result's ports in a `finally`; a
+result nobody collects (dropped by a full queue) is handed to `release`; and a port whose probe never
+produced a result (cancelled, ended by a deadline guard) expires `lease_ns` after it was announced
+(`expired` counts those). A port that does not fit in a full watch list is not an error: the probe runs,
+and its verdict says "no kernel evidence (watch list full)" (`watch_full` counts them).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import bisect
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 
+from bpf.sensor import WatchListFull
 from bpf.types import KernelEvent
 from correlator.join import GRACE_NS
 from correlator.rules import EvidenceStatus
@@ -25,15 +32,34 @@ log = logging.getLogger(__name__)
 KEEP_NS = 120 * 1_000_000_000  # events older than this are dropped from memory
 
 
+WATCH_FULL = "watch list full"
+SWEEP_EVERY_NS = 1_000_000_000
+
+
+def _ports(result: ProbeResult) -> set[tuple[str, int]]:
+    ports = {(str(f.proto), f.local_port) for f in result.flows}
+    ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
+    return ports
+
+
 class KernelEvidence:
-    def __init__(self, sensor=None, unavailable_reason: str = "", grace_ns: int = GRACE_NS):
+    def __init__(self, sensor=None, unavailable_reason: str = "", grace_ns: int = GRACE_NS,
+                 lease_ns: int = KEEP_NS):
         self.sensor = sensor
         self.unavailable_reason = unavailable_reason if sensor is None else ""
         self.grace_ns = grace_ns
+        self.lease_ns = lease_ns  # a port still watched this long after it was announced is released
         self._events: deque[KernelEvent] = deque()
         self._lost_samples: list[tuple[int, int]] = [(time.monotonic_ns(), 0)]
         self._pump: asyncio.Task | None = None
         self.events_seen = 0
+        self.watch_full = 0  # ports not watched because the watch list was full
+        self.expired = 0  # ports released by their lease (their probe's result never came to collect)
+        self._held: Counter[tuple[str, int]] = Counter()  # watches made and not released yet
+        self._leases: deque[tuple[int, tuple[str, int]]] = deque()  # (announced at, port), oldest first
+        self._released: Counter[tuple[str, int]] = Counter()  # releases whose lease entry is still queued
+        self._not_watched: dict[tuple[str, int], tuple[int, str]] = {}  # port -> (when, why) it is not watched
+        self._next_sweep_ns = 0
 
     @property
     def available(self) -> bool:
@@ -41,18 +67,69 @@ class KernelEvidence:
 
     # -- wiring -------------------------------------------------------------------------------------------
     def on_local_port(self, proto: Proto, port: int) -> None:
-        if self.sensor is not None:
-            self.sensor.watch(str(proto), port)
-
-    def release(self, result: ProbeResult) -> None:
-        """Unwatch every port the probe used (once its events are collected)."""
+        """Watch a probe's port (called before its first packet). Never fails the probe."""
         if self.sensor is None:
             return
-        ports = {(str(f.proto), f.local_port) for f in result.flows}
-        ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
-        for proto, port in ports:
-            with contextlib.suppress(Exception):
-                self.sensor.unwatch(proto, port)
+        now = time.monotonic_ns()
+        if now >= self._next_sweep_ns:
+            self.sweep(now)
+        key = (str(proto), port)
+        try:
+            self.sensor.watch(*key)
+        except WatchListFull:
+            self.watch_full += 1
+            self._not_watched[key] = (now, WATCH_FULL)
+            if self.watch_full == 1 or self.watch_full % 1000 == 0:
+                log.warning("kernel watch list full: %d probe ports not watched so far (their verdicts say so)",
+                            self.watch_full)
+            return
+        except Exception as exc:  # a closed or broken sensor: this probe goes without evidence
+            self._not_watched[key] = (now, f"watching its port failed: {exc}")
+            log.warning("watching %s/%d failed: %s", key[0], port, exc)
+            return
+        self._held[key] += 1
+        self._leases.append((now, key))
+
+    def release(self, result: ProbeResult) -> None:
+        """Unwatch every port the probe used (once its events are collected, or it was dropped)."""
+        if self.sensor is None:
+            return
+        for key in _ports(result):
+            self._not_watched.pop(key, None)
+            if self._held[key] <= 0:
+                continue
+            self._unwatch(key)
+            self._released[key] += 1
+
+    def _unwatch(self, key: tuple[str, int]) -> None:
+        self._held[key] -= 1
+        if self._held[key] <= 0:
+            del self._held[key]
+        with contextlib.suppress(Exception):
+            self.sensor.unwatch(*key)
+
+    def sweep(self, now_ns: int | None = None) -> None:
+        """Release the ports announced more than `lease_ns` ago that no result has released."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        self._next_sweep_ns = now + SWEEP_EVERY_NS
+        horizon = now - self.lease_ns
+        leases = self._leases
+        while leases and leases[0][0] < horizon:
+            _, key = leases.popleft()
+            if self._released[key] > 0:  # released by its result (in order, per port)
+                self._released[key] -= 1
+                if not self._released[key]:
+                    del self._released[key]
+            elif self._held[key] > 0:
+                self._unwatch(key)
+                self.expired += 1
+        for key in [k for k, (t, _) in self._not_watched.items() if t < horizon]:
+            del self._not_watched[key]
+
+    @property
+    def watching(self) -> int:
+        """Watches this evidence holds now (what a leak would make grow)."""
+        return sum(self._held.values())
 
     async def start(self) -> None:
         if self.sensor is not None and self._pump is None:
@@ -92,17 +169,22 @@ class KernelEvidence:
         """Wait out the grace period after the probe ended, then return its window's events."""
         if self.sensor is None:
             return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
-        wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
-        if wait > 0:
-            await asyncio.sleep(wait)
-        for ev in self.sensor.drain():  # whatever the pump has not picked up yet
-            self._add(ev)
-        self._sample_lost()
-        lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
-        events = self._window(result, lo, hi)
-        lost = self._lost_between(result.start_ns, hi)
-        self.release(result)
-        return events, EvidenceStatus(available=True, lost_events=lost)
+        try:
+            missing = [self._not_watched[k][1] for k in _ports(result) if k in self._not_watched]
+            if missing:
+                return [], EvidenceStatus(available=False, reason=missing[0])
+            wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
+            if wait > 0:
+                await asyncio.sleep(wait)
+            for ev in self.sensor.drain():  # whatever the pump has not picked up yet
+                self._add(ev)
+            self._sample_lost()
+            lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
+            events = self._window(result, lo, hi)
+            lost = self._lost_between(result.start_ns, hi)
+            return events, EvidenceStatus(available=True, lost_events=lost)
+        finally:  # cancelled in the grace period, or failing: the ports are released all the same
+            self.release(result)
 
     def _window(self, result: ProbeResult, lo: int, hi: int) -> list[KernelEvent]:
         """The kept events between lo and hi (a subclass may look them up by the result's ports)."""

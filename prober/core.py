@@ -147,6 +147,7 @@ class ProbeEnv:
         self.on_local_port = on_local_port
         self.resolv_conf = resolv_conf  # overrides every source's resolv.conf (tests, pods)
         self.clients: dict[object, object] = {}
+        self.overruns = 0  # runs that did not end by their deadline (ended by a guard; reported as internal)
 
     async def aclose(self) -> None:
         close_socket_pools()

@@ -371,10 +371,11 @@ async def _session_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _R
 class _Stream(httpcore.AsyncNetworkStream):
     """httpcore stream over our own socket; stamps request-sent, first byte and TLS."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkStream, hop, attempt: Attempt):
+    def __init__(self, inner: httpcore.AsyncNetworkStream, hop, attempt: Attempt, transport=None):
         self._inner = inner
         self._hop = hop
         self._attempt = attempt
+        self._transport = transport  # the plain connection's (aborted when its TLS handshake does not finish)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = await self._inner.read(max_bytes, timeout)
@@ -397,7 +398,14 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     async def start_tls(self, ssl_context, server_hostname=None, timeout=None):
         self._hop.tls_start = monotonic_ns()
-        inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            # httpcore does not close a stream whose handshake failed or was cancelled (the probe's deadline):
+            # its socket would be left open.
+            if self._transport is not None:
+                self._transport.abort()
+            raise
         self._hop.tls_end = monotonic_ns()
         sslobj = inner.get_extra_info("ssl_object")
         self._hop.peercert = sslobj.getpeercert() if sslobj is not None else None
@@ -440,7 +448,7 @@ class _Backend(httpcore.AsyncNetworkBackend):
             sock.close()
             raise
         proto.hop = hop
-        return _Stream(AnyIOStream(_AnyioSocketStream(transport, proto)), hop, attempt)
+        return _Stream(AnyIOStream(_AnyioSocketStream(transport, proto)), hop, attempt, transport)
 
     async def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise httpcore.ConnectError("unix sockets are not probed")

@@ -33,6 +33,7 @@ CLONE_NEWNET = 0x40000000
 SIOCGSKNS = 0x894C  # linux/sockios.h: get the socket's network namespace as a new fd
 NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3), the CLONE_NEW* type of a namespace fd
 NSFS_MAGIC = 0x6E736673  # linux/magic.h: statfs f_type of a namespace file
+START_TIMEOUT_S = 5.0  # a worker thread that has not entered its namespace by then is given up on
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -152,8 +153,12 @@ class NetnsExecutor:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"netns-{self.path.name}", initializer=self._enter
         )
-        # Surface a failing setns now, not at first use.
-        got = self._pool.submit(netns_inode).result()
+        # Surface a failing setns now, not at first use; never wait for ever (this may run on the event loop).
+        try:
+            got = self._pool.submit(netns_inode).result(timeout=START_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise NetnsError(0, f"the worker thread for {self.path} did not start in {START_TIMEOUT_S:g}s") from None
         if self._enter_error is not None:  # setns failed (e.g. EPERM without CAP_SYS_ADMIN)
             self._pool.shutdown(wait=False)
             raise self._enter_error
@@ -233,7 +238,7 @@ def shared_executor(name_or_path: str) -> NetnsExecutor:
         ex = _shared.get(path)
         if ex is not None and _identity(path) != ex.identity:
             del _shared[path]
-            ex.close(wait=False)
+            ex._pool.shutdown(wait=False, cancel_futures=True)  # don't hold the caller up for its queue
             ex = None
         if ex is None:
             if len(_shared) >= MAX_SHARED:

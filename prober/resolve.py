@@ -25,7 +25,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from prober.sockets import PortCallback, Source, connect, connect_guard, recv_stamped
+from prober.sockets import PortCallback, Source, SourceError, connect, connect_guard, recv_stamped
 from prober.types import DnsTransaction, ErrorKind, Proto
 
 IP_POLICIES = ("all", "first", "ipv4", "ipv6")
@@ -129,11 +129,13 @@ async def query(
     """
     msg, wire = _question(qname, qtype, recursion_desired)
     outcomes: list[QueryOutcome] = []
+    end_ns = time.monotonic_ns() + int(timeout * 1e9)  # one deadline for both transports
     if not tcp:
         out = await _udp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port)
         outcomes.append(out)
         if out.response is None or not (out.response.flags & dns.flags.TC):
             return outcomes
+        timeout = max(0.0, (end_ns - time.monotonic_ns()) / 1e9)
     outcomes.append(await _tcp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port))
     return outcomes
 
@@ -189,19 +191,23 @@ def _question(qname: str, qtype: str, rd: bool) -> tuple[_Asked, bytes]:
 
 
 async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
+    """Everything, the socket's creation in its namespace included, runs inside the query's timeout."""
     loop = asyncio.get_running_loop()
-    sock = await source.open(_family(server), socket.SOCK_DGRAM, cb)
+    sock = None
     flow = None
     start = time.monotonic_ns()
     try:
-        guard = connect_guard.get()
-        if guard is not None:  # the agent's /probe: a DNS target it refuses gets no packet either
-            guard(server)
-        sock.connect((server, port))  # UDP connect: no packet, but ICMP errors come back as ECONNREFUSED
-        flow = source.flow(sock, (server, port), Proto.UDP)
-        start = time.monotonic_ns()
-        await loop.sock_sendall(sock, wire)
         async with asyncio.timeout(timeout):
+            sock = await source.open(_family(server), socket.SOCK_DGRAM, cb)
+            guard = connect_guard.get()
+            if guard is not None:  # the agent's /probe: a DNS target it refuses gets no packet either
+                guard(server)
+            try:  # UDP connect: no packet, but ICMP errors come back as ECONNREFUSED
+                sock.connect((server, port))
+            finally:  # the announced port is in the result even when connect fails (its watch is released)
+                flow = source.flow(sock, (server, port), Proto.UDP)
+            start = time.monotonic_ns()
+            await loop.sock_sendall(sock, wire)
             while True:
                 data, seen = await recv_stamped(loop, sock)
                 try:
@@ -212,19 +218,23 @@ async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
                     return _outcome(server, qname, qtype, start, flow, Proto.UDP, resp, None, end_ns=seen)
     except TimeoutError:
         return _outcome(server, qname, qtype, start, flow, Proto.UDP, None, ErrorKind.DNS_TIMEOUT, "timeout")
+    except SourceError:
+        raise
     except OSError as exc:
         return _outcome(server, qname, qtype, start, flow, Proto.UDP, None, *_sock_error(exc))
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
     loop = asyncio.get_running_loop()
-    sock = await source.open(_family(server), socket.SOCK_STREAM, cb)
+    sock = None
     flow = None
     start = time.monotonic_ns()
     try:
         async with asyncio.timeout(timeout):
+            sock = await source.open(_family(server), socket.SOCK_STREAM, cb)
             try:
                 await connect(loop, sock, (server, port))
             finally:
@@ -252,10 +262,13 @@ async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
         return _outcome(
             server, qname, qtype, start, flow, Proto.TCP, None, ErrorKind.PROTOCOL_ERROR, f"malformed answer: {exc}"
         )
+    except SourceError:
+        raise
     except OSError as exc:
         return _outcome(server, qname, qtype, start, flow, Proto.TCP, None, *_sock_error(exc))
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 async def _recv_exact(loop, sock, n: int) -> bytes:

@@ -4,6 +4,12 @@ The dispatch table `PROBERS` maps a module's `prober:` to a function with one si
 `async (attempt, env, deadline_ns) -> ProbeResult`; a new kind is one module and one entry. The runner
 resolves the target with the prober's own DNS, applies the ip policy (`all` gives one result per
 address) and guarantees that nothing raises out: an unexpected exception becomes `internal`.
+
+Deadlines: each prober bounds its own phases by the probe's deadline (and names the phase that ran out).
+`run_probe` adds one guard around all of it, source and resolution included: `OVERRUN_MARGIN_S` after the
+deadline the whole run is cancelled, and cancelled again every `RECANCEL_S` while it has not ended (a
+cancellation swallowed once by a library cannot keep it alive); what comes back is `internal` ("overran its
+deadline"), counted in `ProbeEnv.overruns`. The scheduler's watchdog is the last line behind it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from prober.types import ErrorKind, ProbeKind, ProbeResult
 
 log = logging.getLogger(__name__)
 monotonic_ns = time.monotonic_ns
+
+OVERRUN_MARGIN_S = 0.5  # past its deadline by this much, a probe is a bug: the guard ends it
+RECANCEL_S = 0.1  # a guard that fired cancels again this often until the run has ended
 
 ProbeFn = Callable[[Attempt, ProbeEnv, int], Awaitable[ProbeResult]]
 
@@ -74,9 +83,85 @@ def _failure(
     )
 
 
+class DeadlineGuard:
+    """`asyncio.timeout_at` that does not give up: once `when` (loop time) has passed it cancels the task,
+    then again every `every` seconds until the block has ended. On exit it takes back every cancellation it
+    made; a block ended by it raises `TimeoutError` (as `asyncio.timeout` does)."""
+
+    __slots__ = ("_every", "_fired", "_handle", "_loop", "_task", "when")
+
+    def __init__(self, when: float, every: float = RECANCEL_S):
+        self.when = when
+        self._every = every
+        self._fired = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self._fired > 0
+
+    async def __aenter__(self) -> DeadlineGuard:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self._task is None:
+            raise RuntimeError("DeadlineGuard must be used inside a task")
+        self._handle = self._loop.call_at(self.when, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        self._fired += 1
+        self._task.cancel()
+        self._handle = self._loop.call_later(self._every, self._fire)
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if not self._fired:
+            return None
+        remaining = self._task.cancelling()
+        for _ in range(self._fired):
+            remaining = self._task.uncancel()
+        if remaining == 0 and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            raise TimeoutError
+        return None
+
+
+def overrun_result(spec: ProbeSpec, start_ns: int, by: str) -> ProbeResult:
+    """The `internal` result of a run that did not end by its deadline (`by`: who ended it)."""
+    label = spec.source.strip().removeprefix("netns ").strip() or "host"  # as `Source.label`
+    return _failure(
+        spec,
+        label,
+        start_ns,
+        ErrorKind.INTERNAL,
+        f"overran its deadline: still running {spec.effective_timeout:g}s after the start, ended by {by}",
+    )
+
+
 async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
-    """Run a probe once: one result per probed address (at least one). Never raises (but cancels)."""
+    """Run a probe once: one result per probed address (at least one). Never raises (but cancels).
+
+    Returns by the probe's deadline (plus `OVERRUN_MARGIN_S` at the very most, for a prober bug).
+    """
     start = monotonic_ns()
+    loop = asyncio.get_running_loop()
+    guard = DeadlineGuard(loop.time() + spec.effective_timeout + OVERRUN_MARGIN_S)
+    try:
+        async with guard:
+            return await _run(spec, env, start)
+    except TimeoutError:
+        if not guard.fired:
+            raise
+        env.overruns += 1
+        log.error("probe %s overran its deadline (%gs); ended by the runner's guard", spec.name,
+                  spec.effective_timeout)
+        return (overrun_result(spec, start, "the runner's guard"),)
+
+
+async def _run(spec: ProbeSpec, env: ProbeEnv, start: int) -> tuple[ProbeResult, ...]:
     deadline = start + int(spec.effective_timeout * 1e9)
     try:
         source = await open_source(spec.source, timeout=spec.effective_timeout)

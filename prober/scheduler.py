@@ -11,8 +11,13 @@
 - A lag monitor ticks every `lag_interval` s; when a tick is late by more than `lag_threshold` s the
   loop was starved for that window, and every result whose run overlaps a starved window is `suspect`
   (its timings include the stall, not only the network).
+- A watchdog (on the lag monitor's tick) ends any run still going `overrun_margin` s past its probe's
+  deadline: the run is cancelled (again on every tick while it lives), an `internal` result is published in
+  its place, `stats.overruns` counts it, and the probe keeps its schedule. `run_probe` guards its own
+  deadline already; this is the last line, for a run that ignores cancellation.
 - `stop()` stops new runs at once, lets running probes finish within `grace` seconds (their results are
-  still delivered), cancels the rest and leaves no task behind.
+  still delivered), cancels the rest and waits a bounded time for them: a run that ignores cancellation is
+  abandoned (logged), it does not hold `stop()` up.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from prober.core import ProbeEnv
-from prober.runner import run_probe
+from prober.runner import overrun_result, run_probe
 from prober.spec import ProbeSpec
 from prober.types import ProbeResult
 
@@ -44,6 +49,7 @@ class SchedulerStats:
     skipped_ticks: int = 0  # ticks missed because the previous run of that probe was still going
     dropped_results: int = 0  # the queue was full
     suspect_results: int = 0
+    overruns: int = 0  # runs ended by the watchdog: still going past their deadline + overrun_margin
     max_lag_s: float = 0.0
     validator_failures: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -61,6 +67,8 @@ class Scheduler:
         lag_threshold: float = 0.05,
         rng: random.Random | None = None,
         run: RunFn = run_probe,
+        overrun_margin: float = 2.0,
+        on_dropped: Callable[[ProbeResult], None] | None = None,
     ):
         names = [p.name for p in probes]
         dupes = {n for n in names if names.count(n) > 1}
@@ -80,6 +88,8 @@ class Scheduler:
         self.lag_threshold = lag_threshold
         self.rng = rng or random.Random()
         self._run = run
+        self.overrun_margin = overrun_margin
+        self._on_dropped = on_dropped  # a result the full queue could not take (e.g. release its watch list)
         self.stats = SchedulerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._specs: dict[str, ProbeSpec] = {}
@@ -90,6 +100,9 @@ class Scheduler:
         self._timer_at = 0.0
         self._waiting: collections.deque[tuple[ProbeSpec, float]] = collections.deque()  # over the cap
         self._busy: dict[str, asyncio.Task] = {}  # runs in flight, by probe name
+        self._overdue: dict[str, tuple[float, int, float]] = {}  # in flight: (loop time it overruns, start ns, due)
+        self._next_overdue = float("inf")
+        self._abandoned: set[asyncio.Task] = set()  # overran runs, cancelled on every tick until they end
         self._monitor: asyncio.Task | None = None
         self._starved: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
         self._last_tick_ns = 0
@@ -120,7 +133,8 @@ class Scheduler:
             _, pending = await asyncio.wait(busy, timeout=grace)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*busy, return_exceptions=True)
+            await _bounded_wait(pending)
+        await _bounded_wait(self._abandoned)
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
@@ -166,7 +180,7 @@ class Scheduler:
             return True
         except TimeoutError:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await _bounded_wait({task})
             return False
         except asyncio.CancelledError:
             if not task.cancelled():
@@ -214,19 +228,59 @@ class Scheduler:
         if len(self._busy) >= self.concurrency:
             self._waiting.append((spec, due))
             return
+        overdue = self._loop.time() + spec.effective_timeout + self.overrun_margin
+        self._overdue[spec.name] = (overdue, monotonic_ns(), due)
+        self._next_overdue = min(self._next_overdue, overdue)
         self._busy[spec.name] = asyncio.create_task(self._run_once(spec, due), name=f"connprobe-probe-{spec.name}")
+
+    def _release_slot(self, name: str) -> None:
+        del self._busy[name]
+        self._overdue.pop(name, None)
+        while self._waiting and len(self._busy) < self.concurrency and not self._stopping:
+            self._launch(*self._waiting.popleft())
 
     async def _run_once(self, spec: ProbeSpec, due: float) -> None:
         name = spec.name
+        me = asyncio.current_task()
         try:
             results = await self._run(spec, self.env)
         except Exception:  # run_probe never raises; another run function might: say so, keep scheduling
             log.exception("probe %s: run failed", name)
             results = ()
         finally:
-            del self._busy[name]
-            while self._waiting and len(self._busy) < self.concurrency and not self._stopping:
-                self._launch(*self._waiting.popleft())
+            mine = self._busy.get(name) is me
+            if mine:
+                self._release_slot(name)
+            else:  # the watchdog gave up on this run and reported it already
+                self._abandoned.discard(me)
+        if mine:
+            self._finish(spec, due, results)
+
+    def _check_overruns(self) -> None:
+        """The watchdog: end every run past its deadline + `overrun_margin` (cheap when there is none)."""
+        for task in [t for t in self._abandoned if not t.done()]:
+            task.cancel()  # again: a run that swallowed one cancellation gets the next
+        now = self._loop.time()
+        if now < self._next_overdue:
+            return
+        for name, (overdue, start_ns, due) in list(self._overdue.items()):
+            if overdue > now:
+                continue
+            task = self._busy[name]
+            spec = self._specs.get(name)
+            self._abandoned.add(task)
+            task.cancel()
+            self._release_slot(name)
+            self.stats.overruns += 1
+            self.env.overruns += 1
+            log.error("probe %s: still running %.1fs past its deadline; ended by the scheduler's watchdog, "
+                      "reported as internal", name, self.overrun_margin)
+            if spec is not None:
+                self._finish(spec, due, (overrun_result(spec, start_ns, "the scheduler's watchdog"),))
+        self._next_overdue = min((o for o, _, _ in self._overdue.values()), default=float("inf"))
+
+    def _finish(self, spec: ProbeSpec, due: float, results: tuple[ProbeResult, ...]) -> None:
+        name = spec.name
         self.stats.runs += 1
         self._publish(results)
         if self._stopping or name in self._retiring or self._specs.get(name) is not spec:
@@ -252,6 +306,11 @@ class Scheduler:
                 self.results.put_nowait(r)
             except asyncio.QueueFull:
                 self.stats.dropped_results += 1
+                if self._on_dropped is not None:
+                    try:
+                        self._on_dropped(r)
+                    except Exception:
+                        log.exception("probe %s: the dropped-result callback failed", r.name)
 
     # ------------------------------------------------------------ event-loop lag
 
@@ -288,3 +347,17 @@ class Scheduler:
             late = now - (self._last_tick_ns + interval_ns)
             if late > threshold_ns:
                 self._record_starved(self._last_tick_ns + interval_ns, now)
+            self._check_overruns()
+
+
+async def _bounded_wait(tasks, timeout: float = 1.0) -> None:
+    """Wait for cancelled tasks to end, but not forever: one that ignores cancellation is left (and logged)."""
+    tasks = [t for t in tasks if not t.done()]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        log.error("task %s ignored its cancellation; abandoned", t.get_name())
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: an abandoned run's error was logged where it happened

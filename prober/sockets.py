@@ -64,6 +64,7 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tu
         pass
     fd = sock.fileno()
     waiter = loop.create_future()
+    _forget_stale(loop, fd)
     loop.add_writer(fd, _writable, waiter)
     try:
         stamp = await waiter
@@ -73,6 +74,18 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tu
     if err:
         raise OSError(err, f"Connect call failed {addr}")
     return stamp
+
+
+def _forget_stale(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Drop whatever the loop still has registered for this fd number: the socket is new, so that belongs to
+    a closed one. Code that closes an fd without removing its reader/writer leaves asyncio's selector a key
+    that epoll no longer has; add_writer then only swaps the callback (same events: no epoll_ctl) and the
+    new socket's event is never seen — a connect that waits for nothing, its deadline its only way out."""
+    for remove in (loop.remove_reader, loop.remove_writer):
+        try:
+            remove(fd)
+        except (OSError, ValueError):  # the kernel had forgotten it already (ENOENT): the key is gone now
+            pass
 
 
 def _writable(waiter: asyncio.Future) -> None:
@@ -92,6 +105,7 @@ async def recv_stamped(loop: asyncio.AbstractEventLoop, sock: socket.socket, siz
         pass
     fd = sock.fileno()
     waiter = loop.create_future()
+    _forget_stale(loop, fd)
     loop.add_reader(fd, _readable, sock, size, waiter)
     try:
         return await waiter
@@ -197,7 +211,14 @@ class Source:
         return [socket.socket(family, type) for _ in range(n)]
 
     async def _create(self, family: int, type: int) -> socket.socket:
-        got = await asyncio.wrap_future(self._executor().submit(self._make, family, type, 1))
+        made = self._executor().submit(self._make, family, type, 1)
+        try:
+            got = await asyncio.wrap_future(made)
+        except asyncio.CancelledError:
+            # The probe gave up (its deadline) while the worker thread was busy: whatever the worker still
+            # makes is nobody's, close it there and then.
+            made.add_done_callback(_close_made)
+            raise
         if not got:
             raise SourceError(0, f"socket not created in {netns_path(self.netns)}")
         return got[0]
@@ -213,8 +234,13 @@ class Source:
 
             def done(f, key=(self.inode, family, type)):
                 _refilling.discard(key)
-                if not f.cancelled() and f.exception() is None:
+                if f.cancelled() or f.exception() is not None:
+                    return
+                try:
                     loop.call_soon_threadsafe(_POOLS.setdefault(key, collections.deque()).extend, f.result())
+                except RuntimeError:  # that loop is closed (its probes are long gone): nobody will use them
+                    for made in f.result():
+                        made.close()
 
             fut.add_done_callback(done)
         return sock
@@ -229,6 +255,12 @@ class Source:
 
     def __repr__(self) -> str:
         return f"Source({self.label!r}, inode={self.inode})"
+
+
+def _close_made(f) -> None:
+    if not f.cancelled() and f.exception() is None:
+        for sock in f.result():
+            sock.close()
 
 
 POOL_SIZE = 16

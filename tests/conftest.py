@@ -13,6 +13,12 @@ import subprocess
 
 import pytest
 
+from tests.timeouts import (  # noqa: F401 (hooks)
+    pytest_exception_interact,
+    pytest_timeout_cancel_timer,
+    pytest_timeout_set_timer,
+)
+
 REQUIRE_KERNEL = os.environ.get("CONNPROBE_REQUIRE_KERNEL") == "1"
 
 

@@ -143,6 +143,32 @@ def test_cancelled_connect_stops_watching_the_socket(loop_kind, full_listener):
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_connect_sees_its_socket_through_a_stale_registration(loop_kind, full_listener):
+    """Some code closed an fd while the loop still watched it; the new socket gets the same fd number. The
+    loop's selector keeps a key that epoll forgot: add_writer alone would never see the handshake end."""
+    srv = full_listener
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        old = _client()
+        fd = old.fileno()
+        loop.add_writer(fd, lambda: None)
+        loop.add_reader(fd, lambda: None)
+        old.close()  # closed under the loop's feet
+        sock = _client()
+        assert sock.fileno() == fd
+        pending = asyncio.ensure_future(connect(loop, sock, srv.getsockname()))
+        await asyncio.sleep(0.2)
+        srv.accept()[0].close()  # the retransmitted SYN (after ~1 s) gets through
+        await asyncio.wait_for(pending, 10)  # seen: not left waiting for an event that never comes
+        peer, _ = srv.accept()
+        peer.close()
+        sock.close()
+
+    run(loop_kind, main)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_recv_stamped_stamps_a_datagram_when_it_arrives(loop_kind):
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
