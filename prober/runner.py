@@ -131,10 +131,9 @@ class DeadlineGuard:
 
 def overrun_result(spec: ProbeSpec, start_ns: int, by: str) -> ProbeResult:
     """The `internal` result of a run that did not end by its deadline (`by`: who ended it)."""
-    label = spec.source.strip().removeprefix("netns ").strip() or "host"  # as `Source.label`
     return _failure(
         spec,
-        label,
+        spec.source_spec.label,
         start_ns,
         ErrorKind.INTERNAL,
         f"overran its deadline: still running {spec.effective_timeout:g}s after the start, ended by {by}",
@@ -151,7 +150,7 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
     guard = DeadlineGuard(loop.time() + spec.effective_timeout + OVERRUN_MARGIN_S)
     try:
         async with guard:
-            return await _run(spec, env, start)
+            return await _from_source(spec, env, start)
     except TimeoutError:
         if not guard.fired:
             raise
@@ -161,7 +160,8 @@ async def run_probe(spec: ProbeSpec, env: ProbeEnv) -> tuple[ProbeResult, ...]:
         return (overrun_result(spec, start, "the runner's guard"),)
 
 
-async def _run(spec: ProbeSpec, env: ProbeEnv, start: int) -> tuple[ProbeResult, ...]:
+async def _from_source(spec: ProbeSpec, env: ProbeEnv, start: int) -> tuple[ProbeResult, ...]:
+    """Open the probe's source (off the loop), run the probe, and check the namespace outlived it."""
     deadline = start + int(spec.effective_timeout * 1e9)
     try:
         source = await open_source(spec.source, timeout=spec.effective_timeout)

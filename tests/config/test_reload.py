@@ -49,7 +49,7 @@ async def agent(tmp_path, upstream):
 
 
 async def _post_reload(a: Agent) -> tuple[int, str]:
-    async with a.test_session.post(a.test_url + "/-/reload") as r:
+    async with a.test_session.post(a.test_url + "/-/reload", headers={"X-Connprobe-Request": "1"}) as r:
         return r.status, await r.text()
 
 
