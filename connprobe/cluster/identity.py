@@ -324,7 +324,8 @@ def pod_uid_from_cgroup(text: str) -> tuple[str, str | None] | None:
 class NetnsIndex:
     """Network namespace inode → pod UID for the pods of this node, by scanning `<proc_root>/*`.
 
-    A process in the host's network namespace (that of PID 1: CRI-O's conmon, host-network pods) is skipped.
+    A process in the host's network namespace (that of PID 1, or of this process when PID 1's cannot be read:
+    the agent runs with the host network) is skipped: CRI-O's conmon, host-network pods.
     """
 
     def __init__(self, proc_root: str | os.PathLike[str] = "/proc") -> None:
@@ -337,7 +338,7 @@ class NetnsIndex:
             return None
 
     def scan(self) -> dict[int, str]:
-        host = self._inode("1")
+        host = self._inode("1") or self._inode("self")
         found: dict[int, str] = {}
         try:
             entries = [e.name for e in os.scandir(self.proc_root) if e.name.isdigit()]
