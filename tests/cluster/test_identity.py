@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tracemalloc
 
 import pytest
@@ -336,12 +335,3 @@ def test_identity_cache_memory_at_10000_pods():
     assert keys == 20_000
     # Recorded in BENCHMARKS.md; the bound only catches an order-of-magnitude regression.
     assert records + cache < 64 * 1024 * 1024
-
-
-if __name__ == "__main__":  # python -m tests.cluster.test_identity: the number recorded in BENCHMARKS.md
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    records, cache, keys = measure_identity_cache(n)
-    print(
-        f"{n} pods: slim Pod + EndpointSlice records {records / 2**20:.1f} MiB, identity cache {cache / 2**20:.1f} MiB"
-    )
-    print(f"({keys} addresses, {(records + cache) / n:.0f} bytes per pod)")
