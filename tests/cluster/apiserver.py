@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,8 +46,10 @@ def status(code: int, reason: str, message: str) -> dict:
 
 
 class FakeApiServer:
-    def __init__(self, token: str = "s3cret-token") -> None:
+    def __init__(self, token: str = "s3cret-token", tls: tuple[str, str] | None = None) -> None:
+        """`tls`: (certificate file, key file) to serve HTTPS, as a real API server does."""
         self.token = token
+        self.tls = tls
         self.gone_as_http = False
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._cond = threading.Condition()
@@ -76,6 +79,10 @@ class FakeApiServer:
         httpd.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         httpd.server_bind()
         httpd.server_activate()
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
         self.port = httpd.server_address[1]
         self._httpd = httpd
         with self._cond:
@@ -111,7 +118,7 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def kubeconfig(self, path, token: str | None = None) -> str:
         cfg = {
@@ -260,7 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         api.requests.append((url.path, query))
-        if self.headers.get("Authorization") != f"Bearer {api.token}":
+        scheme, _, credentials = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or credentials != api.token:  # the scheme is case-insensitive (RFC 7235)
             self._send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
         if url.path not in PATHS:

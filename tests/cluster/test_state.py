@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import pytest
+from kubernetes.config import incluster_config
 from prometheus_client import CollectorRegistry
 
 from connprobe.cluster.state import ClusterConfigError, ClusterState, load_api_client
 from tests.cluster import objects as o
-from tests.cluster.apiserver import wait_until
+from tests.cluster.apiserver import FakeApiServer, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,6 +191,36 @@ def test_kubeconfig_errors_are_one_line(tmp_path):
     bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
     with pytest.raises(ClusterConfigError, match=r"^kubeconfig .*bad\.yaml: "):
         load_api_client(bad)
+
+
+def test_in_cluster_config_over_tls_with_the_service_account(tmp_path, monkeypatch):
+    """The pod's service account: host and port from the environment, token and CA from files, HTTPS."""
+    key, cert = tmp_path / "tls.key", tmp_path / "ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=kube-apiserver", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text("in-cluster-token")
+    server = FakeApiServer(token="in-cluster-token", tls=(str(cert), str(key))).start()
+    state = None
+    try:
+        _seed(server)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+        monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+        monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cert))
+        state = ClusterState(load_api_client(), node_name="n1", watch_timeout=30).start()
+        assert state.wait_synced(10)
+        assert _names(state) == ["api-7f9c"]
+        server.apply(o.pod("over-tls", ips=("10.244.1.50",)))
+        wait_until(lambda: "over-tls" in _names(state))
+    finally:
+        if state is not None:
+            state.close()
+        server.stop()
 
 
 def test_in_cluster_config_outside_a_cluster_is_a_one_line_error(monkeypatch):
