@@ -125,13 +125,8 @@ class IdentityCache:
 
     # -- feeding
     def follow(self, state) -> IdentityCache:
-        """Subscribe to `state` and take in what it already holds."""
-        state.subscribe(self.on_change)
-        for kind, items in ((POD, state.pods()), (SERVICE, state.services()), (NODE, state.nodes())):
-            for item in items:
-                self.on_change(kind, "ADDED", None, item)
-        for item in state.endpoint_slices():
-            self.on_change(ENDPOINT_SLICE, "ADDED", None, item)
+        """Subscribe to `state`, taking in what it already holds first."""
+        state.subscribe(self.on_change, replay=True)
         return self
 
     def on_change(self, kind: str, etype: str, old, new) -> None:

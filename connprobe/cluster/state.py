@@ -344,7 +344,7 @@ class Reflector:
 
     # -- the loop
     def _run(self) -> None:
-        need_list, failures = True, 0
+        need_list, failures, quick = True, 0, 0
         while not self._stop.is_set():
             op = "list" if need_list else "watch"
             try:
@@ -353,15 +353,20 @@ class Reflector:
                     need_list = False
                 failures = 0
                 op = "watch"
-                self._watch()
-                failures = 0
+                started = time.monotonic()
+                if self._watch() == 0 and time.monotonic() - started < 1.0:
+                    # A watch that ends at once with nothing in it, again and again, must not spin.
+                    quick += 1
+                    self._stop.wait(self._backoff.delay(quick - 1, self._rnd))
+                else:
+                    quick = 0
             except _Gone:
                 log.info("%s: resourceVersion %s is gone (410): listing again", self.kind, self.resource_version)
                 need_list = True
             except Exception as e:
                 if self._stop.is_set():
                     break
-                if isinstance(e, ApiException) and e.status == 410:
+                if isinstance(e, ApiException) and e.status == 410 and op == "watch":
                     need_list = True
                     continue
                 self._mark_stale(_describe_error(self.kind, op, e))
@@ -405,7 +410,8 @@ class Reflector:
             raise _Stopped
         return self._list_fn(**params)
 
-    def _watch(self) -> None:
+    def _watch(self) -> int:
+        """Watch from the last version until the stream ends; the number of events it carried."""
         params = self._params() | {
             "watch": True,
             "resource_version": self.resource_version,
@@ -420,13 +426,15 @@ class Reflector:
         if self._stop.is_set():
             self._shutdown_response()
         self._mark_fresh()
+        events = 0
         try:
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
-                    return
+                    return events
                 if not line.strip():
                     continue
                 self._handle(json.loads(line))
+                events += 1
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, OSError) as e:
             # The stream broke after it was established: resume from the last version at once; a server
             # that is really gone shows on the reconnect.
@@ -438,6 +446,7 @@ class Reflector:
                 self._resp = None
             resp.close()
             resp.release_conn()
+        return events
 
     def _handle(self, event: Mapping[str, Any]) -> None:
         etype, obj = event.get("type"), event.get("object") or {}
@@ -646,10 +655,18 @@ class ClusterState:
         yield relists
 
     # -- consumers
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener(kind, event_type, old, new)` after every change (from a watch thread)."""
+    def subscribe(self, listener: Listener, *, replay: bool = False) -> None:
+        """Call `listener(kind, event_type, old, new)` after every change (from a watch thread).
+
+        With `replay=True` it is first handed every object already held as ADDED, atomically with the
+        subscription (client-go's AddEventHandler), so it misses nothing and sees no deletion out of order.
+        """
         with self._lock:
             self._listeners.append(listener)
+            if replay:
+                for kind, items in self._store.items():
+                    for item in items.values():
+                        listener(kind, "ADDED", None, item)
 
     def items(self, kind: str) -> list[Any]:
         with self._lock:
