@@ -96,9 +96,10 @@ class _Span:
 
 def _norm_ip(ip: str) -> str | None:
     try:
-        return ipaddress.ip_address(ip.split("%", 1)[0]).compressed
+        norm = ipaddress.ip_address(ip.split("%", 1)[0]).compressed
     except ValueError:
         return None
+    return ip if norm == ip else norm  # share the record's string when it is already canonical
 
 
 def _netns_key(inode: int) -> str:
@@ -118,7 +119,7 @@ class IdentityCache:
         self._clock = clock
         self._retention = retention
         self._lock = threading.Lock()
-        self._by_key: dict[str, list[_Span]] = {}
+        self._by_key: dict[str, tuple[_Span, ...]] = {}  # tuples: most addresses have one span
         self._open: dict[tuple[str, str], dict[str, _Span]] = {}
         self._local_pods: dict[str, PodInfo] = {}
         self._last_prune = clock()
@@ -213,7 +214,7 @@ class IdentityCache:
                 if key not in current:
                     span = _Span(now, rank, owner, ident)
                     current[key] = span
-                    self._by_key.setdefault(key, []).append(span)
+                    self._by_key[key] = (*self._by_key.get(key, ()), span)
             if current:
                 self._open[owner] = current
             else:
@@ -224,11 +225,12 @@ class IdentityCache:
     def _prune(self, now: float) -> None:
         horizon = now - self._retention
         for key in list(self._by_key):
-            spans = [s for s in self._by_key[key] if s.end is None or s.end >= horizon]
-            if spans:
-                self._by_key[key] = spans
-            else:
+            held = self._by_key[key]
+            spans = tuple(s for s in held if s.end is None or s.end >= horizon)
+            if not spans:
                 del self._by_key[key]
+            elif len(spans) != len(held):
+                self._by_key[key] = spans
         self._last_prune = now
 
     # -- answers
