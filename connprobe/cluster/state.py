@@ -513,6 +513,12 @@ class _Stopped(Exception):
 
 Listener = Callable[[str, str, Any, Any], None]
 
+_INDEXED: dict[str, Callable[[Any], str]] = {
+    POD: lambda pod: pod.namespace,
+    SERVICE: lambda svc: svc.namespace,
+    ENDPOINT_SLICE: lambda eps: f"{eps.namespace}/{eps.service}",
+}
+
 
 class ClusterState:
     """The informer: a store of slim records per kind, fed by one reflector thread per kind.
@@ -547,6 +553,8 @@ class ClusterState:
         self._clock = clock
         self._lock = threading.RLock()
         self._store: dict[str, dict[str, Any]] = {kind: {} for kind in kinds}
+        # Secondary indexes (client-go's Indexers): pods and services by namespace, slices by "ns/service".
+        self._index: dict[str, dict[str, set[str]]] = {kind: {} for kind in _INDEXED if kind in kinds}
         self._listeners: list[Listener] = []
         core, discovery = k8s.CoreV1Api(api_client), k8s.DiscoveryV1Api(api_client)
         list_fns = {
@@ -668,37 +676,41 @@ class ClusterState:
                     for item in items.values():
                         listener(kind, "ADDED", None, item)
 
-    def items(self, kind: str) -> list[Any]:
+    def items(self, kind: str, index: str | None = None) -> list[Any]:
+        """Every object of `kind`, or those whose index value is `index` (kinds not watched: none)."""
         with self._lock:
-            return list(self._store[kind].values())
+            store = self._store.get(kind, {})
+            if index is None:
+                return list(store.values())
+            return [store[key] for key in self._index[kind].get(index, ())]
 
-    def pods(self) -> list[PodInfo]:
-        return self.items(POD)
+    def _get(self, kind: str, key: str) -> Any:
+        with self._lock:
+            return self._store.get(kind, {}).get(key)
+
+    def pods(self, namespace: str | None = None) -> list[PodInfo]:
+        return self.items(POD, namespace)
 
     def pod(self, uid: str) -> PodInfo | None:
-        with self._lock:
-            return self._store[POD].get(uid)
+        return self._get(POD, uid)
 
-    def services(self) -> list[ServiceInfo]:
-        return self.items(SERVICE)
+    def services(self, namespace: str | None = None) -> list[ServiceInfo]:
+        return self.items(SERVICE, namespace)
 
     def service(self, namespace: str, name: str) -> ServiceInfo | None:
-        with self._lock:
-            return self._store[SERVICE].get(f"{namespace}/{name}")
+        return self._get(SERVICE, f"{namespace}/{name}")
 
     def endpoint_slices(self, namespace: str | None = None, service: str | None = None) -> list[EndpointSliceInfo]:
-        return [
-            s
-            for s in self.items(ENDPOINT_SLICE)
-            if (namespace is None or s.namespace == namespace) and (service is None or s.service == service)
-        ]
+        """All slices, a namespace's, or (both given) the slices of one service, from the index."""
+        if namespace is not None and service is not None:
+            return self.items(ENDPOINT_SLICE, f"{namespace}/{service}")
+        return [s for s in self.items(ENDPOINT_SLICE) if namespace is None or s.namespace == namespace]
 
     def nodes(self) -> list[NodeInfo]:
         return self.items(NODE)
 
     def node(self, name: str) -> NodeInfo | None:
-        with self._lock:
-            return self._store[NODE].get(name)
+        return self._get(NODE, name)
 
     def namespaces(self) -> list[NamespaceInfo]:
         return self.items(NAMESPACE)
@@ -711,10 +723,25 @@ class ClusterState:
             except Exception as e:
                 log.error("cluster state listener %r failed on %s %s: %s", listener, etype, kind, _one_line(e))
 
+    def _reindex(self, kind: str, key: str, old: Any, new: Any) -> None:
+        index = self._index.get(kind)
+        if index is None:
+            return
+        of = _INDEXED[kind]
+        if old is not None:
+            keys = index.get(of(old))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[of(old)]
+        if new is not None:
+            index.setdefault(of(new), set()).add(key)
+
     def _upsert(self, kind: str, key: str, new: Any) -> None:
         with self._lock:
             old = self._store[kind].get(key)
             self._store[kind][key] = new
+            self._reindex(kind, key, old, new)
             if old != new:
                 self._notify(kind, "MODIFIED" if old is not None else "ADDED", old, new)
 
@@ -722,6 +749,7 @@ class ClusterState:
         with self._lock:
             old = self._store[kind].pop(key, None)
             if old is not None:
+                self._reindex(kind, key, old, None)
                 self._notify(kind, "DELETED", old, None)
 
     def _replace(self, kind: str, items: dict[str, Any]) -> None:

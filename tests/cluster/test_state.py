@@ -183,6 +183,25 @@ def test_close_is_prompt_in_every_phase(api, make_state):
     api.start()
 
 
+def test_indexes_follow_changes(api, make_state):
+    _seed(api)
+    api.apply(o.pod("other-ns-pod", namespace="shop", ips=("10.244.1.60",)))
+    api.apply(o.endpoint_slice("api-x2", "api", [("10.244.1.61", "api-2", "n1", True)]))
+    api.apply(o.endpoint_slice("web-x1", "web", [("10.244.1.62", "web-1", "n1", True)]))
+    state = make_state(kinds=["pods", "endpointslices"]).start()
+    assert state.wait_synced(10)
+    assert [p.name for p in state.pods("shop")] == ["other-ns-pod"]
+    assert sorted(s.name for s in state.endpoint_slices("payments", "api")) == ["api-x1", "api-x2"]
+    assert len(state.endpoint_slices("payments")) == 3
+    api.delete("EndpointSlice", "payments", "api-x1")
+    api.apply(o.pod("other-ns-pod", namespace="shop", ips=("10.244.1.63",)))
+    wait_until(lambda: [s.name for s in state.endpoint_slices("payments", "api")] == ["api-x2"])
+    wait_until(lambda: [p.ips for p in state.pods("shop")] == [("10.244.1.63",)])
+    assert state.pods("nowhere") == [] and state.endpoint_slices("payments", "nothing") == []
+    assert state.services() == [] and state.node("n1") is None  # kinds not watched hold nothing
+    assert {path for path, _ in api.requests} == {"/api/v1/pods", "/apis/discovery.k8s.io/v1/endpointslices"}
+
+
 def test_kubeconfig_errors_are_one_line(tmp_path):
     with pytest.raises(ClusterConfigError, match=r"^kubeconfig .*missing\.yaml: ") as e:
         load_api_client(tmp_path / "missing.yaml")
