@@ -350,11 +350,12 @@ class Reflector:
             try:
                 if need_list:
                     self._list()
-                    need_list = False
-                failures = 0
+                    need_list, failures = False, 0
                 op = "watch"
                 started = time.monotonic()
-                if self._watch() == 0 and time.monotonic() - started < 1.0:
+                carried = self._watch()
+                failures = 0  # only a watch that was established and ended cleanly resets the backoff
+                if carried == 0 and time.monotonic() - started < 1.0:
                     # A watch that ends at once with nothing in it, again and again, must not spin.
                     quick += 1
                     self._stop.wait(self._backoff.delay(quick - 1, self._rnd))

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import logging
+import random
 import subprocess
 
 import pytest
 from kubernetes.config import incluster_config
 from prometheus_client import CollectorRegistry
 
-from connprobe.cluster.state import ClusterConfigError, ClusterState, load_api_client
+from connprobe.cluster.state import Backoff, ClusterConfigError, ClusterState, load_api_client
 from tests.cluster import objects as o
 from tests.cluster.apiserver import FakeApiServer, wait_until
 
@@ -255,3 +256,14 @@ def test_bad_arguments_are_one_line_errors(api, tmp_path):
     with pytest.raises(ValueError, match=r"^kinds: 'secrets' is not one of"):
         ClusterState(client, node_name="n1", kinds=["secrets"])
     client.close()
+
+
+def test_backoff_is_exponential_with_jitter_and_capped():
+    rnd = random.Random(7)
+    backoff = Backoff(base=0.5, cap=30.0)
+    for attempt in range(12):
+        ceiling = min(30.0, 0.5 * 2**attempt)
+        delays = [backoff.delay(attempt, rnd) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered: agents that lost the API server together do not retry together
+    assert backoff.delay(10_000, rnd) <= 30.0
