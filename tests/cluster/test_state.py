@@ -267,3 +267,22 @@ def test_backoff_is_exponential_with_jitter_and_capped():
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1  # jittered: agents that lost the API server together do not retry together
     assert backoff.delay(10_000, rnd) <= 30.0
+
+
+def test_a_failing_listener_is_logged_in_one_line_and_the_watch_goes_on(api, make_state, caplog):
+    _seed(api)
+    state = make_state(kinds=["pods"]).start()
+    assert state.wait_synced(10)
+    state.subscribe(lambda *event: 1 / 0)
+    api.apply(o.pod("after-bad-listener", ips=("10.244.1.70",)))
+    api.apply(o.pod("and-another", ips=("10.244.1.71",)))
+    wait_until(lambda: "and-another" in _names(state))
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "connprobe.cluster"]
+    assert errors and all(r.exc_info is None and "division by zero" in r.getMessage() for r in errors)
+
+
+def test_the_package_exports_what_it_names():
+    import connprobe.cluster as cluster
+
+    assert all(hasattr(cluster, name) for name in cluster.__all__)
+    assert sorted(cluster.__all__) == cluster.__all__
