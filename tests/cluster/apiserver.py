@@ -316,7 +316,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             if too_old:
-                self._chunk({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {since}")})
+                self._chunk(
+                    {
+                        "type": "ERROR",
+                        "object": status(410, "Expired", f"too old resource version: {since} ({api._compacted})"),
+                    }
+                )
                 self.wfile.write(b"0\r\n\r\n")
                 return
             sent = since
