@@ -12,7 +12,7 @@ RUN printf 'path-exclude=/usr/share/%s/*\n' man info locale doc > /etc/dpkg/dpkg
  && echo 'path-include=/usr/share/doc/*/copyright' >> /etc/dpkg/dpkg.cfg.d/connprobe-nodoc \
  && apt-get update -q \
  && sed 's/#.*//' /tmp/packages | xargs apt-get install -y -q --no-install-recommends \
- && rm -rf /var/lib/apt/lists/* /tmp/packages
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /tmp/packages
 
 COPY pyproject.toml README.md /tmp/src/
 COPY connprobe /tmp/src/connprobe
