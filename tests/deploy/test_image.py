@@ -155,3 +155,17 @@ def test_diagnose_from_a_lab_namespace_in_the_container_names_the_policy_drop(im
     # kernel evidence: the netfilter drop of the SYN, seen in the server's namespace, named as in /run/netns
     assert any(e["reason"] == "NETFILTER_DROP" and e["netns_name"] == lab.ns("srv1").name
                for e in attempt["events"]), attempt["events"]
+
+
+def test_without_a_writable_lib_modules_the_entrypoint_says_so_and_doctor_fails(image, container):
+    """A read-only root without the scratch /lib/modules: the entrypoint cannot link the headers, says why in one
+    line, and doctor names the missing headers (exit 1) instead of the sensor failing later."""
+    opts = _daemonset_options()
+    i = opts.index("/lib/modules")
+    del opts[i - 1:i + 1]  # the --tmpfs /lib/modules pair
+    proc = container(opts, image, "doctor").run()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot link /lib/modules/" in proc.stderr and "mount a scratch volume there" in proc.stderr, proc.stderr
+    headers = next(line for line in proc.stdout.splitlines() if " kernel headers " in line)
+    assert headers.startswith("FAIL") and "missing" in headers, headers
+    assert "kernel sensor: UNAVAILABLE" in proc.stdout
