@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "--network", "host"]
 PRIVILEGED = [*BASE, "--privileged", "--pid", "host", "--volume", "/run/netns:/run/netns"]
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1200)]
+# building the image takes about 1.5 minutes from scratch here; more on a busy machine
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _version() -> str:
@@ -86,6 +87,7 @@ def container() -> Iterator:
             assert c.id not in _mounts(), f"a mount of container {c.id} left behind"
 
 
+@pytest.mark.kernel
 def test_doctor_passes_in_the_image_with_its_own_headers(image, container):
     before = _mounts()
     proc = container(PRIVILEGED, image, "doctor").run()
@@ -127,6 +129,7 @@ def _daemonset_options() -> list[str]:
     return opts
 
 
+@pytest.mark.kernel
 def test_doctor_passes_as_the_daemonset_runs_the_image(image, container):
     """Read-only root file system, the DaemonSet's capabilities only, its mounts only: the entrypoint links the
     headers into the scratch /lib/modules and finds tracefs mounted from the host."""
@@ -142,6 +145,7 @@ def test_doctor_passes_as_the_daemonset_runs_the_image(image, container):
     assert "linked /lib/modules/" in proc.stderr and "mounted tracefs" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.kernel
 def test_diagnose_from_a_lab_namespace_in_the_container_names_the_policy_drop(image, container, lab):
     srv1 = lab.server("srv1")
     with lab.policy_drop("srv1", direction="in", port=8080) as fault:
@@ -157,6 +161,7 @@ def test_diagnose_from_a_lab_namespace_in_the_container_names_the_policy_drop(im
                for e in attempt["events"]), attempt["events"]
 
 
+@pytest.mark.kernel
 def test_without_a_writable_lib_modules_the_entrypoint_says_so_and_doctor_fails(image, container):
     """A read-only root without the scratch /lib/modules: the entrypoint cannot link the headers, says why in one
     line, and doctor names the missing headers (exit 1) instead of the sensor failing later."""
@@ -169,3 +174,26 @@ def test_without_a_writable_lib_modules_the_entrypoint_says_so_and_doctor_fails(
     headers = next(line for line in proc.stdout.splitlines() if " kernel headers " in line)
     assert headers.startswith("FAIL") and "missing" in headers, headers
     assert "kernel sensor: UNAVAILABLE" in proc.stdout
+
+
+def test_the_dockerfile_and_build_image_make_the_same_image():
+    """One package list, one install step, one entrypoint, one command: both ways read the same files."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    script = (ROOT / "scripts" / "build-image").read_text()
+    for path in ("deploy/image/packages", "deploy/image/install-in-image", "deploy/image/entrypoint"):
+        assert path in dockerfile and path in script, path
+    assert 'ENTRYPOINT ["/usr/local/bin/connprobe-entrypoint"]' in dockerfile
+    assert "ENTRYPOINT [\"/usr/local/bin/connprobe-entrypoint\"]" in script
+    assert 'CMD ["doctor"]' in dockerfile and 'CMD [\"doctor\"]' in script
+    assert "FROM debian:bookworm" in dockerfile and "mmdebstrap" in script and " bookworm " in script
+    assert "connprobe[fast]" in script and "/tmp/src[fast]" in dockerfile
+    assert f"org.opencontainers.image.version={_version()}" in dockerfile
+
+
+def test_the_daemonset_runs_the_image_build_image_makes():
+    import yaml
+
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "daemonset.yaml").read_text())["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    assert agent["image"] == f"localhost/connprobe:{_version()}"
+    assert "command" not in agent  # the image's entrypoint (header link, tracefs) is kept
