@@ -4,7 +4,7 @@ runs it (read-only root, scratch /lib/modules, only its capabilities), and a `di
 gets a verdict with kernel evidence. Every container is removed by its ID, even when a test fails.
 
 podman runs here with runc (crun fails on this machine's hybrid cgroups) and explicit rlimits below the hard
-ones (the sandbox lacks CAP_SYS_RESOURCE): /work/shared/KERNEL-NOTES.md, "Containers on this machine kind".
+ones (the sandbox lacks CAP_SYS_RESOURCE), as measured on this machine kind.
 """
 
 from __future__ import annotations
