@@ -128,7 +128,7 @@ def test_example_prometheus_config_is_valid_and_names_the_job(promtool):
     out = run(promtool, "check", "config", str(config))
     assert out.returncode == 0, out.stdout + out.stderr
     jobs = {j["job_name"]: j for j in yaml.safe_load(config.read_text())["scrape_configs"]}
-    assert "connprobe" in jobs  # ConnprobeAgentDown watches up{job="connprobe"}
+    assert "connprobe" in jobs  # the committed rules select job="connprobe" (the generator's default)
     probe = jobs["connprobe-probe"]
     assert probe["metrics_path"] == "/probe" and probe["params"]["module"]
 
