@@ -164,6 +164,13 @@ def test_every_alert_has_a_runbook_that_says_what_it_means_and_how_to_diagnose(n
     assert "connprobe diagnose" in text or "connprobe doctor" in text, name
 
 
+def test_the_runbook_index_lists_every_alert_and_only_those():
+    index = (RUNBOOKS / "README.md").read_text()
+    linked = set(re.findall(r"\]\((Connprobe\w+)\.md\)", index))
+    assert linked == {a["alert"] for a in alerts()}
+    assert {p.stem for p in RUNBOOKS.glob("Connprobe*.md")} == linked
+
+
 def _diagnose_parser() -> argparse.ArgumentParser:
     from connprobe.diagnose import add_arguments
 
