@@ -61,20 +61,23 @@ class Rules:
         metric, _, matcher = numerator.partition("{")
         num = self.sel(metric, matcher.rstrip("}"), extra)
         den = self.sel("connprobe_probes_total", extra)
-        return (f"sum by ({PER_NODE}) (increase({num}[{window}]))\n  /\n"
-                f"  sum by ({PER_NODE}) (increase({den}[{window}]))")
+        return (f"sum by ({PER_NODE}) (increase({num}[{window}]))\n/\n"
+                f"sum by ({PER_NODE}) (increase({den}[{window}]))")
+
+    def above(self, numerator: str, window: str, threshold: str, extra: str = "") -> str:
+        return f"(\n{_indent(self.ratio(numerator, window, extra))}\n) {threshold}"
 
     def failing(self, extra: str = "") -> str:
-        return f"({self.ratio(FAILURES, '5m', extra)}) > 0.5"
+        return self.above(FAILURES, "5m", "> 0.5", extra)
 
     def reaching(self) -> str:
-        return f"({self.ratio(FAILURES, '5m')}) <= 0.5"
+        return self.above(FAILURES, "5m", "<= 0.5")
 
     def stale(self, extra: str = "") -> str:
         last = self.sel("connprobe_probe_last_timestamp_seconds", extra)
         interval = self.sel("connprobe_probe_interval_seconds", extra)
-        return (f"(time() - {last} > 3 * {interval})\n  or\n"
-                f"  (time() - {last} > 300 unless {interval})")
+        return (f"(time() - {last} > 3 * {interval})\nor\n"
+                f"(time() - {last} > 300 unless {interval})")
 
     # -- annotations ---------------------------------------------------------------------------------------
 
@@ -108,9 +111,7 @@ class Rules:
 
     def probe_alerts(self) -> list[dict[str, Any]]:
         by = f"on ({PROBE})"
-        single = (f"count by ({PROBE}) ({self.failing()}) == 1\n"
-                  f"and {by}\n"
-                  f"count by ({PROBE}) ({self.reaching()})")
+        single = f"{_count(self.failing())} == 1\nand {by}\n{_count(self.reaching())}"
         # the failing nodes, each with its last verdict's cause where the agent exports one
         causes_failing = (f"({self.sel('connprobe_probe_cause', _EXTRA)} == 1 "
                           f"and on (instance, {PROBE}) ({self.failing(_EXTRA)}))\n"
@@ -120,7 +121,7 @@ class Rules:
         rules = [
             self.alert(
                 "ConnprobeProbeFailing",
-                f"count by ({PROBE}) (\n  {self.failing()}\n)\nunless {by} (\n{single}\n)", "5m",
+                f"{_count(self.failing())}\nunless {by} (\n{_indent(single)}\n)", "5m",
                 {"severity": "critical"},
                 f"Probe {{{{ $labels.probe }}}} to {target} from {{{{ $labels.source }}}} is failing on "
                 "{{ $value }} node(s)",
@@ -130,7 +131,7 @@ class Rules:
             ),
             self.alert(
                 "ConnprobeSingleNodeUnreachable",
-                f"{self.failing()}\nand {by} (\n{single}\n)", "5m",
+                f"{self.failing()}\nand {by} (\n{_indent(single)}\n)", "5m",
                 {"severity": "warning"},
                 f"Only {self.node_name('$labels')} cannot reach {target} {from_}",
                 "{{ $value | humanizePercentage }} of this node's probes failed over the last 5 minutes while "
@@ -154,13 +155,13 @@ class Rules:
         ):
             numerator = f'connprobe_verdicts_total{{cause="{cause}"}}'
             rules.append(self.alert(
-                name, f"count by ({PROBE}) (\n  ({self.ratio(numerator, window)}) > 0.2\n)", for_,
+                name, _count(self.above(numerator, window, "> 0.2")), for_,
                 {"severity": severity, "cause": cause}, summary,
                 f"On {{{{ $value }}}} node(s), more than 20% of the probes over {window[:-1]} minutes were {what}. "
-                + self.node_list(f"({self.ratio(numerator, window, _EXTRA)}) > 0.2", ("probe", "target", "source")),
+                + self.node_list(self.above(numerator, window, "> 0.2", _EXTRA), ("probe", "target", "source")),
             ))
         rules.append(self.alert(
-            "ConnprobeProbeStale", f"count by ({PROBE}) (\n  {self.stale()}\n)", "2m", {"severity": "warning"},
+            "ConnprobeProbeStale", _count(self.stale()), "2m", {"severity": "warning"},
             f"Probe {{{{ $labels.probe }}}} to {target} from {{{{ $labels.source }}}} has not run on "
             "{{ $value }} node(s)",
             "No result for more than three intervals (five minutes when the interval is unknown): the "
@@ -254,6 +255,15 @@ HEADER = """\
 # reach. Ratios are taken from the counters (connprobe_probes_total, connprobe_verdicts_total) so they survive
 # scrape gaps and restarts. The same alerts exist as Grafana-managed rules in deploy/grafana/provisioning/alerting/.
 """
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _count(per_node: str) -> str:
+    """Per-node series → one per (probe, target, source), valued with the number of nodes."""
+    return f"count by ({PROBE}) (\n{_indent(per_node)}\n)"
 
 
 class _Dumper(yaml.SafeDumper):
