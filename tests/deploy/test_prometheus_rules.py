@@ -171,6 +171,12 @@ def test_the_runbook_index_lists_every_alert_and_only_those():
     assert {p.stem for p in RUNBOOKS.glob("Connprobe*.md")} == linked
 
 
+def test_readme_alert_table_links_every_runbook():
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(Connprobe\w+)` \|.*\[runbook\]\((docs/runbooks/\w+\.md)\) \|$", readme, re.M))
+    assert rows == {a["alert"]: a["annotations"]["runbook_url"] for a in alerts()}
+
+
 def _diagnose_parser() -> argparse.ArgumentParser:
     from connprobe.diagnose import add_arguments
 
