@@ -59,7 +59,11 @@ FOLDER_UID = "connprobe"
 TAGS = ["connprobe", "generated"]
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-SEL = 'probe=~"$probe",target=~"$target",source=~"$source"'
+# every query selects the agents' scrape job and the nodes picked in the variables (a DaemonSet's point is the
+# differences between nodes); `node` exists where the scrape adds it (scrape-kubernetes.yml), else it matches all
+FLEET = 'job=~"$job",node=~"$node",instance=~"$instance"'
+SEL = FLEET + ',probe=~"$probe",target=~"$target",source=~"$source"'
+NODE_LEGEND = "{{node}} {{instance}}"
 CAUSE_COLORS = {
     "ok": "green", "dns": "purple", "tcp_retransmit": "orange", "policy_drop": "red",
     "upstream_latency": "yellow", "connection_refused": "dark-red", "tls": "blue", "http_error": "light-red",
@@ -110,14 +114,29 @@ def st(title: str, query: prometheus.Dataquery, *, unit: str = "short", descript
     )
 
 
-def probe_variables(dash: Dashboard, *, multi: bool = True) -> Dashboard:
-    dash = dash.with_variable(
-        DatasourceVariable("datasource").label("Prometheus").type("prometheus")
-    )
+def fleet_variables(dash: Dashboard, metric: str) -> Dashboard:
+    """datasource, then job → node → instance, each chained on the previous ones (all multi-value, default All)."""
+    dash = dash.with_variable(DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
     for name, label, chained in (
-        ("probe", "Probe", "connprobe_probes_total"),
-        ("target", "Target", 'connprobe_probes_total{probe=~"$probe"}'),
-        ("source", "Source", 'connprobe_probes_total{probe=~"$probe",target=~"$target"}'),
+        ("job", "Job", metric),
+        ("node", "Node", f'{metric}{{job=~"$job"}}'),
+        ("instance", "Agent", f'{metric}{{job=~"$job",node=~"$node"}}'),
+    ):
+        dash = dash.with_variable(
+            QueryVariable(name).label(label).datasource(DS)
+            .query({"query": f"label_values({chained}, {name})", "refId": f"var-{name}"})
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+        )
+    return dash
+
+
+def probe_variables(dash: Dashboard, *, multi: bool = True) -> Dashboard:
+    dash = fleet_variables(dash, "connprobe_probes_total")
+    for name, label, chained in (
+        ("probe", "Probe", f"connprobe_probes_total{{{FLEET}}}"),
+        ("target", "Target", f'connprobe_probes_total{{{FLEET},probe=~"$probe"}}'),
+        ("source", "Source", f'connprobe_probes_total{{{FLEET},probe=~"$probe",target=~"$target"}}'),
     ):
         var = (
             QueryVariable(name).label(label).datasource(DS)
@@ -160,7 +179,7 @@ def overview() -> Dashboard:
         .with_panel(st("Failed or slow verdicts (time range)",
                        q(f'sum(increase(connprobe_verdicts_total{{{sel},cause!="ok"}}[$__range]))', instant=True),
                        steps=((None, "green"), (1, "orange")), unit="short"))
-        .with_panel(st("Kernel sensor", q("min(connprobe_kernel_sensor_up)", instant=True),
+        .with_panel(st("Kernel sensor", q(f"min(connprobe_kernel_sensor_up{{{FLEET}}})", instant=True),
                        steps=((None, "red"), (1, "green")),
                        description="1 when every agent's kernel sensor is up; 0 means verdicts lack kernel evidence."))
         .with_row(Row("Success and causes"))
@@ -171,6 +190,19 @@ def overview() -> Dashboard:
             unit="percentunit", span=24,
             description="Successful probes / all probes per target (every source and probe to that target).",
         ).min(0).max(1))
+        .with_panel(ts(
+            "Success ratio per node",
+            q(f'sum by (node, instance) (rate(connprobe_probes_total{{{sel},result="success"}}[$__rate_interval])) / '
+              f"sum by (node, instance) (rate(connprobe_probes_total{{{sel}}}[$__rate_interval]))", NODE_LEGEND),
+            unit="percentunit", span=12,
+            description="Successful probes / all probes of the selected targets, per node: one node below the "
+                        "others is a problem on that node's path (ConnprobeSingleNodeUnreachable).",
+        ).min(0).max(1))
+        .with_panel(ts(
+            "Failing probes per node",
+            q(f"sum by (node, instance) (1 - probe_success{{{sel}}})", NODE_LEGEND),
+            span=12, description="Probes whose last result failed, per node.",
+        ))
         .with_panel(ts(
             "Causes over time",
             q(f'sum by (cause) (increase(connprobe_verdicts_total{{{sel},cause!="ok"}}[$__rate_interval]))',
@@ -217,6 +249,11 @@ def target() -> Dashboard:
                        description="The cause the correlator named for the last result."))
         .with_panel(st("Confidence", q(f"max(connprobe_probe_verdict_confidence{{{sel}}})", instant=True),
                        unit="percentunit", span=4, steps=((None, "orange"), (0.7, "green"))))
+        .with_panel(ts("Success per node", q(f"min by (node, instance) (probe_success{{{sel}}})", NODE_LEGEND),
+                       span=12, description="The last result on each node (1 success, 0 failure)."))
+        .with_panel(ts("Duration per node",
+                       q(f"max by (node, instance) (probe_duration_seconds{{{sel}}})", NODE_LEGEND), unit="s",
+                       span=12, description="How long the last probe took on each node."))
         .with_row(Row("Phases"))
         .with_panel(ts(
             "HTTP phases of the last probe",
@@ -261,17 +298,11 @@ def target() -> Dashboard:
 
 
 def agent() -> Dashboard:
-    inst = 'instance=~"$instance"'
-    dash = (
+    inst = FLEET
+    dash = fleet_variables(
         dashboard("connprobe-agent", "connprobe / Agent health",
-                  "The agents themselves: BPF hooks, lost kernel events, event-loop lag, node-level kernel counters.")
-        .with_variable(DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
-        .with_variable(
-            QueryVariable("instance").label("Agent").datasource(DS)
-            .query({"query": "label_values(connprobe_kernel_sensor_up, instance)", "refId": "var-instance"})
-            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
-            .multi(True).include_all(True).all_value(".*")
-        )
+                  "The agents themselves: BPF hooks, lost kernel events, event-loop lag, node-level kernel counters."),
+        "connprobe_kernel_sensor_up",
     )
     return (
         dash.with_row(Row("Kernel sensor"))
@@ -325,12 +356,14 @@ DASHBOARD_BUILDERS = {"connprobe-overview": overview, "connprobe-target": target
 
 # -- Grafana-managed alerts ------------------------------------------------------------------------------
 
-_QUERY_TEMPLATE = re.compile(r"\s*Last verdict: \{\{ with .*?\{\{ end \}\}\.", re.S)
+_NODE_LIST = re.compile(r"\s*Nodes: \{\{.*$", re.S)
 
 
 def _grafana_template(text: str) -> str:
-    """Prometheus annotation template → Grafana's: `$value` is `$values.A.Value`; no `query` function."""
-    text = _QUERY_TEMPLATE.sub(" The last verdict is on the connprobe / Target dashboard.", text)
+    """Prometheus annotation template → Grafana's: `$value` is `$values.A.Value`; no `query` function, so the
+    list of affected nodes (the last sentence of a fleet alert's description) points to the dashboards instead."""
+    text = _NODE_LIST.sub(" Grafana cannot list the nodes here: see the node and instance variables of the "
+                          "connprobe dashboards.", text)
     return text.replace("$value ", "$values.A.Value ")
 
 

@@ -35,6 +35,7 @@ EXPECTED_EMPTY = {
     "ConnprobeRetransmitStorm": "no packet loss is injected",
     "ConnprobeUpstreamLatency": "the lab servers answer within the 300 ms budget",
     "ConnprobeProbeStale": "every probe runs every 3 s",
+    "ConnprobeSingleNodeUnreachable": "one agent: there is no other node that reaches the target",
     "ConnprobeNodeRetransmitStorm": "the node retransmits far less than 100 segments/s",
     "ConnprobeAgentDown": "the agent is up",
     "ConnprobeBPFDetached": "the sensor and its hooks are attached",
@@ -169,7 +170,10 @@ def test_policy_drop_alert_reaches_alertmanager_and_every_query_has_data(lab, tm
                 labels = alerts[0]["labels"]
                 assert labels["cause"] == "policy_drop" and labels["probe"] == "api"
                 assert labels["target"] == "http://srv2.lab.test:8080/ok" and labels["source"] == client
-                assert labels["severity"] == "critical" and labels["instance"] == f"127.0.0.1:{agent.port}"
+                # one alert per target across the fleet: the node is named in the description, not a label
+                assert labels["severity"] == "critical" and "instance" not in labels
+                assert alerts[0]["annotations"]["description"].endswith(f"Nodes: 127.0.0.1:{agent.port}.")
+                assert alerts[0]["annotations"]["runbook_url"] == "docs/runbooks/ConnprobePolicyDrop.md"
                 assert alerts[0]["status"] == "firing"
                 assert "Policy drop on the path to http://srv2.lab.test:8080/ok" in alerts[0]["annotations"]["summary"]
                 assert all(a["labels"].get("probe") != "web" for a in hook.alerts)

@@ -77,7 +77,7 @@ def dashboard_queries(rate_interval: str, range_: str, interval: str) -> list[tu
             for target in panel.get("targets", []):
                 promql = (target["expr"].replace("$__rate_interval", rate_interval).replace("$__range", range_)
                           .replace("$__interval", interval))
-                for var in ("probe", "target", "source", "instance"):
+                for var in ("job", "node", "instance", "probe", "target", "source"):
                     promql = promql.replace(f'"${var}"', '".*"')
                 assert "$" not in promql, promql
                 out.append((f"{path.stem}: {panel['title']} ({target['refId']})", promql))

@@ -38,6 +38,28 @@ def exprs(dash: dict) -> list[str]:
     return [t["expr"] for p in panels(dash) for t in p.get("targets", [])]
 
 
+def test_every_query_selects_the_job_and_the_nodes_of_the_variables():
+    """The job is a variable, not a hard-coded name, and each panel follows the node and instance picked."""
+    for uid, dash in dashboards().items():
+        variables = {v["name"]: v for v in dash["templating"]["list"]}
+        for name in ("job", "node", "instance"):
+            var = variables[name]
+            assert var["multi"] and var["includeAll"] and var["allValue"] == ".*", (uid, name)
+        assert 'job=~"$job"' in variables["node"]["query"]["query"]
+        for e in exprs(dash):
+            assert 'job="' not in e, (uid, e)
+            for selector in re.findall(r"\b(?:probe|connprobe)_[a-z_]+(\{[^}]*\}|)", e):
+                assert 'job=~"$job"' in selector and 'node=~"$node"' in selector and \
+                    'instance=~"$instance"' in selector, (uid, e)
+
+
+def test_grafana_alerts_point_to_the_dashboards_instead_of_listing_nodes():
+    provisioning = yaml.safe_load(ALERT_FILE.read_text())
+    descriptions = {r["title"]: r["annotations"]["description"] for g in provisioning["groups"] for r in g["rules"]}
+    assert "see the node and instance variables of the connprobe dashboards" in descriptions["ConnprobeProbeFailing"]
+    assert all("range" not in d and "printf" not in d for d in descriptions.values())
+
+
 def test_regenerating_changes_nothing():
     gen = load_generator()
     outputs = gen.outputs()
@@ -59,9 +81,12 @@ def test_the_three_dashboards_exist_with_their_panels():
             "Retransmissions in this probe's evidence"} <= titles["connprobe-target"]
     assert {"BPF hooks attached", "Kernel events seen / lost", "Event-loop lag", "Suspect probes"} <= \
         titles["connprobe-agent"]
+    assert {"Success ratio per node", "Failing probes per node"} <= titles["connprobe-overview"]
+    assert {"Success per node", "Duration per node"} <= titles["connprobe-target"]
     for uid, dash in d.items():
         assert dash["uid"] == uid
-        assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource"}
+        names = [v["name"] for v in dash["templating"]["list"]]
+        assert names[:4] == ["datasource", "job", "node", "instance"], (uid, names)
         for p in panels(dash):
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, (uid, p["title"])
             assert p["targets"], (uid, p["title"])

@@ -47,7 +47,7 @@ def _event(kind: EventKind, **kw) -> KernelEvent:
     return KernelEvent(1, kind, "tcp", "10.0.0.2", 40000, "10.0.0.11", 8080, 1, **kw)
 
 
-def _verdicts(minute: int) -> list[Verdict]:
+def _verdicts(minute: int, healthy: bool = False) -> list[Verdict]:
     drop = (_event(EventKind.DROP, reason="NETFILTER_DROP"), _event(EventKind.RETRANSMIT))
     out = [
         Verdict(_result("web", WEB, True), Cause.OK, None, 0.9, "healthy", (), (), "ok"),
@@ -63,12 +63,16 @@ def _verdicts(minute: int) -> list[Verdict]:
     if minute < 5:  # then its scheduler stops: stale
         out.append(Verdict(_result("gone", "http://srv3.lab.test/", True), Cause.OK, None, 0.9, "healthy", (), (),
                            "ok"))
+    if healthy:  # a node that reaches every target promptly
+        return [Verdict(_result(v.result.name, v.result.target, True), Cause.OK, None, 0.9, "healthy", (), (), "ok")
+                for v in out]
     return out
 
 
 @functools.cache
-def simulate() -> dict[str, list[float | None]]:
-    """Series text -> value at each minute (None: absent)."""
+def simulate(instance: str = SCRAPE["instance"], healthy: bool = False) -> dict[str, list[float | None]]:
+    """Series text -> value at each minute (None: absent), as scraped from the agent at `instance`."""
+    scrape = {**SCRAPE, "instance": instance}
     now = [0.0]
     m = Metrics(CollectorRegistry(), clock=lambda: now[0])
     for name, target in (("web", WEB), ("gone", "http://srv3.lab.test/")):
@@ -81,7 +85,7 @@ def simulate() -> dict[str, list[float | None]]:
         now[0] = minute * 60.0
         status_sink.dropped = 20 * max(0, minute - 10)
         agent.last_reload_ok = minute < 20
-        for v in _verdicts(minute):
+        for v in _verdicts(minute, healthy):
             m.observe(v)
         counters = SensorCounters(
             events={(EventKind.RETRANSMIT, ""): 50 * minute, (EventKind.DROP, "NETFILTER_DROP"): 7 * minute},
@@ -93,10 +97,10 @@ def simulate() -> dict[str, list[float | None]]:
             for s in fam.samples:
                 if s.name.endswith("_created"):
                     continue
-                labels = {**s.labels, **SCRAPE}
+                labels = {**s.labels, **scrape}
                 key = s.name + "{" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items())) + "}"
                 series.setdefault(key, [None] * MINUTES)[minute] = s.value
-        up = "up{" + ",".join(f"{k}={json.dumps(v)}" for k, v in SCRAPE.items()) + "}"
+        up = "up{" + ",".join(f"{k}={json.dumps(v)}" for k, v in scrape.items()) + "}"
         series.setdefault(up, [None] * MINUTES)[minute] = 1.0
     return series
 
@@ -106,9 +110,10 @@ def input_series(series: dict[str, list[float | None]]) -> list[dict[str, str]]:
             for k, values in series.items()]
 
 
-def _promtool_test(promtool, tmp_path, rule_file, alert_tests) -> None:
+def _promtool_test(promtool, tmp_path, rule_file, alert_tests, series=None) -> None:
+    series = simulate() if series is None else series
     test = {"rule_files": [str(rule_file)], "evaluation_interval": "1m",
-            "tests": [{"interval": "1m", "input_series": input_series(simulate()), "alert_rule_test": alert_tests}]}
+            "tests": [{"interval": "1m", "input_series": input_series(series), "alert_rule_test": alert_tests}]}
     path = tmp_path / "test.yml"
     path.write_text(yaml.safe_dump(test, sort_keys=False))
     out = run(promtool, "test", "rules", str(path))
@@ -120,7 +125,7 @@ def _alert(name: str, **labels: str) -> dict:
 
 
 def test_every_alert_fires_for_what_it_is_about_on_exported_metrics(promtool, tmp_path):
-    probe = {"source": "client", "instance": SCRAPE["instance"]}
+    probe = {"source": "client"}  # probe alerts aggregate across nodes: no `instance`
     expected = {
         "ConnprobeProbeFailing": [
             {"probe": "dns", "target": "http://missing.lab.test/", **probe, "severity": "critical"},
@@ -137,11 +142,12 @@ def test_every_alert_fires_for_what_it_is_about_on_exported_metrics(promtool, tm
             {"probe": "lossy", "target": "http://srv1.lab.test:8080/big", **probe, "severity": "warning",
              "cause": "tcp_retransmit"}],
         "ConnprobeProbeStale": [
-            {"probe": "gone", "target": "http://srv3.lab.test/", **probe, "job": "connprobe", "severity": "warning"}],
+            {"probe": "gone", "target": "http://srv3.lab.test/", **probe, "severity": "warning"}],
+        "ConnprobeSingleNodeUnreachable": [],  # one agent: no other node reaches what it fails
         "ConnprobeBPFDetached": [{"hook": "skb:kfree_skb", **SCRAPE, "severity": "warning"}],
         "ConnprobeKernelEventsLost": [{**SCRAPE, "severity": "warning"}],
         "ConnprobeEventLoopLag": [{**SCRAPE, "severity": "warning"}],
-        "ConnprobeConfigReloadFailed": [{**SCRAPE, "severity": "warning"}],
+        "ConnprobeConfigReloadFailed": [{"job": SCRAPE["job"], "severity": "warning"}],
         "ConnprobeSinkDropping": [{**SCRAPE, "sink": "status", "severity": "warning"}],
         "ConnprobeNodeRetransmitStorm": [],  # 50 retransmits a minute is no storm
         "ConnprobeAgentDown": [],
@@ -159,6 +165,34 @@ def test_every_alert_fires_for_what_it_is_about_on_exported_metrics(promtool, tm
     rule_file = tmp_path / "rules.yml"
     rule_file.write_text(yaml.safe_dump(rules))
     _promtool_test(promtool, tmp_path, rule_file, tests)
+
+
+def _rules_without_annotations(tmp_path):
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rule_file = tmp_path / "rules.yml"
+    rule_file.write_text(yaml.safe_dump(rules))
+    return rule_file
+
+
+def test_a_second_node_that_reaches_the_targets_turns_failures_into_single_node_alerts(promtool, tmp_path):
+    """Two agents, node2 healthy: the targets node1 fails are node1's problem (ConnprobeSingleNodeUnreachable with
+    its instance), ConnprobeProbeFailing stays quiet, and a cause alert still fires once per target."""
+    node2 = "node2:9516"
+    series = {**simulate(), **simulate(node2, healthy=True)}
+    one = {"source": "client", "instance": SCRAPE["instance"], "severity": "warning"}
+    tests = [
+        {"eval_time": "25m", "alertname": "ConnprobeProbeFailing", "exp_alerts": []},
+        {"eval_time": "25m", "alertname": "ConnprobeSingleNodeUnreachable", "exp_alerts": [
+            {"exp_labels": {"probe": "dns", "target": "http://missing.lab.test/", **one}},
+            {"exp_labels": {"probe": "drop", "target": "http://srv2.lab.test:8080/", **one}}]},
+        {"eval_time": "25m", "alertname": "ConnprobePolicyDrop", "exp_alerts": [
+            {"exp_labels": {"probe": "drop", "target": "http://srv2.lab.test:8080/", "source": "client",
+                            "severity": "critical", "cause": "policy_drop"}}]},
+    ]
+    _promtool_test(promtool, tmp_path, _rules_without_annotations(tmp_path), tests, series)
 
 
 def test_every_dashboard_query_returns_data_on_exported_metrics(promtool, tmp_path):
