@@ -486,10 +486,10 @@ def _nameservers(env, source: str) -> tuple[str, ...]:
 async def reload(request: web.Request) -> web.Response:
     server = request.app[STATE_KEY].server
     if server is None:
-        outcome = await _agent(request).reload()
+        outcome = await _agent(request).reload(trigger="http")
         ok, text = outcome.ok, (outcome.message if outcome.ok else f"failed to reload config: {outcome.message}")
     else:
-        ok, text = await server.reload()
+        ok, text = await server.reload(trigger="http")
     return _text(200 if ok else 400, text)
 
 
@@ -643,9 +643,9 @@ class WebServer:
             log.warning("%s", self.security.warning())
         return ""
 
-    async def reload(self) -> tuple[bool, str]:
-        """The probe config and the web config, as SIGHUP and POST /-/reload do."""
-        outcome = await self.agent.reload()
+    async def reload(self, trigger: str = "api") -> tuple[bool, str]:
+        """The probe config and the web config, as SIGHUP (trigger "signal") and POST /-/reload ("http") do."""
+        outcome = await self.agent.reload(trigger=trigger)
         web_error = await self.reload_web_config()
         text = outcome.message if outcome.ok else f"failed to reload config: {outcome.message}"
         if web_error:
