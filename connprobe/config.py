@@ -43,6 +43,14 @@ MAX_DEPTH = 32  # the deepest real config is 5 levels; recursion past this is an
 MAX_BYTES = 16 << 20  # a 10,000-probe config is about 1.5 MiB
 MAX_ERRORS = 100  # lines reported; the rest are counted
 MAX_LINE = 300  # characters in one error line
+MAX_LABELS = 10  # `labels:` of one probe
+MAX_LABEL_NAME = 64
+MAX_LABEL_VALUE = 128
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# label names connprobe's own series (and Prometheus' target labels) use: a probe's `labels:` cannot take them
+RESERVED_LABELS = frozenset({"probe", "target", "source", "cause", "result", "phase", "reason", "hook", "kind",
+                             "sink", "where", "capability", "trigger", "le", "quantile", "job", "instance",
+                             "version", "python", "revision"})
 
 
 class ConfigError(ValueError):
@@ -294,6 +302,10 @@ def _parse(text: str, filename: str) -> Config:
         except ValidationError as exc:
             errors.extend(_format(owner, exc))
             continue
+        label_errors = labels_errors(probe.labels)
+        if label_errors:
+            errors.extend(f"{owner}: labels: {e}" for e in label_errors)
+            continue
         if probe.interval < limits.min_interval:
             errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
                           f"limits.min_interval ({format_duration(limits.min_interval)})")
@@ -302,6 +314,27 @@ def _parse(text: str, filename: str) -> Config:
     if errors:
         raise ConfigError(errors)
     return Config(modules=modules, probes=tuple(probes), limits=limits)
+
+
+def labels_errors(labels: dict[str, str]) -> list[str]:
+    """What is wrong with a probe's `labels:` (one line each; [] when fine): Prometheus label-name syntax, no
+    name connprobe's own series use, at most MAX_LABELS, values of at most MAX_LABEL_VALUE printable characters."""
+    errors = []
+    if len(labels) > MAX_LABELS:
+        errors.append(f"{len(labels)} labels, at most {MAX_LABELS}")
+    for name, value in labels.items():
+        if len(name) > MAX_LABEL_NAME or not LABEL_NAME.fullmatch(name):
+            errors.append(f"{_shown(name)}: not a label name (letters, digits and _, not starting with a digit, "
+                          f"at most {MAX_LABEL_NAME} characters)")
+        elif name.startswith("__"):
+            errors.append(f"{_shown(name)}: names starting with __ are reserved for Prometheus")
+        elif name in RESERVED_LABELS:
+            errors.append(f"{_shown(name)}: connprobe's own label (reserved: {', '.join(sorted(RESERVED_LABELS))})")
+        elif len(value) > MAX_LABEL_VALUE:
+            errors.append(f"{name}: value longer than {MAX_LABEL_VALUE} characters")
+        elif not value.isprintable():
+            errors.append(f"{name}: value {_shown(value)} has a control character")
+    return errors
 
 
 def load_config(path: str | Path) -> Config:
