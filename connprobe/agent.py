@@ -736,7 +736,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     watch.add_argument("--config.watch", dest="config_watch", action="store_true", default=True,
                        help="reload the config when its file changes, a Kubernetes ConfigMap update included "
                             "(inotify; a stat every --config.watch-interval without it); on by default")
-    watch.add_argument("--no-config-watch", "--no-config.watch", dest="config_watch", action="store_false",
+    watch.add_argument("--no-config-watch", dest="config_watch", action="store_false",
                        help="reload only on SIGHUP or POST /-/reload")
     p.add_argument("--config.watch-interval", dest="config_watch_interval", type=float, default=5.0,
                    metavar="SECONDS", help="how often the file is checked when inotify is not available (default 5)")

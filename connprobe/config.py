@@ -50,7 +50,7 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # label names connprobe's own series (and Prometheus' target labels) use: a probe's `labels:` cannot take them
 RESERVED_LABELS = frozenset({"probe", "target", "source", "cause", "result", "phase", "reason", "hook", "kind",
                              "sink", "where", "capability", "trigger", "le", "quantile", "job", "instance",
-                             "version", "python", "revision"})
+                             "version", "python", "implementation", "arch"})
 
 
 class ConfigError(ValueError):
@@ -62,6 +62,11 @@ class ConfigError(ValueError):
             lines.append(f"... and {len(errors) - MAX_ERRORS} more errors")
         super().__init__("\n".join(lines))
         self.errors = lines
+
+
+class ConfigUnreadable(ConfigError):
+    """The file cannot be read at all (missing, no permission, not a regular file): an environment problem,
+    not an invalid config (`check-config` exits 2 for it, 1 for an invalid one)."""
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
@@ -343,14 +348,14 @@ def load_config(path: str | Path) -> Config:
         # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigUnreadable([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError([f"{p}: cannot read: not a regular file"])
+            raise ConfigUnreadable([f"{p}: cannot read: not a regular file"])
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigUnreadable([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     finally:
         os.close(fd)
     if len(data) > MAX_BYTES:
@@ -364,7 +369,8 @@ def load_config(path: str | Path) -> Config:
 
 
 def check_config_main(args: Any) -> int:
-    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error otherwise.
+    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error when invalid, 2 when
+    the file cannot be read (missing, no permission, not a regular file) or no FILE was given.
 
     `args` is an argparse namespace with `file` (or `config`), or a list of arguments.
     """
@@ -377,6 +383,9 @@ def check_config_main(args: Any) -> int:
         return 2
     try:
         cfg = load_config(path)
+    except ConfigUnreadable as exc:
+        print(f"check-config: {exc.errors[0]}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         from prober.redact import redact_text
 

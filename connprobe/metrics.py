@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from bpf.types import EventKind, KernelEvent
+from connprobe.version import build_labels
 from correlator.types import Cause, Verdict
 from prober.redact import label_target
 from prober.types import ProbeKind, ProbeResult
@@ -419,6 +420,9 @@ class Metrics:
         r.register(self._sensor)
         self.probe_labels = _ProbeLabelsCollector()
         r.register(self.probe_labels)
+        build = Gauge("connprobe_build_info", "1, labelled with connprobe's version and the Python running it.",
+                      tuple(build_labels()), registry=r)
+        build.labels(**build_labels()).set(1)
 
     # -- probes -------------------------------------------------------------------------------------------
 

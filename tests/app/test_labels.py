@@ -37,7 +37,7 @@ def test_valid_labels_are_kept():
     ({"team-name": "a"}, "probe \"p\": labels: 'team-name': not a label name"),
     ({"x" * 65: "a"}, "probe \"p\": labels: 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…: not a label name"),
     ({"__meta": "a"}, "probe \"p\": labels: '__meta': names starting with __ are reserved for Prometheus"),
-    ({"target": "a"}, "probe \"p\": labels: 'target': connprobe's own label (reserved: capability, cause,"),
+    ({"target": "a"}, "probe \"p\": labels: 'target': connprobe's own label (reserved: arch, capability, cause,"),
     ({"instance": "a"}, "probe \"p\": labels: 'instance': connprobe's own label"),
     ({"team": "v" * (MAX_LABEL_VALUE + 1)}, f"probe \"p\": labels: team: value longer than {MAX_LABEL_VALUE} "
                                             "characters"),
