@@ -8,7 +8,9 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import yaml
 
 from connprobe.agent import Agent
 from connprobe.cli import build_parser
-from tests.agent.helpers import Upstream, parse_samples, samples_named
+from tests.agent.helpers import AgentProcess, Upstream, http_get, parse_samples, samples_named, wait_for
 
 
 @pytest.fixture
@@ -185,3 +187,42 @@ def test_the_watch_is_on_by_default_and_can_be_turned_off():
     assert p.parse_args(["agent", "--config", "c.yml"]).config_watch is True
     assert p.parse_args(["agent", "--config", "c.yml", "--no-config-watch"]).config_watch is False
     assert p.parse_args(["agent", "--config", "c.yml", "--config.watch"]).config_watch is True
+
+
+def test_the_agent_process_watches_by_default_and_counts_reloads_by_trigger(tmp_path):
+    """`connprobe agent` as deployed: no flag, a ConfigMap-style directory; SIGHUP and POST /-/reload still work
+    and each trigger is counted on its own."""
+    def config(names: list[str]) -> str:
+        probes = [{"name": n, "module": "tcp", "target": "127.0.0.1:9", "interval": "1s", "timeout": "200ms"}
+                  for n in names]
+        return yaml.safe_dump({"modules": {"tcp": {"prober": "tcp", "timeout": "1s"}}, "probes": probes})
+
+    cm = ConfigMapDir(tmp_path / "cm", config(["a"]))
+    agent = AgentProcess(cm.path, tmp_path, "--no-kernel").start()
+
+    def reloads(trigger: str) -> float:
+        return samples_named(agent.metrics(), "connprobe_config_reloads_by_trigger_total", trigger=trigger,
+                             result="success").get(frozenset({("trigger", trigger), ("result", "success")}), 0.0)
+
+    def configured() -> float:
+        return samples_named(agent.metrics(), "connprobe_probes_configured")[frozenset()]
+
+    try:
+        assert "config watch: reloading" in agent.stderr() and "(inotify)" in agent.stderr()
+        cm.swap(config(["a", "b"]))
+        wait_for(lambda: configured() == 2, 30, "the swapped config")
+        assert reloads("watch") == 1
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: reloads("signal") == 1, 30, "the SIGHUP reload")
+        req = urllib_post(agent.url + "/-/reload")
+        assert req[0] == 200, req
+        assert (reloads("watch"), reloads("signal"), reloads("http")) == (1, 1, 1)
+        assert http_get(agent.url + "/-/ready")[0] == 200
+    finally:
+        assert agent.stop() == 0
+
+
+def urllib_post(url: str) -> tuple[int, str]:
+    req = urllib.request.Request(url, method="POST", headers={"X-Connprobe-Request": "1"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, resp.read().decode()
