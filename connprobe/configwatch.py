@@ -180,15 +180,29 @@ class ConfigWatcher:
             return
         self._rewatch()
         loop.add_reader(self._inotify.fd, self._on_readable)
-        self.mode = "inotify"
+        if self.mode == "poll":
+            log.warning("config watch: cannot watch the directory of %s; checking it every %gs until it can",
+                        self.path, self.poll_interval)
 
     def _rewatch(self) -> None:
-        """Watch the directories the path goes through now (after a swap the resolved one may be new)."""
+        """Watch the directories the path goes through now (after a swap the resolved one may be new). When the
+        config's own directory cannot be watched (gone, or no watches left: fs.inotify.max_user_watches), the
+        stat poll takes over until it can."""
         ino = self._inotify
         if ino is None:
             return
-        for d in self._directories():
+        dirs = self._directories()
+        watched = ino.watch(dirs[0])
+        for d in dirs[1:]:
             ino.watch(d)
+        mode = "inotify" if watched else "poll"
+        if mode != self.mode and self.mode != "starting":
+            if watched:
+                log.info("config watch: watching %s again (inotify)", dirs[0])
+            else:
+                log.warning("config watch: cannot watch %s; checking %s every %gs meanwhile", dirs[0], self.path,
+                            self.poll_interval)
+        self.mode = mode
 
     def _on_readable(self) -> None:
         ino = self._inotify
@@ -209,7 +223,10 @@ class ConfigWatcher:
                     await asyncio.wait_for(self._dirty.wait(), wait)
                 if self._dirty.is_set():
                     await self._quiet()
-                await self.check()
+                try:
+                    await self.check()
+                except Exception as exc:  # never let the watch die silently; the next change is tried again
+                    log.error("config watch: checking %s failed: %s: %s", self.path, type(exc).__name__, exc)
         finally:
             if self._inotify is not None:
                 with contextlib.suppress(Exception):

@@ -182,6 +182,26 @@ async def test_a_missing_file_is_waited_for_not_a_failed_reload(tmp_path, upstre
         await _stop(a)
 
 
+async def test_the_directory_replaced_whole_is_followed(tmp_path, upstream):
+    """The watched directory itself is moved away and a new one put in its place: the watch follows the path."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    (d / "probes.yml").write_text(_config(upstream, ["a"]))
+    a = await _running(d / "probes.yml")
+    try:
+        new = tmp_path / "etc.new"
+        new.mkdir()
+        (new / "probes.yml").write_text(_config(upstream, ["g"]))
+        os.rename(d, tmp_path / "etc.old")
+        os.rename(new, d)
+        await _until(lambda: a.scheduler.scheduled() == {"g"}, "the new directory's config")
+        assert a.watcher.mode == "inotify"
+        (d / "probes.yml").write_text(_config(upstream, ["g", "h"]))  # and the new directory is watched
+        await _until(lambda: a.scheduler.scheduled() == {"g", "h"}, "an edit in the new directory")
+    finally:
+        await _stop(a)
+
+
 def test_the_watch_is_on_by_default_and_can_be_turned_off():
     p = build_parser()
     assert p.parse_args(["agent", "--config", "c.yml"]).config_watch is True
