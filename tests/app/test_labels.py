@@ -117,3 +117,43 @@ async def test_labels_reach_metrics_and_the_log_and_follow_a_reload(tmp_path):
     finally:
         await a.stop()
         await up.stop()
+
+
+def test_the_documented_join_puts_the_labels_on_probe_success(tmp_path):
+    """README's query, evaluated by promtool on what two agents (two nodes) export: each probe_success series
+    gains its probe's labels; a probe without labels keeps its series."""
+    import shutil
+    import subprocess
+
+    from prometheus_client import CollectorRegistry
+
+    from connprobe.metrics import Metrics
+    from connprobe.metrics import format_labels as fmt
+    from correlator.types import Cause, Verdict
+    from prober.types import ProbeKind, ProbeResult
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: install the Debian package `prometheus` (scripts/setup does)")
+    series: dict[str, str] = {}
+    for node in ("node1:9516", "node2:9516"):
+        m = Metrics(CollectorRegistry())
+        for name, labels in (("pay", {"team": "payments", "tier": "1"}), ("plain", {})):
+            m.declare(name, "127.0.0.1:9", "host", kind=ProbeKind.TCP, labels=labels.items())
+            r = ProbeResult(name, ProbeKind.TCP, "127.0.0.1:9", "host", 0, 1_000_000, True)
+            m.observe(Verdict(r, Cause.OK, None, 0.9, "healthy", (), (), "ok"))
+        for (sample, lbls), value in parse_samples(exposition(m.registry).decode()).items():
+            if sample in ("probe_success", "connprobe_probe_labels"):
+                series[sample + fmt([*lbls, ("instance", node), ("job", "connprobe")])] = f"{value:g}x5"
+    query = "probe_success * on(instance, probe) group_left(team, tier) connprobe_probe_labels"
+    base = {"instance": "node1:9516", "job": "connprobe", "source": "host", "target": "127.0.0.1:9"}
+    expected = [{"labels": "{" + ",".join(f'{k}="{v}"' for k, v in sorted(lbl.items())) + "}", "value": 1}
+                for lbl in ({**base, "probe": "pay", "team": "payments", "tier": "1"}, {**base, "probe": "plain"})]
+    test = {"tests": [{"interval": "1m",
+                       "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                       "promql_expr_test": [{"expr": query + ' and on(instance) probe_success{instance="node1:9516"}',
+                                             "eval_time": "2m", "exp_samples": expected}]}]}
+    path = tmp_path / "join.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
