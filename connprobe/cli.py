@@ -77,6 +77,17 @@ def _epilog(command: str) -> str:
     return "exit codes:\n" + "\n".join(f"  {line}" for line in EXIT_CODES[command])
 
 
+class _WithExitCodes:
+    """Subparsers whose `add_parser` ends the command's --help with its exit codes (`EXIT_CODES`)."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, epilog=_epilog(name),  # type: ignore[arg-type]
+                                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from connprobe.version import version_text
 
@@ -89,16 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_text())
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    class _Sub:
-        """`add_parser` with the command's exit codes as its --help epilog."""
-
-        def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
-            return subparsers.add_parser(name, epilog=_epilog(name),
-                                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    sub = _Sub()
+    sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     lab = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
     lab.add_argument("action", choices=["up", "down", "status"])
@@ -135,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     completion = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                                description="Print a completion script for connprobe. bash: "
-                                "`source <(connprobe completion bash)` (or save it in "
-                                "/etc/bash_completion.d/connprobe); zsh: save it as _connprobe in a directory "
-                                "of $fpath.")
+                                description="Print a completion script for connprobe.\n"
+                                "  bash: source <(connprobe completion bash)   (or save it in "
+                                "/etc/bash_completion.d/connprobe)\n"
+                                "  zsh:  connprobe completion zsh > \"${fpath[1]}/_connprobe\"")
     completion.add_argument("shell", choices=["bash", "zsh"])
     completion.set_defaults(func=_completion)
     return parser
