@@ -420,6 +420,8 @@ class Agent:
 
     async def start(self) -> None:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
+        if self.watcher is not None:  # before the load: a change in between differs from it at the next check
+            await self.watcher.prime()
         self.active = load_agent_config(self.config_path)
         self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
         self.tracebacks.install()
@@ -431,7 +433,6 @@ class Agent:
         self._main.append(asyncio.create_task(self._pipeline(), name="connprobe-agent-pipeline"))
         self._main.append(asyncio.create_task(self._watch_loop(), name="connprobe-agent-loop-lag"))
         if self.watcher is not None:
-            await self.watcher.prime()  # the version just loaded is the one running
             self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
