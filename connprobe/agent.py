@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from bpf.types import KernelEvent
 from connprobe.config import Config, ConfigError, load_config, parse_config
+from connprobe.configwatch import ConfigWatcher
 from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
@@ -256,6 +257,12 @@ class _AgentCollector:
         reloads.add_metric(["success"], a.reloads["success"])
         reloads.add_metric(["failure"], a.reloads["failure"])
         yield reloads
+        by_trigger = CounterMetricFamily("connprobe_config_reloads_by_trigger", "Configuration reloads by what "
+                                         "asked for them (signal: SIGHUP, http: POST /-/reload, watch: the file "
+                                         "changed) and result.", labels=["trigger", "result"])
+        for key in sorted({*RELOAD_SERIES, *a.reloads_by_trigger}):
+            by_trigger.add_metric(list(key), a.reloads_by_trigger[key])
+        yield by_trigger
         yield GaugeMetricFamily("connprobe_config_last_reload_successful", "1 when the last reload succeeded "
                                 "(or none was attempted).", value=1.0 if a.last_reload_ok else 0.0)
         blocked = HistogramMetricFamily("connprobe_event_loop_blocked_seconds", "How late the event loop woke up "
@@ -276,6 +283,7 @@ class _AgentCollector:
         return iter(())
 
 
+RELOAD_SERIES = tuple((t, r) for t in ("signal", "http", "watch") for r in ("success", "failure"))
 LOOP_BLOCKED_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -360,6 +368,8 @@ class Agent:
         concurrency: int = 256,
         stop_grace: float = 5.0,
         drop_capabilities: bool = False,
+        watch_config: bool = False,
+        watch_options: dict[str, Any] | None = None,
     ):
         self.config_path = Path(config_path)
         self.kernel = kernel
@@ -384,6 +394,12 @@ class Agent:
         self.ready = False
         self.started_at = time.time()
         self.reloads = {"success": 0, "failure": 0}
+        # (trigger, result) -> reloads: signal (SIGHUP), http (POST /-/reload), watch (the file changed), api
+        self.reloads_by_trigger: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.watcher: ConfigWatcher | None = None
+        if watch_config:
+            self.watcher = ConfigWatcher(self.config_path, functools.partial(self.reload, trigger="watch"),
+                                         **(watch_options or {}))
         self.last_reload_ok = True
         self.last_reload_error = ""
         self.last_reload_time: float | None = None
@@ -404,6 +420,8 @@ class Agent:
 
     async def start(self) -> None:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
+        if self.watcher is not None:  # before the load: a change in between differs from it at the next check
+            await self.watcher.prime()
         self.active = load_agent_config(self.config_path)
         self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
         self.tracebacks.install()
@@ -414,6 +432,8 @@ class Agent:
         self._main.append(asyncio.create_task(self._bring_up(), name="connprobe-agent-bring-up"))
         self._main.append(asyncio.create_task(self._pipeline(), name="connprobe-agent-pipeline"))
         self._main.append(asyncio.create_task(self._watch_loop(), name="connprobe-agent-loop-lag"))
+        if self.watcher is not None:
+            self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
@@ -567,15 +587,16 @@ class Agent:
     def _declare(self, probes: Iterable[ProbeSpec]) -> None:
         for p in probes:
             self.metrics.declare(p.name, p.target, source_label(p.source), kind=ProbeKind(p.module.prober),
-                                 interval_s=p.interval)
+                                 interval_s=p.interval, labels=p.labels.items())
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    async def reload(self) -> ReloadOutcome:
-        """Re-read the config file and apply all of it or none of it.
+    async def reload(self, trigger: str = "api") -> ReloadOutcome:
+        """Re-read the config file and apply all of it or none of it. `trigger` says who asked (signal, http,
+        watch, api), for `connprobe_config_reloads_by_trigger_total`.
 
         Everything the new config needs is built first, while the running configuration is untouched: the
         parsed config (off the loop), the kernel-side retention it needs, its source namespaces opened (off
@@ -584,33 +605,38 @@ class Agent:
         is one logged line and a `ReloadOutcome(False, ...)` (POST /-/reload answers 400 with it).
         """
         async with self._reload_lock:
-            self.last_reload_time = time.time()
-            try:
-                new = await asyncio.to_thread(load_agent_config, self.config_path)
-                self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
-                plan = _ReloadPlan.between(self.active, new)
-                plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
-                await self._open_sources(plan)
-            except ConfigError as exc:
-                return self._reload_failed(str(exc))
-            except Exception as exc:  # one line, never a traceback and never half a config
-                return self._reload_failed(f"{type(exc).__name__}: {exc}")
-            undo: list[Callable[[], object]] = []
-            try:
-                self._swap(plan, undo)
-            except Exception as exc:
-                for step in reversed(undo):
-                    with contextlib.suppress(Exception):
-                        step()
-                return self._reload_failed(f"{type(exc).__name__}: {exc}")
-            self._start_changes(plan)
-            self.reloads["success"] += 1
-            self.last_reload_ok = True
-            self.last_reload_error = ""
-            msg = (f"reloaded {self.config_path}: {len(plan.after)} probes "
-                   f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
-            log.info("%s", msg)
-            return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
+            outcome = await self._reload()
+            self.reloads_by_trigger[(trigger, "success" if outcome.ok else "failure")] += 1
+            return outcome
+
+    async def _reload(self) -> ReloadOutcome:
+        self.last_reload_time = time.time()
+        try:
+            new = await asyncio.to_thread(load_agent_config, self.config_path)
+            self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
+            plan = _ReloadPlan.between(self.active, new)
+            plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
+            await self._open_sources(plan)
+        except ConfigError as exc:
+            return self._reload_failed(str(exc))
+        except Exception as exc:  # one line, never a traceback and never half a config
+            return self._reload_failed(f"{type(exc).__name__}: {exc}")
+        undo: list[Callable[[], object]] = []
+        try:
+            self._swap(plan, undo)
+        except Exception as exc:
+            for step in reversed(undo):
+                with contextlib.suppress(Exception):
+                    step()
+            return self._reload_failed(f"{type(exc).__name__}: {exc}")
+        self._start_changes(plan)
+        self.reloads["success"] += 1
+        self.last_reload_ok = True
+        self.last_reload_error = ""
+        msg = (f"reloaded {self.config_path}: {len(plan.after)} probes "
+               f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
+        log.info("%s", msg)
+        return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
 
     def _reload_failed(self, message: str) -> ReloadOutcome:
         self.reloads["failure"] += 1
@@ -707,6 +733,14 @@ class Agent:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="probe configuration (YAML)")
+    watch = p.add_mutually_exclusive_group()
+    watch.add_argument("--config.watch", dest="config_watch", action="store_true", default=True,
+                       help="reload the config when its file changes, a Kubernetes ConfigMap update included "
+                            "(inotify; a stat every --config.watch-interval without it); on by default")
+    watch.add_argument("--no-config-watch", dest="config_watch", action="store_false",
+                       help="reload only on SIGHUP or POST /-/reload")
+    p.add_argument("--config.watch-interval", dest="config_watch_interval", type=float, default=5.0,
+                   metavar="SECONDS", help="how often the file is checked when inotify is not available (default 5)")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address of /metrics, /probe, the status page and /-/ endpoints (default {DEFAULT_LISTEN})")
     p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
@@ -746,7 +780,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
-                  drop_capabilities=not args.keep_capabilities)
+                  drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
+                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
@@ -770,7 +805,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         agent._spawn(_freeze_heap_when_ready(agent), "connprobe-gc-freeze")
         scheme = "https" if runner.ssl_context is not None else "http"
         log.info("listening on %s://%s:%d/", scheme, f"[{host}]" if ":" in host else host, port)
-        loop.add_signal_handler(signal.SIGHUP, lambda: agent._spawn(runner.reload(), "connprobe-sighup-reload"))
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: agent._spawn(runner.reload(trigger="signal"), "connprobe-sighup-reload"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
@@ -812,6 +848,8 @@ def run(args: argparse.Namespace) -> int:
         parse_listen(args.listen)
         if getattr(args, "web_probe_concurrency", 1) < 1 or not 0 < getattr(args, "web_probe_rate", 1.0) < 1e6:
             raise ValueError("--web.probe-concurrency and --web.probe-rate must be positive (the rate below a million)")
+        if not 0.05 <= getattr(args, "config_watch_interval", 5.0) <= 3600:
+            raise ValueError("--config.watch-interval must be between 0.05 and 3600 seconds")
     except ValueError as exc:
         print(f"connprobe agent: {exc}", file=sys.stderr)
         return 2

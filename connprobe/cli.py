@@ -1,8 +1,15 @@
-"""The `connprobe` command line. Each subcommand's work lives in its own module; this file only parses."""
+"""The `connprobe` command line. Each subcommand's work lives in its own module; this file only parses.
+
+Exit codes are the same across commands: 0 done (healthy), 1 the thing checked is bad (a probe found a
+problem, the config is invalid, a kernel check failed), 2 a usage or environment error (a bad option, a file
+that cannot be read, a namespace that does not exist, an address that cannot be listened on). Each
+command's `--help` lists its own (`EXIT_CODES`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -42,13 +49,58 @@ def _agent(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+USAGE = "2  usage or environment error (a bad option or value"
+EXIT_CODES: dict[str, tuple[str, ...]] = {
+    "lab": ("0  done", "1  a lab could not be removed completely (what is left is listed)",
+            f"{USAGE}, no such lab, the lab could not be built)"),
+    "diagnose": ("0  every attempt was healthy", "1  an attempt found a problem (the verdict names it)",
+                 f"{USAGE}, a source namespace that does not exist)"),
+    "doctor": ("0  the kernel sensor can run (warnings are listed)", "1  a check failed: no kernel evidence",
+               f"{USAGE})"),
+    "check-config": ("0  the config is valid (a summary is printed)", "1  the config is invalid (one line per error)",
+                     f"{USAGE}, the file is missing or cannot be read)"),
+    "agent": ("0  stopped by SIGTERM or SIGINT",
+              f"{USAGE}, an invalid config or --web.config.file at start-up, the address cannot be listened on)"),
+    "demo": ("0  done", f"{USAGE}, the lab could not be built)", "130  interrupted (Ctrl-C)"),
+    "completion": ("0  the script was printed", f"{USAGE}: an unknown shell)"),
+}
+
+
+def _epilog(command: str) -> str:
+    return "exit codes:\n" + "\n".join(f"  {line}" for line in EXIT_CODES[command])
+
+
+class _WithExitCodes:
+    """Subparsers whose `add_parser` ends the command's --help with its exit codes (`EXIT_CODES`)."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, epilog=_epilog(name),  # type: ignore[arg-type]
+                                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from connprobe.version import version_text
+
     parser = argparse.ArgumentParser(
         prog="connprobe",
         description="Synthetic probes with kernel evidence: was a failed or slow call DNS, packet loss, a policy "
         "drop, or the upstream itself?",
+        epilog="exit codes (every command):\n  0  done, healthy\n  1  a problem found, or the config is invalid\n"
+        "  2  usage or environment error\neach command's --help lists its own.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     lab = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
     lab.add_argument("action", choices=["up", "down", "status"])
@@ -83,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_arguments(demo)
     demo.set_defaults(func=_demo)
+
+    completion = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                                description="Print a completion script for connprobe.\n"
+                                "  bash: source <(connprobe completion bash)   (or save it in "
+                                "/etc/bash_completion.d/connprobe)\n"
+                                "  zsh:  connprobe completion zsh > \"${fpath[1]}/_connprobe\"")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=_completion)
     return parser
 
 
@@ -93,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `connprobe ... | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

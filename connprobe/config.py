@@ -43,6 +43,14 @@ MAX_DEPTH = 32  # the deepest real config is 5 levels; recursion past this is an
 MAX_BYTES = 16 << 20  # a 10,000-probe config is about 1.5 MiB
 MAX_ERRORS = 100  # lines reported; the rest are counted
 MAX_LINE = 300  # characters in one error line
+MAX_LABELS = 10  # `labels:` of one probe
+MAX_LABEL_NAME = 64
+MAX_LABEL_VALUE = 128
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# label names connprobe's own series (and Prometheus' target labels) use: a probe's `labels:` cannot take them
+RESERVED_LABELS = frozenset({"probe", "target", "source", "cause", "result", "phase", "reason", "hook", "kind",
+                             "sink", "where", "capability", "trigger", "le", "quantile", "job", "instance",
+                             "version", "python", "implementation", "arch"})
 
 
 class ConfigError(ValueError):
@@ -54,6 +62,11 @@ class ConfigError(ValueError):
             lines.append(f"... and {len(errors) - MAX_ERRORS} more errors")
         super().__init__("\n".join(lines))
         self.errors = lines
+
+
+class ConfigUnreadable(ConfigError):
+    """The file cannot be read at all (missing, no permission, not a regular file): an environment problem,
+    not an invalid config (`check-config` exits 2 for it, 1 for an invalid one)."""
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
@@ -294,6 +307,10 @@ def _parse(text: str, filename: str) -> Config:
         except ValidationError as exc:
             errors.extend(_format(owner, exc))
             continue
+        label_errors = labels_errors(probe.labels)
+        if label_errors:
+            errors.extend(f"{owner}: labels: {e}" for e in label_errors)
+            continue
         if probe.interval < limits.min_interval:
             errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
                           f"limits.min_interval ({format_duration(limits.min_interval)})")
@@ -304,20 +321,41 @@ def _parse(text: str, filename: str) -> Config:
     return Config(modules=modules, probes=tuple(probes), limits=limits)
 
 
+def labels_errors(labels: dict[str, str]) -> list[str]:
+    """What is wrong with a probe's `labels:` (one line each; [] when fine): Prometheus label-name syntax, no
+    name connprobe's own series use, at most MAX_LABELS, values of at most MAX_LABEL_VALUE printable characters."""
+    errors = []
+    if len(labels) > MAX_LABELS:
+        errors.append(f"{len(labels)} labels, at most {MAX_LABELS}")
+    for name, value in labels.items():
+        if len(name) > MAX_LABEL_NAME or not LABEL_NAME.fullmatch(name):
+            errors.append(f"{_shown(name)}: not a label name (letters, digits and _, not starting with a digit, "
+                          f"at most {MAX_LABEL_NAME} characters)")
+        elif name.startswith("__"):
+            errors.append(f"{_shown(name)}: names starting with __ are reserved for Prometheus")
+        elif name in RESERVED_LABELS:
+            errors.append(f"{_shown(name)}: connprobe's own label (reserved: {', '.join(sorted(RESERVED_LABELS))})")
+        elif len(value) > MAX_LABEL_VALUE:
+            errors.append(f"{name}: value longer than {MAX_LABEL_VALUE} characters")
+        elif not value.isprintable():
+            errors.append(f"{name}: value {_shown(value)} has a control character")
+    return errors
+
+
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
         # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigUnreadable([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError([f"{p}: cannot read: not a regular file"])
+            raise ConfigUnreadable([f"{p}: cannot read: not a regular file"])
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigUnreadable([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     finally:
         os.close(fd)
     if len(data) > MAX_BYTES:
@@ -331,7 +369,8 @@ def load_config(path: str | Path) -> Config:
 
 
 def check_config_main(args: Any) -> int:
-    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error otherwise.
+    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error when invalid, 2 when
+    the file cannot be read (missing, no permission, not a regular file) or no FILE was given.
 
     `args` is an argparse namespace with `file` (or `config`), or a list of arguments.
     """
@@ -344,6 +383,9 @@ def check_config_main(args: Any) -> int:
         return 2
     try:
         cfg = load_config(path)
+    except ConfigUnreadable as exc:
+        print(f"check-config: {exc.errors[0]}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         from prober.redact import redact_text
 

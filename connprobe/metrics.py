@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from bpf.types import EventKind, KernelEvent
+from connprobe.version import build_labels
 from correlator.types import Cause, Verdict
 from prober.redact import label_target
 from prober.types import ProbeKind, ProbeResult
@@ -309,6 +310,42 @@ class _SensorCollector(Collector):
         return self._families(False)
 
 
+class _ProbeLabelsCollector(Collector):
+    """`connprobe_probe_labels{probe, <the probe's labels:>} 1`, one series per configured probe (a probe without
+    `labels:` too, so a join keeps it). The label names differ from probe to probe, which a labelled metric
+    with fixed names cannot carry; joined onto any series by `on(instance, probe) group_left(...)`."""
+
+    NAME = "connprobe_probe_labels"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._labels: dict[str, tuple[tuple[str, str], ...]] = {}
+
+    def set(self, probe: str, labels: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            self._labels[probe] = tuple(sorted(labels))
+
+    def forget(self, probe: str) -> None:
+        with self._lock:
+            self._labels.pop(probe, None)
+
+    def _family(self, with_samples: bool) -> Metric:
+        m = Metric(self.NAME, "1 for each configured probe, labelled with the probe's `labels:` from the config "
+                   "(join: * on(instance, probe) group_left(LABEL, ...) connprobe_probe_labels).", "gauge")
+        if with_samples:
+            with self._lock:
+                items = sorted(self._labels.items())
+            for probe, labels in items:
+                m.add_sample(self.NAME, {"probe": probe, **dict(labels)}, 1.0)
+        return m
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(True)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family(False)
+
+
 class Metrics:
     """The agent's metric set on one registry. Thread-safe; `observe` never blocks on I/O.
 
@@ -381,6 +418,11 @@ class Metrics:
                               registry=r)
         self._sensor = _SensorCollector()
         r.register(self._sensor)
+        self.probe_labels = _ProbeLabelsCollector()
+        r.register(self.probe_labels)
+        build = Gauge("connprobe_build_info", "1, labelled with connprobe's version and the Python running it.",
+                      tuple(build_labels()), registry=r)
+        build.labels(**build_labels()).set(1)
 
     # -- probes -------------------------------------------------------------------------------------------
 
@@ -392,14 +434,16 @@ class Metrics:
         return metric.labels(*values)
 
     def declare(self, probe: str, target: str, source: str, *, kind: ProbeKind | None = None,
-                interval_s: float | None = None) -> None:
+                interval_s: float | None = None, labels: Iterable[tuple[str, str]] = ()) -> None:
         """Create a configured probe's series before its first result: counters at 0 for every result and
-        cause (so `rate()` and `increase()` see the first failure), every HTTP phase at 0, the interval."""
+        cause (so `rate()` and `increase()` see the first failure), every HTTP phase at 0, the interval, and
+        its `connprobe_probe_labels` series with the config's `labels:` (validated by `connprobe.config`)."""
         pl = self._labels(probe, target, source)
         with self._lock:
             self._declare(pl, kind)
             if interval_s is not None:
                 self._touch(probe, self.interval, pl).set(interval_s)
+            self.probe_labels.set(probe, labels)
 
     def _declare(self, pl: tuple[str, str, str], kind: ProbeKind | None) -> None:
         probe = pl[0]
@@ -476,6 +520,8 @@ class Metrics:
             series -= gone
             if not series:
                 self._series.pop(probe, None)
+            if target is None and source is None:
+                self.probe_labels.forget(probe)
 
     def probes_known(self) -> set[str]:
         with self._lock:

@@ -130,6 +130,7 @@ def verdict_document(v: Verdict, wall_time: float | None = None) -> dict[str, An
         "summary": redact_text(v.summary),
         "facts": [redact_text(f) for f in v.facts],
         "kernel_events": len(v.evidence),
+        "labels": dict(r.labels),  # the probe's `labels:` from the config
     }
 
 

@@ -34,8 +34,10 @@ import os
 import socket
 import ssl
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -326,14 +328,66 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
 # -- endpoints ------------------------------------------------------------------------------------------------
 
 
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip`, `x-gzip` or `*`, without `q=0`)."""
+    allowed = False
+    for item in header.lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        coding = coding.strip()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            allowed = q > 0
+    return allowed
+
+
+class _GzipPieces:
+    """The exposition pieces gzipped as one stream (each `next` compresses one piece, in the worker thread)."""
+
+    def __init__(self, pieces: Iterator[bytes], level: int = 6):
+        self.pieces = pieces
+        self.z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+        self.done = False
+
+    def __iter__(self) -> _GzipPieces:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self.done:
+            piece = next(self.pieces, None)
+            if piece is None:
+                self.done = True
+                return self.z.flush()
+            out = self.z.compress(piece)
+            if out:
+                return out
+        raise StopIteration
+
+    def close(self) -> None:
+        self.pieces.close()
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
     agent = _agent(request)
     agent.refresh_health()
-    # ~100 lines per probe: rendered in a worker thread a piece at a time, streamed as the pieces come
-    pieces = exposition_chunks(agent.registry)
+    # ~100 lines per probe: rendered in a worker thread a piece at a time, streamed as the pieces come; gzipped
+    # there too when the client asks (Prometheus does: ~10x less to send at 1,000 probes)
+    pieces: Any = exposition_chunks(agent.registry)
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+    if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        pieces = _GzipPieces(pieces)
+        headers["Content-Encoding"] = "gzip"
     try:
         piece = await asyncio.to_thread(off_loop_render, next, pieces, None)
-        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         while piece is not None:
             await response.write(piece)
@@ -486,10 +540,10 @@ def _nameservers(env, source: str) -> tuple[str, ...]:
 async def reload(request: web.Request) -> web.Response:
     server = request.app[STATE_KEY].server
     if server is None:
-        outcome = await _agent(request).reload()
+        outcome = await _agent(request).reload(trigger="http")
         ok, text = outcome.ok, (outcome.message if outcome.ok else f"failed to reload config: {outcome.message}")
     else:
-        ok, text = await server.reload()
+        ok, text = await server.reload(trigger="http")
     return _text(200 if ok else 400, text)
 
 
@@ -643,9 +697,9 @@ class WebServer:
             log.warning("%s", self.security.warning())
         return ""
 
-    async def reload(self) -> tuple[bool, str]:
-        """The probe config and the web config, as SIGHUP and POST /-/reload do."""
-        outcome = await self.agent.reload()
+    async def reload(self, trigger: str = "api") -> tuple[bool, str]:
+        """The probe config and the web config, as SIGHUP (trigger "signal") and POST /-/reload ("http") do."""
+        outcome = await self.agent.reload(trigger=trigger)
         web_error = await self.reload_web_config()
         text = outcome.message if outcome.ok else f"failed to reload config: {outcome.message}"
         if web_error:

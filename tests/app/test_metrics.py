@@ -19,7 +19,8 @@ CLIENT, SERVER = "10.77.1.2", "10.77.2.11"
 CLIENT_PORT = 43117
 FLOW = Flow(Proto.TCP, CLIENT, CLIENT_PORT, SERVER, 8080, 4026531001)
 URL = "http://srv1.lab.test:8080/ok"
-ALLOWED_LABELS = {"probe", "target", "source", "cause", "reason", "phase", "hook", "result", "kind", "le"}
+ALLOWED_LABELS = {"probe", "target", "source", "cause", "reason", "phase", "hook", "result", "kind", "le",
+                  "version", "python", "implementation", "arch"}  # the last four: connprobe_build_info, constants
 
 
 def result(*, name: str = "web", ok: bool = True, error: ErrorKind | None = None, target: str = URL,

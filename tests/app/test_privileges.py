@@ -119,7 +119,7 @@ def _held_metric(agent: AgentProcess) -> set[str]:
 @kernel
 def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees_drops(lab, tmp_path):
     cfg = lab_config(tmp_path / "agent.yml", lab)
-    agent = AgentProcess(cfg, tmp_path)
+    agent = AgentProcess(cfg, tmp_path, "--no-config-watch")  # the reload below is SIGHUP alone
     prog_ids: list[int] = []
     try:
         agent.start()
@@ -164,7 +164,7 @@ def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees
 def test_agent_with_host_probes_only_drops_every_capability(tmp_path):
     cfg = write_config(tmp_path / "agent.yml", [
         {"name": "refused", "module": "tcp", "target": "127.0.0.1:1", "interval": "1s", "jitter": 0}])
-    agent = AgentProcess(cfg, tmp_path)
+    agent = AgentProcess(cfg, tmp_path, "--no-config-watch")
     try:
         agent.start()
         assert "capabilities: kept none; dropped all others (bounding set too; no_new_privs on)" in agent.stderr()

@@ -144,9 +144,13 @@ def test_several_errors_are_all_reported():
                                  'probe "x": module: unknown module "b" (known: a)']
 
 
-def test_missing_file(tmp_path, capsys):
-    assert check_config_main([str(tmp_path / "nope.yaml")]) == 1
-    assert "cannot read: No such file or directory" in capsys.readouterr().err
+def test_missing_file_is_an_environment_error_exit_2(tmp_path, capsys):
+    """1 means "the config is invalid"; a file that cannot be read is 2, as for diagnose's environment errors."""
+    assert check_config_main([str(tmp_path / "nope.yaml")]) == 2
+    missing = tmp_path / "nope.yaml"
+    assert capsys.readouterr().err == f"check-config: {missing}: cannot read: No such file or directory\n"
+    assert check_config_main([str(tmp_path)]) == 2  # a directory
+    assert "cannot read: not a regular file" in capsys.readouterr().err
 
 
 # -- values that must load, and loaders that must never leak an exception -----------------------------------

@@ -113,7 +113,7 @@ def test_sighup_with_a_bad_file_logs_one_line_and_runs_on(tmp_path, rule):
     """The agent as a process: SIGHUP used to kill the reload task silently on a non-UTF-8 file."""
     cfg = write_config(tmp_path / "c.yml", [{"name": "self", "module": "tcp", "target": "127.0.0.1:9",
                                              "interval": "0.2s", "timeout": "100ms", "jitter": 0}])
-    agent = AgentProcess(cfg, tmp_path, "--no-kernel").start()
+    agent = AgentProcess(cfg, tmp_path, "--no-kernel", "--no-config-watch").start()  # SIGHUP alone
     try:
         def runs() -> float:
             return sum(samples_named(agent.metrics(), "connprobe_probes_total", probe="self").values())
