@@ -771,9 +771,16 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     from connprobe.probepolicy import ProbeLimiter
     from connprobe.web import start_server
-    from connprobe.webconfig import WebConfigError
+    from connprobe.webconfig import WebConfigError, load_web_config
 
     host, port = parse_listen(args.listen)
+    web_config = getattr(args, "web_config_file", None)
+    if web_config:  # checked before anything starts (and before capabilities are dropped); re-read when serving
+        try:
+            await asyncio.to_thread(load_web_config, web_config)
+        except WebConfigError as exc:
+            print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
+            return 2
     stream: IO[str] | None = None
     if args.log_json == "-":
         stream = sys.stdout
@@ -793,7 +800,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 2
     runner = None
     try:
-        web_config = getattr(args, "web_config_file", None)
         try:
             runner = await start_server(
                 agent, host, port, web_config_path=web_config,

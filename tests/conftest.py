@@ -84,3 +84,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         session.config.get_terminal_writer().line(f"LEFT BEHIND by the tests: network namespaces {left}", red=True)
         session.exitstatus = 1
+
+
+def _own_capabilities() -> str:
+    try:
+        with open("/proc/thread-self/status") as f:
+            return next((ln.split()[1] for ln in f if ln.startswith("CapEff:")), "")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(autouse=True)
+def _capabilities_kept():
+    """A test that runs the agent's command in this process with capability dropping on would leave every later
+    kernel test without privileges (capabilities do not come back): name the culprit instead."""
+    before = _own_capabilities()
+    yield
+    after = _own_capabilities()
+    if after != before:
+        pytest.fail(f"this test dropped the test process's capabilities (CapEff {before} -> {after}): run the "
+                    "agent in-process with --keep-capabilities", pytrace=False)
