@@ -85,6 +85,7 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         channel = grpc.aio.secure_channel(dial, creds, options=options)
     else:
         channel = grpc.aio.insecure_channel(dial, options=options)
+    attempt.values["grpc_ssl"] = 1 if spec.tls else 0
     start = monotonic_ns()
     connected = False
     try:

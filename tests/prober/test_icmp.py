@@ -163,3 +163,19 @@ async def test_source_ip_address(lab, src):
     assert r.error is ErrorKind.CONNECT_UNREACHABLE and "Cannot assign requested address" in r.error_detail
     r = await _one(_icmp(srv.addr4, src, source_ip_address="fd77:1::2"))
     assert r.error is ErrorKind.CONNECT_UNREACHABLE and "not of" in r.error_detail
+
+
+async def test_blackbox_metrics_of_an_icmp_probe(lab, src):
+    from prometheus_client import CollectorRegistry
+
+    from connprobe.metrics import Metrics, probe_registry, render
+
+    r = await _one(_icmp(lab.server("srv1").addr6, src))
+    text = render(probe_registry(correlate(r, ()))).decode()
+    assert "probe_icmp_reply_hop_limit 63.0" in text and "probe_success 1.0" in text
+    for phase in ("resolve", "setup", "rtt"):
+        assert f'probe_icmp_duration_seconds{{phase="{phase}"}}' in text
+    assert 'probe_icmp_duration_seconds{phase="resolve"} 0.0' in text  # a literal address: nothing resolved
+    m = Metrics(registry=CollectorRegistry())
+    m.observe(correlate(r, ()))
+    assert "probe_icmp_reply_hop_limit{probe=\"t\"" in m.render().decode()
