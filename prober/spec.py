@@ -429,7 +429,8 @@ class ModuleSpec(Frozen):
     unix: UnixSpec | None = None
     # the agent's /probe only (where the caller picks the target): the targets this module may be pointed at
     # when it carries secrets (http.headers), and the link-local/metadata addresses it may reach; hostnames
-    # (wildcards: *.example.com) or addresses/CIDRs (10.0.0.0/8)
+    # (wildcards: *.example.com) or addresses/CIDRs (10.0.0.0/8); for a unix module, the socket paths it may
+    # be pointed at (none listed: /probe refuses it)
     allowed_targets: tuple[str, ...] = ()
 
     @field_validator("allowed_targets")
@@ -438,6 +439,8 @@ class ModuleSpec(Frozen):
         import ipaddress
 
         for entry in v:
+            if entry.startswith("/"):  # a unix probe's socket path, named exactly
+                continue
             try:
                 ipaddress.ip_network(entry, strict=False)
                 continue
