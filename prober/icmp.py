@@ -4,8 +4,10 @@ Raw sockets (SOCK_RAW), not ping sockets (SOCK_DGRAM IPPROTO_ICMP): a ping socke
 net.ipv4.ping_group_range, which is "1 0" (nobody) unless the host is configured for it; the agent runs as root
 and keeps CAP_NET_RAW when a probe is an ICMP one (connprobe/privileges.py). A raw socket also receives the ICMP
 errors about our request (destination unreachable, time exceeded, the admin-prohibited of a firewall's reject):
-they say why no reply came, and are the probe's own packet evidence. The kernel sensor keys on ports, which ICMP
-has not: ICMP probes carry no kernel evidence (the correlator says so).
+they say why no reply came, and are the probe's own packet evidence. Kernel evidence: the echo's identifier stands
+for a port — it is announced as icmp/ID before the request leaves, and the kernel sensor (bpf/sensor.c) keys an
+echo request or reply on it, so a drop of our echo anywhere on the node (a firewall, loss) is seen with its reason.
+The flow's local address is the one the kernel would pick for the target (a connected UDP socket tells it).
 
 The echo identifier and sequence are random per attempt; a reply matches on both and on the peer's address (an
 error on the identifier and sequence quoted in it). Phases as blackbox_exporter: resolve, setup (the socket),
@@ -23,8 +25,8 @@ import time
 
 from prober.core import Attempt, ProbeEnv
 from prober.errors import describe
-from prober.sockets import _forget_stale, connect_guard
-from prober.types import ErrorKind, PhaseSpan
+from prober.sockets import _forget_stale, connect_guard, no_callback
+from prober.types import ErrorKind, Flow, PhaseSpan, Proto
 
 monotonic_ns = time.monotonic_ns
 
@@ -171,6 +173,7 @@ async def probe_icmp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     sent = 0
     payload = bytes(i % 256 for i in range(spec.payload_size))
     ident, seq = struct.unpack("!HH", os.urandom(4))
+    ident = ident or 1  # 0 is no port: the watch list would refuse it
     packet = echo_request(family, ident, seq, payload)
     try:
         guard = connect_guard.get()
@@ -193,6 +196,9 @@ async def probe_icmp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             fd = sock.fileno()
             _forget_stale(loop, fd)
             loop.add_reader(fd, _readable, sock, family, addr, ident, seq, waiter)
+            local = spec.source_ip_address or await _local_address(attempt, family, sockaddr)
+            env.on_local_port(Proto.ICMP, ident)
+            attempt.flows.append(Flow(Proto.ICMP, local, ident, addr, ident, attempt.source.inode))
             attempt.timeline.marks.append(PhaseSpan("setup", setup_start, monotonic_ns()))
             sent = monotonic_ns()
             try:
@@ -222,6 +228,18 @@ async def probe_icmp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             loop.remove_reader(fd)
         if sock is not None:
             sock.close()
+
+
+async def _local_address(attempt: Attempt, family: int, sockaddr: tuple) -> str:
+    """The source address the kernel picks for `sockaddr` in the probe's namespace (a UDP connect sends nothing)."""
+    probe = await attempt.source.open(family, socket.SOCK_DGRAM, no_callback)
+    try:
+        probe.connect((sockaddr[0], 9, *sockaddr[2:]))
+        return probe.getsockname()[0]
+    except OSError:
+        return ""
+    finally:
+        probe.close()
 
 
 def _error_answer(family: int, answer: Answer, ttl: int) -> tuple[ErrorKind, str]:

@@ -13,6 +13,7 @@ from enum import StrEnum
 class Proto(StrEnum):
     TCP = "tcp"
     UDP = "udp"
+    ICMP = "icmp"  # an echo: local_port and remote_port are its identifier (the kernel sensor watches icmp/ID)
 
 
 class ProbeKind(StrEnum):

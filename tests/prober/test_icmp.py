@@ -1,5 +1,6 @@
 """ICMP echo probes: loopback and through the lab router (v4 and v6), TTL, don't-fragment, payload size, the
-errors that come back (time exceeded, admin-prohibited), a silent policy drop, and the verdicts they get."""
+errors that come back (time exceeded, admin-prohibited), a silent policy drop, and the verdicts they get without
+the kernel sensor (with it: tests/bpf/test_icmp_evidence.py)."""
 
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ async def test_policy_drop_and_reject_of_echo_requests(lab, src, family):
         r = await _one(_icmp(addr, src, timeout=1.0))
         assert drop.matched() == 1
     assert r.error is ErrorKind.CONNECT_TIMEOUT and "no echo reply" in r.error_detail
-    v = correlate(r, (), evidence=EvidenceStatus())
-    assert v.sub_cause == "unknown/icmp_no_reply" and "no kernel evidence (icmp not watched)" in v.facts
+    v = correlate(r, (), evidence=EvidenceStatus(available=False, reason="sensor off"))
+    assert v.sub_cause == "unknown/icmp_no_reply" and v.confidence == 0.3  # tests/bpf/test_icmp_evidence.py: with
+    assert "a policy drop, loss and a dead host look the same from here" in v.facts  # the sensor, policy_drop/echo
     with lab.icmp_echo_drop("srv1", direction="in", family=family, action="reject"):
         r = await _one(_icmp(addr, src))
     assert r.error is ErrorKind.CONNECT_REFUSED and "prohibited" in r.error_detail, r.error_detail
