@@ -373,6 +373,13 @@ class GRPCSpec(Frozen):
     tls: bool = False
     tls_config: TLSSpec = TLSSpec()
 
+    @field_validator("tls_config")
+    @classmethod
+    def _verified(cls, v: TLSSpec) -> TLSSpec:
+        if v.insecure_skip_verify:  # grpcio's TLS always verifies the peer
+            raise ValueError("insecure_skip_verify is not possible with grpc (grpcio always verifies)")
+        return v
+
 
 class WebSocketSpec(Frozen):
     """A WebSocket probe: the upgrade, then `query_response` over text messages (send/expect)."""
@@ -513,13 +520,6 @@ class ProbeSpec(Frozen):
             raise ValueError(f"target: {exc}") from None
         if target.host and (err := host_name_error(target.host)):
             raise ValueError(f"target: {err}")
-        return self
-
-    @model_validator(mode="after")
-    def _grpc_from_the_host(self) -> ProbeSpec:
-        if self.module.prober == "grpc" and self.source_spec.path is not None:
-            raise ValueError("source: grpc probes run from the host namespace only "
-                             "(grpc's C core makes its own sockets)")
         return self
 
     @model_validator(mode="after")

@@ -12,8 +12,8 @@ from connprobe.config import ConfigError, check_config_main, load_config
 HERE = Path(__file__).parent
 
 EXPECTED = {
-    "grpc_from_netns": 'probe "api": source: grpc probes run from the host namespace only '
-    "(grpc's C core makes its own sockets)",
+    "grpc_insecure_skip_verify": 'module "health": grpc.tls_config: insecure_skip_verify is not possible with '
+    "grpc (grpcio always verifies)",
     "grpc_target_without_port": "probe \"api\": target: grpc target must be host:port (IPv6 as [addr]:port), "
     "got 'api.example.com'",
     "icmp_bad_protocol": "module \"ping\": icmp.preferred_ip_protocol: must be 'ip4' or 'ip6'",

@@ -53,7 +53,8 @@ async def test_serving_not_serving_and_unknown(plain):
     r = await _one(_grpc(f"127.0.0.1:{plain}"))
     assert r.ok, r.error_detail
     assert r.value("grpc_status_code") == 0 and r.value("grpc_serving_status") == 1
-    assert [p.name for p in r.phases] == ["check"]
+    assert [p.name for p in r.phases] == ["connect", "check"]
+    assert r.flows[0].proto == "tcp" and r.flows[0].remote_port == plain  # the prober's own connection
     r = await _one(_grpc(f"127.0.0.1:{plain}", service="orders"))
     assert r.ok
     r = await _one(_grpc(f"127.0.0.1:{plain}", service="billing"))
@@ -96,9 +97,24 @@ async def test_tls(pki, tmp_path):
         await server.stop(None)
 
 
-def test_netns_source_is_refused_at_load():
-    with pytest.raises(ValueError, match="grpc probes run from the host namespace only"):
-        spec("127.0.0.1:1", prober="grpc", source="netns client")
+@pytest.mark.kernel
+async def test_from_a_lab_namespace_over_the_probers_own_socket(lab):
+    """The connection is the prober's: made in the source namespace, announced, its flow recorded; a policy
+    drop of its SYN is a connect_timeout like a TCP probe's."""
+    srv = lab.server("srv1")
+    ports = []
+    s = spec(f"{srv.addr4}:{srv.port}", prober="grpc", source=f"netns {lab.ns('client').name}", timeout=1.5,
+             section=GRPCSpec())
+    async with ProbeEnv(on_local_port=lambda proto, port: ports.append((str(proto), port))) as env:
+        (r,) = await run_probe(s, env)  # an HTTP/1.1 server: not a gRPC one
+        assert not r.ok and r.error is not ErrorKind.SOURCE_ERROR, r.error_detail
+        (flow,) = r.flows
+        assert (flow.netns, flow.local_addr) == (lab.ns("client").inode, "10.77.1.2")
+        assert ports == [("tcp", flow.local_port)]
+        with lab.policy_drop("srv1", direction="in", proto="tcp", port=srv.port):
+            (r,) = await run_probe(s, env)
+    assert r.error is ErrorKind.CONNECT_TIMEOUT and [p.name for p in r.phases] == ["connect"]
+    assert r.value("grpc_status_code") == 4  # DEADLINE_EXCEEDED, as grpc would have said
 
 
 async def test_refused_target_sends_nothing(plain):
@@ -112,7 +128,8 @@ async def test_refused_target_sends_nothing(plain):
         r = await _one(_grpc(f"127.0.0.1:{plain}"))
     finally:
         connect_guard.reset(token)
-    assert r.error is ErrorKind.CONNECT_EPERM and not r.phases
+    assert r.error is ErrorKind.CONNECT_EPERM and "127.0.0.1 is not allowed" in r.error_detail
+    assert "check" not in r.phase_durations_ns()  # refused at the prober's connect: grpc never started
 
 
 async def test_blackbox_metrics_of_a_grpc_probe(plain):
@@ -131,3 +148,33 @@ async def test_blackbox_metrics_of_a_grpc_probe(plain):
     agent = m.render().decode()
     assert ('probe_grpc_healthcheck_response{probe="t",serving_status="NOT_SERVING",source="host",'
             f'target="127.0.0.1:{plain}"}} 1.0') in agent
+
+
+async def test_relay_splices_only_the_agents_own_connection():
+    """Another process connecting to the relay's abstract socket is turned away (SO_PEERCRED), the channel is not."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    from prober.grpc import _Relay
+
+    ours, theirs = socket.socketpair()
+    up_reader, up_writer = await asyncio.open_connection(sock=ours)
+    relay = _Relay(up_reader, up_writer)
+    await relay.start()
+    try:
+        code = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0' + " + repr(relay.name) + "); "
+                "print(s.recv(1) == b'')")
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], capture_output=True,
+                                      text=True, timeout=20)
+        assert out.stdout.strip() == "True", out.stderr  # closed at once
+        assert relay.local is None  # still waiting for the channel
+        _, writer = await asyncio.open_unix_connection(path="\0" + relay.name)
+        writer.write(b"ping")
+        await writer.drain()
+        assert await asyncio.to_thread(theirs.recv, 4) == b"ping"  # spliced to the upstream connection
+        writer.close()
+    finally:
+        await relay.aclose()
+        theirs.close()
