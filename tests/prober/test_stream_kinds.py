@@ -161,3 +161,35 @@ async def test_unix_missing_socket(tmp_path):
 def test_unix_target_must_be_a_path():
     with pytest.raises(ValueError, match="unix target must be an absolute socket path"):
         spec("relative.sock", prober="unix")
+
+
+async def test_websocket_over_tls(tmp_path, pki):
+    ca, pair = pki
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pair.cert, pair.key)
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("secure hello")
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        tls = TLSSpec(ca_file=str(ca.path), server_name="localhost")
+        r = await _one(_ws(f"wss://127.0.0.1:{port}/ws", [{"expect": "^secure"}], tls_config=tls))
+        assert r.ok, r.error_detail
+        assert "tls" in r.phase_durations_ns()
+        stranger = CA(tmp_path, "stranger")
+        r = await _one(_ws(f"wss://127.0.0.1:{port}/ws", [{"expect": "^secure"}],
+                           tls_config=TLSSpec(ca_file=str(stranger.path), server_name="localhost")))
+        assert r.error is ErrorKind.TLS_ERROR, (r.error, r.error_detail)
+    finally:
+        await runner.cleanup()
