@@ -223,7 +223,9 @@ async def _run(spec: ProbeSpec, env: ProbeEnv, source: Source, start: int, deadl
                     source.label,
                     start,
                     ErrorKind.DNS_NO_ANSWER,
-                    f"{target.host}: no address for ip_policy {spec.module.ip_policy}",
+                    f"{target.host}: no {preferred} address (ip_protocol_fallback is false)"
+                    if preferred and not fallback and res.addresses
+                    else f"{target.host}: no address for ip_policy {spec.module.ip_policy}",
                     res,
                 ),
             )

@@ -69,6 +69,11 @@ async def test_by_name_prefers_the_asked_family(lab, src):
     r6 = await _one(_icmp("srv1.lab.test", src))  # blackbox's default: ip6
     assert r4.ok and r4.address == srv.addr4 and r6.ok and r6.address == srv.addr6
     assert r4.phases[0].name == "resolve"
+    r = await _one(_icmp("v4only.lab.test", src))  # no AAAA: falls back to IPv4
+    assert r.ok and ":" not in r.address
+    r = await _one(_icmp("v4only.lab.test", src, ip_protocol_fallback=False))
+    assert r.error is ErrorKind.DNS_NO_ANSWER and r.error_detail == (
+        "v4only.lab.test: no ip6 address (ip_protocol_fallback is false)")
 
 
 async def test_payload_size_and_dont_fragment(lab, src):
