@@ -10,8 +10,9 @@
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
  *
  * Events of watched flows (proto + local port on the watch list, matched on either port so the server
- * side of a flow on the same node is caught too) go to the `events` ring buffer. Every event, watched or
- * not, is counted in `counts`. Drop reasons on the `quiet` list (QUEUE_PURGE, NOT_SPECIFIED, ...) are only
+ * side of a flow on the same node is caught too; an ICMP echo's identifier is its "port": icmp/ID) go to the
+ * `events` ring buffer (watch key: proto << 16 | port; ICMPv6 echoes are folded into proto 1). Every event,
+ * watched or not, is counted in `counts`. Drop reasons on the `quiet` list (QUEUE_PURGE, NOT_SPECIFIED, ...) are only
  * counted, never sent. Failed ring-buffer reservations are counted in `lost`.
  */
 #include "events.h"
@@ -36,6 +37,7 @@ enum sk_rst_reason { CP_DUMMY_RST_REASON = 0 };
 #define CP_IPV6_MAX_EXT 6
 #define CP_IPPROTO_TCP 6
 #define CP_IPPROTO_UDP 17
+#define CP_IPPROTO_ICMPV6 58
 
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_HASH(watch, u32, u8, WATCH_MAX);
@@ -180,8 +182,26 @@ static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_eve
         ev->dport = bpf_ntohs(ports[1]);
         if (ev->proto == CP_IPPROTO_TCP)
             bpf_probe_read_kernel(&ev->tcp_flags, 1, th + 13);
+    } else if (ev->proto == CP_IPPROTO_ICMP || ev->proto == CP_IPPROTO_ICMPV6) {
+        /* An echo request or reply: its identifier stands for both ports (an ICMP probe watches icmp/ID), and
+         * ICMPv6 echoes are folded into icmp so that one watch key covers both families. Other ICMP messages
+         * keep sport = dport = 0: never watched. */
+        u8 type = 0;
+        u16 id = 0;
+        if (bpf_probe_read_kernel(&type, 1, th) || bpf_probe_read_kernel(&id, 2, th + 4))
+            return 0;
+        if (type == 8 || type == 0 || type == 128 || type == 129) {
+            ev->proto = CP_IPPROTO_ICMP;
+            ev->sport = bpf_ntohs(id);
+            ev->dport = ev->sport;
+        }
     }
     return 0;
+}
+
+/* Whether a parsed packet has a tuple the watch list can name: TCP/UDP ports or an echo's identifier. */
+static __always_inline int has_ports(const struct cp_event *ev) {
+    return ev->proto == CP_IPPROTO_TCP || ev->proto == CP_IPPROTO_UDP || (ev->proto == CP_IPPROTO_ICMP && ev->sport);
 }
 
 /* Copy the v4/v6 addresses of a tcp/sock tracepoint (saddr[4], daddr[4], saddr_v6[16], daddr_v6[16]). */
@@ -329,8 +349,7 @@ TRACEPOINT_PROBE(skb, kfree_skb) {
     const void *skb = args->skbaddr;
     ev.kind = CP_KIND_DROP;
     ev.reason = reason;
-    int parsed = parse_skb(skb, args->protocol, &ev) == 0 &&
-                 (ev.proto == CP_IPPROTO_TCP || ev.proto == CP_IPPROTO_UDP);
+    int parsed = parse_skb(skb, args->protocol, &ev) == 0 && has_ports(&ev);
     int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
     count(CP_KIND_DROP, reason, watched);
     if (!watched || quiet.lookup(&reason))
@@ -357,7 +376,7 @@ TRACEPOINT_PROBE(icmp, icmp_send) {
     const void *skb = args->skbaddr;
     ev.kind = CP_KIND_ICMP_SEND;
     ev.error = (args->type << 8) | (args->code & 0xFF);
-    int parsed = parse_skb(skb, 0, &ev) == 0 && (ev.proto == CP_IPPROTO_TCP || ev.proto == CP_IPPROTO_UDP);
+    int parsed = parse_skb(skb, 0, &ev) == 0 && has_ports(&ev);
     int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
     count(CP_KIND_ICMP_SEND, (u32)ev.error, watched);
     if (!watched)

@@ -456,8 +456,8 @@ class KernelSensor:
     # -- watch list ---------------------------------------------------------------------------------------
 
     def _key(self, proto: str, port: int) -> tuple[int, int]:
-        if proto not in ("tcp", "udp"):
-            raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
+        if proto not in ("tcp", "udp", "icmp"):  # icmp: an echo's identifier is its port (sensor.c)
+            raise ValueError(f"proto must be 'tcp', 'udp' or 'icmp', not {proto!r}")
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
         return PROTO_NUMBERS[proto], port

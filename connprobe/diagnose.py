@@ -2,7 +2,9 @@
 timeline (phases and kernel events on one time axis) and a one-line verdict.
 
 TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
-resolv.conf). Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
+resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect).
+Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Attempt:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="http(s)://URL, host:port (TCP) or dns:NAME")
+    p.add_argument("target", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
+                                  "ws(s)://URL or unix:/PATH")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
                    help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
@@ -86,6 +89,11 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
             module = ModuleSpec(prober="dns", timeout=timeout,
                                 dns=DNSSpec(query_name=name, query_type=args.qtype))
             target = "resolv.conf"
+        elif target.startswith(("icmp:", "grpc:", "unix:")):  # the new kinds: KIND:TARGET
+            kind, target = target.split(":", 1)
+            module = ModuleSpec(prober=kind, timeout=timeout, ip_policy=args.ip_policy)
+        elif target.startswith(("ws://", "wss://")):
+            module = ModuleSpec(prober="websocket", timeout=timeout, ip_policy=args.ip_policy)
         elif "://" in target:
             module = ModuleSpec(prober="http", timeout=timeout, ip_policy=args.ip_policy,
                                 http=HTTPSpec(client=args.client))

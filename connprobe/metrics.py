@@ -91,6 +91,43 @@ def _dns_lookup_seconds(r: ProbeResult) -> float | None:
     return None
 
 
+# blackbox_exporter's metrics of the icmp and grpc probers: (name, help, extra label, series of a result)
+ICMP_PHASES: tuple[str, ...] = ("resolve", "setup", "rtt")
+GRPC_SERVING_STATUS: tuple[str, ...] = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+KIND_GAUGES: tuple[tuple[str, str, str | None], ...] = (
+    ("probe_icmp_duration_seconds", "Duration of each phase of the ICMP echo (0 for a phase not reached).", "phase"),
+    ("probe_icmp_reply_hop_limit", "Hop limit (TTL) of the echo reply, when one came.", None),
+    ("probe_grpc_status_code", "Status code of the health Check RPC (0 OK; 14 UNAVAILABLE...).", None),
+    ("probe_grpc_healthcheck_response", "1 for the health check's serving status, 0 for the others.",
+     "serving_status"),
+    ("probe_grpc_duration_seconds", "Duration of each phase of the gRPC health check.", "phase"),
+    ("probe_grpc_ssl", "1 when the gRPC connection used TLS.", None),
+)
+
+
+def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
+    """The kind-specific gauges of one result: metric name -> [(extra label value or None, value)]."""
+    out: dict[str, list[tuple[str | None, float]]] = {}
+    phases = r.phase_durations_ns()
+    if r.kind == ProbeKind.ICMP:
+        out["probe_icmp_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ICMP_PHASES]
+        hop = r.value("icmp_reply_hop_limit")
+        if hop is not None:
+            out["probe_icmp_reply_hop_limit"] = [(None, hop)]
+    elif r.kind == ProbeKind.GRPC:
+        out["probe_grpc_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ("resolve", "check")]
+        code = r.value("grpc_status_code")
+        if code is not None:
+            out["probe_grpc_status_code"] = [(None, code)]
+        ssl_used = r.value("grpc_ssl")
+        if ssl_used is not None:
+            out["probe_grpc_ssl"] = [(None, ssl_used)]
+        status = r.value("grpc_serving_status")
+        out["probe_grpc_healthcheck_response"] = [(s, 1.0 if status == i else 0.0)
+                                                  for i, s in enumerate(GRPC_SERVING_STATUS)]
+    return out
+
+
 def _evidence_counts(events: Iterable[KernelEvent]) -> tuple[int, dict[str, int]]:
     retransmits = 0
     drops: dict[str, int] = {}
@@ -384,6 +421,8 @@ class Metrics:
                                  pl, registry=r)
         self.dns_lookup = Gauge("probe_dns_lookup_time_seconds", "How long the last probe's DNS lookup took.",
                                 pl, registry=r)
+        self.kind_gauges = {name: Gauge(name, doc, (*pl, extra) if extra else pl, registry=r)
+                            for name, doc, extra in KIND_GAUGES}
         self.regex_failed = Gauge("probe_failed_due_to_regex", "1 when the last probe failed a regular "
                                   "expression check on body or headers.", pl, registry=r)
 
@@ -484,6 +523,9 @@ class Metrics:
             dns = _dns_lookup_seconds(r)
             if dns is not None:
                 self._touch(probe, self.dns_lookup, pl).set(dns)
+            for name, series in kind_series(r).items():
+                for extra, value in series:
+                    self._touch(probe, self.kind_gauges[name], pl if extra is None else (*pl, extra)).set(value)
             for values in [v for m, v in self._series[probe] if m is self.last_cause and v[:3] == pl]:
                 self.last_cause.remove(*values)
                 self._series[probe].discard((self.last_cause, values))
@@ -571,6 +613,12 @@ def probe_registry(verdict: Verdict, *, registry: CollectorRegistry | None = Non
     dns = _dns_lookup_seconds(r)
     if dns is not None:
         gauge("probe_dns_lookup_time_seconds", "How long the DNS lookup took.", dns)
+    docs = {name: (doc, extra) for name, doc, extra in KIND_GAUGES}
+    for name, series in kind_series(r).items():
+        doc, extra = docs[name]
+        g = Gauge(name, doc, [extra] if extra else [], registry=reg)
+        for label, value in series:
+            (g.labels(label) if extra else g).set(value)
     cause = Gauge("connprobe_probe_cause", "1 for the verdict's cause, 0 for the others.", ["cause"], registry=reg)
     for c in Cause:
         cause.labels(str(c)).set(1 if c == verdict.cause else 0)

@@ -11,7 +11,8 @@ What the running agent still needs (measured on Linux 6.18 by tests/app/test_pri
 - CAP_SYS_ADMIN, for `setns()` into a network namespace: kept when a probe of the start-up configuration
   has a netns source;
 - CAP_SYS_PTRACE, to open `/proc/PID/ns/net` of a process whose capabilities are not a subset of the
-  agent's (a container's init, a root daemon): kept when a probe's source is such a `/proc/` path.
+  agent's (a container's init, a root daemon): kept when a probe's source is such a `/proc/` path;
+- CAP_NET_RAW, for the raw socket of an ICMP echo: kept when a probe is an `icmp` one.
 
 Capabilities are per thread in Linux, and a thread inherits the sets of the thread that starts it. So the
 loop thread drops before the agent listens (before the libuv workers of the bind, the default executor's
@@ -177,6 +178,8 @@ def needed_for(probes: Iterable[ProbeSpec]) -> dict[str, list[str]]:
     """The capabilities the running agent needs for these probes: name -> the probes that need it."""
     need: dict[str, list[str]] = {}
     for p in probes:
+        if p.module.prober == "icmp":
+            need.setdefault("CAP_NET_RAW", []).append(p.name)  # the echo's raw socket (prober/icmp.py)
         kind = p.source_spec.kind
         if kind == "host":
             continue
@@ -187,6 +190,7 @@ def needed_for(probes: Iterable[ProbeSpec]) -> dict[str, list[str]]:
 
 
 _WHY = {
+    "CAP_NET_RAW": "an ICMP echo's raw socket, from",
     "CAP_SYS_ADMIN": "setns() into the network namespace of",
     "CAP_SYS_PTRACE": "opening another process's /proc/PID/ns/net for",
 }

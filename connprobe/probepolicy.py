@@ -62,6 +62,8 @@ def declared_source(name: str, probes: Iterable[ProbeSpec]) -> str:
 
 
 def carries_secrets(module: ModuleSpec) -> bool:
+    if module.websocket is not None and module.websocket.headers:
+        return True
     return module.http is not None and bool(module.http.headers)
 
 

@@ -469,6 +469,10 @@ async def probe(request: web.Request) -> web.Response:
         return _text(400, f"{err['msg'].removeprefix('Value error, ')}")
     except ValueError as exc:
         return _text(400, str(exc).splitlines()[0] if str(exc) else "invalid request")
+    if module.prober == "unix" and target not in module.allowed_targets:
+        # a caller-chosen path would reach any local socket the agent can open (a container runtime's...)
+        return _text(400, f"target: {_shown(target)}: on /probe a unix socket path must be listed in the "
+                          "module's allowed_targets")
     if module.prober == "dns" and host and not is_ip(host):
         # the DNS prober hands a server name to the system's resolver, out of this policy's sight
         return _text(400, f"target: {_shown(host)}: on /probe a DNS server is given by its address")

@@ -5,6 +5,9 @@ when several stories fit one probe:
 
  1. dns_failure         the name never resolved: nothing after resolution happened, so DNS decides;
                         dropped queries make it dns/policy_drop, not plain dns/timeout.
+ 1b. icmp_echo         a failed ICMP echo: a kernel drop of the echo (watched by its identifier) names it
+                        (policy → policy_drop/echo); else the ICMP error that came back (admin-prohibited →
+                        policy_drop/reject, EPERM → policy_drop/local), else unknown.
  2. policy_reject       refused/reset, but a policy dropped our SYN and the server never sent the RST:
                         a firewall answered for the target. Beats connection_refused.
  3. connection_refused  refused, and the target's own stack said nothing listens (RST, NO_SOCKET).
@@ -329,8 +332,40 @@ def healthy(ctx: Context) -> Finding | None:
     return Finding(Cause.OK, None, 1.0, (), tuple(facts), needs_kernel=False)
 
 
+# --- ICMP echo: the sensor watches an echo by its identifier (icmp/ID) ------------------------------------
+def icmp_echo(ctx: Context) -> Finding | None:
+    """A failed ICMP echo: a kernel drop of our echo (request or reply) names its cause; else what came back to
+    the probe's raw socket: an admin-prohibited destination unreachable is a firewall's reject, EPERM on send a
+    local rule, a time exceeded or unreachable names the router that sent it; silence cannot be told apart."""
+    r = ctx.result
+    if r.kind != "icmp" or r.ok:
+        return None
+    drops = tuple(m for m in ctx.matched if m.event.kind == "drop")
+    if drops:
+        first = drops[0]
+        what = "echo request" if first.outbound else "echo reply"
+        facts = (f"our {what} was dropped by {first.event.reason} {where(first)}",)
+        if reason_class(first.event.reason) in ("policy", "program"):
+            return Finding(Cause.POLICY_DROP, "policy_drop/echo", 0.9, drops, facts)
+        return Finding(Cause.UNKNOWN, "unknown/icmp_dropped", 0.6, drops, facts)
+    if r.error == ErrorKind.CONNECT_REFUSED and "prohibited" in r.error_detail:
+        return Finding(Cause.POLICY_DROP, "policy_drop/reject", 0.9, (),
+                       (f"a firewall rejected the echo request: {r.error_detail}",), needs_kernel=False)
+    if r.error == ErrorKind.CONNECT_EPERM:
+        return Finding(Cause.POLICY_DROP, "policy_drop/local", 0.85, (),
+                       ("the kernel refused to send the echo request: EPERM, a firewall rule in the probe's own "
+                        "namespace",), needs_kernel=False)
+    if r.error == ErrorKind.CONNECT_TIMEOUT:
+        seen = ("the kernel saw no drop of the echo on this node: dropped beyond it, or the host is down"
+                if ctx.evidence.available else "a policy drop, loss and a dead host look the same from here")
+        return Finding(Cause.UNKNOWN, "unknown/icmp_no_reply", 0.4 if ctx.evidence.available else 0.3, (),
+                       (r.error_detail, seen), needs_kernel=False)
+    return Finding(Cause.UNKNOWN, "unknown/icmp_unreachable", 0.6, (), (r.error_detail,), needs_kernel=False)
+
+
 RULES: tuple[Rule, ...] = (
     dns_failure,
+    icmp_echo,
     policy_reject,
     connection_refused,
     policy_drop_connect,

@@ -7,7 +7,19 @@ in `prober.types`, and `Scheduler`. prober/ never imports bpf/ or connprobe/.
 from prober.core import ProbeEnv
 from prober.runner import PROBERS, run_probe
 from prober.scheduler import Scheduler
-from prober.spec import DNSSpec, HTTPSpec, ModuleSpec, ProbeSpec, TCPSpec, TLSSpec
+from prober.spec import (
+    DNSSpec,
+    GRPCSpec,
+    HTTPSpec,
+    ICMPSpec,
+    ModuleSpec,
+    ProbeSpec,
+    QueryStep,
+    TCPSpec,
+    TLSSpec,
+    UnixSpec,
+    WebSocketSpec,
+)
 from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
 __all__ = [
@@ -16,7 +28,9 @@ __all__ = [
     "DnsTransaction",
     "ErrorKind",
     "Flow",
+    "GRPCSpec",
     "HTTPSpec",
+    "ICMPSpec",
     "ModuleSpec",
     "PhaseSpan",
     "ProbeEnv",
@@ -24,8 +38,11 @@ __all__ = [
     "ProbeResult",
     "ProbeSpec",
     "Proto",
+    "QueryStep",
     "Scheduler",
     "TCPSpec",
     "TLSSpec",
+    "UnixSpec",
+    "WebSocketSpec",
     "run_probe",
 ]

@@ -54,11 +54,12 @@ class Hop:
 
 
 class Timeline:
-    __slots__ = ("hops", "resolves")
+    __slots__ = ("hops", "marks", "resolves")
 
     def __init__(self) -> None:
         self.hops: list[Hop] = []
         self.resolves: list[tuple[int, int]] = []
+        self.marks: list[PhaseSpan] = []  # phases of kinds without connection hops (icmp: setup, rtt)
 
     def hop(self) -> Hop:
         h = Hop()
@@ -76,6 +77,7 @@ class Timeline:
 
     def spans(self, end_ns: int) -> tuple[PhaseSpan, ...]:
         out: list[PhaseSpan] = [PhaseSpan("resolve", a, b) for a, b in self.resolves]
+        out.extend(self.marks)
         for h in self.hops:
             first = h.first_byte or (getattr(h.conn, "first_byte_ns", 0) if h.conn is not None else 0)
             stop = h.end or end_ns
@@ -134,6 +136,35 @@ def parse_target(kind: str, target: str) -> Target:
         if not u.hostname:
             raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}")
         return Target(target, u.hostname, port)
+    if kind == "icmp":
+        host = target[1:-1] if target.startswith("[") and target.endswith("]") else target
+        if not host or "/" in host or (":" not in host and not urllib.parse.urlsplit("//" + host).hostname):
+            raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
+        if ":" in host and not _is_ip(host):
+            raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
+        return Target(target, host, 0)
+    if kind == "grpc":
+        u = urllib.parse.urlsplit("//" + target)
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if not u.hostname or port is None:
+            raise ValueError(f"grpc target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
+        return Target(target, u.hostname, port)
+    if kind == "websocket":
+        u = urllib.parse.urlsplit(target)
+        if u.scheme not in ("ws", "wss") or not u.hostname:
+            raise ValueError(f"websocket target must be a ws:// or wss:// URL, got {redact_url(target)!r}")
+        try:
+            port = u.port or (443 if u.scheme == "wss" else 80)
+        except ValueError:
+            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
+        return Target(target, u.hostname, port, u.scheme)
+    if kind == "unix":
+        if not target.startswith("/") or "\x00" in target or len(target.encode()) > 107:
+            raise ValueError(f"unix target must be an absolute socket path (at most 107 bytes), got {target!r}")
+        return Target(target, "", 0, "unix", target)
     raise ValueError(f"unknown prober {kind!r}")
 
 
@@ -236,6 +267,7 @@ class Attempt:
     resolv: ResolvConf | None = None
     prep: Prepared | None = None
     captured: tuple[tuple[str, str], ...] = ()
+    values: dict[str, float] = field(default_factory=dict)
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
@@ -275,5 +307,6 @@ class Attempt:
             dns=tuple(txns),
             failed_validators=tuple(self.failed),
             captured_headers=captured,
+            values=tuple(sorted(self.values.items())),
             labels=self.prep.labels if self.prep is not None else tuple(sorted(self.spec.labels.items())),
         )

@@ -9,11 +9,13 @@
      │                                               wrapped OSError ETIMEDOUT→connect_timeout
      ├── aiohttp.ClientError tree .................. `_TABLE` below, one entry per class
      ├── httpx.HTTPError tree ...................... `_TABLE` below, one entry per class
-     └── dns.exception.DNSException ................ protocol_error (malformed answer); Timeout→dns_timeout
+     ├── dns.exception.DNSException ................ protocol_error (malformed answer); Timeout→dns_timeout
+     └── grpc.RpcError / grpc.aio.BaseError ........ the gRPC prober maps an RPC's status code itself
+                                                     (prober/grpc.py); what escapes it: `_TABLE`
 
 `classify(exc, phase)` walks the exception's MRO to the nearest entry. A class with no entry at all
-becomes `internal` — a bug: tests/prober/test_errors.py enumerates every exception class of aiohttp, httpx
-and dnspython and fails when one has no explicit entry.
+becomes `internal` — a bug: tests/prober/test_errors.py enumerates every exception class of aiohttp, httpx,
+grpcio and dnspython and fails when one has no explicit entry.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import aiohttp
 import aiohttp.client_exceptions as ace
 import aiohttp.http_exceptions as ahe
 import dns.exception
+import grpc
+import grpc.aio
 import httpx
 
 from prober.sockets import SourceError
@@ -68,7 +72,7 @@ _TABLE: dict[type[BaseException], object] = {
     ace.ClientHttpProxyError: E.PROTOCOL_ERROR,
     ace.ContentTypeError: E.PROTOCOL_ERROR,
     ace.TooManyRedirects: E.VALIDATION,
-    ace.WSServerHandshakeError: NOT_RAISED,
+    ace.WSServerHandshakeError: E.HTTP_STATUS,  # the websocket prober's upgrade refused
     ace.InvalidURL: E.VALIDATION,
     ace.InvalidUrlClientError: E.VALIDATION,
     ace.InvalidUrlRedirectClientError: E.PROTOCOL_ERROR,
@@ -91,7 +95,7 @@ _TABLE: dict[type[BaseException], object] = {
     ahe.TransferEncodingError: E.PROTOCOL_ERROR,
     ahe.DecompressSizeError: E.VALIDATION,
     aiohttp.EofStream: E.CONNECT_RESET,
-    aiohttp.WebSocketError: NOT_RAISED,
+    aiohttp.WebSocketError: E.PROTOCOL_ERROR,  # a malformed frame (websocket prober)
     aiohttp.BadContentDispositionHeader: NOT_RAISED,
     aiohttp.BadContentDispositionParam: NOT_RAISED,
     # --- httpx ---
@@ -126,6 +130,15 @@ _TABLE: dict[type[BaseException], object] = {
     # --- dnspython (only message parsing is used: the transport is ours) ---
     dns.exception.DNSException: E.PROTOCOL_ERROR,
     dns.exception.Timeout: E.DNS_TIMEOUT,
+    # --- grpcio (the gRPC health prober) ---
+    grpc.RpcError: E.PROTOCOL_ERROR,
+    grpc.aio.AioRpcError: E.PROTOCOL_ERROR,  # prober/grpc.py reads its status code first
+    grpc.FutureTimeoutError: BY_PHASE,
+    grpc.FutureCancelledError: E.INTERNAL,
+    grpc.aio.BaseError: E.INTERNAL,
+    grpc.aio.AbortError: E.PROTOCOL_ERROR,
+    grpc.aio.InternalError: E.INTERNAL,
+    grpc.aio.UsageError: E.INTERNAL,
 }
 
 _ERRNO: dict[int, ErrorKind] = {

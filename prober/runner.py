@@ -23,12 +23,16 @@ from dataclasses import replace
 from prober.core import Attempt, ProbeEnv, prepared
 from prober.dns import probe_dns
 from prober.errors import describe
+from prober.grpc import probe_grpc
 from prober.http import probe_http
+from prober.icmp import probe_icmp
 from prober.resolve import Resolution, load_resolv_conf, resolve
 from prober.sockets import Source, SourceError, open_source
 from prober.spec import ProbeSpec
 from prober.tcp import probe_tcp
 from prober.types import ErrorKind, ProbeKind, ProbeResult
+from prober.unix import probe_unix
+from prober.websocket import probe_websocket
 
 log = logging.getLogger(__name__)
 monotonic_ns = time.monotonic_ns
@@ -42,6 +46,10 @@ PROBERS: dict[str, ProbeFn] = {
     "http": probe_http,
     "tcp": probe_tcp,
     "dns": probe_dns,
+    "icmp": probe_icmp,
+    "grpc": probe_grpc,
+    "websocket": probe_websocket,
+    "unix": probe_unix,
 }
 
 
@@ -53,6 +61,15 @@ def select_addresses(addresses: list[str], policy: str) -> list[str]:
     if policy == "ipv6":
         return [a for a in addresses if ":" in a][:1]
     return addresses[:1]
+
+
+def prefer_family(addresses: list[str], preferred: str | None, fallback: bool) -> list[str]:
+    """blackbox's preferred_ip_protocol: the preferred family's addresses first; without fallback, only them."""
+    if preferred is None:
+        return addresses
+    want_v6 = preferred == "ip6"
+    first = [a for a in addresses if (":" in a) == want_v6]
+    return first + ([a for a in addresses if (":" in a) != want_v6] if fallback else [])
 
 
 def _failure(
@@ -184,6 +201,9 @@ async def _run(spec: ProbeSpec, env: ProbeEnv, source: Source, start: int, deadl
         fn = PROBERS[kind]
         prep = prepared(spec)
         target = prep.target
+        if kind == "unix":  # a path: nothing to resolve
+            attempt = Attempt(spec, ProbeKind.UNIX, source, target, start, resolv=env.resolv_conf, prep=prep)
+            return (await fn(attempt, env, deadline),)
         if kind == "dns":
             attempt = Attempt(spec, ProbeKind.DNS, source, target, start, resolv=env.resolv_conf, prep=prep)
             return (await fn(attempt, env, deadline),)
@@ -194,7 +214,8 @@ async def _run(spec: ProbeSpec, env: ProbeEnv, source: Source, start: int, deadl
         res = await resolve(source, target.host, spec.module.ip_policy, deadline, env.on_local_port, conf)
         if res.error is not None:
             return (_failure(spec, source.label, start, res.error, res.detail, res),)
-        addresses = select_addresses(res.addresses, spec.module.ip_policy)
+        preferred, fallback = spec.module.preferred_family()
+        addresses = select_addresses(prefer_family(res.addresses, preferred, fallback), spec.module.ip_policy)
         if not addresses:
             return (
                 _failure(
@@ -202,7 +223,9 @@ async def _run(spec: ProbeSpec, env: ProbeEnv, source: Source, start: int, deadl
                     source.label,
                     start,
                     ErrorKind.DNS_NO_ANSWER,
-                    f"{target.host}: no address for ip_policy {spec.module.ip_policy}",
+                    f"{target.host}: no {preferred} address (ip_protocol_fallback is false)"
+                    if preferred and not fallback and res.addresses
+                    else f"{target.host}: no address for ip_policy {spec.module.ip_policy}",
                     res,
                 ),
             )

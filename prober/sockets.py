@@ -202,16 +202,33 @@ class Source:
             raise SourceError(0, f"source {self.label!r} was recreated (inode {executor.inode})")
         return executor
 
-    def _make(self, family: int, type: int, n: int) -> list[socket.socket]:
+    async def open_unannounced(self, family: int, type: int, proto: int, local_addr: str | None = None
+                               ) -> socket.socket:
+        """A non-blocking socket of any type and protocol (an ICMP echo's raw socket) made in the source's
+        namespace, bound to `local_addr` when given. Not announced: the kernel sensor keys on ports."""
+        if self.netns is None:
+            sock = socket.socket(family, type, proto)
+        else:
+            sock = await self._create(family, type, proto)
+        try:
+            sock.setblocking(False)
+            if local_addr:
+                sock.bind((local_addr, 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _make(self, family: int, type: int, n: int, proto: int = 0) -> list[socket.socket]:
         """Runs on the namespace's worker thread: n sockets. socket() creates a socket in the calling thread's
         namespace, so the thread's namespace is what is checked (ioctl SIOCGSKNS on each socket would need
         CAP_NET_ADMIN, which the agent does not keep: connprobe/privileges.py)."""
         if netns_inode() != self.inode:
             return []
-        return [socket.socket(family, type) for _ in range(n)]
+        return [socket.socket(family, type, proto) for _ in range(n)]
 
-    async def _create(self, family: int, type: int) -> socket.socket:
-        made = self._executor().submit(self._make, family, type, 1)
+    async def _create(self, family: int, type: int, proto: int = 0) -> socket.socket:
+        made = self._executor().submit(self._make, family, type, 1, proto)
         try:
             got = await asyncio.wrap_future(made)
         except asyncio.CancelledError:

@@ -324,7 +324,100 @@ class DNSSpec(Frozen):
         return _check_regexes(v)
 
 
-ProberName = Literal["http", "tcp", "dns"]
+class ICMPSpec(Frozen):
+    """blackbox_exporter's `icmp:` module keys (an echo request, one reply awaited)."""
+
+    preferred_ip_protocol: Literal["ip4", "ip6"] = "ip6"  # blackbox's default; a literal address decides itself
+    ip_protocol_fallback: bool = True  # no address of the preferred family: use the other one
+    source_ip_address: str | None = None  # bind the echo's socket to this local address
+    payload_size: int = Field(default=0, ge=0, le=65000)  # bytes after the 8-byte ICMP header
+    dont_fragment: bool = False  # IPv4 DF bit (IPv6: IPV6_DONTFRAG, no local fragmentation)
+    ttl: int = Field(default=64, ge=1, le=255)  # IPv4 TTL / IPv6 hop limit of the request
+
+    @field_validator("source_ip_address")
+    @classmethod
+    def _source_ip(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{_shown(v)} is not an IP address") from None
+        return v
+
+
+class QueryStep(Frozen):
+    """One step of blackbox's `query_response`: send bytes, expect a regex, or start TLS (tcp-like probes)."""
+
+    send: str | None = None
+    expect: str | None = None  # regex the bytes read so far must match
+    starttls: bool = False
+
+    @field_validator("expect")
+    @classmethod
+    def _re(cls, v: str | None) -> str | None:
+        return v if v is None else _check_regexes((v,))[0]
+
+    @model_validator(mode="after")
+    def _one_thing(self) -> QueryStep:
+        if self.send is None and self.expect is None and not self.starttls:
+            raise ValueError("a query_response step needs send, expect or starttls")
+        return self
+
+
+class GRPCSpec(Frozen):
+    """blackbox_exporter's `grpc:` module keys (grpc.health.v1 Check)."""
+
+    service: str = ""  # "" asks about the server as a whole
+    preferred_ip_protocol: Literal["ip4", "ip6"] = "ip6"
+    ip_protocol_fallback: bool = True
+    tls: bool = False
+    tls_config: TLSSpec = TLSSpec()
+
+    @field_validator("tls_config")
+    @classmethod
+    def _verified(cls, v: TLSSpec) -> TLSSpec:
+        if v.insecure_skip_verify:  # grpcio's TLS always verifies the peer
+            raise ValueError("insecure_skip_verify is not possible with grpc (grpcio always verifies)")
+        return v
+
+
+class WebSocketSpec(Frozen):
+    """A WebSocket probe: the upgrade, then `query_response` over text messages (send/expect)."""
+
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    query_response: tuple[QueryStep, ...] = ()
+    tls_config: TLSSpec = TLSSpec()
+
+    @field_validator("query_response")
+    @classmethod
+    def _no_starttls(cls, v: tuple[QueryStep, ...]) -> tuple[QueryStep, ...]:
+        if any(step.starttls for step in v):
+            raise ValueError("starttls is not possible in a WebSocket conversation (use a wss:// target)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _no_header_injection(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"invalid header name {name!r}")
+            if re.search(r"[\r\n\x00]", value.get_secret_value()):
+                raise ValueError(f"header {name!r}: value contains a line break")
+        return v
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(v for s in self.headers.values() if (v := s.get_secret_value()).strip())
+
+
+class UnixSpec(Frozen):
+    """A Unix-socket probe: connect to a stream socket's path, then `query_response` (starttls too)."""
+
+    query_response: tuple[QueryStep, ...] = ()
+    tls_config: TLSSpec = TLSSpec()
+
+
+ProberName = Literal["http", "tcp", "dns", "icmp", "grpc", "websocket", "unix"]
+SECTIONS = ("http", "tcp", "dns", "icmp", "grpc", "websocket", "unix")
 
 
 class ModuleSpec(Frozen):
@@ -337,9 +430,14 @@ class ModuleSpec(Frozen):
     http: HTTPSpec | None = None
     tcp: TCPSpec | None = None
     dns: DNSSpec | None = None
+    icmp: ICMPSpec | None = None
+    grpc: GRPCSpec | None = None
+    websocket: WebSocketSpec | None = None
+    unix: UnixSpec | None = None
     # the agent's /probe only (where the caller picks the target): the targets this module may be pointed at
     # when it carries secrets (http.headers), and the link-local/metadata addresses it may reach; hostnames
-    # (wildcards: *.example.com) or addresses/CIDRs (10.0.0.0/8)
+    # (wildcards: *.example.com) or addresses/CIDRs (10.0.0.0/8); for a unix module, the socket paths it may
+    # be pointed at (none listed: /probe refuses it)
     allowed_targets: tuple[str, ...] = ()
 
     @field_validator("allowed_targets")
@@ -348,6 +446,8 @@ class ModuleSpec(Frozen):
         import ipaddress
 
         for entry in v:
+            if entry.startswith("/"):  # a unix probe's socket path, named exactly
+                continue
             try:
                 ipaddress.ip_network(entry, strict=False)
                 continue
@@ -359,7 +459,7 @@ class ModuleSpec(Frozen):
 
     @model_validator(mode="after")
     def _section_matches_prober(self) -> ModuleSpec:
-        for section in ("http", "tcp", "dns"):
+        for section in SECTIONS:
             if section != self.prober and getattr(self, section) is not None:
                 raise ValueError(f"{section}: section given but prober is {self.prober!r}")
         if self.prober == "dns" and self.dns is None:
@@ -368,7 +468,16 @@ class ModuleSpec(Frozen):
             object.__setattr__(self, "http", HTTPSpec())
         if self.prober == "tcp" and self.tcp is None:
             object.__setattr__(self, "tcp", TCPSpec())
+        defaults = {"icmp": ICMPSpec, "grpc": GRPCSpec, "websocket": WebSocketSpec, "unix": UnixSpec}
+        if self.prober in defaults and getattr(self, self.prober) is None:
+            object.__setattr__(self, self.prober, defaults[self.prober]())
         return self
+
+    def preferred_family(self) -> tuple[str | None, bool]:
+        """("ip4"|"ip6", fallback) of a kind that has blackbox's preferred_ip_protocol, else (None, True)."""
+        section = getattr(self, self.prober)
+        pref = getattr(section, "preferred_ip_protocol", None)
+        return pref, getattr(section, "ip_protocol_fallback", True)
 
 
 class ProbeSpec(Frozen):

@@ -13,12 +13,17 @@ from enum import StrEnum
 class Proto(StrEnum):
     TCP = "tcp"
     UDP = "udp"
+    ICMP = "icmp"  # an echo: local_port and remote_port are its identifier (the kernel sensor watches icmp/ID)
 
 
 class ProbeKind(StrEnum):
     HTTP = "http"
     TCP = "tcp"
     DNS = "dns"
+    ICMP = "icmp"
+    GRPC = "grpc"
+    WEBSOCKET = "websocket"
+    UNIX = "unix"
 
 
 class ErrorKind(StrEnum):
@@ -107,6 +112,15 @@ class ProbeResult:
     suspect: bool = False  # the event loop was starved while this probe ran
     captured_headers: tuple[tuple[str, str], ...] = ()  # response headers asked for (e.g. X-Request-Id)
     labels: tuple[tuple[str, str], ...] = field(default=())
+    # kind-specific measurements, sorted by name: icmp_reply_hop_limit, grpc_status_code,
+    # grpc_serving_status (grpc.health.v1 enum number), ...
+    values: tuple[tuple[str, float], ...] = ()
+
+    def value(self, name: str) -> float | None:
+        for key, v in self.values:
+            if key == name:
+                return v
+        return None
 
     @property
     def duration_ns(self) -> int:

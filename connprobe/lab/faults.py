@@ -115,6 +115,18 @@ class PolicyDrop(_Fault):
         return 0
 
 
+class IcmpEchoDrop(PolicyDrop):
+    """An nftables rule in one lab namespace that drops (or rejects, with admin-prohibited) ICMP and ICMPv6 echo
+    requests. direction and family as `PolicyDrop`; action "drop" | "reject"."""
+
+    def __init__(self, lab: Lab, ns: str, direction: str = "in", action: str = "drop", family: str = "inet"):
+        super().__init__(lab, ns, direction=direction, proto="udp", action=action, family=family)  # validates
+        protos = {"inet": "{ icmp, ipv6-icmp }", "ipv4": "icmp", "ipv6": "ipv6-icmp"}[family]
+        types = {"inet": "{ 8, 128 }", "ipv4": "8", "ipv6": "128"}[family]
+        verdict = "drop" if action == "drop" else "reject with icmpx admin-prohibited"
+        self.rule = f"meta l4proto {protos} @th,0,8 {types} counter {verdict}"
+
+
 class PacketLoss(_Fault):
     """Lose a random `fraction` of packets on a router link, with a tc clsact BPF program (no netem here).
 

@@ -359,6 +359,9 @@ class Lab(AbstractContextManager):
     def policy_drop(self, ns: str, **kw) -> faults.PolicyDrop:
         return self._track(faults.PolicyDrop(self, ns, **kw))
 
+    def icmp_echo_drop(self, ns: str, **kw) -> faults.IcmpEchoDrop:
+        return self._track(faults.IcmpEchoDrop(self, ns, **kw))
+
     def packet_loss(self, fraction: float, **kw) -> faults.PacketLoss:
         return self._track(faults.PacketLoss(self, fraction, **kw))
 

@@ -78,7 +78,8 @@ def test_parameters_are_validated_and_closed_sensor_refuses_use():
     with pytest.raises(SensorClosed):
         s.watch("tcp", 1234)
     with pytest.raises(ValueError, match="proto must be"):
-        s._key("icmp", 1)
+        s._key("sctp", 1)
+    assert s._key("icmp", 7) == (1, 7)  # an echo identifier (ICMPv6 echoes are folded into icmp)
     s.close()
     with pytest.raises(SensorClosed):
         s.open()

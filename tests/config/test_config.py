@@ -32,7 +32,7 @@ EXPECTED = {
     "tcp_target_without_port": "probe \"db\": target: tcp target must be host:port (IPv6 as [addr]:port), "
     "got 'db.lab.test'",
     "section_mismatch": "module \"http_2xx\": tcp: section given but prober is 'http'",
-    "unknown_prober": "module \"icmp\": prober: must be 'http', 'tcp' or 'dns'",
+    "unknown_prober": "module \"smtp\": prober: must be 'http', 'tcp', 'dns', 'icmp', 'grpc', 'websocket' or 'unix'",
     "bad_regexp": "module \"http_2xx\": http.fail_if_body_not_matches_regexp: invalid regular expression "
     "'ok(': missing ), unterminated subpattern at position 2",
     "bad_status_code": 'module "http_2xx": http.valid_status_codes: status code 700 is outside 100-599',
@@ -72,7 +72,8 @@ EXPECTED = {
     "too_many_probes": "config: probes: 3 probes, more than limits.max_probes (2)",
     "interval_below_minimum": 'probe "db": interval: 100ms is shorter than limits.min_interval (1s)',
     "bad_limits": "config: limits.max_probes: must be greater than or equal to 1",
-    "name_with_line_break": "module \"tcp\\nx\": prober: must be 'http', 'tcp' or 'dns'",
+    "name_with_line_break": "module \"tcp\\nx\": prober: must be 'http', 'tcp', 'dns', 'icmp', 'grpc', "
+    "'websocket' or 'unix'",
 }
 
 

@@ -111,4 +111,19 @@ def test_rules_are_kinds_or_known_markers():
 def test_public_names():
     for name in prober.__all__:
         assert getattr(prober, name) is not None
-    assert set(prober.PROBERS) == {"http", "tcp", "dns"}
+    assert set(prober.PROBERS) == {"http", "tcp", "dns", "icmp", "grpc", "websocket", "unix"}
+
+
+def _grpc_classes() -> list[type[BaseException]]:
+    import grpc
+    import grpc.aio
+
+    found = {o for m in (grpc, grpc.aio) for o in vars(m).values()
+             if inspect.isclass(o) and issubclass(o, BaseException)}
+    return sorted(found, key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("cls", _grpc_classes(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
+def test_every_grpc_exception_class_has_its_own_entry(cls):
+    assert len(_grpc_classes()) >= 8
+    assert cls in _TABLE, f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"

@@ -1,0 +1,180 @@
+"""gRPC health probes against a real grpc.aio server with the standard health servicer on 127.0.0.1: serving, not
+serving, an unknown service, no health service, no listener, plain and TLS (a CA made in the test)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from correlator import correlate
+from prober import ErrorKind, GRPCSpec, ProbeEnv, TLSSpec, run_probe
+from tests.agent.pki import CA
+from tests.prober.helpers import spec
+
+
+async def _one(s):
+    async with ProbeEnv() as env:
+        (r,) = await run_probe(s, env)
+    return r
+
+
+def _grpc(target, timeout=3.0, **grpc_):
+    return spec(target, prober="grpc", timeout=timeout, section=GRPCSpec(**grpc_))
+
+
+async def _server(creds=None, with_health=True):
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    if with_health:
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", creds) if creds else server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await servicer.set("orders", health_pb2.HealthCheckResponse.SERVING)
+    await servicer.set("billing", health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, port
+
+
+@pytest.fixture
+async def plain():
+    server, port = await _server()
+    yield port
+    await server.stop(None)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = CA(tmp_path, "grpc-ca")
+    return ca, ca.issue("localhost", server=True)
+
+
+async def test_serving_not_serving_and_unknown(plain):
+    r = await _one(_grpc(f"127.0.0.1:{plain}"))
+    assert r.ok, r.error_detail
+    assert r.value("grpc_status_code") == 0 and r.value("grpc_serving_status") == 1
+    assert [p.name for p in r.phases] == ["connect", "check"]
+    assert r.flows[0].proto == "tcp" and r.flows[0].remote_port == plain  # the prober's own connection
+    r = await _one(_grpc(f"127.0.0.1:{plain}", service="orders"))
+    assert r.ok
+    r = await _one(_grpc(f"127.0.0.1:{plain}", service="billing"))
+    assert r.error is ErrorKind.VALIDATION and "NOT_SERVING" in r.error_detail
+    assert r.value("grpc_serving_status") == 2 and r.failed_validators == ("serving_status",)
+    assert correlate(r, ()).sub_cause == "http_error/validation"
+    r = await _one(_grpc(f"127.0.0.1:{plain}", service="nobody"))
+    assert r.error is ErrorKind.VALIDATION and r.value("grpc_status_code") == 5  # NOT_FOUND
+    assert r.value("grpc_serving_status") == 3  # SERVICE_UNKNOWN
+
+
+async def test_no_health_service_and_no_listener():
+    server, port = await _server(with_health=False)
+    try:
+        r = await _one(_grpc(f"127.0.0.1:{port}"))
+    finally:
+        await server.stop(None)
+    assert r.error is ErrorKind.PROTOCOL_ERROR and r.value("grpc_status_code") == 12  # UNIMPLEMENTED
+    r = await _one(_grpc(f"127.0.0.1:{port}", timeout=2.0))  # nobody listens there now
+    assert r.error is ErrorKind.CONNECT_REFUSED, r.error_detail
+    assert r.value("grpc_status_code") == 14  # UNAVAILABLE
+
+
+async def test_tls(pki, tmp_path):
+    ca, pair = pki
+    creds = grpc.ssl_server_credentials([(pair.key.read_bytes(), pair.cert.read_bytes())])
+    server, port = await _server(creds)
+    try:
+        tls = TLSSpec(ca_file=str(ca.path), server_name="localhost")
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls))
+        assert r.ok, r.error_detail
+        stranger = CA(tmp_path, "stranger")
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=TLSSpec(ca_file=str(stranger.path),
+                                                                              server_name="localhost")))
+        assert r.error is ErrorKind.TLS_ERROR, (r.error, r.error_detail)
+        r = await _one(_grpc(f"127.0.0.1:{port}"))  # plain text to a TLS server
+        assert not r.ok and r.error in (ErrorKind.CONNECT_RESET, ErrorKind.CONNECT_UNREACHABLE,
+                                        ErrorKind.PROTOCOL_ERROR), (r.error, r.error_detail)
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.kernel
+async def test_from_a_lab_namespace_over_the_probers_own_socket(lab):
+    """The connection is the prober's: made in the source namespace, announced, its flow recorded; a policy
+    drop of its SYN is a connect_timeout like a TCP probe's."""
+    srv = lab.server("srv1")
+    ports = []
+    s = spec(f"{srv.addr4}:{srv.port}", prober="grpc", source=f"netns {lab.ns('client').name}", timeout=1.5,
+             section=GRPCSpec())
+    async with ProbeEnv(on_local_port=lambda proto, port: ports.append((str(proto), port))) as env:
+        (r,) = await run_probe(s, env)  # an HTTP/1.1 server: not a gRPC one
+        assert not r.ok and r.error is not ErrorKind.SOURCE_ERROR, r.error_detail
+        (flow,) = r.flows
+        assert (flow.netns, flow.local_addr) == (lab.ns("client").inode, "10.77.1.2")
+        assert ports == [("tcp", flow.local_port)]
+        with lab.policy_drop("srv1", direction="in", proto="tcp", port=srv.port):
+            (r,) = await run_probe(s, env)
+    assert r.error is ErrorKind.CONNECT_TIMEOUT and [p.name for p in r.phases] == ["connect"]
+    assert r.value("grpc_status_code") == 4  # DEADLINE_EXCEEDED, as grpc would have said
+
+
+async def test_refused_target_sends_nothing(plain):
+    from prober.sockets import connect_guard
+
+    def refuse(addr):
+        raise PermissionError(1, f"{addr} is not allowed")
+
+    token = connect_guard.set(refuse)
+    try:
+        r = await _one(_grpc(f"127.0.0.1:{plain}"))
+    finally:
+        connect_guard.reset(token)
+    assert r.error is ErrorKind.CONNECT_EPERM and "127.0.0.1 is not allowed" in r.error_detail
+    assert "check" not in r.phase_durations_ns()  # refused at the prober's connect: grpc never started
+
+
+async def test_blackbox_metrics_of_a_grpc_probe(plain):
+    from prometheus_client import CollectorRegistry
+
+    from connprobe.metrics import Metrics, probe_registry, render
+
+    r = await _one(_grpc(f"127.0.0.1:{plain}", service="billing"))
+    text = render(probe_registry(correlate(r, ()))).decode()
+    assert 'probe_grpc_healthcheck_response{serving_status="NOT_SERVING"} 1.0' in text
+    assert 'probe_grpc_healthcheck_response{serving_status="SERVING"} 0.0' in text
+    assert "probe_grpc_status_code 0.0" in text and "probe_grpc_ssl 0.0" in text
+    assert 'probe_grpc_duration_seconds{phase="check"}' in text and "probe_success 0.0" in text
+    m = Metrics(registry=CollectorRegistry())
+    m.observe(correlate(r, ()))
+    agent = m.render().decode()
+    assert ('probe_grpc_healthcheck_response{probe="t",serving_status="NOT_SERVING",source="host",'
+            f'target="127.0.0.1:{plain}"}} 1.0') in agent
+
+
+async def test_relay_splices_only_the_agents_own_connection():
+    """Another process connecting to the relay's abstract socket is turned away (SO_PEERCRED), the channel is not."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    from prober.grpc import _Relay
+
+    ours, theirs = socket.socketpair()
+    up_reader, up_writer = await asyncio.open_connection(sock=ours)
+    relay = _Relay(up_reader, up_writer)
+    await relay.start()
+    try:
+        code = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0' + " + repr(relay.name) + "); "
+                "print(s.recv(1) == b'')")
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], capture_output=True,
+                                      text=True, timeout=20)
+        assert out.stdout.strip() == "True", out.stderr  # closed at once
+        assert relay.local is None  # still waiting for the channel
+        _, writer = await asyncio.open_unix_connection(path="\0" + relay.name)
+        writer.write(b"ping")
+        await writer.drain()
+        assert await asyncio.to_thread(theirs.recv, 4) == b"ping"  # spliced to the upstream connection
+        writer.close()
+    finally:
+        await relay.aclose()
+        theirs.close()
