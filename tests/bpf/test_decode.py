@@ -43,7 +43,7 @@ def test_python_struct_matches_events_h() -> None:
     layout = _c_layout()
     assert [n for n, _o, _s in layout][:4] == ["ts_ns", "location", "skaddr", "netns"]
     end = layout[-1][1] + layout[-1][2]
-    assert (end + 7) // 8 * 8 == EVENT_SIZE == 80
+    assert (end + 7) // 8 * 8 == EVENT_SIZE == 96
     # Same offsets as Python's struct module computes for the format (no padding in either).
     py_offsets, off = [], 0
     for code in re.findall(r"\d*[A-Za-z]", EVENT_STRUCT.format.lstrip("<")):
@@ -111,7 +111,7 @@ def test_round_trip_and_unknown_numbers(names: KernelNames) -> None:
 
 
 def test_bad_records() -> None:
-    with pytest.raises(DecodeError, match="expected 80"):
+    with pytest.raises(DecodeError, match="expected 96"):
         decode_event(b"\0" * 10, KernelNames())
     raw = bytearray(encode_event(kind=EventKind.DROP))
     raw[36] = 99
