@@ -3,7 +3,8 @@
  * Compiled by bcc with -D flags from bpf/sensor.py:
  *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout);
  *                    the optional ones (OFF_SK_ERR, OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_SKB_CB,
- *                    OFF_TCB_SEQ, OFF_TCB_END_SEQ, OFF_TP_SND_UNA) only when present
+ *                    OFF_TCB_SEQ, OFF_TCB_END_SEQ, OFF_TP_SND_UNA, OFF_TP_DATA_SEGS_OUT,
+ *                    OFF_TP_TOTAL_RETRANS) only when present
  *   RING_PAGES       ring-buffer size in pages (power of two)
  *   WATCH_MAX        size of the watch list
  *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/sensor.py
@@ -261,6 +262,12 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
 #ifdef OFF_TP_SND_UNA
     if (!bpf_probe_read_kernel(&ev.snd_una, 4, (const char *)args->skaddr + OFF_TP_SND_UNA))
         ev.seq_flags |= CP_SNDUNA_VALID;
+#endif
+#if defined(OFF_TP_DATA_SEGS_OUT) && defined(OFF_TP_TOTAL_RETRANS)
+    /* How many segments the socket had sent and resent: the loss rate it had met before this one. */
+    if (!bpf_probe_read_kernel(&ev.segs_out, 4, (const char *)args->skaddr + OFF_TP_DATA_SEGS_OUT) &&
+        !bpf_probe_read_kernel(&ev.total_retrans, 4, (const char *)args->skaddr + OFF_TP_TOTAL_RETRANS))
+        ev.seq_flags |= CP_COUNTERS_VALID;
 #endif
     emit(&ev);
     return 0;

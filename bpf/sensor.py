@@ -145,13 +145,16 @@ class SensorCounters:
         return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
 
 
-# Where a retransmitted segment's sequence range and its socket's snd_una are (optional: without them,
-# retransmissions carry no sequence numbers and the correlator says it could not check what got through).
+# Where a retransmitted segment's sequence range, its socket's snd_una and segment counters are (optional:
+# without them, retransmissions carry no sequence numbers and the correlator says it could not check what
+# got through).
 SEQ_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("OFF_SKB_CB", "sk_buff", "cb"),
     ("OFF_TCB_SEQ", "tcp_skb_cb", "seq"),
     ("OFF_TCB_END_SEQ", "tcp_skb_cb", "end_seq"),
     ("OFF_TP_SND_UNA", "tcp_sock", "snd_una"),
+    ("OFF_TP_DATA_SEGS_OUT", "tcp_sock", "data_segs_out"),
+    ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
 )
 
 

@@ -345,6 +345,7 @@ def test_dropped_segments_and_retransmissions_carry_sequence_numbers(lab, sensor
         assert d.seq_len <= 1500  # one wire-sized segment, not a GSO super-packet
     for r in rtx:
         assert r.seq is not None and r.seq_len and r.snd_una is not None
+        assert r.segs_out and 1 <= r.total_retrans <= r.segs_out
         assert (r.seq - r.snd_una) % 2**32 < 2**31  # the retransmitted data is at or after snd_una
     dropped = {(d.seq, d.seq_len) for d in data_drops if d.seq_len}
     assert dropped & {(r.seq, r.seq_len) for r in rtx}, "no retransmission resent a dropped segment"
