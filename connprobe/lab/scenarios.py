@@ -32,6 +32,8 @@ class Scenario:
     # What the fault must visibly do to the probe before its verdict is judged: "read_timeout" (the
     # transfer ran out of time), "failed_or_slow" (not ok within budget), "none"; "" picks by `expected`.
     symptom: str = ""
+    # The least confidence its recording must get (tests/correlator/test_recordings.py).
+    min_confidence: float = 0.7
 
     def expected_symptom(self) -> str:
         return self.symptom or ("none" if self.expected == "ok" else "failed_or_slow")
@@ -99,7 +101,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              lambda lab: lab.policy_drop("srv1", direction="in", port=8080, action="reject"), in_matrix=False),
     Scenario("established_drop", "policy_drop", "policy_drop/established",
              lambda lab: lab.policy_drop("srv1", direction="out", port=8080, port_side="src",
-                                         expr="tcp flags & (syn | ack) == ack"), timeout="3s", in_matrix=False),
+                                         expr="tcp flags & (syn | ack) == ack"), timeout="3s", in_matrix=False,
+             min_confidence=0.7),
     Scenario("dns_policy_drop", "dns", "dns/policy_drop",
              lambda lab: lab.policy_drop("dns", direction="in", proto="udp", port=53), in_matrix=False),
     Scenario("loss_and_slow_upstream", "upstream_latency", "upstream_latency/processing",
@@ -109,6 +112,21 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("vip_policy_drop", "policy_drop", "policy_drop/syn",
              lambda lab: lab.policy_drop("srv1", direction="in", port=8080), host="svc.lab.test",
              timeout="2.5s", in_matrix=False),
+    # Issue 11: loss and policy told apart by what got through. Heavy random loss on a transfer that runs
+    # out of time is loss whichever dropper makes it (NETFILTER_DROP is a policy's reason too); a wall
+    # after progress is a policy; light loss within budget is fine; loss on a slow answer explains little.
+    Scenario("heavy_loss_timeout_tc", "tcp_retransmit", None,
+             lambda lab: lab.packet_loss(0.2, link="client", direction="both"),
+             path=BIG, budget="100ms", timeout="2s", in_matrix=False, symptom="read_timeout",
+             # such a transfer often ends in a stall that a policy which just began would leave too
+             min_confidence=0.6),
+    Scenario("heavy_loss_timeout_nft", "tcp_retransmit", None,
+             lambda lab: lab.random_drop(0.15, link="client", direction="both"),
+             path=BIG, budget="100ms", timeout="2s", in_matrix=False, symptom="read_timeout", min_confidence=0.6),
+    Scenario("policy_mid_transfer", "policy_drop", "policy_drop/established", MID_TRANSFER_POLICY,
+             path="/bytes/40000000", timeout="3s", in_matrix=False, symptom="read_timeout", min_confidence=0.7),
+    Scenario("light_loss_ok", "ok", None, lambda lab: lab.packet_loss(0.01, link="client", direction="both"),
+             path="/bytes/4000000", budget="5s", timeout="10s", in_matrix=False),
 )
 
 
