@@ -33,6 +33,11 @@ def _after(a: int, b: int) -> bool:
     return 0 < (a - b) % SEQ_SPACE < SEQ_SPACE // 2
 
 
+def seq_before(a: int, b: int) -> bool:
+    """Sequence number a is before b (modulo 2^32)."""
+    return _after(b, a)
+
+
 def _covers(seq: int, length: int, s: int) -> bool:
     return (s - seq) % SEQ_SPACE < max(length, 1)
 
@@ -209,6 +214,13 @@ def _stall(outbound: bool, drops: tuple[Matched, ...], rtx: tuple[Matched, ...],
                 return None, True
             first = last.event
             retrans = max((first.total_retrans or 1) - 1, 0) if first.total_retrans is not None else None
+            run = _same_segment_tail(after)
+            if len(run) >= 2:
+                # One segment dropped again and again with no retransmission traced for it (its own stack
+                # dropped the copies, or the events were missed): its drops are its copies.
+                gaps = tuple(b.event.ts_ns - a.event.ts_ns for a, b in itertools.pairwise(run))
+                return Stall(outbound, run[-1].event.seq, run, run, gaps, first.segs_out, retrans,
+                             all_drops=run), True
             return Stall(outbound, after[-1].event.seq, (), (), (), first.segs_out, retrans,
                          pending=_contiguous_tail(after)), True
         dropped = []
@@ -235,14 +247,19 @@ def _stall(outbound: bool, drops: tuple[Matched, ...], rtx: tuple[Matched, ...],
     if not drops:
         return None, False
     # No sender on this node: its copies are the drops of one segment, repeated, nothing of it after.
-    last = drops[-1]
-    copies = []
-    for d in reversed(drops):
-        if d.event.seq != last.event.seq:
-            break
-        copies.insert(0, d)
+    copies = _same_segment_tail(list(drops))
     gaps = tuple(b.event.ts_ns - a.event.ts_ns for a, b in itertools.pairwise(copies))
-    return Stall(outbound, last.event.seq, tuple(copies), tuple(copies), gaps, None, None), False
+    return Stall(outbound, copies[-1].event.seq, copies, copies, gaps, None, None, all_drops=copies), False
+
+
+def _same_segment_tail(drops: list[Matched]) -> tuple[Matched, ...]:
+    """The last drops that are all of one segment."""
+    run = [drops[-1]]
+    for d in reversed(drops[:-1]):
+        if d.event.seq != run[0].event.seq:
+            break
+        run.insert(0, d)
+    return tuple(run)
 
 
 def _contiguous_tail(drops: list[Matched]) -> tuple[Matched, ...]:

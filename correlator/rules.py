@@ -33,12 +33,20 @@ when several stories fit one probe:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from correlator.evidence import CLASS_WORDS, TcpFacts, reason_class, where
 from correlator.join import Matched
-from correlator.progress import PRIOR_SEGMENTS, Direction, Stall, directions, has_sequence_evidence
+from correlator.progress import (
+    PRIOR_SEGMENTS,
+    Direction,
+    Stall,
+    directions,
+    has_sequence_evidence,
+    seq_before,
+)
 from correlator.types import Cause
 from prober.types import ErrorKind, PhaseSpan, ProbeResult
 
@@ -262,13 +270,26 @@ def policy_drop_established(ctx: Context) -> Finding | None:
                 facts.append(f"the sender had sent only {s.segs_before or 0} segment(s) before: the loss rate of "
                              "this path is hardly known")
         else:
-            # The sender is beyond this node: only its copies' drops are seen, not its counters.
-            earlier = [x for x in d.drops if x.event.ts_ns < s.copies[0].event.ts_ns and x.event.seq != s.seq]
+            # No retransmission of it was traced (the sender is beyond this node, or its own stack dropped the
+            # copies): only the drops are seen, not its counters. Older data lost before means loss met earlier;
+            # newer segments dropped with it are the rest of the window the wall took.
+            earlier = [x for x in d.drops if x.event.ts_ns < s.copies[0].event.ts_ns and x.event.seq != s.seq
+                       and seq_before(x.event.seq, s.seq)]
             if len(s.copies) < 4 or not s.backoff or earlier:
                 continue
-            conf = 0.7
-            facts = [*_stall_facts(ctx, s), "no other segment of that direction was seen dropped before; the "
-                     "sender is beyond this node, so the loss rate it met is not known"]
+            facts = [*_stall_facts(ctx, s), "no older segment of that direction was seen dropped before; no "
+                     "retransmission of it was traced (the sender is beyond this node, or its own stack dropped "
+                     "the copies), so the loss rate it met is not known"]
+            # The first transmission, one fast retransmission and a backing-off timer send at most this many
+            # copies in the time there was; more means the sender's stack resent at once too, as it does when a
+            # rule on its own way out drops them.
+            span = r.end_ns - s.copies[0].event.ts_ns
+            timer_copies = 2 + int(math.log2(max(span, 0) / RTO_MIN_NS + 1))
+            conf = 0.6
+            if len(s.copies) > timer_copies:
+                conf = 0.7
+                facts.append(f"{len(s.copies)} copies where a retransmission timer sends at most {timer_copies} in "
+                             f"{ms(span)}: the sender resent at once as well, as when its own rules drop them")
         return Finding(Cause.POLICY_DROP, "policy_drop/established", conf, s.copies + s.dropped, tuple(facts))
     return None
 
