@@ -253,12 +253,16 @@ def _stall(outbound: bool, drops: tuple[Matched, ...], rtx: tuple[Matched, ...],
 
 
 def _same_segment_tail(drops: list[Matched]) -> tuple[Matched, ...]:
-    """The last drops that are all of one segment."""
+    """The drops of the last dropped segment, back to the first of them: drops of newer segments in between
+    (the rest of a window a wall took) are passed over; a drop of an older segment (progress came after it)
+    ends the run."""
+    s = drops[-1].event.seq
     run = [drops[-1]]
     for d in reversed(drops[:-1]):
-        if d.event.seq != run[0].event.seq:
+        if d.event.seq == s:
+            run.insert(0, d)
+        elif seq_before(d.event.seq, s):
             break
-        run.insert(0, d)
     return tuple(run)
 
 
