@@ -95,16 +95,15 @@ class Stall:
 
     @property
     def backoff_gaps_ns(self) -> tuple[int, ...]:
-        """The trailing waits that grew like a backing-off timer's (quick local retries before them left out)."""
-        g = list(self.gaps_ns)
-        tail: list[int] = []
-        for a, b in itertools.pairwise(reversed(g)):
-            if not tail:
-                tail.append(a)
-            if a < BACKOFF_RATIO * b or b < RTO_MIN_NS // 2:
+        """The last waits of a retransmission timer that grew as backing off makes them (quick resends by the
+        sender's own stack, shorter than half the least timeout, left out)."""
+        timer = [g for g in self.gaps_ns if g >= RTO_MIN_NS // 2]
+        tail: list[int] = timer[-1:]
+        for a in reversed(timer[:-1]):
+            if tail[0] < BACKOFF_RATIO * a:
                 break
-            tail.append(b)
-        return tuple(reversed(tail)) if len(tail) >= 2 and tail[-1] >= RTO_MIN_NS // 2 else ()
+            tail.insert(0, a)
+        return tuple(tail) if len(tail) >= 2 else ()
 
     @property
     def loss_rate(self) -> float | None:
