@@ -16,13 +16,14 @@ import time
 from collections import deque
 
 from bpf.types import KernelEvent
-from correlator.join import GRACE_NS
+from correlator.join import GRACE_NS, SLACK_NS, window_complete
 from correlator.rules import EvidenceStatus
 from prober.types import ProbeResult, Proto
 
 log = logging.getLogger(__name__)
 
 KEEP_NS = 120 * 1_000_000_000  # events older than this are dropped from memory
+COMPLETE_POLL_S = 0.005  # how often a finished probe's window is checked for completeness
 
 
 class KernelEvidence:
@@ -92,11 +93,15 @@ class KernelEvidence:
         """Wait out the grace period after the probe ended, then return its window's events."""
         if self.sensor is None:
             return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
-        wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
-        if wait > 0:
-            await asyncio.sleep(wait)
-        for ev in self.sensor.drain():  # whatever the pump has not picked up yet
-            self._add(ev)
+        # Until every flow of the probe was seen closed (then no late event can come), or the grace period.
+        deadline = result.end_ns + self.grace_ns
+        while True:
+            for ev in self.sensor.drain():  # whatever the pump has not picked up yet
+                self._add(ev)
+            now = time.monotonic_ns()
+            if now >= deadline or window_complete(result, self._window(result, result.start_ns - SLACK_NS, now)):
+                break
+            await asyncio.sleep(min(COMPLETE_POLL_S, (deadline - now) / 1e9))
         self._sample_lost()
         lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
         events = self._window(result, lo, hi)

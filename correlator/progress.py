@@ -95,15 +95,17 @@ class Stall:
 
     @property
     def backoff_gaps_ns(self) -> tuple[int, ...]:
-        """The last waits of a retransmission timer that grew as backing off makes them (quick resends by the
-        sender's own stack, shorter than half the least timeout, left out)."""
+        """The longest chain of a retransmission timer's waits that grew as backing off makes them (quick
+        resends by the sender's own stack, shorter than half the least timeout, left out; a copy sent early
+        because the other end asked — a duplicate ACK — ends one chain)."""
         timer = [g for g in self.gaps_ns if g >= RTO_MIN_NS // 2]
-        tail: list[int] = timer[-1:]
-        for a in reversed(timer[:-1]):
-            if tail[0] < BACKOFF_RATIO * a:
-                break
-            tail.insert(0, a)
-        return tuple(tail) if len(tail) >= 2 else ()
+        best: list[int] = []
+        chain: list[int] = []
+        for g in timer:
+            chain = [*chain, g] if chain and g >= BACKOFF_RATIO * chain[-1] else [g]
+            if len(chain) > len(best):
+                best = chain
+        return tuple(best) if len(best) >= 2 else ()
 
     @property
     def loss_rate(self) -> float | None:

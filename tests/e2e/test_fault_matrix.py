@@ -15,7 +15,7 @@ from connprobe.lab.scenarios import SCENARIOS, run_scenario
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
 TRIALS = 5
-LAB_RETRIES = 2  # extra runs of a trial whose fault did not bite
+LAB_RETRIES = 3  # extra runs of a trial whose fault did not bite
 # Causes decided by kernel evidence must carry it; rcode/status/latency verdicts stand on probe facts.
 NEEDS_EVIDENCE = {"policy_drop", "tcp_retransmit", "connection_refused"}
 
