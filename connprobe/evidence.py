@@ -23,7 +23,8 @@ from prober.types import ProbeResult, Proto
 log = logging.getLogger(__name__)
 
 KEEP_NS = 120 * 1_000_000_000  # events older than this are dropped from memory
-COMPLETE_POLL_S = 0.005  # how often a finished probe's window is checked for completeness
+COMPLETE_POLL_S = 0.005  # how soon a finished probe's window is first checked again for completeness
+COMPLETE_POLL_MAX_S = 0.05
 
 
 class KernelEvidence:
@@ -95,13 +96,15 @@ class KernelEvidence:
             return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
         # Until every flow of the probe was seen closed (then no late event can come), or the grace period.
         deadline = result.end_ns + self.grace_ns
+        poll = COMPLETE_POLL_S
         while True:
             for ev in self.sensor.drain():  # whatever the pump has not picked up yet
                 self._add(ev)
             now = time.monotonic_ns()
             if now >= deadline or window_complete(result, self._window(result, result.start_ns - SLACK_NS, now)):
                 break
-            await asyncio.sleep(min(COMPLETE_POLL_S, (deadline - now) / 1e9))
+            await asyncio.sleep(min(poll, (deadline - now) / 1e9))
+            poll = min(poll * 2, COMPLETE_POLL_MAX_S)  # most windows close within a few ms; back off after
         self._sample_lost()
         lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
         events = self._window(result, lo, hi)
