@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 
 from bpf.types import EventKind, KernelEvent
 
-# struct cp_event, bpf/events.h (little-endian, 80 bytes)
-EVENT_STRUCT = struct.Struct("<QQQIIiHHHHBBBB16s16s")
+# struct cp_event, bpf/events.h (little-endian, 104 bytes)
+EVENT_STRUCT = struct.Struct("<QQQIIiHHHHBBBB16s16sIIIIII")
+SEQ_VALID, SNDUNA_VALID, COUNTERS_VALID = 1, 2, 4  # CP_SEQ_VALID, CP_SNDUNA_VALID, CP_COUNTERS_VALID
 EVENT_SIZE = EVENT_STRUCT.size
+# The layout before the sequence fields (80 bytes): records saved from older sensors still decode.
+_NO_SEQ = (0, 0, 0, 0, 0, 0)
+EVENT_V1_STRUCT = struct.Struct("<QQQIIiHHHHBBBB16s16s")
 
 KIND_BY_NUMBER: dict[int, EventKind] = {
     1: EventKind.RETRANSMIT,
@@ -110,10 +114,14 @@ class DecodeError(ValueError):
 
 def decode_event(raw: bytes, names: KernelNames) -> KernelEvent:
     """One ring-buffer record → a frozen KernelEvent. Pure: no kernel access except `names.symbolize`."""
-    if len(raw) < EVENT_SIZE:
+    if len(raw) >= EVENT_SIZE:
+        fields = EVENT_STRUCT.unpack_from(raw)
+    elif len(raw) == EVENT_V1_STRUCT.size:
+        fields = EVENT_V1_STRUCT.unpack_from(raw) + _NO_SEQ
+    else:
         raise DecodeError(f"record of {len(raw)} bytes, expected {EVENT_SIZE}")
     (ts_ns, location, skaddr, netns, reason, error, kind_no, family, sport, dport, proto, state, old_state,
-     tcp_flags, saddr, daddr) = EVENT_STRUCT.unpack_from(raw)
+     tcp_flags, saddr, daddr, seq, seq_len, snd_una, seq_flags, segs_out, total_retrans) = fields
     kind = KIND_BY_NUMBER.get(kind_no)
     if kind is None:
         raise DecodeError(f"unknown event kind {kind_no}")
@@ -169,6 +177,11 @@ def decode_event(raw: bytes, names: KernelNames) -> KernelEvent:
         error=ev_error,
         sock=skaddr or None,
         length=ev_length,
+        seq=seq if seq_flags & SEQ_VALID else None,
+        seq_len=seq_len if seq_flags & SEQ_VALID else None,
+        snd_una=snd_una if seq_flags & SNDUNA_VALID else None,
+        segs_out=segs_out if seq_flags & COUNTERS_VALID else None,
+        total_retrans=total_retrans if seq_flags & COUNTERS_VALID else None,
     )
 
 
@@ -190,6 +203,11 @@ def encode_event(
     tcp_flags: int = 0,
     location: int = 0,
     skaddr: int = 0,
+    seq: int | None = None,
+    seq_len: int = 0,
+    snd_una: int | None = None,
+    segs_out: int | None = None,
+    total_retrans: int = 0,
 ) -> bytes:
     """The inverse of decode_event, for tests and replay tools (what the BPF side would write)."""
     def raw(addr: str) -> bytes:
@@ -197,5 +215,7 @@ def encode_event(
 
     return EVENT_STRUCT.pack(
         ts_ns, location, skaddr, netns, reason, error, NUMBER_BY_KIND[kind], family, sport, dport, proto,
-        state, old_state, tcp_flags, raw(saddr), raw(daddr),
+        state, old_state, tcp_flags, raw(saddr), raw(daddr), seq or 0, seq_len if seq is not None else 0,
+        snd_una or 0, (SEQ_VALID if seq is not None else 0) | (SNDUNA_VALID if snd_una is not None else 0)
+        | (COUNTERS_VALID if segs_out is not None else 0), segs_out or 0, total_retrans,
     )

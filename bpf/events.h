@@ -20,7 +20,13 @@
  *    47     1  tcp_flags   TCP header flags byte of a dropped / ICMP-answered packet
  *    48    16  saddr       IPv4 in the first 4 bytes
  *    64    16  daddr
- *    80        (size)
+ *    80     4  seq         TCP sequence number of a dropped segment / a retransmission (host order)
+ *    84     4  seq_len     sequence space it covers: payload bytes, +1 for SYN and for FIN
+ *    88     4  snd_una     retransmission: the sender's oldest unacknowledged sequence number then
+ *    92     4  seq_flags   CP_SEQ_* bits: which of seq / snd_una / the counters were read
+ *    96     4  segs_out    retransmission: data segments the socket had sent (tcp_sock.data_segs_out)
+ *   100     4  total_retrans  retransmission: segments it had retransmitted (tcp_sock.total_retrans)
+ *   104        (size)
  */
 #ifndef CONNPROBE_EVENTS_H
 #define CONNPROBE_EVENTS_H
@@ -35,6 +41,10 @@
 #define CP_KIND_SOCK_ERROR 8
 #define CP_KIND_UDP_SEND 9
 #define CP_KIND_UDP_RECV 10
+
+#define CP_SEQ_VALID 1     /* seq and seq_len were read */
+#define CP_SNDUNA_VALID 2  /* snd_una was read */
+#define CP_COUNTERS_VALID 4  /* segs_out and total_retrans were read */
 
 struct cp_event {
     u64 ts_ns;
@@ -53,6 +63,12 @@ struct cp_event {
     u8 tcp_flags;
     u8 saddr[16];
     u8 daddr[16];
+    u32 seq;
+    u32 seq_len;
+    u32 snd_una;
+    u32 seq_flags;
+    u32 segs_out;
+    u32 total_retrans;
 };
 
 /* Key of the per-kind / per-reason counters (node-level telemetry for all traffic). */

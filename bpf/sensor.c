@@ -2,7 +2,9 @@
  *
  * Compiled by bcc with -D flags from bpf/sensor.py:
  *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout);
- *                    the optional ones (OFF_SK_ERR, OFF_SK_PROTOCOL, OFF_INET_SPORT) only when present
+ *                    the optional ones (OFF_SK_ERR, OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_SKB_CB,
+ *                    OFF_TCB_SEQ, OFF_TCB_END_SEQ, OFF_TP_SND_UNA, OFF_TP_DATA_SEGS_OUT,
+ *                    OFF_TP_TOTAL_RETRANS) only when present
  *   RING_PAGES       ring-buffer size in pages (power of two)
  *   WATCH_MAX        size of the watch list
  *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/sensor.py
@@ -111,8 +113,14 @@ static __always_inline u32 skb_netns(const void *skb) {
     return 0;
 }
 
+/* Where parse_skb found the headers, for the reads only a watched packet needs (seq, length). */
+struct cp_hdrs {
+    unsigned char *ip;
+    unsigned char *th;
+};
+
 /* Parse the IP and TCP/UDP headers of a packet at skb->head + skb->network_header. Returns 0 on success. */
-static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_event *ev) {
+static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_event *ev, struct cp_hdrs *hdrs) {
     unsigned char *head = 0;
     u16 nh = 0;
     if (bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD) || !head)
@@ -174,6 +182,8 @@ static __always_inline int parse_skb(const void *skb, u16 l3proto, struct cp_eve
     } else {
         return -1;
     }
+    hdrs->ip = ip;
+    hdrs->th = th;
     if (ev->proto == CP_IPPROTO_TCP || ev->proto == CP_IPPROTO_UDP) {
         u16 ports[2] = {};
         if (bpf_probe_read_kernel(ports, sizeof(ports), th))
@@ -216,6 +226,31 @@ static __always_inline int has_ports(const struct cp_event *ev) {
         }                                                                    \
     } while (0)
 
+/* Sequence number and sequence space of a parsed TCP packet (watched drops only: two small reads).
+ * The IP length covers the whole packet, so a GSO super-packet reports all the segments it holds. */
+static __always_inline void tcp_seq_of_packet(struct cp_event *ev, const struct cp_hdrs *hdrs) {
+    u8 t[10] = {};  /* seq (4), ack (4), data offset (1), flags (1) from th + 4 */
+    u16 iplen = 0;
+    if (ev->proto != CP_IPPROTO_TCP || !hdrs->th || bpf_probe_read_kernel(t, sizeof(t), hdrs->th + 4))
+        return;
+    u32 l4len;
+    if (ev->family == CP_AF_INET) {
+        if (bpf_probe_read_kernel(&iplen, 2, hdrs->ip + 2))
+            return;
+        l4len = (u32)bpf_ntohs(iplen) - (u32)(hdrs->th - hdrs->ip);
+    } else {
+        if (bpf_probe_read_kernel(&iplen, 2, hdrs->ip + 4))
+            return;
+        l4len = (u32)bpf_ntohs(iplen) + 40 - (u32)(hdrs->th - hdrs->ip);
+    }
+    u32 doff = (t[8] >> 4) * 4;
+    if (iplen == 0 || l4len < doff)  /* BIG TCP (length 0) or a truncated header: leave seq unknown */
+        return;
+    ev->seq = ((u32)t[0] << 24) | ((u32)t[1] << 16) | ((u32)t[2] << 8) | t[3];
+    ev->seq_len = l4len - doff + ((t[9] & 0x02) ? 1 : 0) + ((t[9] & 0x01) ? 1 : 0);
+    ev->seq_flags |= CP_SEQ_VALID;
+}
+
 #ifdef HOOK_TCP_TCP_RETRANSMIT_SKB
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     struct cp_event ev = {};
@@ -234,6 +269,26 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     ev.skaddr = (u64)args->skaddr;
     ev.netns = sk_netns(args->skaddr);
     CP_COPY_ADDRS(&ev, args);
+#if defined(OFF_SKB_CB) && defined(OFF_TCB_SEQ) && defined(OFF_TCB_END_SEQ)
+    /* The segment retransmitted: TCP_SKB_CB(skb)->seq / end_seq of the queued skb. */
+    u32 range[2] = {};
+    if (!bpf_probe_read_kernel(&range[0], 4, (const char *)args->skbaddr + OFF_SKB_CB + OFF_TCB_SEQ) &&
+        !bpf_probe_read_kernel(&range[1], 4, (const char *)args->skbaddr + OFF_SKB_CB + OFF_TCB_END_SEQ)) {
+        ev.seq = range[0];
+        ev.seq_len = range[1] - range[0];
+        ev.seq_flags |= CP_SEQ_VALID;
+    }
+#endif
+#ifdef OFF_TP_SND_UNA
+    if (!bpf_probe_read_kernel(&ev.snd_una, 4, (const char *)args->skaddr + OFF_TP_SND_UNA))
+        ev.seq_flags |= CP_SNDUNA_VALID;
+#endif
+#if defined(OFF_TP_DATA_SEGS_OUT) && defined(OFF_TP_TOTAL_RETRANS)
+    /* How many segments the socket had sent and resent: the loss rate it had met before this one. */
+    if (!bpf_probe_read_kernel(&ev.segs_out, 4, (const char *)args->skaddr + OFF_TP_DATA_SEGS_OUT) &&
+        !bpf_probe_read_kernel(&ev.total_retrans, 4, (const char *)args->skaddr + OFF_TP_TOTAL_RETRANS))
+        ev.seq_flags |= CP_COUNTERS_VALID;
+#endif
     emit(&ev);
     return 0;
 }
@@ -347,9 +402,10 @@ TRACEPOINT_PROBE(skb, kfree_skb) {
     struct cp_event ev = {};
     u32 reason = args->reason;
     const void *skb = args->skbaddr;
+    struct cp_hdrs hdrs = {};
     ev.kind = CP_KIND_DROP;
     ev.reason = reason;
-    int parsed = parse_skb(skb, args->protocol, &ev) == 0 && has_ports(&ev);
+    int parsed = parse_skb(skb, args->protocol, &ev, &hdrs) == 0 && has_ports(&ev);
     int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
     count(CP_KIND_DROP, reason, watched);
     if (!watched || quiet.lookup(&reason))
@@ -363,6 +419,7 @@ TRACEPOINT_PROBE(skb, kfree_skb) {
     if (!inum)
         inum = skb_netns(skb);
     ev.netns = inum;
+    tcp_seq_of_packet(&ev, &hdrs);
     emit(&ev);
     return 0;
 }
@@ -376,7 +433,8 @@ TRACEPOINT_PROBE(icmp, icmp_send) {
     const void *skb = args->skbaddr;
     ev.kind = CP_KIND_ICMP_SEND;
     ev.error = (args->type << 8) | (args->code & 0xFF);
-    int parsed = parse_skb(skb, 0, &ev) == 0 && has_ports(&ev);
+    struct cp_hdrs hdrs = {};
+    int parsed = parse_skb(skb, 0, &ev, &hdrs) == 0 && has_ports(&ev);
     int watched = parsed && is_watched(ev.proto, ev.sport, ev.dport);
     count(CP_KIND_ICMP_SEND, (u32)ev.error, watched);
     if (!watched)

@@ -149,6 +149,30 @@ class SensorCounters:
         return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
 
 
+# Where a retransmitted segment's sequence range, its socket's snd_una and segment counters are (optional:
+# without them, retransmissions carry no sequence numbers and the correlator says it could not check what
+# got through).
+SEQ_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("OFF_SKB_CB", "sk_buff", "cb"),
+    ("OFF_TCB_SEQ", "tcp_skb_cb", "seq"),
+    ("OFF_TCB_END_SEQ", "tcp_skb_cb", "end_seq"),
+    ("OFF_TP_SND_UNA", "tcp_sock", "snd_una"),
+    ("OFF_TP_DATA_SEGS_OUT", "tcp_sock", "data_segs_out"),
+    ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
+)
+
+
+def seq_offsets(btf: Btf) -> dict[str, int]:
+    out = {}
+    for macro, struct_name, path in SEQ_FIELDS:
+        try:
+            out[macro] = btf.offsetof(struct_name, path)
+        except BtfError:
+            log.warning("kernel sensor: BTF lacks %s.%s: retransmissions carry no sequence numbers",
+                        struct_name, path)
+    return out
+
+
 def _kernel_headers_dir() -> Path | None:
     release = os.uname().release
     for sub in ("build", "source"):
@@ -286,6 +310,7 @@ class KernelSensor:
             btf = Btf.load(self._btf_path) if self._btf_path else Btf.load()
             offsets = sensor_offsets(btf)
             offsets.update(optional_offsets(btf))
+            offsets.update(seq_offsets(btf))
         except BtfError as exc:
             raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
         if _kernel_headers_dir() is None:

@@ -41,6 +41,11 @@ class KernelEvent:
     error: int | None = None  # errno for SOCK_ERROR, tracepoint err for retransmits
     sock: int | None = None  # kernel socket address: links CLOSE->SYN_SENT (sport 0) to later events
     length: int | None = None  # bytes of a UDP_SEND / UDP_RECV datagram (None when it failed: see error)
+    seq: int | None = None  # TCP sequence number of a dropped segment or a retransmission (None: not read)
+    seq_len: int | None = None  # sequence space it covers: payload bytes, +1 for SYN and for FIN
+    snd_una: int | None = None  # retransmission: the sender's oldest unacknowledged sequence number then
+    segs_out: int | None = None  # retransmission: data segments its socket had sent by then
+    total_retrans: int | None = None  # retransmission: segments its socket had retransmitted by then
 
     @property
     def tuple(self) -> tuple[str, str, int, str, int]:

@@ -23,13 +23,15 @@ from collections import Counter, deque
 
 from bpf.sensor import WatchListFull
 from bpf.types import KernelEvent
-from correlator.join import GRACE_NS
+from correlator.join import GRACE_NS, SLACK_NS, window_complete
 from correlator.rules import EvidenceStatus
 from prober.types import ProbeResult, Proto
 
 log = logging.getLogger(__name__)
 
 KEEP_NS = 120 * 1_000_000_000  # events older than this are dropped from memory
+COMPLETE_POLL_S = 0.005  # how soon a finished probe's window is first checked again for completeness
+COMPLETE_POLL_MAX_S = 0.05
 
 
 WATCH_FULL = "watch list full"
@@ -173,11 +175,17 @@ class KernelEvidence:
             missing = [self._not_watched[k][1] for k in _ports(result) if k in self._not_watched]
             if missing:
                 return [], EvidenceStatus(available=False, reason=missing[0])
-            wait = (result.end_ns + self.grace_ns - time.monotonic_ns()) / 1e9
-            if wait > 0:
-                await asyncio.sleep(wait)
-            for ev in self.sensor.drain():  # whatever the pump has not picked up yet
-                self._add(ev)
+            # Until every flow of the probe was seen closed (then no late event can come), or the grace period.
+            deadline = result.end_ns + self.grace_ns
+            poll = COMPLETE_POLL_S
+            while True:
+                for ev in self.sensor.drain():  # whatever the pump has not picked up yet
+                    self._add(ev)
+                now = time.monotonic_ns()
+                if now >= deadline or window_complete(result, self._window(result, result.start_ns - SLACK_NS, now)):
+                    break
+                await asyncio.sleep(min(poll, (deadline - now) / 1e9))
+                poll = min(poll * 2, COMPLETE_POLL_MAX_S)  # most windows close within a few ms; back off after
             self._sample_lost()
             lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
             events = self._window(result, lo, hi)

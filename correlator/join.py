@@ -66,3 +66,33 @@ def join(result: ProbeResult, events: Iterable[KernelEvent], grace_ns: int = GRA
 # Packet-level events can be seen in any namespace on the path (router, server, DNAT node); socket-level
 # ones (retransmit, state, reset) with our source tuple belong to our socket, so to our namespace.
 _PATH_KINDS = frozenset({"drop", "icmp_send"})
+
+
+def window_complete(result: ProbeResult, events: Iterable[KernelEvent]) -> bool:
+    """Whether no more kernel events can come for this probe: every TCP flow of it was seen closed (or reset)
+    by the kernel — its own socket, and the other end's too when that end is on this node (it showed events)
+    — so no retransmission timer is pending. DNS flows need nothing: the prober has their answers.
+
+    Then its evidence window can close at once instead of waiting the grace period for late events.
+    """
+    tcp = [f for f in result.flows if str(f.proto) == "tcp"]
+    if not tcp:
+        return False  # nothing the kernel would tell us is over: wait the grace period
+    closed: set[tuple[str, int, str, int, bool]] = set()
+    seen_peer: set[tuple[str, int, str, int]] = set()
+    for ev in events:
+        if ev.proto != "tcp":
+            continue
+        key = (ev.saddr, ev.sport, ev.daddr, ev.dport)
+        if ev.kind == "state" and ev.tcp_state == "CLOSE":
+            closed.add((*key, True))
+        elif ev.kind in ("state", "retransmit", "reset_rx"):
+            seen_peer.add(key)
+    for f in tcp:
+        mine = (f.local_addr, f.local_port, f.remote_addr, f.remote_port)
+        if (*mine, True) not in closed:
+            return False
+        peer = (f.remote_addr, f.remote_port, f.local_addr, f.local_port)
+        if peer in seen_peer and (*peer, True) not in closed:
+            return False
+    return True

@@ -13,14 +13,20 @@ when several stories fit one probe:
  3. connection_refused  refused, and the target's own stack said nothing listens (RST, NO_SOCKET).
  4. policy_drop_connect connect failed and our SYNs were dropped, every one of them: a policy.
                         Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit.
- 5. policy_drop_established  the handshake passed, then every retransmission of our data (or of the
-                        answer) was dropped until the probe gave up: a policy on the established flow.
+ 5. policy_drop_established  the handshake passed, then from some moment on every copy of one segment (of
+                        our data or of the answer) was dropped, the timer backing off, nothing newer sent —
+                        and the loss rate the sender had met before makes that run of drops too unlikely to
+                        be chance (see correlator/progress.py): a policy on the established flow, also when
+                        it began in the middle of a transfer. Drops interleaved with progress are loss.
  6. local_policy        connect()/sendto() got EPERM: a firewall in the probe's own namespace.
  7. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
  8. tls, 9. http_error  the handshake or the HTTP answer failed, on a network that delivered.
 10. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
                         time went decides — resolve → dns/slow; connect with SYN retransmits →
-                        tcp_retransmit; transfer with retransmissions → tcp_retransmit; processing →
+                        tcp_retransmit; transfer with retransmissions → tcp_retransmit (confident when
+                        data kept getting through to the end, or the final stall is what the loss rate
+                        met makes likely; under 70 % when the end could also be a policy that just began,
+                        or sequence numbers were not recorded); processing →
                         tcp_retransmit when recovering from loss explains at least half the wait for the
                         first byte (see loss_cost_ns), upstream_latency when the network was clean or
                         loss explains less than that.
@@ -30,11 +36,20 @@ when several stories fit one probe:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from correlator.evidence import TcpFacts, reason_class, where
+from correlator.evidence import CLASS_WORDS, TcpFacts, reason_class, where
 from correlator.join import Matched
+from correlator.progress import (
+    PRIOR_SEGMENTS,
+    Direction,
+    Stall,
+    directions,
+    has_sequence_evidence,
+    seq_before,
+)
 from correlator.types import Cause
 from prober.types import ErrorKind, PhaseSpan, ProbeResult
 
@@ -72,6 +87,15 @@ class Context:
     @property
     def over_budget(self) -> bool:
         return self.budget_ns is not None and self.result.duration_ns > self.budget_ns
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        """Sequence-level story of each direction of the probe's TCP data (computed once)."""
+        cached = self.__dict__.get("_directions")
+        if cached is None:
+            cached = directions(self.matched, self.result.end_ns)
+            object.__setattr__(self, "_directions", cached)
+        return cached
 
     def dns_matched(self) -> tuple[Matched, ...]:
         ports = {(tx.flow.local_addr, tx.flow.local_port) for tx in self.result.dns if tx.flow is not None}
@@ -157,6 +181,17 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
     if r.error not in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_UNREACHABLE) or t.established:
         return None
     decisive = tuple(m for m in t.syn_drops if reason_class(m.event.reason) in ("policy", "program", "loss"))
+    answers = tuple(m for m in t.synack_drops if reason_class(m.event.reason) in ("policy", "program", "loss"))
+    if not decisive and answers:
+        # Our SYNs arrived; the target's answers (SYN-ACK) were dropped on their way back, every one seen.
+        first = answers[0]
+        facts = (f"{len(answers)} SYN-ACK(s) answering our SYN dropped by {first.event.reason} {where(first)}",
+                 "the connection was never established")
+        if reason_class(first.event.reason) == "loss":
+            return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers + t.syn_retransmits,
+                           (*facts, "a queue dropped them: congestion rather than intent"))
+        conf = 0.85 if reason_class(first.event.reason) == "policy" else 0.75
+        return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, answers + t.syn_retransmits, facts)
     if not decisive:
         return None
     attempts = max(1 + len(t.syn_retransmits), len(decisive))
@@ -172,23 +207,94 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
     return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, decisive + t.syn_retransmits, tuple(facts))
 
 
+POLICY_CHANCE = 1e-4  # a run of drops less likely than this to be random loss is a policy
+LOSS_CHANCE = 0.1  # a final stall at least this likely (`Stall.likelihood`) under the loss met is loss
+LOSS_SHARE = 0.5  # or: recovering from loss before the final stall took at least this share of the probe's time
+KNOWN_RATE_SEGMENTS = 50  # fewer segments sent than this: the loss rate met is too little known to be sure
+HEAVY_LOSS = 0.05  # ... and the sender had met at least this much loss (a few % is what a path may always lose)
+
+
+def _side(outbound: bool) -> str:
+    return "the probe's data" if outbound else "the answer"
+
+
+def _at(ctx: Context, m: Matched) -> str:
+    return f"+{(m.event.ts_ns - ctx.result.start_ns) / 1e6:.0f} ms"
+
+
+def _stall_facts(ctx: Context, s: Stall) -> list[str]:
+    if not s.copies:
+        facts = [f"at the end, {len(s.pending)} contiguous segment(s) of {_side(s.outbound)} were dropped from "
+                 f"{_at(ctx, s.pending[0])} on by {s.pending[0].event.reason} {where(s.pending[0])}, not yet "
+                 "retransmitted"]
+        if s.loss_rate is not None:
+            facts.append(f"the sender had met loss at up to {s.loss_rate:.1%}: that many in a row by chance "
+                         f"{s.chance:.1g}")
+        return facts
+    first = s.dropped[0] if s.dropped else s.copies[0]
+    head = (f"from {_at(ctx, s.start)} on, {len(s.dropped)} of {len(s.copies)} retransmitted cop(ies) of one segment "
+            f"of {_side(s.outbound)} (seq {s.seq}) were seen dropped"
+            + (", and its first transmission" if s.original is not None else ""))
+    if s.dropped:
+        head += f" by {first.event.reason} {where(first)}"
+    if s.backoff:
+        head += " at growing intervals (" + ", ".join(ms(g) for g in s.backoff_gaps_ns) + "): the retransmission " \
+                "timer backing off"
+    facts = [head]
+    if s.copies and all(c.event.snd_una == s.seq for c in s.copies):
+        facts.append("nothing newer was acknowledged or sent in that direction after it (snd_una stayed at it)")
+    if s.loss_rate is not None and s.segs_before is not None:
+        facts.append(f"before it the sender had sent {s.segs_before} segment(s) and retransmitted "
+                     f"{s.retrans_before}: loss at up to {s.loss_rate:.1%} drops {s.drops_in_a_row} cop(ies) in a "
+                     f"row with chance {s.chance:.1g}")
+    return facts
+
+
 def policy_drop_established(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.ok or r.error not in (ErrorKind.READ_TIMEOUT, ErrorKind.CONNECT_RESET, ErrorKind.CONNECT_TIMEOUT):
         return None
     if not t.established:
         return None
-    blocked = tuple(m for m in t.decisive_drops() if not m.event.tcp_flags or "S" not in m.event.tcp_flags)
-    if len(blocked) < 2 or len(t.data_retransmits) < 1:
-        return None
-    cls = reason_class(blocked[0].event.reason)
-    facts = (f"after the handshake, {len(blocked)} packets of this connection were dropped by "
-             f"{blocked[0].event.reason} {where(blocked[0])}, retransmissions included",
-             f"{len(t.data_retransmits)} retransmission(s), none got through before the probe gave up")
-    if cls == "loss":
-        return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/stalled", 0.6, blocked + t.data_retransmits, facts)
-    return Finding(Cause.POLICY_DROP, "policy_drop/established", 0.9 if cls == "policy" else 0.75,
-                   blocked + t.data_retransmits, facts)
+    for d in ctx.directions:
+        s = d.stall
+        if s is None or not s.every_copy_dropped:
+            continue
+        cls = reason_class(s.dropped[0].event.reason)
+        if cls not in ("policy", "program"):
+            continue
+        if s.chance is not None:
+            if s.drops_in_a_row < 3 or s.chance >= POLICY_CHANCE:
+                continue
+            conf = 0.9 if cls == "policy" else 0.8
+            facts = _stall_facts(ctx, s)
+            if (s.segs_before or 0) < KNOWN_RATE_SEGMENTS:
+                conf = 0.65
+                facts.append(f"the sender had sent only {s.segs_before or 0} segment(s) before: the loss rate of "
+                             "this path is hardly known")
+        else:
+            # No retransmission of it was traced (the sender is beyond this node, or its own stack dropped the
+            # copies): only the drops are seen, not its counters. Older data lost before means loss met earlier;
+            # newer segments dropped with it are the rest of the window the wall took.
+            earlier = [x for x in d.drops if x.event.ts_ns < s.copies[0].event.ts_ns and x.event.seq != s.seq
+                       and seq_before(x.event.seq, s.seq)]
+            if len(s.copies) < 4 or not s.backoff or earlier:
+                continue
+            facts = [*_stall_facts(ctx, s), "no older segment of that direction was seen dropped before; no "
+                     "retransmission of it was traced (the sender is beyond this node, or its own stack dropped "
+                     "the copies), so the loss rate it met is not known"]
+            # The first transmission, one fast retransmission and a backing-off timer send at most this many
+            # copies in the time there was; more means the sender's stack resent at once too, as it does when a
+            # rule on its own way out drops them.
+            span = r.end_ns - s.copies[0].event.ts_ns
+            timer_copies = 2 + int(math.log2(max(span, 0) / RTO_MIN_NS + 1))
+            conf = 0.6
+            if len(s.copies) > timer_copies:
+                conf = 0.7
+                facts.append(f"{len(s.copies)} copies where a retransmission timer sends at most {timer_copies} in "
+                             f"{ms(span)}: the sender resent at once as well, as when its own rules drop them")
+        return Finding(Cause.POLICY_DROP, "policy_drop/established", conf, s.copies + s.dropped, tuple(facts))
+    return None
 
 
 def local_policy(ctx: Context) -> Finding | None:
@@ -208,10 +314,18 @@ def connect_unexplained(ctx: Context) -> Finding | None:
     if ctx.result.error != ErrorKind.CONNECT_TIMEOUT:
         return None
     n = len(ctx.tcp.syn_retransmits)
+    other = [m for m in ctx.matched if m.event.kind == "drop" and m.event.proto == "tcp"
+             and reason_class(m.event.reason) in ("app", "routing", "local")]
     if not ctx.evidence.available:
         return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.3, (),
                        ("connect timed out; without kernel evidence a policy drop, loss and a dead host look "
                         "the same",), needs_kernel=False)
+    if other:
+        first = other[0]
+        cls = reason_class(first.event.reason)
+        return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.5, ctx.tcp.syn_retransmits + tuple(other),
+                       (f"SYN sent {n + 1} time(s), never answered; {len(other)} handshake packet(s) dropped by "
+                        f"{first.event.reason} {where(first)}: {CLASS_WORDS[cls]}",), needs_kernel=False)
     return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.4, ctx.tcp.syn_retransmits,
                    (f"SYN sent {n + 1} time(s), never answered; no drop seen on this node: dropped beyond it, "
                     "or the host is down",), needs_kernel=False)
@@ -270,16 +384,32 @@ def slow_or_stalled(ctx: Context) -> Finding | None:
         return Finding(Cause.UNKNOWN, "unknown/slow_connect", 0.4, (),
                        (head, "no SYN retransmission: a long round trip, or the target slow to accept"))
     rtx = _in(phase, t.data_retransmits)
+    lost = _in(phase, t.decisive_drops())
+    if not rtx and stalled and lost:
+        first = lost[0]
+        return Finding(Cause.UNKNOWN, "unknown/stalled", 0.5, lost,
+                       (head, f"{len(lost)} packet(s) of the connection dropped by {first.event.reason} {where(first)} "
+                        "and no retransmission seen: loss, or a policy that began shortly before the end"))
     if not rtx:
         return Finding(Cause.UPSTREAM_LATENCY, f"upstream_latency/{phase.name}", 0.85, (),
                        (head, "no retransmission or drop on the connection: the network delivered, the server "
                         "took the time"))
     drops = _in(phase, t.drops)
-    if phase.name != "processing":
+    if phase.name != "processing" or stalled:
         # Throughput phases (transfer, tls): loss shrinks the window for the rest of the phase, so the
-        # retransmissions themselves understate what the loss cost. The network is to blame.
-        return Finding(Cause.TCP_RETRANSMIT, f"tcp_retransmit/{phase.name}", 0.85, rtx + drops,
-                       (head, f"{len(rtx)} retransmission(s) and {len(drops)} drop(s) seen in {phase.name}"))
+        # retransmissions themselves understate what the loss cost. The network is to blame. A probe that
+        # ran out of time with retransmissions in any phase is judged by what got through.
+        facts = [head, f"{len(rtx)} retransmission(s) and {len(drops)} drop(s) seen in {phase.name}"]
+        cost = loss_cost_ns(rtx, t.drops)
+        facts.append(f"recovering from loss explains at least {ms(min(cost, r.duration_ns))} "
+                     f"({min(cost, r.duration_ns) / max(r.duration_ns, 1):.0%} of the probe's time)")
+        conf = 0.85
+        if stalled:
+            conf, more = _stalled_transfer(ctx)
+            facts += more
+        else:
+            facts += _fate_facts(ctx)
+        return Finding(Cause.TCP_RETRANSMIT, f"tcp_retransmit/{phase.name}", conf, rtx + drops, tuple(facts))
     cost = loss_cost_ns(rtx, t.drops)
     if cost < phase.duration_ns // 2:
         return Finding(Cause.UPSTREAM_LATENCY, "upstream_latency/processing", 0.7, rtx + drops,
@@ -290,17 +420,66 @@ def slow_or_stalled(ctx: Context) -> Finding | None:
                     "wait for the first byte"))
 
 
+def _fate_facts(ctx: Context) -> list[str]:
+    out = []
+    for d in ctx.directions:
+        if d.fates:
+            out.append(f"{len(d.fates)} segment(s) of {_side(d.outbound)} seen dropped: {d.through()} resent and "
+                       f"acknowledged later, {d.dropped_again()} whose resent copy was dropped too")
+    return out
+
+
+def _stalled_transfer(ctx: Context) -> tuple[float, list[str]]:
+    """Confidence and facts for a transfer that ran out of time with retransmissions, by what got through."""
+    if not has_sequence_evidence(ctx.matched):
+        return 0.6, ["sequence numbers were not recorded: whether the retransmissions got through was not "
+                     "checked, and a policy that began during the transfer would look the same"]
+    facts = _fate_facts(ctx)
+    stalls = [d.stall for d in ctx.directions if d.stall is not None]
+    if not stalls:
+        flowing = [d for d in ctx.directions if d.flowing_at_end]
+        if flowing:
+            return 0.85, [*facts, f"{_side(flowing[0].outbound)} kept getting through until the probe gave up: "
+                                  "newer data followed the last retransmission, with no drop after it"]
+        return 0.6, [*facts, "no copy of the last retransmitted segment was seen after it, though the timer was "
+                             "due: it got through, or its copies were not seen"]
+    s = max(stalls, key=lambda x: x.start.event.ts_ns)
+    facts += _stall_facts(ctx, s)
+    if (s.every_copy_dropped or s.pending) and s.likelihood is not None and s.likelihood >= LOSS_CHANCE:
+        return 0.85, [*facts, f"random loss at the rate met before does this {s.likelihood:.0%} of the time: it "
+                              "explains this stall"]
+    if s.every_copy_dropped and s.chance is not None and s.chance < POLICY_CHANCE:
+        # a loss-class reason dropped every copy (a queue that never drains)
+        return 0.6, [*facts, f"every copy was dropped for {CLASS_WORDS[reason_class(s.dropped[0].event.reason)]}"]
+    # Whatever the end was, loss already explains the probe's time: recovering from it before the final stall
+    # took most of the time the probe had.
+    before = s.start.event.ts_ns - 5_000_000
+    rtx = tuple(m for m in ctx.tcp.data_retransmits if m.event.ts_ns < before)
+    drops = tuple(m for m in ctx.tcp.drops if m.event.ts_ns < before)
+    span = ctx.result.duration_ns
+    cost = min(loss_cost_ns(rtx, drops, unseen_ns=0), span)
+    heavy = (s.segs_before is not None and s.retrans_before is not None
+             and s.retrans_before >= HEAVY_LOSS * (s.segs_before + PRIOR_SEGMENTS))
+    plausible = s.chance is None or s.chance >= POLICY_CHANCE * 10
+    if rtx and span > 0 and cost >= span * LOSS_SHARE and heavy and plausible:
+        return 0.8, [*facts, f"before that, recovering from loss took {ms(cost)} of the probe's {ms(span)} "
+                     f"({cost / span:.0%}): the loss explains the time, whatever the end was"]
+    return 0.6, [*facts, "at the end one segment went unanswered: random loss, or a policy that began shortly "
+                 "before the end — this evidence cannot tell them apart"]
+
+
 RTO_MIN_NS = 200_000_000  # Linux TCP_RTO_MIN: the least a timeout-driven retransmission costs
 BURST_GAP_NS = 50_000_000
 
 
-def loss_cost_ns(rtx: tuple[Matched, ...], drops: tuple[Matched, ...]) -> int:
+def loss_cost_ns(rtx: tuple[Matched, ...], drops: tuple[Matched, ...], unseen_ns: int = RTO_MIN_NS) -> int:
     """How much of a wait retransmissions can explain, burst by burst.
 
     A burst whose lost packet was seen dropped (same direction, before it) cost the time from that drop
     to the retransmission. A burst after which only packets of the other direction were seen dropped is
     spurious — an acknowledgement was lost, the data had arrived — and cost the waiter nothing. A burst
-    with no drop seen (lost beyond this node) is charged one minimum RTO, so loss is never under-blamed.
+    with no drop seen (lost beyond this node) is charged `unseen_ns` (one minimum RTO), so loss is never
+    under-blamed; 0 when only what was measured may count.
     """
     total, last_end = 0, None
     bursts: list[list[Matched]] = []
@@ -317,7 +496,7 @@ def loss_cost_ns(rtx: tuple[Matched, ...], drops: tuple[Matched, ...]) -> int:
         if same:
             total += first.event.ts_ns - same[-1].event.ts_ns
         elif not before:
-            total += RTO_MIN_NS
+            total += unseen_ns
         prev_end = burst[-1].event.ts_ns
     return total
 

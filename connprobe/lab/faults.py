@@ -4,6 +4,7 @@ the body raises (and undone by `Lab.down()` if it is still on then).
     with lab.policy_drop("srv1", direction="in", proto="tcp", port=8080):       # nftables drop
     with lab.policy_drop("client", direction="out", action="reject", port=8080):  # nftables reject
     with lab.packet_loss(0.2, link="client", direction="both"):                 # cls_bpf random loss
+    with lab.random_drop(0.2, link="client", direction="both"):                 # nftables numgen random loss
     with lab.dns_fault("srv1.lab.test", "nxdomain"):                            # DNS modes
     with lab.slow_upstream("srv1", 0.3):  with lab.http_status("srv1", 503):  with lab.no_listener("srv1"):
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connprobe.lab import control
-from connprobe.lab.plumbing import LabError, in_ns, netns_names, nft
+from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, nft
 
 if TYPE_CHECKING:
     from connprobe.lab.topology import Lab
@@ -26,6 +27,13 @@ HOOKS = {"in": "input", "out": "output", "forward": "forward"}
 FAMILIES = {"inet": None, "ipv4": "ipv4", "ipv6": "ipv6"}
 LOSS_SOURCE = Path(__file__).with_name("loss.c")
 CLSACT_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+
+
+# Namespaces whose TCP senders the loss injectors make emit wire-sized segments (never the router: it
+# only forwards, and never the root namespace).
+ENDPOINT_ROLES = ("client", "srv1", "srv2", "dns")
+LINK_DEVS = {"client": "c0", "srv1": "s-srv1", "srv2": "s-srv2", "dns": "s-dns"}
+DIRECTIONS = ("egress", "ingress", "both")
 
 
 class _Fault(AbstractContextManager):
@@ -51,6 +59,58 @@ class _Fault(AbstractContextManager):
 
     def _undo(self) -> None:
         raise NotImplementedError
+
+    def bites(self) -> int | None:
+        """How many packets the fault acted on so far (None: it cannot tell; the probe's outcome must)."""
+        return None
+
+
+class WireSized:
+    """While on, the TCP senders of the lab's endpoint namespaces emit one wire-sized segment per packet.
+
+    veth carries 64 KB GSO super-packets, so a random dropper on the path loses a handful of them, which
+    SACK repairs at once: the fault would not reliably slow a transfer. With `gso_max_segs 1` on each
+    endpoint's eth0 (read by TCP when a connection picks its route), every packet is one segment, as on a
+    real wire. The previous values are put back on exit, also when the body raised.
+    """
+
+    def __init__(self, lab: Lab):
+        self.ns_names = [lab.ns(role).name for role in ENDPOINT_ROLES]
+        self._before: dict[str, str] = {}
+
+    def apply(self) -> None:
+        try:
+            for ns in self.ns_names:
+                info = json.loads(ip(ns, "-d", "-j", "link", "show", "dev", "eth0"))[0]
+                self._before[ns] = str(info.get("gso_max_segs", 65535))
+                ip(ns, "link", "set", "dev", "eth0", "gso_max_segs", "1")
+        except Exception:
+            self.undo()
+            raise
+
+    def undo(self) -> None:
+        names = set(netns_names())
+        errors = []
+        for ns, value in reversed(list(self._before.items())):
+            if ns in names:
+                try:
+                    ip(ns, "link", "set", "dev", "eth0", "gso_max_segs", value)
+                except LabError as exc:
+                    errors.append(str(exc))
+        self._before.clear()
+        if errors:
+            raise LabError("; ".join(errors))
+
+
+def _link_args(what: str, fraction: float, link: str, direction: str, proto: str | None) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise LabError(f"{what}: fraction {fraction} must be between 0 and 1")
+    if direction not in DIRECTIONS:
+        raise LabError(f"{what}: direction {direction!r} must be egress, ingress or both")
+    if link not in LINK_DEVS:
+        raise LabError(f"{what}: link {link!r} must be client, srv1, srv2 or dns")
+    if proto not in (None, "tcp", "udp"):
+        raise LabError(f"{what}: proto {proto!r} must be tcp, udp or None")
 
 
 class PolicyDrop(_Fault):
@@ -103,6 +163,9 @@ class PolicyDrop(_Fault):
         if self.ns_name in netns_names():
             in_ns(self.ns_name, "nft", "delete", "table", "inet", self.table)
 
+    def bites(self) -> int:
+        return self.matched()
+
     def matched(self) -> int:
         """Packets the rule has matched so far (its nftables counter)."""
         out = json.loads(in_ns(self.ns_name, "nft", "-j", "list", "table", "inet", self.table))
@@ -133,28 +196,31 @@ class PacketLoss(_Fault):
     link: "client" (the router's port toward the client) or a server role ("srv1", "srv2", "dns");
     direction: "egress" (router → that namespace), "ingress" (that namespace → router) or "both";
     proto: "tcp", "udp" or None for every IP packet. The kernel frees each lost packet with reason
-    TC_EGRESS / TC_INGRESS — distinct from a policy drop's NETFILTER_DROP.
+    TC_EGRESS / TC_INGRESS — distinct from a policy drop's NETFILTER_DROP. While on, senders emit
+    wire-sized segments (`WireSized`), so the loss hits segments, not 64 KB super-packets.
     """
 
     def __init__(self, lab: Lab, fraction: float, link: str = "client", direction: str = "both",
                  proto: str | None = "tcp"):
-        if not 0.0 <= fraction <= 1.0:
-            raise LabError(f"packet_loss: fraction {fraction} must be between 0 and 1")
-        if direction not in ("egress", "ingress", "both"):
-            raise LabError(f"packet_loss: direction {direction!r} must be egress, ingress or both")
-        if link != "client" and link not in ("srv1", "srv2", "dns"):
-            raise LabError(f"packet_loss: link {link!r} must be client, srv1, srv2 or dns")
-        if proto not in (None, "tcp", "udp"):
-            raise LabError(f"packet_loss: proto {proto!r} must be tcp, udp or None")
+        _link_args("packet_loss", fraction, link, direction, proto)
         self.lab = lab
         self.fraction = fraction
-        self.dev = "c0" if link == "client" else f"s-{link}"
+        self.dev = LINK_DEVS[link]
         self.directions = ("egress", "ingress") if direction == "both" else (direction,)
         self.l4 = {None: 0, "tcp": 6, "udp": 17}[proto]
         self.router = lab.ns("router").name
         self._bpf = None
+        self._wire = WireSized(lab)
 
     def _apply(self) -> None:
+        self._wire.apply()
+        try:
+            self._attach()
+        except Exception:
+            self._wire.undo()
+            raise
+
+    def _attach(self) -> None:
         from bcc import BPF  # imported here: only loss injection needs bcc
         from pyroute2 import IPRoute
 
@@ -183,9 +249,15 @@ class PacketLoss(_Fault):
             if self.router in netns_names():
                 in_ns(self.router, "tc", "qdisc", "del", "dev", self.dev, "clsact", check=False)
         finally:
-            if self._bpf is not None:
-                self._bpf.cleanup()
-                self._bpf = None
+            try:
+                if self._bpf is not None:
+                    self._bpf.cleanup()
+                    self._bpf = None
+            finally:
+                self._wire.undo()
+
+    def bites(self) -> int:
+        return self.stats()[1]
 
     def stats(self) -> tuple[int, int]:
         """(packets considered, packets dropped) so far."""
@@ -193,6 +265,54 @@ class PacketLoss(_Fault):
             return (0, 0)
         t = self._bpf[b"loss_stats"]
         return (t[0].value, t[1].value)
+
+
+class RandomDrop(PolicyDrop):
+    """Lose a random `fraction` of packets on a router link with an nftables `numgen random` rule.
+
+    Same arguments as `PacketLoss`. The kernel frees each lost packet with reason NETFILTER_DROP — the
+    reason a policy drop has — so only the pattern (drops interleaved with progress) tells it from a policy.
+    Senders emit wire-sized segments while it is on (`WireSized`).
+    """
+
+    SCALE = 1_000_000
+
+    def __init__(self, lab: Lab, fraction: float, link: str = "client", direction: str = "both",
+                 proto: str | None = "tcp"):
+        _link_args("random_drop", fraction, link, direction, proto)
+        self.lab, self.role = lab, "router"
+        self.ns_name = lab.ns("router").name
+        self.table = f"connprobe_fault_{lab.next_fault_id()}"
+        self.hook = "forward"
+        dev = LINK_DEVS[link]
+        match = [] if proto is None else [f"meta l4proto {proto}"]
+        threshold = min(int(fraction * self.SCALE), self.SCALE)
+        # egress: router → that namespace (leaves by the link's device); ingress: arrives by it
+        sides = {"egress": ("oifname",), "ingress": ("iifname",), "both": ("oifname", "iifname")}[direction]
+        self.rules = [" ".join([*match, f'{side} "{dev}"', f"numgen random mod {self.SCALE} < {threshold}",
+                                "counter drop"]) for side in sides]
+        self.rule = "\n  ".join(self.rules)
+        self._wire = WireSized(lab)
+
+    def _apply(self) -> None:
+        self._wire.apply()
+        try:
+            super()._apply()
+        except Exception:
+            self._wire.undo()
+            raise
+
+    def _undo(self) -> None:
+        try:
+            super()._undo()
+        finally:
+            self._wire.undo()
+
+    def matched(self) -> int:
+        """Packets dropped so far (the sum of the rules' nftables counters)."""
+        out = json.loads(in_ns(self.ns_name, "nft", "-j", "list", "table", "inet", self.table))
+        return sum(int(expr["counter"]["packets"]) for item in out["nftables"] if "rule" in item
+                   for expr in item["rule"]["expr"] if "counter" in expr)
 
 
 class DnsFault(_Fault):

@@ -1,6 +1,10 @@
-"""The fault matrix (DESIGN.md) as data: each scenario is a fault, a target, a budget and the verdict it must
-get. The end-to-end tests, the accuracy benchmark and the docs all run this one table through the same code
-path as `connprobe diagnose --json`."""
+"""The fault matrix as data: each scenario is a fault, a target, a budget and the verdict it must get. The
+end-to-end tests, the accuracy benchmark and the docs all run this one table through the same code path as
+`connprobe diagnose --json`.
+
+Each trial first checks that its fault produced its symptom — the injector acted on packets (where it can
+count them) and the probe failed, timed out or went over budget as the scenario says — before its verdict
+is judged: a fault that did not bite is a lab error (`Trial.lab_error`), not a wrong verdict."""
 
 from __future__ import annotations
 
@@ -24,7 +28,16 @@ class Scenario:
     host: str = "srv1.lab.test:8080"
     budget: str | None = None
     timeout: str = "3s"
-    in_matrix: bool = True  # one of DESIGN.md's fault matrix rows (else an extra the issues ask for)
+    in_matrix: bool = True  # one of the original fault matrix rows (else an extra the issues ask for)
+    # What the fault must visibly do to the probe before its verdict is judged: "transfer_timeout" (a
+    # transfer that had run for a while ran out of time), "failed_or_slow" (not ok within budget), "none";
+    # "" picks by `expected`.
+    symptom: str = ""
+    # The least confidence its recording must get (tests/correlator/test_recordings.py).
+    min_confidence: float = 0.7
+
+    def expected_symptom(self) -> str:
+        return self.symptom or ("none" if self.expected == "ok" else "failed_or_slow")
 
     def target(self) -> str:
         return f"http://{self.host}{self.path}"
@@ -35,11 +48,11 @@ def _none(lab: Lab) -> contextlib.AbstractContextManager:
 
 
 def _both(*faults: Fault) -> Fault:
-    def enter(lab: Lab) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
+    def enter(lab: Lab) -> _Faults:
+        stack = _Faults()
         try:
             for f in faults:
-                stack.enter_context(f(lab))
+                stack.faults.append(stack.enter_context(f(lab)))
         except BaseException:
             stack.close()
             raise
@@ -48,8 +61,25 @@ def _both(*faults: Fault) -> Fault:
     return enter
 
 
+class _Faults(contextlib.ExitStack):
+    """Several faults at once; bites() adds up what each could count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: list = []
+
+    def bites(self) -> int | None:
+        counts = [n for n in (getattr(f, "bites", lambda: None)() for f in self.faults) if n is not None]
+        return sum(counts) if counts else None
+
+
 LOSS: Fault = lambda lab: lab.packet_loss(0.1, link="client", direction="egress")  # noqa: E731
 SLOW: Fault = lambda lab: lab.slow_upstream("srv1", 0.6)  # noqa: E731
+BIG = "/bytes/400000000"  # more than any loss scenario's timeout lets through: the transfer runs out of time
+# A policy that starts in the middle of a transfer: srv1's answers pass until 4 MB went, then every packet
+# of them is dropped (an nftables quota, so the moment is set by bytes, not by a timer racing the probe).
+MID_TRANSFER_POLICY: Fault = lambda lab: lab.policy_drop(  # noqa: E731
+    "srv1", direction="out", port=8080, port_side="src", expr="quota over 4 mbytes")
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("healthy", "ok", None, _none, budget="300ms"),
@@ -72,7 +102,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              lambda lab: lab.policy_drop("srv1", direction="in", port=8080, action="reject"), in_matrix=False),
     Scenario("established_drop", "policy_drop", "policy_drop/established",
              lambda lab: lab.policy_drop("srv1", direction="out", port=8080, port_side="src",
-                                         expr="tcp flags & (syn | ack) == ack"), timeout="3s", in_matrix=False),
+                                         expr="tcp flags & (syn | ack) == ack"), timeout="3s", in_matrix=False,
+             min_confidence=0.7),
     Scenario("dns_policy_drop", "dns", "dns/policy_drop",
              lambda lab: lab.policy_drop("dns", direction="in", proto="udp", port=53), in_matrix=False),
     Scenario("loss_and_slow_upstream", "upstream_latency", "upstream_latency/processing",
@@ -82,7 +113,50 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("vip_policy_drop", "policy_drop", "policy_drop/syn",
              lambda lab: lab.policy_drop("srv1", direction="in", port=8080), host="svc.lab.test",
              timeout="2.5s", in_matrix=False),
+    # Issue 11: loss and policy told apart by what got through. Heavy random loss on a transfer that runs
+    # out of time is loss whichever dropper makes it (NETFILTER_DROP is a policy's reason too); a wall
+    # after progress is a policy; light loss within budget is fine; loss on a slow answer explains little.
+    # (Heavy loss sometimes takes the SYNs or the first byte until little time is left: such a trial is a
+    # lab error, run again.)
+    Scenario("heavy_loss_timeout_tc", "tcp_retransmit", None,
+             lambda lab: lab.packet_loss(0.2, link="client", direction="both"),
+             path=BIG, budget="100ms", timeout="3s", in_matrix=False, symptom="transfer_timeout",
+             # such a transfer often ends in a stall that a policy which just began would leave too
+             min_confidence=0.6),
+    Scenario("heavy_loss_timeout_nft", "tcp_retransmit", None,
+             lambda lab: lab.random_drop(0.15, link="client", direction="both"),
+             path=BIG, budget="100ms", timeout="3s", in_matrix=False, symptom="transfer_timeout", min_confidence=0.6),
+    Scenario("policy_mid_transfer", "policy_drop", "policy_drop/established", MID_TRANSFER_POLICY,
+             path="/bytes/40000000", timeout="3s", in_matrix=False, symptom="transfer_timeout", min_confidence=0.7),
+    Scenario("light_loss_ok", "ok", None, lambda lab: lab.packet_loss(0.01, link="client", direction="both"),
+             path="/bytes/4000000", budget="5s", timeout="10s", in_matrix=False),
 )
+
+
+TRANSFER_MIN_MS = 1000  # heavy loss can delay the connect or the first byte until little time is left
+
+
+@dataclass(frozen=True)
+class Trial:
+    doc: dict  # the `diagnose --json` document
+    lab_error: str | None  # set when the fault did not produce its symptom: the verdict says nothing then
+
+
+def symptom_missing(sc: Scenario, attempt: dict, bites: int | None, budget_ms: float | None) -> str | None:
+    """Why this trial's fault did not show, or None when it did."""
+    if bites is not None and bites == 0 and sc.fault is not _none:
+        return f"{sc.name}: the fault acted on no packet"
+    want = sc.expected_symptom()
+    ok_in_budget = attempt["ok"] and (budget_ms is None or attempt["duration_ms"] <= budget_ms)
+    if want == "transfer_timeout":
+        transfer = sum(p["duration_ms"] for p in attempt["phases"] if p["name"] == "transfer")
+        if attempt["error"] != "read_timeout" or transfer < TRANSFER_MIN_MS:
+            return (f"{sc.name}: no transfer ran for {TRANSFER_MIN_MS} ms and then out of time (error "
+                    f"{attempt['error']}, transfer {transfer:.0f} ms of {attempt['duration_ms']:.0f} ms)")
+    if want == "failed_or_slow" and ok_in_budget:
+        return f"{sc.name}: the probe succeeded within budget ({attempt['duration_ms']:.1f} ms)"
+    return None
+
 
 
 def diagnose_args(sc: Scenario, lab: Lab, family: int) -> argparse.Namespace:
@@ -94,16 +168,17 @@ def diagnose_args(sc: Scenario, lab: Lab, family: int) -> argparse.Namespace:
     )
 
 
-async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence) -> dict:
-    """Run one trial and return its `diagnose --json` attempt document."""
+async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence) -> Trial:
+    """Run one trial: its `diagnose --json` document, and whether the fault produced its symptom."""
     from connprobe.diagnose import build_spec, diagnose, exit_code, to_document
 
     args = diagnose_args(sc, lab, family)
     spec = build_spec(args)
-    with sc.fault(lab):
+    with sc.fault(lab) as fault:
         attempts = await diagnose(args, spec, evidence)
+        bites = getattr(fault, "bites", lambda: None)()
     doc = to_document(args, attempts, exit_code(attempts))
-    return doc
+    return Trial(doc, symptom_missing(sc, doc["attempts"][0], bites, doc["budget_ms"]))
 
 
 async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence):
@@ -137,7 +212,8 @@ async def _main(argv: list[str]) -> int:
     from correlator.record import dumps
 
     if not argv or argv[0] not in ("record", "matrix"):
-        print("usage: python -m connprobe.lab.scenarios record DIR | matrix TRIALS", file=sys.stderr)
+        print("usage: python -m connprobe.lab.scenarios record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
+              file=sys.stderr)
         return 2
     with Lab() as lab:
         evidence = await open_sensor(disabled=False)
@@ -148,23 +224,33 @@ async def _main(argv: list[str]) -> int:
             if argv[0] == "record":
                 out = Path(argv[1])
                 out.mkdir(parents=True, exist_ok=True)
+                only = set(argv[2:])
                 for sc in SCENARIOS:
+                    if only and sc.name not in only:
+                        continue
                     rec = await record_scenario(lab, sc, 4, evidence)
                     (out / f"{sc.name}.json").write_text(dumps(rec) + "\n")
                     print(f"recorded {sc.name}: {len(rec.events)} events")
                 return 0
             trials = int(argv[1])
             confusion: Counter[tuple[str, str]] = Counter()
-            for sc in SCENARIOS:
+            lab_errors: Counter[str] = Counter()
+            only = set(argv[2:])
+            scenarios = [sc for sc in SCENARIOS if not only or sc.name in only]
+            for sc in scenarios:
                 for family in (4, 6):
                     for _ in range(trials):
-                        doc = await run_scenario(lab, sc, family, evidence)
-                        confusion[(sc.name, doc["attempts"][0]["verdict"]["cause"])] += 1
+                        trial = await run_scenario(lab, sc, family, evidence)
+                        if trial.lab_error:
+                            lab_errors[sc.name] += 1
+                            print(f"lab error: {trial.lab_error}", file=sys.stderr)
+                            continue
+                        confusion[(sc.name, trial.doc["attempts"][0]["verdict"]["cause"])] += 1
             causes = ["ok", "dns", "tcp_retransmit", "policy_drop", "upstream_latency", "connection_refused",
                       "tls", "http_error", "unknown"]
             print(f"| scenario (expected) | {' | '.join(causes)} |")
             print("|---|" + "---|" * len(causes))
-            for sc in SCENARIOS:
+            for sc in scenarios:
                 cells = []
                 for c in causes:
                     n = confusion[(sc.name, c)]
@@ -174,6 +260,8 @@ async def _main(argv: list[str]) -> int:
             right = sum(n for (name, c), n in confusion.items() if c == next(s.expected for s in SCENARIOS
                                                                               if s.name == name))
             print(f"\n{right}/{sum(confusion.values())} verdicts on the diagonal ({trials} trials x IPv4+IPv6 each)")
+            if lab_errors:
+                print(f"lab errors (fault did not bite, trial not judged): {dict(lab_errors)}")
             return 0
         finally:
             await evidence.stop()

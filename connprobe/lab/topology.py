@@ -365,6 +365,9 @@ class Lab(AbstractContextManager):
     def packet_loss(self, fraction: float, **kw) -> faults.PacketLoss:
         return self._track(faults.PacketLoss(self, fraction, **kw))
 
+    def random_drop(self, fraction: float, **kw) -> faults.RandomDrop:
+        return self._track(faults.RandomDrop(self, fraction, **kw))
+
     def dns_fault(self, name: str, mode: str, delay: float = 0.0) -> faults.DnsFault:
         return self._track(faults.DnsFault(self, name, mode, delay))
 

@@ -43,7 +43,7 @@ def test_python_struct_matches_events_h() -> None:
     layout = _c_layout()
     assert [n for n, _o, _s in layout][:4] == ["ts_ns", "location", "skaddr", "netns"]
     end = layout[-1][1] + layout[-1][2]
-    assert (end + 7) // 8 * 8 == EVENT_SIZE == 80
+    assert (end + 7) // 8 * 8 == EVENT_SIZE == 104
     # Same offsets as Python's struct module computes for the format (no padding in either).
     py_offsets, off = [], 0
     for code in re.findall(r"\d*[A-Za-z]", EVENT_STRUCT.format.lstrip("<")):
@@ -111,7 +111,7 @@ def test_round_trip_and_unknown_numbers(names: KernelNames) -> None:
 
 
 def test_bad_records() -> None:
-    with pytest.raises(DecodeError, match="expected 80"):
+    with pytest.raises(DecodeError, match="expected 104"):
         decode_event(b"\0" * 10, KernelNames())
     raw = bytearray(encode_event(kind=EventKind.DROP))
     raw[36] = 99
@@ -133,3 +133,14 @@ def test_udp_send_and_recv_carry_length_or_errno(names: KernelNames) -> None:
     refused = decode_event(encode_event(kind=EventKind.UDP_RECV, proto=17, sport=5353, error=-111), names)
     assert (refused.length, refused.error, refused.reason) == (None, 111, "ECONNREFUSED")
     assert names.reason_name(EventKind.UDP_SEND, 0) == ""
+
+
+def test_sequence_fields_round_trip_and_older_records_have_none(names: KernelNames) -> None:
+    raw = encode_event(kind=EventKind.RETRANSMIT, state=1, seq=4_000_000_000, seq_len=1448, snd_una=3_999_998_552,
+                       segs_out=900, total_retrans=12)
+    ev = decode_event(raw, names)
+    assert (ev.seq, ev.seq_len, ev.snd_una, ev.segs_out, ev.total_retrans) == (
+        4_000_000_000, 1448, 3_999_998_552, 900, 12)
+    old = decode_event(raw[:80], names)  # the layout before the sequence fields
+    assert (old.seq, old.seq_len, old.snd_una, old.segs_out, old.total_retrans) == (None,) * 5
+    assert decode_event(encode_event(kind=EventKind.DROP, seq=0, seq_len=0), names).seq == 0

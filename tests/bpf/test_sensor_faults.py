@@ -321,3 +321,31 @@ def test_policy_reject_is_a_netfilter_drop_and_a_reset_the_server_never_sent(lab
     assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].netns == lab.ns("client").inode
     assert (errs[0].saddr, errs[0].sport, errs[0].daddr, errs[0].dport) == (client_addr(family), run.local_port,
                                                                              srv, port)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropped_segments_and_retransmissions_carry_sequence_numbers(lab, sensor, family):
+    """Under random loss (wire-sized segments), every watched drop of a data segment and every
+    retransmission carries its sequence range, retransmissions the sender's snd_una too, and the server's
+    retransmissions resend sequence ranges that were seen dropped."""
+    srv = srv_addr(lab, family)
+    port = lab.server("srv1").port
+    with lab.packet_loss(0.1, link="client", direction="egress"):
+        run = client_request(lab, sensor, srv, port, request=http_get("/bytes/2000000"), timeout=10)
+        try:
+            evs = events_of(sensor, run.local_port, lab)
+        finally:
+            sensor.unwatch("tcp", run.local_port)
+    assert run.error == 0
+    data_drops = [e for e in evs if e.kind == EventKind.DROP and e.sport == port]
+    rtx = [e for e in evs if e.kind == EventKind.RETRANSMIT and e.netns == lab.ns("srv1").inode]
+    assert data_drops and rtx, evs
+    for d in data_drops:
+        assert d.seq is not None and d.seq_len is not None
+        assert d.seq_len <= 1500  # one wire-sized segment, not a GSO super-packet
+    for r in rtx:
+        assert r.seq is not None and r.seq_len and r.snd_una is not None
+        assert r.segs_out and 1 <= r.total_retrans <= r.segs_out
+        assert (r.seq - r.snd_una) % 2**32 < 2**31  # the retransmitted data is at or after snd_una
+    dropped = {(d.seq, d.seq_len) for d in data_drops if d.seq_len}
+    assert dropped & {(r.seq, r.seq_len) for r in rtx}, "no retransmission resent a dropped segment"

@@ -36,7 +36,7 @@ def test_recording_gets_its_cause(path):
     assert str(v.cause) == sc.expected == rec.expected_cause
     if sc.expected_sub:
         assert v.sub_cause == sc.expected_sub
-    assert v.confidence >= 0.7
+    assert v.confidence >= sc.min_confidence
     assert loads(dumps(rec)) == rec
 
 

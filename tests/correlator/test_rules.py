@@ -120,16 +120,101 @@ def test_refused_without_a_sensor_is_refused_at_low_confidence():
     assert v.cause == Cause.CONNECTION_REFUSED and v.confidence <= 0.5
 
 
+def _request_wall(with_seq: bool = True) -> list:
+    """Our request (seq 1000, 120 bytes) sent at +2 ms and every copy dropped, the timer backing off."""
+    seq = {"seq": 1000, "seq_len": 120} if with_seq else {}
+    events = [established(1.5)]
+    for t in (2, 210, 620, 1440):
+        events += [ev(t + 0.05, EventKind.DROP, netns=ROUTER_NS, reason="NETFILTER_DROP", tcp_flags="PA", **seq)]
+        if t > 2:
+            counters = {"snd_una": 1000, "segs_out": 1, "total_retrans": 1 + (t > 210) + (t > 620)} if with_seq else {}
+            events.append(ev(t, EventKind.RETRANSMIT, tcp_state="ESTABLISHED", **seq, **counters))
+    return events
+
+
 def test_drops_after_the_handshake_until_timeout_are_policy():
     r = result(ok=False, error=ErrorKind.READ_TIMEOUT,
                phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 3000)})
-    events = [established(1.5)]
-    for t in (2, 210, 620, 1440):
-        events += [ev(t, EventKind.DROP, netns=ROUTER_NS, reason="NETFILTER_DROP", tcp_flags="PA")]
-        if t > 2:
-            events.append(ev(t, EventKind.RETRANSMIT, tcp_state="ESTABLISHED"))
+    v = correlate(r, _request_wall())
+    assert (v.cause, v.sub_cause) == (Cause.POLICY_DROP, "policy_drop/established")
+    # One segment ever sent: the loss rate of the path is hardly known, so not 70 % sure.
+    assert 0.6 <= v.confidence < 0.7
+    assert any("hardly known" in f for f in v.facts)
+    assert "3 of 3 retransmitted cop(ies)" in v.facts[0] and "first transmission" in v.facts[0]
+    assert "backing off" in v.facts[0]
+    assert any("snd_una stayed" in f for f in v.facts)
+
+
+def test_a_wall_without_sequence_numbers_is_not_a_confident_verdict():
+    """An older sensor's events (no sequence numbers): what got through was not checked, so no verdict
+    reaches 70 %, and none claims a policy."""
+    r = result(ok=False, error=ErrorKind.READ_TIMEOUT,
+               phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 3000)})
+    v = correlate(r, _request_wall(with_seq=False))
+    assert v.cause != Cause.POLICY_DROP and v.confidence < 0.7
+    assert any("sequence numbers were not recorded" in f for f in v.facts)
+
+
+def _transfer(loss_at: tuple[float, ...], wall_from: float | None, end: float = 3000):
+    """The answer (server → probe) under loss: each loss at t is a dropped segment retransmitted 30 ms later,
+    and newer data follows; from `wall_from` every copy of the head segment is dropped, backing off."""
+    r = result(ok=False, error=ErrorKind.READ_TIMEOUT,
+               phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 4), "transfer": (4, end)})
+    events, sent, retrans = [established(1.5)], 0, 0
+    for i, t in enumerate(loss_at):
+        seq = 10_000 + i * 100 * 1448
+        sent = i * 100 + 50
+        retrans += 1
+        events += [ev(t, EventKind.DROP, reverse=True, netns=ROUTER_NS, reason="NETFILTER_DROP", tcp_flags="A",
+                      seq=seq, seq_len=1448),
+                   ev(t + 30, EventKind.RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="ESTABLISHED",
+                      seq=seq, seq_len=1448, snd_una=seq, segs_out=sent, total_retrans=retrans)]
+    if wall_from is not None:
+        seq, gap, t = 10_000 + 10**6, 200.0, wall_from
+        sent += 500
+        while t < end:
+            retrans += 1
+            events += [ev(t, EventKind.RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="ESTABLISHED",
+                          seq=seq, seq_len=1448, snd_una=seq, segs_out=sent, total_retrans=retrans),
+                       ev(t + 0.1, EventKind.DROP, reverse=True, netns=ROUTER_NS, reason="NETFILTER_DROP",
+                          tcp_flags="A", seq=seq, seq_len=1448)]
+            t += gap
+            gap *= 2
+    else:  # one more segment lost just before the end, not yet retransmitted
+        events.append(ev(end - 5, EventKind.DROP, reverse=True, netns=ROUTER_NS, reason="NETFILTER_DROP",
+                         tcp_flags="A", seq=10_000 + 10**7, seq_len=1448))
+    return r, events
+
+
+def test_random_loss_with_the_same_reason_as_a_policy_is_loss_when_data_kept_getting_through():
+    """Heavy loss with a policy's reason: every drop's retransmission got through, the flow kept moving;
+    the last loss, just before the end, is what that loss rate does by chance."""
+    r, events = _transfer(tuple(range(100, 2950, 150)), wall_from=None)
+    heavy = [e if e.kind != EventKind.RETRANSMIT else
+             __import__("dataclasses").replace(e, segs_out=(e.total_retrans or 0) * 4) for e in events]
+    v = correlate(r, heavy)
+    assert (v.cause, v.sub_cause) == (Cause.TCP_RETRANSMIT, "tcp_retransmit/transfer")
+    assert v.confidence >= 0.8
+    assert any("resent and acknowledged later" in f for f in v.facts)
+    assert any("explains this stall" in f for f in v.facts)
+
+
+def test_a_policy_that_starts_in_the_middle_of_a_transfer_is_still_policy():
+    r, events = _transfer((100, 400), wall_from=900)
     v = correlate(r, events)
     assert (v.cause, v.sub_cause) == (Cause.POLICY_DROP, "policy_drop/established")
+    assert v.confidence >= 0.9
+    assert any("chance" in f for f in v.facts)
+
+
+def test_a_stall_at_the_end_under_heavy_loss_is_loss():
+    """Heavy loss (one segment in five lost before) and the last two copies of a segment dropped: that loss
+    rate does it by chance often enough — not a policy."""
+    r, events = _transfer(tuple(range(100, 2300, 150)), wall_from=2500)
+    heavy = [e if e.kind != EventKind.RETRANSMIT else
+             __import__("dataclasses").replace(e, segs_out=(e.segs_out or 0) // 20 + 5) for e in events]
+    v = correlate(r, heavy)
+    assert v.cause == Cause.TCP_RETRANSMIT
 
 
 def test_loss_in_transfer_over_budget_is_tcp_retransmit():

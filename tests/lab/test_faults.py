@@ -135,6 +135,59 @@ def test_loss_on_a_download_makes_the_server_retransmit(lab, family):
     assert nstat(lab, "srv2", "TcpRetransSegs") > before
 
 
+def gso_max_segs(lab) -> dict[str, int]:
+    import json
+
+    return {role: json.loads(lab.exec(role, "ip", "-d", "-j", "link", "show", "dev", "eth0"))[0]["gso_max_segs"]
+            for role in ("client", "srv1", "srv2", "dns")}
+
+
+@pytest.mark.parametrize("injector", ["packet_loss", "random_drop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_injectors_drop_wire_sized_segments_and_restore_gso(lab, family, injector):
+    """While a loss fault is on, an 8 MB download crosses the link as ~MSS-sized packets (not 64 KB
+    super-packets that SACK repairs in one go), so random loss costs the transfer time."""
+    before = gso_max_segs(lab)
+    payload = 8_000_000
+    with getattr(lab, injector)(0.0, link="client", direction="egress") as f:
+        assert set(gso_max_segs(lab).values()) == {1}
+        code, _, size = curl(lab, lab.server("srv1").url(f"/bytes/{payload}", family), timeout=30)
+        if injector == "packet_loss":
+            considered, dropped = f.stats()
+            assert considered >= payload / 1500 and dropped == 0  # one packet per segment, nothing lost
+    assert (code, size) == ("200", payload)
+    assert gso_max_segs(lab) == before
+
+
+def test_a_failed_loss_fault_still_restores_gso(lab):
+    from connprobe.lab import LabError
+
+    before = gso_max_segs(lab)
+    with pytest.raises(ValueError), lab.random_drop(0.1, link="client"):
+        assert set(gso_max_segs(lab).values()) == {1}
+        raise ValueError("the body failed")
+    assert gso_max_segs(lab) == before
+    fault = lab.random_drop(0.1, link="client")
+    fault.table = "bad name!"  # nft refuses it: apply fails after gso was lowered
+    with pytest.raises(LabError), fault:
+        pass
+    assert gso_max_segs(lab) == before
+
+
+@pytest.mark.parametrize("direction", ["egress", "ingress", "both"])
+def test_random_drop_loses_a_fraction_with_netfilter(lab, direction):
+    """The nftables `numgen random` dropper: roughly its fraction of TCP packets, freed as NETFILTER_DROP
+    (the reason a policy has); the transfer still completes."""
+    s = lab.server("srv1")
+    payload = 2_000_000
+    with lab.random_drop(0.05, link="client", direction=direction) as f:
+        out = lab.exec("client", "sh", "-c",
+                       f"head -c {payload} /dev/zero | curl -sS -m 30 --data-binary @- {s.url('/upload', 4)}")
+        dropped = f.bites()
+    assert int(out) == payload
+    assert dropped > 0
+
+
 def test_loss_fraction_is_roughly_honoured(lab):
     with lab.packet_loss(0.3, link="client", direction="egress", proto="udp") as loss:
         sent = 400
@@ -238,6 +291,8 @@ def test_bad_fault_arguments_name_the_field(lab):
         lab.policy_drop("srv1", direction="sideways")
     with pytest.raises(LabError, match=r"packet_loss: fraction 1\.5 must be between 0 and 1"):
         lab.packet_loss(1.5)
+    with pytest.raises(LabError, match=r"random_drop: link 'wan' must be client, srv1, srv2 or dns"):
+        lab.random_drop(0.1, link="wan")
     with pytest.raises(LabError, match=r"lab \w+ has no namespace 'srv9'"):
         lab.policy_drop("srv9")
 
