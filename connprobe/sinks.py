@@ -176,12 +176,6 @@ class StatusBoard:
         ring.entries.append(BoardEntry(self.clock(), v))
         ring.counts[str(v.cause)] += 1
 
-    def keep_only(self, names: Iterable[str]) -> None:
-        """Forget the probes that left the configuration."""
-        keep = set(names)
-        for name in [n for n in self._rings if n not in keep]:
-            del self._rings[name]
-
     def forget(self, name: str) -> None:
         self._rings.pop(name, None)
 
