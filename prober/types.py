@@ -50,6 +50,18 @@ class ErrorKind(StrEnum):
     INTERNAL = "internal"  # a bug in connprobe; never silently swallowed
 
 
+# The DNS response codes by their text (dnspython's `dns.rcode.to_text`): what `valid_rcodes` accepts and
+# what the metrics name; an answer with any other code counts as no answer there.
+DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})
+# The rcodes that are an error of their own; any other unwanted rcode is DNS_UNEXPECTED.
+RCODE_ERROR = {
+    "NXDOMAIN": ErrorKind.DNS_NXDOMAIN,
+    "SERVFAIL": ErrorKind.DNS_SERVFAIL,
+    "REFUSED": ErrorKind.DNS_REFUSED,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Flow:
     """One transport-level conversation as seen from the prober's side."""
