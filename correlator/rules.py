@@ -98,7 +98,7 @@ class Context:
         return cached
 
     def dns_matched(self) -> tuple[Matched, ...]:
-        ports = {(tx.flow.local_addr, tx.flow.local_port) for tx in self.result.dns if tx.flow is not None}
+        ports = {(addr, port) for _, addr, port in self.result.local_endpoints(dns_only=True)}
         return tuple(m for m in self.matched if (m.flow.local_addr, m.flow.local_port) in ports)
 
 
