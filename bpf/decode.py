@@ -1,7 +1,7 @@
 """Decoding a ring-buffer record (`struct cp_event`, bpf/events.h) into a `KernelEvent`: a pure function.
 
 Numbers the kernel reports (drop reasons, reset reasons, TCP states) are turned into names with tables
-read from the running kernel (`KernelNames.from_kernel`), never from a header's enum.
+read from the running kernel (`KernelSensor._read_names`, bpf/sensor.py), never from a header's enum.
 """
 
 from __future__ import annotations

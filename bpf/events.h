@@ -1,6 +1,6 @@
 /* connprobe kernel sensor: the record every BPF program writes to the ring buffer.
  *
- * One layout shared by all hooks; bpf/sensor.py (EVENT_STRUCT) decodes it. Keep both in step:
+ * One layout shared by all hooks; bpf/decode.py (EVENT_STRUCT) decodes it. Keep both in step:
  * tests/bpf/test_decode.py checks the size and field offsets against this header's comments.
  *
  *   off  size  field

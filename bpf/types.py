@@ -48,5 +48,6 @@ class KernelEvent:
     total_retrans: int | None = None  # retransmission: segments its socket had retransmitted by then
 
     @property
-    def tuple(self) -> tuple[str, str, int, str, int]:
+    def five_tuple(self) -> tuple[str, str, int, str, int]:
+        """(proto, saddr, sport, daddr, dport)."""
         return (self.proto, self.saddr, self.sport, self.daddr, self.dport)

@@ -147,8 +147,7 @@ class IndexedEvidence(KernelEvidence):
 
     def _window(self, result: ProbeResult, lo: int, hi: int) -> list[KernelEvent]:
         """Only the events of the result's own ports (a full scan of the window cost ms per probe)."""
-        ports = {(str(f.proto), f.local_port) for f in result.flows}
-        ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
+        ports = result.local_ports()
         seen: dict[int, KernelEvent] = {}
         for key in ports:
             for e in reversed(self._by_port.get(key, ())):

@@ -38,12 +38,6 @@ WATCH_FULL = "watch list full"
 SWEEP_EVERY_NS = 1_000_000_000
 
 
-def _ports(result: ProbeResult) -> set[tuple[str, int]]:
-    ports = {(str(f.proto), f.local_port) for f in result.flows}
-    ports |= {(str(tx.flow.proto), tx.flow.local_port) for tx in result.dns if tx.flow is not None}
-    return ports
-
-
 class KernelEvidence:
     def __init__(self, sensor=None, unavailable_reason: str = "", grace_ns: int = GRACE_NS,
                  lease_ns: int = KEEP_NS):
@@ -96,7 +90,7 @@ class KernelEvidence:
         """Unwatch every port the probe used (once its events are collected, or it was dropped)."""
         if self.sensor is None:
             return
-        for key in _ports(result):
+        for key in result.local_ports():
             self._not_watched.pop(key, None)
             if self._held[key] <= 0:
                 continue
@@ -172,7 +166,7 @@ class KernelEvidence:
         if self.sensor is None:
             return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
         try:
-            missing = [self._not_watched[k][1] for k in _ports(result) if k in self._not_watched]
+            missing = [self._not_watched[k][1] for k in result.local_ports() if k in self._not_watched]
             if missing:
                 return [], EvidenceStatus(available=False, reason=missing[0])
             # Until every flow of the probe was seen closed (then no late event can come), or the grace period.

@@ -39,7 +39,7 @@ from bpf.types import EventKind, KernelEvent
 from connprobe.version import build_labels
 from correlator.types import Cause, Verdict
 from prober.redact import label_target
-from prober.types import ProbeKind, ProbeResult
+from prober.types import DNS_RCODES, ProbeKind, ProbeResult
 
 __all__ = [
     "DEFAULT_DURATION_BUCKETS",
@@ -66,8 +66,6 @@ REGEX_VALIDATORS = frozenset({
     "fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp",
     "fail_if_header_matches", "fail_if_header_not_matches",
 })
-DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
-                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})  # anything else is folded into no_answer
 NO_REASON = "unknown"  # drop events whose reason the kernel did not name
 
 

@@ -8,7 +8,7 @@ pipe) only makes its own queue overflow; the other sinks and the probes keep goi
 is counted in `errors` and logged once per kind of error; the worker keeps running. A handler that does
 blocking I/O (`threaded=True`) runs in a worker thread, so a stuck write cannot stall the event loop either.
 
-The handlers themselves live here too: `json_line` (one JSON object per verdict) and `StatusBoard` (the
+The handlers themselves live here too: `JsonLinesWriter` (one JSON object per verdict) and `StatusBoard` (the
 recent verdicts per probe that the status page shows). The metrics handler is `connprobe.metrics.Metrics.observe`.
 """
 
@@ -175,12 +175,6 @@ class StatusBoard:
             ring = self._rings[v.result.name] = _ProbeRing(collections.deque(maxlen=self.per_probe))
         ring.entries.append(BoardEntry(self.clock(), v))
         ring.counts[str(v.cause)] += 1
-
-    def keep_only(self, names: Iterable[str]) -> None:
-        """Forget the probes that left the configuration."""
-        keep = set(names)
-        for name in [n for n in self._rings if n not in keep]:
-            del self._rings[name]
 
     def forget(self, name: str) -> None:
         self._rings.pop(name, None)

@@ -138,20 +138,3 @@ class TcpFacts:
 def where(m: Matched) -> str:
     """Where an event was seen, relative to the probe."""
     return "in the probe's own namespace" if m.local_ns else f"in netns {m.event.netns}"
-
-
-def describe(m: Matched, origin_ns: int) -> str:
-    e = m.event
-    rel = (e.ts_ns - origin_ns) / 1e6
-    parts = [f"+{rel:.1f} ms {e.kind}"]
-    if e.reason:
-        parts.append(e.reason)
-    if e.tcp_flags:
-        parts.append(f"flags {e.tcp_flags}")
-    if e.tcp_state:
-        parts.append(e.tcp_state)
-    parts.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport}")
-    parts.append(where(m))
-    if e.location:
-        parts.append(f"at {e.location}")
-    return " ".join(parts)

@@ -36,12 +36,7 @@ def _key(proto: str, addr: str, port: int) -> tuple[str, str, int]:
 
 def join(result: ProbeResult, events: Iterable[KernelEvent], grace_ns: int = GRACE_NS) -> list[Matched]:
     """The events of `result`, in timestamp order."""
-    by_local: dict[tuple[str, str, int], Flow] = {}
-    for flow in result.flows:
-        by_local[_key(str(flow.proto), flow.local_addr, flow.local_port)] = flow
-    for tx in result.dns:
-        if tx.flow is not None:
-            by_local[_key(str(tx.flow.proto), tx.flow.local_addr, tx.flow.local_port)] = tx.flow
+    by_local = result.local_endpoints()
     lo, hi = result.start_ns - SLACK_NS, result.end_ns + grace_ns
     out: list[Matched] = []
     for ev in events:

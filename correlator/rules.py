@@ -98,7 +98,7 @@ class Context:
         return cached
 
     def dns_matched(self) -> tuple[Matched, ...]:
-        ports = {(tx.flow.local_addr, tx.flow.local_port) for tx in self.result.dns if tx.flow is not None}
+        ports = {(addr, port) for _, addr, port in self.result.local_endpoints(dns_only=True)}
         return tuple(m for m in self.matched if (m.flow.local_addr, m.flow.local_port) in ports)
 
 
@@ -175,7 +175,7 @@ def connection_refused(ctx: Context) -> Finding | None:
                    ("a reset answered the SYN (it may also be a firewall's reject)",))
 
 
-# --- 4, 5, 6 -------------------------------------------------------------------------------------------
+# --- 4, 5, 6, 7 ----------------------------------------------------------------------------------------
 def policy_drop_connect(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.error not in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_UNREACHABLE) or t.established:
@@ -331,7 +331,7 @@ def connect_unexplained(ctx: Context) -> Finding | None:
                     "or the host is down",), needs_kernel=False)
 
 
-# --- 7, 8 ----------------------------------------------------------------------------------------------
+# --- 8, 9 ----------------------------------------------------------------------------------------------
 def tls(ctx: Context) -> Finding | None:
     if ctx.result.error != ErrorKind.TLS_ERROR:
         return None
@@ -351,7 +351,7 @@ def http_error(ctx: Context) -> Finding | None:
     return None
 
 
-# --- 9, 10 ---------------------------------------------------------------------------------------------
+# --- 10, 11 --------------------------------------------------------------------------------------------
 def _dominant_phase(r: ProbeResult) -> PhaseSpan | None:
     spans = [p for p in r.phases if p.duration_ns > 0]
     if r.error == ErrorKind.READ_TIMEOUT and spans:
@@ -511,7 +511,7 @@ def healthy(ctx: Context) -> Finding | None:
     return Finding(Cause.OK, None, 1.0, (), tuple(facts), needs_kernel=False)
 
 
-# --- ICMP echo: the sensor watches an echo by its identifier (icmp/ID) ------------------------------------
+# --- 1b, ICMP echo: the sensor watches an echo by its identifier (icmp/ID) -----------------------------
 def icmp_echo(ctx: Context) -> Finding | None:
     """A failed ICMP echo: a kernel drop of our echo (request or reply) names its cause; else what came back to
     the probe's raw socket: an admin-prohibited destination unreachable is a firewall's reject, EPERM on send a

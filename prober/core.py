@@ -257,15 +257,14 @@ class Attempt:
     source: Source
     target: Target
     start_ns: int
+    prep: Prepared
     resolution: Resolution | None = None
     timeline: Timeline = field(default_factory=Timeline)
     flows: list[Flow] = field(default_factory=list)
     dns: list[DnsTransaction] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     http_status: int | None = None
-    secrets: tuple[str, ...] = ()
     resolv: ResolvConf | None = None
-    prep: Prepared | None = None
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
 
@@ -286,14 +285,14 @@ class Attempt:
         if self.resolution is not None and self.resolution.transactions:
             phases = (PhaseSpan("resolve", self.resolution.start_ns, self.resolution.end_ns or end), *phases)
         dns_flows = [t.flow for t in txns if t.flow is not None]
-        red = self.prep.redactor if self.prep is not None else Redactor(self.secrets)
+        red = self.prep.redactor
         captured = self.captured
         if captured:
             captured = tuple((k, red.text(v)) for k, v in captured)
         return ProbeResult(
             name=self.spec.name,
             kind=self.kind,
-            target=self.prep.shown_target if self.prep is not None else redact_url(self.target.raw),
+            target=self.prep.shown_target,
             source=self.source.label,
             start_ns=self.start_ns,
             end_ns=end,
@@ -308,5 +307,5 @@ class Attempt:
             failed_validators=tuple(self.failed),
             captured_headers=captured,
             values=tuple(sorted(self.values.items())),
-            labels=self.prep.labels if self.prep is not None else tuple(sorted(self.spec.labels.items())),
+            labels=self.prep.labels,
         )

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from prober.core import Attempt, ProbeEnv
 from prober.resolve import query
-from prober.types import ErrorKind
+from prober.types import RCODE_ERROR, ErrorKind
 
 monotonic_ns = time.monotonic_ns
 
@@ -44,11 +44,7 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     rcode = txn.rcode or ""
     if rcode not in spec.valid_rcodes:
         attempt.failed.append("valid_rcodes")
-        kind = {
-            "NXDOMAIN": ErrorKind.DNS_NXDOMAIN,
-            "SERVFAIL": ErrorKind.DNS_SERVFAIL,
-            "REFUSED": ErrorKind.DNS_REFUSED,
-        }.get(rcode, ErrorKind.DNS_UNEXPECTED)
+        kind = RCODE_ERROR.get(rcode, ErrorKind.DNS_UNEXPECTED)
         return attempt.result(kind, f"rcode {rcode}")
     if spec.fail_if_no_answer and not txn.answers:
         attempt.failed.append("fail_if_no_answer")

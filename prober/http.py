@@ -145,8 +145,6 @@ def redirected(req: _Request, status: int, location: str) -> _Request:
 
 def _first_request(attempt: Attempt, spec: HTTPSpec) -> _Request:
     prep = attempt.prep
-    if prep is None:
-        return _Request(spec.method, yarl.URL(attempt.target.raw), _headers(spec), spec.body)
     if prep.url is None:
         prep.url = yarl.URL(attempt.target.raw)
     return _Request(spec.method, prep.url, prep.headers, spec.body)
@@ -554,10 +552,6 @@ async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Req
 # ---------------------------------------------------------------- validators
 
 
-def _headers(spec: HTTPSpec) -> dict[str, str]:
-    return {k: v.get_secret_value() for k, v in spec.headers.items()}
-
-
 def _header_value(headers, name: str) -> str | None:
     values = headers.getall(name, None) if hasattr(headers, "getall") else headers.get_list(name) or None
     return ", ".join(values) if values else None
@@ -610,7 +604,6 @@ def status_ok(spec: HTTPSpec, status: int) -> bool:
 async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     """Run one HTTP exchange against `attempt.target.address`; returns the frozen result."""
     spec = attempt.spec.module.http
-    attempt.secrets = attempt.prep.secrets if attempt.prep is not None else spec.secrets()
     facts: dict[str, Any] = {}
     t1 = _CURRENT.set(attempt)
     t2 = _CTX_CB.set(env.on_local_port)
@@ -648,7 +641,7 @@ async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Requ
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
-    if first and prep is not None:  # the same bytes every run: built once per spec
+    if first:  # the same bytes every run: built once per spec
         request = prep.request
         if request is None:
             request = prep.request = _lean.request_bytes(req.method, req.url, req.headers, body)

@@ -262,13 +262,6 @@ def close_shared_executor(name_or_path: str) -> None:
         ex.close()
 
 
-def close_shared_executors() -> None:
-    with _shared_lock:
-        for ex in _shared.values():
-            ex.close()
-        _shared.clear()
-
-
 def shared_executor_count() -> int:
     """Worker threads held for namespaces now (tests check that none is left behind)."""
     return len(_shared)

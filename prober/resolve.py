@@ -26,16 +26,9 @@ import dns.rdatatype
 import dns.resolver
 
 from prober.sockets import PortCallback, Source, SourceError, connect, connect_guard, recv_stamped
-from prober.types import DnsTransaction, ErrorKind, Proto
+from prober.types import RCODE_ERROR, DnsTransaction, ErrorKind, Proto
 
 IP_POLICIES = ("all", "first", "ipv4", "ipv6")
-
-_RCODE_ERROR = {
-    "NXDOMAIN": ErrorKind.DNS_NXDOMAIN,
-    "SERVFAIL": ErrorKind.DNS_SERVFAIL,
-    "REFUSED": ErrorKind.DNS_REFUSED,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class ResolvConf:
@@ -154,7 +147,7 @@ def _outcome(server, qname, qtype, start, flow, proto, resp, error, detail="", e
             for rd in rrset
         )
         if error is None:
-            error = _RCODE_ERROR.get(rcode)
+            error = RCODE_ERROR.get(rcode)
     txn = DnsTransaction(server, qname, qtype, start, end, rcode, flow, answers, proto)
     return QueryOutcome(txn, resp, error, detail or (rcode or ""))
 

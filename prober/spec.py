@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from prober.source import SourceSpec, parse_source
+from prober.types import DNS_RCODES
 
 # "5s", "250ms", "1.5m", "2h" (one unit, a decimal number), or Prometheus' compound form "1m30s",
 # "1h2m3s4ms" (whole numbers, units in this order). Digits are bounded: a duration is never a 400-digit number.
@@ -270,19 +271,6 @@ class TCPSpec(Frozen):
         return v if v is None else _check_regexes((v,))[0]
 
 
-_RCODES = {
-    "NOERROR",
-    "FORMERR",
-    "SERVFAIL",
-    "NXDOMAIN",
-    "NOTIMP",
-    "REFUSED",
-    "YXDOMAIN",
-    "YXRRSET",
-    "NXRRSET",
-    "NOTAUTH",
-    "NOTZONE",
-}
 _QTYPES = {"A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "CAA", "ANY", "HTTPS", "SVCB"}
 
 
@@ -314,7 +302,7 @@ class DNSSpec(Frozen):
     def _rcodes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         out = tuple(r.upper() for r in v)
         for r in out:
-            if r not in _RCODES:
+            if r not in DNS_RCODES:
                 raise ValueError(f"unknown rcode {r!r}")
         return out
 

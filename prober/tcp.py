@@ -11,7 +11,7 @@ from prober.core import Attempt, ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
 from prober.sockets import connect
-from prober.types import ErrorKind, Proto
+from prober.types import Proto
 
 monotonic_ns = time.monotonic_ns
 
@@ -75,4 +75,3 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             writer.close()
         if sock is not None:
             sock.close()
-    return attempt.result(ErrorKind.INTERNAL, "unreachable")

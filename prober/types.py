@@ -50,6 +50,18 @@ class ErrorKind(StrEnum):
     INTERNAL = "internal"  # a bug in connprobe; never silently swallowed
 
 
+# The DNS response codes by their text (dnspython's `dns.rcode.to_text`): what `valid_rcodes` accepts and
+# what the metrics name; an answer with any other code counts as no answer there.
+DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})
+# The rcodes that are an error of their own; any other unwanted rcode is DNS_UNEXPECTED.
+RCODE_ERROR = {
+    "NXDOMAIN": ErrorKind.DNS_NXDOMAIN,
+    "SERVFAIL": ErrorKind.DNS_SERVFAIL,
+    "REFUSED": ErrorKind.DNS_REFUSED,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Flow:
     """One transport-level conversation as seen from the prober's side."""
@@ -115,6 +127,23 @@ class ProbeResult:
     # kind-specific measurements, sorted by name: icmp_reply_hop_limit, grpc_status_code,
     # grpc_serving_status (grpc.health.v1 enum number), ...
     values: tuple[tuple[str, float], ...] = ()
+
+    def local_endpoints(self, dns_only: bool = False) -> dict[tuple[str, str, int], Flow]:
+        """The local end of each flow of this result and of its DNS queries: (proto, address, port) -> the flow
+        (on the same end, a DNS query's flow wins). The kernel sensor watches these ports and the correlator
+        joins kernel events on them. `dns_only`: the ends of the DNS queries alone."""
+        ends: dict[tuple[str, str, int], Flow] = {}
+        if not dns_only:
+            for f in self.flows:
+                ends[(str(f.proto), f.local_addr, f.local_port)] = f
+        for tx in self.dns:
+            if tx.flow is not None:
+                ends[(str(tx.flow.proto), tx.flow.local_addr, tx.flow.local_port)] = tx.flow
+        return ends
+
+    def local_ports(self) -> set[tuple[str, int]]:
+        """(proto, local port) of each of `local_endpoints()`: the keys the kernel sensor watches."""
+        return {(proto, port) for proto, _, port in self.local_endpoints()}
 
     def value(self, name: str) -> float | None:
         for key, v in self.values:

@@ -28,7 +28,6 @@ MAX_MESSAGE = 1 << 20
 
 async def probe_websocket(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     spec = attempt.spec.module.websocket
-    attempt.secrets = spec.secrets()
     t1 = _CURRENT.set(attempt)
     t2 = _CTX_CB.set(env.on_local_port)
     t3 = _CTX_DEADLINE.set(deadline_ns)

@@ -28,7 +28,7 @@ class Scenario:
     host: str = "srv1.lab.test:8080"
     budget: str | None = None
     timeout: str = "3s"
-    in_matrix: bool = True  # one of the original fault matrix rows (else an extra the issues ask for)
+    in_matrix: bool = True  # one of the original fault matrix rows (else an extra scenario)
     # What the fault must visibly do to the probe before its verdict is judged: "transfer_timeout" (a
     # transfer that had run for a while ran out of time), "failed_or_slow" (not ok within budget), "none";
     # "" picks by `expected`.
@@ -97,7 +97,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("no_listener", "connection_refused", "connection_refused/no_listener",
              lambda lab: lab.no_listener("srv1")),
     Scenario("http_503", "http_error", "http_error/503", lambda lab: lab.http_status("srv1", 503)),
-    # Extras (issue 5): told apart by the kernel evidence.
+    # Extras: told apart by the kernel evidence.
     Scenario("policy_reject", "policy_drop", "policy_drop/reject",
              lambda lab: lab.policy_drop("srv1", direction="in", port=8080, action="reject"), in_matrix=False),
     Scenario("established_drop", "policy_drop", "policy_drop/established",

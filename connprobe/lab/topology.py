@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from connprobe.lab import control, faults
+from connprobe.lab import faults
 from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, netns_pids, nft, run, spawn_in_ns
 from prober.netns import NetnsExecutor, close_shared_executor, netns_inode, shared_executor
 
@@ -384,12 +384,6 @@ class Lab(AbstractContextManager):
         fault.on_enter = self._active_faults.append
         fault.on_exit = lambda f: f in self._active_faults and self._active_faults.remove(f)
         return fault
-
-    def server_state(self, role: str) -> dict:
-        return control.request(self.server(role).control, "ping")
-
-    def dns_state(self) -> dict:
-        return control.request(self.dns_control, "ping")
 
 
 def _stop_pids(pids: list[int]) -> list[str]:

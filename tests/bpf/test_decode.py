@@ -82,7 +82,7 @@ def test_recorded_refused_connect_ipv4(names: KernelNames) -> None:
     assert (rst.saddr, rst.sport, rst.dport, rst.reason, rst.sock) == ("127.0.0.1", 1, 39599, "NO_SOCKET", None)
     assert rst.netns == netns
     drop = evs[2]
-    assert drop.tuple == ("tcp", "127.0.0.1", 39599, "127.0.0.1", 1)
+    assert drop.five_tuple == ("tcp", "127.0.0.1", 39599, "127.0.0.1", 1)
     assert (drop.reason, drop.location, drop.tcp_flags, drop.netns) == ("NO_SOCKET", "tcp_v4_rcv", "S", netns)
     assert evs[4].tcp_state == "CLOSE" and evs[4].old_state == "SYN_SENT"
     assert (evs[5].error, evs[5].reason, evs[5].netns) == (111, "ECONNREFUSED", 0)
@@ -93,7 +93,7 @@ def test_recorded_refused_connect_ipv6(names: KernelNames) -> None:
     evs = [decode_event(raw, names) for raw in _recorded()[6:]]
     assert {e.saddr for e in evs} == {"::1"} and {e.daddr for e in evs} == {"::1"}
     drop = next(e for e in evs if e.kind == EventKind.DROP)
-    assert drop.tuple == ("tcp", "::1", 42047, "::1", 1)
+    assert drop.five_tuple == ("tcp", "::1", 42047, "::1", 1)
     assert (drop.reason, drop.location) == ("NO_SOCKET", "tcp_v6_rcv")
     assert next(e for e in evs if e.kind == EventKind.RESET_TX).sport == 1
 
@@ -102,7 +102,7 @@ def test_round_trip_and_unknown_numbers(names: KernelNames) -> None:
     raw = encode_event(kind=EventKind.DROP, proto=17, family=10, saddr="fd00::1", daddr="fd00::2", sport=5353,
                        dport=53, reason=999, netns=7, ts_ns=42)
     ev = decode_event(raw, names)
-    assert ev.tuple == ("udp", "fd00::1", 5353, "fd00::2", 53)
+    assert ev.five_tuple == ("udp", "fd00::1", 5353, "fd00::2", 53)
     assert ev.reason == "reason_999" and ev.tcp_flags is None and ev.location is None
     retrans = decode_event(encode_event(kind=EventKind.RETRANSMIT, state=1, error=-16), names)
     assert (retrans.tcp_state, retrans.error) == ("ESTABLISHED", -16)

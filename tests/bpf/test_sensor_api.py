@@ -222,12 +222,12 @@ def test_udp_to_a_closed_port_gives_no_socket_drop_and_icmp(lab, sensor):
         sensor.unwatch("udp", lport)
     assert err == errno.ECONNREFUSED
     (drop,) = [e for e in evs if e.kind == EventKind.DROP]
-    assert drop.tuple == ("udp", "10.77.1.2", lport, dst, 5399)
+    assert drop.five_tuple == ("udp", "10.77.1.2", lport, dst, 5399)
     assert (drop.reason, drop.netns, drop.tcp_flags) == ("NO_SOCKET", lab.ns("srv1").inode, None)
     (icmp,) = [e for e in evs if e.kind == EventKind.ICMP_SEND]
-    assert icmp.tuple == drop.tuple and icmp.reason == "PORT_UNREACH" and icmp.netns == lab.ns("srv1").inode
+    assert icmp.five_tuple == drop.five_tuple and icmp.reason == "PORT_UNREACH" and icmp.netns == lab.ns("srv1").inode
     errs = [e for e in evs if e.kind == EventKind.SOCK_ERROR]
-    assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].tuple == drop.tuple
+    assert errs and errs[0].reason == "ECONNREFUSED" and errs[0].five_tuple == drop.five_tuple
     assert errs[0].netns == lab.ns("client").inode
 
 
@@ -246,7 +246,7 @@ def test_offsets_decode_a_packet_whose_tuple_is_known(lab, sensor):
         finally:
             sensor.unwatch("tcp", run.local_port)
         (drop,) = [e for e in evs if e.kind == EventKind.DROP]
-        assert drop.tuple == ("tcp", caddr, run.local_port, addr, 8080)
+        assert drop.five_tuple == ("tcp", caddr, run.local_port, addr, 8080)
         assert drop.netns == lab.ns("srv2").inode == Path(f"/run/netns/{lab.ns('srv2').name}").stat().st_ino
         assert drop.tcp_flags == "S" and drop.location == ("tcp_v4_rcv" if ":" not in addr else "tcp_v6_rcv")
 

@@ -246,7 +246,7 @@ def dropped_dns_query(lab, sensor, server: str, client: str, dstopts: bytes = b"
         sensor.unwatch("udp", lport)
     assert err == errno.ETIMEDOUT
     (drop,) = [e for e in evs if e.kind == EventKind.DROP]
-    assert drop.tuple == ("udp", client, lport, server, 53)
+    assert drop.five_tuple == ("udp", client, lport, server, 53)
     assert (drop.reason, drop.netns) == ("NETFILTER_DROP", lab.ns("dns").inode)
     return evs
 
@@ -296,7 +296,7 @@ def test_egress_dropped_by_nftables_in_client_ns(lab, sensor, family):
     retrans = [e for e in evs if e.kind == EventKind.RETRANSMIT]
     assert drops and len(drops) == len(retrans) + 1
     assert {(d.reason, d.netns, d.tcp_flags) for d in drops} == {("NETFILTER_DROP", lab.ns("client").inode, "S")}
-    assert {d.tuple for d in drops} == {("tcp", client_addr(family), run.local_port, srv, port)}
+    assert {d.five_tuple for d in drops} == {("tcp", client_addr(family), run.local_port, srv, port)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
