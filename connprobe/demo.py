@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from connprobe.causes import colour
 from connprobe.lab import Lab, LabError
 from connprobe.sinks import QueuedSink
 from correlator.types import Verdict
@@ -55,8 +56,6 @@ PHASES = (
           {"bulk": "connection_refused", "tcp": "connection_refused"}),
     Phase("http 503", "srv2 answers 503", lambda lab: lab.http_status("srv2", 503), {"bulk": "http_error"}),
 )
-
-CAUSE_STYLE = {"ok": "green", "unknown": "yellow"}
 
 
 def probe_config(lab: Lab, interval: float) -> dict:
@@ -130,7 +129,7 @@ class Board:
             if v is None:
                 t.add_row(name, "", "[dim]waiting[/dim]", "", "")
                 continue
-            style = CAUSE_STYLE.get(str(v.cause), "red")
+            style = colour(v.cause)
             why = v.facts[0] if v.facts else ""
             t.add_row(name, escape(v.result.target), f"[{style}]{escape(v.sub_cause or str(v.cause))}[/{style}]",
                       f"{v.confidence:.0%}", escape(why))
@@ -151,7 +150,7 @@ class Board:
                     continue
                 cells = []
                 for cause, n in seen.most_common():
-                    style = CAUSE_STYLE.get(cause, "red")
+                    style = colour(cause)
                     mark = "*" if ph.expect.get(name) == cause else ""
                     cells.append(f"[{style}]{cause}{mark}[/{style}] {n}")
                 row.append(" ".join(cells))

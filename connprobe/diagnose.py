@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from bpf.types import KernelEvent
 from connprobe import timeline
+from connprobe.causes import colour
 from connprobe.evidence import KernelEvidence
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
@@ -212,9 +213,6 @@ def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
             "location": e.location, "tcp_flags": e.tcp_flags}
 
 
-CAUSE_STYLE = {Cause.OK: "green", Cause.UNKNOWN: "yellow"}
-
-
 def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -> None:
     r, v = a.verdict.result, a.verdict
     head = f"attempt {a.index}/{total}  {r.target}"
@@ -233,9 +231,9 @@ def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -
         out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
     for f in v.facts[1:]:
         out.print(f"      · {escape(name_namespaces(f, names))}")
-    style = CAUSE_STYLE.get(v.cause, "red")
+    style = f"bold {colour(v.cause)}"
     line = name_namespaces(v.summary.removeprefix(f"{r.name}: "), names)
-    out.print(f"  [bold {style}]verdict: {escape(line)}[/bold {style}]  [dim](rule {v.rule})[/dim]")
+    out.print(f"  [{style}]verdict: {escape(line)}[/{style}]  [dim](rule {v.rule})[/dim]")
 
 
 def exit_code(attempts: list[Attempt]) -> int:

@@ -17,28 +17,18 @@ import time
 from typing import Any
 
 from connprobe import timeline
+from connprobe.causes import CAUSES, colour
 from connprobe.netnames import netns_names
 from connprobe.sinks import BoardEntry
 from connprobe.timeline import name_namespaces
 from correlator.types import Cause, Verdict
 from prober.redact import redact_url
 
-__all__ = ["CAUSE_COLOURS", "MAX_ROWS", "MAX_TIMELINES", "render_status_page"]
+__all__ = ["MAX_ROWS", "MAX_TIMELINES", "render_status_page"]
 
 MAX_ROWS = 500
 MAX_TIMELINES = 20
 
-CAUSE_COLOURS: dict[str, str] = {
-    "ok": "#2e7d32",
-    "dns": "#6a1b9a",
-    "tcp_retransmit": "#ef6c00",
-    "policy_drop": "#c62828",
-    "upstream_latency": "#f9a825",
-    "connection_refused": "#ad1457",
-    "tls": "#4527a0",
-    "http_error": "#d84315",
-    "unknown": "#616161",
-}
 PHASE_COLOURS = {"resolve": "#7e57c2", "connect": "#42a5f5", "tls": "#26a69a", "processing": "#ffa726",
                  "transfer": "#66bb6a"}
 
@@ -76,7 +66,7 @@ def _e(x: Any) -> str:
 def _cause_badge(v: Verdict) -> str:
     cause = str(v.cause)
     label = v.sub_cause or cause
-    return f'<span class="cause" style="background:{CAUSE_COLOURS.get(cause, "#616161")}">{_e(label)}</span>'
+    return f'<span class="cause" style="background:{colour(cause)}">{_e(label)}</span>'
 
 
 def _ago(then: float, now: float) -> str:
@@ -105,7 +95,7 @@ def _strip(entries: list[BoardEntry]) -> str:
     cells = []
     for e in entries:
         c = str(e.verdict.cause)
-        cells.append(f'<span title="{_e(c)}" style="background:{CAUSE_COLOURS.get(c, "#616161")}"></span>')
+        cells.append(f'<span title="{_e(c)}" style="background:{colour(c)}"></span>')
     return f'<div class="strip">{"".join(cells)}</div>'
 
 
@@ -178,8 +168,8 @@ def render_status_page(agent: Any, now: float | None = None, *, warning: str = "
                     f'<span class="dim">{_ago(entry.wall_time, now)}, rule {_e(v.rule)}, confidence '
                     f'{v.confidence:.2f}, {evidence}</span></h2><ul>{facts}</ul><pre>'
                     + "\n".join(timeline_lines(v, names)) + "</pre></section>")
-    legend = "".join(f'<span><span class="cause" style="background:{c}">{_e(k)}</span></span>'
-                     for k, c in CAUSE_COLOURS.items())
+    legend = "".join(f'<span title="{_e(look.meaning)}"><span class="cause" style="background:{look.colour}">'
+                     f"{_e(cause)}</span></span>" for cause, look in CAUSES.items())
     reload_note = ""
     if not agent.last_reload_ok:
         reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'

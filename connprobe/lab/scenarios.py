@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from connprobe.causes import CAUSES
 from connprobe.lab.topology import Lab
 
 Fault = Callable[[Lab], contextlib.AbstractContextManager]
@@ -246,8 +247,7 @@ async def _main(argv: list[str]) -> int:
                             print(f"lab error: {trial.lab_error}", file=sys.stderr)
                             continue
                         confusion[(sc.name, trial.doc["attempts"][0]["verdict"]["cause"])] += 1
-            causes = ["ok", "dns", "tcp_retransmit", "policy_drop", "upstream_latency", "connection_refused",
-                      "tls", "http_error", "unknown"]
+            causes = [str(c) for c in CAUSES]
             print(f"| scenario (expected) | {' | '.join(causes)} |")
             print("|---|" + "---|" * len(causes))
             for sc in scenarios:

@@ -42,12 +42,18 @@ from grafana_foundation_sdk.models.alerting import RelativeTimeRange
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
+    DynamicConfigValue,
+    MatcherConfig,
     Threshold,
     ThresholdsMode,
+    ValueMap,
+    ValueMappingResult,
     VariableRefresh,
     VariableSort,
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from connprobe.causes import CAUSES
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent.parent
@@ -64,11 +70,8 @@ DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 FLEET = 'job=~"$job",node=~"$node",instance=~"$instance"'
 SEL = FLEET + ',probe=~"$probe",target=~"$target",source=~"$source"'
 NODE_LEGEND = "{{node}} {{instance}}"
-CAUSE_COLORS = {
-    "ok": "green", "dns": "purple", "tcp_retransmit": "orange", "policy_drop": "red",
-    "upstream_latency": "yellow", "connection_refused": "dark-red", "tls": "blue", "http_error": "light-red",
-    "unknown": "text",
-}
+# what each cause means, for the descriptions of the panels that show causes (colours: `cause_colours`)
+CAUSE_MEANINGS = "\n".join(f"- {cause}: {look.meaning}" for cause, look in CAUSES.items())
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -112,6 +115,27 @@ def st(title: str, query: prometheus.Dataquery, *, unit: str = "short", descript
         .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
         .with_target(query)
     )
+
+
+def cause_colours(panel: Any, *, suffix: str = "") -> Any:
+    """Paint each series named after a cause (or ending in `suffix` + the cause) in the cause table's colour."""
+    for cause, look in CAUSES.items():
+        matcher = (MatcherConfig("byRegexp", f".*{suffix}{cause}$") if suffix
+                   else MatcherConfig("byName", str(cause)))
+        fixed = {"mode": "fixed", "fixedColor": look.colour}
+        panel = panel.with_override(matcher, [DynamicConfigValue("color", fixed)])
+    return panel
+
+
+def cause_value_colours(panel: table.Panel, field: str = "cause") -> table.Panel:
+    """Colour the cells of a table's `field` column by the cause they hold, with the cause table's colours."""
+    mapping = ValueMap({str(cause): ValueMappingResult(color=look.colour, index=i)
+                        for i, (cause, look) in enumerate(CAUSES.items())})
+    # align and inspect are the defaults Grafana fills in; spelled out, the JSON survives a round trip through
+    # the SDK's types unchanged (tests/deploy/test_grafana.py)
+    return panel.mappings([mapping]).align(common.FieldTextAlignment.AUTO).inspect(False).with_override(
+        MatcherConfig("byName", field),
+        [DynamicConfigValue("custom.cellOptions", {"type": "color-background"})])
 
 
 def fleet_variables(dash: Dashboard, metric: str) -> Dashboard:
@@ -203,25 +227,25 @@ def overview() -> Dashboard:
             q(f"sum by (node, instance) (1 - probe_success{{{sel}}})", NODE_LEGEND),
             span=12, description="Probes whose last result failed, per node.",
         ))
-        .with_panel(ts(
+        .with_panel(cause_colours(ts(
             "Causes over time",
             q(f'sum by (cause) (increase(connprobe_verdicts_total{{{sel},cause!="ok"}}[$__rate_interval]))',
               "{{cause}}"),
             span=12, stacked=True, bars=True,
-            description="Failed or slow probes by the cause the correlator named.",
-        ))
-        .with_panel(ts(
+            description="Failed or slow probes by the cause the correlator named.\n\n" + CAUSE_MEANINGS,
+        )))
+        .with_panel(cause_colours(ts(
             "Causes per target",
             q(f'sum by (target, cause) (increase(connprobe_verdicts_total{{{sel},cause!="ok"}}[$__rate_interval]))',
               "{{target}}: {{cause}}"),
             span=12, stacked=True, bars=True,
-        ))
-        .with_panel(
+        ), suffix=": "))
+        .with_panel(cause_value_colours(
             table.Panel().title("Last verdict per probe").datasource(DS).span(24).height(8)
             .description("The cause of each probe's last verdict (connprobe_probe_cause) and whether it succeeded.")
             .with_target(q(f"connprobe_probe_cause{{{sel}}} == 1", ref="A", instant=True)
                          .format(PromQueryFormat.TABLE))
-        )
+        ))
         .with_row(Row("Latency"))
         .with_panel(ts(
             "Probe duration p95 per target",
@@ -245,8 +269,9 @@ def target() -> Dashboard:
         .with_panel(st("Duration", q(f"max(probe_duration_seconds{{{sel}}})", instant=True), unit="s", span=4))
         .with_panel(st("HTTP status", q(f"max(probe_http_status_code{{{sel}}})", instant=True), span=4,
                        steps=((None, "red"), (200, "green"), (400, "orange"), (500, "red"))))
-        .with_panel(st("Last cause", q(f"connprobe_probe_cause{{{sel}}} == 1", "{{cause}}", instant=True), span=8,
-                       description="The cause the correlator named for the last result."))
+        .with_panel(cause_colours(st("Last cause", q(f"connprobe_probe_cause{{{sel}}} == 1", "{{cause}}", instant=True),
+                                     span=8, description="The cause the correlator named for the last result.\n\n"
+                                     + CAUSE_MEANINGS)))
         .with_panel(st("Confidence", q(f"max(connprobe_probe_verdict_confidence{{{sel}}})", instant=True),
                        unit="percentunit", span=4, steps=((None, "orange"), (0.7, "green"))))
         .with_panel(ts("Success per node", q(f"min by (node, instance) (probe_success{{{sel}}})", NODE_LEGEND),
@@ -275,11 +300,11 @@ def target() -> Dashboard:
             span=6, stacked=True, bars=True,
             description="The probes' own DNS queries by answer: rcode (noerror, nxdomain, servfail, ...) or no_answer.",
         ))
-        .with_panel(ts(
+        .with_panel(cause_colours(ts(
             "Verdicts by cause",
             q(f"sum by (cause) (increase(connprobe_verdicts_total{{{sel}}}[$__rate_interval]))", "{{cause}}"),
             stacked=True, bars=True,
-        ))
+        )))
         .with_row(Row("Kernel evidence"))
         .with_panel(ts(
             "Retransmissions in this probe's evidence",

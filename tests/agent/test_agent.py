@@ -4,6 +4,7 @@ HTTP endpoints, blackbox-style /probe and reload. (The lab tests do the same wit
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import json
 import threading
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from connprobe.agent import Agent, load_agent_config, parse_agent_config
+from connprobe.causes import CAUSES, colour
 from connprobe.config import ConfigError
 from connprobe.sinks import QueuedSink
 from connprobe.web import start_server
@@ -242,6 +244,10 @@ async def test_endpoints_metrics_log_and_status_page(tmp_path, upstream, run_age
     assert 'data-cause="http_error"' in page and "http_error/503" in page
     assert '<section class="timeline" data-probe="broken">' in page
     assert "<title>connprobe: 1 failing</title>" in page
+    assert f'class="cause" style="background:{colour(Cause.HTTP_ERROR)}">http_error/503<' in page
+    for cause, look in CAUSES.items():  # the legend: every cause, in the cause table's colour, with its meaning
+        assert (f'<span title="{html.escape(look.meaning)}"><span class="cause" style="background:{look.colour}">'
+                f"{cause}</span></span>") in page
     assert "waiting" in page  # "later" has no result yet
     assert "src=" not in page and "<link" not in page  # no external assets
     status, recent = await a.get("/api/recent")

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from connprobe.statuspage import CAUSE_COLOURS
+from connprobe.causes import colour
 from tests.agent.helpers import AgentProcess, http_get, lab_config, wait_for
 from tests.agent.png import decode
 
@@ -82,7 +82,7 @@ def test_status_page_in_headless_chromium(lab, tmp_path):
     assert len(colours) > 50, f"only {len(colours)} colours: a blank page?"
     assert n_bg < 0.9 * total, f"{n_bg / total:.0%} of the screenshot is {background}"
     for cause in ("policy_drop", "ok"):
-        rgb = _rgb(CAUSE_COLOURS[cause])
+        rgb = _rgb(colour(cause))
         assert colours[rgb] > 100, f"the {cause} badge colour {rgb} is not on screen ({colours[rgb]} px)"
     # the header bar (dark) spans the top of the page
     assert img.pixel(640, 5) == _rgb("#1d2330")
