@@ -42,7 +42,7 @@ async def test_silent_peers_end_by_the_deadline_and_nothing_leaks(tmp_path):
                     assert r.error in (ErrorKind.READ_TIMEOUT, ErrorKind.CONNECT_TIMEOUT), (r.kind, r.error_detail)
                 ((r,),) = await asyncio.gather(run_probe(ping, env))
                 assert r.ok
-            assert _fds() == before
+            assert _fds() <= before  # no growth (a pool or grpc poller may close one meanwhile)
     finally:
         silent.close()
         usilent.close()
