@@ -36,13 +36,15 @@ async def test_silent_peers_end_by_the_deadline_and_nothing_leaks(tmp_path):
             for _ in range(2):  # warm up, concurrently as below (socket pools, grpc's pollers, the loop's pipe)
                 await asyncio.gather(*(run_probe(s, env) for s in (*specs, ping)))
             before = _fds()
-            for _ in range(5):
+            for _ in range(10):
                 results = await asyncio.gather(*(run_probe(s, env) for s in specs))
                 for (r,) in results:  # a timeout of its own phase; the runner's guard would say internal
                     assert r.error in (ErrorKind.READ_TIMEOUT, ErrorKind.CONNECT_TIMEOUT), (r.kind, r.error_detail)
                 ((r,),) = await asyncio.gather(run_probe(ping, env))
                 assert r.ok
-            assert _fds() <= before  # no growth (a pool or grpc poller may close one meanwhile)
+            # a leak of one descriptor per probe would show as 30 or more; socket pools and grpc's pollers open
+            # and close a few on their own, so a count within a few of the start is no leak
+            assert _fds() <= before + 4, (before, _fds())
     finally:
         silent.close()
         usilent.close()
