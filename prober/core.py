@@ -7,15 +7,17 @@ failed in it) ends at the failure time, so a correlator sees where the time went
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
 
 from prober.redact import Redactor, redact, redact_url, remember  # noqa: F401 - redact: its old home
 from prober.resolve import Resolution, ResolvConf, load_resolv_conf
-from prober.sockets import PortCallback, Source, close_socket_pools, no_callback
+from prober.sockets import PortCallback, Source, close_socket_pools, connect, no_callback
 from prober.spec import ProbeSpec
-from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult
+from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
 monotonic_ns = time.monotonic_ns
 
@@ -116,14 +118,14 @@ def parse_target(kind: str, target: str) -> Target:
         except ValueError:
             raise ValueError(f"invalid port in {redact_url(target)!r}") from None
         return Target(target, u.hostname, port, u.scheme)
-    if kind == "tcp":
+    if kind in ("tcp", "grpc"):
         u = urllib.parse.urlsplit("//" + target)
         try:
             port = u.port
         except ValueError:
             port = None
         if not u.hostname or port is None:
-            raise ValueError(f"tcp target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
+            raise ValueError(f"{kind} target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
         return Target(target, u.hostname, port)
     if kind == "dns":
         if not target or target == "resolv.conf":
@@ -143,15 +145,6 @@ def parse_target(kind: str, target: str) -> Target:
         if ":" in host and not _is_ip(host):
             raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
         return Target(target, host, 0)
-    if kind == "grpc":
-        u = urllib.parse.urlsplit("//" + target)
-        try:
-            port = u.port
-        except ValueError:
-            port = None
-        if not u.hostname or port is None:
-            raise ValueError(f"grpc target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
-        return Target(target, u.hostname, port)
     if kind == "websocket":
         u = urllib.parse.urlsplit(target)
         if u.scheme not in ("ws", "wss") or not u.hostname:
@@ -270,6 +263,21 @@ class Attempt:
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
+
+    async def connect_tcp(self, env: ProbeEnv, family: int, sockaddr: tuple, hop) -> socket.socket:
+        """A TCP socket of the probe's source, announced before use, connected to `sockaddr` with the hop's
+        connect phase timed. Its flow is recorded even when the connect fails (the kernel saw its packets);
+        the socket is closed then, and the caller's on any later failure."""
+        sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+        hop.connect_start = time.monotonic_ns()
+        try:
+            hop.connect_end = await connect(asyncio.get_running_loop(), sock, sockaddr)
+        except BaseException:
+            self.flows.append(self.source.flow(sock, sockaddr, Proto.TCP))
+            sock.close()
+            raise
+        self.flows.append(self.source.flow(sock, sockaddr, Proto.TCP))
+        return sock
 
     def result(self, error: ErrorKind | None = None, detail: str = "") -> ProbeResult:
         end = monotonic_ns()

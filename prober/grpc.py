@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from prober.core import Attempt, ProbeEnv
-from prober.sockets import connect
-from prober.types import ErrorKind, PhaseSpan, Proto
+from prober.types import ErrorKind, PhaseSpan
 
 monotonic_ns = time.monotonic_ns
 
@@ -126,7 +125,6 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     addr = attempt.target.address
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sockaddr = (addr, attempt.target.port, 0, 0) if family == socket.AF_INET6 else (addr, attempt.target.port)
-    loop = asyncio.get_running_loop()
     host = attempt.target.host
     authority = f"[{host}]:{attempt.target.port}" if ":" in host else f"{host}:{attempt.target.port}"
     options = [("grpc.default_authority", authority), ("grpc.enable_retries", 0),
@@ -145,12 +143,7 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     channel = None
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
-            sock = await attempt.source.open(family, socket.SOCK_STREAM, env.on_local_port)
-            hop.connect_start = monotonic_ns()
-            try:
-                hop.connect_end = await connect(loop, sock, sockaddr)
-            finally:
-                attempt.flows.append(attempt.source.flow(sock, sockaddr, Proto.TCP))
+            sock = await attempt.connect_tcp(env, family, sockaddr, hop)
             reader, writer = await asyncio.open_connection(sock=sock)
             sock = None  # the transport's now
             relay = _Relay(reader, writer)

@@ -163,6 +163,16 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no value is ever .inf or .nan
 
 
+def _checked_headers(v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    """Header names as RFC 9110 tokens, values without a line break or NUL (no header injection)."""
+    for name, value in v.items():
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f"invalid header name {name!r}")
+        if re.search(r"[\r\n\x00]", value.get_secret_value()):
+            raise ValueError(f"header {name!r}: value contains a line break")
+    return v
+
+
 def _check_regexes(values: tuple[str, ...]) -> tuple[str, ...]:
     for pattern in values:
         try:
@@ -232,12 +242,7 @@ class HTTPSpec(Frozen):
     @field_validator("headers")
     @classmethod
     def _no_header_injection(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name, value in v.items():
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"invalid header name {name!r}")
-            if re.search(r"[\r\n\x00]", value.get_secret_value()):
-                raise ValueError(f"header {name!r}: value contains a line break")
-        return v
+        return _checked_headers(v)
 
     @field_validator("method")
     @classmethod
@@ -386,12 +391,7 @@ class WebSocketSpec(Frozen):
     @field_validator("headers")
     @classmethod
     def _no_header_injection(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name, value in v.items():
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"invalid header name {name!r}")
-            if re.search(r"[\r\n\x00]", value.get_secret_value()):
-                raise ValueError(f"header {name!r}: value contains a line break")
-        return v
+        return _checked_headers(v)
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(v for s in self.headers.values() if (v := s.get_secret_value()).strip())

@@ -10,8 +10,6 @@ import time
 from prober.core import Attempt, ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
-from prober.sockets import connect
-from prober.types import Proto
 
 monotonic_ns = time.monotonic_ns
 
@@ -21,18 +19,12 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     addr = attempt.target.address
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sockaddr = (addr, attempt.target.port, 0, 0) if family == socket.AF_INET6 else (addr, attempt.target.port)
-    loop = asyncio.get_running_loop()
     hop = attempt.timeline.hop()
     sock = None
     writer = None
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
-            sock = await attempt.source.open(family, socket.SOCK_STREAM, env.on_local_port)
-            hop.connect_start = monotonic_ns()
-            try:
-                hop.connect_end = await connect(loop, sock, sockaddr)
-            finally:
-                attempt.flows.append(attempt.source.flow(sock, sockaddr, Proto.TCP))
+            sock = await attempt.connect_tcp(env, family, sockaddr, hop)
             if not (spec.tls or spec.send or spec.expect):
                 hop.end = hop.connect_end
                 return attempt.result()
