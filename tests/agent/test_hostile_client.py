@@ -30,6 +30,7 @@ from connprobe.web import start_server
 from prober.resolve import ResolvConf
 from prober.spec import ModuleSpec
 from tests.agent.pki import CA
+from tests.leaks import open_fds
 
 PASSWORD = "correct horse"
 ENDPOINTS = [("GET", "/metrics"), ("GET", "/"), ("GET", "/api/recent"),
@@ -353,10 +354,6 @@ async def test_foreign_host_origin_and_simple_posts_are_refused(tmp_path, upstre
 # -- /probe is not a proxy ---------------------------------------------------------------------------------------------
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def test_source_must_name_a_configured_source(tmp_path, upstream, start_agent):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -367,7 +364,7 @@ async def test_source_must_name_a_configured_source(tmp_path, upstream, start_ag
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
         assert (await a.call("GET", "/metrics", session=s))[0] == 200  # warm up the worker threads
         assert (await a.call("GET", "/", session=s))[0] == 200
-        threads, fds = threading.active_count(), _fds()
+        threads, fds = threading.active_count(), open_fds()
         path_error = ("source: a path is never accepted on /probe; name a source of the configuration (host or the "
                       "netns name of a configured probe)\n")
         for _ in range(20):
@@ -379,7 +376,7 @@ async def test_source_must_name_a_configured_source(tmp_path, upstream, start_ag
             assert (status, text) == (400, "source: 'cp-unknown' is not a source of the configuration (host or the "
                                            "netns name of a configured probe)\n")
         assert (await a.call("GET", "/-/healthy", session=s))[0] == 200
-        assert threading.active_count() == threads and _fds() == fds
+        assert threading.active_count() == threads and open_fds() == fds
         # a declared name is accepted (that namespace does not exist here: the probe says so)
         for declared in ("cp-absent-ns", "netns%20cp-absent-ns"):
             status, text, _ = await a.call("GET", f"/probe?target={upstream.url}/ok&source={declared}", session=s)

@@ -28,9 +28,10 @@ from prober.core import parse_target
 from prober.resolve import ResolvConf, candidates
 from prober.source import parse_source
 from prober.spec import MAX_DURATION, MAX_TIMEOUT, ModuleSpec, ProbeSpec, format_duration, parse_duration
+from tests.leaks import FUZZ_SEED
 
 EXAMPLES = int(os.environ.get("CONNPROBE_FUZZ_EXAMPLES", "400"))
-SEED = int(os.environ.get("CONNPROBE_FUZZ_SEED", "20261130"))
+
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 # -- strategies ------------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def _load(data: bytes) -> Config:
         return load_config(path)
 
 
-@seed(SEED)
+@seed(FUZZ_SEED)
 @FUZZ
 @given(config_bytes())
 @example(b"modules: {t: {prober: tcp, timeout: .inf}}\nprobes: [{name: a, module: t, target: 'h:1'}]\n")
@@ -257,7 +258,7 @@ def test_config_bytes_load_or_one_line_errors(data):
         _runnable(cfg)
 
 
-@seed(SEED)
+@seed(FUZZ_SEED)
 @FUZZ
 @given(st.one_of(configs, clean_configs))
 def test_structured_configs(raw):
@@ -269,7 +270,7 @@ def test_structured_configs(raw):
         _runnable(cfg)
 
 
-@seed(SEED)
+@seed(FUZZ_SEED)
 @FUZZ
 @given(st.sampled_from(["http", "tcp", "dns"]).flatmap(lambda k: st.tuples(st.just(k), targets(k))))
 @example(("http", "http://a..b/"))
@@ -287,7 +288,7 @@ def test_targets(case):
     _runnable(Config(modules={"m": module}, probes=(spec,)))
 
 
-@seed(SEED)
+@seed(FUZZ_SEED)
 @FUZZ
 @given(durations)
 @example(float("inf"))

@@ -20,6 +20,7 @@ from prober import ErrorKind, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, netns, 
 from prober.netns import NetnsError, NetnsExecutor, open_netns, shared_executor, shared_executor_count
 from prober.sockets import Source, SourceError
 from prober.source import parse_source
+from tests.leaks import open_fds
 
 RUN = Path("/run/netns")
 
@@ -27,10 +28,6 @@ RUN = Path("/run/netns")
 def _spec(source: str, target: str = "127.0.0.1:9", prober: str = "tcp", timeout: float = 2.0) -> ProbeSpec:
     module = ModuleSpec(prober=prober, timeout=timeout, **({"http": HTTPSpec()} if prober == "http" else {}))
     return ProbeSpec(name="t", module=module, target=target, source=source, interval=max(timeout, 5.0))
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @contextlib.contextmanager
@@ -91,11 +88,11 @@ def test_other_paths_are_refused_before_any_open(text):
     ("/run/netns/cpt-does-not-exist", "network namespace '/run/netns/cpt-does-not-exist' does not exist"),
 ])
 def test_open_netns_checks_the_file(path, message):
-    before = _fds()
+    before = open_fds()
     with pytest.raises(NetnsError) as info:
         open_netns(path)
     assert info.value.strerror == message
-    assert _fds() == before
+    assert open_fds() == before
 
 
 def test_open_netns_of_this_process():
@@ -137,7 +134,7 @@ async def test_bad_sources_are_source_errors_without_blocking_or_leaks():
             # the opener pool's threads (at most 2) start once, at the first concurrent opens
             warm = await asyncio.gather(*(run_probe(_spec(s), env) for s in sources[:10]))
             assert all(r.error is ErrorKind.SOURCE_ERROR for (r,) in warm)
-            threads, fds, executors = threading.active_count(), _fds(), shared_executor_count()
+            threads, fds, executors = threading.active_count(), open_fds(), shared_executor_count()
             results = await asyncio.wait_for(asyncio.gather(*(run_probe(_spec(s), env) for s in sources)), 60)
         for s, (r,) in zip(sources, results, strict=True):
             assert r.error is ErrorKind.SOURCE_ERROR, (s, r)
@@ -148,7 +145,7 @@ async def test_bad_sources_are_source_errors_without_blocking_or_leaks():
         for kind in ("fifo", "null", "file", "link"):  # a link is not followed: O_PATH|O_NOFOLLOW sees the link
             assert by_kind[kind].endswith("is not a network namespace (not an nsfs file)"), by_kind[kind]
         assert "does not exist" in by_kind["none"] and "does not exist" in by_kind["pid"]
-        assert (threading.active_count(), _fds(), shared_executor_count()) == (threads, fds, executors)
+        assert (threading.active_count(), open_fds(), shared_executor_count()) == (threads, fds, executors)
     finally:
         for p in made:
             p.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from prober import DNSSpec, ErrorKind, ProbeEnv, ProbeResult, run_probe
 from prober.resolve import ResolvConf, resolve
 from prober.sockets import get_source, no_callback
+from tests.leaks import FUZZ_SEED, ErrorRecords, open_fds
 from tests.prober.helpers import spec
 from tests.prober.servers import DnsServer
 
@@ -60,15 +61,6 @@ def mutate(wire: bytes, ops) -> bytes:
     return bytes(data)
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 async def _run(ops, protos: str, name: str, qtype: str, transport: str, policy: str):
     srv = DnsServer()
     srv.add("www.fuzz.test", "A", "127.0.0.1")
@@ -93,18 +85,13 @@ async def _run(ops, protos: str, name: str, qtype: str, transport: str, policy: 
         await srv.stop()
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.timeout(600)
 def test_mutated_dns_answers_end_in_an_error_kind():
-    errors = _Errors()
+    errors = ErrorRecords()
     logging.getLogger().addHandler(errors)
-    before = _fds()
+    before = open_fds()
 
-    @seed(int(os.environ.get("CONNPROBE_FUZZ_SEED", "20261130")))  # fixed: a CI failure replays as is
-
+    @seed(FUZZ_SEED)
     @settings(max_examples=EXAMPLES, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
     @given(
         ops=st.lists(_op, min_size=1, max_size=4),
@@ -132,4 +119,4 @@ def test_mutated_dns_answers_end_in_an_error_kind():
         check()
     finally:
         logging.getLogger().removeHandler(errors)
-    assert _fds() <= before
+    assert open_fds() <= before

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from prober import ErrorKind, HTTPSpec, ProbeEnv, ProbeResult, run_probe
 from prober.resolve import ResolvConf
+from tests.leaks import FUZZ_SEED, ErrorRecords, open_fds
 from tests.prober.helpers import spec
 from tests.prober.servers import ScriptedHttpServer, compress
 
@@ -127,15 +128,6 @@ def responses(draw) -> tuple[list[tuple[float, bytes]], float]:
     return list(zip(delays, pieces, strict=True)), hold
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 async def _probe(script, hold, client: str, regexp: bool) -> ProbeResult:
     server = await ScriptedHttpServer(script=script, hold=hold).start()
     try:
@@ -152,18 +144,13 @@ async def _probe(script, hold, client: str, regexp: bool) -> ProbeResult:
 _NO_DNS = ResolvConf(nameservers=("127.0.0.1",), port=9, timeout=0.2, attempts=1)
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.timeout(600)
 def test_fuzzed_responses_end_in_an_error_kind():
-    errors = _Errors()
+    errors = ErrorRecords()
     logging.getLogger().addHandler(errors)
-    before = _fds()
+    before = open_fds()
 
-    @seed(int(os.environ.get("CONNPROBE_FUZZ_SEED", "20261130")))  # fixed: a CI failure replays as is
-
+    @seed(FUZZ_SEED)
     @settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(resp=responses(), client=st.sampled_from(CLIENTS), regexp=st.booleans())
@@ -185,4 +172,4 @@ def test_fuzzed_responses_end_in_an_error_kind():
         check()
     finally:
         logging.getLogger().removeHandler(errors)
-    assert _fds() <= before
+    assert open_fds() <= before

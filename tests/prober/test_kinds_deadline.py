@@ -4,15 +4,11 @@ descriptor behind (gRPC's relay, WebSocket's connection, the Unix socket; ICMP's
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 
 from prober import ErrorKind, GRPCSpec, ICMPSpec, ProbeEnv, QueryStep, UnixSpec, WebSocketSpec, run_probe
+from tests.leaks import open_fds
 from tests.prober.helpers import spec
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_silent_peers_end_by_the_deadline_and_nothing_leaks(tmp_path):
@@ -35,7 +31,7 @@ async def test_silent_peers_end_by_the_deadline_and_nothing_leaks(tmp_path):
         async with ProbeEnv() as env:
             for _ in range(2):  # warm up, concurrently as below (socket pools, grpc's pollers, the loop's pipe)
                 await asyncio.gather(*(run_probe(s, env) for s in (*specs, ping)))
-            before = _fds()
+            before = open_fds()
             for _ in range(10):
                 results = await asyncio.gather(*(run_probe(s, env) for s in specs))
                 for (r,) in results:  # a timeout of its own phase; the runner's guard would say internal
@@ -44,7 +40,7 @@ async def test_silent_peers_end_by_the_deadline_and_nothing_leaks(tmp_path):
                 assert r.ok
             # a leak of one descriptor per probe would show as 30 or more; socket pools and grpc's pollers open
             # and close a few on their own, so a count within a few of the start is no leak
-            assert _fds() <= before + 4, (before, _fds())
+            assert open_fds() <= before + 4, (before, open_fds())
     finally:
         silent.close()
         usilent.close()
