@@ -97,8 +97,9 @@ def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
     return _with_budgets(parse_config(text, filename), filename)
 
 
-def load_agent_config(path: str | Path) -> AgentConfig:
-    return _with_budgets(load_config(path), str(path))
+def load_agent_config(path: str | Path, blackbox: bool = False) -> AgentConfig:
+    """`blackbox`: the file is a blackbox_exporter blackbox.yml (its modules serve /probe; no scheduled probes)."""
+    return _with_budgets(load_config(path, blackbox=blackbox), str(path))
 
 
 # -- kernel evidence indexed by port -------------------------------------------------------------------------
@@ -369,8 +370,10 @@ class Agent:
         drop_capabilities: bool = False,
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
+        blackbox: bool = False,
     ):
         self.config_path = Path(config_path)
+        self.blackbox = blackbox  # config_path is a blackbox_exporter blackbox.yml
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -421,7 +424,7 @@ class Agent:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
         if self.watcher is not None:  # before the load: a change in between differs from it at the next check
             await self.watcher.prime()
-        self.active = load_agent_config(self.config_path)
+        self.active = load_agent_config(self.config_path, self.blackbox)
         self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
         self.tracebacks.install()
         self._declare(self.active.config.probes)
@@ -611,7 +614,7 @@ class Agent:
     async def _reload(self) -> ReloadOutcome:
         self.last_reload_time = time.time()
         try:
-            new = await asyncio.to_thread(load_agent_config, self.config_path)
+            new = await asyncio.to_thread(load_agent_config, self.config_path, self.blackbox)
             self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
             plan = _ReloadPlan.between(self.active, new)
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
@@ -731,7 +734,11 @@ class Agent:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, metavar="FILE", help="probe configuration (YAML)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", metavar="FILE", help="probe configuration (YAML)")
+    which.add_argument("--blackbox-config", metavar="FILE",
+                       help="a blackbox_exporter blackbox.yml instead: its modules serve /probe (no scheduled probes; "
+                            "watched and reloaded like --config)")
     watch = p.add_mutually_exclusive_group()
     watch.add_argument("--config.watch", dest="config_watch", action="store_true", default=True,
                        help="reload the config when its file changes, a Kubernetes ConfigMap update included "
@@ -785,7 +792,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         stream = sys.stdout
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
+    blackbox = bool(getattr(args, "blackbox_config", None))
+    agent = Agent(args.blackbox_config if blackbox else args.config, blackbox=blackbox,
+                  kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
                   watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
     stop = stop or asyncio.Event()

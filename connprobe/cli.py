@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without running it")
     check.add_argument("file", help="the YAML config")
+    check.add_argument("--blackbox", action="store_true",
+                       help="FILE is a blackbox_exporter blackbox.yml (modules only, blackbox's defaults)")
     check.set_defaults(func=_check_config)
 
     agent = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status page")

@@ -210,10 +210,15 @@ def _load_yaml(text: str, filename: str) -> Any:
     return raw
 
 
-def parse_config(text: str, filename: str = "<config>") -> Config:
-    """Validate a whole config; raises ConfigError listing every problem found (and nothing else)."""
+def parse_config(text: str, filename: str = "<config>", *, blackbox: bool = False,
+                 base_dir: Path | None = None) -> Config:
+    """Validate a whole config; raises ConfigError listing every problem found (and nothing else).
+
+    `blackbox`: the text is a blackbox_exporter `blackbox.yml` (only `modules:`, read with blackbox's defaults:
+    `connprobe.blackbox`). `base_dir`: where relative file names in modules (ca_file, bearer_token_file...)
+    are taken from (default: the working directory)."""
     try:
-        return _parse(text, filename)
+        return _parse(text, filename, blackbox, base_dir)
     except ConfigError:
         raise
     except RecursionError:
@@ -226,7 +231,9 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def _parse(text: str, filename: str) -> Config:
+def _parse(text: str, filename: str, blackbox: bool = False, base_dir: Path | None = None) -> Config:
+    from connprobe.blackbox import translate_module
+
     if len(text) > MAX_BYTES:
         raise ConfigError([f"{filename}: larger than {MAX_BYTES >> 20} MiB"])
     raw = _load_yaml(text, filename)
@@ -234,8 +241,10 @@ def _parse(text: str, filename: str) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"config: top level must be a mapping with {', '.join(TOP_KEYS)}"])
-    errors: list[str] = [f"config: {_key(k)}: unknown key (expected {', '.join(TOP_KEYS)})" for k in raw
-                         if k not in TOP_KEYS]
+    top = ("modules",) if blackbox else TOP_KEYS
+    errors: list[str] = [f"config: {_key(k)}: unknown key (expected {', '.join(top)})" for k in raw if k not in top]
+    if blackbox:
+        raw = {k: v for k, v in raw.items() if k == "modules"}
 
     limits = Limits()
     raw_limits = raw.get("limits")
@@ -261,11 +270,18 @@ def _parse(text: str, filename: str) -> Config:
             errors.append(f"{owner}: must be a mapping")
             bad_modules.add(name)
             continue
+        body, mapped_errors = translate_module(body, base_dir, blackbox_defaults=blackbox)
+        if mapped_errors:
+            errors.extend(f"{owner}: {e}" for e in mapped_errors)
+            bad_modules.add(name)
         try:
-            modules[name] = ModuleSpec.model_validate(body)
+            spec = ModuleSpec.model_validate(body)
         except ValidationError as exc:
             errors.extend(_format(owner, exc))
             bad_modules.add(name)
+            continue
+        if name not in bad_modules:
+            modules[name] = spec
 
     probes: list[ProbeSpec] = []
     raw_probes = raw.get("probes") or []
@@ -342,7 +358,9 @@ def labels_errors(labels: dict[str, str]) -> list[str]:
     return errors
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, blackbox: bool = False) -> Config:
+    """Read and validate a config file (`blackbox`: a blackbox_exporter file); relative file names inside it
+    are taken from its directory."""
     p = Path(path)
     try:
         # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
@@ -365,7 +383,7 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{p}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"]) from None
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), blackbox=blackbox, base_dir=p.parent)
 
 
 def check_config_main(args: Any) -> int:
@@ -381,8 +399,9 @@ def check_config_main(args: Any) -> int:
     if not path:
         print("check-config: a config FILE is required", file=sys.stderr)
         return 2
+    blackbox = bool(getattr(args, "blackbox", False))
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, blackbox=blackbox)
     except ConfigUnreadable as exc:
         print(f"check-config: {exc.errors[0]}", file=sys.stderr)
         return 2
@@ -398,7 +417,11 @@ def check_config_main(args: Any) -> int:
     for p in cfg.probes:
         kinds[p.module.prober] = kinds.get(p.module.prober, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no probes"
-    print(f"{path}: OK: {len(cfg.modules)} modules, {len(cfg.probes)} probes ({summary})")
+    form = " (blackbox_exporter format)" if blackbox else ""
+    print(f"{path}: OK{form}: {len(cfg.modules)} modules, {len(cfg.probes)} probes ({summary})")
+    if blackbox:
+        for name, module in cfg.modules.items():
+            print(f"  module {name}: {module.prober}, timeout {module.timeout:g}s")
     for p in cfg.probes:
         budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
         print(f"  {p.name}: {p.module.prober} {_shown_target(p)} from {p.source} every {p.interval:g}s, "

@@ -6,6 +6,9 @@ import re
 import time
 from dataclasses import replace
 
+import dns.rdataclass
+import dns.rdatatype
+
 from prober.core import Attempt, ProbeEnv
 from prober.resolve import query
 from prober.types import RCODE_ERROR, ErrorKind
@@ -41,6 +44,9 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         attempt.timeline.resolves.append((outs[0].txn.start_ns, txn.end_ns))
     if last.response is None:
         return attempt.result(last.error or ErrorKind.DNS_TIMEOUT, last.detail)
+    resp = last.response
+    for name, rrsets in (("answer", resp.answer), ("authority", resp.authority), ("additional", resp.additional)):
+        attempt.values[f"dns_{name}_rrs"] = float(sum(len(rrset) for rrset in rrsets))
     rcode = txn.rcode or ""
     if rcode not in spec.valid_rcodes:
         attempt.failed.append("valid_rcodes")
@@ -53,4 +59,19 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         if not any(re.search(pattern, a) for a in txn.answers):
             attempt.failed.append("fail_if_answer_not_matches_regexp")
             return attempt.result(ErrorKind.DNS_UNEXPECTED, "answer did not match")
+    sections = (("answer", last.response.answer, spec.validate_answer_rrs),
+                ("authority", last.response.authority, spec.validate_authority_rrs),
+                ("additional", last.response.additional, spec.validate_additional_rrs))
+    for name, rrsets, validator in sections:
+        failed = validator.failed(rr_lines(rrsets))
+        if failed:
+            attempt.failed.append(f"validate_{name}_rrs.{failed}")
+            return attempt.result(ErrorKind.DNS_UNEXPECTED, f"{name} section: {failed}")
     return attempt.result()
+
+
+def rr_lines(rrsets) -> list[str]:
+    """Each record of a section as `name<TAB>ttl<TAB>class<TAB>type<TAB>data` (what blackbox's matchers see)."""
+    return [f"{rrset.name}\t{rrset.ttl}\t{dns.rdataclass.to_text(rrset.rdclass)}\t"
+            f"{dns.rdatatype.to_text(rrset.rdtype)}\t{rd.to_text()}"
+            for rrset in rrsets for rd in rrset]

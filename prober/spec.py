@@ -186,6 +186,8 @@ class TLSSpec(Frozen):
     insecure_skip_verify: bool = False
     server_name: str | None = None  # SNI and the name the certificate must match
     ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (PEM), presented when the server asks
+    key_file: str | None = None  # its private key (PEM; default: in cert_file)
     min_cert_days: float | None = Field(default=None, gt=0, le=36500)  # fail when the cert expires sooner
 
     @field_validator("server_name")
@@ -199,6 +201,8 @@ class TLSSpec(Frozen):
     def _expiry_needs_verify(self) -> TLSSpec:
         if self.min_cert_days is not None and self.insecure_skip_verify:
             raise ValueError("min_cert_days needs certificate verification (insecure_skip_verify is true)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
         return self
 
 
@@ -233,6 +237,8 @@ class HTTPSpec(Frozen):
     max_decompressed_bytes: int = Field(default=32 * 2**20, ge=1)  # a compressed body inflated (gzip bombs)
     capture_headers: tuple[str, ...] = ()  # response headers copied into the result (e.g. X-Request-Id)
     tls: TLSSpec = TLSSpec()
+    preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
+    ip_protocol_fallback: bool = True
 
     @field_validator("fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp")
     @classmethod
@@ -264,19 +270,78 @@ class HTTPSpec(Frozen):
         return tuple(v for s in self.headers.values() if (v := s.get_secret_value()).strip())
 
 
-class TCPSpec(Frozen):
+class QueryStep(Frozen):
+    """One step of blackbox's `query_response`: send bytes, expect a regex, or start TLS (tcp-like probes)."""
+
     send: str | None = None
-    expect: str | None = None  # regex the first bytes read must match
-    tls: bool = False
-    tls_config: TLSSpec = TLSSpec()
+    expect: str | None = None  # regex the bytes read so far must match
+    starttls: bool = False
 
     @field_validator("expect")
     @classmethod
     def _re(cls, v: str | None) -> str | None:
         return v if v is None else _check_regexes((v,))[0]
 
+    @model_validator(mode="after")
+    def _one_thing(self) -> QueryStep:
+        if self.send is None and self.expect is None and not self.starttls:
+            raise ValueError("a query_response step needs send, expect or starttls")
+        return self
+
+
+class TCPSpec(Frozen):
+    send: str | None = None
+    expect: str | None = None  # regex the first bytes read must match
+    query_response: tuple[QueryStep, ...] = ()  # blackbox's conversation (instead of send/expect)
+    tls: bool = False
+    tls_config: TLSSpec = TLSSpec()
+    preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
+    ip_protocol_fallback: bool = True
+
+    @field_validator("expect")
+    @classmethod
+    def _re(cls, v: str | None) -> str | None:
+        return v if v is None else _check_regexes((v,))[0]
+
+    @model_validator(mode="after")
+    def _one_conversation(self) -> TCPSpec:
+        if self.query_response and (self.send is not None or self.expect is not None):
+            raise ValueError("query_response: give either query_response or send/expect, not both")
+        return self
+
 
 _QTYPES = {"A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "CAA", "ANY", "HTTPS", "SVCB"}
+
+
+class RRValidator(Frozen):
+    """blackbox's validate_{answer,authority,additional}_rrs: regexes on each resource record of a section, in
+    its text form `name<TAB>ttl<TAB>class<TAB>type<TAB>data`."""
+
+    fail_if_matches_regexp: tuple[str, ...] = ()  # fail when any record matches any of them
+    fail_if_all_match_regexp: tuple[str, ...] = ()  # fail when every record matches one of them (and there is one)
+    fail_if_not_matches_regexp: tuple[str, ...] = ()  # fail when a record does not match one of them
+    fail_if_none_matches_regexp: tuple[str, ...] = ()  # fail when no record matches one of them
+
+    @field_validator("*")
+    @classmethod
+    def _re(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_regexes(v)
+
+    def failed(self, records: tuple[str, ...] | list[str]) -> str | None:
+        """The first matcher this section's records fail, or None."""
+        for pattern in self.fail_if_matches_regexp:
+            if any(re.search(pattern, r) for r in records):
+                return "fail_if_matches_regexp"
+        for pattern in self.fail_if_all_match_regexp:
+            if records and all(re.search(pattern, r) for r in records):
+                return "fail_if_all_match_regexp"
+        for pattern in self.fail_if_not_matches_regexp:
+            if any(not re.search(pattern, r) for r in records):
+                return "fail_if_not_matches_regexp"
+        for pattern in self.fail_if_none_matches_regexp:
+            if not any(re.search(pattern, r) for r in records):
+                return "fail_if_none_matches_regexp"
+        return None
 
 
 class DNSSpec(Frozen):
@@ -287,6 +352,11 @@ class DNSSpec(Frozen):
     valid_rcodes: tuple[str, ...] = ("NOERROR",)
     fail_if_no_answer: bool = False
     fail_if_answer_not_matches_regexp: tuple[str, ...] = ()
+    validate_answer_rrs: RRValidator = RRValidator()
+    validate_authority_rrs: RRValidator = RRValidator()
+    validate_additional_rrs: RRValidator = RRValidator()
+    preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
+    ip_protocol_fallback: bool = True
 
     @field_validator("query_name")
     @classmethod
@@ -336,25 +406,6 @@ class ICMPSpec(Frozen):
             except ValueError:
                 raise ValueError(f"{_shown(v)} is not an IP address") from None
         return v
-
-
-class QueryStep(Frozen):
-    """One step of blackbox's `query_response`: send bytes, expect a regex, or start TLS (tcp-like probes)."""
-
-    send: str | None = None
-    expect: str | None = None  # regex the bytes read so far must match
-    starttls: bool = False
-
-    @field_validator("expect")
-    @classmethod
-    def _re(cls, v: str | None) -> str | None:
-        return v if v is None else _check_regexes((v,))[0]
-
-    @model_validator(mode="after")
-    def _one_thing(self) -> QueryStep:
-        if self.send is None and self.expect is None and not self.starttls:
-            raise ValueError("a query_response step needs send, expect or starttls")
-        return self
 
 
 class GRPCSpec(Frozen):

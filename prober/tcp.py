@@ -1,4 +1,5 @@
-"""TCP probe: connect from a bound, announced socket; optionally TLS, send, and expect a regex."""
+"""TCP probe: connect from a bound, announced socket; optionally TLS, then send/expect a regex, or blackbox's
+`query_response` conversation (expect/send/starttls steps, `prober.query`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from prober.core import Attempt, ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
+from prober.query import converse
 
 monotonic_ns = time.monotonic_ns
 
@@ -25,7 +27,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
             sock = await attempt.connect_tcp(env, family, sockaddr, hop)
-            if not (spec.tls or spec.send or spec.expect):
+            if not (spec.tls or spec.send or spec.expect or spec.query_response):
                 hop.end = hop.connect_end
                 return attempt.result()
             kwargs = {}
@@ -39,6 +41,17 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             sock = None  # owned by the transport now
             if spec.tls:
                 hop.tls_end = monotonic_ns()
+            if spec.query_response:
+                def first(ns: int) -> None:
+                    hop.first_byte = hop.first_byte or ns
+
+                hop.sent = monotonic_ns()
+                failed = await converse(reader, writer, spec.query_response, ssl_context(spec.tls_config),
+                                        spec.tls_config.server_name or attempt.target.host, first)
+                if failed:
+                    attempt.failed.append(failed)
+                hop.end = monotonic_ns()
+                return attempt.result()
             if spec.send:
                 writer.write(spec.send.encode().decode("unicode_escape").encode("latin-1"))
                 await writer.drain()

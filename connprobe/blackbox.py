@@ -1,0 +1,419 @@
+"""blackbox_exporter's `blackbox.yml` read as connprobe modules: each blackbox key is mapped onto connprobe's
+spec (`prober.spec`), or refused with one line naming it. Nothing is silently dropped.
+
+`connprobe agent --blackbox-config blackbox.yml` and `connprobe check-config --blackbox blackbox.yml` read a
+file in this form (only `modules:`); the same keys are accepted in a connprobe config's modules too, so a
+blackbox module can be pasted as it is. Only the defaults differ: a blackbox file gets blackbox's
+(`preferred_ip_protocol: ip6`, DNS `query_type: ANY`), a connprobe config keeps connprobe's.
+
+Credentials given as files (`basic_auth.password_file`, `bearer_token_file`, `authorization.credentials_file`,
+`body_file`) are read when the config is loaded (and again on every reload); a relative path is taken from the
+config file's directory, as blackbox does. `KEYS` is the whole mapping, one row per documented key; README's
+"blackbox_exporter key mapping" table is generated from it (`connprobe.blackbox.markdown_table`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MAX_SECRET_BYTES = 64 << 10  # a token or password file; a larger one is a mistake (or /dev/zero)
+MAX_BODY_FILE_BYTES = 1 << 20
+
+# status of a blackbox key in connprobe: how it is carried, or why it is refused
+SAME = "same key"
+MAPPED = "mapped"
+REFUSED = "refused"
+
+# (section, blackbox key, status, connprobe key or note)
+KEYS: tuple[tuple[str, str, str, str], ...] = (
+    ("module", "prober", SAME, "prober (http, tcp, dns, icmp, grpc)"),
+    ("module", "timeout", SAME, "timeout (at most 10m; `w`/`y` units are refused)"),
+    ("http", "valid_status_codes", SAME, "http.valid_status_codes"),
+    ("http", "valid_http_versions", REFUSED, "not supported yet"),
+    ("http", "method", SAME, "http.method"),
+    ("http", "headers", SAME, "http.headers (secret values)"),
+    ("http", "body", SAME, "http.body"),
+    ("http", "body_file", MAPPED, "http.body (the file read at load)"),
+    ("http", "body_size_limit", MAPPED, "http.max_body_bytes (0: no limit)"),
+    ("http", "compression", REFUSED, "not supported yet"),
+    ("http", "follow_redirects", SAME, "http.follow_redirects"),
+    ("http", "no_follow_redirects", MAPPED, "http.follow_redirects: false"),
+    ("http", "fail_if_ssl", SAME, "http.fail_if_ssl"),
+    ("http", "fail_if_not_ssl", SAME, "http.fail_if_not_ssl"),
+    ("http", "fail_if_body_matches_regexp", SAME, "http.fail_if_body_matches_regexp"),
+    ("http", "fail_if_body_not_matches_regexp", SAME, "http.fail_if_body_not_matches_regexp"),
+    ("http", "fail_if_header_matches", SAME, "http.fail_if_header_matches"),
+    ("http", "fail_if_header_not_matches", SAME, "http.fail_if_header_not_matches"),
+    ("http", "tls_config", MAPPED, "http.tls (see tls_config rows)"),
+    ("http", "basic_auth", MAPPED, "an `Authorization: Basic` header (username[_file], password[_file])"),
+    ("http", "bearer_token", MAPPED, "an `Authorization: Bearer` header"),
+    ("http", "bearer_token_file", MAPPED, "an `Authorization: Bearer` header, the file read at load"),
+    ("http", "authorization", MAPPED, "an `Authorization: <type>` header (credentials[_file])"),
+    ("http", "oauth2", REFUSED, "OAuth2 client credentials are not supported"),
+    ("http", "proxy_url", REFUSED, "not supported yet"),
+    ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
+    ("http", "proxy_from_environment", REFUSED, "not supported (the agent never reads proxy variables)"),
+    ("http", "proxy_connect_header", REFUSED, "not supported"),
+    ("http", "skip_resolve_phase_with_proxy", REFUSED, "not supported (the target is resolved by connprobe)"),
+    ("http", "use_proxy_dns", REFUSED, "not supported (the target is resolved by connprobe)"),
+    ("http", "enable_http2", MAPPED, "false: accepted (HTTP/1.1); true: refused"),
+    ("http", "enable_http_1_1", REFUSED, "not supported"),
+    ("http", "http_headers", REFUSED, "not supported (use headers)"),
+    ("http", "preferred_ip_protocol", SAME, "http.preferred_ip_protocol"),
+    ("http", "ip_protocol_fallback", SAME, "http.ip_protocol_fallback"),
+    ("http", "source_ip_address", REFUSED, "not supported yet"),
+    ("tcp", "preferred_ip_protocol", SAME, "tcp.preferred_ip_protocol"),
+    ("tcp", "ip_protocol_fallback", SAME, "tcp.ip_protocol_fallback"),
+    ("tcp", "source_ip_address", REFUSED, "not supported yet"),
+    ("tcp", "query_response", SAME, "tcp.query_response (expect, send, starttls)"),
+    ("tcp", "tls", SAME, "tcp.tls"),
+    ("tcp", "tls_config", SAME, "tcp.tls_config"),
+    ("dns", "preferred_ip_protocol", SAME, "dns.preferred_ip_protocol"),
+    ("dns", "ip_protocol_fallback", SAME, "dns.ip_protocol_fallback"),
+    ("dns", "source_ip_address", REFUSED, "not supported for dns probes"),
+    ("dns", "transport_protocol", MAPPED, "dns.transport (udp, tcp)"),
+    ("dns", "dns_over_tls", REFUSED, "DNS over TLS is not supported"),
+    ("dns", "tls_config", REFUSED, "only with dns_over_tls: not supported"),
+    ("dns", "query_name", SAME, "dns.query_name"),
+    ("dns", "query_type", SAME, "dns.query_type (blackbox's default ANY in a blackbox file)"),
+    ("dns", "query_class", MAPPED, "IN only (other classes refused)"),
+    ("dns", "recursion_desired", SAME, "dns.recursion_desired"),
+    ("dns", "valid_rcodes", SAME, "dns.valid_rcodes"),
+    ("dns", "validate_answer_rrs", SAME, "dns.validate_answer_rrs (all four matchers)"),
+    ("dns", "validate_authority_rrs", SAME, "dns.validate_authority_rrs (all four matchers)"),
+    ("dns", "validate_additional_rrs", SAME, "dns.validate_additional_rrs (all four matchers)"),
+    ("icmp", "preferred_ip_protocol", SAME, "icmp.preferred_ip_protocol"),
+    ("icmp", "ip_protocol_fallback", SAME, "icmp.ip_protocol_fallback"),
+    ("icmp", "source_ip_address", SAME, "icmp.source_ip_address"),
+    ("icmp", "dont_fragment", SAME, "icmp.dont_fragment"),
+    ("icmp", "payload_size", SAME, "icmp.payload_size"),
+    ("icmp", "ttl", SAME, "icmp.ttl"),
+    ("grpc", "service", SAME, "grpc.service"),
+    ("grpc", "preferred_ip_protocol", SAME, "grpc.preferred_ip_protocol"),
+    ("grpc", "ip_protocol_fallback", SAME, "grpc.ip_protocol_fallback"),
+    ("grpc", "tls", SAME, "grpc.tls"),
+    ("grpc", "tls_config", SAME, "grpc.tls_config (insecure_skip_verify refused: grpcio always verifies)"),
+    ("tls_config", "insecure_skip_verify", SAME, "insecure_skip_verify"),
+    ("tls_config", "ca_file", SAME, "ca_file (relative: to the config's directory)"),
+    ("tls_config", "cert_file", SAME, "cert_file (client certificate)"),
+    ("tls_config", "key_file", SAME, "key_file"),
+    ("tls_config", "server_name", SAME, "server_name"),
+    ("tls_config", "min_version", REFUSED, "not supported (the system's OpenSSL policy decides)"),
+    ("tls_config", "max_version", REFUSED, "not supported"),
+    ("tls_config", "ca", REFUSED, "inline PEM not supported (use ca_file)"),
+    ("tls_config", "cert", REFUSED, "inline PEM not supported (use cert_file)"),
+    ("tls_config", "key", REFUSED, "inline PEM not supported (use key_file)"),
+    ("tls_config", "key_file_ref", REFUSED, "not supported"),
+)
+_REFUSED = {(sec, key): note for sec, key, status, note in KEYS if status == REFUSED}
+
+
+class Translation:
+    """Errors (one line each, naming the key) found while mapping one module."""
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, where: str, msg: str) -> None:
+        self.errors.append(f"{where}: {msg}")
+
+    def path(self, value: Any) -> Path | None:
+        if not isinstance(value, str) or not value or "\x00" in value:
+            return None
+        p = Path(value)
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+    def read(self, where: str, value: Any, limit: int, secret: bool = True) -> str | None:
+        """The text of a file named in the config (trailing newline removed, as blackbox does for secrets)."""
+        p = self.path(value)
+        if p is None:
+            self.error(where, "must be a file name")
+            return None
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self.error(where, f"cannot read {str(p)!r}: {exc.strerror or exc}")
+            return None
+        try:
+            if not os.path.isfile(f"/proc/self/fd/{fd}"):
+                self.error(where, f"{str(p)!r} is not a regular file")
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            self.error(where, f"cannot read {str(p)!r}: {exc.strerror or exc}")
+            return None
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            self.error(where, f"{str(p)!r} is larger than {limit} bytes")
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.error(where, f"{str(p)!r} is not UTF-8")
+            return None
+        if secret:
+            text = text.strip("\r\n")
+            if re.search(r"[\r\n\x00]", text):
+                self.error(where, f"{str(p)!r} holds more than one line")
+                return None
+        return text
+
+
+def _refuse(t: Translation, section: str, body: dict, prefix: str) -> None:
+    for key in list(body):
+        note = _REFUSED.get((section, key))
+        if note is not None:
+            t.error(f"{prefix}.{key}", f"blackbox_exporter key not supported by connprobe: {note}")
+            del body[key]
+
+
+def _tls(t: Translation, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        return raw  # the spec says what is wrong with it
+    body = dict(raw)
+    _refuse(t, "tls_config", body, prefix)
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in body:
+            p = t.path(body[key])
+            if p is None:
+                t.error(f"{prefix}.{key}", "must be a file name")
+                del body[key]
+            elif not p.is_file():
+                t.error(f"{prefix}.{key}", f"{str(p)!r}: no such file")
+                del body[key]
+            else:
+                body[key] = str(p)
+    return body
+
+
+def _secret_pair(t: Translation, body: dict, key: str, where: str) -> str | None:
+    """`key` or `key_file` (at most one), as text."""
+    literal, file_key = body.pop(key, None), f"{key}_file"
+    filename = body.pop(file_key, None)
+    if literal is not None and filename is not None:
+        t.error(where, f"at most one of {key} and {file_key}")
+        return None
+    if filename is not None:
+        return t.read(f"{where}.{file_key}", filename, MAX_SECRET_BYTES)
+    if literal is not None and not isinstance(literal, str):
+        t.error(f"{where}.{key}", "must be a string")
+        return None
+    return literal
+
+
+def _authorization(t: Translation, body: dict, prefix: str) -> str | None:
+    """The Authorization header value the module's credentials make, or None."""
+    given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization") if k in body]
+    if len(given) > 1:
+        t.error(prefix, f"at most one of basic_auth, bearer_token, bearer_token_file and authorization "
+                        f"(got {', '.join(given)})")
+        for k in given:
+            body.pop(k)
+        return None
+    if not given:
+        return None
+    key = given[0]
+    raw = body.pop(key)
+    where = f"{prefix}.{key}"
+    if key == "bearer_token":
+        if not isinstance(raw, str) or not raw:
+            t.error(where, "must be a non-empty string")
+            return None
+        return f"Bearer {raw}"
+    if key == "bearer_token_file":
+        token = t.read(where, raw, MAX_SECRET_BYTES)
+        return f"Bearer {token}" if token is not None else None
+    if not isinstance(raw, dict):
+        t.error(where, "must be a mapping")
+        return None
+    sub = dict(raw)
+    if key == "basic_auth":
+        user = _secret_pair(t, sub, "username", where)
+        password = _secret_pair(t, sub, "password", where)
+        for k in sub:
+            t.error(f"{where}.{k}", "unknown key")
+        if user is None:
+            if not any(e.startswith(where) for e in t.errors):
+                t.error(f"{where}.username", "required")
+            return None
+        if ":" in user:
+            t.error(f"{where}.username", "must not contain ':'")
+            return None
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        return f"Basic {token}"
+    kind = sub.pop("type", "Bearer")
+    if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", kind):
+        t.error(f"{where}.type", f"{kind!r} is not an authorization scheme")
+        return None
+    if kind.lower() == "basic":
+        t.error(f"{where}.type", "Basic is set with basic_auth, not authorization")
+        return None
+    creds = _secret_pair(t, sub, "credentials", where)
+    for k in sub:
+        t.error(f"{where}.{k}", "unknown key")
+    if creds is None:
+        if not any(e.startswith(where) for e in t.errors):
+            t.error(f"{where}.credentials", "required")
+        return None
+    return f"{kind} {creds}"
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30,
+          "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """blackbox's body_size_limit: a byte count or "10KB" / "1MiB" (powers of two, as blackbox reads them)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 1MB, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d{1,12})\s*([A-Za-z]{0,3})\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    raise ValueError(f"expected a size like 1MB, got {value!r:.40}")
+
+
+def _http(t: Translation, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    body = dict(raw)
+    _refuse(t, "http", body, prefix)
+    if "no_follow_redirects" in body:
+        v = body.pop("no_follow_redirects")
+        if "follow_redirects" in body:
+            t.error(f"{prefix}.no_follow_redirects", "give follow_redirects or no_follow_redirects, not both")
+        elif not isinstance(v, bool):
+            t.error(f"{prefix}.no_follow_redirects", "must be true or false")
+        else:
+            body["follow_redirects"] = not v
+    if "body_size_limit" in body:
+        v = body.pop("body_size_limit")
+        if "max_body_bytes" in body:
+            t.error(f"{prefix}.body_size_limit", "give body_size_limit or max_body_bytes, not both")
+        else:
+            try:
+                n = parse_size(v)
+                if n > 0:
+                    body["max_body_bytes"] = n
+            except ValueError as exc:
+                t.error(f"{prefix}.body_size_limit", str(exc))
+    if "body_file" in body:
+        filename = body.pop("body_file")
+        if "body" in body:
+            t.error(f"{prefix}.body_file", "give body or body_file, not both")
+        else:
+            text = t.read(f"{prefix}.body_file", filename, MAX_BODY_FILE_BYTES, secret=False)
+            if text is not None:
+                body["body"] = text
+    if "enable_http2" in body:
+        v = body.pop("enable_http2")
+        if not isinstance(v, bool):
+            t.error(f"{prefix}.enable_http2", "must be true or false")
+        elif v:
+            t.error(f"{prefix}.enable_http2", "connprobe speaks HTTP/1.1 (set enable_http2: false)")
+    auth = _authorization(t, body, prefix)
+    if auth is not None:
+        headers = body.get("headers")
+        if headers is None:
+            headers = {}
+        if isinstance(headers, dict):
+            if any(isinstance(k, str) and k.lower() == "authorization" for k in headers):
+                t.error(f"{prefix}.headers", "an Authorization header and credentials (basic_auth, bearer_token, "
+                                             "authorization) both given")
+            else:
+                body["headers"] = {**headers, "Authorization": auth}
+    if "tls_config" in body:
+        tls = _tls(t, body.pop("tls_config"), f"{prefix}.tls_config")
+        if "tls" in body:
+            t.error(f"{prefix}.tls_config", "give tls_config (blackbox) or tls (connprobe), not both")
+        else:
+            body["tls"] = tls
+    return body
+
+
+def _tcp_like(section: str) -> Callable[[Translation, Any, str], Any]:
+    def tr(t: Translation, raw: Any, prefix: str) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        body = dict(raw)
+        _refuse(t, section, body, prefix)
+        if "tls_config" in body:
+            body["tls_config"] = _tls(t, body["tls_config"], f"{prefix}.tls_config")
+        return body
+
+    return tr
+
+
+def _dns(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    body = dict(raw)
+    _refuse(t, "dns", body, prefix)
+    if "transport_protocol" in body:
+        v = body.pop("transport_protocol")
+        if "transport" in body:
+            t.error(f"{prefix}.transport_protocol", "give transport_protocol or transport, not both")
+        elif v not in ("udp", "tcp"):
+            t.error(f"{prefix}.transport_protocol", f"must be udp or tcp, got {v!r:.40}")
+        else:
+            body["transport"] = v
+    if "query_class" in body:
+        v = body.pop("query_class")
+        if not (isinstance(v, str) and v.upper() == "IN"):
+            t.error(f"{prefix}.query_class", f"only IN is supported, got {v!r:.40}")
+    if blackbox_defaults:
+        body.setdefault("query_type", "ANY")
+    return body
+
+
+_SECTIONS: dict[str, Callable[[Translation, Any, str], Any]] = {
+    "http": _http, "tcp": _tcp_like("tcp"), "icmp": _tcp_like("icmp"), "grpc": _tcp_like("grpc"),
+}
+FAMILY_SECTIONS = ("http", "tcp", "dns", "icmp", "grpc")
+
+
+def translate_module(raw: dict, base_dir: Path | None = None, blackbox_defaults: bool = False
+                     ) -> tuple[dict, list[str]]:
+    """A module body with blackbox's keys mapped to connprobe's: (body for `ModuleSpec`, errors as
+    "key.path: message" lines). Keys connprobe knows under the same name pass through to its validation."""
+    t = Translation(base_dir)
+    body = dict(raw)
+    for section in ("http", "tcp", "dns", "icmp", "grpc"):
+        if section not in body:
+            continue
+        if section == "dns":
+            body[section] = _dns(t, body[section], section, blackbox_defaults)
+        else:
+            body[section] = _SECTIONS[section](t, body[section], section)
+    if blackbox_defaults:
+        prober = body.get("prober")
+        if prober in FAMILY_SECTIONS:
+            section = body.get(prober)
+            if section is None:
+                section = body[prober] = {}
+            if isinstance(section, dict):
+                section.setdefault("preferred_ip_protocol", "ip6")  # blackbox's default
+        if prober == "dns" and body.get("dns") is None:
+            pass  # ModuleSpec says query_name is required
+    return body, t.errors
+
+
+def markdown_table() -> str:
+    """README's key mapping table."""
+    lines = ["| blackbox_exporter key | connprobe | status |", "|---|---|---|"]
+    for section, key, status, note in KEYS:
+        where = key if section == "module" else f"{section}.{key}"
+        lines.append(f"| `{where}` | {note} | {status} |")
+    return "\n".join(lines)
