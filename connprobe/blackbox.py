@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,13 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("module", "prober", SAME, "prober (http, tcp, dns, icmp, grpc)"),
     ("module", "timeout", SAME, "timeout (at most 10m; `w`/`y` units are refused)"),
     ("http", "valid_status_codes", SAME, "http.valid_status_codes"),
-    ("http", "valid_http_versions", REFUSED, "not supported yet"),
+    ("http", "valid_http_versions", SAME, "http.valid_http_versions (HTTP/1.0, HTTP/1.1, HTTP/2.0)"),
     ("http", "method", SAME, "http.method"),
     ("http", "headers", SAME, "http.headers (secret values)"),
     ("http", "body", SAME, "http.body"),
     ("http", "body_file", MAPPED, "http.body (the file read at load)"),
     ("http", "body_size_limit", MAPPED, "http.max_body_bytes (0: no limit)"),
-    ("http", "compression", REFUSED, "not supported yet"),
+    ("http", "compression", SAME, "http.compression (gzip, deflate, identity; br refused)"),
     ("http", "follow_redirects", SAME, "http.follow_redirects"),
     ("http", "no_follow_redirects", MAPPED, "http.follow_redirects: false"),
     ("http", "fail_if_ssl", SAME, "http.fail_if_ssl"),
@@ -66,10 +67,10 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("http", "http_headers", REFUSED, "not supported (use headers)"),
     ("http", "preferred_ip_protocol", SAME, "http.preferred_ip_protocol"),
     ("http", "ip_protocol_fallback", SAME, "http.ip_protocol_fallback"),
-    ("http", "source_ip_address", REFUSED, "not supported yet"),
+    ("http", "source_ip_address", SAME, "http.source_ip_address"),
     ("tcp", "preferred_ip_protocol", SAME, "tcp.preferred_ip_protocol"),
     ("tcp", "ip_protocol_fallback", SAME, "tcp.ip_protocol_fallback"),
-    ("tcp", "source_ip_address", REFUSED, "not supported yet"),
+    ("tcp", "source_ip_address", SAME, "tcp.source_ip_address"),
     ("tcp", "query_response", SAME, "tcp.query_response (expect, send, starttls)"),
     ("tcp", "tls", SAME, "tcp.tls"),
     ("tcp", "tls_config", SAME, "tcp.tls_config"),
@@ -193,6 +194,12 @@ def _tls(t: Translation, raw: Any, prefix: str) -> Any:
                 del body[key]
             else:
                 body[key] = str(p)
+    if isinstance(body.get("cert_file"), str):
+        try:  # a certificate and key that do not load are a config error, not a failure at every probe
+            ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"))
+        except (ssl.SSLError, OSError, TypeError) as exc:
+            t.error(f"{prefix}.cert_file", f"cannot load the client certificate and key: "
+                                           f"{getattr(exc, 'reason', None) or exc}")
     return body
 
 
@@ -334,6 +341,8 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
                                              "authorization) both given")
             else:
                 body["headers"] = {**headers, "Authorization": auth}
+    if isinstance(body.get("tls"), dict):  # connprobe's own key: the same file checks
+        body["tls"] = _tls(t, body["tls"], f"{prefix}.tls")
     if "tls_config" in body:
         tls = _tls(t, body.pop("tls_config"), f"{prefix}.tls_config")
         if "tls" in body:

@@ -39,6 +39,7 @@ from bpf.types import EventKind, KernelEvent
 from connprobe.version import build_labels
 from correlator.types import Cause, Verdict
 from prober.redact import label_target
+from prober.tlsinfo import TLS_VERSION_NAMES
 from prober.types import DNS_RCODES, ProbeKind, ProbeResult
 
 __all__ = [
@@ -100,13 +101,70 @@ KIND_GAUGES: tuple[tuple[str, str, str | None], ...] = (
      "serving_status"),
     ("probe_grpc_duration_seconds", "Duration of each phase of the gRPC health check.", "phase"),
     ("probe_grpc_ssl", "1 when the gRPC connection used TLS.", None),
+    ("probe_http_version", "HTTP version of the response (1.1, 2).", None),
+    ("probe_http_content_length", "Content-Length of the response (-1 when it has none).", None),
+    ("probe_http_uncompressed_body_length", "Length of the response body after decoding, in bytes.", None),
+    ("probe_http_redirects", "Number of redirects followed.", None),
+    ("probe_http_ssl", "1 when the final request (after redirects) used TLS.", None),
+    ("probe_http_last_modified_timestamp_seconds", "Last-Modified header of the response, in Unix time.", None),
+    ("probe_ssl_earliest_cert_expiry", "Earliest expiry of a certificate the peer sent, in Unix time.", None),
+    ("probe_ssl_last_chain_expiry_timestamp_seconds", "Earliest expiry within the verified certificate chain, "
+     "in Unix time.", None),
+    ("probe_tls_version_info", "1, labelled with the TLS version of the connection.", "version"),
+    ("probe_dns_answer_rrs", "Number of records in the answer section.", None),
+    ("probe_dns_authority_rrs", "Number of records in the authority section.", None),
+    ("probe_dns_additional_rrs", "Number of records in the additional section.", None),
+    ("probe_ip_protocol", "IP version of the probed address (4 or 6).", None),
+    ("probe_ip_addr_hash", "FNV-1a hash of the probed address (changes when the address does).", None),
 )
+# result value -> blackbox metric, for the kinds that set them
+VALUE_GAUGES: tuple[tuple[str, str], ...] = (
+    ("http_version", "probe_http_version"),
+    ("http_content_length", "probe_http_content_length"),
+    ("http_uncompressed_body_length", "probe_http_uncompressed_body_length"),
+    ("http_redirects", "probe_http_redirects"),
+    ("http_ssl", "probe_http_ssl"),
+    ("http_last_modified", "probe_http_last_modified_timestamp_seconds"),
+    ("ssl_earliest_cert_expiry", "probe_ssl_earliest_cert_expiry"),
+    ("ssl_last_chain_expiry", "probe_ssl_last_chain_expiry_timestamp_seconds"),
+    ("dns_answer_rrs", "probe_dns_answer_rrs"),
+    ("dns_authority_rrs", "probe_dns_authority_rrs"),
+    ("dns_additional_rrs", "probe_dns_additional_rrs"),
+)
+
+
+def ip_addr_hash(address: str) -> float | None:
+    """blackbox's probe_ip_addr_hash: 32-bit FNV-1a over the address's 16 bytes (IPv4 in its ::ffff: form,
+    as Go holds it)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    raw = (ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip).packed
+    h = 0x811C9DC5
+    for byte in raw:
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return float(h)
 
 
 def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
     """The kind-specific gauges of one result: metric name -> [(extra label value or None, value)]."""
     out: dict[str, list[tuple[str | None, float]]] = {}
     phases = r.phase_durations_ns()
+    for key, name in VALUE_GAUGES:
+        value = r.value(key)
+        if value is not None:
+            out[name] = [(None, value)]
+    tls = r.value("tls_version")
+    if tls is not None and tls in TLS_VERSION_NAMES:
+        out["probe_tls_version_info"] = [(TLS_VERSION_NAMES[tls], 1.0)]
+    if r.address and r.kind != ProbeKind.UNIX:
+        h = ip_addr_hash(r.address)
+        if h is not None:
+            out["probe_ip_protocol"] = [(None, 6.0 if ":" in r.address else 4.0)]
+            out["probe_ip_addr_hash"] = [(None, h)]
     if r.kind == ProbeKind.ICMP:
         out["probe_icmp_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ICMP_PHASES]
         hop = r.value("icmp_reply_hop_limit")
@@ -522,8 +580,15 @@ class Metrics:
             if dns is not None:
                 self._touch(probe, self.dns_lookup, pl).set(dns)
             for name, series in kind_series(r).items():
+                gauge = self.kind_gauges[name]
+                labelled = {(*pl, extra) for extra, _ in series if extra is not None}
+                if labelled:  # a label value not in this result (another TLS version) goes
+                    for values in [v for m, v in self._series[probe] if m is gauge and v[:3] == pl
+                                   and v not in labelled]:
+                        gauge.remove(*values)
+                        self._series[probe].discard((gauge, values))
                 for extra, value in series:
-                    self._touch(probe, self.kind_gauges[name], pl if extra is None else (*pl, extra)).set(value)
+                    self._touch(probe, gauge, pl if extra is None else (*pl, extra)).set(value)
             for values in [v for m, v in self._series[probe] if m is self.last_cause and v[:3] == pl]:
                 self.last_cause.remove(*values)
                 self._series[probe].discard((self.last_cause, values))

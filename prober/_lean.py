@@ -22,6 +22,8 @@ from aiohttp.client_exceptions import ClientPayloadError, ServerDisconnectedErro
 from aiohttp.http_parser import HttpResponseParser
 from yarl import URL
 
+from prober.tlsinfo import tls_facts
+
 monotonic_ns = time.monotonic_ns
 
 USER_AGENT = "connprobe/0.1"
@@ -120,11 +122,12 @@ def request_bytes(method: str, url: URL, headers: dict[str, str], body: bytes | 
 class Response:
     """One hop's answer: status line and headers parsed, the body still on the wire."""
 
-    __slots__ = ("conn", "headers", "status", "transport")
+    __slots__ = ("conn", "headers", "status", "transport", "version")
 
     def __init__(self, msg, conn: _Conn, transport) -> None:
         self.status = msg.code
         self.headers = msg.headers
+        self.version = f"HTTP/{msg.version.major}.{msg.version.minor}"
         self.conn = conn
         self.transport = transport
 
@@ -173,6 +176,7 @@ async def send(
             )
             hop.tls_end = monotonic_ns()
             hop.peercert = transport.get_extra_info("peercert")
+            hop.tls = tls_facts(transport.get_extra_info("ssl_object"))
         else:
             transport, conn = await loop.create_connection(factory, sock=sock)
     except BaseException:

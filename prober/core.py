@@ -33,6 +33,7 @@ class Hop:
         "first_byte",
         "peercert",
         "sent",
+        "tls",
         "tls_end",
         "tls_start",
     )
@@ -42,6 +43,7 @@ class Hop:
         self.sent = self.first_byte = self.end = 0
         self.conn = None  # the protocol object that stamps first_byte (aiohttp)
         self.peercert: dict | None = None  # the verified peer certificate (TLS hops)
+        self.tls: dict[str, float] | None = None  # `prober.tlsinfo.tls_facts` of the handshake (TLS hops)
 
     def phase(self) -> str:
         if self.first_byte or (self.conn is not None and getattr(self.conn, "first_byte_ns", 0)):
@@ -264,11 +266,12 @@ class Attempt:
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
 
-    async def connect_tcp(self, env: ProbeEnv, family: int, sockaddr: tuple, hop) -> socket.socket:
-        """A TCP socket of the probe's source, announced before use, connected to `sockaddr` with the hop's
-        connect phase timed. Its flow is recorded even when the connect fails (the kernel saw its packets);
-        the socket is closed then, and the caller's on any later failure."""
-        sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+    async def connect_tcp(self, env: ProbeEnv, family: int, sockaddr: tuple, hop,
+                          local: str | None = None) -> socket.socket:
+        """A TCP socket of the probe's source (bound to `local` when given), announced before use, connected to
+        `sockaddr` with the hop's connect phase timed. Its flow is recorded even when the connect fails (the
+        kernel saw its packets); the socket is closed then, and the caller's on any later failure."""
+        sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port, local)
         hop.connect_start = time.monotonic_ns()
         try:
             hop.connect_end = await connect(asyncio.get_running_loop(), sock, sockaddr)

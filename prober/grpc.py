@@ -55,7 +55,9 @@ def _credentials(tls) -> object:
     import grpc
 
     roots = Path(tls.ca_file).read_bytes() if tls.ca_file else None
-    return grpc.ssl_channel_credentials(root_certificates=roots)
+    chain = Path(tls.cert_file).read_bytes() if tls.cert_file else None
+    key = Path(tls.key_file or tls.cert_file).read_bytes() if tls.cert_file else None
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,7 +137,7 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         try:
             creds = _credentials(spec.tls_config)
         except OSError as exc:
-            return attempt.result(ErrorKind.TLS_ERROR, f"ca_file: {exc.strerror or exc}")
+            return attempt.result(ErrorKind.TLS_ERROR, f"tls_config: {exc.filename}: {exc.strerror or exc}")
     attempt.values["grpc_ssl"] = 1 if spec.tls else 0
     hop = attempt.timeline.hop()
     sock = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import email.utils
 import functools
 import re
 import socket
@@ -46,6 +47,7 @@ from prober.errors import classify, find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
+from prober.tlsinfo import tls_facts
 from prober.types import ErrorKind, Proto
 
 monotonic_ns = time.monotonic_ns
@@ -65,7 +67,11 @@ class ProbeFailure(OSError):
 async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: Timeline):
     """Socket from the source, announced, connected; stamps the connect phase on a new hop."""
     hop = timeline.hop()
-    sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get())
+    http = attempt.spec.module.http  # the websocket prober opens its connection here too
+    local = http.source_ip_address if http is not None else None
+    if local is not None and (":" in local) != (family == socket.AF_INET6):
+        raise ProbeFailure(ErrorKind.CONNECT_UNREACHABLE, f"source_ip_address {local} is not of {addr[0]}'s family")
+    sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get(), local)
     loop = asyncio.get_running_loop()
     hop.connect_start = monotonic_ns()
     try:
@@ -147,7 +153,10 @@ def _first_request(attempt: Attempt, spec: HTTPSpec) -> _Request:
     prep = attempt.prep
     if prep.url is None:
         prep.url = yarl.URL(attempt.target.raw)
-    return _Request(spec.method, prep.url, prep.headers, spec.body)
+    headers = prep.headers
+    if spec.compression is not None and not any(k.lower() == "accept-encoding" for k in headers):
+        headers = {**headers, "Accept-Encoding": spec.compression}  # not a secret: not in the module's headers
+    return _Request(spec.method, prep.url, headers, spec.body)
 
 
 def _sendable(req: _Request) -> _Request:
@@ -183,11 +192,21 @@ async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict
             facts["headers"] = resp.headers
             facts["redirects"] = redirects
             facts["ssl"] = req.url.scheme == "https"
+            facts["version"] = resp.version
+            facts["content_length"] = _content_length(resp.headers)
             coding = resp.headers.get("Content-Encoding", "").strip().lower()
             facts["body"] = await _read_body(resp.chunks(), spec, facts, attempt, coding not in ("", "identity"))
             return
         finally:
             await resp.aclose()
+
+
+def _content_length(headers) -> int:
+    """The Content-Length header as blackbox reports it: -1 when absent or not a number."""
+    value = headers.get("Content-Length")
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 18:
+        return -1
+    return int(value.strip())
 
 
 async def _read_body(chunks, spec: HTTPSpec, facts: dict, attempt: Attempt, encoded: bool) -> bytes:
@@ -268,6 +287,7 @@ class _Connector(aiohttp.TCPConnector):
             if hop.tls_start:
                 hop.tls_end = monotonic_ns()
                 hop.peercert = transport.get_extra_info("peercert")
+                hop.tls = tls_facts(transport.get_extra_info("ssl_object"))
         except aiohttp.connector.cert_errors as exc:
             sock.close()
             raise aiohttp.ClientConnectorCertificateError(req.connection_key, exc) from exc
@@ -296,6 +316,8 @@ def _trace_config() -> aiohttp.TraceConfig:
 
 def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:  # the client certificate, sent when the server asks for one
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -331,12 +353,13 @@ def _aiohttp_session(env: ProbeEnv) -> aiohttp.ClientSession:
 
 
 class _SessionResponse:
-    __slots__ = ("_resp", "headers", "status")
+    __slots__ = ("_resp", "headers", "status", "version")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
         self.headers = resp.headers
+        self.version = f"HTTP/{resp.version.major}.{resp.version.minor}" if resp.version else "HTTP/1.1"
 
     async def chunks(self):
         """The decoded body in pieces of at most ~128 KiB (the payload's flow control bounds them)."""
@@ -407,6 +430,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         self._hop.tls_end = monotonic_ns()
         sslobj = inner.get_extra_info("ssl_object")
         self._hop.peercert = sslobj.getpeercert() if sslobj is not None else None
+        self._hop.tls = tls_facts(sslobj)
         return _Stream(inner, self._hop, self._attempt)
 
     def get_extra_info(self, info: str) -> Any:
@@ -519,12 +543,13 @@ def _decode(layers: list[_Inflater], data: bytes, i: int = 0):
 
 
 class _HttpxResponse:
-    __slots__ = ("_resp", "headers", "status")
+    __slots__ = ("_resp", "headers", "status", "version")
 
     def __init__(self, resp: httpx.Response) -> None:
         self._resp = resp
         self.status = resp.status_code
         self.headers = resp.headers
+        self.version = "HTTP/2.0" if resp.http_version == "HTTP/2" else resp.http_version  # as Go's resp.Proto
 
     async def chunks(self):
         """The body decoded layer by layer (gzip, deflate; other codings pass through, as in httpx)."""
@@ -580,6 +605,12 @@ def validate(spec: HTTPSpec, facts: dict, attempt: Attempt) -> None:
         if (value is None and not m.allow_missing) or (value is not None and not re.search(m.regexp, value)):
             attempt.failed.append("fail_if_header_not_matches")
             break
+    if spec.valid_http_versions and facts.get("version") not in spec.valid_http_versions:
+        attempt.failed.append("valid_http_versions")
+    if spec.compression is not None and "headers" in facts:
+        coding = (facts["headers"].get("Content-Encoding") or "identity").strip().lower()
+        if coding != spec.compression:
+            attempt.failed.append("compression")
     if spec.fail_if_ssl and facts.get("ssl"):
         attempt.failed.append("fail_if_ssl")
     if spec.fail_if_not_ssl and not facts.get("ssl"):
@@ -593,6 +624,33 @@ def validate(spec: HTTPSpec, facts: dict, attempt: Attempt) -> None:
             left = (ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()) / 86400
             if left < spec.tls.min_cert_days:
                 attempt.failed.append("min_cert_days")
+
+
+def record_values(facts: dict, attempt: Attempt) -> None:
+    """What blackbox's HTTP metrics report, into the result's values (the app names the metrics)."""
+    values = attempt.values
+    version = facts.get("version")
+    if version:
+        try:
+            values["http_version"] = float(version.removeprefix("HTTP/"))
+        except ValueError:
+            pass
+    if "content_length" in facts:
+        values["http_content_length"] = float(facts["content_length"])
+    if "size" in facts:
+        values["http_uncompressed_body_length"] = float(facts["size"])
+    values["http_redirects"] = float(facts.get("redirects", 0))
+    values["http_ssl"] = 1.0 if facts.get("ssl") else 0.0
+    headers = facts.get("headers")
+    modified = headers.get("Last-Modified") if headers is not None else None
+    if modified:
+        try:
+            values["http_last_modified"] = email.utils.parsedate_to_datetime(modified).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    hops = attempt.timeline.hops
+    if facts.get("ssl") and hops and hops[-1].tls:
+        values.update(hops[-1].tls)
 
 
 def status_ok(spec: HTTPSpec, status: int) -> bool:
@@ -630,6 +688,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         attempt.captured = tuple(
             (h, v) for h in spec.capture_headers if (v := _header_value(facts["headers"], h)) is not None
         )
+    record_values(facts, attempt)
     validate(spec, facts, attempt)
     if status is not None and not status_ok(spec, status):
         attempt.failed.insert(0, "status_code")

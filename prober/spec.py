@@ -217,6 +217,18 @@ class HeaderMatch(Frozen):
         return _check_regexes((v,))[0]
 
 
+def _source_ip(v: str | None) -> str | None:
+    if v is not None:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{_shown(v)} is not an IP address") from None
+    return v
+
+
+HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")
+
+
 class HTTPSpec(Frozen):
     # aiohttp: aiohttp's parser on the prober's own connection (fastest); aiohttp-session: a full
     # aiohttp.ClientSession; httpx: httpx over an httpcore backend using the prober's sockets
@@ -239,6 +251,29 @@ class HTTPSpec(Frozen):
     tls: TLSSpec = TLSSpec()
     preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
     ip_protocol_fallback: bool = True
+    valid_http_versions: tuple[str, ...] = ()  # e.g. ["HTTP/1.1"]; empty: any
+    # the coding asked for (Accept-Encoding) and required of the answer (Content-Encoding); the body is decoded
+    compression: Literal["gzip", "deflate", "identity"] | None = None
+    source_ip_address: str | None = None  # the local address the probe's connections are bound to
+
+    _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
+
+    @field_validator("valid_http_versions")
+    @classmethod
+    def _versions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for version in v:
+            if version not in HTTP_VERSIONS:
+                raise ValueError(f"unknown HTTP version {_shown(version)} (one of {', '.join(HTTP_VERSIONS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _accept_encoding(self) -> HTTPSpec:
+        if self.compression is None:
+            return self
+        asked = [v.get_secret_value() for k, v in self.headers.items() if k.lower() == "accept-encoding"]
+        if asked and not any(self.compression in [c.split(";")[0].strip().lower() for c in a.split(",")] for a in asked):
+            raise ValueError(f"compression: {self.compression} is not in the configured Accept-Encoding header")
+        return self
 
     @field_validator("fail_if_body_matches_regexp", "fail_if_body_not_matches_regexp")
     @classmethod
@@ -297,6 +332,9 @@ class TCPSpec(Frozen):
     tls_config: TLSSpec = TLSSpec()
     preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
     ip_protocol_fallback: bool = True
+    source_ip_address: str | None = None  # the local address the connection is bound to
+
+    _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
     @field_validator("expect")
     @classmethod

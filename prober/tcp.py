@@ -12,6 +12,8 @@ from prober.core import Attempt, ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
 from prober.query import converse
+from prober.tlsinfo import tls_facts
+from prober.types import ErrorKind
 
 monotonic_ns = time.monotonic_ns
 
@@ -26,7 +28,11 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     writer = None
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
-            sock = await attempt.connect_tcp(env, family, sockaddr, hop)
+            local = spec.source_ip_address
+            if local is not None and (":" in local) != (family == socket.AF_INET6):
+                return attempt.result(ErrorKind.CONNECT_UNREACHABLE,
+                                      f"source_ip_address {local} is not of {addr}'s family")
+            sock = await attempt.connect_tcp(env, family, sockaddr, hop, local)
             if not (spec.tls or spec.send or spec.expect or spec.query_response):
                 hop.end = hop.connect_end
                 return attempt.result()
@@ -41,6 +47,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             sock = None  # owned by the transport now
             if spec.tls:
                 hop.tls_end = monotonic_ns()
+                attempt.values.update(tls_facts(writer.get_extra_info("ssl_object")))
             if spec.query_response:
                 def first(ns: int) -> None:
                     hop.first_byte = hop.first_byte or ns
@@ -50,6 +57,8 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
                                         spec.tls_config.server_name or attempt.target.host, first)
                 if failed:
                     attempt.failed.append(failed)
+                if any(step.starttls for step in spec.query_response):
+                    attempt.values.update(tls_facts(writer.get_extra_info("ssl_object")))
                 hop.end = monotonic_ns()
                 return attempt.result()
             if spec.send:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import ssl
 
 import dns.message
@@ -153,3 +154,138 @@ async def test_dns_matchers_on_an_empty_section(dns_server, env):
     (r,) = await run_probe(spec(f"127.0.0.1:{dns_server.port}", prober="dns",
                                 section=DNSSpec(query_name="missing.lab.test")), env)
     assert r.failed_validators == ("valid_rcodes",) and r.value("dns_answer_rrs") == 0
+
+
+# ---------------------------------------------------------------- HTTP: client certificates, versions, compression
+
+
+@pytest.fixture
+async def mtls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 that asks for a client certificate from its CA (required), and a plain one;
+    both record the peer address and the Accept-Encoding header they were sent."""
+    from aiohttp import web
+
+    ca = CA(tmp_path, "mtls-ca")
+    server_pair = ca.issue("localhost", server=True)
+    client_pair = ca.issue("prober", server=False)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(server_pair.cert, server_pair.key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(ca.path))
+    seen: list[tuple[str, str | None]] = []
+
+    async def ok(request):
+        seen.append((request.transport.get_extra_info("peername")[0], request.headers.get("Accept-Encoding")))
+        return web.Response(text="ok " * 10, headers={"Last-Modified": "Tue, 01 Dec 2026 00:00:00 GMT"})
+
+    async def gz(request):
+        import gzip
+
+        seen.append((request.transport.get_extra_info("peername")[0], request.headers.get("Accept-Encoding")))
+        return web.Response(body=gzip.compress(b"hello " * 100), headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/gz", gz)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    tls_site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await tls_site.start()
+    plain_site = web.TCPSite(runner, "127.0.0.1", 0)
+    await plain_site.start()
+
+    class S:
+        pass
+
+    s = S()
+    s.tls_port = tls_site._server.sockets[0].getsockname()[1]
+    s.plain_port = plain_site._server.sockets[0].getsockname()[1]
+    s.ca, s.client, s.server, s.seen = ca, client_pair, server_pair, seen
+    yield s
+    await runner.cleanup()
+
+
+def _http(url: str, client: str, **kw):
+    from prober import HTTPSpec
+
+    return spec(url, prober="http", section=HTTPSpec(client=client, **kw))
+
+
+CLIENTS = ("aiohttp", "aiohttp-session", "httpx")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_client_certificate(mtls_server, env, client):
+    s = mtls_server
+    with_cert = TLSSpec(ca_file=str(s.ca.path), cert_file=str(s.client.cert), key_file=str(s.client.key))
+    (r,) = await run_probe(_http(f"https://127.0.0.1:{s.tls_port}/ok", client, tls=with_cert), env)
+    assert r.ok, (r.error, r.error_detail)
+    without = TLSSpec(ca_file=str(s.ca.path))
+    (r,) = await run_probe(_http(f"https://127.0.0.1:{s.tls_port}/ok", client, tls=without), env)
+    # TLS 1.3: the server's refusal arrives after the client's handshake finished, as an alert or a close
+    assert r.error in (ErrorKind.TLS_ERROR, ErrorKind.CONNECT_RESET), (r.error, r.error_detail)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_http_values_blackbox_reports(mtls_server, env, client):
+    """The facts behind probe_http_version, _content_length, _uncompressed_body_length, _ssl, _redirects,
+    _last_modified_timestamp_seconds, probe_ssl_earliest_cert_expiry, _last_chain_expiry, probe_tls_version_info."""
+    from cryptography import x509
+
+    s = mtls_server
+    tls = TLSSpec(ca_file=str(s.ca.path), cert_file=str(s.client.cert), key_file=str(s.client.key))
+    (r,) = await run_probe(_http(f"https://127.0.0.1:{s.tls_port}/ok", client, tls=tls), env)
+    assert r.ok, r.error_detail
+    leaf = x509.load_pem_x509_certificate(s.server.cert.read_bytes())
+    expiry = leaf.not_valid_after_utc.timestamp()
+    assert r.value("http_version") == 1.1
+    assert r.value("http_content_length") == 30 and r.value("http_uncompressed_body_length") == 30
+    assert r.value("http_ssl") == 1 and r.value("http_redirects") == 0
+    assert r.value("http_last_modified") == calendar.timegm((2026, 12, 1, 0, 0, 0))
+    assert r.value("ssl_earliest_cert_expiry") == expiry
+    assert r.value("ssl_last_chain_expiry") == expiry  # the leaf expires before the CA
+    assert r.value("tls_version") in (1.2, 1.3)
+    (r,) = await run_probe(_http(f"http://127.0.0.1:{s.plain_port}/gz", client), env)
+    assert r.ok and r.value("http_ssl") == 0 and r.value("ssl_earliest_cert_expiry") is None
+    assert r.value("http_uncompressed_body_length") == 600
+    assert 0 < r.value("http_content_length") < 600  # the compressed length on the wire
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_valid_http_versions_and_compression(mtls_server, env, client):
+    s = mtls_server
+    base = f"http://127.0.0.1:{s.plain_port}"
+    (r,) = await run_probe(_http(f"{base}/ok", client, valid_http_versions=("HTTP/1.1",)), env)
+    assert r.ok, r.error_detail
+    (r,) = await run_probe(_http(f"{base}/ok", client, valid_http_versions=("HTTP/2.0", "HTTP/1.0")), env)
+    assert r.error is ErrorKind.VALIDATION and r.failed_validators == ("valid_http_versions",)
+    (r,) = await run_probe(_http(f"{base}/gz", client, compression="gzip"), env)
+    assert r.ok, r.error_detail
+    assert s.seen[-1][1] == "gzip"  # asked for exactly that coding
+    (r,) = await run_probe(_http(f"{base}/ok", client, compression="gzip"), env)
+    assert r.failed_validators == ("compression",)
+    (r,) = await run_probe(_http(f"{base}/ok", client, compression="identity"), env)
+    assert r.ok and s.seen[-1][1] == "identity"
+    (r,) = await run_probe(_http(f"{base}/gz", client, compression="deflate"), env)
+    assert r.failed_validators == ("compression",)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_http_source_ip_address(mtls_server, env, client):
+    s = mtls_server
+    (r,) = await run_probe(_http(f"http://127.0.0.1:{s.plain_port}/ok", client, source_ip_address="127.0.0.2"), env)
+    assert r.ok, r.error_detail
+    assert s.seen[-1][0] == "127.0.0.2" and r.flows[-1].local_addr == "127.0.0.2"
+    (r,) = await run_probe(_http(f"http://127.0.0.1:{s.plain_port}/ok", client, source_ip_address="::1"), env)
+    assert r.error is ErrorKind.CONNECT_UNREACHABLE and "is not of 127.0.0.1's family" in r.error_detail
+
+
+async def test_tcp_source_ip_and_tls_values(smtp_server, env):
+    tls = TLSSpec(ca_file=str(smtp_server.ca.path), server_name="localhost")
+    s = spec(f"127.0.0.1:{smtp_server.port}", prober="tcp",
+             section=TCPSpec(query_response=tuple(QueryStep(**st) for st in SMTP_STEPS), tls_config=tls,
+                             source_ip_address="127.0.0.3"))
+    (r,) = await run_probe(s, env)
+    assert r.ok, r.error_detail
+    assert r.flows[-1].local_addr == "127.0.0.3"
+    assert r.value("tls_version") in (1.2, 1.3) and r.value("ssl_earliest_cert_expiry") > 0
