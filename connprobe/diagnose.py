@@ -3,7 +3,9 @@ timeline (phases and kernel events on one time axis) and a one-line verdict.
 
 TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
 resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
-WebSocket upgrade) and `unix:/PATH` (a Unix socket connect).
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). Or `--config FILE --probe NAME`: the agent's probe
+exactly as configured (module, credentials, CA, source, timeout, budget), e.g. to re-run what an alert names.
+`-o text|json|yaml`: text prints each attempt as it finishes; json/yaml the documented document.
 Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
 """
 
@@ -52,8 +54,11 @@ class Attempt:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
-                                  "ws(s)://URL or unix:/PATH")
+    p.add_argument("target", nargs="?", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
+                                             "ws(s)://URL or unix:/PATH (not with --config)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does")
+    p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
                    help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
@@ -65,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which resolved addresses to probe (default first)")
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
-    p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default=None,
+                   help="text (default: each attempt printed as it finishes), json (the documented document, "
+                        "docs/diagnose.schema.json) or yaml (the same document)")
+    p.add_argument("--json", action="store_true", help="the same as -o json")
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
@@ -79,7 +87,41 @@ def _duration(name: str, value: str | None) -> float | None:
         raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
 
 
+# options that shape the probe: with --config the probe's own settings are used, so these must stay unset
+_SHAPING = {"source": ("--from", "host"), "timeout": ("--timeout", "5s"), "client": ("--client", "aiohttp"),
+            "ip_policy": ("--ip", "first"), "qtype": ("--qtype", "A")}
+
+
+def spec_from_config(args: argparse.Namespace) -> ProbeSpec:
+    """The probe named by --probe in --config, as the agent runs it (UsageError: one line, exit 2)."""
+    from connprobe.config import ConfigError, load_config
+
+    if args.target:
+        raise UsageError(f"TARGET {redact_url(args.target)!r}: not with --config (the probe's target is used)")
+    if not args.probe:
+        raise UsageError("--config: needs --probe NAME")
+    for attr, (flag, default) in _SHAPING.items():
+        if getattr(args, attr, default) != default:
+            raise UsageError(f"{flag}: not with --config (the probe's own setting is used)")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        more = f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+        raise UsageError(f"--config: {exc.errors[0]}{more}") from None
+    for p in cfg.probes:
+        if p.name == args.probe:
+            return p
+    known = ", ".join(sorted(p.name for p in cfg.probes)[:20]) or "none"
+    raise UsageError(f"--probe: no probe {args.probe!r} in {args.config} (probes: {known})")
+
+
 def build_spec(args: argparse.Namespace) -> ProbeSpec:
+    if args.config is not None:
+        return spec_from_config(args)
+    if args.probe:
+        raise UsageError("--probe: needs --config FILE")
+    if not args.target:
+        raise UsageError("TARGET: required (or --config FILE --probe NAME)")
     timeout = _duration("timeout", args.timeout) or 5.0
     target = args.target
     try:
@@ -131,9 +173,13 @@ async def open_sensor(disabled: bool) -> KernelEvidence:
     return ev
 
 
-async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEvidence | None = None) -> list[Attempt]:
-    """Run the attempts. `evidence` (a running KernelEvidence) is opened and closed here when not given."""
+async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEvidence | None = None,
+                   on_attempt=None) -> list[Attempt]:
+    """Run the attempts. `evidence` (a running KernelEvidence) is opened and closed here when not given;
+    `on_attempt(attempt)` is called as each one finishes. Without --budget, the probe's own budget applies."""
     budget = _duration("budget", args.budget)
+    if budget is None:
+        budget = spec.effective_budget
     interval = _duration("interval", args.interval) or 0.0
     owned = evidence is None
     if evidence is None:
@@ -151,6 +197,8 @@ async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEv
                     attempts.append(Attempt(i + 1, verdict, tuple(verdict.evidence), status))
                     if args.record:
                         _record(args.record, spec, attempts[-1], events, budget)
+                    if on_attempt is not None:
+                        on_attempt(attempts[-1])
     finally:
         if owned:
             await evidence.stop()
@@ -247,10 +295,31 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.count < 1:
             raise UsageError(f"--count: {args.count} must be at least 1")
+        output = getattr(args, "output", None) or ("json" if args.json else "text")
+        if args.json and output != "json":
+            raise UsageError(f"--json: not with -o {output}")
         spec = build_spec(args)
+        if args.config is not None:  # the document and the header name what was run
+            args.target, args.source = spec.target, spec.source
+            if args.budget is None and spec.effective_budget is not None:
+                args.budget = f"{spec.effective_budget}s"
         _duration("budget", args.budget)
         _duration("interval", args.interval)
-        attempts = asyncio.run(diagnose(args, spec))
+        out = Console(highlight=False)
+        if not out.is_terminal:
+            out = Console(width=160, highlight=False)
+        names = netns_names() if output == "text" else {}
+        shown: list[bool] = []
+
+        def stream(a: Attempt) -> None:  # text: each attempt as soon as it finished
+            if a.verdict.result.error and a.verdict.result.error.value == "source_error":
+                return
+            if not shown and not a.evidence.available:
+                out.print(f"[yellow]kernel evidence is off: {escape(a.evidence.reason)}; verdicts say so[/yellow]")
+            shown.append(True)
+            print_attempt(out, a, args.count, names)
+
+        attempts = asyncio.run(diagnose(args, spec, on_attempt=stream if output == "text" else None))
     except UsageError as exc:
         err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
         return EXIT_USAGE
@@ -259,18 +328,14 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
                   "(list namespaces with `ip netns list`)", markup=False, highlight=False)
         return EXIT_USAGE
-    if args.json:
+    if output == "json":
         sys.stdout.write(json.dumps(to_document(args, attempts, code), indent=1) + "\n")
         return code
-    out = Console(highlight=False)
-    if not out.is_terminal:
-        out = Console(width=160, highlight=False)
-    first = attempts[0].evidence if attempts else None
-    if first is not None and not first.available:
-        out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
-    names = netns_names()
-    for a in attempts:
-        print_attempt(out, a, args.count, names)
+    if output == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(to_document(args, attempts, code), sort_keys=False))
+        return code
     bad = sum(a.verdict.cause != Cause.OK for a in attempts)
     out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
     return code
