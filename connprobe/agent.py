@@ -53,7 +53,7 @@ from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
 from correlator.join import GRACE_NS
 from correlator.types import Verdict
-from prober.core import ProbeEnv
+from prober.env import ProbeEnv
 from prober.redact import install_log_redaction
 from prober.scheduler import Scheduler
 from prober.sockets import SourceError, open_source

@@ -20,8 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from prober.core import Attempt, ProbeEnv, prepared
+from prober.attempt import Attempt, prepared
 from prober.dns import probe_dns
+from prober.env import ProbeEnv
 from prober.errors import describe
 from prober.grpc import probe_grpc
 from prober.http import probe_http
