@@ -116,7 +116,8 @@ async def open_sensor(disabled: bool) -> KernelEvidence:
     if disabled:
         return KernelEvidence(None, "disabled with --no-kernel")
     try:
-        from bpf.sensor import KernelSensor, SensorError
+        from bpf.errors import SensorError
+        from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return KernelEvidence(None, f"kernel sensor unavailable: {exc}")
     sensor = KernelSensor()

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter, deque
 
-from bpf.sensor import WatchListFull
+from bpf.errors import WatchListFull
 from bpf.types import KernelEvent
 from correlator.join import GRACE_NS, SLACK_NS, window_complete
 from correlator.rules import EvidenceStatus

@@ -243,7 +243,8 @@ asyncio.run(main())
 """
 
 _SENSOR = _UNDER_CAPS + """
-from bpf.sensor import KernelSensor, SensorError
+from bpf.errors import SensorError
+from bpf.sensor import KernelSensor
 try:
     with KernelSensor() as s:
         print(json.dumps({"ok": True, "programs": len(s.prog_ids())}))
