@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from prober.env import ProbeEnv
@@ -192,33 +193,75 @@ class Attempt:
         if error is None and self.failed:
             error = ErrorKind.VALIDATION
             detail = detail or "failed: " + ", ".join(self.failed)
-        txns = list(self.resolution.transactions) if self.resolution is not None else []
-        txns.extend(self.dns)
-        phases = self.timeline.spans(end)
-        if self.resolution is not None and self.resolution.transactions:
-            phases = (PhaseSpan("resolve", self.resolution.start_ns, self.resolution.end_ns or end), *phases)
-        dns_flows = [t.flow for t in txns if t.flow is not None]
-        red = self.prep.redactor
-        captured = self.captured
-        if captured:
-            captured = tuple((k, red.text(v)) for k, v in captured)
-        return ProbeResult(
-            name=self.spec.name,
+        return build_result(
+            self.spec,
+            self.source.label,
+            self.start_ns,
+            error,
+            detail,
+            self.resolution,
+            prep=self.prep,
             kind=self.kind,
-            target=self.prep.shown_target,
-            source=self.source.label,
-            start_ns=self.start_ns,
             end_ns=end,
-            ok=error is None,
-            error=error,
-            error_detail=red.text(detail),
-            phases=phases,
-            http_status=self.http_status,
+            phases=self.timeline.spans(end),
+            flows=self.flows,
+            dns=self.dns,
             address=self.target.address,
-            flows=(*dns_flows, *self.flows),
-            dns=tuple(txns),
-            failed_validators=tuple(self.failed),
-            captured_headers=captured,
-            values=tuple(sorted(self.values.items())),
-            labels=self.prep.labels,
+            http_status=self.http_status,
+            failed=tuple(self.failed),
+            captured=self.captured,
+            values=self.values,
         )
+
+
+def build_result(
+    spec: ProbeSpec,
+    source_label: str,
+    start_ns: int,
+    error: ErrorKind | None,
+    detail: str = "",
+    resolution: Resolution | None = None,
+    *,
+    prep: Prepared | None = None,
+    kind: ProbeKind | None = None,
+    end_ns: int | None = None,
+    phases: tuple[PhaseSpan, ...] = (),
+    flows: Iterable[Flow] = (),
+    dns: Iterable[DnsTransaction] = (),
+    address: str | None = None,
+    http_status: int | None = None,
+    failed: tuple[str, ...] = (),
+    captured: tuple[tuple[str, str], ...] = (),
+    values: dict[str, float] | None = None,
+) -> ProbeResult:
+    """The one place a `ProbeResult` is made: by `Attempt.result()`, and by the runner for a run that failed
+    before it had an attempt (no source, no address). The resolution's DNS transactions, flows and resolve
+    phase come first; error details and captured header values go through the spec's redactor."""
+    end = end_ns or monotonic_ns()
+    redactor = prep.redactor if prep is not None else Redactor.for_spec(spec)
+    txns = [*(resolution.transactions if resolution is not None else ()), *dns]
+    if resolution is not None and resolution.transactions:
+        phases = (PhaseSpan("resolve", resolution.start_ns, resolution.end_ns or end), *phases)
+    dns_flows = [t.flow for t in txns if t.flow is not None]
+    if captured:
+        captured = tuple((k, redactor.text(v)) for k, v in captured)
+    return ProbeResult(
+        name=spec.name,
+        kind=kind or ProbeKind(spec.module.prober),
+        target=prep.shown_target if prep is not None else redact_url(spec.target),
+        source=source_label,
+        start_ns=start_ns,
+        end_ns=end,
+        ok=error is None,
+        error=error,
+        error_detail=redactor.text(detail),
+        phases=phases,
+        http_status=http_status,
+        address=address,
+        flows=(*dns_flows, *flows),
+        dns=tuple(txns),
+        failed_validators=failed,
+        captured_headers=captured,
+        values=tuple(sorted(values.items())) if values else (),
+        labels=prep.labels if prep is not None else tuple(sorted(spec.labels.items())),
+    )
