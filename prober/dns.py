@@ -9,7 +9,8 @@ from dataclasses import replace
 import dns.rdataclass
 import dns.rdatatype
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.resolve import query
 from prober.types import RCODE_ERROR, ErrorKind
 
