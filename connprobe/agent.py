@@ -97,6 +97,18 @@ def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
     return _with_budgets(parse_config(text, filename), filename)
 
 
+def capability_users(config: Config) -> list[ProbeSpec]:
+    """What the capability policy looks at: the scheduled probes, and an ICMP module no probe uses (a
+    blackbox.yml has only modules) as a stand-in probe: `/probe` may run it, and its echo needs a raw socket."""
+    used = {id(p.module) for p in config.probes}
+    out = list(config.probes)
+    for name, module in config.modules.items():
+        if module.prober == "icmp" and id(module) not in used:
+            out.append(ProbeSpec(name=f"module {name} (/probe)", module=module, target="127.0.0.1",
+                                 interval=max(module.timeout, 1.0)))
+    return out
+
+
 def load_agent_config(path: str | Path, blackbox: bool = False) -> AgentConfig:
     """`blackbox`: the file is a blackbox_exporter blackbox.yml (its modules serve /probe; no scheduled probes)."""
     return _with_budgets(load_config(path, blackbox=blackbox), str(path))
@@ -425,7 +437,8 @@ class Agent:
         if self.watcher is not None:  # before the load: a change in between differs from it at the next check
             await self.watcher.prime()
         self.active = load_agent_config(self.config_path, self.blackbox)
-        self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
+        # before the agent listens; the sensor loads on one thread
+        self.privileges.begin(capability_users(self.active.config))
         self.tracebacks.install()
         self._declare(self.active.config.probes)
         for s in self.sinks:
@@ -615,7 +628,7 @@ class Agent:
         self.last_reload_time = time.time()
         try:
             new = await asyncio.to_thread(load_agent_config, self.config_path, self.blackbox)
-            self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
+            self.privileges.check(capability_users(new.config))  # a capability dropped at start-up is not coming back
             plan = _ReloadPlan.between(self.active, new)
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
             await self._open_sources(plan)

@@ -111,6 +111,43 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("tls_config", "key", REFUSED, "inline PEM not supported (use key_file)"),
     ("tls_config", "key_file_ref", REFUSED, "not supported"),
 )
+# blackbox_exporter 0.23's metrics (every one its binary defines) -> connprobe: (metric, probers, status, note).
+# "compared": tests/app/test_blackbox_side_by_side.py checks name and value (timings: name) against 0.23 itself.
+METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("probe_success", "all", "compared", "same"),
+    ("probe_duration_seconds", "all", "compared", "same (a timing)"),
+    ("probe_dns_lookup_time_seconds", "all but unix", "compared",
+     "the target name's lookup (0 for an address); a DNS probe's own question is probe_dns_duration_seconds"),
+    ("probe_ip_protocol", "all but unix", "compared", "same"),
+    ("probe_ip_addr_hash", "all but unix", "compared", "same value (FNV-1a of the address bytes)"),
+    ("probe_http_duration_seconds{phase}", "http", "compared", "same phases, summed over redirects"),
+    ("probe_http_status_code", "http", "compared", "same"),
+    ("probe_http_version", "http", "compared", "same"),
+    ("probe_http_content_length", "http", "compared", "same (-1 without the header)"),
+    ("probe_http_uncompressed_body_length", "http", "compared", "same"),
+    ("probe_http_redirects", "http", "compared", "same"),
+    ("probe_http_ssl", "http", "compared", "same"),
+    ("probe_http_last_modified_timestamp_seconds", "http", "compared", "same"),
+    ("probe_failed_due_to_regex", "http, tcp", "compared", "same"),
+    ("probe_ssl_earliest_cert_expiry", "http, tcp", "compared", "same; not for grpc"),
+    ("probe_ssl_last_chain_expiry_timestamp_seconds", "http, tcp", "compared", "same; not for grpc"),
+    ("probe_ssl_last_chain_info{fingerprint_sha256,issuer,subject,subjectalternative}", "http, tcp", "compared",
+     "same labels and values; not for grpc"),
+    ("probe_tls_version_info{version}", "http, tcp", "compared", "same; not for grpc"),
+    ("probe_dns_query_succeeded", "dns", "compared", "same"),
+    ("probe_dns_duration_seconds{phase}", "dns", "compared",
+     "same phases; connect is 0 (inside request: the query's transactions are timed whole)"),
+    ("probe_dns_answer_rrs", "dns", "compared", "same"),
+    ("probe_dns_authority_rrs", "dns", "compared", "same"),
+    ("probe_dns_additional_rrs", "dns", "compared", "same"),
+    ("probe_dns_serial", "dns", "compared", "same"),
+    ("probe_icmp_duration_seconds{phase}", "icmp", "compared", "same phases"),
+    ("probe_icmp_reply_hop_limit", "icmp", "compared", "same"),
+    ("probe_grpc_status_code", "grpc", "same name", "not compared (no gRPC server in the side-by-side test)"),
+    ("probe_grpc_healthcheck_response{serving_status}", "grpc", "same name", "not compared"),
+    ("probe_grpc_duration_seconds{phase}", "grpc", "same name", "not compared"),
+    ("probe_grpc_ssl", "grpc", "same name", "not compared"),
+)
 _REFUSED = {(sec, key): note for sec, key, status, note in KEYS if status == REFUSED}
 
 
@@ -417,6 +454,14 @@ def translate_module(raw: dict, base_dir: Path | None = None, blackbox_defaults:
         if prober == "dns" and body.get("dns") is None:
             pass  # ModuleSpec says query_name is required
     return body, t.errors
+
+
+def metrics_table() -> str:
+    """README's metric mapping table."""
+    lines = ["| blackbox_exporter 0.23 metric | probers | connprobe |", "|---|---|---|"]
+    for name, probers, status, note in METRICS:
+        lines.append(f"| `{name}` | {probers} | {status}: {note} |")
+    return "\n".join(lines)
 
 
 def markdown_table() -> str:

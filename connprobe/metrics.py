@@ -77,17 +77,21 @@ def clean_target(target: str) -> str:
 
 
 def _regex_failed(r: ProbeResult) -> bool:
-    return any(v in REGEX_VALIDATORS for v in r.failed_validators)
+    """blackbox's probe_failed_due_to_regex: a body/header regexp (http) or an expect (tcp) failed."""
+    return any(v in REGEX_VALIDATORS or v == "expect" or (v.startswith("query_response[") and v.endswith(".expect"))
+               for v in r.failed_validators)
 
 
 def _dns_lookup_seconds(r: ProbeResult) -> float | None:
-    """blackbox's probe_dns_lookup_time_seconds: the resolve phase, or for a DNS probe its own queries."""
+    """blackbox's probe_dns_lookup_time_seconds: how long resolving the target's name took (0 for an address).
+    For a DNS probe that is the name of the server asked, not the probe's own question (its `resolve` phase):
+    an address or resolv.conf's nameserver, so 0."""
+    if r.kind == ProbeKind.UNIX:
+        return None
+    if r.kind == ProbeKind.DNS:
+        return 0.0
     resolve = r.phase_durations_ns().get("resolve")
-    if resolve is not None:
-        return resolve / 1e9
-    if r.kind == ProbeKind.DNS and r.dns:  # first query sent to last answer (or the probe's end, unanswered)
-        return (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
-    return None
+    return resolve / 1e9 if resolve is not None else 0.0
 
 
 # blackbox_exporter's metrics of the icmp and grpc probers: (name, help, extra label, series of a result)
@@ -111,6 +115,10 @@ KIND_GAUGES: tuple[tuple[str, str, str | None], ...] = (
     ("probe_ssl_last_chain_expiry_timestamp_seconds", "Earliest expiry within the verified certificate chain, "
      "in Unix time.", None),
     ("probe_tls_version_info", "1, labelled with the TLS version of the connection.", "version"),
+    ("probe_dns_query_succeeded", "1 when the DNS server answered (whatever the rcode).", None),
+    ("probe_dns_duration_seconds", "Duration of each phase of the DNS probe: resolve (the server's name), connect "
+     "(0: inside request), request (first query sent to last answer).", "phase"),
+    ("probe_dns_serial", "Serial number of the zone, from an SOA record in the answer.", None),
     ("probe_dns_answer_rrs", "Number of records in the answer section.", None),
     ("probe_dns_authority_rrs", "Number of records in the authority section.", None),
     ("probe_dns_additional_rrs", "Number of records in the additional section.", None),
@@ -127,24 +135,30 @@ VALUE_GAUGES: tuple[tuple[str, str], ...] = (
     ("http_last_modified", "probe_http_last_modified_timestamp_seconds"),
     ("ssl_earliest_cert_expiry", "probe_ssl_earliest_cert_expiry"),
     ("ssl_last_chain_expiry", "probe_ssl_last_chain_expiry_timestamp_seconds"),
+    ("dns_query_succeeded", "probe_dns_query_succeeded"),
+    ("dns_serial", "probe_dns_serial"),
     ("dns_answer_rrs", "probe_dns_answer_rrs"),
     ("dns_authority_rrs", "probe_dns_authority_rrs"),
     ("dns_additional_rrs", "probe_dns_additional_rrs"),
 )
 
 
+LEAF_LABELS = ("fingerprint_sha256", "issuer", "subject", "subjectalternative")
+LEAF_METRIC = ("probe_ssl_last_chain_info", "1, labelled with the peer's leaf certificate (SHA-256 fingerprint, "
+               "issuer, subject, DNS names); one series per probe.")
+
+
 def ip_addr_hash(address: str) -> float | None:
-    """blackbox's probe_ip_addr_hash: 32-bit FNV-1a over the address's 16 bytes (IPv4 in its ::ffff: form,
-    as Go holds it)."""
+    """blackbox's probe_ip_addr_hash: 32-bit FNV-1a over the address's bytes (4 for IPv4, 16 for IPv6), the
+    value blackbox_exporter 0.23 reports (tests/app/test_blackbox_side_by_side.py)."""
     import ipaddress
 
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return None
-    raw = (ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip).packed
     h = 0x811C9DC5
-    for byte in raw:
+    for byte in ip.packed:
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
     return float(h)
 
@@ -160,11 +174,19 @@ def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
     tls = r.value("tls_version")
     if tls is not None and tls in TLS_VERSION_NAMES:
         out["probe_tls_version_info"] = [(TLS_VERSION_NAMES[tls], 1.0)]
-    if r.address and r.kind != ProbeKind.UNIX:
-        h = ip_addr_hash(r.address)
+    address = r.address
+    if address is None and r.kind == ProbeKind.DNS and r.dns:  # the server asked
+        address = r.dns[-1].server
+    if address and r.kind != ProbeKind.UNIX:
+        h = ip_addr_hash(address)
         if h is not None:
-            out["probe_ip_protocol"] = [(None, 6.0 if ":" in r.address else 4.0)]
+            out["probe_ip_protocol"] = [(None, 6.0 if ":" in address else 4.0)]
             out["probe_ip_addr_hash"] = [(None, h)]
+    if r.kind == ProbeKind.DNS:
+        request = 0.0
+        if r.dns:  # first query sent to last answer (or the probe's end, unanswered)
+            request = (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
+        out["probe_dns_duration_seconds"] = [("resolve", 0.0), ("connect", 0.0), ("request", request)]
     if r.kind == ProbeKind.ICMP:
         out["probe_icmp_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ICMP_PHASES]
         hop = r.value("icmp_reply_hop_limit")
@@ -479,6 +501,7 @@ class Metrics:
                                 pl, registry=r)
         self.kind_gauges = {name: Gauge(name, doc, (*pl, extra) if extra else pl, registry=r)
                             for name, doc, extra in KIND_GAUGES}
+        self.leaf = Gauge(LEAF_METRIC[0], LEAF_METRIC[1], (*pl, *LEAF_LABELS), registry=r)
         self.regex_failed = Gauge("probe_failed_due_to_regex", "1 when the last probe failed a regular "
                                   "expression check on body or headers.", pl, registry=r)
 
@@ -589,6 +612,13 @@ class Metrics:
                         self._series[probe].discard((gauge, values))
                 for extra, value in series:
                     self._touch(probe, gauge, pl if extra is None else (*pl, extra)).set(value)
+            if r.tls_leaf:  # one certificate at a time: the series of the one before goes
+                leaf = dict(r.tls_leaf)
+                now_leaf = (*pl, *(leaf.get(k, "") for k in LEAF_LABELS))
+                for values in [v for m, v in self._series[probe] if m is self.leaf and v[:3] == pl and v != now_leaf]:
+                    self.leaf.remove(*values)
+                    self._series[probe].discard((self.leaf, values))
+                self._touch(probe, self.leaf, now_leaf).set(1)
             for values in [v for m, v in self._series[probe] if m is self.last_cause and v[:3] == pl]:
                 self.last_cause.remove(*values)
                 self._series[probe].discard((self.last_cause, values))
@@ -672,6 +702,7 @@ def probe_registry(verdict: Verdict, *, registry: CollectorRegistry | None = Non
         for phase in HTTP_PHASES:
             g.labels(phase).set(phases.get(phase, 0) / 1e9)
         gauge("probe_http_status_code", "HTTP status code (0 when none).", r.http_status or 0)
+    if r.kind in (ProbeKind.HTTP, ProbeKind.TCP):
         gauge("probe_failed_due_to_regex", "1 when a regular expression check failed.", 1 if _regex_failed(r) else 0)
     dns = _dns_lookup_seconds(r)
     if dns is not None:
@@ -682,6 +713,10 @@ def probe_registry(verdict: Verdict, *, registry: CollectorRegistry | None = Non
         g = Gauge(name, doc, [extra] if extra else [], registry=reg)
         for label, value in series:
             (g.labels(label) if extra else g).set(value)
+    if r.tls_leaf:
+        leaf = dict(r.tls_leaf)
+        Gauge(LEAF_METRIC[0], LEAF_METRIC[1], list(LEAF_LABELS), registry=reg).labels(
+            *(leaf.get(k, "") for k in LEAF_LABELS)).set(1)
     cause = Gauge("connprobe_probe_cause", "1 for the verdict's cause, 0 for the others.", ["cause"], registry=reg)
     for c in Cause:
         cause.labels(str(c)).set(1 if c == verdict.cause else 0)

@@ -46,7 +46,7 @@ class Hop:
         self.sent = self.first_byte = self.end = 0
         self.conn = None  # the protocol object that stamps first_byte (aiohttp)
         self.peercert: dict | None = None  # the verified peer certificate (TLS hops)
-        self.tls: dict[str, float] | None = None  # `prober.tlsinfo.tls_facts` of the handshake (TLS hops)
+        self.tls = None  # `prober.tlsinfo.tls_facts` of the handshake (TLS hops): a TLSFacts
 
     def phase(self) -> str:
         if self.first_byte or (self.conn is not None and getattr(self.conn, "first_byte_ns", 0)):
@@ -168,6 +168,13 @@ class Attempt:
     resolv: ResolvConf | None = None
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
+    tls_leaf: tuple[tuple[str, str], ...] = ()  # `prober.tlsinfo.TLSFacts.leaf` of the handshake that counted
+
+    def tls(self, facts) -> None:
+        """Record a TLS handshake's facts (`prober.tlsinfo.tls_facts`): its values and its leaf certificate."""
+        if facts is not None:
+            self.values.update(facts.values)
+            self.tls_leaf = facts.leaf
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
@@ -214,6 +221,7 @@ class Attempt:
             failed=tuple(self.failed),
             captured=self.captured,
             values=self.values,
+            tls_leaf=self.tls_leaf,
         )
 
 
@@ -236,6 +244,7 @@ def build_result(
     failed: tuple[str, ...] = (),
     captured: tuple[tuple[str, str], ...] = (),
     values: dict[str, float] | None = None,
+    tls_leaf: tuple[tuple[str, str], ...] = (),
 ) -> ProbeResult:
     """The one place a `ProbeResult` is made: by `Attempt.result()`, and by the runner for a run that failed
     before it had an attempt (no source, no address). The resolution's DNS transactions, flows and resolve
@@ -267,4 +276,5 @@ def build_result(
         captured_headers=captured,
         values=tuple(sorted(values.items())) if values else (),
         labels=prep.labels if prep is not None else tuple(sorted(spec.labels.items())),
+        tls_leaf=tls_leaf,
     )

@@ -43,11 +43,16 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     txn = last.txn
     if txn.end_ns is not None:  # a dns probe's one phase is its resolve span
         attempt.timeline.resolves.append((outs[0].txn.start_ns, txn.end_ns))
+    attempt.values["dns_query_succeeded"] = 0.0 if last.response is None else 1.0
     if last.response is None:
         return attempt.result(last.error or ErrorKind.DNS_TIMEOUT, last.detail)
     resp = last.response
     for name, rrsets in (("answer", resp.answer), ("authority", resp.authority), ("additional", resp.additional)):
         attempt.values[f"dns_{name}_rrs"] = float(sum(len(rrset) for rrset in rrsets))
+    for rrset in resp.answer:  # blackbox's probe_dns_serial: the zone's serial, from an SOA answer
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            attempt.values["dns_serial"] = float(rrset[0].serial)
+            break
     rcode = txn.rcode or ""
     if rcode not in spec.valid_rcodes:
         attempt.failed.append("valid_rcodes")

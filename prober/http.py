@@ -651,7 +651,7 @@ def record_values(facts: dict, attempt: Attempt) -> None:
             pass
     hops = attempt.timeline.hops
     if facts.get("ssl") and hops and hops[-1].tls:
-        values.update(hops[-1].tls)
+        attempt.tls(hops[-1].tls)
 
 
 def status_ok(spec: HTTPSpec, status: int) -> bool:

@@ -48,7 +48,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             sock = None  # owned by the transport now
             if spec.tls:
                 hop.tls_end = monotonic_ns()
-                attempt.values.update(tls_facts(writer.get_extra_info("ssl_object")))
+                attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
             if spec.query_response:
                 def first(ns: int) -> None:
                     hop.first_byte = hop.first_byte or ns
@@ -59,7 +59,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
                 if failed:
                     attempt.failed.append(failed)
                 if any(step.starttls for step in spec.query_response):
-                    attempt.values.update(tls_facts(writer.get_extra_info("ssl_object")))
+                    attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
                 hop.end = monotonic_ns()
                 return attempt.result()
             if spec.send:

@@ -1,18 +1,34 @@
-"""What a finished TLS handshake tells blackbox's metrics: the version, and when the peer's certificates expire.
+"""What a finished TLS handshake tells blackbox's metrics: the version, when the peer's certificates expire, and
+which certificate it was.
 
-`tls_facts(ssl_object)` is called once per handshake (HTTP hops, TCP `tls`/STARTTLS); the probers put its
-values in `Attempt.values`, the app turns them into `probe_tls_version_info`, `probe_ssl_earliest_cert_expiry`
-and `probe_ssl_last_chain_expiry_timestamp_seconds`.
+`tls_facts(ssl_object)` is called once per handshake (HTTP hops, TCP `tls`/STARTTLS); `Attempt.tls()` puts its
+values in the result, the app turns them into `probe_tls_version_info`, `probe_ssl_earliest_cert_expiry`,
+`probe_ssl_last_chain_expiry_timestamp_seconds` and `probe_ssl_last_chain_info`.
 """
 
 from __future__ import annotations
 
+import _ssl
+import hashlib
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 # TLS versions as the float stored in a result's values (the metric's label is the name)
 TLS_VERSIONS = {"TLSv1": 1.0, "TLSv1.1": 1.1, "TLSv1.2": 1.2, "TLSv1.3": 1.3}
 TLS_VERSION_NAMES = {1.0: "TLS 1.0", 1.1: "TLS 1.1", 1.2: "TLS 1.2", 1.3: "TLS 1.3"}
+MAX_LABEL = 256  # a certificate's names can be long; a label value is cut there
+
+# attribute names as Go's crypto/x509/pkix prints them (what blackbox's labels hold)
+_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+          "localityName": "L", "stateOrProvinceName": "ST", "streetAddress": "STREET", "postalCode": "POSTALCODE",
+          "serialNumber": "SERIALNUMBER"}
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFacts:
+    values: dict[str, float]  # tls_version, ssl_earliest_cert_expiry, ssl_last_chain_expiry
+    leaf: tuple[tuple[str, str], ...]  # fingerprint_sha256, subject, issuer, subjectalternative
 
 
 def _not_after(info: dict[str, Any]) -> float | None:
@@ -25,30 +41,57 @@ def _not_after(info: dict[str, Any]) -> float | None:
         return None
 
 
-def tls_facts(sslobj: Any) -> dict[str, float]:
-    """{"tls_version": 1.3, "ssl_earliest_cert_expiry": unix time, "ssl_last_chain_expiry": unix time} as far as
-    they are known. The earliest expiry is over every certificate the peer sent; the last chain expiry is the
-    earliest expiry within the verified chain (one chain: the one OpenSSL built)."""
-    out: dict[str, float] = {}
+def _escape(value: str) -> str:
+    out = "".join("\\" + c if c in ',+"\\<>;' else c for c in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def dn_text(rdns: Any) -> str:
+    """A subject or issuer (as `ssl` decodes it) the way Go prints a pkix.Name: the last RDN first."""
+    parts = []
+    for rdn in reversed(rdns or ()):
+        parts.append("+".join(f"{_SHORT.get(k, k)}={_escape(str(v))}" for k, v in rdn))
+    return ",".join(parts)[:MAX_LABEL]
+
+
+def tls_facts(sslobj: Any) -> TLSFacts | None:
+    """The facts of a handshake (None without one). The earliest expiry is over every certificate the peer
+    sent; the last chain expiry is the earliest within the verified chain (the one OpenSSL built)."""
     if sslobj is None:
-        return out
+        return None
+    values: dict[str, float] = {}
     version = TLS_VERSIONS.get(sslobj.version() or "")
     if version is not None:
-        out["tls_version"] = version
+        values["tls_version"] = version
     inner = getattr(sslobj, "_sslobj", sslobj)  # SSLObject/SSLSocket wrap the C object holding the chains
     sent = _chain(inner, "get_unverified_chain")
     verified = _chain(inner, "get_verified_chain")
     if not sent:  # the leaf alone (a verified handshake always has it)
         leaf = sslobj.getpeercert() or {}
-        sent = [t for t in (_not_after(leaf),) if t is not None]
-    if sent:
-        out["ssl_earliest_cert_expiry"] = min(sent)
-    if verified:
-        out["ssl_last_chain_expiry"] = min(verified)
-    return out
+        sent = [(leaf, b"")] if leaf else []
+    times = [t for info, _ in sent if (t := _not_after(info)) is not None]
+    if times:
+        values["ssl_earliest_cert_expiry"] = min(times)
+    chain_times = [t for info, _ in verified if (t := _not_after(info)) is not None]
+    if chain_times:
+        values["ssl_last_chain_expiry"] = min(chain_times)
+    leaf_info, leaf_der = (verified or sent or [({}, b"")])[0]
+    if not leaf_der:
+        leaf_der = sslobj.getpeercert(binary_form=True) or b""
+    leaf: tuple[tuple[str, str], ...] = ()
+    if leaf_der:
+        sans = ",".join(v for k, v in leaf_info.get("subjectAltName", ()) if k == "DNS")
+        leaf = (("fingerprint_sha256", hashlib.sha256(leaf_der).hexdigest()),
+                ("issuer", dn_text(leaf_info.get("issuer"))), ("subject", dn_text(leaf_info.get("subject"))),
+                ("subjectalternative", sans[:MAX_LABEL]))
+    return TLSFacts(values, leaf)
 
 
-def _chain(inner: Any, method: str) -> list[float]:
+def _chain(inner: Any, method: str) -> list[tuple[dict[str, Any], bytes]]:
     get = getattr(inner, method, None)
     if get is None:
         return []
@@ -58,8 +101,8 @@ def _chain(inner: Any, method: str) -> list[float]:
         return []
     out = []
     for cert in certs:
-        info = cert.get_info() if hasattr(cert, "get_info") else {}
-        t = _not_after(info)
-        if t is not None:
-            out.append(t)
+        try:
+            out.append((cert.get_info(), cert.public_bytes(_ssl.ENCODING_DER)))
+        except (AttributeError, ValueError, ssl.SSLError):
+            continue
     return out

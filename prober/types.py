@@ -127,6 +127,9 @@ class ProbeResult:
     # kind-specific measurements, sorted by name: icmp_reply_hop_limit, grpc_status_code,
     # grpc_serving_status (grpc.health.v1 enum number), ...
     values: tuple[tuple[str, float], ...] = ()
+    # the TLS peer's leaf certificate, as blackbox's probe_ssl_last_chain_info labels it: fingerprint_sha256,
+    # subject, issuer, subjectalternative (empty without a TLS handshake)
+    tls_leaf: tuple[tuple[str, str], ...] = ()
 
     def local_endpoints(self, dns_only: bool = False) -> dict[tuple[str, str, int], Flow]:
         """The local end of each flow of this result and of its DNS queries: (proto, address, port) -> the flow

@@ -224,13 +224,15 @@ def test_dns_probe_and_regex_failure():
     r = result(name="dns", kind=ProbeKind.DNS, target="srv1.lab.test", phases={}, status=None, ok=False,
                error=ErrorKind.DNS_NXDOMAIN, dns=(tx, tx, lost))
     m.observe(verdict(r, Cause.DNS))
-    assert val(m.render(), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.01
+    # blackbox's meaning: the lookup of the server's name (none here); the questions are the request phase
+    assert val(m.render(), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.0
+    assert val(m.render(), "probe_dns_duration_seconds", **lab("dns", "srv1.lab.test"), phase="request") == 0.01
     m.observe(verdict(dataclasses.replace(r, dns=(tx,)), Cause.DNS))
     regex = result(ok=False, error=ErrorKind.VALIDATION, validators=("fail_if_body_not_matches_regexp",))
     m.observe(verdict(regex, Cause.HTTP_ERROR))
     text = m.render()
     dns = lab("dns", "srv1.lab.test")
-    assert val(text, "probe_dns_lookup_time_seconds", **dns) == 0.007
+    assert val(text, "probe_dns_duration_seconds", **dns, phase="request") == 0.007
     assert val(text, "connprobe_dns_queries_total", **dns, result="nxdomain") == 3.0
     assert val(text, "connprobe_dns_queries_total", **dns, result="no_answer") == 1.0
     assert val(text, "probe_http_duration_seconds", **dns, phase="connect") is None  # not an HTTP probe

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from connprobe.blackbox import KEYS, REFUSED, markdown_table
+from connprobe.blackbox import KEYS, REFUSED, markdown_table, metrics_table
 from connprobe.config import ConfigError, check_config_main, load_config, parse_config
 
 # A blackbox.yml as a platform team writes one (our own, covering each prober and the keys connprobe maps).
@@ -339,6 +339,7 @@ def test_parse_config_never_raises_else(tmp_path: Path) -> None:
 def test_readme_table_is_the_code_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert markdown_table() in readme
+    assert metrics_table() in readme
 
 
 def test_check_config_main_exit_codes(bb_dir: Path, tmp_path: Path, capsys) -> None:
