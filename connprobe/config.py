@@ -50,7 +50,8 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # label names connprobe's own series (and Prometheus' target labels) use: a probe's `labels:` cannot take them
 RESERVED_LABELS = frozenset({"probe", "target", "source", "cause", "result", "phase", "reason", "hook", "kind",
                              "sink", "where", "capability", "trigger", "le", "quantile", "job", "instance",
-                             "version", "python", "implementation", "arch", "serving_status"})
+                             "version", "python", "implementation", "arch", "serving_status",
+                             "fingerprint_sha256", "issuer", "subject", "subjectalternative"})
 
 
 class ConfigError(ValueError):
