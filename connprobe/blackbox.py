@@ -56,7 +56,8 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("http", "bearer_token_file", MAPPED, "an `Authorization: Bearer` header, the file read at load"),
     ("http", "authorization", MAPPED, "an `Authorization: <type>` header (credentials[_file])"),
     ("http", "oauth2", REFUSED, "OAuth2 client credentials are not supported"),
-    ("http", "proxy_url", REFUSED, "not supported yet"),
+    ("http", "proxy_url", SAME, "http.proxy_url (an http:// proxy; https targets through CONNECT; the module "
+                                "uses client: httpx)"),
     ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
     ("http", "proxy_from_environment", REFUSED, "not supported (the agent never reads proxy variables)"),
     ("http", "proxy_connect_header", REFUSED, "not supported"),
@@ -361,6 +362,8 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
             text = t.read(f"{prefix}.body_file", filename, MAX_BODY_FILE_BYTES, secret=False)
             if text is not None:
                 body["body"] = text
+    if "proxy_url" in body and "client" not in body:
+        body["client"] = "httpx"  # the client that speaks to proxies
     if "enable_http2" in body:
         v = body.pop("enable_http2")
         if not isinstance(v, bool):

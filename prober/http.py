@@ -480,15 +480,20 @@ class _Backend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def _httpx_client(env: ProbeEnv, tls: TLSSpec) -> httpx.AsyncClient:
-    key = ("httpx", asyncio.get_running_loop(), tls)
+def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None) -> httpx.AsyncClient:
+    key = ("httpx", asyncio.get_running_loop(), tls, proxy)
     client = env.clients.get(key)
     if client is None or client.is_closed:
         ctx = ssl_context(tls)
         transport = httpx.AsyncHTTPTransport(verify=ctx)
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
-        )
+        if proxy is None:
+            transport._pool = httpcore.AsyncConnectionPool(
+                ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
+            )
+        else:  # the proxy's connection is the prober's own socket too (stamped, announced, watched)
+            transport._pool = httpcore.AsyncHTTPProxy(
+                proxy_url=proxy, ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
+            )
         # only the codings _HttpxResponse decodes itself (httpx would add br/zstd when their modules exist)
         client = httpx.AsyncClient(
             transport=transport, timeout=None, trust_env=False, headers={"Accept-Encoding": "gzip, deflate"}
@@ -565,7 +570,7 @@ class _HttpxResponse:
 
 
 async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
-    client = _httpx_client(env, spec.tls)
+    client = _httpx_client(env, spec.tls, spec.proxy_url)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name

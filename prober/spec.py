@@ -256,8 +256,38 @@ class HTTPSpec(Frozen):
     # the coding asked for (Accept-Encoding) and required of the answer (Content-Encoding); the body is decoded
     compression: Literal["gzip", "deflate", "identity"] | None = None
     source_ip_address: str | None = None  # the local address the probe's connections are bound to
+    # an http:// proxy: plain requests go to it in absolute form, https ones through a CONNECT tunnel (httpx)
+    proxy_url: str | None = None
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            port = u.port
+        except ValueError as exc:
+            raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"{_shown(v)}: only http://HOST:PORT proxies are supported")
+        if u.username is not None or u.password is not None:
+            raise ValueError("credentials in proxy_url are not supported")
+        if u.path not in ("", "/") or u.query or u.fragment:
+            raise ValueError(f"{_shown(v)}: a proxy URL has no path, query or fragment")
+        if err := host_name_error(u.hostname):
+            raise ValueError(err)
+        return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
+
+    @model_validator(mode="after")
+    def _proxy_client(self) -> HTTPSpec:
+        if self.proxy_url is not None and self.client != "httpx":
+            raise ValueError(f"proxy_url: needs client: httpx (the {self.client} client does not use proxies)")
+        return self
 
     @field_validator("valid_http_versions")
     @classmethod

@@ -52,6 +52,10 @@ modules:
       basic_auth:
         username: prober
         password_file: secrets/password
+  http_proxy:
+    prober: http
+    http:
+      proxy_url: http://127.0.0.1:3128
   http_authz:
     prober: http
     http:
@@ -127,7 +131,8 @@ def bb_dir(tmp_path: Path) -> Path:
 def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     cfg = load_config(bb_dir / "blackbox.yml", blackbox=True)
     m = cfg.modules
-    assert sorted(m) == sorted(["http_2xx", "http_post_token", "http_basic", "http_authz", "tcp_connect",
+    assert m["http_proxy"].http.proxy_url == "http://127.0.0.1:3128" and m["http_proxy"].http.client == "httpx"
+    assert sorted(m) == sorted(["http_2xx", "http_post_token", "http_basic", "http_authz", "http_proxy", "tcp_connect",
                                 "smtp_starttls", "dns_soa", "dns_any", "icmp_v4", "grpc_plain"])
     assert cfg.probes == ()
     h = m["http_2xx"].http
@@ -165,7 +170,7 @@ def test_check_config_blackbox_cli(bb_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox",
                           str(bb_dir / "blackbox.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "OK (blackbox_exporter format): 10 modules, 0 probes" in out.stdout
+    assert "OK (blackbox_exporter format): 11 modules, 0 probes" in out.stdout
     assert "  module smtp_starttls: tcp, timeout 5s" in out.stdout
     assert "tok-123" not in out.stdout + out.stderr
 
@@ -243,6 +248,9 @@ HOSTILE = {
     "tls_unknown": ("http: {tls_config: {insecure_skip_verfy: true}}",
                     'module "m": http.tls.insecure_skip_verfy: unknown key'),
     "unknown_http_key": ("http: {valid_status_code: [200]}", 'module "m": http.valid_status_code: unknown key'),
+    "proxy_other_client": ("http: {proxy_url: 'http://127.0.0.1:3128', client: aiohttp}",
+                           'module "m": http: proxy_url: needs client: httpx (the aiohttp client does not use '
+                           "proxies)"),
     "bad_family": ("http: {preferred_ip_protocol: ip5}", "module \"m\": http.preferred_ip_protocol: must be "
                    "'ip4' or 'ip6'"),
     "bad_timeout_unit": ("timeout: 1w", "module \"m\": timeout: expected a duration like 5s, 250ms or 1m30s, "

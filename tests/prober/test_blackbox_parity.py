@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import re
+import socket
 import ssl
 
 import dns.message
@@ -289,3 +291,90 @@ async def test_tcp_source_ip_and_tls_values(smtp_server, env):
     assert r.ok, r.error_detail
     assert r.flows[-1].local_addr == "127.0.0.3"
     assert r.value("tls_version") in (1.2, 1.3) and r.value("ssl_earliest_cert_expiry") > 0
+
+
+# ---------------------------------------------------------------- HTTP through a proxy (on loopback)
+
+
+@pytest.fixture
+async def proxy():
+    """A forward proxy on 127.0.0.1: absolute-form requests are relayed, CONNECT is tunnelled; it records the
+    request line of each."""
+    lines: list[str] = []
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        first = head.split(b"\r\n", 1)[0].decode()
+        lines.append(first)
+        method, target, _ = first.split(" ", 2)
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            up_r, up_w = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+        else:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(target)
+            up_r, up_w = await asyncio.open_connection(u.hostname, u.port)
+            rest = head.split(b"\r\n", 1)[1]
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            up_w.write(f"{method} {path} HTTP/1.1\r\n".encode() + rest)
+            await up_w.drain()
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.port = server.sockets[0].getsockname()[1]
+    server.lines = lines
+    yield server
+    server.close()
+    await server.wait_closed()
+
+
+async def test_http_and_https_through_a_proxy(mtls_server, proxy, env):
+    s = mtls_server
+    url = f"http://127.0.0.1:{proxy.port}"
+    (r,) = await run_probe(_http(f"http://127.0.0.1:{s.plain_port}/ok", "httpx", proxy_url=url), env)
+    assert r.ok, r.error_detail
+    assert proxy.lines[-1] == f"GET http://127.0.0.1:{s.plain_port}/ok HTTP/1.1"
+    assert r.flows[-1].remote_port == proxy.port  # the connection the kernel sensor watches is the proxy's
+    tls = TLSSpec(ca_file=str(s.ca.path), cert_file=str(s.client.cert), key_file=str(s.client.key))
+    (r,) = await run_probe(_http(f"https://127.0.0.1:{s.tls_port}/ok", "httpx", proxy_url=url, tls=tls), env)
+    assert r.ok, r.error_detail
+    assert proxy.lines[-1] == f"CONNECT 127.0.0.1:{s.tls_port} HTTP/1.1"
+    assert r.value("http_ssl") == 1 and r.value("ssl_earliest_cert_expiry") is not None
+    # a proxy nobody listens on: the connect to it is refused
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        (r,) = await run_probe(_http(f"http://127.0.0.1:{s.plain_port}/ok", "httpx", proxy_url=dead), env)
+    assert r.error is ErrorKind.CONNECT_REFUSED, (r.error, r.error_detail)
+
+
+def test_proxy_url_config_errors():
+    from prober import HTTPSpec
+
+    for value, message in (("socks5://127.0.0.1:1080", "only http://HOST:PORT proxies are supported"),
+                           ("http://u:p@127.0.0.1:3128", "credentials in proxy_url are not supported"),
+                           ("http://127.0.0.1:3128/x", "a proxy URL has no path, query or fragment"),
+                           ("http://127.0.0.1:99999", "is not a URL"),
+                           ("http://bad_host-.x:1", "may not start or end with '-'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            HTTPSpec(client="httpx", proxy_url=value)
+    with pytest.raises(ValueError, match="proxy_url: needs client: httpx"):
+        HTTPSpec(proxy_url="http://127.0.0.1:3128")
+    assert HTTPSpec(client="httpx", proxy_url="http://127.0.0.1").proxy_url == "http://127.0.0.1:80"
