@@ -63,7 +63,8 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("http", "proxy_connect_header", REFUSED, "not supported"),
     ("http", "skip_resolve_phase_with_proxy", REFUSED, "not supported (the target is resolved by connprobe)"),
     ("http", "use_proxy_dns", REFUSED, "not supported (the target is resolved by connprobe)"),
-    ("http", "enable_http2", MAPPED, "false: accepted (HTTP/1.1); true: refused"),
+    ("http", "enable_http2", MAPPED, "http.http2 (h2 offered by ALPN on https targets; the module uses client: "
+                                   "httpx)"),
     ("http", "enable_http_1_1", REFUSED, "not supported"),
     ("http", "http_headers", REFUSED, "not supported (use headers)"),
     ("http", "preferred_ip_protocol", SAME, "http.preferred_ip_protocol"),
@@ -369,7 +370,8 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
         if not isinstance(v, bool):
             t.error(f"{prefix}.enable_http2", "must be true or false")
         elif v:
-            t.error(f"{prefix}.enable_http2", "connprobe speaks HTTP/1.1 (set enable_http2: false)")
+            body["http2"] = True
+            body.setdefault("client", "httpx")  # the client that speaks HTTP/2
     auth = _authorization(t, body, prefix)
     if auth is not None:
         headers = body.get("headers")

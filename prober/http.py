@@ -326,6 +326,16 @@ def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
 
 
 _ssl_cache: dict[TLSSpec, ssl.SSLContext] = {}
+_h2_cache: dict[TLSSpec, ssl.SSLContext] = {}
+
+
+def _h2_context(tls: TLSSpec) -> ssl.SSLContext:
+    """The module's TLS context offering h2 and http/1.1 by ALPN (a context of its own: ALPN is per context)."""
+    ctx = _h2_cache.get(tls)
+    if ctx is None:
+        ctx = _h2_cache[tls] = _ssl_context(tls)
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
 
 
 def ssl_context(tls: TLSSpec) -> ssl.SSLContext:
@@ -480,19 +490,21 @@ class _Backend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None) -> httpx.AsyncClient:
-    key = ("httpx", asyncio.get_running_loop(), tls, proxy)
+def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None, http2: bool = False) -> httpx.AsyncClient:
+    key = ("httpx", asyncio.get_running_loop(), tls, proxy, http2)
     client = env.clients.get(key)
     if client is None or client.is_closed:
         ctx = ssl_context(tls)
         transport = httpx.AsyncHTTPTransport(verify=ctx)
         if proxy is None:
             transport._pool = httpcore.AsyncConnectionPool(
-                ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
+                ssl_context=_h2_context(tls) if http2 else ctx, max_keepalive_connections=0,
+                network_backend=_Backend(), http2=http2,
             )
         else:  # the proxy's connection is the prober's own socket too (stamped, announced, watched)
             transport._pool = httpcore.AsyncHTTPProxy(
-                proxy_url=proxy, ssl_context=ctx, max_keepalive_connections=0, network_backend=_Backend()
+                proxy_url=proxy, ssl_context=_h2_context(tls) if http2 else ctx, max_keepalive_connections=0,
+                network_backend=_Backend(), http2=http2,
             )
         # only the codings _HttpxResponse decodes itself (httpx would add br/zstd when their modules exist)
         client = httpx.AsyncClient(
@@ -570,7 +582,7 @@ class _HttpxResponse:
 
 
 async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
-    client = _httpx_client(env, spec.tls, spec.proxy_url)
+    client = _httpx_client(env, spec.tls, spec.proxy_url, spec.http2)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name

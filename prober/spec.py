@@ -258,6 +258,7 @@ class HTTPSpec(Frozen):
     source_ip_address: str | None = None  # the local address the probe's connections are bound to
     # an http:// proxy: plain requests go to it in absolute form, https ones through a CONNECT tunnel (httpx)
     proxy_url: str | None = None
+    http2: bool = False  # offer h2 by ALPN on https targets (httpx; blackbox's enable_http2)
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
@@ -287,6 +288,8 @@ class HTTPSpec(Frozen):
     def _proxy_client(self) -> HTTPSpec:
         if self.proxy_url is not None and self.client != "httpx":
             raise ValueError(f"proxy_url: needs client: httpx (the {self.client} client does not use proxies)")
+        if self.http2 and self.client != "httpx":
+            raise ValueError(f"http2: needs client: httpx (the {self.client} client speaks HTTP/1.1)")
         return self
 
     @field_validator("valid_http_versions")

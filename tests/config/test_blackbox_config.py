@@ -233,8 +233,8 @@ HOSTILE = {
     "header_and_creds": ("http: {bearer_token: a, headers: {authorization: b}}",
                          'module "m": http.headers: an Authorization header and credentials (basic_auth, '
                          "bearer_token, authorization) both given"),
-    "http2": ("http: {enable_http2: true}",
-              'module "m": http.enable_http2: connprobe speaks HTTP/1.1 (set enable_http2: false)'),
+    "http2": ("http: {enable_http2: true, client: aiohttp}",
+              'module "m": http: http2: needs client: httpx (the aiohttp client speaks HTTP/1.1)'),
     "bad_size": ("http: {body_size_limit: lots}",
                  "module \"m\": http.body_size_limit: expected a size like 1MB, got 'lots'"),
     "redirect_both": ("http: {no_follow_redirects: true, follow_redirects: true}",

@@ -378,3 +378,62 @@ def test_proxy_url_config_errors():
     with pytest.raises(ValueError, match="proxy_url: needs client: httpx"):
         HTTPSpec(proxy_url="http://127.0.0.1:3128")
     assert HTTPSpec(client="httpx", proxy_url="http://127.0.0.1").proxy_url == "http://127.0.0.1:80"
+
+
+# ---------------------------------------------------------------- HTTP/2 (httpx with h2, TLS with ALPN, loopback)
+
+
+@pytest.fixture
+async def h2_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 that speaks only h2 (ALPN): 200 and a small body to every request."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ca = CA(tmp_path, "h2-ca")
+    pair = ca.issue("localhost", server=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    ctx.set_alpn_protocols(["h2"])
+    seen: list[str] = []
+
+    async def handle(reader, writer):
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        seen.append(dict(event.headers)[b":path"].decode())
+                        body = b"h2 ok"
+                        conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(body)))])
+                        conn.send_data(event.stream_id, body, end_stream=True)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    server.port = server.sockets[0].getsockname()[1]
+    server.ca, server.seen = ca, seen
+    yield server
+    server.close()
+    await server.wait_closed()
+
+
+async def test_http2(h2_server, env):
+    tls = TLSSpec(ca_file=str(h2_server.ca.path))
+    url = f"https://127.0.0.1:{h2_server.port}/h2"
+    (r,) = await run_probe(_http(url, "httpx", tls=tls, http2=True, valid_http_versions=("HTTP/2.0",),
+                                 fail_if_body_not_matches_regexp=("h2 ok",)), env)
+    assert r.ok, (r.error, r.error_detail)
+    assert h2_server.seen == ["/h2"]
+    assert r.value("http_version") == 2.0 and r.value("http_content_length") == 5
+    assert [p.name for p in r.phases][:2] == ["connect", "tls"]
+    # without http2 the client offers only http/1.1 and an h2-only server refuses the handshake
+    (r,) = await run_probe(_http(url, "httpx", tls=tls), env)
+    assert not r.ok and r.error in (ErrorKind.TLS_ERROR, ErrorKind.PROTOCOL_ERROR, ErrorKind.CONNECT_RESET), \
+        (r.error, r.error_detail)
