@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connprobe.lab import control
-from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, nft
+from connprobe.lab.plumbing import LabError, in_ns, ip, named_netns, nft
 
 if TYPE_CHECKING:
     from connprobe.lab.topology import Lab
@@ -89,7 +89,7 @@ class WireSized:
             raise
 
     def undo(self) -> None:
-        names = set(netns_names())
+        names = set(named_netns())
         errors = []
         for ns, value in reversed(list(self._before.items())):
             if ns in names:
@@ -160,7 +160,7 @@ class PolicyDrop(_Fault):
                           f"  type filter hook {self.hook} priority -10; policy accept;\n  {self.rule}\n }}\n}}\n")
 
     def _undo(self) -> None:
-        if self.ns_name in netns_names():
+        if self.ns_name in named_netns():
             in_ns(self.ns_name, "nft", "delete", "table", "inet", self.table)
 
     def bites(self) -> int:
@@ -246,7 +246,7 @@ class PacketLoss(_Fault):
 
     def _undo(self) -> None:
         try:
-            if self.router in netns_names():
+            if self.router in named_netns():
                 in_ns(self.router, "tc", "qdisc", "del", "dev", self.dev, "clsact", check=False)
         finally:
             try:
