@@ -43,7 +43,7 @@ from httpcore._backends.anyio import AnyIOStream
 from prober import http1_client
 from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
-from prober.errors import classify, find_in_chain
+from prober.errors import find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
@@ -618,8 +618,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         failure = _find_failure(exc)
         if failure is not None:
             return attempt.result(failure.kind, failure.detail)
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)
     finally:
         _CURRENT.reset(t1)
         _CTX_CB.reset(t2)
