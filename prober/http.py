@@ -637,7 +637,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     return attempt.result()
 
 
-async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
+async def _http1_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
@@ -659,7 +659,7 @@ async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Requ
     )
 
 
-_SENDERS = {"aiohttp": _lean_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
+_SENDERS = {"aiohttp": _http1_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:
