@@ -1,6 +1,6 @@
 """The fault matrix as data: each scenario is a fault, a target, a budget and the verdict it must get. The
 end-to-end tests, the accuracy benchmark and the docs all run this one table through the same code path as
-`connprobe diagnose --json`.
+`connprobe diagnose --json` (`connprobe.diagnosis`).
 
 Each trial first checks that its fault produced its symptom — the injector acted on packets (where it can
 count them) and the probe failed, timed out or went over budget as the scenario says — before its verdict
@@ -8,13 +8,17 @@ is judged: a fault that did not bite is a lab error (`Trial.lab_error`), not a w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from connprobe.causes import CAUSES
+from connprobe.diagnosis import diagnose, exit_code, target_spec, to_document
+from connprobe.evidence import KernelEvidence
 from connprobe.lab.topology import Lab
+from correlator.record import Recording, dumps
+from prober import ProbeEnv, ProbeSpec, run_probe
+from prober.spec import parse_duration
 
 Fault = Callable[[Lab], contextlib.AbstractContextManager]
 
@@ -160,41 +164,32 @@ def symptom_missing(sc: Scenario, attempt: dict, bites: int | None, budget_ms: f
 
 
 
-def diagnose_args(sc: Scenario, lab: Lab, family: int) -> argparse.Namespace:
-    """The arguments `connprobe diagnose --json` would get for this scenario."""
-    return argparse.Namespace(
-        target=sc.target(), count=1, source=lab.ns("client").name, budget=sc.budget, timeout=sc.timeout,
-        interval="0s", client="aiohttp", ip_policy=f"ipv{family}", qtype="A", no_kernel=False, json=True,
-        record=None,
-    )
+def scenario_spec(sc: Scenario, lab: Lab, family: int) -> ProbeSpec:
+    """The probe `connprobe diagnose --json` would run for this scenario (from the lab's client)."""
+    return target_spec(sc.target(), source=lab.ns("client").name, timeout=parse_duration(sc.timeout),
+                       ip_policy=f"ipv{family}")
 
 
-async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence) -> Trial:
+def scenario_budget(sc: Scenario) -> float | None:
+    return parse_duration(sc.budget) if sc.budget else None
+
+
+async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence: KernelEvidence) -> Trial:
     """Run one trial: its `diagnose --json` document, and whether the fault produced its symptom."""
-    from connprobe.diagnose import build_spec, diagnose, exit_code, to_document
-
-    args = diagnose_args(sc, lab, family)
-    spec = build_spec(args)
+    spec = scenario_spec(sc, lab, family)
+    budget = scenario_budget(sc)
     with sc.fault(lab) as fault:
-        attempts = await diagnose(args, spec, evidence)
+        attempts = await diagnose(spec, evidence, budget=budget)
         bites = getattr(fault, "bites", lambda: None)()
-    doc = to_document(args, attempts, exit_code(attempts))
+    doc = to_document(sc.target(), lab.ns("client").name, budget, attempts, exit_code(attempts))
     return Trial(doc, symptom_missing(sc, doc["attempts"][0], bites, doc["budget_ms"]))
 
 
-async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence):
+async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence: KernelEvidence) -> Recording:
     """One trial as a Recording: the probe result, every kernel event of its window, the evidence status."""
-    from connprobe.diagnose import build_spec
-    from correlator.record import Recording
-    from prober import ProbeEnv, run_probe
-
-    args = diagnose_args(sc, lab, family)
-    spec = build_spec(args)
-    budget_ns = None
-    if sc.budget:
-        from prober.spec import parse_duration
-
-        budget_ns = int(parse_duration(sc.budget) * 1e9)
+    spec = scenario_spec(sc, lab, family)
+    budget = scenario_budget(sc)
+    budget_ns = int(budget * 1e9) if budget else None
     with sc.fault(lab):
         async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
             (result,) = await run_probe(spec, env)
@@ -209,15 +204,14 @@ async def _main(argv: list[str]) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from connprobe.diagnose import open_sensor
-    from correlator.record import dumps
+    from connprobe.sensorload import close_evidence, open_evidence
 
     if not argv or argv[0] not in ("record", "matrix"):
         print("usage: python -m connprobe.lab.scenarios record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
               file=sys.stderr)
         return 2
     with Lab() as lab:
-        evidence = await open_sensor(disabled=False)
+        evidence = await open_evidence()
         if not evidence.available:
             print(f"kernel sensor unavailable: {evidence.unavailable_reason}", file=sys.stderr)
             return 2
@@ -264,8 +258,7 @@ async def _main(argv: list[str]) -> int:
                 print(f"lab errors (fault did not bite, trial not judged): {dict(lab_errors)}")
             return 0
         finally:
-            await evidence.stop()
-            evidence.sensor.close()
+            await close_evidence(evidence)
 
 
 if __name__ == "__main__":

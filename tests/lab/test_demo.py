@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from connprobe.demo import PHASES
+from connprobe.commands.demo import PHASES
 
 pytestmark = pytest.mark.kernel
 

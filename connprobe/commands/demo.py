@@ -27,7 +27,6 @@ from rich.text import Text
 
 from connprobe.causes import colour
 from connprobe.lab import Lab, LabError
-from connprobe.sinks import QueuedSink
 from correlator.types import Verdict
 
 Fault = Callable[[Lab], contextlib.AbstractContextManager]
@@ -168,7 +167,7 @@ async def run_demo(args: argparse.Namespace, out: Console) -> int:
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         board = Board([p["name"] for p in cfg["probes"]])
         agent = Agent(cfg_path, kernel=not args.no_kernel)
-        agent.sinks.append(QueuedSink("terminal", board, 1000))
+        agent.add_sink("terminal", board, queue=1000)
         await agent.start()
         runner = None
         try:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rich.console import Console
 from rich.table import Table
 
 from connprobe.lab.plumbing import LabError
 from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
+    p.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +95,3 @@ def _status(out: Console) -> int:
     out.print(t)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(action=sys.argv[1], id=None, all=False)))
