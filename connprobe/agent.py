@@ -42,12 +42,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from bpf.types import KernelEvent
 from connprobe import sensorload
-from connprobe.config import Config, ConfigError, load_config, parse_config
-from connprobe.configwatch import ConfigWatcher
+from connprobe.config import Config, ConfigError
 from connprobe.evidence import KEEP_NS, KernelEvidence
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
+from connprobe.targets import ConfigFile, TargetSource
 from correlator import correlate
 from correlator.join import GRACE_NS
 from correlator.types import Verdict
@@ -58,7 +58,7 @@ from prober.source import parse_source
 from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
 
-__all__ = ["Agent", "AgentConfig", "load_agent_config", "parse_agent_config"]
+__all__ = ["Agent", "AgentConfig", "agent_config"]
 
 log = logging.getLogger("connprobe.agent")
 
@@ -83,18 +83,10 @@ class AgentConfig:
         return int(b * 1e9) if b is not None else None
 
 
-def _with_budgets(config: Config, filename: str) -> AgentConfig:
+def agent_config(config: Config, filename: str = "<config>") -> AgentConfig:
+    """A config as the agent runs it: with each probe's latency budget."""
     budgets = {p.name: p.effective_budget for p in config.probes if p.effective_budget is not None}
     return AgentConfig(config, budgets, filename)
-
-
-def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
-    """The probe configuration plus each probe's latency budget; raises ConfigError (one line per problem)."""
-    return _with_budgets(parse_config(text, filename), filename)
-
-
-def load_agent_config(path: str | Path) -> AgentConfig:
-    return _with_budgets(load_config(path), str(path))
 
 
 # -- kernel evidence indexed by port -------------------------------------------------------------------------
@@ -365,6 +357,7 @@ class Agent:
         drop_capabilities: bool = False,
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
+        targets: TargetSource | None = None,
     ):
         self.config_path = Path(config_path)
         self.kernel = kernel
@@ -391,10 +384,9 @@ class Agent:
         self.reloads = {"success": 0, "failure": 0}
         # (trigger, result) -> reloads: signal (SIGHUP), http (POST /-/reload), watch (the file changed), api
         self.reloads_by_trigger: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.watcher: ConfigWatcher | None = None
-        if watch_config:
-            self.watcher = ConfigWatcher(self.config_path, functools.partial(self.reload, trigger="watch"),
-                                         **(watch_options or {}))
+        # where the probes come from (connprobe/targets/): the config file unless another source is given
+        self.targets: TargetSource = targets if targets is not None else ConfigFile(
+            self.config_path, watch=watch_config, watch_options=watch_options)
         self.last_reload_ok = True
         self.last_reload_error = ""
         self.last_reload_time: float | None = None
@@ -424,9 +416,8 @@ class Agent:
 
     async def start(self) -> None:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
-        if self.watcher is not None:  # before the load: a change in between differs from it at the next check
-            await self.watcher.prime()
-        self.active = load_agent_config(self.config_path)
+        await self.targets.start()  # before the load: a change in between is seen by its watch
+        self.active = self._load_targets()
         self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
         self.tracebacks.install()
         self._declare(self.active.config.probes)
@@ -436,8 +427,8 @@ class Agent:
         self._main.append(asyncio.create_task(self._bring_up(), name="connprobe-agent-bring-up"))
         self._main.append(asyncio.create_task(self._pipeline(), name="connprobe-agent-pipeline"))
         self._main.append(asyncio.create_task(self._watch_loop(), name="connprobe-agent-loop-lag"))
-        if self.watcher is not None:
-            self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
+        self._main.append(asyncio.create_task(self.targets.watch(functools.partial(self.reload, trigger="watch")),
+                                              name="connprobe-agent-config-watch"))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
@@ -612,7 +603,7 @@ class Agent:
     async def _reload(self) -> ReloadOutcome:
         self.last_reload_time = time.time()
         try:
-            new = await asyncio.to_thread(load_agent_config, self.config_path)
+            new = await asyncio.to_thread(self._load_targets)
             self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
             plan = _ReloadPlan.between(self.active, new)
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
@@ -637,6 +628,9 @@ class Agent:
                f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
         log.info("%s", msg)
         return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
+
+    def _load_targets(self) -> AgentConfig:
+        return agent_config(self.targets.load(), self.targets.describe)
 
     def _reload_failed(self, message: str) -> ReloadOutcome:
         self.reloads["failure"] += 1

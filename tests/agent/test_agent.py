@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from connprobe.agent import Agent, load_agent_config, parse_agent_config
+from connprobe.agent import Agent, AgentConfig, agent_config
 from connprobe.causes import CAUSES, colour
-from connprobe.config import ConfigError
+from connprobe.config import ConfigError, load_config, parse_config
 from connprobe.sinks import QueuedSink
 from connprobe.web import start_server
 from correlator.types import Cause, Verdict
@@ -86,6 +86,10 @@ def probe(name: str, target: str, module: str = "http_2xx", interval: str = "0.5
 # -- configuration -------------------------------------------------------------------------------------------
 
 
+def parse_agent_config(text: str) -> AgentConfig:
+    return agent_config(parse_config(text))
+
+
 def test_budget_from_probe_or_module(tmp_path):
     cfg = parse_agent_config(
         "modules:\n  fast: {prober: http, timeout: 2s, budget: 300ms}\n  plain: {prober: http}\n"
@@ -114,7 +118,7 @@ def test_invalid_yaml_gives_the_config_loaders_error(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("probes: [\n")
     with pytest.raises(ConfigError) as exc:
-        load_agent_config(p)
+        agent_config(load_config(p), str(p))
     assert exc.value.errors[0].startswith(f"{p}:") and "invalid YAML" in exc.value.errors[0]
 
 
