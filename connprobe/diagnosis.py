@@ -1,5 +1,5 @@
 """The diagnose loop as a library: probe one target a number of times with kernel evidence attached and give
-one `Diagnosis` (verdict, kernel events, evidence status) per result. `connprobe diagnose`
+one `Diagnosis` (verdict, kernel events, kernel coverage) per result. `connprobe diagnose`
 (`connprobe/commands/diagnose.py`), the lab's fault matrix (`connprobe/lab/scenarios.py`) and the benchmarks
 call it with typed arguments; the `--json` document (schema in docs/diagnose.schema.json) is built here too,
 so the fault matrix judges exactly what the command prints.
@@ -18,11 +18,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bpf.types import KernelEvent
-from connprobe.evidence import KernelEvidence
+from connprobe.kernelwatch import KernelWatch
 from connprobe.netnames import netns_names
 from correlator import Cause, Verdict, correlate
 from correlator.record import Recording, save, to_jsonable
-from correlator.rules import EvidenceStatus
+from correlator.types import KernelCoverage
 from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
 from prober.redact import redact_url
 from prober.source import parse_source
@@ -40,12 +40,12 @@ class UsageError(ValueError):
 @dataclass(frozen=True)
 class Diagnosis:
     """One attempt's outcome: its verdict (with the probe result), the kernel events of its window, and
-    whether those events can be trusted (`EvidenceStatus`)."""
+    whether those events can be trusted (`KernelCoverage`)."""
 
     index: int
     verdict: Verdict
     events: tuple[KernelEvent, ...]
-    evidence: EvidenceStatus
+    coverage: KernelCoverage
 
 
 def target_spec(target: str, *, source: str = "host", timeout: float = 5.0, client: str = "aiohttp",
@@ -80,20 +80,20 @@ def target_spec(target: str, *, source: str = "host", timeout: float = 5.0, clie
         raise UsageError(f"TARGET {redact_url(original)!r}: {msg}") from None
 
 
-async def diagnose(spec: ProbeSpec, evidence: KernelEvidence, *, count: int = 1, interval: float = 0.0,
+async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
                    budget: float | None = None, record: Path | None = None) -> list[Diagnosis]:
-    """Run `count` attempts `interval` seconds apart, each correlated with the kernel events `evidence` (a
-    running `KernelEvidence`, see `connprobe.sensorload.open_evidence`) collects for it. `budget` (seconds):
+    """Run `count` attempts `interval` seconds apart, each correlated with the kernel events `watch` (a
+    running `KernelWatch`, see `connprobe.sensorload.open_watch`) collects for it. `budget` (seconds):
     slower counts as a problem. `record`: also write each attempt as a recording into that directory."""
     budget_ns = int(budget * 1e9) if budget else None
     attempts: list[Diagnosis] = []
-    async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+    async with ProbeEnv(on_local_port=watch.on_local_port) as env:
         for i in range(count):
             if i and interval:
                 await asyncio.sleep(interval)
             for result in await run_probe(spec, env):
-                events, status = await evidence.collect(result)
-                verdict = correlate(result, events, budget_ns=budget_ns, evidence=status)
+                events, status = await watch.collect(result)
+                verdict = correlate(result, events, budget_ns=budget_ns, coverage=status)
                 attempts.append(Diagnosis(i + 1, verdict, tuple(verdict.evidence), status))
                 if record:
                     _record(record, spec, attempts[-1], events, budget_ns)
@@ -106,7 +106,7 @@ def _record(directory: Path, spec: ProbeSpec, a: Diagnosis, events: list[KernelE
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--record: cannot create {directory}: {exc.strerror or exc}") from None
-    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.evidence,
+    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.coverage,
                     budget_ns, str(a.verdict.cause))
     path = directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json"
     try:
@@ -140,8 +140,8 @@ def to_document(target: str, source: str, budget: float | None, attempts: list[D
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
             "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
-            "kernel_evidence": {"available": a.evidence.available, "lost_events": a.evidence.lost_events,
-                                "reason": a.evidence.reason},
+            "kernel_evidence": {"available": a.coverage.available, "lost_events": a.coverage.lost_events,
+                                "reason": a.coverage.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
                         "rule": v.rule, "facts": list(v.facts), "summary": v.summary},
             "result": to_jsonable(r),

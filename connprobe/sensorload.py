@@ -1,16 +1,16 @@
 """Loading the kernel sensor for the app: one place that imports `bpf.sensor`, loads and attaches it, and says
 in one line why not when it cannot (no bcc, no privileges, a verifier error). Used by the agent, by
-`connprobe diagnose` (through `open_evidence`), by the lab's fault matrix and by the benchmarks.
+`connprobe diagnose` (through `open_watch`), by the lab's fault matrix and by the benchmarks.
 
-Whoever opens a `KernelEvidence` here closes it with `close_evidence` (its pump stopped, the sensor's
-programs detached); the agent builds its own evidence from `load_sensor` and so starts and stops its own pump.
+Whoever opens a `KernelWatch` here closes it with `close_watch` (its pump stopped, the sensor's programs
+detached); the agent builds its own watch from `load_sensor` and so starts and stops its own pump.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from connprobe.evidence import KernelEvidence
+from connprobe.kernelwatch import KernelWatch
 
 
 async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
@@ -18,7 +18,8 @@ async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
     if disabled:
         return None, "disabled with --no-kernel"
     try:
-        from bpf.sensor import KernelSensor, SensorError
+        from bpf.errors import SensorError
+        from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
     sensor = KernelSensor()
@@ -31,16 +32,16 @@ async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
     return sensor, ""
 
 
-async def open_evidence(disabled: bool = False) -> KernelEvidence:
-    """A running `KernelEvidence` (its pump started), without a sensor when it is off; close with `close_evidence`."""
+async def open_watch(disabled: bool = False) -> KernelWatch:
+    """A running `KernelWatch` (its pump started), without a sensor when it is off; close with `close_watch`."""
     sensor, reason = await load_sensor(disabled)
-    evidence = KernelEvidence(sensor, reason)
-    await evidence.start()
-    return evidence
+    watch = KernelWatch(sensor, reason)
+    await watch.start()
+    return watch
 
 
-async def close_evidence(evidence: KernelEvidence) -> None:
-    """Stop the evidence's pump and detach its sensor."""
-    await evidence.stop()
-    if evidence.sensor is not None:
-        evidence.sensor.close()
+async def close_watch(watch: KernelWatch) -> None:
+    """Stop the watch's pump and detach its sensor."""
+    await watch.stop()
+    if watch.sensor is not None:
+        watch.sensor.close()

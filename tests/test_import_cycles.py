@@ -12,12 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("connprobe", "prober", "correlator", "bpf")
 
-# Known cycles being broken elsewhere; each entry names the one component allowed, nothing larger.
-ALLOWED: set[frozenset[str]] = {
-    frozenset({"prober.core", "prober.spec"}),  # prober/core.py <-> prober/spec.py: being split (issue 12)
-}
-
-
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan's algorithm, without recursion)."""
     index: dict[str, int] = {}
@@ -78,5 +72,5 @@ def test_no_import_cycles_in_the_product_packages(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     graph = grimp.build_graph(*PACKAGES, cache_dir=None)
     assert "connprobe.agent" in graph.modules and "prober.runner" in graph.modules
-    unexpected = [c for c in cycles(graph) if frozenset(c) not in ALLOWED]
-    assert not unexpected, "import cycles: " + "; ".join(" <-> ".join(c) for c in unexpected)
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)

@@ -23,7 +23,7 @@ from connprobe import timeline
 from connprobe.causes import colour
 from connprobe.diagnosis import EXIT_USAGE, Diagnosis, UsageError, diagnose, exit_code, target_spec, to_document
 from connprobe.netnames import netns_names
-from connprobe.sensorload import close_evidence, open_evidence
+from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
 from correlator import Cause
 from prober.redact import install_log_redaction
@@ -63,11 +63,11 @@ async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
                        client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
-    evidence = await open_evidence(disabled=args.no_kernel)
+    watch = await open_watch(disabled=args.no_kernel)
     try:
-        return await diagnose(spec, evidence, count=args.count, interval=interval, budget=budget, record=args.record)
+        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record)
     finally:
-        await close_evidence(evidence)
+        await close_watch(watch)
 
 
 def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(width=160, highlight=False)
-    first = attempts[0].evidence if attempts else None
+    first = attempts[0].coverage if attempts else None
     if first is not None and not first.available:
         out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
     names = netns_names()

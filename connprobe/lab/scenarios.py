@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from connprobe.causes import CAUSES
 from connprobe.diagnosis import diagnose, exit_code, target_spec, to_document
-from connprobe.evidence import KernelEvidence
+from connprobe.kernelwatch import KernelWatch
 from connprobe.lab.schedule import FAULTS, NO_FAULT, Fault
 from connprobe.lab.topology import Lab
 from correlator.record import Recording, dumps
@@ -132,26 +132,26 @@ def scenario_budget(sc: Scenario) -> float | None:
     return parse_duration(sc.budget) if sc.budget else None
 
 
-async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence: KernelEvidence) -> Trial:
+async def run_scenario(lab: Lab, sc: Scenario, family: int, watch: KernelWatch) -> Trial:
     """Run one trial: its `diagnose --json` document, and whether the fault produced its symptom."""
     spec = scenario_spec(sc, lab, family)
     budget = scenario_budget(sc)
     with sc.fault(lab) as fault:
-        attempts = await diagnose(spec, evidence, budget=budget)
+        attempts = await diagnose(spec, watch, budget=budget)
         bites = getattr(fault, "bites", lambda: None)()
     doc = to_document(sc.target(), lab.ns("client").name, budget, attempts, exit_code(attempts))
     return Trial(doc, symptom_missing(sc, doc["attempts"][0], bites, doc["budget_ms"]))
 
 
-async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence: KernelEvidence) -> Recording:
-    """One trial as a Recording: the probe result, every kernel event of its window, the evidence status."""
+async def record_scenario(lab: Lab, sc: Scenario, family: int, watch: KernelWatch) -> Recording:
+    """One trial as a Recording: the probe result, every kernel event of its window, the kernel coverage."""
     spec = scenario_spec(sc, lab, family)
     budget = scenario_budget(sc)
     budget_ns = int(budget * 1e9) if budget else None
     with sc.fault(lab):
-        async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+        async with ProbeEnv(on_local_port=watch.on_local_port) as env:
             (result,) = await run_probe(spec, env)
-    events, status = await evidence.collect(result)
+    events, status = await watch.collect(result)
     return Recording(f"{sc.name} (IPv{family})", result, tuple(events), status, budget_ns, sc.expected,
                      note=f"recorded in the lab by `python -m connprobe.lab.scenarios record`; expected sub-cause "
                           f"{sc.expected_sub}")
@@ -162,16 +162,16 @@ async def _main(argv: list[str]) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from connprobe.sensorload import close_evidence, open_evidence
+    from connprobe.sensorload import close_watch, open_watch
 
     if not argv or argv[0] not in ("record", "matrix"):
         print("usage: python -m connprobe.lab.scenarios record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
               file=sys.stderr)
         return 2
     with Lab() as lab:
-        evidence = await open_evidence()
-        if not evidence.available:
-            print(f"kernel sensor unavailable: {evidence.unavailable_reason}", file=sys.stderr)
+        watch = await open_watch()
+        if not watch.available:
+            print(f"kernel sensor unavailable: {watch.unavailable_reason}", file=sys.stderr)
             return 2
         try:
             if argv[0] == "record":
@@ -181,7 +181,7 @@ async def _main(argv: list[str]) -> int:
                 for sc in SCENARIOS:
                     if only and sc.name not in only:
                         continue
-                    rec = await record_scenario(lab, sc, 4, evidence)
+                    rec = await record_scenario(lab, sc, 4, watch)
                     (out / f"{sc.name}.json").write_text(dumps(rec) + "\n")
                     print(f"recorded {sc.name}: {len(rec.events)} events")
                 return 0
@@ -193,7 +193,7 @@ async def _main(argv: list[str]) -> int:
             for sc in scenarios:
                 for family in (4, 6):
                     for _ in range(trials):
-                        trial = await run_scenario(lab, sc, family, evidence)
+                        trial = await run_scenario(lab, sc, family, watch)
                         if trial.lab_error:
                             lab_errors[sc.name] += 1
                             print(f"lab error: {trial.lab_error}", file=sys.stderr)
@@ -216,7 +216,7 @@ async def _main(argv: list[str]) -> int:
                 print(f"lab errors (fault did not bite, trial not judged): {dict(lab_errors)}")
             return 0
         finally:
-            await close_evidence(evidence)
+            await close_watch(watch)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ NEEDS_EVIDENCE = {"policy_drop", "tcp_retransmit", "connection_refused"}
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def evidence(lab):
-    from connprobe.sensorload import close_evidence, open_evidence
+    from connprobe.sensorload import close_watch, open_watch
 
-    ev = await open_evidence()
+    ev = await open_watch()
     assert ev.available, f"kernel sensor unavailable: {ev.unavailable_reason}"
     yield ev
-    await close_evidence(ev)
+    await close_watch(ev)
 
 
 @pytest.mark.timeout(300)
