@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from connprobe.lab.plumbing import LabError
-from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs
+from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs, role_addresses
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +39,8 @@ def _up(out: Console, lab_id: str | None) -> int:
     t = Table(title=f"lab {lab.id} is up", show_lines=False)
     for col in ("role", "namespace", "IPv4", "IPv6", "serves"):
         t.add_column(col)
-    from connprobe.lab.topology import _addrs
-
     for role in ROLES:
-        a4, a6 = _addrs(role) if role != "router" else ("10.77.1.1 / 10.77.2.1", "fd77:1::1 / fd77:2::1")
+        a4, a6 = role_addresses(role) if role != "router" else ("10.77.1.1 / 10.77.2.1", "fd77:1::1 / fd77:2::1")
         serves = {"client": "probes (resolv.conf: lab DNS)", "router": "path faults",
                   "dns": f"DNS :53 {lab.zone}"}.get(role, "HTTP :8080, TLS :8443")
         t.add_row(role, lab.ns_name(role), a4, a6, serves)

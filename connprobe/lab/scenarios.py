@@ -76,7 +76,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("vip_policy_drop", "policy_drop", "policy_drop/syn",
              FAULTS["srv1_drops_tcp_8080"], host="svc.lab.test",
              timeout="2.5s", in_matrix=False),
-    # Issue 11: loss and policy told apart by what got through. Heavy random loss on a transfer that runs
+    # Loss and policy told apart by what got through (correlator/progress.py). Heavy random loss on a transfer that runs
     # out of time is loss whichever dropper makes it (NETFILTER_DROP is a policy's reason too); a wall
     # after progress is a policy; light loss within budget is fine; loss on a slow answer explains little.
     # (Heavy loss sometimes takes the SYNs or the first byte until little time is left: such a trial is a
