@@ -341,11 +341,12 @@ class TracebackThrottle(logging.Filter):
 
 
 class Agent:
-    """The running agent. `await start()`, then `await stop()`; `await reload()` re-reads the config file."""
+    """The running agent. `await start()`, then `await stop()`; `await reload()` reads its target source again
+    (the config file at `config_path`, or `targets=`: a `connprobe.targets.TargetSource`)."""
 
     def __init__(
         self,
-        config_path: str | Path,
+        config_path: str | Path | None = None,
         *,
         kernel: bool = True,
         log_stream: IO[str] | None = None,
@@ -359,7 +360,7 @@ class Agent:
         watch_options: dict[str, Any] | None = None,
         targets: TargetSource | None = None,
     ):
-        self.config_path = Path(config_path)
+        self.config_path = Path(config_path) if config_path is not None else None
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -385,8 +386,11 @@ class Agent:
         # (trigger, result) -> reloads: signal (SIGHUP), http (POST /-/reload), watch (the file changed), api
         self.reloads_by_trigger: collections.Counter[tuple[str, str]] = collections.Counter()
         # where the probes come from (connprobe/targets/): the config file unless another source is given
-        self.targets: TargetSource = targets if targets is not None else ConfigFile(
-            self.config_path, watch=watch_config, watch_options=watch_options)
+        if targets is None:
+            if self.config_path is None:
+                raise ValueError("an agent needs a config file or a target source")
+            targets = ConfigFile(self.config_path, watch=watch_config, watch_options=watch_options)
+        self.targets: TargetSource = targets
         self.last_reload_ok = True
         self.last_reload_error = ""
         self.last_reload_time: float | None = None
@@ -451,7 +455,7 @@ class Agent:
         await self.scheduler.start()
         self.ready = True
         self._ready_event.set()
-        log.info("running %d probes from %s", len(self.active.config.probes), self.config_path)
+        log.info("running %d probes from %s", len(self.active.config.probes), self.targets.describe)
 
     async def stop(self) -> None:
         for t in self._main:
@@ -624,7 +628,7 @@ class Agent:
         self.reloads["success"] += 1
         self.last_reload_ok = True
         self.last_reload_error = ""
-        msg = (f"reloaded {self.config_path}: {len(plan.after)} probes "
+        msg = (f"reloaded {self.targets.describe}: {len(plan.after)} probes "
                f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
         log.info("%s", msg)
         return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
@@ -638,7 +642,7 @@ class Agent:
         self.last_reload_error = message
         lines = message.splitlines() or [message]
         more = f" (and {len(lines) - 1} more errors)" if len(lines) > 1 else ""
-        log.error("reload of %s rejected, the running configuration stays: %s%s", self.config_path, lines[0], more)
+        log.error("reload of %s rejected, the running configuration stays: %s%s", self.targets.describe, lines[0], more)
         return ReloadOutcome(False, message)
 
     async def _open_sources(self, plan: _ReloadPlan) -> None:

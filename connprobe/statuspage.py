@@ -68,7 +68,7 @@ class AgentStatus:
     (a dict a reload replaces but never changes) and the status board (whose `probes()` copy is safe to take
     in the rendering thread)."""
 
-    config_path: str
+    targets: str  # where the probes come from: the config file's path
     sensor_state: str
     started_at: float
     last_reload_ok: bool
@@ -201,7 +201,7 @@ def render_status_page(status: AgentStatus, now: float | None = None, *, warning
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta http-equiv="refresh" content="10"><meta name="viewport" content="width=device-width">'
         f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
-        f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(status.config_path)}</span>"
+        f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(status.targets)}</span>"
         f"<span class='meta'>kernel sensor {_e(status.sensor_state)}</span>"
         f"<span class='meta'>up {_ago(status.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
         f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'

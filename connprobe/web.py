@@ -566,7 +566,7 @@ async def status_page(request: web.Request) -> web.Response:
     warning = request.app[STATE_KEY].security.warning()
     # off the loop: thousands of rows take a while (statuspage says why this is safe in a thread)
     agent = _agent(request)
-    status = AgentStatus(str(agent.config_path), agent.sensor_state, agent.started_at, agent.last_reload_ok,
+    status = AgentStatus(agent.targets.describe, agent.sensor_state, agent.started_at, agent.last_reload_ok,
                          agent.last_reload_error, agent.probe_specs(), agent.board)
     html = await asyncio.to_thread(off_loop_render, render_status_page, status, warning=warning)
     return web.Response(text=html, content_type="text/html", charset="utf-8")
