@@ -16,6 +16,7 @@ from bpf.hooks import HOOKS
 from bpf.kernel_compat import Tracefs
 from bpf.sensor import KernelSensor
 from connprobe import doctor
+from connprobe.commands import doctor as doctor_command
 
 DATA = Path(__file__).parent / "data"
 
@@ -23,7 +24,7 @@ DATA = Path(__file__).parent / "data"
 def test_not_root_fails_with_a_fix_and_skips_the_load(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     out = io.StringIO()
-    assert doctor.run(argparse.Namespace(), out) == 1
+    assert doctor_command.run(argparse.Namespace(), out) == 1
     text = out.getvalue()
     assert "FAIL  root" in text and "sudo connprobe doctor" in text
     assert "skip  BPF load + attach" in text
@@ -81,7 +82,7 @@ def test_tracefs_and_btf_failures(tmp_path):
 @pytest.mark.kernel
 def test_doctor_on_this_machine_is_ready():
     out = io.StringIO()
-    assert doctor.run(argparse.Namespace(no_load=False), out) == 0, out.getvalue()
+    assert doctor_command.run(argparse.Namespace(no_load=False), out) == 0, out.getvalue()
     lines = out.getvalue().splitlines()
     for hook in HOOKS:
         assert any(line.startswith("ok    tracepoint " + hook.name) for line in lines), hook.name
