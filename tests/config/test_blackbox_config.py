@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from connprobe.blackbox import KEYS, REFUSED, markdown_table, metrics_table
-from connprobe.config import ConfigError, check_config_main, load_config, parse_config
+from connprobe.commands.check_config import run as check_config_main
+from connprobe.config import ConfigError, load_config, parse_config
 
 # A blackbox.yml as a platform team writes one (our own, covering each prober and the keys connprobe maps).
 BLACKBOX_YML = """\

@@ -1,0 +1,188 @@
+"""`connprobe diagnose TARGET`: probe a target N times with the kernel sensor attached, show each attempt's
+timeline (phases and kernel events on one time axis) and a one-line verdict.
+
+TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
+resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). Or `--config FILE --probe NAME`: the agent's probe
+exactly as configured (module, credentials, CA, source, timeout, budget), e.g. to re-run what an alert names.
+`-o text|json|yaml`: text prints each attempt as it finishes; json/yaml the documented document.
+The loop itself is `connprobe.diagnosis.diagnose`.
+Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from connprobe import timeline
+from connprobe.causes import colour
+from connprobe.diagnosis import (
+    EXIT_USAGE,
+    Diagnosis,
+    UsageError,
+    config_spec,
+    diagnose,
+    exit_code,
+    target_spec,
+    to_document,
+)
+from connprobe.netnames import netns_names
+from connprobe.sensorload import close_watch, open_watch
+from connprobe.timeline import name_namespaces
+from correlator import Cause
+from prober.redact import install_log_redaction, redact_url
+from prober.spec import ProbeSpec, parse_duration
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
+                                             "ws(s)://URL or unix:/PATH (not with --config)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does")
+    p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
+    p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
+    p.add_argument("--from", dest="source", default="host", metavar="NETNS",
+                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
+    p.add_argument("--budget", default=None, help="latency budget, e.g. 300ms or 1s: slower counts as a problem")
+    p.add_argument("--timeout", default="5s", help="per-attempt timeout (default 5s)")
+    p.add_argument("--interval", default="0s", help="pause between attempts (default 0s)")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="HTTP client")
+    p.add_argument("--ip", dest="ip_policy", choices=["first", "all", "ipv4", "ipv6"], default="first",
+                   help="which resolved addresses to probe (default first)")
+    p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
+    p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default=None,
+                   help="text (default: each attempt printed as it finishes), json (the documented document, "
+                        "docs/diagnose.schema.json) or yaml (the same document)")
+    p.add_argument("--json", action="store_true", help="the same as -o json")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="also write each attempt (result + kernel events) as a recording into DIR")
+
+
+def _duration(name: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except (ValueError, TypeError):
+        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+
+
+# options that shape the probe: with --config the probe's own settings are used, so these must stay unset
+_SHAPING = {"source": ("--from", "host"), "timeout": ("--timeout", "5s"), "client": ("--client", "aiohttp"),
+            "ip_policy": ("--ip", "first"), "qtype": ("--qtype", "A")}
+
+
+def build_spec(args: argparse.Namespace) -> ProbeSpec:
+    """The probe to run: from TARGET and the options, or `--config FILE --probe NAME` (UsageError: exit 2)."""
+    if args.config is not None:
+        if args.target:
+            raise UsageError(f"TARGET {redact_url(args.target)!r}: not with --config (the probe's target is used)")
+        if not args.probe:
+            raise UsageError("--config: needs --probe NAME")
+        for attr, (flag, default) in _SHAPING.items():
+            if getattr(args, attr, default) != default:
+                raise UsageError(f"{flag}: not with --config (the probe's own setting is used)")
+        return config_spec(args.config, args.probe)
+    if args.probe:
+        raise UsageError("--probe: needs --config FILE")
+    if not args.target:
+        raise UsageError("TARGET: required (or --config FILE --probe NAME)")
+    return target_spec(args.target, source=args.source, timeout=_duration("timeout", args.timeout) or 5.0,
+                       client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
+
+
+async def _diagnose(args: argparse.Namespace, spec: ProbeSpec, on_attempt=None) -> list[Diagnosis]:
+    budget = _duration("budget", args.budget)
+    interval = _duration("interval", args.interval) or 0.0
+    watch = await open_watch(disabled=args.no_kernel)
+    try:
+        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
+                              on_attempt=on_attempt)
+    finally:
+        await close_watch(watch)
+
+
+def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:
+    r, v = a.verdict.result, a.verdict
+    head = f"attempt {a.index}/{total}  {r.target}"
+    if r.address:
+        head += f" → {r.address}"
+    head += f"  from {r.source}"
+    out.print(f"[bold]{escape(head)}[/bold]")
+    for row in timeline.rows(v, names):
+        text = escape(row.text)
+        if row.kind == "phase":
+            text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel":
+            text = f"  [magenta]▲ kernel[/magenta] {text}"
+        elif row.kind == "dns":
+            text = f"  {text}"
+        out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
+    for f in v.facts[1:]:
+        out.print(f"      · {escape(name_namespaces(f, names))}")
+    style = f"bold {colour(v.cause)}"
+    line = name_namespaces(v.summary.removeprefix(f"{r.name}: "), names)
+    out.print(f"  [{style}]verdict: {escape(line)}[/{style}]  [dim](rule {v.rule})[/dim]")
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    install_log_redaction()
+    try:
+        if args.count < 1:
+            raise UsageError(f"--count: {args.count} must be at least 1")
+        output = getattr(args, "output", None) or ("json" if args.json else "text")
+        if args.json and output != "json":
+            raise UsageError(f"--json: not with -o {output}")
+        spec = build_spec(args)
+        if args.config is not None:  # the document and the header name what was run; the probe's own budget
+            args.target, args.source = spec.target, spec.source
+            if args.budget is None and spec.effective_budget is not None:
+                args.budget = f"{spec.effective_budget}s"
+        _duration("budget", args.budget)
+        _duration("interval", args.interval)
+        out = Console(highlight=False)
+        if not out.is_terminal:
+            out = Console(width=160, highlight=False)
+        names = netns_names() if output == "text" else {}
+        shown: list[bool] = []
+
+        def stream(a: Diagnosis) -> None:  # text: each attempt as soon as it has finished
+            if a.verdict.result.error and a.verdict.result.error.value == "source_error":
+                return
+            if not shown and not a.coverage.available:
+                out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+            shown.append(True)
+            print_attempt(out, a, args.count, names)
+
+        attempts = asyncio.run(_diagnose(args, spec, stream if output == "text" else None))
+    except UsageError as exc:
+        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
+        return EXIT_USAGE
+    code = exit_code(attempts)
+    if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
+        err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
+                  "(list namespaces with `ip netns list`)", markup=False, highlight=False)
+        return EXIT_USAGE
+    if output in ("json", "yaml"):
+        doc = to_document(args.target, args.source, _duration("budget", args.budget), attempts, code)
+        if output == "json":
+            sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        else:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        return code
+    bad = sum(a.verdict.cause != Cause.OK for a in attempts)
+    out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
+    return code
