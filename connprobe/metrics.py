@@ -200,6 +200,8 @@ def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
         ssl_used = r.value("grpc_ssl")
         if ssl_used is not None:
             out["probe_grpc_ssl"] = [(None, ssl_used)]
+        if ssl_used == 0:  # blackbox reports 0 for a plain gRPC probe (grpcio does not show a TLS peer's chain)
+            out["probe_ssl_earliest_cert_expiry"] = [(None, 0.0)]
         status = r.value("grpc_serving_status")
         out["probe_grpc_healthcheck_response"] = [(s, 1.0 if status == i else 0.0)
                                                   for i, s in enumerate(GRPC_SERVING_STATUS)]

@@ -25,7 +25,7 @@ BLACKBOX = "prometheus-blackbox-exporter"
 
 # metrics whose value is a duration or a wall-clock time of the run: compared by name only
 TIMING = {"probe_duration_seconds", "probe_http_duration_seconds", "probe_dns_lookup_time_seconds",
-          "probe_dns_duration_seconds", "probe_icmp_duration_seconds"}
+          "probe_dns_duration_seconds", "probe_icmp_duration_seconds", "probe_grpc_duration_seconds"}
 # blackbox_exporter 0.23 metrics connprobe does not export (README: "Side by side with blackbox_exporter 0.23")
 NOT_EXPORTED: set[str] = set()
 
@@ -96,6 +96,9 @@ async def targets(tmp_path):
             msg.additional.append(dns.rrset.from_text("ns1.lab.test.", 60, "IN", "A", "127.0.0.53"))
         return msg.to_wire()
 
+    from tests.prober.test_grpc import _server as grpc_health_server
+
+    grpc_server, grpc_port = await grpc_health_server()
     dns_server = DnsServer()
     dns_server.add("both.lab.test", "A", "127.0.0.1", "127.0.0.2")
     dns_server.add("lab.test", "SOA", "ns1.lab.test. hostmaster.lab.test. 2026113001 3600 600 86400 60")
@@ -103,7 +106,8 @@ async def targets(tmp_path):
     await dns_server.start()
     yield {"ca": ca.path, "http": plain._server.sockets[0].getsockname()[1],
            "https": tls._server.sockets[0].getsockname()[1],
-           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port}
+           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port}
+    await grpc_server.stop(None)
     await dns_server.stop()
     smtp_server.close()
     await smtp_server.wait_closed()
@@ -181,6 +185,18 @@ modules:
       preferred_ip_protocol: ip4
       query_name: lab.test
       query_type: SOA
+  grpc_orders:
+    prober: grpc
+    timeout: 5s
+    grpc:
+      service: orders
+      preferred_ip_protocol: ip4
+  grpc_billing:
+    prober: grpc
+    timeout: 5s
+    grpc:
+      service: billing
+      preferred_ip_protocol: ip4
   icmp_v4:
     prober: icmp
     timeout: 3s
@@ -248,6 +264,8 @@ CASES = [
     ("dns_fails", "127.0.0.1:{dns}"),
     ("dns_soa", "127.0.0.1:{dns}"),
     ("icmp_v4", "127.0.0.1"),
+    ("grpc_orders", "127.0.0.1:{grpc}"),
+    ("grpc_billing", "127.0.0.1:{grpc}"),
 ]
 
 
@@ -282,7 +300,8 @@ async def test_same_metrics_as_blackbox_exporter(targets, exporters):
         "probe_ssl_earliest_cert_expiry", "probe_ssl_last_chain_expiry_timestamp_seconds",
         "probe_ssl_last_chain_info", "probe_tls_version_info", "probe_dns_query_succeeded",
         "probe_dns_duration_seconds", "probe_dns_answer_rrs", "probe_dns_authority_rrs", "probe_dns_additional_rrs",
-        "probe_dns_serial", "probe_icmp_duration_seconds", "probe_icmp_reply_hop_limit"}, sorted(compared)
+        "probe_dns_serial", "probe_icmp_duration_seconds", "probe_icmp_reply_hop_limit", "probe_grpc_status_code",
+        "probe_grpc_healthcheck_response", "probe_grpc_duration_seconds", "probe_grpc_ssl"}, sorted(compared)
     # what connprobe exports beyond blackbox for these probes (each listed in the README's table)
     for module, _target, extra in report:
         assert set(extra) <= {"probe_ssl_last_chain_expiry_timestamp_seconds", "probe_http_last_modified_timestamp_seconds",
