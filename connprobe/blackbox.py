@@ -60,13 +60,15 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
                                 "uses client: httpx)"),
     ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
     ("http", "proxy_from_environment", REFUSED, "not supported (the agent never reads proxy variables)"),
-    ("http", "proxy_connect_header", REFUSED, "not supported"),
+    ("http", "proxy_connect_header", MAPPED, "http.proxy_headers (secret values; several joined with \", \"), sent "
+                                           "to the proxy with CONNECT"),
     ("http", "skip_resolve_phase_with_proxy", REFUSED, "not supported (the target is resolved by connprobe)"),
     ("http", "use_proxy_dns", REFUSED, "not supported (the target is resolved by connprobe)"),
     ("http", "enable_http2", MAPPED, "http.http2 (h2 offered by ALPN on https targets; the module uses client: "
                                    "httpx)"),
     ("http", "enable_http_1_1", REFUSED, "not supported"),
-    ("http", "http_headers", REFUSED, "not supported (use headers)"),
+    ("http", "http_headers", MAPPED, "http.headers (values, secrets, files: each file read at load; several "
+                                   "values of one header joined with \", \")"),
     ("http", "preferred_ip_protocol", SAME, "http.preferred_ip_protocol"),
     ("http", "ip_protocol_fallback", SAME, "http.ip_protocol_fallback"),
     ("http", "source_ip_address", SAME, "http.source_ip_address"),
@@ -315,6 +317,51 @@ def _authorization(t: Translation, body: dict, prefix: str) -> str | None:
     return f"{kind} {creds}"
 
 
+def _http_headers(t: Translation, body: dict, prefix: str) -> None:
+    """prometheus/common's `http_headers: {NAME: {values: [...], secrets: [...], files: [...]}}` merged into
+    `headers` (a file holds one value; several values are joined with ", ", as one header line)."""
+    raw = body.pop("http_headers")
+    where = f"{prefix}.http_headers"
+    if not isinstance(raw, dict):
+        t.error(where, "must be a mapping of header name to {values, secrets, files}")
+        return
+    headers = body.get("headers") or {}
+    if not isinstance(headers, dict):
+        return  # the spec says what is wrong with headers
+    taken = {k.lower() for k in headers if isinstance(k, str)}
+    merged = dict(headers)
+    for name, spec in raw.items():
+        here = f"{where}.{name}"
+        if not isinstance(name, str):
+            t.error(where, f"{name!r:.40} is not a header name")
+            continue
+        if name.lower() in taken:
+            t.error(here, "also given in headers")
+            continue
+        if not isinstance(spec, dict):
+            t.error(here, "must be a mapping with values, secrets or files")
+            continue
+        values: list[str] = []
+        for key, items in spec.items():
+            if key not in ("values", "secrets", "files"):
+                t.error(f"{here}.{key}", "unknown key (values, secrets, files)")
+                continue
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                t.error(f"{here}.{key}", "must be a list of strings")
+                continue
+            if key == "files":
+                for i, filename in enumerate(items):
+                    text = t.read(f"{here}.files[{i}]", filename, MAX_SECRET_BYTES)
+                    if text is not None:
+                        values.append(text)
+            else:
+                values.extend(items)
+        if values:
+            merged[name] = ", ".join(values)
+            taken.add(name.lower())
+    body["headers"] = merged
+
+
 _UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30,
           "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -364,6 +411,24 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
             text = t.read(f"{prefix}.body_file", filename, MAX_BODY_FILE_BYTES, secret=False)
             if text is not None:
                 body["body"] = text
+    if "proxy_connect_header" in body:
+        raw = body.pop("proxy_connect_header")
+        where = f"{prefix}.proxy_connect_header"
+        if not isinstance(raw, dict):
+            t.error(where, "must be a mapping of header name to a list of values")
+        elif "proxy_headers" in body:
+            t.error(where, "give proxy_connect_header or proxy_headers, not both")
+        else:
+            out = {}
+            for name, values in raw.items():
+                if isinstance(values, str):
+                    values = [values]
+                if not isinstance(name, str) or not isinstance(values, list) or not all(
+                        isinstance(v, str) for v in values):
+                    t.error(f"{where}.{name}", "must be a list of strings")
+                    continue
+                out[name] = ", ".join(values)
+            body["proxy_headers"] = out
     if "proxy_url" in body and "client" not in body:
         body["client"] = "httpx"  # the client that speaks to proxies
     if "enable_http2" in body:
@@ -373,6 +438,8 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
         elif v:
             body["http2"] = True
             body.setdefault("client", "httpx")  # the client that speaks HTTP/2
+    if "http_headers" in body:
+        _http_headers(t, body, prefix)
     auth = _authorization(t, body, prefix)
     if auth is not None:
         headers = body.get("headers")

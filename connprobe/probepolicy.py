@@ -64,7 +64,7 @@ def declared_source(name: str, probes: Iterable[ProbeSpec]) -> str:
 def carries_secrets(module: ModuleSpec) -> bool:
     if module.websocket is not None and module.websocket.headers:
         return True
-    return module.http is not None and bool(module.http.headers)
+    return module.http is not None and bool(module.http.headers or module.http.proxy_headers)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -490,8 +490,9 @@ class _Backend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None, http2: bool = False) -> httpx.AsyncClient:
-    key = ("httpx", asyncio.get_running_loop(), tls, proxy, http2)
+def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None, http2: bool = False,
+                  proxy_headers: tuple[tuple[str, str], ...] = ()) -> httpx.AsyncClient:
+    key = ("httpx", asyncio.get_running_loop(), tls, proxy, http2, proxy_headers)
     client = env.clients.get(key)
     if client is None or client.is_closed:
         ctx = ssl_context(tls)
@@ -504,7 +505,7 @@ def _httpx_client(env: ProbeEnv, tls: TLSSpec, proxy: str | None = None, http2: 
         else:  # the proxy's connection is the prober's own socket too (stamped, announced, watched)
             transport._pool = httpcore.AsyncHTTPProxy(
                 proxy_url=proxy, ssl_context=_h2_context(tls) if http2 else ctx, max_keepalive_connections=0,
-                network_backend=_Backend(), http2=http2,
+                network_backend=_Backend(), http2=http2, proxy_headers=list(proxy_headers) or None,
             )
         # only the codings _HttpxResponse decodes itself (httpx would add br/zstd when their modules exist)
         client = httpx.AsyncClient(
@@ -582,7 +583,8 @@ class _HttpxResponse:
 
 
 async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
-    client = _httpx_client(env, spec.tls, spec.proxy_url, spec.http2)
+    proxy_headers = tuple((k, v.get_secret_value()) for k, v in spec.proxy_headers.items())
+    client = _httpx_client(env, spec.tls, spec.proxy_url, spec.http2, proxy_headers)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name

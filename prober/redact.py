@@ -172,7 +172,7 @@ def secrets_of(spec) -> tuple[str, ...]:
     found: list[str] = []
     http = getattr(getattr(spec, "module", None), "http", None)
     if http is not None:
-        for value in http.headers.values():
+        for value in (*http.headers.values(), *getattr(http, "proxy_headers", {}).values()):
             found.append(_plain(value))
         for field in ("basic_auth", "auth"):
             auth = getattr(http, field, None)
@@ -197,7 +197,9 @@ def _plain(value) -> str:
 
 def _header_secrets(spec) -> set[str]:
     http = getattr(getattr(spec, "module", None), "http", None)
-    return {_plain(v) for v in http.headers.values()} if http is not None else set()
+    if http is None:
+        return set()
+    return {_plain(v) for v in (*http.headers.values(), *getattr(http, "proxy_headers", {}).values())}
 
 
 class Redactor:

@@ -259,6 +259,7 @@ class HTTPSpec(Frozen):
     # an http:// proxy: plain requests go to it in absolute form, https ones through a CONNECT tunnel (httpx)
     proxy_url: str | None = None
     http2: bool = False  # offer h2 by ALPN on https targets (httpx; blackbox's enable_http2)
+    proxy_headers: dict[str, SecretStr] = Field(default_factory=dict)  # sent to the proxy (CONNECT), secrets
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
@@ -288,6 +289,8 @@ class HTTPSpec(Frozen):
     def _proxy_client(self) -> HTTPSpec:
         if self.proxy_url is not None and self.client != "httpx":
             raise ValueError(f"proxy_url: needs client: httpx (the {self.client} client does not use proxies)")
+        if self.proxy_headers and self.proxy_url is None:
+            raise ValueError("proxy_headers: needs proxy_url")
         if self.http2 and self.client != "httpx":
             raise ValueError(f"http2: needs client: httpx (the {self.client} client speaks HTTP/1.1)")
         return self
@@ -314,7 +317,7 @@ class HTTPSpec(Frozen):
     def _re(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _check_regexes(v)
 
-    @field_validator("headers")
+    @field_validator("headers", "proxy_headers")
     @classmethod
     def _no_header_injection(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
         return _checked_headers(v)
@@ -335,8 +338,10 @@ class HTTPSpec(Frozen):
         return v
 
     def secrets(self) -> tuple[str, ...]:
-        """Every header value, whatever its length (how outputs hide them: `prober.redact`)."""
-        return tuple(v for s in self.headers.values() if (v := s.get_secret_value()).strip())
+        """Every header value (and proxy header value), whatever its length (how outputs hide them:
+        `prober.redact`)."""
+        return tuple(v for s in (*self.headers.values(), *self.proxy_headers.values())
+                     if (v := s.get_secret_value()).strip())
 
 
 class QueryStep(Frozen):

@@ -215,8 +215,7 @@ HOSTILE = {
                'module "m": http.oauth2: blackbox_exporter key not supported by connprobe: OAuth2 client '
                "credentials are not supported"),
     "proxy_connect_header": ("http: {proxy_connect_header: {X: [y]}}",
-                             'module "m": http.proxy_connect_header: blackbox_exporter key not supported by '
-                             "connprobe: not supported"),
+                             'module "m": http: proxy_headers: needs proxy_url'),
     "two_credentials": ("http: {bearer_token: a, basic_auth: {username: u, password: p}}",
                         'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file and '
                         "authorization (got basic_auth, bearer_token)"),
@@ -360,3 +359,25 @@ def test_check_config_main_exit_codes(bb_dir: Path, tmp_path: Path, capsys) -> N
     A.file = str(_write(tmp_path, "modules: {m: {prober: http, http: {oauth2: {}}}}"))
     assert check_config_main(A()) == 1
     assert "http.oauth2: blackbox_exporter key not supported" in capsys.readouterr().err
+
+
+def test_http_headers_with_values_secrets_and_files(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("k-123\n")
+    cfg = load_config(_write(tmp_path, """\
+modules:
+  m:
+    prober: http
+    http:
+      headers: {Accept: text/plain}
+      http_headers:
+        X-Api-Key: {files: [key]}
+        X-Trace: {values: [a, b], secrets: [c]}
+"""), blackbox=True)
+    h = {k: v.get_secret_value() for k, v in cfg.modules["m"].http.headers.items()}
+    assert h == {"Accept": "text/plain", "X-Api-Key": "k-123", "X-Trace": "a, b, c"}
+    errors = _errors(tmp_path, "modules:\n  m:\n    prober: http\n    http:\n      headers: {accept: x}\n"
+                               "      http_headers: {Accept: {values: [y]}, X: {file: [z]}, Y: {files: [nothere]}}\n")
+    assert errors == ['module "m": http.http_headers.Accept: also given in headers',
+                      'module "m": http.http_headers.X.file: unknown key (values, secrets, files)',
+                      f"module \"m\": http.http_headers.Y.files[0]: cannot read '{tmp_path / 'nothere'}': "
+                      "No such file or directory"], errors

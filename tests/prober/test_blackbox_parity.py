@@ -301,6 +301,7 @@ async def proxy():
     """A forward proxy on 127.0.0.1: absolute-form requests are relayed, CONNECT is tunnelled; it records the
     request line of each."""
     lines: list[str] = []
+    heads: list[str] = []
 
     async def pipe(reader, writer):
         try:
@@ -320,6 +321,7 @@ async def proxy():
             return
         first = head.split(b"\r\n", 1)[0].decode()
         lines.append(first)
+        heads.append(head.decode("latin-1"))
         method, target, _ = first.split(" ", 2)
         if method == "CONNECT":
             host, port = target.rsplit(":", 1)
@@ -340,6 +342,7 @@ async def proxy():
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     server.port = server.sockets[0].getsockname()[1]
     server.lines = lines
+    server.heads = heads
     yield server
     server.close()
     await server.wait_closed()
@@ -357,6 +360,11 @@ async def test_http_and_https_through_a_proxy(mtls_server, proxy, env):
     assert r.ok, r.error_detail
     assert proxy.lines[-1] == f"CONNECT 127.0.0.1:{s.tls_port} HTTP/1.1"
     assert r.value("http_ssl") == 1 and r.value("ssl_earliest_cert_expiry") is not None
+    # proxy_connect_header: sent to the proxy with the CONNECT, kept out of every output like other headers
+    (r,) = await run_probe(_http(f"https://127.0.0.1:{s.tls_port}/ok", "httpx", proxy_url=url, tls=tls,
+                                 proxy_headers={"Proxy-Authorization": "Basic cHJveHk6czNjcjN0"}), env)
+    assert r.ok, r.error_detail
+    assert "Proxy-Authorization: Basic cHJveHk6czNjcjN0" in proxy.heads[-1] and proxy.lines[-1].startswith("CONNECT")
     # a proxy nobody listens on: the connect to it is refused
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -437,3 +445,13 @@ async def test_http2(h2_server, env):
     (r,) = await run_probe(_http(url, "httpx", tls=tls), env)
     assert not r.ok and r.error in (ErrorKind.TLS_ERROR, ErrorKind.PROTOCOL_ERROR, ErrorKind.CONNECT_RESET), \
         (r.error, r.error_detail)
+
+
+def test_proxy_headers_are_secrets():
+    from prober import HTTPSpec
+    from prober.redact import Redactor
+
+    s = spec("https://127.0.0.1:1/", prober="http",
+             section=HTTPSpec(client="httpx", proxy_url="http://127.0.0.1:3128", proxy_headers={"X-P": "pr0xy-s3cret"}))
+    assert "pr0xy-s3cret" not in Redactor.for_spec(s).text("proxy said: pr0xy-s3cret")
+    assert "pr0xy-s3cret" not in repr(s)
