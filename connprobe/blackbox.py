@@ -231,17 +231,17 @@ def _tls(t: Translation, raw: Any, prefix: str) -> Any:
             if p is None:
                 t.error(f"{prefix}.{key}", "must be a file name")
                 del body[key]
-            elif not p.is_file():
-                t.error(f"{prefix}.{key}", f"{str(p)!r}: no such file")
-                del body[key]
-            else:
-                body[key] = str(p)
-    if isinstance(body.get("cert_file"), str):
-        try:  # a certificate and key that do not load are a config error, not a failure at every probe
+            else:  # relative: to the config's directory. Read when a probe needs it (a config is often
+                body[key] = str(p)  # checked where the pod's mounted files are not: check-config on a laptop)
+    if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file():
+        try:  # a certificate and key that are there but do not load: a config error, not a failure at each probe
             ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"))
-        except (ssl.SSLError, OSError, TypeError) as exc:
+        except ssl.SSLError:
+            t.error(f"{prefix}.cert_file", "cannot load the client certificate and key: not PEM, or the key "
+                                           "does not match the certificate")
+        except (OSError, TypeError) as exc:
             t.error(f"{prefix}.cert_file", f"cannot load the client certificate and key: "
-                                           f"{getattr(exc, 'reason', None) or exc}")
+                                           f"{getattr(exc, 'strerror', None) or exc}")
     return body
 
 

@@ -243,8 +243,9 @@ HOSTILE = {
     "tls_inline_ca": ("http: {tls_config: {ca: '-----BEGIN'}}",
                       'module "m": http.tls_config.ca: blackbox_exporter key not supported by connprobe: '
                       "inline PEM not supported (use ca_file)"),
-    "tls_missing_ca": ("http: {tls_config: {ca_file: nothere.pem}}",
-                       "module \"m\": http.tls_config.ca_file: '{dir}/nothere.pem': no such file"),
+    "tls_bad_client_cert": ("http: {tls_config: {cert_file: /etc/hostname}}",
+                            'module "m": http.tls_config.cert_file: cannot load the client certificate and key: '
+                            "not PEM, or the key does not match the certificate"),
     "tls_unknown": ("http: {tls_config: {insecure_skip_verfy: true}}",
                     'module "m": http.tls.insecure_skip_verfy: unknown key'),
     "unknown_http_key": ("http: {valid_status_code: [200]}", 'module "m": http.valid_status_code: unknown key'),
