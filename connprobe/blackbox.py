@@ -379,7 +379,7 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"expected a size like 1MB, got {value!r:.40}")
 
 
-def _http(t: Translation, raw: Any, prefix: str) -> Any:
+def _http(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool = False) -> Any:
     if not isinstance(raw, dict):
         return raw
     body = dict(raw)
@@ -440,6 +440,10 @@ def _http(t: Translation, raw: Any, prefix: str) -> Any:
             body.setdefault("client", "httpx")  # the client that speaks HTTP/2
     if "http_headers" in body:
         _http_headers(t, body, prefix)
+    if blackbox_defaults and "compression" not in body and "accept_encoding" not in body:
+        headers = body.get("headers")
+        if not (isinstance(headers, dict) and any(str(k).lower() == "accept-encoding" for k in headers)):
+            body["accept_encoding"] = "identity"  # blackbox asks for no coding (its Go client's is turned off)
     auth = _authorization(t, body, prefix)
     if auth is not None:
         headers = body.get("headers")
@@ -514,6 +518,8 @@ def translate_module(raw: dict, base_dir: Path | None = None, blackbox_defaults:
             continue
         if section == "dns":
             body[section] = _dns(t, body[section], section, blackbox_defaults)
+        elif section == "http":
+            body[section] = _http(t, body[section], section, blackbox_defaults)
         else:
             body[section] = _SECTIONS[section](t, body[section], section)
     if blackbox_defaults:
@@ -524,6 +530,8 @@ def translate_module(raw: dict, base_dir: Path | None = None, blackbox_defaults:
                 section = body[prober] = {}
             if isinstance(section, dict):
                 section.setdefault("preferred_ip_protocol", "ip6")  # blackbox's default
+                if prober == "http" and not isinstance(raw.get("http"), dict):  # made here: blackbox's defaults
+                    section.setdefault("accept_encoding", "identity")
         if prober == "dns" and body.get("dns") is None:
             pass  # ModuleSpec says query_name is required
     return body, t.errors

@@ -155,8 +155,9 @@ def _first_request(attempt: Attempt, spec: HTTPSpec) -> _Request:
     if prep.url is None:
         prep.url = yarl.URL(attempt.target.raw)
     headers = prep.headers
-    if spec.compression is not None and not any(k.lower() == "accept-encoding" for k in headers):
-        headers = {**headers, "Accept-Encoding": spec.compression}  # not a secret: not in the module's headers
+    asked = spec.compression or spec.accept_encoding
+    if asked is not None and not any(k.lower() == "accept-encoding" for k in headers):
+        headers = {**headers, "Accept-Encoding": asked}  # not a secret: not in the module's headers
     return _Request(spec.method, prep.url, headers, spec.body)
 
 

@@ -255,6 +255,9 @@ class HTTPSpec(Frozen):
     valid_http_versions: tuple[str, ...] = ()  # e.g. ["HTTP/1.1"]; empty: any
     # the coding asked for (Accept-Encoding) and required of the answer (Content-Encoding); the body is decoded
     compression: Literal["gzip", "deflate", "identity"] | None = None
+    # the Accept-Encoding sent when no header sets it: unset, the client's "gzip, deflate" (or `compression`);
+    # a blackbox file gets "identity", as blackbox_exporter asks for no coding
+    accept_encoding: Literal["identity", "gzip", "deflate", "gzip, deflate"] | None = None
     source_ip_address: str | None = None  # the local address the probe's connections are bound to
     # an http:// proxy: plain requests go to it in absolute form, https ones through a CONNECT tunnel (httpx)
     proxy_url: str | None = None

@@ -56,9 +56,17 @@ async def targets(tmp_path):
     async def redirect(request):
         raise web.HTTPFound("/ok")
 
+    async def gz(request):  # gzip when the client says it takes it (Go's transport asks by itself)
+        import gzip
+
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=gzip.compress(b"ok from the lab " * 50), headers={"Content-Encoding": "gzip"})
+        return web.Response(body=b"ok from the lab " * 50)
+
     app = web.Application()
     app.router.add_get("/ok", ok)
     app.router.add_get("/redirect", redirect)
+    app.router.add_get("/gz", gz)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
     await runner.setup()
     plain = web.TCPSite(runner, "127.0.0.1", 0)
@@ -255,6 +263,7 @@ async def _probe(base: str, module: str, target: str) -> dict:
 CASES = [
     ("http_2xx", "http://127.0.0.1:{http}/ok"),
     ("http_2xx", "http://127.0.0.1:{http}/redirect"),
+    ("http_2xx", "http://127.0.0.1:{http}/gz"),
     ("http_regex_fails", "http://127.0.0.1:{http}/ok"),
     ("http_versions", "http://127.0.0.1:{http}/ok"),
     ("https_ca", "https://127.0.0.1:{https}/ok"),

@@ -156,6 +156,7 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     assert (d.query_type, d.transport) == ("SOA", "tcp")
     assert d.validate_answer_rrs.fail_if_all_match_regexp == ("nope",)
     assert m["dns_any"].dns.query_type == "ANY"  # blackbox's default query_type
+    assert h.accept_encoding == "identity" and m["tcp_connect"].tcp is not None  # blackbox asks for no coding
     i = m["icmp_v4"].icmp
     assert (i.dont_fragment, i.payload_size, i.ttl, i.preferred_ip_protocol) == (True, 56, 32, "ip4")
     assert m["grpc_plain"].grpc.service == "shop.Cart"
@@ -194,6 +195,7 @@ probes:
     assert h.headers["Authorization"].get_secret_value() == "Bearer abc"
     assert h.follow_redirects is False and h.tls.insecure_skip_verify is True
     assert h.preferred_ip_protocol is None  # connprobe's default: no family preferred
+    assert h.accept_encoding is None  # the client's own "gzip, deflate"
     assert cfg.modules["d"].dns.query_type == "A"
 
 
