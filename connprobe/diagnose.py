@@ -195,6 +195,7 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
             "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
+            "progress": [{"at_ms": round((p.ts_ns - r.start_ns) / 1e6, 3), "bytes": p.bytes} for p in r.progress],
             "kernel_evidence": {"available": a.evidence.available, "lost_events": a.evidence.lost_events,
                                 "reason": a.evidence.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
@@ -210,7 +211,8 @@ def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
     return {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
             "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
             "netns_name": names.get(e.netns), "tcp_state": e.tcp_state, "reason": e.reason,
-            "location": e.location, "tcp_flags": e.tcp_flags}
+            "location": e.location, "tcp_flags": e.tcp_flags, "seq": e.seq, "seq_len": e.seq_len,
+            "snd_una": e.snd_una, "data_segs_out": e.segs_out, "total_retrans": e.total_retrans}
 
 
 def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -> None:
@@ -228,6 +230,8 @@ def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":
             text = f"  {text}"
+        elif row.kind == "progress":
+            text = f"  [green]↓[/green] {text}"
         out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
     for f in v.facts[1:]:
         out.print(f"      · {escape(name_namespaces(f, names))}")

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
 
+from prober.progress import Arrivals
 from prober.redact import Redactor, redact, redact_url, remember  # noqa: F401 - redact: its old home
 from prober.resolve import Resolution, ResolvConf, load_resolv_conf
 from prober.sockets import PortCallback, Source, close_socket_pools, connect, no_callback
@@ -260,6 +261,12 @@ class Attempt:
     resolv: ResolvConf | None = None
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
+    arrivals: Arrivals | None = None  # how the answer arrived, for kinds that read one (http, tcp expect)
+
+    def track_arrivals(self, deadline_ns: int) -> Arrivals:
+        """Start recording how the answer arrives (points spaced by the probe's budget)."""
+        self.arrivals = Arrivals(self.start_ns, deadline_ns)
+        return self.arrivals
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
@@ -316,4 +323,5 @@ class Attempt:
             captured_headers=captured,
             values=tuple(sorted(self.values.items())),
             labels=self.prep.labels,
+            progress=self.arrivals.freeze() if self.arrivals is not None else (),
         )

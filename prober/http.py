@@ -200,8 +200,11 @@ async def _read_body(chunks, spec: HTTPSpec, facts: dict, attempt: Attempt, enco
     inflated_cap = spec.max_decompressed_bytes if encoded else None
     size = 0
     buf = bytearray()
+    arrivals = attempt.arrivals
     async for chunk in chunks:
         size += len(chunk)
+        if arrivals is not None:
+            arrivals.add(len(chunk))
         if cap is not None and size > cap:
             facts["size"] = size
             attempt.failed.append("max_body_bytes")
@@ -608,6 +611,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     t1 = _CURRENT.set(attempt)
     t2 = _CTX_CB.set(env.on_local_port)
     t3 = _CTX_DEADLINE.set(deadline_ns)
+    attempt.track_arrivals(deadline_ns)
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
             await _exchange(attempt, spec, env, facts)
