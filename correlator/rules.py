@@ -12,7 +12,8 @@ when several stories fit one probe:
                         a firewall answered for the target. Beats connection_refused.
  3. connection_refused  refused, and the target's own stack said nothing listens (RST, NO_SOCKET).
  4. policy_drop_connect connect failed and our SYNs were dropped, every one of them: a policy.
-                        Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit.
+                        Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit; a tc/XDP
+                        program's drops of fewer than PROGRAM_DROPS_FOR_POLICY attempts are unknown.
  5. policy_drop_established  the handshake passed, then from some moment on every copy of one segment (of
                         our data or of the answer) was dropped, the timer backing off, nothing newer sent —
                         and the loss rate the sender had met before makes that run of drops too unlikely to
@@ -179,6 +180,17 @@ def connection_refused(ctx: Context) -> Finding | None:
 
 
 # --- 4, 5, 6, 7 ----------------------------------------------------------------------------------------
+# A tc/XDP program's drop is a policy or a loss injector; random loss takes two handshake packets in a row
+# often enough (4 % at 20 % loss), so it takes this many dropped attempts to call it a policy.
+PROGRAM_DROPS_FOR_POLICY = 3
+
+
+def _program_or_loss(evidence: tuple[Matched, ...], facts: list[str] | tuple[str, ...], n: int) -> Finding:
+    return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.5, evidence,
+                   (*facts, f"a tc/XDP program dropped them (a policy or a loss injector); {n} attempt(s) are too "
+                            "few to tell a policy, which drops every one, from random loss"))
+
+
 def policy_drop_connect(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.error not in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_UNREACHABLE) or t.established:
@@ -193,6 +205,8 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
         if reason_class(first.event.reason) == "loss":
             return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers + t.syn_retransmits,
                            (*facts, "a queue dropped them: congestion rather than intent"))
+        if reason_class(first.event.reason) == "program" and len(answers) < PROGRAM_DROPS_FOR_POLICY:
+            return _program_or_loss(answers + t.syn_retransmits, facts, len(answers))
         conf = 0.85 if reason_class(first.event.reason) == "policy" else 0.75
         return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, answers + t.syn_retransmits, facts)
     if not decisive:
@@ -204,6 +218,8 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
     if reason_class(first.event.reason) == "loss":
         return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, decisive + t.syn_retransmits,
                        (*facts, "a queue dropped them: congestion rather than intent"))
+    if reason_class(first.event.reason) == "program" and len(decisive) < PROGRAM_DROPS_FOR_POLICY:
+        return _program_or_loss(decisive + t.syn_retransmits, facts, len(decisive))
     conf = 0.95 if reason_class(first.event.reason) == "policy" else 0.8
     if len(decisive) < attempts:
         conf -= 0.15  # some SYNs were not seen dropped (lost events, or dropped elsewhere)

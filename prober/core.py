@@ -8,7 +8,9 @@ failed in it) ends at the failure time, so a correlator sees where the time went
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,7 @@ from prober.spec import ProbeSpec
 from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
 monotonic_ns = time.monotonic_ns
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset
 
 
 class Hop:
@@ -34,6 +37,7 @@ class Hop:
         "first_byte",
         "peercert",
         "sent",
+        "sock",
         "tls_end",
         "tls_start",
     )
@@ -43,6 +47,7 @@ class Hop:
         self.sent = self.first_byte = self.end = 0
         self.conn = None  # the protocol object that stamps first_byte (aiohttp)
         self.peercert: dict | None = None  # the verified peer certificate (TLS hops)
+        self.sock: socket.socket | None = None  # the hop's TCP socket (to reset it when the probe gives up)
 
     def phase(self) -> str:
         if self.first_byte or (self.conn is not None and getattr(self.conn, "first_byte_ns", 0)):
@@ -77,6 +82,19 @@ class Timeline:
         if self.hops:
             return self.hops[-1].phase()
         return "connect"
+
+    def reset_on_close(self) -> None:
+        """The probe gave up: make the close of each hop's socket still open a reset (SO_LINGER 0) instead of a
+        FIN. The socket then leaves at once — no FIN_WAIT with a retransmission timer pending when a policy
+        eats the peer's acknowledgement — and the peer's too when the reset reaches it, so the kernel shows the
+        probe's flows closed and its evidence window can close (`correlator.join.window_complete`). The result
+        is decided already; only how the connection ends changes (as when unread data is left, which resets it
+        too). A socket already closed is left alone."""
+        for h in self.hops:
+            s = h.sock
+            if s is not None and s.fileno() != -1:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
     def spans(self, end_ns: int) -> tuple[PhaseSpan, ...]:
         out: list[PhaseSpan] = [PhaseSpan("resolve", a, b) for a, b in self.resolves]
@@ -276,6 +294,7 @@ class Attempt:
         connect phase timed. Its flow is recorded even when the connect fails (the kernel saw its packets);
         the socket is closed then, and the caller's on any later failure."""
         sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+        hop.sock = sock
         hop.connect_start = time.monotonic_ns()
         try:
             hop.connect_end = await connect(asyncio.get_running_loop(), sock, sockaddr)

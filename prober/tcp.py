@@ -62,6 +62,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
+        attempt.timeline.reset_on_close()  # the connection ends in a reset: the kernel shows it closed at once
         kind, detail = classify(exc, attempt.timeline.phase())
         return attempt.result(kind, detail)
     finally:
