@@ -1,6 +1,6 @@
 """HTTP probe with three clients, all timed the same way and all on the prober's own sockets.
 
-- `aiohttp` (default, `prober/_lean.py`): aiohttp's C HTTP/1.1 parser on a connection the prober opens
+- `aiohttp` (default, `prober/http1_client.py`): aiohttp's C HTTP/1.1 parser on a connection the prober opens
   itself; stamps are taken where the bytes move (connect, TLS, request written, first byte received).
 - `aiohttp-session`: a full `aiohttp.ClientSession`; a `TCPConnector` subclass whose
   `_wrap_create_connection` creates, connects and TLS-wraps the socket itself (stamps around each step),
@@ -40,9 +40,10 @@ from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
 from anyio._backends._asyncio import StreamProtocol as _AnyioStreamProtocol
 from httpcore._backends.anyio import AnyIOStream
 
-from prober import _lean
-from prober.core import Attempt, ProbeEnv, Timeline
-from prober.errors import classify, find_in_chain
+from prober import http1_client
+from prober.attempt import Attempt, Timeline
+from prober.env import ProbeEnv
+from prober.errors import find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
@@ -638,8 +639,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         failure = _find_failure(exc)
         if failure is not None:
             return attempt.result(failure.kind, failure.detail)
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)
     finally:
         _CURRENT.reset(t1)
         _CTX_CB.reset(t2)
@@ -658,15 +658,15 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     return attempt.result()
 
 
-async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
+async def _http1_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
     if first:  # the same bytes every run: built once per spec
         request = prep.request
         if request is None:
-            request = prep.request = _lean.request_bytes(req.method, req.url, req.headers, body)
-    return await _lean.send(
+            request = prep.request = http1_client.request_bytes(req.method, req.url, req.headers, body)
+    return await http1_client.send(
         attempt,
         spec,
         req.method,
@@ -680,7 +680,7 @@ async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Requ
     )
 
 
-_SENDERS = {"aiohttp": _lean_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
+_SENDERS = {"aiohttp": _http1_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:

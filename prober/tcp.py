@@ -7,8 +7,8 @@ import re
 import socket
 import time
 
-from prober.core import Attempt, ProbeEnv
-from prober.errors import classify
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.http import ssl_context
 
 monotonic_ns = time.monotonic_ns
@@ -62,9 +62,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
-        attempt.timeline.reset_on_close()  # the connection ends in a reset: the kernel shows it closed at once
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)  # (it resets the connection: the kernel shows it closed at once)
     finally:
         if writer is not None:
             writer.close()

@@ -22,12 +22,12 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from connprobe.agent import Agent, _with_budgets
+from connprobe.agent import Agent, agent_config
 from connprobe.config import MAX_LINE, Config, ConfigError, load_config, parse_config
-from prober.core import parse_target
 from prober.resolve import ResolvConf, candidates
 from prober.source import parse_source
 from prober.spec import MAX_DURATION, MAX_TIMEOUT, ModuleSpec, ProbeSpec, format_duration, parse_duration
+from prober.target import parse_target
 from tests.leaks import FUZZ_SEED
 
 EXAMPLES = int(os.environ.get("CONNPROBE_FUZZ_EXAMPLES", "400"))
@@ -224,7 +224,7 @@ def _runnable(cfg: Config) -> None:
         if p.module.dns is not None:
             dns.name.from_text(p.module.dns.query_name)
         parse_source(p.source)
-    agent_cfg = _with_budgets(cfg, "<fuzz>")
+    agent_cfg = agent_config(cfg, "<fuzz>")
     Agent._keep_ns(agent_cfg)
 
 

@@ -15,29 +15,28 @@ pytestmark = pytest.mark.kernel
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("client", ["aiohttp", "aiohttp-session", "httpx"])
 async def test_a_wall_mid_transfer_leaves_the_window_complete_and_the_verdict_unchanged(lab, client):
-    from connprobe.diagnose import open_sensor
-    from connprobe.lab.scenarios import MID_TRANSFER_POLICY
+    from connprobe.lab.schedule import FAULTS
+    from connprobe.sensorload import close_watch, open_watch
     from prober import HTTPSpec, ProbeEnv, run_probe
     from prober.spec import ModuleSpec, ProbeSpec
 
     spec = ProbeSpec(name="wall", target=lab.server("srv1").url("/bytes/40000000"),
                      source=f"netns {lab.ns('client').name}", interval=5,
                      module=ModuleSpec(prober="http", timeout=1.5, http=HTTPSpec(client=client)))
-    ev = await open_sensor(False)
+    ev = await open_watch()
     assert ev.available, ev.unavailable_reason
     try:
         async with ProbeEnv(on_local_port=ev.on_local_port) as env:
-            with MID_TRANSFER_POLICY(lab):
+            with FAULTS["srv1_drops_after_4mb"](lab):
                 (r,) = await run_probe(spec, env)
                 events, status = await ev.collect(r)
     finally:
-        await ev.stop()
-        ev.sensor.close()
+        await close_watch(ev)
     assert r.error == "read_timeout" and r.progress and r.progress[-1].bytes > 1_000_000, r
     # Both ends of the connection seen closed (ours by the reset we sent, the server's on receiving it).
-    assert window_complete(r, events), [(e.kind, e.tcp_state, e.reason, e.sport, e.dport, (e.ts_ns - r.end_ns) // 1000) for e in events
-                                        if e.ts_ns >= r.end_ns]
+    assert window_complete(r, events), [(e.kind, e.tcp_state, e.reason, e.sport, e.dport, e.ts_ns - r.end_ns)
+                                        for e in events if e.ts_ns >= r.end_ns]
     ours = {(f.local_addr, f.local_port) for f in r.flows if f.proto == "tcp"}
     assert any(e.kind == "reset_tx" and (e.saddr, e.sport) in ours for e in events)
-    v = correlate(r, events, evidence=status)
+    v = correlate(r, events, coverage=status)
     assert v.sub_cause == "policy_drop/established", v.facts
