@@ -369,8 +369,11 @@ class Agent:
         drop_capabilities: bool = False,
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
+        cluster: Any = None,
     ):
         self.config_path = Path(config_path)
+        # connprobe.cluster.view.ClusterView (--kubernetes): names pods/services/nodes in verdicts; None: off
+        self.cluster = cluster
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -414,6 +417,8 @@ class Agent:
         self.registry.register(_AgentCollector(self))
         self.privileges = Privileges(drop_capabilities)  # on: only what the probes need, from start-up
         self.registry.register(self.privileges)
+        if cluster is not None:
+            self.registry.register(cluster)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -526,6 +531,12 @@ class Agent:
         except Exception:
             log.exception("correlating %s failed", result.name)
             return
+        if self.cluster is not None:
+            try:
+                verdict = self.cluster.name_verdict(verdict)
+                self.cluster.observe(verdict)
+            except Exception:  # naming is a bonus: the verdict goes out with bare addresses
+                log.exception("naming pods in the verdict of %s failed", result.name)
         self.verdicts_total += 1
         for s in self.sinks:
             s.offer(verdict)
@@ -755,6 +766,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    k8s = p.add_argument_group("Kubernetes (off by default)")
+    k8s.add_argument("--kubernetes", action="store_true",
+                     help="watch the cluster (this node's pods, services, endpoint slices, nodes, namespaces) and "
+                          "name pods, services and nodes in verdicts")
+    k8s.add_argument("--kubernetes.kubeconfig", dest="kubeconfig", metavar="FILE",
+                     help="kubeconfig to reach the API server (default: the pod's service account, in-cluster)")
+    k8s.add_argument("--kubernetes.node", dest="kubernetes_node", metavar="NAME",
+                     help="this node's name (default: $NODE_NAME, set from spec.nodeName in the DaemonSet)")
+    k8s.add_argument("--kubernetes.proc", dest="kubernetes_proc", default="/proc", metavar="DIR",
+                     help="where the host's /proc is (default /proc: the DaemonSet runs with hostPID)")
     p.add_argument("--keep-capabilities", action="store_true",
                    help="keep every capability after start-up (default: drop all that the probes do not need)")
 
@@ -785,9 +806,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         stream = sys.stdout
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    try:
+        cluster = open_cluster_view(args, "connprobe agent")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        if stream not in (None, sys.stdout):
+            stream.close()
+        return 2
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
-                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
+                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, cluster=cluster)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
@@ -827,9 +855,35 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if runner is not None:
             await runner.cleanup()
         await agent.stop()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.close)
         if stream not in (None, sys.stdout):
             stream.close()
     return 0
+
+
+def open_cluster_view(args: argparse.Namespace, command: str):
+    """The ClusterView the arguments ask for (started; None without --kubernetes). ValueError: one line."""
+    import os
+
+    if not getattr(args, "kubernetes", False):
+        return None
+    from connprobe.cluster.state import ClusterConfigError, ClusterState, load_api_client
+    from connprobe.cluster.view import ClusterView
+
+    node = getattr(args, "kubernetes_node", None) or os.environ.get("NODE_NAME", "")
+    if not node:
+        raise ValueError(f"{command}: --kubernetes needs this node's name: --kubernetes.node NAME or $NODE_NAME")
+    try:
+        client = load_api_client(getattr(args, "kubeconfig", None))
+    except ClusterConfigError as exc:
+        raise ValueError(f"{command}: --kubernetes: {exc}") from None
+    try:
+        state = ClusterState(client, node_name=node)
+    except ValueError as exc:
+        client.close()
+        raise ValueError(f"{command}: --kubernetes.node: {exc}") from None
+    return ClusterView(state, proc_root=getattr(args, "kubernetes_proc", "/proc")).start()
 
 
 async def _freeze_heap_when_ready(agent: Agent) -> None:

@@ -117,6 +117,9 @@ def render_status_page(agent: Any, now: float | None = None, *, warning: str = "
     specs = agent.probe_specs()
     board = agent.board.probes()
     names = netns_names()
+    cluster = getattr(agent, "cluster", None)
+    if cluster is not None:
+        names.update(cluster.netns_names())
     rows = []
     failing: list[tuple[str, BoardEntry]] = []
     for name, spec in specs.items():
@@ -184,7 +187,8 @@ def render_status_page(agent: Any, now: float | None = None, *, warning: str = "
         f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
         f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(agent.config_path)}</span>"
         f"<span class='meta'>kernel sensor {_e(agent.sensor_state)}</span>"
-        f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
+        + (f"<span class='meta' id=cluster>{_e(cluster.readiness())}</span>" if cluster is not None else "")
+        + f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
         f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'
         f'<div class="card"><b style="color:#2e7d32">{n_ok}</b>ok</div>'
         f'<div class="card"><b>{n_wait}</b>waiting for a first result</div>{reload_note}</div>'

@@ -558,7 +558,8 @@ async def healthy(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     agent = _agent(request)
     if agent.ready:
-        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).")
+        note = f" {agent.cluster.readiness()}." if getattr(agent, "cluster", None) is not None else ""
+        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).{note}")
     return _text(503, f"connprobe agent is not ready: kernel sensor {agent.sensor_state}.")
 
 
