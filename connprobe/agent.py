@@ -374,6 +374,9 @@ class Agent:
         self.config_path = Path(config_path)
         # connprobe.cluster.view.ClusterView (--kubernetes): names pods/services/nodes in verdicts; None: off
         self.cluster = cluster
+        self.file_config: AgentConfig | None = None  # as read; `active` adds the probes expanded from the cluster
+        self.cluster_notes: tuple[str, ...] = ()  # why (part of) a probe with cluster names is not running now
+        self._reexpand_pending = False
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -426,8 +429,12 @@ class Agent:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
         if self.watcher is not None:  # before the load: a change in between differs from it at the next check
             await self.watcher.prime()
-        self.active = load_agent_config(self.config_path)
-        self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
+        self.file_config = load_agent_config(self.config_path)
+        self._check_templates(self.file_config)
+        self.active = self._expanded(self.file_config)
+        # before the agent listens; the sensor loads on one thread. Probes with pod sources come and go: their
+        # capability (setns) is kept from the start.
+        self.privileges.begin((*self.active.config.probes, *self._template_standins(self.file_config)))
         self.tracebacks.install()
         self._declare(self.active.config.probes)
         for s in self.sinks:
@@ -438,6 +445,83 @@ class Agent:
         self._main.append(asyncio.create_task(self._watch_loop(), name="connprobe-agent-loop-lag"))
         if self.watcher is not None:
             self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
+        if self.cluster is not None:
+            loop = asyncio.get_running_loop()
+            self.cluster.state.subscribe(lambda *_: loop.call_soon_threadsafe(self._schedule_reexpand))
+            self._main.append(asyncio.create_task(self._resync_loop(), name="connprobe-agent-cluster-resync"))
+
+    # -- probes written with cluster names (connprobe.cluster.targets) ---------------------------------------
+
+    def _check_templates(self, cfg: AgentConfig) -> None:
+        if cfg.config.templates and self.cluster is None:
+            raise ConfigError([f'probe "{t.name}": source/target name cluster objects: run the agent with '
+                               "--kubernetes" for t in cfg.config.templates])
+
+    @staticmethod
+    def _template_standins(cfg: AgentConfig) -> list[ProbeSpec]:
+        return [t.spec.model_copy(update={"source": "netns pod"}) for t in cfg.config.templates
+                if t.parts.source is not None]
+
+    def _expanded(self, cfg: AgentConfig) -> AgentConfig:
+        """`cfg` plus the probes its templates expand to in the cluster's current state."""
+        templates = cfg.config.templates
+        if not templates or self.cluster is None:
+            self.cluster_notes = ()
+            return cfg
+        from dataclasses import replace as dc_replace
+
+        from connprobe.cluster.targets import expand
+
+        got = expand(templates, self.cluster, taken=(p.name for p in cfg.config.probes))
+        self.cluster_notes = got.notes
+        return _with_budgets(dc_replace(cfg.config, probes=(*cfg.config.probes, *got.probes)), cfg.path)
+
+    def _schedule_reexpand(self) -> None:
+        if self._reexpand_pending or self.file_config is None or not self.file_config.config.templates:
+            return
+        self._reexpand_pending = True
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)  # a burst of watch events is one re-expansion
+            self._reexpand_pending = False
+            await self.reexpand()
+
+        self._spawn(later(), "connprobe-cluster-reexpand")
+
+    async def _resync_loop(self, every: float = 5.0) -> None:
+        """Namespaces of new pods appear without a watch event: look again now and then."""
+        while True:
+            await asyncio.sleep(every)
+            self._schedule_reexpand()
+
+    async def reexpand(self) -> bool:
+        """Re-expand the templates from the cluster state; apply the difference like a reload. True if changed."""
+        async with self._reload_lock:
+            if self.file_config is None or self.active is None:
+                return False
+            try:
+                new = await asyncio.to_thread(self._expanded, self.file_config)
+                if new.probes == self.active.probes:
+                    return False
+                self.privileges.check(new.config.probes)
+                plan = _ReloadPlan.between(self.active, new)
+                plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))
+                await self._open_sources(plan)
+                undo: list[Callable[[], object]] = []
+                try:
+                    self._swap(plan, undo)
+                except Exception:
+                    for step in reversed(undo):
+                        with contextlib.suppress(Exception):
+                            step()
+                    raise
+            except Exception as exc:
+                log.error("probes from the cluster state not updated: %s: %s", type(exc).__name__, exc)
+                return False
+            self._start_changes(plan)
+            log.info("probes from the cluster state: %d added, %d removed, %d changed", len(plan.added),
+                     len(plan.removed), len(plan.changed))
+            return True
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
@@ -622,8 +706,11 @@ class Agent:
     async def _reload(self) -> ReloadOutcome:
         self.last_reload_time = time.time()
         try:
-            new = await asyncio.to_thread(load_agent_config, self.config_path)
-            self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
+            new_file = await asyncio.to_thread(load_agent_config, self.config_path)
+            self._check_templates(new_file)
+            new = await asyncio.to_thread(self._expanded, new_file)
+            # a capability dropped at start-up is not coming back
+            self.privileges.check((*new.config.probes, *self._template_standins(new_file)))
             plan = _ReloadPlan.between(self.active, new)
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
             await self._open_sources(plan)
@@ -639,6 +726,7 @@ class Agent:
                 with contextlib.suppress(Exception):
                     step()
             return self._reload_failed(f"{type(exc).__name__}: {exc}")
+        self.file_config = new_file
         self._start_changes(plan)
         self.reloads["success"] += 1
         self.last_reload_ok = True
@@ -766,16 +854,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    k8s = p.add_argument_group("Kubernetes (off by default)")
-    k8s.add_argument("--kubernetes", action="store_true",
-                     help="watch the cluster (this node's pods, services, endpoint slices, nodes, namespaces) and "
-                          "name pods, services and nodes in verdicts")
-    k8s.add_argument("--kubernetes.kubeconfig", dest="kubeconfig", metavar="FILE",
-                     help="kubeconfig to reach the API server (default: the pod's service account, in-cluster)")
-    k8s.add_argument("--kubernetes.node", dest="kubernetes_node", metavar="NAME",
-                     help="this node's name (default: $NODE_NAME, set from spec.nodeName in the DaemonSet)")
-    k8s.add_argument("--kubernetes.proc", dest="kubernetes_proc", default="/proc", metavar="DIR",
-                     help="where the host's /proc is (default /proc: the DaemonSet runs with hostPID)")
+    from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
+
+    add_kubernetes_arguments(p)
     p.add_argument("--keep-capabilities", action="store_true",
                    help="keep every capability after start-up (default: drop all that the probes do not need)")
 
@@ -807,6 +888,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
+        from connprobe.cluster.options import open_cluster_view
+
         cluster = open_cluster_view(args, "connprobe agent")
     except ValueError as exc:
         print(exc, file=sys.stderr)
@@ -860,30 +943,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
     return 0
-
-
-def open_cluster_view(args: argparse.Namespace, command: str):
-    """The ClusterView the arguments ask for (started; None without --kubernetes). ValueError: one line."""
-    import os
-
-    if not getattr(args, "kubernetes", False):
-        return None
-    from connprobe.cluster.state import ClusterConfigError, ClusterState, load_api_client
-    from connprobe.cluster.view import ClusterView
-
-    node = getattr(args, "kubernetes_node", None) or os.environ.get("NODE_NAME", "")
-    if not node:
-        raise ValueError(f"{command}: --kubernetes needs this node's name: --kubernetes.node NAME or $NODE_NAME")
-    try:
-        client = load_api_client(getattr(args, "kubeconfig", None))
-    except ClusterConfigError as exc:
-        raise ValueError(f"{command}: --kubernetes: {exc}") from None
-    try:
-        state = ClusterState(client, node_name=node)
-    except ValueError as exc:
-        client.close()
-        raise ValueError(f"{command}: --kubernetes.node: {exc}") from None
-    return ClusterView(state, proc_root=getattr(args, "kubernetes_proc", "/proc")).start()
 
 
 async def _freeze_heap_when_ready(agent: Agent) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from connprobe.cluster.targets import ClusterProbe, is_cluster_probe, split_cluster_probe
 from prober.spec import Duration, Frozen, ModuleSpec, ProbeSpec, format_duration
 
 TOP_KEYS = ("modules", "probes", "limits")
@@ -90,6 +91,9 @@ class Config:
     modules: dict[str, ModuleSpec]
     probes: tuple[ProbeSpec, ...]
     limits: Limits = field(default_factory=Limits)
+    # probes written with cluster names (`source: pod NS/NAME`, `svc/NS/NAME:PORT` targets): expanded by the
+    # agent with --kubernetes (connprobe.cluster.targets.ClusterProbe)
+    templates: tuple[Any, ...] = ()
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 3x faster at 10,000 probes
@@ -268,6 +272,7 @@ def _parse(text: str, filename: str) -> Config:
             bad_modules.add(name)
 
     probes: list[ProbeSpec] = []
+    templates: list[ClusterProbe] = []
     raw_probes = raw.get("probes") or []
     if not isinstance(raw_probes, list):
         errors.append("config: probes: must be a list of probes")
@@ -302,6 +307,13 @@ def _parse(text: str, filename: str) -> Config:
             known = ", ".join(sorted(_key(m) for m in raw_modules)) or "none defined"
             errors.append(f'{owner}: module: unknown module "{module_name}" (known: {known})')
             continue
+        parts = None
+        if is_cluster_probe(body):
+            try:
+                body, parts = split_cluster_probe(body, modules[module_name].prober)
+            except ValueError as exc:
+                errors.append(f"{owner}: {exc}")
+                continue
         try:
             probe = ProbeSpec.model_validate({**body, "module": modules[module_name]})
         except ValidationError as exc:
@@ -315,10 +327,13 @@ def _parse(text: str, filename: str) -> Config:
             errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
                           f"limits.min_interval ({format_duration(limits.min_interval)})")
             continue
-        probes.append(probe)
+        if parts is not None:
+            templates.append(ClusterProbe(probe, parts))
+        else:
+            probes.append(probe)
     if errors:
         raise ConfigError(errors)
-    return Config(modules=modules, probes=tuple(probes), limits=limits)
+    return Config(modules=modules, probes=tuple(probes), limits=limits, templates=tuple(templates))
 
 
 def labels_errors(labels: dict[str, str]) -> list[str]:
@@ -403,6 +418,13 @@ def check_config_main(args: Any) -> int:
         budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
         print(f"  {p.name}: {p.module.prober} {_shown_target(p)} from {p.source} every {p.interval:g}s, "
               f"timeout {p.effective_timeout:g}s{budget}")
+    for t in cfg.templates:
+        parts, p = t.parts, t.spec
+        target = str(parts.target) if parts.target is not None else _shown_target(p)
+        source = str(parts.source) if parts.source is not None else p.source
+        extra = " and each ready endpoint" if parts.endpoints else ""
+        print(f"  {p.name}: {p.module.prober} {target}{extra} from {source} every {p.interval:g}s "
+              "(cluster names: expanded by the agent with --kubernetes)")
     return 0
 
 

@@ -178,8 +178,14 @@ def render_status_page(agent: Any, now: float | None = None, *, warning: str = "
         reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'
                        f"<pre>{_e(agent.last_reload_error)}</pre>the previous configuration keeps running</div>")
     banner = ""
+    notes = getattr(agent, "cluster_notes", ())
+    if notes:
+        items = "".join(f"<li>{_e(n)}</li>" for n in notes[:50])
+        more = f"<li>and {len(notes) - 50} more</li>" if len(notes) > 50 else ""
+        banner += ('<div class="card" id="cluster-notes" style="border-left:4px solid #f9a825;margin-bottom:12px">'
+                   f"<b>cluster names not probed now</b><ul>{items}{more}</ul></div>")
     if warning:
-        banner = ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
+        banner += ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
                   f"<b>unauthenticated</b>{_e(warning)}</div>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"

@@ -83,6 +83,7 @@ class ClusterView:
         self._last_scan = 0.0
         self._thread: threading.Thread | None = None
         self._verdicts: Counter[tuple[str, ...]] = Counter()
+        self._uid_inode: dict[str, int] = {}
         self._counts_lock = threading.Lock()
 
     # -- lifecycle
@@ -122,7 +123,9 @@ class ClusterView:
                 return
             self._last_scan = now
             try:
-                self.identity.refresh_netns(self.netns_index)
+                mapping = self.netns_index.scan()
+                self._uid_inode = {uid: inode for inode, uid in mapping.items()}
+                self.identity.refresh_netns(mapping)
             except Exception as e:  # a scan must never take the agent down
                 log.warning("scanning %s for pods' namespaces failed: %s", self.netns_index.proc_root, e)
 
@@ -143,6 +146,11 @@ class ClusterView:
         no EndpointSlice names."""
         ident = self.identity.lookup(ip, at)
         return ident.node if ident is not None else None
+
+    def pod_netns(self) -> dict[str, int]:
+        """Pod UID → network namespace inode, for this node's pods, from the last scan (rescanned if a second old)."""
+        self.rescan_netns()
+        return dict(self._uid_inode)
 
     def netns_names(self) -> dict[int, str]:
         """netns inode → "pod NS/NAME on node N" for the pods of this node known now (timelines)."""
@@ -249,3 +257,4 @@ def _long(ident: Identity) -> str:
     if ident.services and ident.kind == "pod":
         more.append("service " + ", ".join(ident.services))
     return f"{text} ({'; '.join(more)})" if more else text
+

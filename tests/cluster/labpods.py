@@ -18,7 +18,6 @@ PODS = {
     "srv2": ("payments", "ledger-0", ("StatefulSet", "ledger"), {"app": "ledger"}),
 }
 NODE = "n1"
-LEDGER_VIP = "10.96.0.20"
 
 
 def pod_object(role: str, node: str = NODE) -> dict:
@@ -39,9 +38,11 @@ def seed(api, roles=("client", "srv1", "srv2")) -> None:
     for role in roles:
         api.apply(pod_object(role))
     api.apply(o.service("api", cluster_ips=VIP, ports=(("http", VIP_PORT),)))
-    api.apply(o.endpoint_slice("api-abcde", "api", [(_addrs("srv1")[0], PODS["srv1"][1], NODE, True)], port=8080))
-    api.apply(o.service("ledger", cluster_ips=(LEDGER_VIP,), ports=(("http", 8080),)))
-    api.apply(o.endpoint_slice("ledger-fghij", "ledger", [(_addrs("srv2")[0], "ledger-0", NODE, True)], port=8080))
+    api.apply(o.endpoint_slice("api-abcde", "api", [(_addrs("srv1")[0], PODS["srv1"][1], NODE, True)], port=8080,
+                                     port_name="http"))
+    api.apply(o.service("ledger", cluster_ips=("None",), ports=(("http", 8080),)))  # headless
+    api.apply(o.endpoint_slice("ledger-fghij", "ledger", [(_addrs("srv2")[0], "ledger-0", NODE, True)], port=8080,
+                                     port_name="http"))
 
 
 def fake_proc(root: Path, lab, roles=("client", "srv1", "srv2")) -> Path:

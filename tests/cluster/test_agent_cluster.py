@@ -94,3 +94,38 @@ def test_agent_kubernetes_flags_fail_with_one_line(tmp_path):
     out = subprocess.run(base, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 2 and out.stderr.strip() == (
         "connprobe agent: --kubernetes needs this node's name: --kubernetes.node NAME or $NODE_NAME")
+
+
+def test_selector_source_and_service_target_follow_pods_as_they_come_and_go(lab, api, tmp_path):
+    labpods.seed(api, roles=("srv1", "srv2"))  # the frontend pod is not there yet
+    proc = labpods.fake_proc(tmp_path / "proc", lab)
+    cfg = write_config(tmp_path / "agent.yml", [
+        {"name": "to-api", "module": "tcp", "target": "svc/payments/api:http", "endpoints": True,
+         "source": {"namespace": "frontend", "selector": {"app": "web"}}, "interval": "2s", "jitter": 0}],
+        {"tcp": {"prober": "tcp", "timeout": "1.5s"}})
+    agent = AgentProcess(cfg, tmp_path, "--kubernetes", "--kubernetes.kubeconfig",
+                         api.kubeconfig(tmp_path / "kubeconfig"), "--kubernetes.node", labpods.NODE,
+                         "--kubernetes.proc", str(proc))
+    pod = labpods.PODS["client"][1]
+    vip_probe, ep_probe = f"to-api@{pod}", f"to-api@{pod}~{labpods.PODS['srv1'][1]}"
+    try:
+        agent.start()
+        wait_for(lambda: "cluster state fresh" in http_get(agent.url + "/-/ready")[1], 20, "a synced cluster state")
+        assert not samples_named(agent.metrics(), "probe_success")
+        api.apply(labpods.pod_object("client"))
+        for name in (vip_probe, ep_probe):
+            wait_for(lambda n=name: (_last(agent, n) or {}).get("cause") == "ok", 30, f"{name} healthy")
+        m = agent.metrics()
+        source = lab.ns("client").name
+        assert samples_named(m, "probe_success", probe=vip_probe, target="10.96.0.10:80", source=source)
+        assert samples_named(m, "probe_success", probe=ep_probe, target=f"{_addrs('srv1')[0]}:8080", source=source)
+        last = _last(agent, vip_probe)
+        assert "destination 10.96.0.10: service payments/api" in last["facts"]
+        # the pod goes: its probes and their series go
+        api.delete("Pod", "frontend", pod)
+        wait_for(lambda: not samples_named(agent.metrics(), "probe_success"), 30, "the pod's series to go")
+        assert http_get(agent.url + "/")[0] == 200
+    finally:
+        rc = agent.stop()
+    assert rc == 0, agent.stderr()[-3000:]
+    assert "probes from the cluster state: 2 added" in agent.stderr()
