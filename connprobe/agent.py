@@ -370,6 +370,7 @@ class Agent:
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
         cluster: Any = None,
+        discovery: bool = False,
     ):
         self.config_path = Path(config_path)
         # connprobe.cluster.view.ClusterView (--kubernetes): names pods/services/nodes in verdicts; None: off
@@ -377,6 +378,8 @@ class Agent:
         self.file_config: AgentConfig | None = None  # as read; `active` adds the probes expanded from the cluster
         self.cluster_notes: tuple[str, ...] = ()  # why (part of) a probe with cluster names is not running now
         self._reexpand_pending = False
+        self.discovery = discovery and cluster is not None  # probes from Service annotations (--kubernetes.discovery)
+        self._problems_logged: set[str] = set()
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -446,6 +449,7 @@ class Agent:
         if self.watcher is not None:
             self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
         if self.cluster is not None:
+            self.cluster.start()  # after the capability drop: its threads inherit the reduced sets
             loop = asyncio.get_running_loop()
             self.cluster.state.subscribe(lambda *_: loop.call_soon_threadsafe(self._schedule_reexpand))
             self._main.append(asyncio.create_task(self._resync_loop(), name="connprobe-agent-cluster-resync"))
@@ -457,27 +461,47 @@ class Agent:
             raise ConfigError([f'probe "{t.name}": source/target name cluster objects: run the agent with '
                                "--kubernetes" for t in cfg.config.templates])
 
-    @staticmethod
-    def _template_standins(cfg: AgentConfig) -> list[ProbeSpec]:
-        return [t.spec.model_copy(update={"source": "netns pod"}) for t in cfg.config.templates
-                if t.parts.source is not None]
+    def _template_standins(self, cfg: AgentConfig) -> list[ProbeSpec]:
+        """Capabilities for what comes and goes with the cluster: setns() into pods' namespaces (probes with pod
+        sources, discovered probes), and reading pods' /proc/PID/ns/net (the netns scan of --kubernetes)."""
+        if self.cluster is None:
+            return []
+        from prober.spec import ModuleSpec
+
+        scan = ProbeSpec(name="--kubernetes (pods' network namespaces)", module=ModuleSpec(prober="tcp", timeout=1.0),
+                         target="127.0.0.1:1", source="/proc/1/ns/net")
+        return [scan, *(t.spec.model_copy(update={"source": "netns pod"}) for t in cfg.config.templates
+                        if t.parts.source is not None)]
 
     def _expanded(self, cfg: AgentConfig) -> AgentConfig:
         """`cfg` plus the probes its templates expand to in the cluster's current state."""
-        templates = cfg.config.templates
+        templates = list(cfg.config.templates)
+        problems: list[str] = []
+        if self.discovery:
+            from connprobe.cluster.discovery import AnnotationSource
+
+            source = AnnotationSource(cfg.config.modules, cfg.config.limits.min_interval)
+            found, problems = source.templates(self.cluster.state.services())
+            templates += found
+            self.cluster.discovery_problems = tuple(problems)
+            for p in problems:
+                if p not in self._problems_logged:
+                    log.warning("annotation discovery: %s", p)
+            self._problems_logged = set(problems)
         if not templates or self.cluster is None:
-            self.cluster_notes = ()
+            self.cluster_notes = tuple(problems)
             return cfg
         from dataclasses import replace as dc_replace
 
         from connprobe.cluster.targets import expand
 
         got = expand(templates, self.cluster, taken=(p.name for p in cfg.config.probes))
-        self.cluster_notes = got.notes
+        self.cluster_notes = (*problems, *got.notes)
         return _with_budgets(dc_replace(cfg.config, probes=(*cfg.config.probes, *got.probes)), cfg.path)
 
     def _schedule_reexpand(self) -> None:
-        if self._reexpand_pending or self.file_config is None or not self.file_config.config.templates:
+        if self._reexpand_pending or self.file_config is None or not (
+                self.file_config.config.templates or self.discovery):
             return
         self._reexpand_pending = True
 
@@ -890,7 +914,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     try:
         from connprobe.cluster.options import open_cluster_view
 
-        cluster = open_cluster_view(args, "connprobe agent")
+        cluster = open_cluster_view(args, "connprobe agent", start=False)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         if stream not in (None, sys.stdout):
@@ -898,12 +922,15 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 2
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
-                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, cluster=cluster)
+                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, cluster=cluster,
+                  discovery=getattr(args, "kubernetes_discovery", False))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
         await agent.start()
     except ConfigError as exc:
+        if cluster is not None:
+            cluster.close()
         print(f"connprobe agent: invalid configuration:\n{exc}", file=sys.stderr)
         if stream not in (None, sys.stdout):
             stream.close()

@@ -16,12 +16,16 @@ def add_arguments(p: Any) -> None:
                      help="kubeconfig to reach the API server (default: the pod's service account, in-cluster)")
     k8s.add_argument("--kubernetes.node", dest="kubernetes_node", metavar="NAME",
                      help="this node's name (default: $NODE_NAME, set from spec.nodeName in the DaemonSet)")
+    k8s.add_argument("--kubernetes.discovery", dest="kubernetes_discovery", action="store_true",
+                     help="(agent) also probe Services annotated connprobe.io/probe (see README: annotation "
+                          "discovery)")
     k8s.add_argument("--kubernetes.proc", dest="kubernetes_proc", default="/proc", metavar="DIR",
                      help="where the host's /proc is (default /proc: the DaemonSet runs with hostPID)")
 
 
-def open_cluster_view(args: Any, command: str) -> Any:
-    """The ClusterView the arguments ask for (started; None without --kubernetes). ValueError: one line."""
+def open_cluster_view(args: Any, command: str, *, start: bool = True) -> Any:
+    """The ClusterView the arguments ask for (None without --kubernetes); started unless `start=False` (the
+    agent starts it after dropping capabilities, so its threads hold no more). ValueError: one line."""
     import os
 
     if not getattr(args, "kubernetes", False):
@@ -41,4 +45,5 @@ def open_cluster_view(args: Any, command: str) -> Any:
     except ValueError as exc:
         client.close()
         raise ValueError(f"{command}: --kubernetes.node: {exc}") from None
-    return ClusterView(state, proc_root=getattr(args, "kubernetes_proc", "/proc")).start()
+    view = ClusterView(state, proc_root=getattr(args, "kubernetes_proc", "/proc"))
+    return view.start() if start else view

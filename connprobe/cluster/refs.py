@@ -69,7 +69,8 @@ class ServiceRef:
 
 def _namespace(value: str, what: str) -> str:
     if not _LABEL.fullmatch(value):
-        raise ValueError(f"{what}: namespace {_shown(value)} is not a valid namespace name (lowercase letters, "
+        prefix = f"{what}: " if what != "namespace" else ""
+        raise ValueError(f"{prefix}namespace {_shown(value)} is not a valid namespace name (lowercase letters, "
                          "digits and '-', at most 63)")
     return value
 

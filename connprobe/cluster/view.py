@@ -84,6 +84,7 @@ class ClusterView:
         self._thread: threading.Thread | None = None
         self._verdicts: Counter[tuple[str, ...]] = Counter()
         self._uid_inode: dict[str, int] = {}
+        self.discovery_problems: tuple[str, ...] = ()  # set by the agent: Services with a bad annotation
         self._counts_lock = threading.Lock()
 
     # -- lifecycle
@@ -230,7 +231,7 @@ class ClusterView:
                 f"{len(s.nodes())} nodes")
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         yield from self.state.collect()
         fam = CounterMetricFamily(
@@ -244,6 +245,11 @@ class ClusterView:
         for key, n in items:
             fam.add_metric(list(key), n)
         yield fam
+        yield GaugeMetricFamily(
+            "connprobe_discovery_invalid_services",
+            "Services whose connprobe.io/* annotations are invalid (each named on the status page and in the log)",
+            value=len(self.discovery_problems),
+        )
 
     def describe(self) -> Iterator[Any]:
         return iter(())
