@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connprobe.lab.topology import VIP, VIP_PORT, _addrs
+from connprobe.lab.topology import VIP, VIP_PORT, role_addresses
 from tests.cluster import objects as o
 
 # role -> (namespace, pod name, owner, labels)
@@ -22,7 +22,7 @@ NODE = "n1"
 
 def pod_object(role: str, node: str = NODE) -> dict:
     ns, name, owner, labels = PODS[role]
-    return o.pod(name, namespace=ns, node=node, ips=_addrs(role), owner=owner, labels=labels)
+    return o.pod(name, namespace=ns, node=node, ips=role_addresses(role), owner=owner, labels=labels)
 
 
 def uid_of(role: str) -> str:
@@ -38,11 +38,11 @@ def seed(api, roles=("client", "srv1", "srv2")) -> None:
     for role in roles:
         api.apply(pod_object(role))
     api.apply(o.service("api", cluster_ips=VIP, ports=(("http", VIP_PORT),)))
-    api.apply(o.endpoint_slice("api-abcde", "api", [(_addrs("srv1")[0], PODS["srv1"][1], NODE, True)], port=8080,
-                                     port_name="http"))
+    api.apply(o.endpoint_slice("api-abcde", "api", [(role_addresses("srv1")[0], PODS["srv1"][1], NODE, True)],
+                               port=8080, port_name="http"))
     api.apply(o.service("ledger", cluster_ips=("None",), ports=(("http", 8080),)))  # headless
-    api.apply(o.endpoint_slice("ledger-fghij", "ledger", [(_addrs("srv2")[0], "ledger-0", NODE, True)], port=8080,
-                                     port_name="http"))
+    api.apply(o.endpoint_slice("ledger-fghij", "ledger", [(role_addresses("srv2")[0], "ledger-0", NODE, True)],
+                               port=8080, port_name="http"))
 
 
 def fake_proc(root: Path, lab, roles=("client", "srv1", "srv2")) -> Path:

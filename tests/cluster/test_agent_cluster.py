@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from connprobe.lab.topology import _addrs
+from connprobe.lab.topology import role_addresses
 from tests.agent.helpers import AgentProcess, http_get, samples_named, wait_for, write_config
 from tests.cluster import labpods
 
@@ -29,7 +29,7 @@ def _log(agent: AgentProcess) -> list[dict]:
 def test_agent_names_the_destination_pod_of_a_policy_drop(lab, api, tmp_path):
     labpods.seed(api)
     proc = labpods.fake_proc(tmp_path / "proc", lab)
-    ledger = _addrs("srv2")[0]
+    ledger = role_addresses("srv2")[0]
     cfg = write_config(tmp_path / "agent.yml", [
         {"name": "ledger", "module": "tcp", "target": f"{ledger}:8080", "source": f"netns {lab.ns('client').name}",
          "interval": "2s", "jitter": 0}], {"tcp": {"prober": "tcp", "timeout": "1.5s"}})
@@ -118,7 +118,8 @@ def test_selector_source_and_service_target_follow_pods_as_they_come_and_go(lab,
         m = agent.metrics()
         source = lab.ns("client").name
         assert samples_named(m, "probe_success", probe=vip_probe, target="10.96.0.10:80", source=source)
-        assert samples_named(m, "probe_success", probe=ep_probe, target=f"{_addrs('srv1')[0]}:8080", source=source)
+        endpoint = f"{role_addresses('srv1')[0]}:8080"
+        assert samples_named(m, "probe_success", probe=ep_probe, target=endpoint, source=source)
         last = _last(agent, vip_probe)
         assert "destination 10.96.0.10: service payments/api" in last["facts"]
         # the pod goes: its probes and their series go
@@ -128,4 +129,4 @@ def test_selector_source_and_service_target_follow_pods_as_they_come_and_go(lab,
     finally:
         rc = agent.stop()
     assert rc == 0, agent.stderr()[-3000:]
-    assert "probes from the cluster state: 2 added" in agent.stderr()
+    assert ": 2 probes (2 added, 0 removed, 0 changed)" in agent.stderr()  # the reload the cluster asked for

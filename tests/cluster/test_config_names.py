@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from connprobe.cli import main
 from connprobe.cluster.refs import PodRef, SelectorSource, ServiceRef
-from connprobe.config import ConfigError, check_config_main, parse_config
+from connprobe.config import ConfigError, parse_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,7 +63,7 @@ def test_check_config_lists_templates(tmp_path, capsys):
     path = tmp_path / "c.yml"
     path.write_text(_config({"name": "b", "module": "tcp", "target": "svc/payments/api:http", "endpoints": True,
                              "source": {"namespace": "frontend", "selector": {"app": "web"}}}))
-    assert check_config_main([str(path)]) == 0
+    assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert ("  b: tcp svc/payments/api:http and each ready endpoint from frontend pods with app=web every 15s "
             "(cluster names: expanded by the agent with --kubernetes)") in out

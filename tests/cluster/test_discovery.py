@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from connprobe.cluster.discovery import AnnotationSource
 from connprobe.cluster.refs import SelectorSource, ServiceRef
 from connprobe.cluster.state import slim_service
+from connprobe.targets.discovery import AnnotationSource
 from prober.spec import ModuleSpec
 from tests.agent.helpers import AgentProcess, http_get, samples_named, wait_for, write_config
 from tests.cluster import labpods

@@ -16,8 +16,8 @@ one-line error, e.g. `service payments/api: connprobe.io/interval: 2ms is shorte
 A bad annotation is reported (`problems`: the status page and `connprobe_discovery_invalid_services`), never
 raised. Probes appear, change and disappear with the watch (the agent re-expands on each change).
 
-Interface (for a targets layer): `AnnotationSource(modules, min_interval).templates(services)` →
-`(templates, problems)`.
+Interface: `AnnotationSource(modules, min_interval).templates(services)` → `(templates, problems)`; the
+cluster target source (`connprobe/targets/cluster.py`) calls it on every load.
 """
 
 from __future__ import annotations
