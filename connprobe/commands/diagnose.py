@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -44,13 +45,16 @@ from prober.spec import ProbeSpec, parse_duration
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
-                                             "ws(s)://URL or unix:/PATH (not with --config)")
+                                  "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, HTTP "
+                                  "with a path; implies --kubernetes)")
     p.add_argument("--config", type=Path, metavar="FILE",
-                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does")
+                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does "
+                        "(not with TARGET)")
     p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
-                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
+                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net; with "
+                        "Kubernetes pod/NS/NAME or deploy/NS/NAME (a pod of it on this node)")
     p.add_argument("--budget", default=None, help="latency budget, e.g. 300ms or 1s: slower counts as a problem")
     p.add_argument("--timeout", default="5s", help="per-attempt timeout (default 5s)")
     p.add_argument("--interval", default="0s", help="pause between attempts (default 0s)")
@@ -63,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text (default: each attempt printed as it finishes), json (the documented document, "
                         "docs/diagnose.schema.json) or yaml (the same document)")
     p.add_argument("--json", action="store_true", help="the same as -o json")
+    from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
+
+    add_kubernetes_arguments(p)
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
@@ -126,6 +133,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":
             text = f"  {text}"
+        elif row.kind == "progress":
+            text = f"  [green]↓[/green] {text}"
         out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
     for f in v.facts[1:]:
         out.print(f"      · {escape(name_namespaces(f, names))}")
@@ -134,8 +143,67 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
     out.print(f"  [{style}]verdict: {escape(line)}[/{style}]  [dim](rule {v.rule})[/dim]")
 
 
+def resolve_cluster_names(args: argparse.Namespace):
+    """With cluster names in --from or TARGET (or --kubernetes): the started ClusterView (also `args._cluster`),
+    and --from/TARGET rewritten to the pod's network namespace and the Service's address. UsageError: one line."""
+    from connprobe.cluster.refs import parse_service_target, parse_workload_ref
+
+    pod_ref = svc_ref = None
+    try:
+        if args.source.startswith(("pod/", "deploy/", "deployment/")):
+            pod_ref = parse_workload_ref(args.source)
+    except ValueError as exc:
+        raise UsageError(f"--from: {exc}") from None
+    try:
+        if args.target.startswith("svc/"):
+            svc_ref = parse_service_target(args.target)
+    except ValueError as exc:
+        raise UsageError(f"TARGET: {exc}") from None
+    if pod_ref is None and svc_ref is None and not args.kubernetes:
+        return None
+    from connprobe.cluster.options import open_cluster_view
+    from connprobe.cluster.targets import pod_sources, service_targets
+
+    args.kubernetes = True
+    try:
+        view = open_cluster_view(args, "--kubernetes")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    args._cluster = view
+    if not view.wait_synced(10):
+        raise UsageError(f"--kubernetes: the cluster state was not read within 10s "
+                         f"({view.state.last_error or 'no answer from the API server'})")
+    args.cluster_names = {}
+    if pod_ref is not None:
+        paths = {inode: name for inode, name in netns_names().items() if name != "host"}
+        found, notes = pod_sources(view, pod_ref, paths)
+        if not found:
+            raise UsageError(f"--from {pod_ref}: {notes[0] if notes else 'no such pod on this node'}")
+        pod, source = found[0]
+        args.cluster_names["source"] = f"{pod_ref} is pod {pod.namespace}/{pod.name} ({source})"
+        args.source = source
+    if svc_ref is not None:
+        prober = "http" if svc_ref.path != "/" else "tcp"
+        targets, notes = service_targets(view, svc_ref, prober, endpoints=False)
+        if not targets:
+            raise UsageError(f"TARGET {svc_ref}: {notes[0] if notes else 'no address'}")
+        args.cluster_names["target"] = f"{svc_ref} is {targets[0][1]}"
+        args.target = targets[0][1]
+    return view
+
+
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
+    try:
+        return _run(args, err)
+    finally:
+        cluster = getattr(args, "_cluster", None)
+        if cluster is not None:
+            cluster.close()
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
+    cluster = None
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     install_log_redaction()
     try:
@@ -144,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
         output = getattr(args, "output", None) or ("json" if args.json else "text")
         if args.json and output != "json":
             raise UsageError(f"--json: not with -o {output}")
+        if args.config is None and args.target:  # names of a cluster in TARGET or --from (not with --config)
+            cluster = resolve_cluster_names(args)
         spec = build_spec(args)
         if args.config is not None:  # the document and the header name what was run; the probe's own budget
             args.target, args.source = spec.target, spec.source
@@ -155,20 +225,29 @@ def run(args: argparse.Namespace) -> int:
         if not out.is_terminal:
             out = Console(width=160, highlight=False)
         names = netns_names() if output == "text" else {}
+        if cluster is not None and output == "text":
+            names.update(cluster.netns_names())
         shown: list[bool] = []
 
         def stream(a: Diagnosis) -> None:  # text: each attempt as soon as it has finished
             if a.verdict.result.error and a.verdict.result.error.value == "source_error":
                 return
-            if not shown and not a.coverage.available:
-                out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+            if not shown:
+                if not a.coverage.available:
+                    out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+                for line in getattr(args, "cluster_names", {}).values():
+                    out.print(f"[dim]{escape(line)}[/dim]")
             shown.append(True)
+            if cluster is not None:
+                a = replace(a, verdict=cluster.name_verdict(a.verdict))
             print_attempt(out, a, args.count, names)
 
         attempts = asyncio.run(_diagnose(args, spec, stream if output == "text" else None))
     except UsageError as exc:
-        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
+        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    if cluster is not None:
+        attempts = [replace(a, verdict=cluster.name_verdict(a.verdict)) for a in attempts]
     code = exit_code(attempts)
     if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
         err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
