@@ -19,6 +19,9 @@ when several stories fit one probe:
                         be chance (see correlator/progress.py): a policy on the established flow, also when
                         it began in the middle of a transfer. Drops interleaved with progress are loss.
  6. local_policy        connect()/sendto() got EPERM: a firewall in the probe's own namespace.
+ 5b. remote_reset, remote_connect, remote_stall  this node's evidence did not decide, the destination's
+                        node's agent was asked (correlator/crossnode.py): a reset of unseen origin (before
+                        connection_refused), a connect timeout or a stall with no drop seen here.
  7. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
  8. tls, 9. http_error  the handshake or the HTTP answer failed, on a network that delivered.
 10. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
@@ -40,6 +43,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bpf.types import RemoteEvidence
+from correlator.crossnode import remote_connect, remote_reset, remote_stall
 from correlator.evidence import CLASS_WORDS, TcpFacts, reason_class, where
 from correlator.join import Matched
 from correlator.progress import (
@@ -79,6 +84,7 @@ class Context:
     matched: tuple[Matched, ...]
     budget_ns: int | None
     evidence: EvidenceStatus
+    remote: tuple[RemoteEvidence, ...] = ()  # what peer agents saw of this probe's flows (correlator/crossnode.py)
     tcp: TcpFacts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -546,9 +552,12 @@ RULES: tuple[Rule, ...] = (
     dns_failure,
     icmp_echo,
     policy_reject,
+    remote_reset,
     connection_refused,
     policy_drop_connect,
     policy_drop_established,
+    remote_connect,
+    remote_stall,
     local_policy,
     connect_unexplained,
     tls,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from bpf.types import KernelEvent
+from bpf.types import KernelEvent, RemoteEvidence
 from prober.types import ProbeResult
 
 
@@ -31,3 +31,4 @@ class Verdict:
     evidence: tuple[KernelEvent, ...]
     facts: tuple[str, ...]  # phase facts that decided, in words
     summary: str  # one line for a human
+    remote: tuple[RemoteEvidence, ...] = ()  # what peer agents said about the probe's flows (asked or not)
