@@ -176,6 +176,11 @@ def seq_offsets(btf: Btf) -> dict[str, int]:
     return out
 
 
+# bcc's compiler (clang/LLVM in-process) aborts the process when two sensors compile at once on two threads
+# (two agents in one process: the two-node lab): one compile at a time.
+_COMPILE_LOCK = threading.Lock()
+
+
 def _kernel_headers_dir() -> Path | None:
     release = os.uname().release
     for sub in ("build", "source"):
@@ -397,7 +402,8 @@ class KernelSensor:
 
         def compile_(hooks: list[HookSpec]) -> Any:
             self.cflags = base + [f"-D{h.macro}" for h in hooks]
-            return manual(text=text, cflags=self.cflags)
+            with _COMPILE_LOCK:
+                return manual(text=text, cflags=self.cflags)
 
         try:
             bpf = compile_(enabled)

@@ -27,7 +27,9 @@ from connprobe.causes import colour
 from connprobe.evidence import KernelEvidence
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
+from bpf.clock import sample_clock_offset
 from correlator import Cause, Verdict, correlate
+from correlator.crossnode import wants_remote
 from correlator.record import Recording, save, to_jsonable
 from correlator.rules import EvidenceStatus
 from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
@@ -66,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
+                   help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
+                        "does not decide (cross-node evidence); the sensor reports only `node.netns`")
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
@@ -112,14 +117,15 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
         raise UsageError(f"TARGET {redact_url(args.target)!r}: {msg}") from None
 
 
-async def open_sensor(disabled: bool) -> KernelEvidence:
+async def open_sensor(disabled: bool, netns: frozenset[int] | None = None) -> KernelEvidence:
+    """The kernel sensor, reporting the events of `netns` only when given (a node's namespaces)."""
     if disabled:
         return KernelEvidence(None, "disabled with --no-kernel")
     try:
         from bpf.sensor import KernelSensor, SensorError
     except ImportError as exc:  # bcc missing
         return KernelEvidence(None, f"kernel sensor unavailable: {exc}")
-    sensor = KernelSensor()
+    sensor = KernelSensor(netns=netns)
     try:
         await sensor.__aenter__()
     except SensorError as exc:
@@ -136,8 +142,9 @@ async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEv
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
     owned = evidence is None
+    asker, node_netns = _peers(getattr(args, "peers_config", None))
     if evidence is None:
-        evidence = await open_sensor(args.no_kernel)
+        evidence = await open_sensor(args.no_kernel, netns=node_netns)
     attempts: list[Attempt] = []
     try:
         async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
@@ -146,17 +153,41 @@ async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEv
                     await asyncio.sleep(interval)
                 for result in await run_probe(spec, env):
                     events, status = await evidence.collect(result)
-                    verdict = correlate(result, events, budget_ns=int(budget * 1e9) if budget else None,
-                                        evidence=status)
+                    budget_ns = int(budget * 1e9) if budget else None
+                    verdict = correlate(result, events, budget_ns=budget_ns, evidence=status)
+                    if asker is not None and wants_remote(verdict):
+                        remote = await asker.ask(result, sample_clock_offset())
+                        verdict = correlate(result, events, budget_ns=budget_ns, evidence=status, remote=remote)
                     attempts.append(Attempt(i + 1, verdict, tuple(verdict.evidence), status))
                     if args.record:
                         _record(args.record, spec, attempts[-1], events, budget)
     finally:
+        if asker is not None:
+            await asker.close()
         if owned:
             await evidence.stop()
             if evidence.sensor is not None:
                 evidence.sensor.close()
     return attempts
+
+
+def _peers(path: Path | None):
+    """The peer asker and the node's namespaces of an agent config (--peers), or (None, None)."""
+    if path is None:
+        return None, None
+    from connprobe.agent import _netns_inode
+    from connprobe.config import ConfigError, load_config
+    from connprobe.crossnode import PeerAsker, PeerConfigError, StaticPeers
+
+    try:
+        cfg = load_config(path)
+        resolver = StaticPeers.from_settings(cfg.peers)
+        netns = None if cfg.node.netns is None else frozenset(_netns_inode(n) for n in cfg.node.netns)
+    except (ConfigError, PeerConfigError) as exc:
+        raise UsageError(f"--peers: {str(exc).splitlines()[0]}") from None
+    if not resolver:
+        raise UsageError(f"--peers: {path} has no `peers:`")
+    return PeerAsker(resolver), netns
 
 
 def _record(directory: Path, spec: ProbeSpec, a: Attempt, events: list[KernelEvent], budget: float | None) -> None:
@@ -181,6 +212,7 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
     out = []
     for a in attempts:
         v, r = a.verdict, a.verdict.result
+        remote = {x.event: x for rem in v.remote for x in rem.events}
         out.append({
             "attempt": a.index,
             "address": r.address,
@@ -194,7 +226,10 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
             "dns": [{"server": tx.server, "name": tx.name, "type": tx.qtype, "rcode": tx.rcode,
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
-            "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
+            "events": [_event_doc(e, r.start_ns, names, remote.get(e)) for e in v.evidence],
+            "remote": [{"node": x.node, "available": x.available, "reason": x.reason, "watching": x.watching,
+                        "uncertainty_ms": round(x.uncertainty_ns / 1e6, 3), "events": len(x.events)}
+                       for x in v.remote],
             "kernel_evidence": {"available": a.evidence.available, "lost_events": a.evidence.lost_events,
                                 "reason": a.evidence.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
@@ -206,11 +241,15 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
             "exit_code": code, "attempts": out}
 
 
-def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
-    return {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
-            "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
-            "netns_name": names.get(e.netns), "tcp_state": e.tcp_state, "reason": e.reason,
-            "location": e.location, "tcp_flags": e.tcp_flags}
+def _event_doc(e: KernelEvent, origin: int, names: dict[int, str], there=None) -> dict:
+    doc = {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
+           "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
+           "netns_name": there.netns_name if there else names.get(e.netns), "tcp_state": e.tcp_state,
+           "reason": e.reason, "location": e.location, "tcp_flags": e.tcp_flags,
+           "node": there.node if there else None}
+    if there:
+        doc["at_uncertainty_ms"] = round(there.uncertainty_ns / 1e6, 3)
+    return doc
 
 
 def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -> None:
@@ -224,6 +263,8 @@ def print_attempt(out: Console, a: Attempt, total: int, names: dict[int, str]) -
         text = escape(row.text)
         if row.kind == "phase":
             text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel" and row.node:
+            text = f"  [magenta]▲ kernel[/magenta] [bold]{escape(row.node)}[/bold] {text}"
         elif row.kind == "kernel":
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":

@@ -11,6 +11,9 @@
     GET  /-/ready        200 once the kernel sensor is attached or has definitively failed; 503 before
     GET  /               the status page (server-rendered HTML, no external assets)
     GET  /api/recent     the status page's data as JSON, a page of probes at a time (?limit=100&offset=0)
+    GET  /api/evidence   a peer agent's question: this node's kernel events of a flow between two wall-clock times
+                         (connprobe/crossnode.py); peers only (bearer token, basic auth or a verified client
+                         certificate), anyone else 401
 
 Security (`WebSecurity`, the `security` middleware; what /probe may do is `connprobe.probepolicy`):
 - `--web.config.file` (exporter-toolkit's YAML, `connprobe.webconfig`): TLS, bcrypt basic auth (then every
@@ -46,6 +49,7 @@ from pydantic import ValidationError
 
 from connprobe import timeline
 from connprobe.agent import Agent
+from connprobe.crossnode import EVIDENCE_PATH, QueryError, parse_query, peer_authenticated
 from connprobe.metrics import format_labels, probe_registry
 from connprobe.probepolicy import (
     ProbeLimiter,
@@ -293,9 +297,24 @@ def _foreign_origin(request: web.Request) -> str | None:
     return None if origin.lower() == own else origin
 
 
+def _verified_client_cert(request: web.Request, sec: WebSecurity) -> bool:
+    tls = sec.config.tls
+    if tls is None or not tls.client_ca_file or request.transport is None:
+        return False
+    return bool(request.transport.get_extra_info("peercert"))
+
+
 @web.middleware
 async def security(request: web.Request, handler):
     sec = request.app[STATE_KEY].security
+    if request.path == EVIDENCE_PATH:  # peers only, whatever else the web config allows
+        basic_ok = sec.basic is not None and await _authenticated(request, sec.basic)
+        if not peer_authenticated(request.headers, request.app[AGENT_KEY].peer_token, basic_ok=basic_ok,
+                                  client_cert=_verified_client_cert(request, sec)):
+            return _refuse(401, "a peer agent's credential is required (node.peer_token_file's bearer token, "
+                                "the web config's basic auth, or a verified client certificate)",
+                           {"WWW-Authenticate": 'Bearer realm="connprobe"'})
+        return await handler(request)
     if not sec.config.secured and not _host_allowed(request, sec):
         host = request.headers.get("Host", "")[:100]
         return _refuse(403, f"Host {host!r} is not this agent's address or name (DNS rebinding is refused)")
@@ -608,6 +627,20 @@ async def recent(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def evidence(request: web.Request) -> web.Response:
+    """A peer's question: the events this node kept of one flow (connprobe/crossnode.py)."""
+    received = _agent(request).wall_clock()
+    try:
+        query = parse_query(request.query)
+    except QueryError as exc:
+        return _text(400, str(exc))
+    try:
+        doc = _agent(request).answer_question(query, received)
+    except LookupError as exc:
+        return _text(503, str(exc))
+    return web.json_response(doc)
+
+
 def build_app(agent: Agent, security_settings: WebSecurity | None = None,
               limiter: ProbeLimiter | None = None) -> web.Application:
     app = web.Application(middlewares=[security], client_max_size=64 * 1024)
@@ -623,6 +656,7 @@ def build_app(agent: Agent, security_settings: WebSecurity | None = None,
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", status_page)
     app.router.add_get("/api/recent", recent)
+    app.router.add_get(EVIDENCE_PATH, evidence)
     return app
 
 

@@ -381,7 +381,7 @@ async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp
 
     release = asyncio.Event()
 
-    async def slow_sensor(disabled: bool) -> KernelEvidence:
+    async def slow_sensor(disabled: bool, netns=None) -> KernelEvidence:
         await release.wait()
         return KernelEvidence(None, "BPF unavailable (test)")
 
