@@ -32,7 +32,7 @@ def pure_rate(seconds: float) -> None:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for r in recs:
-            correlate(r.result, r.events, budget_ns=r.budget_ns, evidence=r.evidence)
+            correlate(r.result, r.events, budget_ns=r.budget_ns, coverage=r.coverage)
         n += len(recs)
     dt = time.perf_counter() - t0
     print(f"pure correlator: {len(recs)} recordings ({events} events, {events / len(recs):.1f} per probe), "
@@ -51,7 +51,7 @@ def pure_rate(seconds: float) -> None:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for r in recs:
-            correlate(r.result, [*r.events, *noise], budget_ns=r.budget_ns, evidence=r.evidence)
+            correlate(r.result, [*r.events, *noise], budget_ns=r.budget_ns, coverage=r.coverage)
         n += len(recs)
     dt = time.perf_counter() - t0
     print(f"with 10,000 unrelated events per window: {n / dt:,.0f} verdicts/s, {dt / n * 1e3:.2f} ms per verdict")
@@ -100,7 +100,7 @@ async def lab_latency(trials: int) -> None:
                         (result,) = await run_probe(sp, env)
                         events, status = await ev.collect(result)
                     t_collected = time.monotonic_ns()
-                    correlate(result, events, evidence=status)
+                    correlate(result, events, coverage=status)
                     t_done = time.monotonic_ns()
                     total.append((t_done - result.end_ns) / 1e6)
                     work.append((t_done - t_collected) / 1e6)

@@ -6,7 +6,7 @@ tested on recorded data alone.
 
 from correlator.correlate import correlate
 from correlator.join import join
-from correlator.rules import RULES, EvidenceStatus
-from correlator.types import Cause, Verdict
+from correlator.rules import RULES
+from correlator.types import Cause, KernelCoverage, Verdict
 
-__all__ = ["RULES", "Cause", "EvidenceStatus", "Verdict", "correlate", "join"]
+__all__ = ["RULES", "Cause", "KernelCoverage", "Verdict", "correlate", "join"]

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from bpf.types import KernelEvent, RemoteEvidence
 from correlator.crossnode import remote_facts, unavailable_facts
 from correlator.join import GRACE_NS, join
-from correlator.rules import RULES, Context, EvidenceStatus, Finding
-from correlator.types import Cause, Verdict
+from correlator.rules import RULES, Context, Finding
+from correlator.types import Cause, KernelCoverage, Verdict
 from prober.types import ProbeResult
 
 LOST_EVENTS_FACTOR = 0.5
@@ -20,21 +20,21 @@ def correlate(
     events: Iterable[KernelEvent],
     *,
     budget_ns: int | None = None,
-    evidence: EvidenceStatus | None = None,
+    coverage: KernelCoverage | None = None,
     grace_ns: int = GRACE_NS,
     remote: Iterable[RemoteEvidence] = (),
 ) -> Verdict:
     """`remote`: what peer agents answered about this probe's flows (the app asks them when `wants_remote` says
     this node's own evidence does not decide), or why they could not."""
-    evidence = evidence or EvidenceStatus()
-    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, evidence, tuple(remote))
+    coverage = coverage or KernelCoverage()
+    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, coverage, tuple(remote))
     for rule in RULES:
         finding = rule(ctx)
         if finding is not None:
             return _verdict(ctx, rule.__name__, finding)
     facts = [f"failed with {result.error or 'no error'}: {result.error_detail}".rstrip(": ")]
-    if not evidence.available:
-        facts.append(f"no kernel evidence ({evidence.reason or 'sensor off'})")
+    if not coverage.available:
+        facts.append(f"no kernel evidence ({coverage.reason or 'sensor off'})")
     elif not ctx.matched:
         facts.append("the kernel reported nothing unusual for this probe's packets")
     return _verdict(ctx, "fallback", Finding(Cause.UNKNOWN, None, 0.2, (), tuple(facts), needs_kernel=False))
@@ -43,12 +43,12 @@ def correlate(
 def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
     confidence = f.confidence
     facts = list(f.facts)
-    if f.needs_kernel and not ctx.evidence.available:
+    if f.needs_kernel and not ctx.coverage.available:
         confidence = min(confidence, NO_KERNEL_CAP)
-        facts.append(f"no kernel evidence ({ctx.evidence.reason or 'sensor off'}): this is a guess")
-    if ctx.evidence.lost_events:
+        facts.append(f"no kernel evidence ({ctx.coverage.reason or 'sensor off'}): this is a guess")
+    if ctx.coverage.lost_events:
         confidence *= LOST_EVENTS_FACTOR
-        facts.append(f"{ctx.evidence.lost_events} kernel event(s) were lost while this probe ran: "
+        facts.append(f"{ctx.coverage.lost_events} kernel event(s) were lost while this probe ran: "
                      "the evidence may be incomplete")
     if ctx.remote:
         facts += unavailable_facts(ctx.remote)
