@@ -586,13 +586,17 @@ class Agent:
         evidence does not decide, ask the destination's agent (`peers:`) and correlate again with its answer."""
         return (await self.verdicts_for(result, budget_ns))[1]
 
-    async def verdicts_for(self, result: ProbeResult, budget_ns: int | None) -> tuple[Verdict, Verdict]:
+    async def verdicts_for(self, result: ProbeResult, budget_ns: int | None,
+                           seen: dict[str, Any] | None = None) -> tuple[Verdict, Verdict]:
         """(the verdict on this node's evidence alone, the verdict after asking peers — the same when none was
-        asked). A peer's question ends by its deadline, whatever the peer does."""
+        asked). A peer's question ends by its deadline, whatever the peer does. `seen` (the lab's recordings)
+        gets the window's events and coverage."""
         ev = self.kernel_watch
         if ev is None:
             ev = KernelWatch(None, "kernel sensor still loading")
         events, status = await ev.collect(result)
+        if seen is not None:
+            seen.update(events=events, coverage=status)
         alone = correlate(result, events, budget_ns=budget_ns, coverage=status)
         if self.asker is None or not wants_remote(alone):
             return alone, alone

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class Outcome:
     result: ProbeResult
     alone: Verdict
     asked: Verdict
+    events: tuple = ()  # node A's kernel events of the probe's window
+    coverage: object = None  # node A's KernelCoverage
 
 
 class TwoNodes:
@@ -122,8 +125,135 @@ class TwoNodes:
             "probes": [{"name": "crossnode", "module": "m", "target": target,
                         "source": f"netns {self.lab.ns('client').name}"}]}))
         result = (await run_probe(cfg.probes[0], self.a.env))[0]
-        alone, asked = await self.a.verdicts_for(result, None)
-        return Outcome(result, alone, asked)
+        seen: dict = {}
+        alone, asked = await self.a.verdicts_for(result, None, seen=seen)
+        return Outcome(result, alone, asked, tuple(seen.get("events", ())), seen.get("coverage"))
 
 
-__all__ = ["NODE_A_ROLES", "NODE_B_ROLES", "PEER_CIDRS", "SERVER_NET", "Outcome", "TwoNodes"]
+# -- the two-node rows of the fault matrix ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoNodeScenario:
+    """A fault, and the verdicts node A must give alone (single-node mode) and after asking node B."""
+
+    name: str
+    alone: str  # sub-cause of node A alone
+    expected: str  # cause after asking
+    expected_sub: str  # sub-cause after asking
+    fault: Callable[[Lab], contextlib.AbstractContextManager]
+    kind: str = "tcp"  # tcp (connect) or http (GET /ok)
+    timeout: str = "1500ms"
+    fact: str = ""  # words the first fact must hold (which node saw what)
+    asks: bool = True  # whether node A's own evidence leaves the question open (else: decided locally)
+
+
+TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
+    TwoNodeScenario("syn_drop_at_b", "unknown/connect_timeout", "policy_drop", "policy_drop/syn",
+                    lambda lab: lab.policy_drop("srv1", direction="in", port=HTTP_PORT), fact="on node node-b"),
+    TwoNodeScenario("answer_drop_b_egress", "unknown/connect_timeout", "policy_drop", "policy_drop/syn",
+                    lambda lab: lab.policy_drop("srv1", direction="out", port=HTTP_PORT, port_side="src"),
+                    fact="node node-b's way out"),
+    TwoNodeScenario("answer_drop_a_ingress", "policy_drop/syn", "policy_drop", "policy_drop/syn",
+                    lambda lab: lab.policy_drop("client", direction="in", port=HTTP_PORT, port_side="src"),
+                    fact="SYN-ACK", asks=False),
+    TwoNodeScenario("drop_in_router", "unknown/connect_timeout", "unknown", "unknown/between_nodes",
+                    lambda lab: lab.policy_drop("router", direction="forward", port=HTTP_PORT),
+                    fact="saw none of them arrive"),
+    TwoNodeScenario("no_listener_b", "connection_refused", "connection_refused", "connection_refused/no_listener",
+                    lambda lab: lab.no_listener("srv1"), fact="node node-b's TCP stack"),
+    TwoNodeScenario("reject_at_b", "connection_refused", "policy_drop", "policy_drop/reject",
+                    lambda lab: lab.policy_drop("srv1", direction="in", port=HTTP_PORT, action="reject"),
+                    fact="on node node-b"),
+    TwoNodeScenario("established_drop_b", "tcp_retransmit/processing", "policy_drop", "policy_drop/established",
+                    lambda lab: lab.policy_drop("srv1", direction="out", port=HTTP_PORT, port_side="src",
+                                                expr="tcp flags & (syn | ack) == ack"),
+                    kind="http", timeout="2s", fact="on node node-b"),
+)
+
+
+async def run_two_node_scenario(nodes: TwoNodes, sc: TwoNodeScenario, family: int) -> tuple[Outcome, str | None]:
+    """One trial: both verdicts, and a lab error when the fault acted on no packet (then nothing is judged)."""
+    with sc.fault(nodes.lab) as fault:
+        out = await nodes.probe(nodes.server_addr(family), kind=sc.kind, timeout=sc.timeout)
+        bites = getattr(fault, "bites", lambda: None)()
+    if bites == 0:
+        return out, f"{sc.name}: the fault acted on no packet"
+    if out.result.ok:
+        return out, f"{sc.name}: the probe succeeded"
+    return out, None
+
+
+def recording(sc: TwoNodeScenario, out: Outcome, family: int, events, coverage):
+    from correlator.record import Recording
+
+    return Recording(f"{sc.name} (IPv{family})", out.result, tuple(events), coverage, None, sc.expected,
+                     note="recorded in the two-node lab by `python -m connprobe.lab.twonode record`; node A alone: "
+                          f"{sc.alone}; after asking node B: {sc.expected_sub}", remote=out.asked.remote)
+
+
+async def _main(argv: list[str]) -> int:
+    import sys
+    import tempfile
+    from collections import Counter
+
+    if not argv or argv[0] not in ("record", "matrix"):
+        print("usage: python -m connprobe.lab.twonode record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
+              file=sys.stderr)
+        return 2
+    from correlator.record import dumps
+
+    with Lab() as lab, tempfile.TemporaryDirectory() as d:
+        async with TwoNodes(lab, Path(d)) as nodes:
+            if argv[0] == "record":
+                outdir = Path(argv[1])
+                outdir.mkdir(parents=True, exist_ok=True)
+                only = set(argv[2:])
+                for sc in TWO_NODE_SCENARIOS:
+                    if only and sc.name not in only:
+                        continue
+                    out, err = await run_two_node_scenario(nodes, sc, 4)
+                    if err:
+                        print(f"lab error: {err}", file=sys.stderr)
+                        continue
+                    rec = recording(sc, out, 4, out.events, out.coverage)
+                    (outdir / f"{sc.name}.json").write_text(dumps(rec) + "\n")
+                    print(f"recorded {sc.name}: {len(rec.events)} local events, "
+                          f"{sum(len(r.events) for r in rec.remote)} remote")
+                return 0
+            trials = int(argv[1])
+            only = set(argv[2:])
+            rows: Counter[tuple[str, str, str]] = Counter()
+            for sc in TWO_NODE_SCENARIOS:
+                if only and sc.name not in only:
+                    continue
+                for family in (4, 6):
+                    for _ in range(trials):
+                        out, err = await run_two_node_scenario(nodes, sc, family)
+                        if err:
+                            print(f"lab error: {err}", file=sys.stderr)
+                            continue
+                        rows[(sc.name, "alone", out.alone.sub_cause or str(out.alone.cause))] += 1
+                        rows[(sc.name, "asked", out.asked.sub_cause or str(out.asked.cause))] += 1
+            print("| scenario | node A alone (single node) | node A asking node B | expected |")
+            print("|---|---|---|---|")
+            for sc in TWO_NODE_SCENARIOS:
+                if only and sc.name not in only:
+                    continue
+                alone = ", ".join(f"{k} ×{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
+                                  and w == "alone")
+                asked = ", ".join(f"{k} ×{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
+                                  and w == "asked")
+                print(f"| {sc.name} | {alone} | {asked} | {sc.expected_sub} |")
+            return 0
+
+
+if __name__ == "__main__":
+    import asyncio
+    import sys
+
+    sys.exit(asyncio.run(_main(sys.argv[1:])))
+
+
+__all__ = ["NODE_A_ROLES", "NODE_B_ROLES", "PEER_CIDRS", "SERVER_NET", "TWO_NODE_SCENARIOS", "Outcome",
+           "TwoNodeScenario", "TwoNodes", "run_two_node_scenario"]

@@ -41,47 +41,6 @@ async def test_syn_dropped_by_policy_at_b_names_node_b(lab, nodes):
         assert out.asked.remote[0].node == "node-b" and out.asked.remote[0].available
 
 
-async def test_answer_dropped_on_b_egress(lab, nodes):
-    for family in FAMILIES:
-        with lab.policy_drop("srv1", direction="out", port=8080, port_side="src") as fault:
-            out = await nodes.probe(nodes.server_addr(family))
-            bit = fault.bites()
-        assert bit > 0
-        assert out.alone.cause == Cause.UNKNOWN
-        assert (out.asked.cause, out.asked.sub_cause) == (Cause.POLICY_DROP, "policy_drop/syn"), out.asked.facts
-        assert "way out" in out.asked.facts[0] and "node-b" in out.asked.facts[0]
-
-
-async def test_answer_dropped_on_a_ingress_local_evidence_wins(lab, nodes):
-    with lab.policy_drop("client", direction="in", port=8080, port_side="src") as fault:
-        out = await nodes.probe(nodes.server_addr(4))
-        bit = fault.bites()
-    assert bit > 0
-    assert (out.alone.cause, out.alone.sub_cause) == (Cause.POLICY_DROP, "policy_drop/syn")
-    assert out.asked is out.alone and not out.asked.remote  # decided here: nobody was asked
-
-
-async def test_drop_in_the_router_is_in_between(lab, nodes):
-    for family in FAMILIES:
-        with lab.policy_drop("router", direction="forward", port=8080) as fault:
-            out = await nodes.probe(nodes.server_addr(family))
-            bit = fault.bites()
-        assert bit > 0
-        assert out.alone.sub_cause == "unknown/connect_timeout"
-        assert out.asked.sub_cause == "unknown/between_nodes", out.asked.facts
-        assert "network in between" in out.asked.facts[1]
-
-
-async def test_no_listener_on_b(lab, nodes):
-    for family in FAMILIES:
-        with lab.no_listener("srv1"):
-            out = await nodes.probe(nodes.server_addr(family))
-        assert out.alone.sub_cause == "connection_refused" and out.alone.confidence <= 0.7
-        assert (out.asked.sub_cause, out.asked.rule) == ("connection_refused/no_listener", "remote_reset"), \
-            out.asked.facts
-        assert "node-b" in out.asked.facts[0]
-
-
 async def test_healthy_probe_asks_nobody(nodes):
     out = await nodes.probe(nodes.server_addr(4))
     assert out.asked.cause == Cause.OK and not out.asked.remote
