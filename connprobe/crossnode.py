@@ -361,7 +361,12 @@ class PeerAsker:
         async with self._session_().get(peer.url + EVIDENCE_PATH, params=params, headers=headers,
                                         ssl=peer.ssl_context if peer.ssl_context is not None else True,
                                         allow_redirects=False) as resp:
-            body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+            body = b""
+            while len(body) <= MAX_ANSWER_BYTES:  # a stream read returns what has come so far: read to the end
+                chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             t3 = self.wall()
             if resp.status != 200:
                 line = body[:200].decode("utf-8", "replace").splitlines()[0] if body else ""
@@ -371,6 +376,8 @@ class PeerAsker:
         try:
             raw = json.loads(body)
             ans = _WireAnswer.model_validate(raw)
+        except RecursionError:
+            raise _Refused("answer invalid: nested too deeply") from None
         except ValueError as exc:
             why = _one_line(exc) if isinstance(exc, ValidationError) else f"not JSON: {str(exc)[:100]}"
             raise _Refused(f"answer invalid: {why}") from None

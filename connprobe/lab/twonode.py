@@ -233,6 +233,8 @@ async def _main(argv: list[str]) -> int:
                         if err:
                             print(f"lab error: {err}", file=sys.stderr)
                             continue
+                        if out.asked.sub_cause != sc.expected_sub:
+                            print(f"{sc.name} v{family}: {out.asked.sub_cause}: {out.asked.facts}", file=sys.stderr)
                         rows[(sc.name, "alone", out.alone.sub_cause or str(out.alone.cause))] += 1
                         rows[(sc.name, "asked", out.asked.sub_cause or str(out.asked.cause))] += 1
             print("| scenario | node A alone (single node) | node A asking node B | expected |")
