@@ -55,7 +55,7 @@ class KernelEvent:
 
 @dataclass(frozen=True, slots=True)
 class ClockOffset:
-    """CLOCK_REALTIME − CLOCK_MONOTONIC of one node, sampled by its agent: a kernel timestamp (`ts_ns`) plus
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC of one node, sampled by its agent: a kernel timestamp (`ts_ns`) plus
     `offset_ns` is wall-clock time, give or take `uncertainty_ns`."""
 
     offset_ns: int

@@ -46,9 +46,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from bpf.clock import sample_clock_offset
 from bpf.types import ClockOffset, KernelEvent
 from connprobe.config import Config, ConfigError, NodeSettings, load_config, parse_config
-from connprobe.crossnode import PeerAsker, PeerConfigError, Query, Resolver, StaticPeers, answer_document, \
-    local_window, read_token
 from connprobe.configwatch import ConfigWatcher
+from connprobe.crossnode import (
+    PeerAsker,
+    PeerConfigError,
+    Query,
+    Resolver,
+    StaticPeers,
+    answer_document,
+    local_window,
+    read_token,
+)
 from connprobe.kernelwatch import KEEP_NS, KernelWatch
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
@@ -287,6 +295,20 @@ class _AgentCollector:
         for where in ("runner", "scheduler", "agent"):
             errors.add_metric([where], a.tracebacks.counts[where])
         yield errors
+        asked = CounterMetricFamily("connprobe_peer_questions", "Questions this agent asked peer agents about a flow "
+                                    "(cross-node evidence), by result: answered, or unavailable (unreachable, too "
+                                    "slow for the deadline, refused, an invalid answer).", labels=["result"])
+        ask = a.asker
+        asked.add_metric(["answered"], (ask.asked - ask.failed) if ask else 0)
+        asked.add_metric(["unavailable"], ask.failed if ask else 0)
+        yield asked
+        yield CounterMetricFamily("connprobe_peer_questions_answered", "Questions of peer agents this agent "
+                                  "answered (GET /api/evidence).", value=a.questions_answered)
+        w = a.kernel_watch
+        sensor = w.sensor if w is not None else None
+        yield CounterMetricFamily("connprobe_kernel_events_foreign", "Watched events the kernel sensor left out "
+                                  "because they happened in a namespace that is not this node's (node.netns).",
+                                  value=sensor.foreign_events if sensor is not None and not sensor.closed else 0)
         yield GaugeMetricFamily("connprobe_agent_ready", "1 once the kernel sensor is attached or has "
                                 "definitively failed and the probes run.", value=1.0 if a.ready else 0.0)
 
@@ -464,7 +486,8 @@ class Agent:
         self.node = node
         self.node_name = node.name or os.environ.get("NODE_NAME") or socket.gethostname() or "node"
         try:
-            self.peer_token = read_token(node.peer_token_file, "node: peer_token_file") if node.peer_token_file else None
+            token_file = node.peer_token_file
+            self.peer_token = read_token(token_file, "node: peer_token_file") if token_file else None
             self.node_netns = None if node.netns is None else frozenset(_netns_inode(n) for n in node.netns)
             resolver = StaticPeers.from_settings(config.peers)
         except PeerConfigError as exc:

@@ -390,7 +390,7 @@ class _Refused(Exception):
 
 def place(ans: _WireAnswer, t0: int, t3: int, offset: ClockOffset, url: str) -> RemoteEvidence:
     """The answer's events on this node's CLOCK_MONOTONIC. The peer's clock minus ours is estimated from the
-    four timestamps (sent t0, received t1, replied t2, read t3: θ = ((t1 − t0) + (t2 − t3)) / 2), to within half
+    four timestamps (sent t0, received t1, replied t2, read t3: θ = ((t1 - t0) + (t2 - t3)) / 2), to within half
     the round trip less the peer's own time (δ / 2), plus both nodes' clock-sampling uncertainty."""
     t1, t2 = ans.received_ns, ans.replied_ns
     if t2 < t1:

@@ -21,13 +21,13 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from bpf.clock import sample_clock_offset
 from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
 from connprobe.kernelwatch import KernelWatch
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
-from bpf.clock import sample_clock_offset
 from correlator import Cause, Verdict, correlate
 from correlator.crossnode import wants_remote
 from correlator.record import Recording, save, to_jsonable

@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bpf.types import RemoteEvent, RemoteEvidence
-from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class
 from correlator.join import GRACE_NS, SLACK_NS, Matched
+from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class
 from correlator.types import Cause, Verdict
 from prober.types import ErrorKind, ProbeResult
 

@@ -242,9 +242,9 @@ async def _main(argv: list[str]) -> int:
             for sc in TWO_NODE_SCENARIOS:
                 if only and sc.name not in only:
                     continue
-                alone = ", ".join(f"{k} ×{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
+                alone = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
                                   and w == "alone")
-                asked = ", ".join(f"{k} ×{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
+                asked = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
                                   and w == "asked")
                 print(f"| {sc.name} | {alone} | {asked} | {sc.expected_sub} |")
             return 0

@@ -114,7 +114,8 @@ def test_stall_dropped_at_b():
     r = result(ok=False, error=ErrorKind.READ_TIMEOUT,
                phases={"resolve": (0, 1), "connect": (1, 2), "processing": (2, 3000)})
     local = [ev(1.5, EventKind.STATE, tcp_state="ESTABLISHED", old_state="SYN_SENT"),
-             ev(300, EventKind.RETRANSMIT, tcp_state="ESTABLISHED"), ev(900, EventKind.RETRANSMIT, tcp_state="ESTABLISHED")]
+             ev(300, EventKind.RETRANSMIT, tcp_state="ESTABLISHED"),
+             ev(900, EventKind.RETRANSMIT, tcp_state="ESTABLISHED")]
     base = correlate(r, local, budget_ns=None)
     assert wants_remote(base)
     drops = [ev(t, EventKind.DROP, netns=SERVER_NS, reason="NETFILTER_DROP", tcp_flags="PA", location="nf_hook_slow")

@@ -39,6 +39,14 @@ async def test_syn_dropped_by_policy_at_b_names_node_b(lab, nodes):
         assert "NETFILTER_DROP" in out.asked.facts[0] and "on node node-b" in out.asked.facts[0]
         assert lab.ns("srv1").name in out.asked.facts[0]
         assert out.asked.remote[0].node == "node-b" and out.asked.remote[0].available
+    from prometheus_client import generate_latest
+
+    a_text = generate_latest(nodes.a.registry).decode()
+    b_text = generate_latest(nodes.b.registry).decode()
+    assert 'connprobe_peer_questions_total{result="answered"}' in a_text
+    assert "connprobe_peer_questions_answered_total 0.0" not in b_text
+    foreign = [ln for ln in a_text.splitlines() if ln.startswith("connprobe_kernel_events_foreign_total")]
+    assert foreign and float(foreign[0].split()[-1]) > 0  # node B's drops, seen by node A's kernel, left out
 
 
 async def test_healthy_probe_asks_nobody(nodes):
@@ -119,7 +127,7 @@ async def test_slow_peer_the_deadline_holds(lab, tmp_path):
         release.set()
         await runner.cleanup()
     assert out.asked.sub_cause == "unknown/connect_timeout"
-    assert "remote evidence unavailable from http://127.0.0.1:%d (no answer within 300 ms)" % port in out.asked.facts
+    assert f"remote evidence unavailable from http://127.0.0.1:{port} (no answer within 300 ms)" in out.asked.facts
 
 
 class socket_closed:
@@ -179,5 +187,5 @@ async def test_diagnose_asks_the_same_peers_and_marks_remote_events(lab, nodes):
 async def test_diagnose_peers_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("peers: [{cidr: 10.0.0.0/99, url: 'http://127.0.0.1:1'}]\n")
-    code, out, err = await _diagnose("--peers", str(bad), "--no-kernel", "127.0.0.1:1")
+    code, _out, err = await _diagnose("--peers", str(bad), "--no-kernel", "127.0.0.1:1")
     assert code == 2 and err.startswith("connprobe diagnose: --peers: ") and err.count("\n") == 1, err
