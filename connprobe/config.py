@@ -15,7 +15,7 @@
 
 Parsed once into frozen objects (`prober.spec.ModuleSpec` / `ProbeSpec`); unknown keys are rejected;
 every error is one line naming the probe (or module) and the field. `connprobe check-config FILE`
-validates without probing (`check_config_main`).
+validates without probing (`connprobe/commands/check_config.py`).
 
 Whatever the file holds, loading it ends in a `Config` or a `ConfigError` (one line per problem): not
 UTF-8, invalid YAML, a duplicate key, nesting deeper than `MAX_DEPTH`, a self-referencing alias, a value
@@ -28,8 +28,6 @@ import ipaddress
 import os
 import re
 import stat
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,47 +461,3 @@ def load_config(path: str | Path) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{p}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"]) from None
     return parse_config(text, str(p))
-
-
-def check_config_main(args: Any) -> int:
-    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error when invalid, 2 when
-    the file cannot be read (missing, no permission, not a regular file) or no FILE was given.
-
-    `args` is an argparse namespace with `file` (or `config`), or a list of arguments.
-    """
-    if isinstance(args, Sequence) and not isinstance(args, str):
-        path = args[0] if args else None
-    else:
-        path = getattr(args, "file", None) or getattr(args, "config", None)
-    if not path:
-        print("check-config: a config FILE is required", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(path)
-    except ConfigUnreadable as exc:
-        print(f"check-config: {exc.errors[0]}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        from prober.redact import redact_text
-
-        for line in exc.errors:  # the messages name targets redacted already; a URL quoted elsewhere is too
-            print(redact_text(line), file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
-        return 1
-    kinds: dict[str, int] = {}
-    for p in cfg.probes:
-        kinds[p.module.prober] = kinds.get(p.module.prober, 0) + 1
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no probes"
-    print(f"{path}: OK: {len(cfg.modules)} modules, {len(cfg.probes)} probes ({summary})")
-    for p in cfg.probes:
-        budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
-        print(f"  {p.name}: {p.module.prober} {_shown_target(p)} from {p.source} every {p.interval:g}s, "
-              f"timeout {p.effective_timeout:g}s{budget}")
-    return 0
-
-
-def _shown_target(p: ProbeSpec) -> str:
-    from prober.redact import redact_url
-
-    return redact_url(p.target)

@@ -59,7 +59,7 @@ from connprobe.probepolicy import (
     declared_source,
 )
 from connprobe.sinks import verdict_document
-from connprobe.statuspage import render_status_page
+from connprobe.statuspage import AgentStatus, render_status_page
 from connprobe.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
 from correlator.join import GRACE_NS
 from correlator.types import Cause, Verdict
@@ -584,7 +584,10 @@ async def ready(request: web.Request) -> web.Response:
 async def status_page(request: web.Request) -> web.Response:
     warning = request.app[STATE_KEY].security.warning()
     # off the loop: thousands of rows take a while (statuspage says why this is safe in a thread)
-    html = await asyncio.to_thread(off_loop_render, render_status_page, _agent(request), warning=warning)
+    agent = _agent(request)
+    status = AgentStatus(agent.targets.describe, agent.sensor_state, agent.started_at, agent.last_reload_ok,
+                         agent.last_reload_error, agent.probe_specs(), agent.board)
+    html = await asyncio.to_thread(off_loop_render, render_status_page, status, warning=warning)
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -196,8 +196,8 @@ def test_configmap_holds_a_config_connprobe_accepts(objs, pod):
 
 
 def test_the_container_arguments_are_ones_the_cli_accepts(pod):
-    from connprobe.agent import parse_listen
     from connprobe.cli import build_parser
+    from connprobe.commands.agent import parse_listen
 
     (agent,) = pod["containers"]
     args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in agent["args"]]

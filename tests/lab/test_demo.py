@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from connprobe.demo import PHASES
+from connprobe.lab.schedule import DEMO
 
 pytestmark = pytest.mark.kernel
 
@@ -27,7 +27,7 @@ def test_demo_walks_the_fault_schedule_and_names_each_cause():
             header = cells
         elif len(cells) > 3 and header:
             rows[cells[1]] = dict(zip(header, cells, strict=False))
-    for phase in PHASES:
+    for phase in DEMO:
         assert phase.name in rows, f"no summary row for phase {phase.name}:\n{out}"
         for probe, cause in phase.expect.items():
             assert f"{cause}*" in rows[phase.name][probe], (phase.name, probe, rows[phase.name])
