@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bpf.types import RemoteEvent, RemoteEvidence
+from correlator.finding import Finding
 from correlator.join import GRACE_NS, SLACK_NS, Matched
 from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class
 from correlator.types import Cause, Verdict
@@ -134,12 +135,6 @@ def unavailable_facts(remote: Iterable[RemoteEvidence]) -> list[str]:
     return [f"remote evidence unavailable from {r.node} ({r.reason})" for r in remote if not r.available]
 
 
-def _finding(*args, **kw):
-    from correlator.rules import Finding  # rules imports this module for RULES
-
-    return Finding(*args, **kw)
-
-
 # -- the rules -----------------------------------------------------------------------------------------------
 
 
@@ -154,7 +149,7 @@ def remote_reset(ctx):
     t = rf.tcp
     if t.resets_sent_no_socket:
         m = t.resets_sent_no_socket[0]
-        return _finding(Cause.CONNECTION_REFUSED, "connection_refused/no_listener", 0.95,
+        return Finding(Cause.CONNECTION_REFUSED, "connection_refused/no_listener", 0.95,
                         t.resets_sent_no_socket + ctx.tcp.resets_received,
                         (f"node {rf.remote_of(m).node}'s TCP stack answered our SYN with a reset (NO_SOCKET) "
                          f"{rf.where(m)}: nothing listens on that port",
@@ -162,7 +157,7 @@ def remote_reset(ctx):
     blocked = tuple(m for m in t.syn_drops if reason_class(m.event.reason) in ("policy", "program"))
     if blocked and rf.watching():
         m = blocked[0]
-        return _finding(Cause.POLICY_DROP, "policy_drop/reject", 0.9, blocked + ctx.tcp.resets_received,
+        return Finding(Cause.POLICY_DROP, "policy_drop/reject", 0.9, blocked + ctx.tcp.resets_received,
                         (f"our SYN was dropped by {m.event.reason} {rf.where(m)}",
                          f"node {rf.remote_of(m).node}'s TCP stack sent no reset: a firewall rejected the connection"))
     return None
@@ -186,12 +181,12 @@ def remote_connect(ctx):
                  f"this node saw our SYN(s) leave and no drop: the packet died on node {node}",
                  "the connection was never established")
         if reason_class(first.event.reason) == "loss":
-            return _finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, decisive + local.syn_retransmits,
+            return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, decisive + local.syn_retransmits,
                             (*facts, "a queue dropped them: congestion rather than intent"))
         conf = 0.9 if reason_class(first.event.reason) == "policy" else 0.8
         if len(decisive) < sent:
             conf -= 0.15
-        return _finding(Cause.POLICY_DROP, "policy_drop/syn", conf, decisive + local.syn_retransmits, facts)
+        return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, decisive + local.syn_retransmits, facts)
     answers = tuple(m for m in t.drops if not m.outbound and "S" in (m.event.tcp_flags or "")
                     and reason_class(m.event.reason) in ("policy", "program", "loss"))
     if answers:
@@ -201,20 +196,20 @@ def remote_connect(ctx):
                  f"{first.event.reason} {rf.where(first)}: the answer died on node {node}'s way out",
                  "the connection was never established")
         if reason_class(first.event.reason) == "loss":
-            return _finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers, facts)
-        return _finding(Cause.POLICY_DROP, "policy_drop/syn", 0.85 if reason_class(first.event.reason) == "policy"
+            return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers, facts)
+        return Finding(Cause.POLICY_DROP, "policy_drop/syn", 0.85 if reason_class(first.event.reason) == "policy"
                         else 0.75, answers + local.syn_retransmits, facts)
     answered = tuple(m for m in rf.matched if m.event.kind == "synack_retransmit")
     if answered:
         node = rf.remote_of(answered[0]).node
-        return _finding(Cause.UNKNOWN, "unknown/return_path", 0.6, answered + local.syn_retransmits,
+        return Finding(Cause.UNKNOWN, "unknown/return_path", 0.6, answered + local.syn_retransmits,
                         (f"our SYN arrived at node {node}, which answered and resent its answer "
                          f"{len(answered)} time(s); neither node saw the answer dropped",
                          "the answer was lost between the nodes on its way back (the network in between)"))
     watching = rf.watching()
     if watching and not rf.matched and not rf.unplaced:
         nodes = ", ".join(sorted({w.node for w in watching}))
-        return _finding(Cause.UNKNOWN, "unknown/between_nodes", 0.6, local.syn_retransmits,
+        return Finding(Cause.UNKNOWN, "unknown/between_nodes", 0.6, local.syn_retransmits,
                         (f"SYN sent {sent} time(s); this node saw none dropped, and node {nodes}, which "
                          "watches that port, saw none of them arrive",
                          "they were lost between the nodes (the network in between: a router, a cloud "
@@ -235,7 +230,7 @@ def remote_stall(ctx):
         return None
     first = drops[0]
     side = "our data" if first.outbound else "the answer"
-    return _finding(Cause.POLICY_DROP, "policy_drop/established", 0.8 if reason_class(first.event.reason) == "policy"
+    return Finding(Cause.POLICY_DROP, "policy_drop/established", 0.8 if reason_class(first.event.reason) == "policy"
                     else 0.7, drops + local.data_retransmits,
                     (f"after the handshake, {len(drops)} packet(s) of {side} were dropped by {first.event.reason} "
                      f"{rf.where(first)} ({CLASS_WORDS[reason_class(first.event.reason)]})",

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from bpf.types import RemoteEvidence
 from correlator.crossnode import remote_connect, remote_reset, remote_stall
+from correlator.finding import Finding
 from correlator.join import Matched
 from correlator.progress import (
     PRIOR_SEGMENTS,
@@ -97,16 +98,6 @@ class Context:
     def dns_matched(self) -> tuple[Matched, ...]:
         ports = {(addr, port) for _, addr, port in self.result.local_endpoints(dns_only=True)}
         return tuple(m for m in self.matched if (m.flow.local_addr, m.flow.local_port) in ports)
-
-
-@dataclass(frozen=True)
-class Finding:
-    cause: Cause
-    sub_cause: str | None
-    confidence: float
-    evidence: tuple[Matched, ...]
-    facts: tuple[str, ...]
-    needs_kernel: bool = True  # without kernel evidence this finding is a guess: confidence is capped
 
 
 Rule = Callable[[Context], Finding | None]
