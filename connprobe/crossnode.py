@@ -14,7 +14,9 @@ CLOCK_MONOTONIC → CLOCK_REALTIME offset with its uncertainty) and each event's
 
 The asking side — `PeerAsker.ask(result, offset)`: the agent for each TCP flow's destination (a `Resolver`:
 `StaticPeers` from the `peers:` config now; a Kubernetes lookup, dest IP → pod → node → agent, plugs in the
-same way), asked concurrently under one deadline. Whatever happens — refused, unreachable, slow, an answer
+same way), asked concurrently under one deadline. When no peer answers for the destination (a Service's
+virtual IP), the endpoint the connection was DNAT'ed to is looked up in the conntrack table of the probe's
+namespace (`dnat_destination`) and its agent is asked. Whatever happens — refused, unreachable, slow, an answer
 that makes no sense — the result is a `RemoteEvidence`, never an exception and never a wait beyond the
 deadline. Remote times are placed on this node's timeline NTP-style from the four timestamps of the question
 (sent, received, replied, answer read), so a peer's skewed wall clock is measured, not trusted; the placement's
@@ -27,6 +29,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -39,7 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bpf.types import ClockOffset, EventKind, KernelEvent, RemoteEvent, RemoteEvidence
 from connprobe.config import PeerSettings
-from prober.types import ProbeResult
+from prober.types import Flow, ProbeResult
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EVIDENCE_PATH", "Peer", "PeerAsker", "QueryError", "Resolver", "StaticPeers", "answer_document",
            "parse_query", "peer_authenticated", "read_token"]
@@ -253,6 +258,47 @@ _Port = Annotated[int, Field(ge=0, le=65535)]
 _U64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64))]
 
 
+def _conntrack_reply_source(proto: int, family: int, saddr: str, sport: int, daddr: str,
+                            dport: int) -> tuple[str, int] | None:
+    """In the calling thread's namespace: the reply tuple's source of the conntrack entry whose original tuple
+    is this one, when it differs from the original destination (a DNAT); else None."""
+    from pyroute2.conntrack import Conntrack, NFCTAttrTuple
+
+    # The kernel filters on protocol and source port (its IPv6 address filter matches nothing on 6.x); the
+    # addresses are compared here.
+    with Conntrack(nfgen_family=family) as ct:
+        for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=family, proto=proto, sport=sport)):
+            o, r = e.tuple_orig, e.tuple_reply
+            if (str(o.saddr), o.sport, str(o.daddr), o.dport) != (saddr, sport, daddr, dport):
+                continue
+            if (str(r.saddr), r.sport) != (daddr, dport):
+                return str(r.saddr), int(r.sport)
+            return None
+    return None
+
+
+async def dnat_destination(flow: Flow, source: str) -> tuple[str, int] | None:
+    """Where a probe's TCP connection really went when a DNAT rewrote its destination (a Service's virtual IP,
+    as kube-proxy does): from the conntrack table of the namespace the probe ran in (`source`: "host", a netns
+    name or /proc/PID/ns/net). None when there was no NAT or it cannot be read (no conntrack, no privilege)."""
+    import socket
+
+    from prober.netns import shared_executor
+    from prober.source import parse_source
+
+    family = socket.AF_INET6 if ":" in flow.remote_addr else socket.AF_INET
+    args = (socket.IPPROTO_TCP, family, flow.local_addr, flow.local_port, flow.remote_addr, flow.remote_port)
+    try:
+        spec = parse_source(source, bare_name=True)
+        if spec.path is None:
+            return await asyncio.to_thread(_conntrack_reply_source, *args)
+        executor = shared_executor(str(spec.path))
+        return await asyncio.wrap_future(executor.submit(_conntrack_reply_source, *args))
+    except Exception as exc:  # no conntrack module, no privilege, a vanished namespace: no endpoint known
+        log.debug("conntrack lookup for %s:%d failed: %s", flow.remote_addr, flow.remote_port, exc)
+        return None
+
+
 class _WireEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
@@ -303,6 +349,8 @@ class PeerAsker:
     resolver: Resolver
     wall: Callable[[], int] = time.time_ns
     grace_ns: int = 500_000_000
+    # the endpoint a DNAT'ed flow really went to (flow, the result's source) -> (addr, port) | None
+    dnat: Callable[[Flow, str], Any] = dnat_destination
     _session: aiohttp.ClientSession | None = None
     asked: int = 0
     failed: int = 0
@@ -325,11 +373,29 @@ class PeerAsker:
         jobs = []
         for f in [f for f in result.flows if str(f.proto) == "tcp"][:MAX_FLOWS_ASKED]:
             peer = self.resolver.peer_for(f.remote_addr)
-            if peer is not None:
+            if peer is None:
+                jobs.append(self._ask_endpoint(result, f, offset))
+            else:
                 jobs.append(self._ask_one(peer, result, f, offset))
         if not jobs:
             return ()
-        return tuple(await asyncio.gather(*jobs))
+        return tuple(r for r in await asyncio.gather(*jobs) if r is not None)
+
+    async def _ask_endpoint(self, result: ProbeResult, flow: Flow, offset: ClockOffset) -> RemoteEvidence | None:
+        """No peer answers for the flow's destination: if a DNAT sent it elsewhere, ask that endpoint's agent."""
+        try:
+            real = await asyncio.wait_for(self.dnat(flow, result.source), 1.0)
+        except TimeoutError:
+            return None
+        if real is None:
+            return None
+        peer = self.resolver.peer_for(real[0])
+        if peer is None:
+            return None
+        import dataclasses
+
+        return await self._ask_one(peer, result, dataclasses.replace(flow, remote_addr=real[0], remote_port=real[1]),
+                                   offset)
 
     async def _ask_one(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
         self.asked += 1

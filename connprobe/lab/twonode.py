@@ -24,7 +24,7 @@ import yaml
 
 from connprobe.agent import Agent
 from connprobe.config import parse_config
-from connprobe.lab.topology import HTTP_PORT, SERVER_NET, Lab
+from connprobe.lab.topology import HTTP_PORT, SERVER_NET, VIP, VIP_PORT, Lab
 from correlator.types import Verdict
 from prober.runner import run_probe
 from prober.types import ProbeResult
@@ -146,6 +146,7 @@ class TwoNodeScenario:
     timeout: str = "1500ms"
     fact: str = ""  # words the first fact must hold (which node saw what)
     asks: bool = True  # whether node A's own evidence leaves the question open (else: decided locally)
+    vip: bool = False  # probe the Service's virtual IP (DNAT'ed to srv1 in the client namespace), not srv1
 
 
 TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
@@ -160,6 +161,9 @@ TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
     TwoNodeScenario("drop_in_router", "unknown/connect_timeout", "unknown", "unknown/between_nodes",
                     lambda lab: lab.policy_drop("router", direction="forward", port=HTTP_PORT),
                     fact="saw none of them arrive"),
+    TwoNodeScenario("vip_syn_drop_at_b", "unknown/connect_timeout", "policy_drop", "policy_drop/syn",
+                    lambda lab: lab.policy_drop("srv1", direction="in", port=HTTP_PORT), fact="on node node-b",
+                    vip=True),
     TwoNodeScenario("no_listener_b", "connection_refused", "connection_refused", "connection_refused/no_listener",
                     lambda lab: lab.no_listener("srv1"), fact="node node-b's TCP stack"),
     TwoNodeScenario("reject_at_b", "connection_refused", "policy_drop", "policy_drop/reject",
@@ -174,8 +178,9 @@ TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
 
 async def run_two_node_scenario(nodes: TwoNodes, sc: TwoNodeScenario, family: int) -> tuple[Outcome, str | None]:
     """One trial: both verdicts, and a lab error when the fault acted on no packet (then nothing is judged)."""
+    addr, port = (VIP[0 if family == 4 else 1], VIP_PORT) if sc.vip else (nodes.server_addr(family), HTTP_PORT)
     with sc.fault(nodes.lab) as fault:
-        out = await nodes.probe(nodes.server_addr(family), kind=sc.kind, timeout=sc.timeout)
+        out = await nodes.probe(addr, port, kind=sc.kind, timeout=sc.timeout)
         bites = getattr(fault, "bites", lambda: None)()
     if bites == 0:
         return out, f"{sc.name}: the fault acted on no packet"

@@ -80,3 +80,36 @@ async def test_no_peer_for_the_address_asks_nobody():
     asker = PeerAsker(StaticPeers([("192.0.2.0/24", Peer("http://127.0.0.1:9", None, None, 0.2))]))
     assert await asker.ask(result(ok=False), sample_clock_offset()) == ()
     assert asker.asked == 0
+
+
+async def test_a_service_ip_is_asked_about_at_the_endpoint_it_was_dnated_to():
+    seen = []
+
+    async def handler(request):
+        seen.append(dict(request.query))
+        return web.json_response(GOOD)
+
+    runner, url = await _serve(handler)
+
+    async def dnat(flow, source):  # what the conntrack table of the probe's namespace says
+        return ("10.77.2.11", 8080) if flow.remote_addr == "10.96.0.10" else None
+
+    import dataclasses
+
+    from tests.correlator.builders import TCP_FLOW
+
+    r = dataclasses.replace(result(ok=False), flows=(dataclasses.replace(TCP_FLOW, remote_addr="10.96.0.10",
+                                                                         remote_port=80),))
+    asker = PeerAsker(StaticPeers([("10.77.2.0/24", Peer(url, b"t", None, 2.0))]), dnat=dnat)
+    try:
+        (got,) = await asker.ask(r, sample_clock_offset())
+        assert got.available and seen[0]["daddr"] == "10.77.2.11" and seen[0]["dport"] == "8080"
+
+        async def no_nat(flow, source):
+            return None
+
+        asker.dnat = no_nat
+        assert await asker.ask(r, sample_clock_offset()) == ()  # nobody answers for that address: nobody asked
+    finally:
+        await asker.close()
+        await runner.cleanup()
