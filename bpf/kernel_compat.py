@@ -168,7 +168,3 @@ class Kallsyms:
             return None
         return f"{self._names[i]}+{off:#x}"
 
-
-def strip_prefix(names: dict[int, str], prefix: str) -> dict[int, str]:
-    """`SKB_DROP_REASON_NETFILTER_DROP` → `NETFILTER_DROP` (BTF enum names to tracefs-style names)."""
-    return {k: (v[len(prefix) :] if v.startswith(prefix) else v) for k, v in names.items()}

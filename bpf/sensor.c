@@ -1,13 +1,13 @@
 /* connprobe kernel sensor: stable tracepoints only (no kprobes, no fentry).
  *
- * Compiled by bcc with -D flags from bpf/sensor.py:
+ * Compiled by bcc with -D flags from bpf/loader.py (offsets: bpf/preload.py, bpf/btf.py):
  *   OFF_*            struct member offsets read from the running kernel's BTF (never a header's layout);
  *                    the optional ones (OFF_SK_ERR, OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_SKB_CB,
  *                    OFF_TCB_SEQ, OFF_TCB_END_SEQ, OFF_TP_SND_UNA, OFF_TP_DATA_SEGS_OUT,
  *                    OFF_TP_TOTAL_RETRANS) only when present
  *   RING_PAGES       ring-buffer size in pages (power of two)
  *   WATCH_MAX        size of the watch list
- *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/sensor.py
+ *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/loader.py
  *                    attaches each program itself, so one that fails to load costs only its event kind)
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
  *

@@ -121,7 +121,6 @@ class KernelSensor:
         self._ring_fd: int | None = None
         self._queue_lost = 0
         self._delivered = 0
-        self._decode_errors = 0
         self._closed = False
         self._cb: Any = None
         self._final: SensorCounters | None = None
@@ -310,7 +309,6 @@ class KernelSensor:
         try:
             event = decode_event(ctypes.string_at(data, size), self._names)
         except Exception:
-            self._decode_errors += 1
             log.exception("kernel sensor: undecodable ring-buffer record")
             return 0
         if len(self._buf) >= self.queue_max:
@@ -378,10 +376,6 @@ class KernelSensor:
     def lost_events(self) -> int:
         """Events that happened on watched flows but never reached the caller."""
         return self.ring_lost + self._queue_lost
-
-    @property
-    def decode_errors(self) -> int:
-        return self._decode_errors
 
     def counters(self) -> SensorCounters:
         """In-kernel counts since load (after close: the last counts, read while closing)."""

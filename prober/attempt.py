@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from prober.env import ProbeEnv
+from prober.errors import classify
 from prober.redact import Redactor, redact_url, remember
 from prober.resolve import Resolution, ResolvConf, is_ip, load_resolv_conf
 from prober.sockets import Source, connect
@@ -184,6 +185,11 @@ class Attempt:
             raise
         self.flows.append(self.source.flow(sock, sockaddr, Proto.TCP))
         return sock
+
+    def result_of(self, exc: BaseException, context: str = "") -> ProbeResult:
+        """The result of a run that `exc` ended: its `ErrorKind` for the phase the run was in (prober/errors.py)."""
+        kind, detail = classify(exc, self.timeline.phase())
+        return self.result(kind, f"{context}: {detail}" if context else detail)
 
     def result(self, error: ErrorKind | None = None, detail: str = "") -> ProbeResult:
         end = monotonic_ns()

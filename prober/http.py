@@ -43,7 +43,7 @@ from httpcore._backends.anyio import AnyIOStream
 from prober import http1_client
 from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
-from prober.errors import classify, find_in_chain
+from prober.errors import find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
@@ -618,8 +618,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         failure = _find_failure(exc)
         if failure is not None:
             return attempt.result(failure.kind, failure.detail)
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)
     finally:
         _CURRENT.reset(t1)
         _CTX_CB.reset(t2)
@@ -638,7 +637,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     return attempt.result()
 
 
-async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
+async def _http1_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Request, first: bool):
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
@@ -660,7 +659,7 @@ async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Requ
     )
 
 
-_SENDERS = {"aiohttp": _lean_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
+_SENDERS = {"aiohttp": _http1_send, "aiohttp-session": _session_send, "httpx": _httpx_send}
 
 
 def _find_failure(exc: BaseException) -> ProbeFailure | None:

@@ -9,7 +9,6 @@ import time
 
 from prober.attempt import Attempt
 from prober.env import ProbeEnv
-from prober.errors import classify
 from prober.http import ssl_context
 
 monotonic_ns = time.monotonic_ns
@@ -61,8 +60,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)
     finally:
         if writer is not None:
             writer.close()

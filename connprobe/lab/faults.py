@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from connprobe.lab import control
-from connprobe.lab.plumbing import LabError, in_ns, ip, listed_netns, nft
+from connprobe.lab.plumbing import LabError, in_ns, ip, named_netns, nft
 
 
 class _Named(Protocol):
@@ -110,7 +110,7 @@ class WireSized:
             raise
 
     def undo(self) -> None:
-        names = set(listed_netns())
+        names = set(named_netns())
         errors = []
         for ns, value in reversed(list(self._before.items())):
             if ns in names:
@@ -181,7 +181,7 @@ class PolicyDrop(_Fault):
                           f"  type filter hook {self.hook} priority -10; policy accept;\n  {self.rule}\n }}\n}}\n")
 
     def _undo(self) -> None:
-        if self.ns_name in listed_netns():
+        if self.ns_name in named_netns():
             in_ns(self.ns_name, "nft", "delete", "table", "inet", self.table)
 
     def bites(self) -> int:
@@ -267,7 +267,7 @@ class PacketLoss(_Fault):
 
     def _undo(self) -> None:
         try:
-            if self.router in listed_netns():
+            if self.router in named_netns():
                 in_ns(self.router, "tc", "qdisc", "del", "dev", self.dev, "clsact", check=False)
         finally:
             try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connprobe.lab import faults
-from connprobe.lab.plumbing import LabError, in_ns, ip, listed_netns, netns_pids, nft, run, spawn_in_ns
+from connprobe.lab.plumbing import LabError, in_ns, ip, named_netns, netns_pids, nft, run, spawn_in_ns
 from prober.netns import NetnsExecutor, close_shared_executor, netns_inode, shared_executor
 
 STATE_ROOT = Path(os.environ.get("CONNPROBE_LAB_STATE", "/run/connprobe/labs"))
@@ -192,7 +192,7 @@ class Lab(AbstractContextManager):
         if os.geteuid() != 0:
             raise LabError("the lab needs root (it creates network namespaces): run as root")
         remove_stale_labs()
-        if any(n.startswith(f"{PREFIX}{self.id}-") for n in listed_netns()):
+        if any(n.startswith(f"{PREFIX}{self.id}-") for n in named_netns()):
             raise LabError(f"lab id {self.id} is already in use (connprobe lab down --id {self.id})")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._write_state()
@@ -413,7 +413,7 @@ def _stop_pids(pids: list[int]) -> list[str]:
 
 def _remove_lab_namespaces(lab_id: str) -> list[str]:
     problems = []
-    for name in listed_netns():
+    for name in named_netns():
         if not name.startswith(f"{PREFIX}{lab_id}-"):
             continue
         # Processes still inside (a server of this lab that outlived its record) go first.
@@ -438,7 +438,7 @@ def list_labs() -> list[dict]:
             owner = st.get("owner_pid")
             st["owner_alive"] = bool(owner) and _proc_start(owner) == st.get("owner_start")
             labs[st["id"]] = st
-    for name in listed_netns():
+    for name in named_netns():
         if name.startswith(PREFIX) and name.count("-") >= 2:
             lab_id = name.split("-")[1]
             entry = labs.setdefault(lab_id, {"id": lab_id, "owner_alive": False, "orphan": True})

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from bpf import preload
+from bpf.errors import SensorUnavailable
 from bpf.hooks import HOOKS
 from bpf.kernel_compat import Tracefs
+from bpf.sensor import KernelSensor
 from connprobe import doctor
 from connprobe.commands import doctor as doctor_command
 
@@ -58,6 +60,16 @@ def test_headers_are_the_build_link_for_doctor_and_sensor_alike(tmp_path, presen
     c = doctor.check_headers(tmp_path)
     assert (c.status == doctor.OK) is ready, c.line()
     assert str(release_dir / "build") in c.detail
+
+
+def test_root_without_capabilities_fails_the_doctor_as_it_fails_the_sensor(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.preload.missing_capabilities", lambda: ["CAP_BPF", "CAP_PERFMON"])
+    c = doctor.check_root()
+    assert c.status == doctor.FAIL and "root without CAP_BPF and CAP_PERFMON" in c.detail and "grant" in c.fix
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
+    with pytest.raises(SensorUnavailable, match="root without CAP_BPF and CAP_PERFMON"):
+        KernelSensor().open()
 
 
 def test_tracefs_and_btf_failures(tmp_path):

@@ -14,7 +14,6 @@ from bpf.kernel_compat import (
     find_tracefs,
     parse_format,
     parse_print_symbolic,
-    strip_prefix,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -59,7 +58,6 @@ def test_parse_print_symbolic_edge_cases() -> None:
     text = '"%s %s", __print_symbolic(REC->a, { 0x10, "HEX" }, { -1, "NEG" }), __print_symbolic(REC->b, { 1, "B" })'
     assert parse_print_symbolic(text, "a") == {16: "HEX", -1: "NEG"}
     assert parse_print_symbolic(text, "b") == {1: "B"}
-    assert strip_prefix({1: "SKB_DROP_REASON_X", 2: "Y"}, "SKB_DROP_REASON_") == {1: "X", 2: "Y"}
 
 
 @pytest.fixture
