@@ -69,7 +69,7 @@ from prober.runner import run_probe
 from prober.spec import ProbeSpec, parse_duration
 from prober.target import parse_target
 
-__all__ = ["PROBE_TIMEOUT_OFFSET", "REQUEST_HEADER", "WebSecurity", "WebServer", "build_app", "exposition",
+__all__ = ["PROBE_TIMEOUT_OFFSET", "REQUEST_HEADER", "WebSecurity", "WebServer", "build_app", "exposition_chunks",
            "start_server"]
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,13 @@ REQUEST_HEADER = "X-Connprobe-Request"  # a custom header: a browser sends it on
 _LABELS: dict[tuple, str] = {}
 
 
-def exposition(registry) -> bytes:
-    """The text exposition format, byte for byte what `prometheus_client.generate_latest` writes, several
+def exposition_chunks(registry, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The text exposition format, byte for byte what `prometheus_client.generate_latest` writes (joined), several
     times faster: the formatted label set of a series is cached (1,000 probes are ~100,000 series that keep
     their labels from scrape to scrape), and `LabelledHistogram` families (most of those series) write their
-    own lines. Assumes legacy metric and label names (connprobe's are)."""
-    return b"".join(exposition_chunks(registry))
-
-
-def exposition_chunks(registry, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """`exposition()` in pieces of about `chunk` bytes (whole metric families), so `/metrics` streams: at 10,000
-    probes the text is ~60 MB, and holding it whole (lines, joined, encoded, copied) peaked at ~850 MiB RSS."""
+    own lines. Assumes legacy metric and label names (connprobe's are). In pieces of about `chunk` bytes (whole
+    metric families), so `/metrics` streams: at 10,000 probes the text is ~60 MB, and holding it whole (lines,
+    joined, encoded, copied) peaked at ~850 MiB RSS."""
     out: list[str] = []
     append = out.append
     size = 0
