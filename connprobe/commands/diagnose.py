@@ -32,6 +32,7 @@ from connprobe.diagnosis import (
     config_spec,
     diagnose,
     exit_code,
+    peer_asker,
     target_spec,
     to_document,
 )
@@ -45,8 +46,8 @@ from prober.spec import ProbeSpec, parse_duration
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
-                                  "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, HTTP "
-                                  "with a path; implies --kubernetes)")
+                                             "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, "
+                                             "HTTP with a path; implies --kubernetes); not with --config")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="the agent's config: with --probe NAME, run that probe exactly as the agent does "
                         "(not with TARGET)")
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text (default: each attempt printed as it finishes), json (the documented document, "
                         "docs/diagnose.schema.json) or yaml (the same document)")
     p.add_argument("--json", action="store_true", help="the same as -o json")
+    p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
+                   help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
+                        "does not decide (cross-node evidence); the sensor reports only `node.netns`")
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
@@ -110,11 +114,14 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
 async def _diagnose(args: argparse.Namespace, spec: ProbeSpec, on_attempt=None) -> list[Diagnosis]:
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
-    watch = await open_watch(disabled=args.no_kernel)
+    asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
+    watch = await open_watch(disabled=args.no_kernel, netns=node_netns)
     try:
         return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
-                              on_attempt=on_attempt)
+                              asker=asker, on_attempt=on_attempt)
     finally:
+        if asker is not None:
+            await asker.close()
         await close_watch(watch)
 
 
@@ -129,6 +136,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
         text = escape(row.text)
         if row.kind == "phase":
             text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel" and row.node:
+            text = f"  [magenta]▲ kernel[/magenta] [bold]{escape(row.node)}[/bold] {text}"
         elif row.kind == "kernel":
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":

@@ -33,14 +33,14 @@ def test_probe_endpoint_and_agent_export_the_same_blackbox_metrics():
 
     m = Metrics(CollectorRegistry(), clock=lambda: 1000.0)
     m.observe(verdict(r))
-    agent = samples(m.render())
+    agent = samples(generate_latest(m.registry))
     pl = {("probe", "web"), ("target", "http://srv1.lab.test:8080/ok"), ("source", "cp-client")}
     for name, value in EXPECTED.items():
         assert agent[(name, frozenset(pl))] == value, name
     assert agent[("probe_tls_version_info", frozenset(pl | {("version", "TLS 1.3")}))] == 1.0
     # a later handshake with another version replaces the series (one version at a time)
     m.observe(verdict(_with(result(), {**HTTP_VALUES, "tls_version": 1.2})))
-    versions = [dict(k[1])["version"] for k in samples(m.render()) if k[0] == "probe_tls_version_info"]
+    versions = [dict(k[1])["version"] for k in samples(generate_latest(m.registry)) if k[0] == "probe_tls_version_info"]
     assert versions == ["TLS 1.2"]
 
 
