@@ -5,8 +5,8 @@ tested on recorded data alone.
 """
 
 from correlator.correlate import correlate
-from correlator.join import join
+from correlator.join import EventIndex, join
 from correlator.rules import RULES, EvidenceStatus
 from correlator.types import Cause, Verdict
 
-__all__ = ["RULES", "Cause", "EvidenceStatus", "Verdict", "correlate", "join"]
+__all__ = ["RULES", "Cause", "EventIndex", "EvidenceStatus", "Verdict", "correlate", "join"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bpf.types import KernelEvent
-from correlator.join import GRACE_NS, join
+from correlator.join import GRACE_NS, EventIndex, join
 from correlator.rules import RULES, Context, EvidenceStatus, Finding
 from correlator.types import Cause, Verdict
 from prober.types import ProbeResult
@@ -16,7 +16,7 @@ NO_KERNEL_CAP = 0.5
 
 def correlate(
     result: ProbeResult,
-    events: Iterable[KernelEvent],
+    events: Iterable[KernelEvent] | EventIndex,
     *,
     budget_ns: int | None = None,
     evidence: EvidenceStatus | None = None,
