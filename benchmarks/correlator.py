@@ -52,7 +52,7 @@ def pure_rate(seconds: float) -> None:
     windows = [[*r.events, *noise] for r in recs]
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for r, w in zip(recs, windows):
+        for r, w in zip(recs, windows, strict=True):
             correlate(r.result, w, budget_ns=r.budget_ns, evidence=r.evidence)
         n += len(recs)
     dt = time.perf_counter() - t0
@@ -63,7 +63,7 @@ def pure_rate(seconds: float) -> None:
     build = (time.perf_counter() - t0) / sum(len(w) for w in windows)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for r, ix in zip(recs, indexes):
+        for r, ix in zip(recs, indexes, strict=True):
             correlate(r.result, ix, budget_ns=r.budget_ns, evidence=r.evidence)
         n += len(recs)
     dt = time.perf_counter() - t0
