@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/agent_overhead.py [--probes 1000] [--interval 10] [--warmup 20]
                                                        [--duration 60] [--scrapes 20] [--modes kernel,no-kernel]
+                                                       [--phase-histograms none|all]
 
 Brings up the lab; for each mode starts `connprobe agent` as its own process (kernel sensor attached, or
 --no-kernel), with N HTTP probes from the client namespace to srv1/srv2 (IPv4 and IPv6, by name: every probe
@@ -72,7 +73,7 @@ def totals(text: str) -> dict[str, float]:
     return out
 
 
-def write_config(path: Path, client: str, n: int, interval: float) -> None:
+def write_config(path: Path, client: str, n: int, interval: float, phase_histograms: str = "none") -> None:
     import yaml
 
     targets = ["http://srv1.lab.test:8080/ok", "http://srv2.lab.test:8080/ok"]
@@ -80,6 +81,9 @@ def write_config(path: Path, client: str, n: int, interval: float) -> None:
                "source": f"netns {client}", "interval": f"{interval}s"} for i in range(n)]
     modules = {"v4": {"prober": "http", "timeout": "5s", "ip_policy": "ipv4", "budget": "1s"},
                "v6": {"prober": "http", "timeout": "5s", "ip_policy": "ipv6", "budget": "1s"}}
+    if phase_histograms == "all":  # every phase a histogram per probe (before they were opt-in: always)
+        for m in modules.values():
+            m["phase_histograms"] = ["resolve", "connect", "tls", "processing", "transfer"]
     path.write_text(yaml.safe_dump({"modules": modules, "probes": probes}, sort_keys=False))
 
 
@@ -166,6 +170,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--scrapes", type=int, default=20)
     ap.add_argument("--modes", default="kernel,no-kernel")
+    ap.add_argument("--phase-histograms", choices=("none", "all"), default="none",
+                    help="the modules' phase_histograms: none (the default of a module) or all five HTTP phases")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("agent_overhead: needs root (the lab's namespaces and the BPF sensor)", file=sys.stderr)
@@ -176,7 +182,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="connprobe-bench-agent-") as tmp, Lab() as lab:
         work = Path(tmp)
         cfg = work / "agent.yml"
-        write_config(cfg, lab.ns("client").name, args.probes, args.interval)
+        write_config(cfg, lab.ns("client").name, args.probes, args.interval, args.phase_histograms)
         for mode in args.modes.split(","):
             results.append(run_mode(mode, cfg, args, work))
             print(json.dumps(results[-1]), file=sys.stderr)

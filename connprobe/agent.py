@@ -586,7 +586,8 @@ class Agent:
     def _declare(self, probes: Iterable[ProbeSpec]) -> None:
         for p in probes:
             self.metrics.declare(p.name, p.target, source_label(p.source), kind=ProbeKind(p.module.prober),
-                                 interval_s=p.interval, labels=p.labels.items())
+                                 interval_s=p.interval, labels=p.labels.items(),
+                                 phase_histograms=p.module.phase_histograms)
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
