@@ -32,7 +32,7 @@ def pure_rate(seconds: float) -> None:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for r in recs:
-            correlate(r.result, r.events, budget_ns=r.budget_ns, evidence=r.evidence)
+            correlate(r.result, r.events, budget_ns=r.budget_ns, coverage=r.coverage)
         n += len(recs)
     dt = time.perf_counter() - t0
     print(f"pure correlator: {len(recs)} recordings ({events} events, {events / len(recs):.1f} per probe), "
@@ -53,7 +53,7 @@ def pure_rate(seconds: float) -> None:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for r, w in zip(recs, windows, strict=True):
-            correlate(r.result, w, budget_ns=r.budget_ns, evidence=r.evidence)
+            correlate(r.result, w, budget_ns=r.budget_ns, coverage=r.coverage)
         n += len(recs)
     dt = time.perf_counter() - t0
     print(f"with 10,000 unrelated events per window, list scan: {n / dt:,.0f} verdicts/s, "
@@ -64,7 +64,7 @@ def pure_rate(seconds: float) -> None:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for r, ix in zip(recs, indexes, strict=True):
-            correlate(r.result, ix, budget_ns=r.budget_ns, evidence=r.evidence)
+            correlate(r.result, ix, budget_ns=r.budget_ns, coverage=r.coverage)
         n += len(recs)
     dt = time.perf_counter() - t0
     print(f"with 10,000 unrelated events per window, EventIndex: {n / dt:,.0f} verdicts/s, "
@@ -114,7 +114,7 @@ async def lab_latency(trials: int) -> None:
                         (result,) = await run_probe(sp, env)
                         events, status = await ev.collect(result)
                     t_collected = time.monotonic_ns()
-                    correlate(result, events, evidence=status)
+                    correlate(result, events, coverage=status)
                     t_done = time.monotonic_ns()
                     total.append((t_done - result.end_ns) / 1e6)
                     work.append((t_done - t_collected) / 1e6)

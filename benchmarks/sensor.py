@@ -194,7 +194,8 @@ def main() -> int:
 
 
 def run_rates(lab, addr: str, port: int, args) -> None:
-    from bpf.sensor import KernelSensor, bpf_run_time_stats
+    from bpf.runstats import bpf_run_time_stats
+    from bpf.sensor import KernelSensor
 
     ex = lab.executor("client")
     lab.exec("client", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")

@@ -2,7 +2,13 @@
 
 Modules:
     types          KernelEvent, EventKind (the records this package produces)
-    sensor         KernelSensor (load, watch list, events, counters, status) and its errors
+    sensor         KernelSensor (life cycle, watch list, events, counters, status)
+    hooks          the hook table (HOOKS, HookSpec) and HookStatus
+    preload        the checks before loading (privileges, bcc, kernel headers, tracefs, BTF, each hook);
+                   shared by the sensor and `connprobe doctor`
+    loader         compile sensor.c with bcc, attach each hook alone, read the kernel's reason names
+    runstats       per-program run counts and time (BPF_ENABLE_STATS, fdinfo)
+    errors         SensorError and its kinds
     decode         ring-buffer record -> KernelEvent (pure)
     btf            struct offsets and enums from the running kernel's BTF
     kernel_compat  tracefs formats (tracepoints, fields, reason names) and /proc/kallsyms

@@ -234,10 +234,24 @@ OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def optional_offsets(btf: Btf) -> dict[str, int]:
-    """Offsets of OPTIONAL_FIELDS that this kernel has as plain members (absent ones are left out)."""
+# Where a retransmitted segment's sequence range, its socket's snd_una and segment counters are (optional:
+# without them, retransmissions carry no sequence numbers and the correlator says it could not check what
+# got through).
+SEQ_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("OFF_SKB_CB", "sk_buff", "cb"),
+    ("OFF_TCB_SEQ", "tcp_skb_cb", "seq"),
+    ("OFF_TCB_END_SEQ", "tcp_skb_cb", "end_seq"),
+    ("OFF_TP_SND_UNA", "tcp_sock", "snd_una"),
+    ("OFF_TP_DATA_SEGS_OUT", "tcp_sock", "data_segs_out"),
+    ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
+)
+
+
+def optional_offsets(btf: Btf, fields: tuple[tuple[str, str, str], ...] = OPTIONAL_FIELDS) -> dict[str, int]:
+    """Offsets of `fields` (OPTIONAL_FIELDS, SEQ_FIELDS) that this kernel has as plain members (absent ones are
+    left out)."""
     out = {}
-    for macro, struct_name, path in OPTIONAL_FIELDS:
+    for macro, struct_name, path in fields:
         try:
             out[macro] = btf.offsetof(struct_name, path)
         except BtfError:

@@ -7,15 +7,14 @@
         sensor.counters()                        # node-level per-kind / per-reason counts, all traffic
         sensor.status()                          # which hooks are attached, and why any is not
 
-Exceptions:
-
-    SensorError
-     ├── SensorUnavailable   the sensor cannot run here at all (not root, no bcc, no BTF, no tracefs,
-     │                       no kernel headers, BPF refused); the message names the missing piece
-     └── SensorClosed        used after close()
+Errors (`bpf/errors.py`): `SensorUnavailable` (the sensor cannot run here; the message names the missing
+piece), `SensorClosed` (used after close()), `WatchListFull`; all are `SensorError`s.
 
 A hook whose tracepoint (or a field it needs) is missing is left out with a warning; the others run.
-Offsets of kernel struct fields come from BTF (bpf/btf.py), reason names from tracefs (bpf/kernel_compat.py).
+The parts: the hook table `bpf/hooks.py`, the pre-load checks `bpf/preload.py` (shared with `connprobe
+doctor`), compiling and attaching `bpf/loader.py`, program run-time statistics `bpf/runstats.py`; this module
+keeps the running sensor (its life cycle, the watch list, events and counters). Offsets of kernel struct
+fields come from BTF (bpf/btf.py), reason names from tracefs (bpf/kernel_compat.py).
 """
 
 from __future__ import annotations
@@ -24,23 +23,23 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import errno
 import logging
 import os
-import struct
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpf.btf import Btf, BtfError, optional_offsets, sensor_offsets
+from bpf import loader, preload, runstats
 from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, KernelNames, decode_event
-from bpf.kernel_compat import Kallsyms, Tracefs, TracefsUnavailable
+from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
+from bpf.hooks import HOOKS, HookSpec, HookStatus
+from bpf.kernel_compat import Kallsyms
+from bpf.runstats import bpf_run_time_stats
 from bpf.types import EventKind, KernelEvent
 
+# The sensor's public API stays importable from here (its homes: bpf/errors.py, bpf/hooks.py, bpf/runstats.py).
 __all__ = [
     "DEFAULT_QUIET_REASONS",
     "HOOKS",
@@ -51,86 +50,14 @@ __all__ = [
     "SensorCounters",
     "SensorError",
     "SensorUnavailable",
+    "WatchListFull",
     "bpf_run_time_stats",
 ]
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent
-SOURCE = BPF_DIR / "sensor.c"
-
 # Drop reasons that fire on normal operation (QUEUE_PURGE on every close, ...): counted, never sent.
 DEFAULT_QUIET_REASONS = ("NOT_SPECIFIED", "QUEUE_PURGE", "SOCKET_CLOSE", "SKB_CONSUMED", "NOT_DROPPED_YET")
-
-
-class SensorError(Exception):
-    """Base of the sensor's errors."""
-
-
-class SensorUnavailable(SensorError):
-    """The kernel sensor cannot run on this machine; the message says what is missing and what to do."""
-
-
-class SensorClosed(SensorError):
-    """The sensor was used after close()."""
-
-
-class WatchListFull(SensorError):
-    """The kernel watch list has no free slot for one more port (`watch_max` ports are watched)."""
-
-
-@dataclass(frozen=True, slots=True)
-class HookSpec:
-    category: str
-    event: str
-    kind: EventKind
-    fields: tuple[tuple[str, int | None], ...]  # required field → size in bytes (None: any)
-    offsets: tuple[str, ...] = ()  # optional BTF offsets (bpf.btf.OPTIONAL_FIELDS) the program needs
-    raw: bool = False  # attached as a raw tracepoint (arguments are the kernel function's, not the format's)
-
-    @property
-    def name(self) -> str:
-        return f"{self.category}:{self.event}"
-
-    @property
-    def macro(self) -> str:
-        return f"HOOK_{self.category}_{self.event}".upper()
-
-
-_ADDRS = (("family", 2), ("saddr", 4), ("daddr", 4), ("saddr_v6", 16), ("daddr_v6", 16))
-
-HOOKS: tuple[HookSpec, ...] = (
-    HookSpec("tcp", "tcp_retransmit_skb", EventKind.RETRANSMIT,
-             (("skaddr", 8), ("state", 4), ("sport", 2), ("dport", 2), ("err", 4), *_ADDRS)),
-    HookSpec("tcp", "tcp_retransmit_synack", EventKind.SYNACK_RETRANSMIT,
-             (("skaddr", 8), ("sport", 2), ("dport", 2), *_ADDRS)),
-    HookSpec("sock", "inet_sock_set_state", EventKind.STATE,
-             (("skaddr", 8), ("oldstate", 4), ("newstate", 4), ("sport", 2), ("dport", 2),
-              ("protocol", 2), *_ADDRS)),
-    HookSpec("tcp", "tcp_receive_reset", EventKind.RESET_RX,
-             (("skaddr", 8), ("sport", 2), ("dport", 2), *_ADDRS)),
-    # 6.10+ layout: raw sockaddrs of 28 bytes and a reason; older kernels' layout is not supported.
-    HookSpec("tcp", "tcp_send_reset", EventKind.RESET_TX,
-             (("skbaddr", 8), ("skaddr", 8), ("state", 4), ("reason", 4), ("saddr", 28), ("daddr", 28))),
-    HookSpec("skb", "kfree_skb", EventKind.DROP,
-             (("skbaddr", 8), ("location", 8), ("protocol", 2), ("reason", 4))),
-    HookSpec("icmp", "icmp_send", EventKind.ICMP_SEND, (("skbaddr", 8), ("type", 4), ("code", 4))),
-    # Raw: the regular tracepoint has no socket pointer, so no namespace; the socket's fields come from BTF.
-    HookSpec("sock", "inet_sk_error_report", EventKind.SOCK_ERROR, (),
-             offsets=("OFF_SK_ERR", "OFF_SK_PROTOCOL", "OFF_INET_SPORT"), raw=True),
-    HookSpec("sock", "sock_send_length", EventKind.UDP_SEND,
-             (("sk", 8), ("protocol", 2), ("ret", 4), ("flags", 4))),
-    HookSpec("sock", "sock_recv_length", EventKind.UDP_RECV,
-             (("sk", 8), ("protocol", 2), ("ret", 4), ("flags", 4))),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class HookStatus:
-    name: str  # "tcp:tcp_retransmit_skb"
-    kind: EventKind
-    attached: bool
-    detail: str  # why not attached, or "" when attached
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,69 +74,6 @@ class SensorCounters:
     def total(self, kind: EventKind, reason: str | None = None, *, watched: bool = False) -> int:
         table = self.watched if watched else self.events
         return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
-
-
-# Where a retransmitted segment's sequence range, its socket's snd_una and segment counters are (optional:
-# without them, retransmissions carry no sequence numbers and the correlator says it could not check what
-# got through).
-SEQ_FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("OFF_SKB_CB", "sk_buff", "cb"),
-    ("OFF_TCB_SEQ", "tcp_skb_cb", "seq"),
-    ("OFF_TCB_END_SEQ", "tcp_skb_cb", "end_seq"),
-    ("OFF_TP_SND_UNA", "tcp_sock", "snd_una"),
-    ("OFF_TP_DATA_SEGS_OUT", "tcp_sock", "data_segs_out"),
-    ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
-)
-
-
-def seq_offsets(btf: Btf) -> dict[str, int]:
-    out = {}
-    for macro, struct_name, path in SEQ_FIELDS:
-        try:
-            out[macro] = btf.offsetof(struct_name, path)
-        except BtfError:
-            log.warning("kernel sensor: BTF lacks %s.%s: retransmissions carry no sequence numbers",
-                        struct_name, path)
-    return out
-
-
-def _kernel_headers_dir() -> Path | None:
-    release = os.uname().release
-    for sub in ("build", "source"):
-        path = Path("/lib/modules") / release / sub
-        if path.exists():
-            return path
-    return None
-
-
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
-        raise SensorUnavailable(
-            f"bcc is not importable ({exc}): install python3-bpfcc and run scripts/setup"
-        ) from None
-    return bcc
-
-
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-
-def missing_capabilities(status: Path = Path("/proc/thread-self/status")) -> list[str]:
-    """Capabilities the calling thread lacks to load and attach tracing programs (empty: none missing).
-    Capabilities are per thread: /proc/self/status shows the main thread's, not the loading thread's.
-
-    Checked up front: without them every program fails to load one by one, slowly and with a message
-    that does not say why.
-    """
-    try:
-        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return []  # cannot tell: let the load itself decide
-    eff = int(line.split()[1], 16)
-    if eff >> CAP_SYS_ADMIN & 1:
-        return []
-    return [name for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not eff >> bit & 1]
 
 
 class KernelSensor:
@@ -293,32 +157,18 @@ class KernelSensor:
         if self._closed:
             raise SensorClosed("the sensor was closed; create a new one")
         t0 = time.monotonic()
-        bcc = import_bcc()
-        if os.geteuid() != 0:
-            raise SensorUnavailable("not root: the kernel sensor needs root (CAP_BPF and CAP_PERFMON)")
-        missing = missing_capabilities()
-        if missing:
+        bcc = preload.import_bcc()
+        problem = preload.privilege_problem()
+        if problem:
+            raise SensorUnavailable(problem)
+        tracefs = preload.open_tracefs(self._tracefs_root)
+        offsets = preload.kernel_offsets(self._btf_path)
+        if preload.kernel_headers_dir() is None:
             raise SensorUnavailable(
-                f"root without {' and '.join(missing)}: loading BPF tracing programs needs them "
-                "(or CAP_SYS_ADMIN); grant them to the process (a container: securityContext.capabilities.add)"
-            )
-        try:
-            tracefs = Tracefs(self._tracefs_root)
-        except TracefsUnavailable as exc:
-            raise SensorUnavailable(str(exc)) from None
-        try:
-            btf = Btf.load(self._btf_path) if self._btf_path else Btf.load()
-            offsets = sensor_offsets(btf)
-            offsets.update(optional_offsets(btf))
-            offsets.update(seq_offsets(btf))
-        except BtfError as exc:
-            raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
-        if _kernel_headers_dir() is None:
-            raise SensorUnavailable(
-                f"no kernel headers at /lib/modules/{os.uname().release}/build: bcc needs them to compile; "
+                f"no kernel headers at {preload.headers_path()}: bcc needs them to compile; "
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
-        self._names = self._read_names(tracefs)
+        self._names = loader.read_names(tracefs, self._symbolize)
         try:
             self._kallsyms = Kallsyms(self._kallsyms_path)
         except OSError as exc:
@@ -328,10 +178,7 @@ class KernelSensor:
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
         for hook in self.hooks:
-            why = tracefs.check(hook.category, hook.event, dict(hook.fields))
-            missing = [m for m in hook.offsets if m not in offsets]
-            if why is None and missing:
-                why = f"kernel BTF lacks {', '.join(missing)} (or has it as a bitfield)"
+            why = preload.hook_problem(hook, tracefs, offsets)
             if why is None:
                 enabled.append(hook)
             else:
@@ -341,14 +188,8 @@ class KernelSensor:
             raise SensorUnavailable(
                 "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
             )
-        extra = []
-        kfree = tracefs.format("skb", "kfree_skb") if tracefs.exists("skb", "kfree_skb") else None
-        if kfree is not None and "rx_sk" in kfree.fields:
-            extra.append("-DHAVE_KFREE_RX_SK")
-        base = [f"-D{k}={v}" for k, v in sorted(offsets.items())]
-        base += [f"-DRING_PAGES={self.ring_pages}", f"-DWATCH_MAX={self.watch_max}", f"-I{BPF_DIR}", *extra]
-
-        bpf, failed = self._compile(bcc, base, enabled)
+        base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
+        bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
             status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
@@ -365,77 +206,6 @@ class KernelSensor:
             self._teardown()
             raise
         self.load_seconds = time.monotonic() - t0
-
-    def _compile(self, bcc: Any, base: list[str], enabled: list[HookSpec]) -> tuple[Any, dict[HookSpec, str]]:
-        """Compile once, then load and attach each hook on its own, so one failure costs one event kind.
-
-        bcc's automatic attaching is off (a failure half-way through its constructor would leave the
-        hooks attached before it with no object to clean them up). If the whole program does not compile,
-        each hook is compiled alone to find the culprits, and the rest is compiled together.
-        """
-        failed: dict[HookSpec, str] = {}
-        text = SOURCE.read_bytes()
-        if self._debug_source:
-            hooks = " ".join(f"-D{h.macro}" for h in enabled)
-            print(f"// {SOURCE}\n// cflags: {' '.join(base)} {hooks}\n{(BPF_DIR / 'events.h').read_text()}\n"
-                  f"{text.decode()}", file=sys.stderr)
-        manual = _manual_attach_class(bcc)
-
-        def compile_(hooks: list[HookSpec]) -> Any:
-            self.cflags = base + [f"-D{h.macro}" for h in hooks]
-            return manual(text=text, cflags=self.cflags)
-
-        try:
-            bpf = compile_(enabled)
-        except Exception as exc:
-            first_error = _bpf_error(exc)
-            good = []
-            for hook in enabled:
-                try:
-                    compile_([hook]).cleanup()
-                except Exception as exc:
-                    failed[hook] = f"compile failed: {_bpf_error(exc)}"
-                    continue
-                good.append(hook)
-            if not good:
-                raise SensorUnavailable(f"BPF compile failed: {first_error}") from None
-            try:
-                bpf = compile_(good)
-            except Exception as exc:
-                raise SensorUnavailable(f"BPF compile failed: {_bpf_error(exc)}") from None
-        for hook in enabled:
-            if hook in failed:
-                continue
-            try:
-                if hook.raw:
-                    bpf.attach_raw_tracepoint(tp=hook.event.encode(), fn_name=f"raw_tracepoint__{hook.event}".encode())
-                else:
-                    bpf.attach_tracepoint(tp=hook.name.encode(),
-                                          fn_name=f"tracepoint__{hook.category}__{hook.event}".encode())
-            except Exception as exc:
-                failed[hook] = f"load/attach failed: {_bpf_error(exc)}"
-        if len(failed) == len(enabled):
-            bpf.cleanup()
-            raise SensorUnavailable("BPF load failed for every hook: " + "; ".join(failed.values()))
-        return bpf, failed
-
-    def _read_names(self, tracefs: Tracefs) -> KernelNames:
-        drops: dict[int, str] = {}
-        rsts: dict[int, str] = {}
-        states: dict[int, str] = {}
-        if tracefs.exists("skb", "kfree_skb"):
-            drops = tracefs.format("skb", "kfree_skb").symbolic("reason")
-        if tracefs.exists("tcp", "tcp_send_reset"):
-            rsts = tracefs.format("tcp", "tcp_send_reset").symbolic("reason")
-        if tracefs.exists("sock", "inet_sock_set_state"):
-            raw = tracefs.format("sock", "inet_sock_set_state").symbolic("newstate")
-            states = {k: v.removeprefix("TCP_") for k, v in raw.items()}
-        return KernelNames(
-            drop_reasons=drops,
-            rst_reasons=rsts,
-            tcp_states=states or KernelNames().tcp_states,
-            symbolize=self._symbolize,
-        )
 
     def _symbolize(self, addr: int) -> str | None:
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
@@ -650,64 +420,8 @@ class KernelSensor:
     def prog_stats(self) -> dict[str, tuple[int, int]]:
         """Per attached program: (times run, total ns spent in it), from /proc/self/fdinfo. Both stay 0 unless
         the kernel's BPF run-time statistics are on (`bpf_run_time_stats()` or kernel.bpf_stats_enabled)."""
-        bpf = self._require_open()
-        out = {}
-        for name, fn in bpf.funcs.items():
-            fields = {}
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
-                    key, _, value = line.partition(":")
-                    fields[key] = value.strip()
-            out[name.decode() if isinstance(name, bytes) else name] = (
-                int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
-        return out
+        return runstats.program_stats(self._require_open())
 
     def prog_ids(self) -> list[int]:
         """Kernel ids of the loaded BPF programs (from /proc/self/fdinfo), for `bpftool prog show id N`."""
-        bpf = self._require_open()
-        ids = []
-        for fn in bpf.funcs.values():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
-                    if line.startswith("prog_id:"):
-                        ids.append(int(line.split()[1]))
-        return sorted(ids)
-
-
-@contextlib.contextmanager
-def bpf_run_time_stats() -> Iterator[None]:
-    """Turn on the kernel's per-program run-time statistics while the block runs (bpf(BPF_ENABLE_STATS):
-    off again when the returned fd closes, so nothing global is left changed)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(struct.pack("<I", 0), 8)  # BPF_STATS_RUN_TIME
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf syscall number unknown on {os.uname().machine}")
-    fd = libc.syscall(nr, _BPF_ENABLE_STATS, attr, 8)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-_BPF_ENABLE_STATS = 32
-
-
-def _manual_attach_class(bcc: Any) -> type:
-    class ManualAttachBPF(bcc.BPF):
-        def _trace_autoload(self) -> None:  # KernelSensor._compile attaches hook by hook
-            return None
-
-    return ManualAttachBPF
-
-
-def _bpf_error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[-1] if text else type(exc).__name__
-    if isinstance(exc, PermissionError) or "Operation not permitted" in msg:
-        return f"{msg} (BPF needs root with CAP_BPF/CAP_PERFMON; a container may block bpf())"
-    return msg
+        return runstats.program_ids(self._require_open())

@@ -1,6 +1,6 @@
 """`connprobe agent --config FILE`: the scheduled health checks, running continuously.
 
-    Scheduler ──ProbeResult──► pipeline: KernelEvidence.collect() ─► correlate() ─► Verdict
+    Scheduler ──ProbeResult──► pipeline: KernelWatch.collect() ─► correlate() ─► Verdict
                                                                                      │ offer() (never blocks)
                                            ┌──────────────┬──────────────┬──────────┘
                                       QueuedSink      QueuedSink     QueuedSink
@@ -46,14 +46,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from bpf.types import KernelEvent
 from connprobe.config import Config, ConfigError, load_config, parse_config
 from connprobe.configwatch import ConfigWatcher
-from connprobe.evidence import KEEP_NS, KernelEvidence
+from connprobe.kernelwatch import KEEP_NS, KernelWatch
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from correlator import correlate
 from correlator.join import GRACE_NS
 from correlator.types import Verdict
-from prober.core import ProbeEnv
+from prober.env import ProbeEnv
 from prober.redact import install_log_redaction
 from prober.scheduler import Scheduler
 from prober.sockets import SourceError, open_source
@@ -104,12 +104,12 @@ def load_agent_config(path: str | Path) -> AgentConfig:
 # -- kernel evidence indexed by port -------------------------------------------------------------------------
 
 
-class IndexedEvidence(KernelEvidence):
-    """`KernelEvidence` for many probes at once: events are kept per (protocol, port) of either endpoint, so a
+class IndexedKernelWatch(KernelWatch):
+    """`KernelWatch` for many probes at once: events are kept per (protocol, port) of either endpoint, so a
     probe's collection looks only at the events of its own ports, not at every event of its time window
     (at 100 probes/s that window holds thousands of other probes' events). What `collect` returns is a
     superset of what `correlator.join` keeps (it matches the probe's local endpoints on either side), so the
-    verdicts are the same as with `KernelEvidence`."""
+    verdicts are the same as with `KernelWatch`."""
 
     def __init__(self, sensor=None, unavailable_reason: str = "", keep_ns: int = KEEP_NS,
                  retention_ns: Callable[[str], int | None] | None = None):
@@ -242,7 +242,7 @@ class _AgentCollector:
         yield CounterMetricFamily("connprobe_probe_overruns", "Probe runs still going past their deadline (plus a "
                                   "margin): ended by a guard and reported as error kind internal.",
                                   value=a.env.overruns if a.env is not None else 0)
-        ev = a.evidence
+        ev = a.kernel_watch
         yield CounterMetricFamily("connprobe_watch_list_full", "Probe ports the kernel watch list had no room for: "
                                   "those probes ran without kernel evidence (\"watch list full\").",
                                   value=ev.watch_full if ev is not None else 0)
@@ -384,7 +384,7 @@ class Agent:
         self.concurrency = concurrency
         self.stop_grace = stop_grace
         self.active: AgentConfig | None = None
-        self.evidence: KernelEvidence | None = None
+        self.kernel_watch: KernelWatch | None = None
         self.env: ProbeEnv | None = None
         self.scheduler: Scheduler | None = None
         self.results: asyncio.Queue[ProbeResult] = asyncio.Queue(10_000)
@@ -441,22 +441,22 @@ class Agent:
         from connprobe.diagnose import open_sensor
 
         opened = await open_sensor(disabled=not self.kernel)
-        evidence = IndexedEvidence(opened.sensor, opened.unavailable_reason, keep_ns=self._keep_ns(self.active),
+        watch = IndexedKernelWatch(opened.sensor, opened.unavailable_reason, keep_ns=self._keep_ns(self.active),
                                    retention_ns=self._retention_ns)
         if opened.available:  # the same sensor, read by our own pump
             await opened.stop()
-            await evidence.start()
-        self.evidence = evidence
-        if evidence.available:
+            await watch.start()
+        self.kernel_watch = watch
+        if watch.available:
             self.sensor_state = "attached"
             log.info("kernel sensor attached")
         else:
-            self.sensor_state = f"off: {evidence.unavailable_reason}"
-            log.warning("kernel evidence is off: %s; verdicts will say so", evidence.unavailable_reason)
+            self.sensor_state = f"off: {watch.unavailable_reason}"
+            log.warning("kernel evidence is off: %s; verdicts will say so", watch.unavailable_reason)
         assert self.active is not None and self.env is not None
         await self.privileges.end()  # the sensor is attached: its loading thread drops and ends
         self.scheduler = Scheduler(self.active.config.probes, self.env, concurrency=self.concurrency,
-                                   queue=self.results, on_dropped=evidence.release)
+                                   queue=self.results, on_dropped=watch.release)
         await self.scheduler.start()
         self.ready = True
         self._ready_event.set()
@@ -486,10 +486,10 @@ class Agent:
             await s.stop()
         if self.env is not None:
             await self.env.aclose()
-        if self.evidence is not None:
-            await self.evidence.stop()
-            if self.evidence.sensor is not None:
-                self.evidence.sensor.close()
+        if self.kernel_watch is not None:
+            await self.kernel_watch.stop()
+            if self.kernel_watch.sensor is not None:
+                self.kernel_watch.sensor.close()
         self.tracebacks.remove()
 
     async def _drain_results(self) -> None:
@@ -499,8 +499,8 @@ class Agent:
     # -- the pipeline ---------------------------------------------------------------------------------------
 
     def _on_local_port(self, proto: Proto, port: int) -> None:
-        if self.evidence is not None:
-            self.evidence.on_local_port(proto, port)
+        if self.kernel_watch is not None:
+            self.kernel_watch.on_local_port(proto, port)
 
     async def _pipeline(self) -> None:
         while True:
@@ -511,11 +511,11 @@ class Agent:
 
     async def verdict_for(self, result: ProbeResult, budget_ns: int | None) -> Verdict:
         """Collect the probe window's kernel events (after the grace period) and correlate."""
-        ev = self.evidence
+        ev = self.kernel_watch
         if ev is None:
-            ev = KernelEvidence(None, "kernel sensor still loading")
+            ev = KernelWatch(None, "kernel sensor still loading")
         events, status = await ev.collect(result)
-        return correlate(result, events, budget_ns=budget_ns, evidence=status)
+        return correlate(result, events, budget_ns=budget_ns, coverage=status)
 
     async def _handle(self, result: ProbeResult) -> None:
         try:
@@ -555,7 +555,7 @@ class Agent:
 
     def refresh_health(self) -> None:
         """Mirror the sensor's counters and hook status into the metrics (called on each scrape)."""
-        ev = self.evidence
+        ev = self.kernel_watch
         sensor = ev.sensor if ev is not None else None
         if sensor is None or sensor.closed:
             self.metrics.observe_sensor(None)
@@ -657,9 +657,9 @@ class Agent:
 
     def _set_retention(self, keep_ns: int) -> None:
         """The sensor side of a config: how long kernel events are kept for its probes."""
-        if isinstance(self.evidence, IndexedEvidence):
-            self.evidence.keep_ns = keep_ns
-            self.evidence.lease_ns = keep_ns  # a watched port no result released is let go after as long
+        if isinstance(self.kernel_watch, IndexedKernelWatch):
+            self.kernel_watch.keep_ns = keep_ns
+            self.kernel_watch.lease_ns = keep_ns  # a watched port no result released is let go after as long
 
     def _swap(self, plan: _ReloadPlan, undo: list[Callable[[], object]]) -> None:
         """Put the new config in place; each step pushes its own undo before the next one runs."""
@@ -673,8 +673,8 @@ class Agent:
             if _labels_of(plan.before[n]) == _labels_of(plan.after[n]):
                 undo.append(functools.partial(self._declare, [plan.before[n]]))
                 self._declare([plan.after[n]])
-        ev = self.evidence
-        if isinstance(ev, IndexedEvidence):
+        ev = self.kernel_watch
+        if isinstance(ev, IndexedKernelWatch):
             old_keep = ev.keep_ns
             undo.append(lambda: self._set_retention(old_keep))
         self._set_retention(plan.keep_ns)

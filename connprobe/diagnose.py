@@ -24,12 +24,12 @@ from rich.markup import escape
 from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
-from connprobe.evidence import KernelEvidence
+from connprobe.kernelwatch import KernelWatch
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
 from correlator import Cause, Verdict, correlate
 from correlator.record import Recording, save, to_jsonable
-from correlator.rules import EvidenceStatus
+from correlator.types import KernelCoverage
 from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
 from prober.redact import install_log_redaction, redact_url
 from prober.source import parse_source
@@ -48,7 +48,7 @@ class Attempt:
     index: int
     verdict: Verdict
     events: tuple[KernelEvent, ...]
-    evidence: EvidenceStatus
+    coverage: KernelCoverage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,50 +112,51 @@ def build_spec(args: argparse.Namespace) -> ProbeSpec:
         raise UsageError(f"TARGET {redact_url(args.target)!r}: {msg}") from None
 
 
-async def open_sensor(disabled: bool) -> KernelEvidence:
+async def open_sensor(disabled: bool) -> KernelWatch:
     if disabled:
-        return KernelEvidence(None, "disabled with --no-kernel")
+        return KernelWatch(None, "disabled with --no-kernel")
     try:
-        from bpf.sensor import KernelSensor, SensorError
+        from bpf.errors import SensorError
+        from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
-        return KernelEvidence(None, f"kernel sensor unavailable: {exc}")
+        return KernelWatch(None, f"kernel sensor unavailable: {exc}")
     sensor = KernelSensor()
     try:
         await sensor.__aenter__()
     except SensorError as exc:
-        return KernelEvidence(None, str(exc))
+        return KernelWatch(None, str(exc))
     except Exception as exc:  # e.g. bcc not importable: name the cause rather than die
-        return KernelEvidence(None, f"{type(exc).__name__}: {exc}")
-    ev = KernelEvidence(sensor)
+        return KernelWatch(None, f"{type(exc).__name__}: {exc}")
+    ev = KernelWatch(sensor)
     await ev.start()
     return ev
 
 
-async def diagnose(args: argparse.Namespace, spec: ProbeSpec, evidence: KernelEvidence | None = None) -> list[Attempt]:
-    """Run the attempts. `evidence` (a running KernelEvidence) is opened and closed here when not given."""
+async def diagnose(args: argparse.Namespace, spec: ProbeSpec, watch: KernelWatch | None = None) -> list[Attempt]:
+    """Run the attempts. `watch` (a running KernelWatch) is opened and closed here when not given."""
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
-    owned = evidence is None
-    if evidence is None:
-        evidence = await open_sensor(args.no_kernel)
+    owned = watch is None
+    if watch is None:
+        watch = await open_sensor(args.no_kernel)
     attempts: list[Attempt] = []
     try:
-        async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+        async with ProbeEnv(on_local_port=watch.on_local_port) as env:
             for i in range(args.count):
                 if i and interval:
                     await asyncio.sleep(interval)
                 for result in await run_probe(spec, env):
-                    events, status = await evidence.collect(result)
+                    events, status = await watch.collect(result)
                     verdict = correlate(result, events, budget_ns=int(budget * 1e9) if budget else None,
-                                        evidence=status)
+                                        coverage=status)
                     attempts.append(Attempt(i + 1, verdict, tuple(verdict.evidence), status))
                     if args.record:
                         _record(args.record, spec, attempts[-1], events, budget)
     finally:
         if owned:
-            await evidence.stop()
-            if evidence.sensor is not None:
-                evidence.sensor.close()
+            await watch.stop()
+            if watch.sensor is not None:
+                watch.sensor.close()
     return attempts
 
 
@@ -165,7 +166,7 @@ def _record(directory: Path, spec: ProbeSpec, a: Attempt, events: list[KernelEve
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--record: cannot create {directory}: {exc.strerror or exc}") from None
-    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.evidence,
+    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.coverage,
                     int(budget * 1e9) if budget else None, str(a.verdict.cause))
     path = directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json"
     try:
@@ -195,8 +196,8 @@ def to_document(args: argparse.Namespace, attempts: list[Attempt], code: int) ->
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
             "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
-            "kernel_evidence": {"available": a.evidence.available, "lost_events": a.evidence.lost_events,
-                                "reason": a.evidence.reason},
+            "kernel_evidence": {"available": a.coverage.available, "lost_events": a.coverage.lost_events,
+                                "reason": a.coverage.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
                         "rule": v.rule, "facts": list(v.facts), "summary": v.summary},
             "result": to_jsonable(r),
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(width=160, highlight=False)
-    first = attempts[0].evidence if attempts else None
+    first = attempts[0].coverage if attempts else None
     if first is not None and not first.available:
         out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
     names = netns_names()

@@ -5,7 +5,8 @@
     warn  tracepoint ...  ...                                -> that event kind is off; the rest works
 
 Exit status 0 when the sensor can run (warnings allowed), 1 when it cannot. Without the sensor the rest of
-connprobe still works: probes run and verdicts say "no kernel evidence".
+connprobe still works: probes run and verdicts say "no kernel evidence". The checks are the sensor's own
+pre-load checks (`bpf/preload.py`), so this command and `KernelSensor.open()` agree.
 """
 
 from __future__ import annotations
@@ -37,29 +38,39 @@ class Check:
 
 
 def check_root() -> Check:
-    if os.geteuid() == 0:
+    from bpf import preload
+
+    problem = preload.privilege_problem()
+    if problem is None:
         return Check("root", OK, "running as root")
-    return Check("root", FAIL, f"running as uid {os.geteuid()}",
-                 "run as root (sudo connprobe doctor); BPF needs CAP_BPF + CAP_PERFMON")
+    if os.geteuid() != 0:
+        return Check("root", FAIL, f"running as uid {os.geteuid()}",
+                     "run as root (sudo connprobe doctor); BPF needs CAP_BPF + CAP_PERFMON")
+    return Check("root", FAIL, problem, "grant CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")
 
 
 def check_bcc() -> Check:
+    from bpf import preload
+    from bpf.errors import SensorUnavailable
+
     try:
-        import bcc
-    except ImportError as exc:
-        return Check("bcc (python3-bpfcc)", FAIL, f"not importable: {exc}",
+        bcc = preload.import_bcc()
+    except SensorUnavailable as exc:
+        return Check("bcc (python3-bpfcc)", FAIL, str(exc),
                      "apt-get install python3-bpfcc, then scripts/setup (the venv needs the bcc module)")
     return Check("bcc (python3-bpfcc)", OK, f"{Path(bcc.__file__).parent}")
 
 
 def check_headers(modules: Path = Path("/lib/modules")) -> Check:
+    from bpf import preload
+
     release = os.uname().release
-    build = modules / release / "build"
-    if build.exists():
+    build = preload.kernel_headers_dir(modules)
+    if build is not None:
         target = build.resolve()
         note = "" if release in target.name else f" (headers of another kernel: {target.name}; layouts come from BTF)"
         return Check("kernel headers", OK, f"{build} -> {target}{note}")
-    return Check("kernel headers", FAIL, f"{build} missing (bcc compiles against it)",
+    return Check("kernel headers", FAIL, f"{preload.headers_path(modules)} missing (bcc compiles against it)",
                  "install linux-headers-$(uname -r), or run scripts/setup as root to link the installed ones")
 
 
@@ -77,18 +88,20 @@ def check_btf(path: Path = Path("/sys/kernel/btf/vmlinux")) -> Check:
 
 
 def check_tracefs(root: Path | None = None) -> tuple[Check, object | None]:
-    from bpf.kernel_compat import Tracefs, TracefsUnavailable
+    from bpf import preload
+    from bpf.errors import SensorUnavailable
 
     try:
-        tracefs = Tracefs(root)
-    except TracefsUnavailable as exc:
+        tracefs = preload.open_tracefs(root)
+    except SensorUnavailable as exc:
         return Check("tracefs", FAIL, str(exc), "as root: mount -t tracefs tracefs /sys/kernel/tracing"), None
     return Check("tracefs", OK, str(tracefs.root)), tracefs
 
 
 def check_tracepoints(tracefs, btf_path: Path = Path("/sys/kernel/btf/vmlinux")) -> list[Check]:
+    from bpf import preload
     from bpf.btf import Btf, BtfError, optional_offsets
-    from bpf.sensor import HOOKS
+    from bpf.hooks import HOOKS
 
     try:
         have = set(optional_offsets(Btf.load(btf_path)))
@@ -96,10 +109,7 @@ def check_tracepoints(tracefs, btf_path: Path = Path("/sys/kernel/btf/vmlinux"))
         have = set()
     out = []
     for hook in HOOKS:
-        why = tracefs.check(hook.category, hook.event, dict(hook.fields)) if tracefs is not None else "no tracefs"
-        missing = [m for m in hook.offsets if m not in have]
-        if why is None and missing:
-            why = f"kernel BTF lacks {', '.join(missing)}"
+        why = preload.hook_problem(hook, tracefs, have) if tracefs is not None else "no tracefs"
         if why is None:
             out.append(Check(f"tracepoint {hook.name}", OK, f"{hook.kind} events"))
         else:
@@ -135,7 +145,8 @@ def check_kallsyms(path: Path = Path("/proc/kallsyms")) -> Check:
 
 
 def check_load() -> Check:
-    from bpf.sensor import KernelSensor, SensorError
+    from bpf.errors import SensorError
+    from bpf.sensor import KernelSensor
 
     t0 = time.monotonic()
     try:

@@ -60,10 +60,10 @@ from connprobe.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_c
 from correlator.join import GRACE_NS
 from correlator.types import Cause, Verdict
 from prober import sockets
-from prober.core import parse_target
 from prober.resolve import is_ip
 from prober.runner import run_probe
 from prober.spec import ProbeSpec, parse_duration
+from prober.target import parse_target
 
 __all__ = ["PROBE_TIMEOUT_OFFSET", "REQUEST_HEADER", "WebSecurity", "WebServer", "build_app", "exposition",
            "start_server"]

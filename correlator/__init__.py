@@ -6,7 +6,7 @@ tested on recorded data alone.
 
 from correlator.correlate import correlate
 from correlator.join import EventIndex, join
-from correlator.rules import RULES, EvidenceStatus
-from correlator.types import Cause, Verdict
+from correlator.rules import RULES
+from correlator.types import Cause, KernelCoverage, Verdict
 
-__all__ = ["RULES", "Cause", "EventIndex", "EvidenceStatus", "Verdict", "correlate", "join"]
+__all__ = ["RULES", "Cause", "EventIndex", "KernelCoverage", "Verdict", "correlate", "join"]

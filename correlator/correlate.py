@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from bpf.types import KernelEvent
 from correlator.join import GRACE_NS, EventIndex, join
-from correlator.rules import RULES, Context, EvidenceStatus, Finding
-from correlator.types import Cause, Verdict
+from correlator.rules import RULES, Context, Finding
+from correlator.types import Cause, KernelCoverage, Verdict
 from prober.types import ProbeResult
 
 LOST_EVENTS_FACTOR = 0.5
@@ -19,18 +19,18 @@ def correlate(
     events: Iterable[KernelEvent] | EventIndex,
     *,
     budget_ns: int | None = None,
-    evidence: EvidenceStatus | None = None,
+    coverage: KernelCoverage | None = None,
     grace_ns: int = GRACE_NS,
 ) -> Verdict:
-    evidence = evidence or EvidenceStatus()
-    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, evidence)
+    coverage = coverage or KernelCoverage()
+    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, coverage)
     for rule in RULES:
         finding = rule(ctx)
         if finding is not None:
             return _verdict(ctx, rule.__name__, finding)
     facts = [f"failed with {result.error or 'no error'}: {result.error_detail}".rstrip(": ")]
-    if not evidence.available:
-        facts.append(f"no kernel evidence ({evidence.reason or 'sensor off'})")
+    if not coverage.available:
+        facts.append(f"no kernel evidence ({coverage.reason or 'sensor off'})")
     elif not ctx.matched:
         facts.append("the kernel reported nothing unusual for this probe's packets")
     return _verdict(ctx, "fallback", Finding(Cause.UNKNOWN, None, 0.2, (), tuple(facts), needs_kernel=False))
@@ -39,12 +39,12 @@ def correlate(
 def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
     confidence = f.confidence
     facts = list(f.facts)
-    if f.needs_kernel and not ctx.evidence.available:
+    if f.needs_kernel and not ctx.coverage.available:
         confidence = min(confidence, NO_KERNEL_CAP)
-        facts.append(f"no kernel evidence ({ctx.evidence.reason or 'sensor off'}): this is a guess")
-    if ctx.evidence.lost_events:
+        facts.append(f"no kernel evidence ({ctx.coverage.reason or 'sensor off'}): this is a guess")
+    if ctx.coverage.lost_events:
         confidence *= LOST_EVENTS_FACTOR
-        facts.append(f"{ctx.evidence.lost_events} kernel event(s) were lost while this probe ran: "
+        facts.append(f"{ctx.coverage.lost_events} kernel event(s) were lost while this probe ran: "
                      "the evidence may be incomplete")
     evidence = tuple(sorted({m.event for m in f.evidence}, key=lambda e: e.ts_ns))
     return Verdict(

@@ -16,8 +16,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from correlator.evidence import DECISIVE, reason_class
 from correlator.join import Matched
+from correlator.reasons import DECISIVE, reason_class
 
 SEQ_SPACE = 2**32
 RTO_MIN_NS = 200_000_000  # Linux TCP_RTO_MIN: the least a timeout-driven retransmission waits

@@ -1,4 +1,4 @@
-"""Recordings: a probe result, the kernel events of its window and the evidence status, as JSON.
+"""Recordings: a probe result, the kernel events of its window and the sensor's coverage of it, as JSON.
 
 The same shape is `connprobe diagnose --json`'s per-attempt input and the checked-in fixtures that the
 rules are tested on. Decoding follows the dataclasses' type hints, so fields added to the record types
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf.types import KernelEvent
-from correlator.rules import EvidenceStatus
+from correlator.types import KernelCoverage
 from prober.types import ProbeResult
 
 SCHEMA_VERSION = 1
@@ -28,7 +28,7 @@ class Recording:
     scenario: str
     result: ProbeResult
     events: tuple[KernelEvent, ...]
-    evidence: EvidenceStatus
+    coverage: KernelCoverage = dataclasses.field(metadata={"json": "evidence"})  # its key in the files
     budget_ns: int | None = None
     expected_cause: str | None = None
     note: str = ""
@@ -36,7 +36,7 @@ class Recording:
 
 def to_jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return {_key(f): to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, tuple | list):
@@ -44,6 +44,11 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     return obj
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's JSON key: its name, or the `json` metadata where the file format kept an older name."""
+    return f.metadata.get("json", f.name)
 
 
 def from_jsonable(tp: Any, data: Any) -> Any:
@@ -70,8 +75,8 @@ def from_jsonable(tp: Any, data: Any) -> Any:
         if not isinstance(data, dict):
             raise TypeError(f"{tp.__name__} wants an object, got {data!r}")
         hints = typing.get_type_hints(tp)
-        kwargs = {f.name: from_jsonable(hints[f.name], data[f.name])
-                  for f in dataclasses.fields(tp) if f.init and f.name in data}
+        kwargs = {f.name: from_jsonable(hints[f.name], data[_key(f)])
+                  for f in dataclasses.fields(tp) if f.init and _key(f) in data}
         return tp(**kwargs)
     if tp is float and isinstance(data, int):
         return float(data)

@@ -40,7 +40,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from correlator.evidence import CLASS_WORDS, TcpFacts, reason_class, where
 from correlator.join import Matched
 from correlator.progress import (
     PRIOR_SEGMENTS,
@@ -50,7 +49,8 @@ from correlator.progress import (
     has_sequence_evidence,
     seq_before,
 )
-from correlator.types import Cause
+from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class, where
+from correlator.types import Cause, KernelCoverage
 from prober.types import ErrorKind, PhaseSpan, ProbeResult
 
 DNS_ERRORS = {
@@ -65,20 +65,11 @@ DNS_ERRORS = {
 
 
 @dataclass(frozen=True)
-class EvidenceStatus:
-    """Whether kernel evidence could be had for this probe's window."""
-
-    available: bool = True
-    lost_events: int = 0  # ring-buffer events lost while the probe ran
-    reason: str = ""  # why it is unavailable, when it is not
-
-
-@dataclass(frozen=True)
 class Context:
     result: ProbeResult
     matched: tuple[Matched, ...]
     budget_ns: int | None
-    evidence: EvidenceStatus
+    coverage: KernelCoverage
     tcp: TcpFacts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -167,7 +158,7 @@ def connection_refused(ctx: Context) -> Finding | None:
         return Finding(Cause.CONNECTION_REFUSED, "connection_refused/no_listener", 0.95,
                        t.resets_sent_no_socket + t.resets_received,
                        ("the target's TCP stack answered the SYN with a reset: nothing listens on that port",))
-    if ctx.evidence.available:
+    if ctx.coverage.available:
         return Finding(Cause.CONNECTION_REFUSED, "connection_refused", 0.7, t.resets_received,
                        ("a reset answered the SYN; it came from beyond this node, so a remote firewall "
                         "cannot be ruled out",))
@@ -316,7 +307,7 @@ def connect_unexplained(ctx: Context) -> Finding | None:
     n = len(ctx.tcp.syn_retransmits)
     other = [m for m in ctx.matched if m.event.kind == "drop" and m.event.proto == "tcp"
              and reason_class(m.event.reason) in ("app", "routing", "local")]
-    if not ctx.evidence.available:
+    if not ctx.coverage.available:
         return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.3, (),
                        ("connect timed out; without kernel evidence a policy drop, loss and a dead host look "
                         "the same",), needs_kernel=False)
@@ -536,8 +527,8 @@ def icmp_echo(ctx: Context) -> Finding | None:
                         "namespace",), needs_kernel=False)
     if r.error == ErrorKind.CONNECT_TIMEOUT:
         seen = ("the kernel saw no drop of the echo on this node: dropped beyond it, or the host is down"
-                if ctx.evidence.available else "a policy drop, loss and a dead host look the same from here")
-        return Finding(Cause.UNKNOWN, "unknown/icmp_no_reply", 0.4 if ctx.evidence.available else 0.3, (),
+                if ctx.coverage.available else "a policy drop, loss and a dead host look the same from here")
+        return Finding(Cause.UNKNOWN, "unknown/icmp_no_reply", 0.4 if ctx.coverage.available else 0.3, (),
                        (r.error_detail, seen), needs_kernel=False)
     return Finding(Cause.UNKNOWN, "unknown/icmp_unreachable", 0.6, (), (r.error_detail,), needs_kernel=False)
 

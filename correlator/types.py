@@ -1,4 +1,5 @@
-"""Verdicts produced by the correlator: `Verdict` and `Cause` (the correlator owns them; the app's sinks read them)."""
+"""The correlator's own types: what it is told about the sensor (`KernelCoverage`) and what it produces
+(`Verdict`, `Cause`; the app's sinks read them)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ class Cause(StrEnum):
     UNKNOWN = "unknown"
 
 
+@dataclass(frozen=True)
+class KernelCoverage:
+    """Whether the kernel sensor saw this probe's window: available at all, and how many events it lost."""
+
+    available: bool = True
+    lost_events: int = 0  # ring-buffer events lost while the probe ran
+    reason: str = ""  # why it is unavailable, when it is not
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     result: ProbeResult
@@ -28,6 +38,6 @@ class Verdict:
     sub_cause: str | None  # e.g. "dns/nxdomain"
     confidence: float  # 0..1
     rule: str  # name of the rule that decided
-    evidence: tuple[KernelEvent, ...]
+    evidence: tuple[KernelEvent, ...]  # the kernel events the deciding rule relied on
     facts: tuple[str, ...]  # phase facts that decided, in words
     summary: str  # one line for a human

@@ -4,7 +4,7 @@ Public API: `run_probe(spec, env)`, `ProbeEnv`, the settings objects in `prober.
 in `prober.types`, and `Scheduler`. prober/ never imports bpf/ or connprobe/.
 """
 
-from prober.core import ProbeEnv
+from prober.env import ProbeEnv
 from prober.runner import PROBERS, run_probe
 from prober.scheduler import Scheduler
 from prober.spec import (

@@ -6,7 +6,8 @@ import re
 import time
 from dataclasses import replace
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.resolve import query
 from prober.types import RCODE_ERROR, ErrorKind
 

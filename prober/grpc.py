@@ -22,7 +22,8 @@ import struct
 import time
 from pathlib import Path
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.types import ErrorKind, PhaseSpan
 
 monotonic_ns = time.monotonic_ns

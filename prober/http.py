@@ -1,6 +1,6 @@
 """HTTP probe with three clients, all timed the same way and all on the prober's own sockets.
 
-- `aiohttp` (default, `prober/_lean.py`): aiohttp's C HTTP/1.1 parser on a connection the prober opens
+- `aiohttp` (default, `prober/http1_client.py`): aiohttp's C HTTP/1.1 parser on a connection the prober opens
   itself; stamps are taken where the bytes move (connect, TLS, request written, first byte received).
 - `aiohttp-session`: a full `aiohttp.ClientSession`; a `TCPConnector` subclass whose
   `_wrap_create_connection` creates, connects and TLS-wraps the socket itself (stamps around each step),
@@ -40,8 +40,9 @@ from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
 from anyio._backends._asyncio import StreamProtocol as _AnyioStreamProtocol
 from httpcore._backends.anyio import AnyIOStream
 
-from prober import _lean
-from prober.core import Attempt, ProbeEnv, Timeline
+from prober import http1_client
+from prober.attempt import Attempt, Timeline
+from prober.env import ProbeEnv
 from prober.errors import classify, find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
@@ -644,8 +645,8 @@ async def _lean_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Requ
     if first:  # the same bytes every run: built once per spec
         request = prep.request
         if request is None:
-            request = prep.request = _lean.request_bytes(req.method, req.url, req.headers, body)
-    return await _lean.send(
+            request = prep.request = http1_client.request_bytes(req.method, req.url, req.headers, body)
+    return await http1_client.send(
         attempt,
         spec,
         req.method,

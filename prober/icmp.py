@@ -23,7 +23,8 @@ import socket
 import struct
 import time
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.errors import describe
 from prober.sockets import _forget_stale, connect_guard, no_callback
 from prober.types import ErrorKind, Flow, PhaseSpan, Proto

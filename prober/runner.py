@@ -20,8 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from prober.core import Attempt, ProbeEnv, prepared
+from prober.attempt import Attempt, build_result, prepared
 from prober.dns import probe_dns
+from prober.env import ProbeEnv
 from prober.errors import describe
 from prober.grpc import probe_grpc
 from prober.http import probe_http
@@ -75,29 +76,8 @@ def prefer_family(addresses: list[str], preferred: str | None, fallback: bool) -
 def _failure(
     spec: ProbeSpec, source_label: str, start: int, kind: ErrorKind, detail: str, resolution: Resolution | None = None
 ) -> ProbeResult:
-    from prober.redact import Redactor, redact_url
-    from prober.types import PhaseSpan
-
-    phases = ()
-    txns = ()
-    if resolution is not None and resolution.transactions:
-        phases = (PhaseSpan("resolve", resolution.start_ns, resolution.end_ns),)
-        txns = tuple(resolution.transactions)
-    return ProbeResult(
-        name=spec.name,
-        kind=ProbeKind(spec.module.prober),
-        target=redact_url(spec.target),
-        source=source_label,
-        start_ns=start,
-        end_ns=monotonic_ns(),
-        ok=False,
-        error=kind,
-        error_detail=Redactor.for_spec(spec).text(detail),
-        phases=phases,
-        flows=tuple(t.flow for t in txns if t.flow is not None),
-        dns=txns,
-        labels=tuple(sorted(spec.labels.items())),
-    )
+    """The result of a run that failed before it had an attempt (source, resolution, a crash)."""
+    return build_result(spec, source_label, start, kind, detail, resolution)
 
 
 class DeadlineGuard:

@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from prober.core import ProbeEnv
+from prober.env import ProbeEnv
 from prober.runner import overrun_result, run_probe
 from prober.spec import ProbeSpec
 from prober.types import ProbeResult

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from prober.source import SourceSpec, parse_source
+from prober.target import parse_target
 from prober.types import DNS_RCODES
 
 # "5s", "250ms", "1.5m", "2h" (one unit, a decimal number), or Prometheus' compound form "1m30s",
@@ -505,8 +506,6 @@ class ProbeSpec(Frozen):
 
     @model_validator(mode="after")
     def _target_fits_prober(self) -> ProbeSpec:
-        from prober.core import parse_target
-
         try:
             target = parse_target(self.module.prober, self.target)
         except ValueError as exc:

@@ -7,7 +7,8 @@ import re
 import socket
 import time
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
 

@@ -11,7 +11,8 @@ import asyncio
 import socket
 import time
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.errors import classify
 from prober.http import ssl_context
 from prober.query import converse

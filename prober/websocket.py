@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from prober.core import Attempt, ProbeEnv
+from prober.attempt import Attempt
+from prober.env import ProbeEnv
 from prober.errors import classify
 from prober.http import _CTX_CB, _CTX_DEADLINE, _CURRENT, _aiohttp_session, ssl_context
 from prober.query import expand

@@ -377,13 +377,13 @@ def _async(pred):
 
 async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp_path, upstream, monkeypatch):
     import connprobe.diagnose
-    from connprobe.evidence import KernelEvidence
+    from connprobe.kernelwatch import KernelWatch
 
     release = asyncio.Event()
 
-    async def slow_sensor(disabled: bool) -> KernelEvidence:
+    async def slow_sensor(disabled: bool) -> KernelWatch:
         await release.wait()
-        return KernelEvidence(None, "BPF unavailable (test)")
+        return KernelWatch(None, "BPF unavailable (test)")
 
     monkeypatch.setattr(connprobe.diagnose, "open_sensor", slow_sensor)
     cfg = write_config(tmp_path / "c.yml", [probe("web", upstream.url("/ok"), interval="0.2s")])

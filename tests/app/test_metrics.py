@@ -7,7 +7,8 @@ import dataclasses
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpf.sensor import HookStatus, SensorCounters
+from bpf.hooks import HookStatus
+from bpf.sensor import SensorCounters
 from bpf.types import EventKind, KernelEvent
 from connprobe.metrics import HTTP_PHASES, Metrics, clean_target, probe_registry, render
 from correlator.types import Cause, Verdict

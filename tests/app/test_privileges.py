@@ -230,7 +230,7 @@ drop_to(mask_of([c for c in sys.argv[1].split(",") if c]))
 
 _PROBE = _UNDER_CAPS + """
 from connprobe.config import parse_config
-from prober.core import ProbeEnv
+from prober.env import ProbeEnv
 from prober.runner import run_probe
 
 async def main():
@@ -243,7 +243,8 @@ asyncio.run(main())
 """
 
 _SENSOR = _UNDER_CAPS + """
-from bpf.sensor import KernelSensor, SensorError
+from bpf.errors import SensorError
+from bpf.sensor import KernelSensor
 try:
     with KernelSensor() as s:
         print(json.dumps({"ok": True, "programs": len(s.prog_ids())}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bpf.sensor import missing_capabilities
+from bpf.preload import missing_capabilities
 
 
 @pytest.mark.parametrize("capeff,missing", [

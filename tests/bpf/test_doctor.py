@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from bpf import preload
+from bpf.hooks import HOOKS
 from bpf.kernel_compat import Tracefs
-from bpf.sensor import HOOKS
 from connprobe import doctor
 
 DATA = Path(__file__).parent / "data"
@@ -40,6 +42,21 @@ def test_missing_tracepoint_is_a_warning_naming_the_lost_event_kind(tmp_path):
     lost = checks["tracepoint tcp:tcp_retransmit_skb"]
     assert lost.status == doctor.WARN and "retransmit events will be missing" in lost.line()
     assert doctor.check_reason_names(Tracefs(tmp_path)).detail.startswith("127 names")
+
+
+@pytest.mark.parametrize(("present", "ready"), [
+    (("build",), True), (("build", "source"), True), (("source",), False), ((), False)])
+def test_headers_are_the_build_link_for_doctor_and_sensor_alike(tmp_path, present, ready):
+    """bcc compiles against /lib/modules/R/build (`source` only beside it): a `source` link alone is not enough,
+    for the doctor and the sensor's own pre-load check both."""
+    release_dir = tmp_path / os.uname().release
+    release_dir.mkdir()
+    for name in present:
+        (release_dir / name).mkdir()
+    assert (preload.kernel_headers_dir(tmp_path) is not None) is ready
+    c = doctor.check_headers(tmp_path)
+    assert (c.status == doctor.OK) is ready, c.line()
+    assert str(release_dir / "build") in c.detail
 
 
 def test_tracefs_and_btf_failures(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bpf.sensor import HOOKS, KernelSensor, SensorClosed, SensorUnavailable
+from bpf.errors import SensorClosed, SensorUnavailable
+from bpf.hooks import HOOKS
+from bpf.sensor import KernelSensor
 from bpf.types import EventKind
 from tests.bpf.sensorlab import events_of
 
@@ -56,14 +59,14 @@ def still_loaded(ids: list[int], within: float = 3.0) -> list[int]:
 
 def test_not_root_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
-    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
     with pytest.raises(SensorUnavailable, match=r"not root: the kernel sensor needs root"):
         KernelSensor().open()
 
 
 def test_missing_tracefs_and_btf_name_the_missing_piece(monkeypatch, tmp_path):
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)  # these checks come before bcc is used
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)  # these checks come before bcc is used
     with pytest.raises(SensorUnavailable, match="tracefs is not mounted"):
         KernelSensor(tracefs_root=tmp_path / "no-tracefs").open()
     (tmp_path / "events").mkdir()
@@ -274,9 +277,9 @@ async def test_events_arrive_while_the_loop_waits():
 
 def test_no_usable_tracepoint_is_unavailable(monkeypatch, tmp_path):
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
     (tmp_path / "events").mkdir()
-    monkeypatch.setattr("bpf.sensor._kernel_headers_dir", lambda: tmp_path)
+    monkeypatch.setattr("bpf.preload.kernel_headers_dir", lambda *_: tmp_path)
     if not Path("/sys/kernel/btf/vmlinux").exists():
         pytest.skip("needs the kernel's BTF to get as far as the tracepoint checks")
     with pytest.raises(SensorUnavailable, match=r"no usable tracepoint.*kfree_skb does not exist"):
@@ -298,12 +301,26 @@ def test_missing_bcc_and_headers_name_the_missing_piece(monkeypatch, tmp_path):
         KernelSensor().open()
     monkeypatch.setattr(builtins, "__import__", real_import)
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("bpf.sensor.import_bcc", lambda: None)
-    monkeypatch.setattr("bpf.sensor._kernel_headers_dir", lambda: None)
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
+    monkeypatch.setattr("bpf.preload.kernel_headers_dir", lambda *_: None)
     (tmp_path / "events").mkdir()
     if not Path("/sys/kernel/btf/vmlinux").exists():
         pytest.skip("needs the kernel's BTF to get as far as the headers check")
     with pytest.raises(SensorUnavailable, match=r"no kernel headers at /lib/modules/.*scripts/setup"):
+        KernelSensor(tracefs_root=tmp_path).open()
+
+
+def test_a_source_link_alone_is_not_kernel_headers(monkeypatch, tmp_path):
+    """The sensor refuses before compiling when only /lib/modules/R/source is there (bcc would not find it)."""
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
+    modules = tmp_path / "modules"
+    (modules / os.uname().release / "source").mkdir(parents=True)
+    monkeypatch.setattr("bpf.preload.MODULES_DIR", modules)
+    (tmp_path / "events").mkdir()
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        pytest.skip("needs the kernel's BTF to get as far as the headers check")
+    with pytest.raises(SensorUnavailable, match=r"no kernel headers at .*/build: bcc needs them"):
         KernelSensor(tracefs_root=tmp_path).open()
 
 
@@ -330,7 +347,7 @@ def test_a_hook_that_fails_to_attach_costs_only_itself(tmp_path):
     """A tracepoint that passes the format check but cannot be attached (here: one the kernel lacks, with a
     format file planted in a copied tracefs) is reported in status(); every other hook is attached, and
     nothing of the failed one stays loaded."""
-    from bpf.sensor import HookSpec
+    from bpf.hooks import HookSpec
 
     real = Path("/sys/kernel/tracing/events")
     for hook in HOOKS:
@@ -351,7 +368,7 @@ def test_a_hook_that_fails_to_attach_costs_only_itself(tmp_path):
 
 @kernel
 def test_run_time_stats_count_program_runs_while_enabled():
-    from bpf.sensor import bpf_run_time_stats
+    from bpf.runstats import bpf_run_time_stats
 
     lst = listener()
     try:

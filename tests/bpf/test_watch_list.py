@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from bpf.sensor import KernelSensor
-from connprobe.evidence import WATCH_FULL, KernelEvidence
+from connprobe.kernelwatch import WATCH_FULL, KernelWatch
 from correlator import correlate
 from prober import DNSSpec, ProbeEnv, run_probe
 from tests.prober.helpers import spec
@@ -34,7 +34,7 @@ def src(lab) -> str:
 
 async def test_every_announced_port_is_released_on_every_path(lab, src, sensor):
     start = sensor.watch_count
-    ev = KernelEvidence(sensor, lease_ns=300_000_000, grace_ns=50_000_000)
+    ev = KernelWatch(sensor, lease_ns=300_000_000, grace_ns=50_000_000)
     srv = lab.server("srv1")
     async with ProbeEnv(on_local_port=ev.on_local_port) as env:
         # the happy path: collected, released
@@ -50,7 +50,7 @@ async def test_every_announced_port_is_released_on_every_path(lab, src, sensor):
         (r,) = await run_probe(spec(srv.url("/ok"), source=src), env)
         ev.grace_ns = 10_000_000_000
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("connprobe.evidence.window_complete", lambda result, events: False)
+            mp.setattr("connprobe.kernelwatch.window_complete", lambda result, events: False)
             task = asyncio.create_task(ev.collect(r))
             await asyncio.sleep(0.05)
             task.cancel()
@@ -78,7 +78,7 @@ async def test_every_announced_port_is_released_on_every_path(lab, src, sensor):
 async def test_a_full_watch_list_degrades_to_no_evidence_not_a_failed_probe(lab, src, small_sensor):
     for port in range(1, 5):  # fill it
         small_sensor.watch("tcp", port)
-    ev = KernelEvidence(small_sensor, grace_ns=50_000_000)
+    ev = KernelWatch(small_sensor, grace_ns=50_000_000)
     async with ProbeEnv(on_local_port=ev.on_local_port) as env:
         (r,) = await run_probe(spec(f"http://srv1.lab.test:{lab.server('srv1').port}/ok", source=src), env)
     assert r.ok, r  # its DNS query and its connection ran, unwatched
@@ -92,7 +92,7 @@ async def test_a_full_watch_list_degrades_to_no_evidence_not_a_failed_probe(lab,
             (r,) = await run_probe(spec(srv.url("/ok"), source=src), env)
     assert r.error is not None and r.error.value == "connect_refused", r
     events, status = await ev.collect(r)
-    verdict = correlate(r, events, evidence=status)
+    verdict = correlate(r, events, coverage=status)
     assert any("no kernel evidence (watch list full)" in f for f in verdict.facts), verdict.facts
     for port in range(1, 5):
         small_sensor.unwatch("tcp", port)

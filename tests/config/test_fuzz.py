@@ -24,10 +24,10 @@ from pydantic import ValidationError
 
 from connprobe.agent import Agent, _with_budgets
 from connprobe.config import MAX_LINE, Config, ConfigError, load_config, parse_config
-from prober.core import parse_target
 from prober.resolve import ResolvConf, candidates
 from prober.source import parse_source
 from prober.spec import MAX_DURATION, MAX_TIMEOUT, ModuleSpec, ProbeSpec, format_duration, parse_duration
+from prober.target import parse_target
 from tests.leaks import FUZZ_SEED
 
 EXAMPLES = int(os.environ.get("CONNPROBE_FUZZ_EXAMPLES", "400"))

@@ -77,7 +77,7 @@ async def test_bad_file_is_a_400_and_the_old_config_runs_on(agent, upstream, rul
 
 
 async def test_a_failing_sensor_side_step_leaves_the_old_config_whole(agent, upstream, monkeypatch):
-    old, old_keep = agent.active, agent.evidence.keep_ns
+    old, old_keep = agent.active, agent.kernel_watch.keep_ns
     new_cfg = [{"name": "a", "module": "http_2xx", "target": upstream.url("/ok"), "interval": "0.2s",
                 "timeout": "150ms", "jitter": 0},
                {"name": "b", "module": "http_2xx", "target": upstream.url("/ok?b"), "interval": "1s",
@@ -94,7 +94,7 @@ async def test_a_failing_sensor_side_step_leaves_the_old_config_whole(agent, ups
     monkeypatch.setattr(agent, "_set_retention", failing)
     status, text = await _post_reload(agent)
     assert (status, text) == (400, "failed to reload config: OSError: [Errno 28] No space left on device\n")
-    assert agent.active is old and agent.evidence.keep_ns == old_keep
+    assert agent.active is old and agent.kernel_watch.keep_ns == old_keep
     assert agent.scheduler.scheduled() == {"a"}
     async with agent.test_session.get(agent.test_url + "/metrics") as r:
         samples = parse_samples(await r.text())
@@ -105,7 +105,7 @@ async def test_a_failing_sensor_side_step_leaves_the_old_config_whole(agent, ups
     monkeypatch.setattr(agent, "_set_retention", real)
     status, text = await _post_reload(agent)
     assert status == 200, text
-    assert agent.scheduler.scheduled() == {"a", "b", "slow"} and agent.evidence.keep_ns > old_keep
+    assert agent.scheduler.scheduled() == {"a", "b", "slow"} and agent.kernel_watch.keep_ns > old_keep
 
 
 @pytest.mark.parametrize("rule", ["not_utf8", "duration_inf"])

@@ -37,7 +37,7 @@ def test_golden_covers_every_recording():
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
 def test_same_verdict_as_before_the_speed_ups(path):
     rec = load(path)
-    v = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, evidence=rec.evidence)
+    v = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, coverage=rec.coverage)
     assert _as_golden(v) == GOLDEN[path.stem]
 
 
@@ -72,7 +72,7 @@ def _noise(rec, n: int = 3000, seed: int = 7) -> list[KernelEvent]:
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
 def test_same_verdict_through_the_index_on_every_recording(path):
     rec = load(path)
-    kw = dict(budget_ns=rec.budget_ns, evidence=rec.evidence)
+    kw = dict(budget_ns=rec.budget_ns, coverage=rec.coverage)
     plain = correlate(rec.result, rec.events, **kw)
     assert correlate(rec.result, EventIndex(rec.events), **kw) == plain
     window = [*_noise(rec), *rec.events]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bpf.kernel_compat import Tracefs, parse_format
-from correlator.evidence import CLASS_WORDS, DECISIVE, REASON_CLASSES, reason_class
+from correlator.reasons import CLASS_WORDS, DECISIVE, REASON_CLASSES, reason_class
 
 CHECKED_IN = Path(__file__).parents[1] / "bpf" / "data" / "kfree_skb.format"
 
@@ -26,7 +26,7 @@ def test_every_reason_of_the_checked_in_kernel_list_has_a_class():
 @pytest.mark.kernel
 def test_every_reason_of_the_running_kernel_has_a_class():
     names = Tracefs().format("skb", "kfree_skb").symbolic("reason").values()
-    assert unclassified(names) == [], "give these drop reasons a class in correlator/evidence.py"
+    assert unclassified(names) == [], "give these drop reasons a class in correlator/reasons.py"
 
 
 def test_a_reason_has_exactly_one_class_and_every_class_has_words():

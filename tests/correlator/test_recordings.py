@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connprobe.lab.scenarios import SCENARIOS
-from correlator import EvidenceStatus, correlate
+from correlator import KernelCoverage, correlate
 from correlator.record import Recording, dumps, load, loads
 
 RECORDINGS = sorted((Path(__file__).parent / "recordings").glob("*.json"))
@@ -32,7 +32,7 @@ def test_every_scenario_has_a_recording():
 def test_recording_gets_its_cause(path):
     rec = load(path)
     sc = scenario_of(rec)
-    v = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, evidence=rec.evidence)
+    v = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, coverage=rec.coverage)
     assert str(v.cause) == sc.expected == rec.expected_cause
     if sc.expected_sub:
         assert v.sub_cause == sc.expected_sub
@@ -52,8 +52,8 @@ def test_truncated_evidence_never_gives_a_confident_wrong_cause(path, data):
     lost = len(rec.events) - len(kept)
     if lost == 0:
         return
-    full = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, evidence=rec.evidence)
-    v = correlate(rec.result, kept, budget_ns=rec.budget_ns, evidence=EvidenceStatus(lost_events=lost))
+    full = correlate(rec.result, rec.events, budget_ns=rec.budget_ns, coverage=rec.coverage)
+    v = correlate(rec.result, kept, budget_ns=rec.budget_ns, coverage=KernelCoverage(lost_events=lost))
     if v.cause != full.cause:
         assert v.confidence < CONFIDENT, (v.cause, v.confidence, v.facts)
     assert v.confidence < full.confidence
@@ -63,8 +63,8 @@ def test_truncated_evidence_never_gives_a_confident_wrong_cause(path, data):
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
 def test_without_a_sensor_a_verdict_is_right_or_says_it_guesses(path):
     rec = load(path)
-    off = EvidenceStatus(available=False, reason="not root")
-    v = correlate(rec.result, (), budget_ns=rec.budget_ns, evidence=off)
+    off = KernelCoverage(available=False, reason="not root")
+    v = correlate(rec.result, (), budget_ns=rec.budget_ns, coverage=off)
     if str(v.cause) != rec.expected_cause:
         assert v.confidence <= CONFIDENT, (v.cause, v.confidence)
     if v.confidence <= CONFIDENT and v.cause != "ok":
@@ -78,5 +78,5 @@ def test_a_recording_from_another_lab_run_with_shifted_clocks_still_joins():
                             phases=tuple(dataclasses.replace(p, start_ns=p.start_ns + shift, end_ns=p.end_ns + shift)
                                          for p in rec.result.phases))
     events = [dataclasses.replace(e, ts_ns=e.ts_ns + shift) for e in rec.events]
-    assert correlate(r, events, evidence=rec.evidence).cause == "policy_drop"
-    assert correlate(r, rec.events, evidence=rec.evidence).cause != "policy_drop"  # unshifted: out of window
+    assert correlate(r, events, coverage=rec.coverage).cause == "policy_drop"
+    assert correlate(r, rec.events, coverage=rec.coverage).cause != "policy_drop"  # unshifted: out of window

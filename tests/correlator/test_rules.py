@@ -19,11 +19,11 @@ from builders import (
 )
 
 from bpf.types import EventKind
-from correlator import Cause, EvidenceStatus, correlate
+from correlator import Cause, KernelCoverage, correlate
 from prober.types import ErrorKind
 
 CONNECT_FAILED = {"resolve": (0, 1), "connect": (1, 3001)}
-NO_SENSOR = EvidenceStatus(available=False, reason="not root")
+NO_SENSOR = KernelCoverage(available=False, reason="not root")
 
 
 def test_healthy_probe_is_ok_with_no_events():
@@ -41,7 +41,7 @@ def test_queue_purge_noise_never_changes_a_healthy_verdict():
                                        "dns/servfail"), (ErrorKind.DNS_REFUSED, "dns/refused")])
 def test_dns_rcode_failures_need_no_kernel(error, sub):
     r = result(ok=False, error=error, phases={"resolve": (0, 1)}, flows=())
-    v = correlate(r, [], evidence=NO_SENSOR)
+    v = correlate(r, [], coverage=NO_SENSOR)
     assert (v.cause, v.sub_cause, v.rule) == (Cause.DNS, sub, "dns_failure")
     assert v.confidence >= 0.9
 
@@ -93,7 +93,7 @@ def test_connect_timeout_with_no_drop_seen_is_unknown_and_says_why():
 
 def test_connect_timeout_without_a_sensor_is_an_honest_unknown():
     r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
-    v = correlate(r, [], evidence=NO_SENSOR)
+    v = correlate(r, [], coverage=NO_SENSOR)
     assert v.cause == Cause.UNKNOWN and v.confidence <= 0.3
 
 
@@ -116,7 +116,7 @@ def test_no_listener_is_connection_refused():
 
 def test_refused_without_a_sensor_is_refused_at_low_confidence():
     r = result(ok=False, error=ErrorKind.CONNECT_REFUSED, phases={"resolve": (0, 1), "connect": (1, 1.3)})
-    v = correlate(r, [], evidence=NO_SENSOR)
+    v = correlate(r, [], coverage=NO_SENSOR)
     assert v.cause == Cause.CONNECTION_REFUSED and v.confidence <= 0.5
 
 
@@ -265,7 +265,7 @@ def test_lost_events_lower_confidence_and_are_said():
     r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
     events = [syn_drop(1), syn_retransmit(1001), syn_drop(1001)]
     full = correlate(r, events)
-    truncated = correlate(r, events, evidence=EvidenceStatus(lost_events=12))
+    truncated = correlate(r, events, coverage=KernelCoverage(lost_events=12))
     assert truncated.cause == full.cause
     assert truncated.confidence < full.confidence and truncated.confidence < 0.6
     assert any("12 kernel event(s) were lost" in f for f in truncated.facts)
@@ -274,7 +274,7 @@ def test_lost_events_lower_confidence_and_are_said():
 def test_truncated_evidence_never_gives_a_confident_wrong_cause():
     # Loss whose drop events were lost: only the retransmits reached user space. Must not claim policy.
     r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
-    v = correlate(r, [syn_retransmit(1001), syn_retransmit(2001)], evidence=EvidenceStatus(lost_events=3))
+    v = correlate(r, [syn_retransmit(1001), syn_retransmit(2001)], coverage=KernelCoverage(lost_events=3))
     assert v.cause == Cause.UNKNOWN and v.confidence < 0.5
 
 

@@ -39,7 +39,8 @@ def exported_metric_names() -> set[str]:
     """Every sample name connprobe.metrics exports once it has seen a verdict of each shape and the sensor."""
     from prometheus_client import CollectorRegistry
 
-    from bpf.sensor import HookStatus, SensorCounters
+    from bpf.hooks import HookStatus
+    from bpf.sensor import SensorCounters
     from bpf.types import EventKind, KernelEvent
     from connprobe.metrics import Metrics
     from correlator.types import Cause, Verdict

@@ -19,7 +19,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpf.sensor import HookStatus, SensorCounters
+from bpf.hooks import HookStatus
+from bpf.sensor import SensorCounters
 from bpf.types import EventKind, KernelEvent
 from connprobe.agent import Agent, _AgentCollector
 from connprobe.metrics import Metrics

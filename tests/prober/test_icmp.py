@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from correlator import correlate
-from correlator.rules import EvidenceStatus
+from correlator.types import KernelCoverage
 from prober import ErrorKind, ICMPSpec, ProbeEnv, run_probe
 from prober.icmp import checksum, echo_request, match
 from tests.prober.helpers import spec
@@ -108,13 +108,13 @@ async def test_policy_drop_and_reject_of_echo_requests(lab, src, family):
         r = await _one(_icmp(addr, src, timeout=1.0))
         assert drop.matched() == 1
     assert r.error is ErrorKind.CONNECT_TIMEOUT and "no echo reply" in r.error_detail
-    v = correlate(r, (), evidence=EvidenceStatus(available=False, reason="sensor off"))
+    v = correlate(r, (), coverage=KernelCoverage(available=False, reason="sensor off"))
     assert v.sub_cause == "unknown/icmp_no_reply" and v.confidence == 0.3  # tests/bpf/test_icmp_evidence.py: with
     assert "a policy drop, loss and a dead host look the same from here" in v.facts  # the sensor, policy_drop/echo
     with lab.icmp_echo_drop("srv1", direction="in", family=family, action="reject"):
         r = await _one(_icmp(addr, src))
     assert r.error is ErrorKind.CONNECT_REFUSED and "prohibited" in r.error_detail, r.error_detail
-    v = correlate(r, (), evidence=EvidenceStatus())
+    v = correlate(r, (), coverage=KernelCoverage())
     assert v.cause == "policy_drop" and v.sub_cause == "policy_drop/reject" and v.confidence == 0.9
     with lab.icmp_echo_drop("client", direction="out", family=family):
         r = await _one(_icmp(addr, src))

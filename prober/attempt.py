@@ -1,4 +1,5 @@
-"""Plumbing shared by the probe kinds: targets, the phase timeline, the environment, result building.
+"""One probe run against one address: its phase timeline (`Hop`, `Timeline`), what is derived from a spec
+once (`Prepared`), the run's mutable scratch (`Attempt`) and the one place a `ProbeResult` is built.
 
 Hooks only store `time.monotonic_ns()` stamps on a `Hop`; `Timeline.spans()` turns them into
 `PhaseSpan`s afterwards. A phase never reached is absent; one that started and never ended (the probe
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from prober.redact import Redactor, redact, redact_url, remember  # noqa: F401 - redact: its old home
-from prober.resolve import Resolution, ResolvConf, load_resolv_conf
-from prober.sockets import PortCallback, Source, close_socket_pools, connect, no_callback
+from prober.env import ProbeEnv
+from prober.redact import Redactor, redact_url, remember
+from prober.resolve import Resolution, ResolvConf, is_ip, load_resolv_conf
+from prober.sockets import Source, connect
 from prober.spec import ProbeSpec
+from prober.target import Target, parse_target
 from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
 monotonic_ns = time.monotonic_ns
@@ -96,97 +99,6 @@ class Timeline:
         return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A parsed probe target: where to connect (the address is resolved already, or None for dns)."""
-
-    raw: str
-    host: str
-    port: int
-    scheme: str = ""
-    address: str | None = None
-
-
-def parse_target(kind: str, target: str) -> Target:
-    """Split a target string per prober; raises ValueError with a message for config errors."""
-    if kind == "http":
-        u = urllib.parse.urlsplit(target)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"http target must be an http:// or https:// URL, got {redact_url(target)!r}")
-        try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-        except ValueError:
-            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
-        return Target(target, u.hostname, port, u.scheme)
-    if kind in ("tcp", "grpc"):
-        u = urllib.parse.urlsplit("//" + target)
-        try:
-            port = u.port
-        except ValueError:
-            port = None
-        if not u.hostname or port is None:
-            raise ValueError(f"{kind} target must be host:port (IPv6 as [addr]:port), got {redact_url(target)!r}")
-        return Target(target, u.hostname, port)
-    if kind == "dns":
-        if not target or target == "resolv.conf":
-            return Target(target, "", 53)
-        u = urllib.parse.urlsplit("//" + target)
-        try:
-            port = u.port or 53
-        except ValueError:
-            raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}") from None
-        if not u.hostname:
-            raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}")
-        return Target(target, u.hostname, port)
-    if kind == "icmp":
-        host = target[1:-1] if target.startswith("[") and target.endswith("]") else target
-        if not host or "/" in host or (":" not in host and not urllib.parse.urlsplit("//" + host).hostname):
-            raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
-        if ":" in host and not _is_ip(host):
-            raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
-        return Target(target, host, 0)
-    if kind == "websocket":
-        u = urllib.parse.urlsplit(target)
-        if u.scheme not in ("ws", "wss") or not u.hostname:
-            raise ValueError(f"websocket target must be a ws:// or wss:// URL, got {redact_url(target)!r}")
-        try:
-            port = u.port or (443 if u.scheme == "wss" else 80)
-        except ValueError:
-            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
-        return Target(target, u.hostname, port, u.scheme)
-    if kind == "unix":
-        if not target.startswith("/") or "\x00" in target or len(target.encode()) > 107:
-            raise ValueError(f"unix target must be an absolute socket path (at most 107 bytes), got {target!r}")
-        return Target(target, "", 0, "unix", target)
-    raise ValueError(f"unknown prober {kind!r}")
-
-
-class ProbeEnv:
-    """What probes share: the local-port callback and long-lived HTTP clients (one set per loop).
-
-    Use as `async with ProbeEnv(on_local_port=cb) as env:`; closing it closes every client.
-    """
-
-    def __init__(self, on_local_port: PortCallback = no_callback, resolv_conf: ResolvConf | None = None):
-        self.on_local_port = on_local_port
-        self.resolv_conf = resolv_conf  # overrides every source's resolv.conf (tests, pods)
-        self.clients: dict[object, object] = {}
-        self.overruns = 0  # runs that did not end by their deadline (ended by a guard; reported as internal)
-
-    async def aclose(self) -> None:
-        close_socket_pools()
-        clients, self.clients = self.clients, {}
-        for client in clients.values():
-            close = getattr(client, "aclose", None) or client.close
-            await close()
-
-    async def __aenter__(self) -> ProbeEnv:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
-
 class Prepared:
     """Everything derived from a spec once (it is frozen): parsed target, shown target, secrets, labels."""
 
@@ -216,17 +128,11 @@ class Prepared:
         self.headers = {k: v.get_secret_value() for k, v in http.headers.items()} if http is not None else {}
         self.shown_target = redact_url(spec.target)
         self.labels = tuple(sorted(spec.labels.items()))
-        self.ip_literal = _is_ip(self.target.host)
+        self.ip_literal = is_ip(self.target.host)
         # an IP target needs no resolution: its one Target with the address filled in, built once
         self.direct = replace(self.target, address=self.target.host) if self.ip_literal else None
         self.url = None  # the client's parsed URL (yarl), filled in by the http prober
         self.request: bytes | None = None  # the default client's first request, built on first use
-
-
-def _is_ip(host: str) -> bool:
-    from prober.resolve import is_ip
-
-    return is_ip(host)
 
 
 _prepared: dict[int, Prepared] = {}
@@ -287,33 +193,75 @@ class Attempt:
         if error is None and self.failed:
             error = ErrorKind.VALIDATION
             detail = detail or "failed: " + ", ".join(self.failed)
-        txns = list(self.resolution.transactions) if self.resolution is not None else []
-        txns.extend(self.dns)
-        phases = self.timeline.spans(end)
-        if self.resolution is not None and self.resolution.transactions:
-            phases = (PhaseSpan("resolve", self.resolution.start_ns, self.resolution.end_ns or end), *phases)
-        dns_flows = [t.flow for t in txns if t.flow is not None]
-        red = self.prep.redactor
-        captured = self.captured
-        if captured:
-            captured = tuple((k, red.text(v)) for k, v in captured)
-        return ProbeResult(
-            name=self.spec.name,
+        return build_result(
+            self.spec,
+            self.source.label,
+            self.start_ns,
+            error,
+            detail,
+            self.resolution,
+            prep=self.prep,
             kind=self.kind,
-            target=self.prep.shown_target,
-            source=self.source.label,
-            start_ns=self.start_ns,
             end_ns=end,
-            ok=error is None,
-            error=error,
-            error_detail=red.text(detail),
-            phases=phases,
-            http_status=self.http_status,
+            phases=self.timeline.spans(end),
+            flows=self.flows,
+            dns=self.dns,
             address=self.target.address,
-            flows=(*dns_flows, *self.flows),
-            dns=tuple(txns),
-            failed_validators=tuple(self.failed),
-            captured_headers=captured,
-            values=tuple(sorted(self.values.items())),
-            labels=self.prep.labels,
+            http_status=self.http_status,
+            failed=tuple(self.failed),
+            captured=self.captured,
+            values=self.values,
         )
+
+
+def build_result(
+    spec: ProbeSpec,
+    source_label: str,
+    start_ns: int,
+    error: ErrorKind | None,
+    detail: str = "",
+    resolution: Resolution | None = None,
+    *,
+    prep: Prepared | None = None,
+    kind: ProbeKind | None = None,
+    end_ns: int | None = None,
+    phases: tuple[PhaseSpan, ...] = (),
+    flows: Iterable[Flow] = (),
+    dns: Iterable[DnsTransaction] = (),
+    address: str | None = None,
+    http_status: int | None = None,
+    failed: tuple[str, ...] = (),
+    captured: tuple[tuple[str, str], ...] = (),
+    values: dict[str, float] | None = None,
+) -> ProbeResult:
+    """The one place a `ProbeResult` is made: by `Attempt.result()`, and by the runner for a run that failed
+    before it had an attempt (no source, no address). The resolution's DNS transactions, flows and resolve
+    phase come first; error details and captured header values go through the spec's redactor."""
+    end = end_ns or monotonic_ns()
+    redactor = prep.redactor if prep is not None else Redactor.for_spec(spec)
+    txns = [*(resolution.transactions if resolution is not None else ()), *dns]
+    if resolution is not None and resolution.transactions:
+        phases = (PhaseSpan("resolve", resolution.start_ns, resolution.end_ns or end), *phases)
+    dns_flows = [t.flow for t in txns if t.flow is not None]
+    if captured:
+        captured = tuple((k, redactor.text(v)) for k, v in captured)
+    return ProbeResult(
+        name=spec.name,
+        kind=kind or ProbeKind(spec.module.prober),
+        target=prep.shown_target if prep is not None else redact_url(spec.target),
+        source=source_label,
+        start_ns=start_ns,
+        end_ns=end,
+        ok=error is None,
+        error=error,
+        error_detail=redactor.text(detail),
+        phases=phases,
+        http_status=http_status,
+        address=address,
+        flows=(*dns_flows, *flows),
+        dns=tuple(txns),
+        failed_validators=failed,
+        captured_headers=captured,
+        values=tuple(sorted(values.items())) if values else (),
+        labels=prep.labels if prep is not None else tuple(sorted(spec.labels.items())),
+    )

@@ -1,5 +1,5 @@
 """The app's side of the kernel sensor: watch each probe's ports, keep recent events, hand a finished probe
-the events of its window together with an honest evidence status.
+the events of its window together with an honest account of how much of it the sensor saw (`KernelCoverage`).
 
 prober/ and bpf/ never meet: the prober calls `on_local_port` (given to its ProbeEnv) before each
 connect()/sendto(); this class forwards it to the sensor's watch list and remembers it, so the port can
@@ -21,10 +21,10 @@ import logging
 import time
 from collections import Counter, deque
 
-from bpf.sensor import WatchListFull
+from bpf.errors import WatchListFull
 from bpf.types import KernelEvent
 from correlator.join import GRACE_NS, SLACK_NS, window_complete
-from correlator.rules import EvidenceStatus
+from correlator.types import KernelCoverage
 from prober.types import ProbeResult, Proto
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ WATCH_FULL = "watch list full"
 SWEEP_EVERY_NS = 1_000_000_000
 
 
-class KernelEvidence:
+class KernelWatch:
     def __init__(self, sensor=None, unavailable_reason: str = "", grace_ns: int = GRACE_NS,
                  lease_ns: int = KEEP_NS):
         self.sensor = sensor
@@ -124,7 +124,7 @@ class KernelEvidence:
 
     @property
     def watching(self) -> int:
-        """Watches this evidence holds now (what a leak would make grow)."""
+        """Watches this holds now (what a leak would make grow)."""
         return sum(self._held.values())
 
     async def start(self) -> None:
@@ -161,14 +161,14 @@ class KernelEvidence:
         return self._lost_samples[-1][1] - self._lost_samples[i][1]
 
     # -- collection ---------------------------------------------------------------------------------------
-    async def collect(self, result: ProbeResult) -> tuple[list[KernelEvent], EvidenceStatus]:
+    async def collect(self, result: ProbeResult) -> tuple[list[KernelEvent], KernelCoverage]:
         """Wait out the grace period after the probe ended, then return its window's events."""
         if self.sensor is None:
-            return [], EvidenceStatus(available=False, reason=self.unavailable_reason or "sensor off")
+            return [], KernelCoverage(available=False, reason=self.unavailable_reason or "sensor off")
         try:
             missing = [self._not_watched[k][1] for k in result.local_ports() if k in self._not_watched]
             if missing:
-                return [], EvidenceStatus(available=False, reason=missing[0])
+                return [], KernelCoverage(available=False, reason=missing[0])
             # Until every flow of the probe was seen closed (then no late event can come), or the grace period.
             deadline = result.end_ns + self.grace_ns
             poll = COMPLETE_POLL_S
@@ -184,7 +184,7 @@ class KernelEvidence:
             lo, hi = result.start_ns - self.grace_ns, result.end_ns + self.grace_ns
             events = self._window(result, lo, hi)
             lost = self._lost_between(result.start_ns, hi)
-            return events, EvidenceStatus(available=True, lost_events=lost)
+            return events, KernelCoverage(available=True, lost_events=lost)
         finally:  # cancelled in the grace period, or failing: the ports are released all the same
             self.release(result)
 

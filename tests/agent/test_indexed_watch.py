@@ -1,5 +1,5 @@
-"""IndexedEvidence (the agent's per-port event store) hands the correlator exactly the events that
-KernelEvidence's time-window scan would have led it to join, for many interleaved probes."""
+"""IndexedKernelWatch (the agent's per-port event store) hands the correlator exactly the events that
+KernelWatch's time-window scan would have led it to join, for many interleaved probes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import time
 
 from bpf.types import EventKind, KernelEvent
-from connprobe.agent import IndexedEvidence
-from connprobe.evidence import KernelEvidence
+from connprobe.agent import IndexedKernelWatch
+from connprobe.kernelwatch import KernelWatch
 from correlator.join import join
 from prober.types import DnsTransaction, Flow, ProbeKind, ProbeResult, Proto
 
@@ -58,7 +58,7 @@ async def test_indexed_evidence_joins_like_the_window_scan():
     rng = random.Random(6)
     now = time.monotonic_ns() - 10_000_000_000  # every probe's grace period is over: no waiting
     results, events = _probes_and_events(rng, now)
-    plain, indexed = KernelEvidence(FakeSensor()), IndexedEvidence(FakeSensor())
+    plain, indexed = KernelWatch(FakeSensor()), IndexedKernelWatch(FakeSensor())
     for e in events:
         plain._add(e)
         indexed._add(e)
@@ -77,7 +77,7 @@ async def test_indexed_evidence_joins_like_the_window_scan():
 
 
 def test_old_events_and_empty_ports_are_pruned():
-    ev = IndexedEvidence(FakeSensor(), keep_ns=10_000_000_000)
+    ev = IndexedKernelWatch(FakeSensor(), keep_ns=10_000_000_000)
     t0 = 1_000_000_000_000
     for i in range(100):
         ev._add(KernelEvent(t0 + i * 100_000_000, EventKind.STATE, "tcp", "a", 1000 + i, "b", 80, 1))
@@ -91,7 +91,7 @@ async def test_a_collected_probes_events_are_kept_for_its_own_retention_only():
     """Once probe "short" was collected, its port's events live for its retention (here 2 s); an uncollected
     port's events for `keep_ns` (the longest probe's window, 60 s here)."""
     retention = {"short": 2_000_000_000}
-    ev = IndexedEvidence(FakeSensor(), keep_ns=60_000_000_000, retention_ns=retention.get)
+    ev = IndexedKernelWatch(FakeSensor(), keep_ns=60_000_000_000, retention_ns=retention.get)
     t0 = time.monotonic_ns() - 30_000_000_000
     short = ProbeResult("short", ProbeKind.TCP, "srv:80", "host", t0, t0 + 1_000_000, False,
                         flows=(Flow(Proto.TCP, "10.0.0.2", 40001, "10.0.1.2", 80, 7),))
