@@ -79,14 +79,14 @@ def _pct(xs: list[float], q: float) -> float:
 async def lab_latency(trials: int) -> None:
     """From a probe's end to its verdict, for healthy probes and for failed ones (HTTP 503, a refused
     connect, a connect whose SYNs a policy drops, a transfer a policy stops in the middle)."""
-    from connprobe.diagnose import open_sensor
     from connprobe.lab import Lab
+    from connprobe.sensorload import close_watch, open_watch
     from correlator.join import GRACE_NS
     from prober import ProbeEnv, run_probe
     from prober.spec import ModuleSpec, ProbeSpec
 
     with Lab() as lab:
-        ev = await open_sensor(False)
+        ev = await open_watch()
         if not ev.available:
             print(f"lab latency skipped: {ev.unavailable_reason}")
             return
@@ -113,16 +113,16 @@ async def lab_latency(trials: int) -> None:
                     with fault():
                         (result,) = await run_probe(sp, env)
                         events, status = await ev.collect(result)
-                    t_collected = time.monotonic_ns()
-                    correlate(result, events, coverage=status)
-                    t_done = time.monotonic_ns()
+                        t_collected = time.monotonic_ns()
+                        correlate(result, events, coverage=status)
+                        t_done = time.monotonic_ns()
+                    # (stamped before the fault is taken away: removing an nftables table takes tens of ms)
                     total.append((t_done - result.end_ns) / 1e6)
                     work.append((t_done - t_collected) / 1e6)
                 print(f"lab, {trials} probes, {name:<18}: verdict p50 {_pct(total, 0.5):6.1f} ms, p99 "
                       f"{_pct(total, 0.99):6.1f} ms after the probe ended; correlation itself "
                       f"{statistics.median(work) * 1000:.0f} µs")
-        await ev.stop()
-        ev.sensor.close()
+        await close_watch(ev)
     print(f"(grace period for late kernel events when a probe's window is not seen complete: {GRACE_NS / 1e6:.0f} ms)")
 
 

@@ -1,14 +1,13 @@
 """Decoding a ring-buffer record (`struct cp_event`, bpf/events.h) into a `KernelEvent`: a pure function.
 
 Numbers the kernel reports (drop reasons, reset reasons, TCP states) are turned into names with tables
-read from the running kernel (`KernelSensor._read_names`, bpf/sensor.py), never from a header's enum.
+read from the running kernel (`read_names`, bpf/loader.py), never from a header's enum.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import ipaddress
 import socket
 import struct
 from collections.abc import Callable, Mapping
@@ -184,40 +183,4 @@ def _from_fields(ts_ns: int, location: int, skaddr: int, netns: int, reason: int
         skaddr or None, ev_length, seq if seq_ok else None, seq_len if seq_ok else None,
         snd_una if seq_flags & SNDUNA_VALID else None, segs_out if counters_ok else None,
         total_retrans if counters_ok else None,
-    )
-
-
-def encode_event(
-    *,
-    kind: EventKind,
-    ts_ns: int = 0,
-    proto: int = 6,
-    family: int = AF_INET,
-    saddr: str = "0.0.0.0",
-    daddr: str = "0.0.0.0",
-    sport: int = 0,
-    dport: int = 0,
-    netns: int = 0,
-    reason: int = 0,
-    error: int = 0,
-    state: int = 0,
-    old_state: int = 0,
-    tcp_flags: int = 0,
-    location: int = 0,
-    skaddr: int = 0,
-    seq: int | None = None,
-    seq_len: int = 0,
-    snd_una: int | None = None,
-    segs_out: int | None = None,
-    total_retrans: int = 0,
-) -> bytes:
-    """The inverse of decode_event, for tests and replay tools (what the BPF side would write)."""
-    def raw(addr: str) -> bytes:
-        return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
-
-    return EVENT_STRUCT.pack(
-        ts_ns, location, skaddr, netns, reason, error, NUMBER_BY_KIND[kind], family, sport, dport, proto,
-        state, old_state, tcp_flags, raw(saddr), raw(daddr), seq or 0, seq_len if seq is not None else 0,
-        snd_una or 0, (SEQ_VALID if seq is not None else 0) | (SNDUNA_VALID if snd_una is not None else 0)
-        | (COUNTERS_VALID if segs_out is not None else 0), segs_out or 0, total_retrans,
     )

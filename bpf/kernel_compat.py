@@ -180,7 +180,3 @@ class Kallsyms:
         name = self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "replace")
         return f"{name}+{off:#x}"
 
-
-def strip_prefix(names: dict[int, str], prefix: str) -> dict[int, str]:
-    """`SKB_DROP_REASON_NETFILTER_DROP` → `NETFILTER_DROP` (BTF enum names to tracefs-style names)."""
-    return {k: (v[len(prefix) :] if v.startswith(prefix) else v) for k, v in names.items()}

@@ -17,7 +17,7 @@ from bpf.errors import SensorUnavailable
 from bpf.hooks import HookSpec
 from bpf.kernel_compat import Tracefs, TracefsUnavailable
 
-log = logging.getLogger("bpf.sensor")
+log = logging.getLogger("bpf.sensor")  # the sensor's warnings keep their logger name
 
 MODULES_DIR = Path("/lib/modules")
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39

@@ -1,4 +1,5 @@
-"""`connprobe agent --config FILE`: the scheduled health checks, running continuously.
+"""The agent: the scheduled health checks, running continuously (`connprobe agent`, whose command line is
+`connprobe/commands/agent.py`; the demo runs one too).
 
     Scheduler ──ProbeResult──► pipeline: KernelWatch.collect() ─► correlate() ─► Verdict
                                                                                      │ offer() (never blocks)
@@ -25,47 +26,42 @@ budget gets a verdict even when it succeeded (`ProbeSpec.effective_budget`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
 import functools
 import logging
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from bpf.types import KernelEvent
-from connprobe.config import Config, ConfigError, load_config, parse_config
-from connprobe.configwatch import ConfigWatcher
+from connprobe import sensorload
+from connprobe.config import Config, ConfigError
 from connprobe.kernelwatch import KEEP_NS, KernelWatch
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
+from connprobe.targets import ConfigFile, TargetSource
 from correlator import correlate
 from correlator.join import GRACE_NS
 from correlator.types import Verdict
 from prober.env import ProbeEnv
-from prober.redact import install_log_redaction
 from prober.scheduler import Scheduler
 from prober.sockets import SourceError, open_source
 from prober.source import parse_source
 from prober.spec import ProbeSpec
 from prober.types import ProbeKind, ProbeResult, Proto
 
-__all__ = ["Agent", "AgentConfig", "add_arguments", "load_agent_config", "parse_agent_config", "run"]
+__all__ = ["Agent", "AgentConfig", "agent_config"]
 
 log = logging.getLogger("connprobe.agent")
 
-DEFAULT_LISTEN = "127.0.0.1:9516"
 ORDER_SLACK_NS = 1_000_000_000  # kernel events arrive in timestamp order up to this much reordering
 
 
@@ -87,18 +83,10 @@ class AgentConfig:
         return int(b * 1e9) if b is not None else None
 
 
-def _with_budgets(config: Config, filename: str) -> AgentConfig:
+def agent_config(config: Config, filename: str = "<config>") -> AgentConfig:
+    """A config as the agent runs it: with each probe's latency budget."""
     budgets = {p.name: p.effective_budget for p in config.probes if p.effective_budget is not None}
     return AgentConfig(config, budgets, filename)
-
-
-def parse_agent_config(text: str, filename: str = "<config>") -> AgentConfig:
-    """The probe configuration plus each probe's latency budget; raises ConfigError (one line per problem)."""
-    return _with_budgets(parse_config(text, filename), filename)
-
-
-def load_agent_config(path: str | Path) -> AgentConfig:
-    return _with_budgets(load_config(path), str(path))
 
 
 # -- kernel evidence indexed by port -------------------------------------------------------------------------
@@ -353,11 +341,12 @@ class TracebackThrottle(logging.Filter):
 
 
 class Agent:
-    """The running agent. `await start()`, then `await stop()`; `await reload()` re-reads the config file."""
+    """The running agent. `await start()`, then `await stop()`; `await reload()` reads its target source again
+    (the config file at `config_path`, or `targets=`: a `connprobe.targets.TargetSource`)."""
 
     def __init__(
         self,
-        config_path: str | Path,
+        config_path: str | Path | None = None,
         *,
         kernel: bool = True,
         log_stream: IO[str] | None = None,
@@ -369,8 +358,10 @@ class Agent:
         drop_capabilities: bool = False,
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
+        targets: TargetSource | None = None,
+        cluster: Any = None,
     ):
-        self.config_path = Path(config_path)
+        self.config_path = Path(config_path) if config_path is not None else None
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -395,10 +386,12 @@ class Agent:
         self.reloads = {"success": 0, "failure": 0}
         # (trigger, result) -> reloads: signal (SIGHUP), http (POST /-/reload), watch (the file changed), api
         self.reloads_by_trigger: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.watcher: ConfigWatcher | None = None
-        if watch_config:
-            self.watcher = ConfigWatcher(self.config_path, functools.partial(self.reload, trigger="watch"),
-                                         **(watch_options or {}))
+        # where the probes come from (connprobe/targets/): the config file unless another source is given
+        if targets is None:
+            if self.config_path is None:
+                raise ValueError("an agent needs a config file or a target source")
+            targets = ConfigFile(self.config_path, watch=watch_config, watch_options=watch_options)
+        self.targets: TargetSource = targets
         self.last_reload_ok = True
         self.last_reload_error = ""
         self.last_reload_time: float | None = None
@@ -414,15 +407,29 @@ class Agent:
         self.registry.register(_AgentCollector(self))
         self.privileges = Privileges(drop_capabilities)  # on: only what the probes need, from start-up
         self.registry.register(self.privileges)
+        # connprobe.cluster.view.ClusterView (--kubernetes): names pods/services/nodes in verdicts; None: off
+        self.cluster = cluster
+        if cluster is not None:
+            self.registry.register(cluster)
+
+    def add_sink(self, name: str, handler: Callable[[Verdict], Any], *, queue: int = 1000,
+                 threaded: bool = False) -> QueuedSink:
+        """Offer every verdict to `handler` too, through its own bounded queue (before `start`)."""
+        if self._main:
+            raise RuntimeError("sinks are added before the agent starts")
+        sink = QueuedSink(name, handler, queue, threaded=threaded)
+        self.sinks.append(sink)
+        return sink
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
-        if self.watcher is not None:  # before the load: a change in between differs from it at the next check
-            await self.watcher.prime()
-        self.active = load_agent_config(self.config_path)
-        self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
+        await self.targets.start()  # before the load: a change in between is seen by its watch
+        self.active = self._load_targets()
+        # before the agent listens; the sensor loads on one thread. What a target source may add later (pods'
+        # namespaces of a cluster source) keeps its capability from the start.
+        self.privileges.begin((*self.active.config.probes, *self._privilege_standins()))
         self.tracebacks.install()
         self._declare(self.active.config.probes)
         for s in self.sinks:
@@ -431,21 +438,16 @@ class Agent:
         self._main.append(asyncio.create_task(self._bring_up(), name="connprobe-agent-bring-up"))
         self._main.append(asyncio.create_task(self._pipeline(), name="connprobe-agent-pipeline"))
         self._main.append(asyncio.create_task(self._watch_loop(), name="connprobe-agent-loop-lag"))
-        if self.watcher is not None:
-            self._main.append(asyncio.create_task(self.watcher.run(), name="connprobe-agent-config-watch"))
+        self._main.append(asyncio.create_task(self.targets.watch(functools.partial(self.reload, trigger="watch")),
+                                              name="connprobe-agent-config-watch"))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
 
     async def _bring_up(self) -> None:
-        from connprobe.diagnose import open_sensor
-
-        opened = await open_sensor(disabled=not self.kernel)
-        watch = IndexedKernelWatch(opened.sensor, opened.unavailable_reason, keep_ns=self._keep_ns(self.active),
-                                   retention_ns=self._retention_ns)
-        if opened.available:  # the same sensor, read by our own pump
-            await opened.stop()
-            await watch.start()
+        sensor, reason = await sensorload.load_sensor(disabled=not self.kernel)
+        watch = IndexedKernelWatch(sensor, reason, keep_ns=self._keep_ns(self.active), retention_ns=self._retention_ns)
+        await watch.start()  # its pump, stopped by `stop`
         self.kernel_watch = watch
         if watch.available:
             self.sensor_state = "attached"
@@ -460,7 +462,7 @@ class Agent:
         await self.scheduler.start()
         self.ready = True
         self._ready_event.set()
-        log.info("running %d probes from %s", len(self.active.config.probes), self.config_path)
+        log.info("running %d probes from %s", len(self.active.config.probes), self.targets.describe)
 
     async def stop(self) -> None:
         for t in self._main:
@@ -526,6 +528,12 @@ class Agent:
         except Exception:
             log.exception("correlating %s failed", result.name)
             return
+        if self.cluster is not None:
+            try:
+                verdict = self.cluster.name_verdict(verdict)
+                self.cluster.observe(verdict)
+            except Exception:  # naming is a bonus: the verdict goes out with bare addresses
+                log.exception("naming pods in the verdict of %s failed", result.name)
         self.verdicts_total += 1
         for s in self.sinks:
             s.offer(verdict)
@@ -589,7 +597,8 @@ class Agent:
                                  interval_s=p.interval, labels=p.labels.items(),
                                  phase_histograms=p.module.phase_histograms)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run a task that lives as long as the agent (cancelled by `stop`)."""
         t = asyncio.create_task(coro, name=name)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -612,7 +621,7 @@ class Agent:
     async def _reload(self) -> ReloadOutcome:
         self.last_reload_time = time.time()
         try:
-            new = await asyncio.to_thread(load_agent_config, self.config_path)
+            new = await asyncio.to_thread(self._load_targets)
             self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
             plan = _ReloadPlan.between(self.active, new)
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
@@ -633,10 +642,26 @@ class Agent:
         self.reloads["success"] += 1
         self.last_reload_ok = True
         self.last_reload_error = ""
-        msg = (f"reloaded {self.config_path}: {len(plan.after)} probes "
+        msg = (f"reloaded {self.targets.describe}: {len(plan.after)} probes "
                f"({len(plan.added)} added, {len(plan.removed)} removed, {len(plan.changed)} changed)")
         log.info("%s", msg)
         return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
+
+    def _load_targets(self) -> AgentConfig:
+        config = self.targets.load()
+        if config.templates:  # cluster names left unexpanded: only a cluster target source expands them
+            raise ConfigError([f'probe "{t.name}": source/target name cluster objects: run the agent with '
+                               "--kubernetes" for t in config.templates])
+        return agent_config(config, self.targets.describe)
+
+    def _privilege_standins(self) -> list[ProbeSpec]:
+        standins = getattr(self.targets, "privilege_standins", None)
+        return list(standins()) if standins is not None else []
+
+    @property
+    def cluster_notes(self) -> tuple[str, ...]:
+        """Why (part of) a probe written with cluster names is not running now (the status page lists them)."""
+        return tuple(getattr(self.targets, "notes", ()))
 
     def _reload_failed(self, message: str) -> ReloadOutcome:
         self.reloads["failure"] += 1
@@ -644,7 +669,7 @@ class Agent:
         self.last_reload_error = message
         lines = message.splitlines() or [message]
         more = f" (and {len(lines) - 1} more errors)" if len(lines) > 1 else ""
-        log.error("reload of %s rejected, the running configuration stays: %s%s", self.config_path, lines[0], more)
+        log.error("reload of %s rejected, the running configuration stays: %s%s", self.targets.describe, lines[0], more)
         return ReloadOutcome(False, message)
 
     async def _open_sources(self, plan: _ReloadPlan) -> None:
@@ -688,9 +713,9 @@ class Agent:
                 if n not in sched.scheduled():  # else a retirement still pending re-adds it (`_retire`)
                     sched.add(after[n])
             for n in plan.removed:
-                self._spawn(self._retire(n, before[n], None), f"connprobe-retire-{n}")
+                self.spawn(self._retire(n, before[n], None), f"connprobe-retire-{n}")
             for n in plan.changed:
-                self._spawn(self._retire(n, before[n], after[n]), f"connprobe-retire-{n}")
+                self.spawn(self._retire(n, before[n], after[n]), f"connprobe-retire-{n}")
         else:
             for n in plan.removed:
                 self.metrics.forget(n)
@@ -726,141 +751,3 @@ class Agent:
 
     def probe_specs(self) -> dict[str, ProbeSpec]:
         return self.active.probes if self.active else {}
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, metavar="FILE", help="probe configuration (YAML)")
-    watch = p.add_mutually_exclusive_group()
-    watch.add_argument("--config.watch", dest="config_watch", action="store_true", default=True,
-                       help="reload the config when its file changes, a Kubernetes ConfigMap update included "
-                            "(inotify; a stat every --config.watch-interval without it); on by default")
-    watch.add_argument("--no-config-watch", dest="config_watch", action="store_false",
-                       help="reload only on SIGHUP or POST /-/reload")
-    p.add_argument("--config.watch-interval", dest="config_watch_interval", type=float, default=5.0,
-                   metavar="SECONDS", help="how often the file is checked when inotify is not available (default 5)")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address of /metrics, /probe, the status page and /-/ endpoints (default {DEFAULT_LISTEN})")
-    p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                   help="TLS, basic auth and headers of the web server, in exporter-toolkit's web-config.yml format "
-                        "(re-read on reload)")
-    p.add_argument("--web.allow-unauthenticated", dest="web_allow_unauthenticated", action="store_true",
-                   help="listening beyond loopback without authentication, let anyone reach /probe, /-/reload, "
-                        "/api/recent and the status page (default: loopback callers only)")
-    p.add_argument("--web.probe-concurrency", dest="web_probe_concurrency", type=int, default=32, metavar="N",
-                   help="/probe calls served at once; more get 429 (default 32)")
-    p.add_argument("--web.probe-rate", dest="web_probe_rate", type=float, default=20.0, metavar="PER_SECOND",
-                   help="/probe calls per second on average, bursts of twice as many; more get 429 (default 20)")
-    p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
-    p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--keep-capabilities", action="store_true",
-                   help="keep every capability after start-up (default: drop all that the probes do not need)")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--listen: {value!r} must be HOST:PORT, e.g. 127.0.0.1:9516 or [::1]:9516")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
-
-
-async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from connprobe.probepolicy import ProbeLimiter
-    from connprobe.web import start_server
-    from connprobe.webconfig import WebConfigError, load_web_config
-
-    host, port = parse_listen(args.listen)
-    web_config = getattr(args, "web_config_file", None)
-    if web_config:  # checked before anything starts (and before capabilities are dropped); re-read when serving
-        try:
-            await asyncio.to_thread(load_web_config, web_config)
-        except WebConfigError as exc:
-            print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
-            return 2
-    stream: IO[str] | None = None
-    if args.log_json == "-":
-        stream = sys.stdout
-    elif args.log_json:
-        stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
-                  drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
-                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        await agent.start()
-    except ConfigError as exc:
-        print(f"connprobe agent: invalid configuration:\n{exc}", file=sys.stderr)
-        if stream not in (None, sys.stdout):
-            stream.close()
-        return 2
-    runner = None
-    try:
-        try:
-            runner = await start_server(
-                agent, host, port, web_config_path=web_config,
-                allow_unauthenticated=getattr(args, "web_allow_unauthenticated", False),
-                limiter=ProbeLimiter(getattr(args, "web_probe_concurrency", 32), getattr(args, "web_probe_rate", 20.0)))
-        except WebConfigError as exc:
-            print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
-            return 2
-        agent._spawn(_freeze_heap_when_ready(agent), "connprobe-gc-freeze")
-        scheme = "https" if runner.ssl_context is not None else "http"
-        log.info("listening on %s://%s:%d/", scheme, f"[{host}]" if ":" in host else host, port)
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: agent._spawn(runner.reload(trigger="signal"), "connprobe-sighup-reload"))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping")
-    except OSError as exc:
-        hint = (" (a port below 1024 needs CAP_NET_BIND_SERVICE, which the agent drops before it listens: use "
-                "another port or --keep-capabilities)" if agent.privileges.dropped and port < 1024 else "")
-        print(f"connprobe agent: cannot listen on {args.listen}: {exc.strerror or exc}{hint}", file=sys.stderr)
-        return 2
-    finally:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        if runner is not None:
-            await runner.cleanup()
-        await agent.stop()
-        if stream not in (None, sys.stdout):
-            stream.close()
-    return 0
-
-
-async def _freeze_heap_when_ready(agent: Agent) -> None:
-    """Once up, move everything allocated so far (modules, the config, every probe's metric series) out of the
-    garbage collector's reach: a full collection then scans only what came later. Measured with 500 /probe
-    calls at once: full collections held the event loop 44-100 ms each before, which delays every probe."""
-    import gc
-
-    await agent.wait_ready()
-    gc.collect()
-    gc.freeze()
-
-
-def run(args: argparse.Namespace) -> int:
-    # no `_created` series: about a fifth of the exposition at 1,000 probes, and nothing reads them
-    prometheus_client.disable_created_metrics()
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_redaction()  # every line, tracebacks included, without the probes' secrets
-    try:
-        parse_listen(args.listen)
-        if getattr(args, "web_probe_concurrency", 1) < 1 or not 0 < getattr(args, "web_probe_rate", 1.0) < 1e6:
-            raise ValueError("--web.probe-concurrency and --web.probe-rate must be positive (the rate below a million)")
-        if not 0.05 <= getattr(args, "config_watch_interval", 5.0) <= 3600:
-            raise ValueError("--config.watch-interval must be between 0.05 and 3600 seconds")
-    except ValueError as exc:
-        print(f"connprobe agent: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import uvloop  # a welcome accelerator (~15-20 % less CPU per probe); plain asyncio works the same
-    except ImportError:
-        return asyncio.run(serve(args))
-    return uvloop.run(serve(args))

@@ -1,4 +1,5 @@
-"""The `connprobe` command line. Each subcommand's work lives in its own module; this file only parses.
+"""The `connprobe` command line: builds the parser and dispatches. Each command is a module of
+`connprobe/commands/` (`add_arguments`, `run`); this file only names them, their help and their exit codes.
 
 Exit codes are the same across commands: 0 done (healthy), 1 the thing checked is bad (a probe found a
 problem, the config is invalid, a kernel check failed), 2 a usage or environment error (a bad option, a file
@@ -9,52 +10,11 @@ command's `--help` lists its own (`EXIT_CODES`).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
-
-def _lab(args: argparse.Namespace) -> int:
-    from connprobe.lab.cli import run
-
-    return run(args)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from connprobe.demo import run
-
-    return run(args)
-
-
-def _diagnose(args: argparse.Namespace) -> int:
-    from connprobe.diagnose import run
-
-    return run(args)
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from connprobe.doctor import run
-
-    return run(args)
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    from connprobe.config import check_config_main
-
-    return check_config_main(args)
-
-
-def _agent(args: argparse.Namespace) -> int:
-    from connprobe.agent import run
-
-    return run(args)
-
-
-def _completion(args: argparse.Namespace) -> int:
-    import shtab
-
-    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
-    return 0
-
+from connprobe.commands import agent, check_config, completion, demo, diagnose, doctor, lab
 
 USAGE = "2  usage or environment error (a bad option or value"
 EXIT_CODES: dict[str, tuple[str, ...]] = {
@@ -102,47 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    lab = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
-    lab.add_argument("action", choices=["up", "down", "status"])
-    lab.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
-    lab.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
-    lab.set_defaults(func=_lab)
+    lab_parser = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
+    lab.add_arguments(lab_parser)
+    lab_parser.set_defaults(func=lab.run)
 
     diag = sub.add_parser("diagnose", help="probe a target with the kernel sensor attached and say why it fails")
-    from connprobe.diagnose import add_arguments
+    diagnose.add_arguments(diag)
+    diag.set_defaults(func=diagnose.run)
 
-    add_arguments(diag)
-    diag.set_defaults(func=_diagnose)
-
-    doctor = sub.add_parser("doctor", help="check root, BPF, BTF, tracefs, headers and each tracepoint")
-    from connprobe.doctor import add_arguments as doctor_arguments
-
-    doctor_arguments(doctor)
-    doctor.set_defaults(func=_doctor)
+    doc = sub.add_parser("doctor", help="check root, BPF, BTF, tracefs, headers and each tracepoint")
+    doctor.add_arguments(doc)
+    doc.set_defaults(func=doctor.run)
 
     check = sub.add_parser("check-config", help="validate a config file without running it")
-    check.add_argument("file", help="the YAML config")
-    check.set_defaults(func=_check_config)
+    check_config.add_arguments(check)
+    check.set_defaults(func=check_config.run)
 
-    agent = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status page")
-    from connprobe.agent import add_arguments as add_agent_arguments
+    agent_parser = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status "
+                                  "page")
+    agent.add_arguments(agent_parser)
+    agent_parser.set_defaults(func=agent.run)
 
-    add_agent_arguments(agent)
-    agent.set_defaults(func=_agent)
+    demo_parser = sub.add_parser("demo", help="run the agent on the lab with faults switching on and off; show "
+                                 "verdicts")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
 
-    demo = sub.add_parser("demo", help="run the agent on the lab with faults switching on and off; show verdicts")
-    from connprobe.demo import add_arguments as demo_arguments
-
-    demo_arguments(demo)
-    demo.set_defaults(func=_demo)
-
-    completion = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                                description="Print a completion script for connprobe.\n"
-                                "  bash: source <(connprobe completion bash)   (or save it in "
-                                "/etc/bash_completion.d/connprobe)\n"
-                                "  zsh:  connprobe completion zsh > \"${fpath[1]}/_connprobe\"")
-    completion.add_argument("shell", choices=["bash", "zsh"])
-    completion.set_defaults(func=_completion)
+    compl = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                           description=completion.DESCRIPTION)
+    completion.add_arguments(compl)
+    compl.set_defaults(func=functools.partial(completion.run, parser=parser))
     return parser
 
 

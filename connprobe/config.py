@@ -15,7 +15,7 @@
 
 Parsed once into frozen objects (`prober.spec.ModuleSpec` / `ProbeSpec`); unknown keys are rejected;
 every error is one line naming the probe (or module) and the field. `connprobe check-config FILE`
-validates without probing (`check_config_main`).
+validates without probing (`connprobe/commands/check_config.py`).
 
 Whatever the file holds, loading it ends in a `Config` or a `ConfigError` (one line per problem): not
 UTF-8, invalid YAML, a duplicate key, nesting deeper than `MAX_DEPTH`, a self-referencing alias, a value
@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from connprobe.cluster.targets import ClusterProbe, is_cluster_probe, split_cluster_probe
 from prober.spec import Duration, Frozen, ModuleSpec, ProbeSpec, format_duration
 
 TOP_KEYS = ("modules", "probes", "limits")
@@ -90,6 +89,9 @@ class Config:
     modules: dict[str, ModuleSpec]
     probes: tuple[ProbeSpec, ...]
     limits: Limits = field(default_factory=Limits)
+    # probes written with cluster names (`source: pod NS/NAME`, `svc/NS/NAME:PORT` targets): expanded by the
+    # agent with --kubernetes (connprobe.cluster.targets.ClusterProbe)
+    templates: tuple[Any, ...] = ()
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 3x faster at 10,000 probes
@@ -268,6 +270,7 @@ def _parse(text: str, filename: str) -> Config:
             bad_modules.add(name)
 
     probes: list[ProbeSpec] = []
+    templates: list[ClusterProbe] = []
     raw_probes = raw.get("probes") or []
     if not isinstance(raw_probes, list):
         errors.append("config: probes: must be a list of probes")
@@ -302,6 +305,13 @@ def _parse(text: str, filename: str) -> Config:
             known = ", ".join(sorted(_key(m) for m in raw_modules)) or "none defined"
             errors.append(f'{owner}: module: unknown module "{module_name}" (known: {known})')
             continue
+        parts = None
+        if is_cluster_probe(body):
+            try:
+                body, parts = split_cluster_probe(body, modules[module_name].prober)
+            except ValueError as exc:
+                errors.append(f"{owner}: {exc}")
+                continue
         try:
             probe = ProbeSpec.model_validate({**body, "module": modules[module_name]})
         except ValidationError as exc:
@@ -315,10 +325,13 @@ def _parse(text: str, filename: str) -> Config:
             errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
                           f"limits.min_interval ({format_duration(limits.min_interval)})")
             continue
-        probes.append(probe)
+        if parts is not None:
+            templates.append(ClusterProbe(probe, parts))
+        else:
+            probes.append(probe)
     if errors:
         raise ConfigError(errors)
-    return Config(modules=modules, probes=tuple(probes), limits=limits)
+    return Config(modules=modules, probes=tuple(probes), limits=limits, templates=tuple(templates))
 
 
 def labels_errors(labels: dict[str, str]) -> list[str]:
@@ -366,47 +379,3 @@ def load_config(path: str | Path) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{p}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"]) from None
     return parse_config(text, str(p))
-
-
-def check_config_main(args: Any) -> int:
-    """`connprobe check-config FILE`: 0 and a summary when valid, 1 and one line per error when invalid, 2 when
-    the file cannot be read (missing, no permission, not a regular file) or no FILE was given.
-
-    `args` is an argparse namespace with `file` (or `config`), or a list of arguments.
-    """
-    if isinstance(args, Sequence) and not isinstance(args, str):
-        path = args[0] if args else None
-    else:
-        path = getattr(args, "file", None) or getattr(args, "config", None)
-    if not path:
-        print("check-config: a config FILE is required", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(path)
-    except ConfigUnreadable as exc:
-        print(f"check-config: {exc.errors[0]}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        from prober.redact import redact_text
-
-        for line in exc.errors:  # the messages name targets redacted already; a URL quoted elsewhere is too
-            print(redact_text(line), file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
-        return 1
-    kinds: dict[str, int] = {}
-    for p in cfg.probes:
-        kinds[p.module.prober] = kinds.get(p.module.prober, 0) + 1
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no probes"
-    print(f"{path}: OK: {len(cfg.modules)} modules, {len(cfg.probes)} probes ({summary})")
-    for p in cfg.probes:
-        budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
-        print(f"  {p.name}: {p.module.prober} {_shown_target(p)} from {p.source} every {p.interval:g}s, "
-              f"timeout {p.effective_timeout:g}s{budget}")
-    return 0
-
-
-def _shown_target(p: ProbeSpec) -> str:
-    from prober.redact import redact_url
-
-    return redact_url(p.target)

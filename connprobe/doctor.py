@@ -1,4 +1,5 @@
-"""`connprobe doctor`: can this machine run the kernel sensor? One line per check, with what to do on failure.
+"""The checks of `connprobe doctor` (the command: `connprobe/commands/doctor.py`): can this machine run the kernel
+sensor? One line per check, with what to do on failure.
 
     ok    root            running as root
     FAIL  kernel headers  /lib/modules/6.18.4/build missing  -> run scripts/setup as root (links headers)
@@ -11,14 +12,11 @@ pre-load checks (`bpf/preload.py`), so this command and `KernelSensor.open()` ag
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -187,30 +185,3 @@ def checks(load: bool = True, emit: Callable[[Check], None] | None = None) -> li
     else:
         add(check_load())
     return done
-
-
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Entry point of `connprobe doctor` (options read with getattr: `no_load`)."""
-    out = out or sys.stdout
-
-    def emit(c: Check) -> None:
-        print(c.line(), file=out, flush=True)
-
-    done = checks(load=not getattr(args, "no_load", False), emit=emit)
-    failed = [c for c in done if c.status == FAIL]
-    warned = [c for c in done if c.status == WARN]
-    if failed:
-        print(f"kernel sensor: UNAVAILABLE ({len(failed)} failed). Probes still run; verdicts will say "
-              "'no kernel evidence'.", file=out)
-        return 1
-    extra = f" with {len(warned)} warning(s)" if warned else ""
-    if getattr(args, "no_load", False):
-        print(f"kernel sensor: prerequisites present{extra}; load not tried (--no-load).", file=out)
-    else:
-        print(f"kernel sensor: ready{extra}.", file=out)
-    return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `connprobe doctor` (for the CLI to call when it builds the subcommand)."""
-    parser.add_argument("--no-load", action="store_true", help="do not compile and attach the BPF programs")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def netns_names(run_dir: Path = Path("/run/netns")) -> dict[int, str]:
+    """Network-namespace inode -> its name under `run_dir` ("host" for this process's own); the lab's list of
+    names alone is `connprobe.lab.plumbing.named_netns`."""
     names: dict[int, str] = {}
     try:
         names[os.stat("/proc/self/ns/net").st_ino] = "host"

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from connprobe import timeline
 from connprobe.causes import CAUSES, colour
 from connprobe.netnames import netns_names
-from connprobe.sinks import BoardEntry
+from connprobe.sinks import BoardEntry, StatusBoard
 from connprobe.timeline import name_namespaces
 from correlator.types import Cause, Verdict
 from prober.redact import redact_url
+from prober.spec import ProbeSpec
 
-__all__ = ["MAX_ROWS", "MAX_TIMELINES", "render_status_page"]
+__all__ = ["MAX_ROWS", "MAX_TIMELINES", "AgentStatus", "render_status_page"]
 
 MAX_ROWS = 500
 MAX_TIMELINES = 20
@@ -57,6 +60,23 @@ pre{font:12px/1.5 ui-monospace,monospace;margin:0;white-space:pre-wrap}
 .ev{color:#ad1457}
 .legend span{margin-right:12px}
 """
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """What the page shows of the agent, taken on the event loop: its state, the running configuration's probes
+    (a dict a reload replaces but never changes) and the status board (whose `probes()` copy is safe to take
+    in the rendering thread)."""
+
+    targets: str  # where the probes come from: the config file's path
+    sensor_state: str
+    started_at: float
+    last_reload_ok: bool
+    last_reload_error: str
+    probes: Mapping[str, ProbeSpec]
+    board: StatusBoard
+    cluster: Any = None  # connprobe.cluster.view.ClusterView with --kubernetes (safe to read in a thread)
+    cluster_notes: tuple[str, ...] = ()  # cluster names not probed now, and bad annotations
 
 
 def _e(x: Any) -> str:
@@ -111,12 +131,16 @@ def timeline_lines(v: Verdict, names: dict[int, str]) -> list[str]:
     return out
 
 
-def render_status_page(agent: Any, now: float | None = None, *, warning: str = "", max_rows: int = MAX_ROWS) -> str:
+def render_status_page(status: AgentStatus, now: float | None = None, *, warning: str = "",
+                       max_rows: int = MAX_ROWS) -> str:
     """The page; `warning` (the server's, when it listens beyond loopback unauthenticated) is shown on top."""
     now = time.time() if now is None else now
-    specs = agent.probe_specs()
-    board = agent.board.probes()
+    specs = status.probes
+    board = status.board.probes()
     names = netns_names()
+    cluster = status.cluster
+    if cluster is not None:
+        names.update(cluster.netns_names())
     rows = []
     failing: list[tuple[str, BoardEntry]] = []
     for name, spec in specs.items():
@@ -171,20 +195,27 @@ def render_status_page(agent: Any, now: float | None = None, *, warning: str = "
     legend = "".join(f'<span title="{_e(look.meaning)}"><span class="cause" style="background:{look.colour}">'
                      f"{_e(cause)}</span></span>" for cause, look in CAUSES.items())
     reload_note = ""
-    if not agent.last_reload_ok:
+    if not status.last_reload_ok:
         reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'
-                       f"<pre>{_e(agent.last_reload_error)}</pre>the previous configuration keeps running</div>")
+                       f"<pre>{_e(status.last_reload_error)}</pre>the previous configuration keeps running</div>")
     banner = ""
+    notes = status.cluster_notes
+    if notes:
+        items = "".join(f"<li>{_e(n)}</li>" for n in notes[:50])
+        more = f"<li>and {len(notes) - 50} more</li>" if len(notes) > 50 else ""
+        banner += ('<div class="card" id="cluster-notes" style="border-left:4px solid #f9a825;margin-bottom:12px">'
+                   f"<b>cluster names not probed now</b><ul>{items}{more}</ul></div>")
     if warning:
-        banner = ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
+        banner += ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
                   f"<b>unauthenticated</b>{_e(warning)}</div>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta http-equiv="refresh" content="10"><meta name="viewport" content="width=device-width">'
         f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
-        f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(agent.config_path)}</span>"
-        f"<span class='meta'>kernel sensor {_e(agent.sensor_state)}</span>"
-        f"<span class='meta'>up {_ago(agent.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
+        f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(status.targets)}</span>"
+        f"<span class='meta'>kernel sensor {_e(status.sensor_state)}</span>"
+        + (f"<span class='meta' id=cluster>{_e(cluster.readiness())}</span>" if cluster is not None else "")
+        + f"<span class='meta'>up {_ago(status.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
         f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'
         f'<div class="card"><b style="color:#2e7d32">{n_ok}</b>ok</div>'
         f'<div class="card"><b>{n_wait}</b>waiting for a first result</div>{reload_note}</div>'

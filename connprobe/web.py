@@ -55,7 +55,7 @@ from connprobe.probepolicy import (
     declared_source,
 )
 from connprobe.sinks import verdict_document
-from connprobe.statuspage import render_status_page
+from connprobe.statuspage import AgentStatus, render_status_page
 from connprobe.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
 from correlator.join import GRACE_NS
 from correlator.types import Cause, Verdict
@@ -558,14 +558,19 @@ async def healthy(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     agent = _agent(request)
     if agent.ready:
-        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).")
+        note = f" {agent.cluster.readiness()}." if getattr(agent, "cluster", None) is not None else ""
+        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).{note}")
     return _text(503, f"connprobe agent is not ready: kernel sensor {agent.sensor_state}.")
 
 
 async def status_page(request: web.Request) -> web.Response:
     warning = request.app[STATE_KEY].security.warning()
     # off the loop: thousands of rows take a while (statuspage says why this is safe in a thread)
-    html = await asyncio.to_thread(off_loop_render, render_status_page, _agent(request), warning=warning)
+    agent = _agent(request)
+    status = AgentStatus(agent.targets.describe, agent.sensor_state, agent.started_at, agent.last_reload_ok,
+                         agent.last_reload_error, agent.probe_specs(), agent.board,
+                         cluster=getattr(agent, "cluster", None), cluster_notes=getattr(agent, "cluster_notes", ()))
+    html = await asyncio.to_thread(off_loop_render, render_status_page, status, warning=warning)
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -261,7 +261,3 @@ def close_shared_executor(name_or_path: str) -> None:
     if ex is not None:
         ex.close()
 
-
-def shared_executor_count() -> int:
-    """Worker threads held for namespaces now (tests check that none is left behind)."""
-    return len(_shared)

@@ -34,7 +34,7 @@ Two ways of redacting, because outputs hold two kinds of text:
 Who uses what:
 
 - `ProbeResult.target` is `redact_url(spec.target)` and `error_detail` / `captured_headers` go through the
-  probe's `Redactor` (`prober.attempt.Prepared`, built once per spec; `prober.runner` for early failures), so
+  probe's `Redactor` (`prober.attempt.build_result`: the one from `Prepared`, built once per spec), so
   everything made from a result — verdict facts and summary, `/api/recent`, the JSON lines, `diagnose` text,
   `--json` and recordings — starts out redacted.
 - Outputs that show a spec's target themselves use `redact_url` (status page, `check-config`, `diagnose`'s

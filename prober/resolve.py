@@ -28,7 +28,6 @@ import dns.resolver
 from prober.sockets import PortCallback, Source, SourceError, connect, connect_guard, recv_stamped
 from prober.types import RCODE_ERROR, DnsTransaction, ErrorKind, Proto
 
-IP_POLICIES = ("all", "first", "ipv4", "ipv6")
 
 @dataclass(frozen=True, slots=True)
 class ResolvConf:

@@ -26,14 +26,7 @@ class Target:
 def parse_target(kind: str, target: str) -> Target:
     """Split a target string per prober; raises ValueError with a message for config errors."""
     if kind == "http":
-        u = urllib.parse.urlsplit(target)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"http target must be an http:// or https:// URL, got {redact_url(target)!r}")
-        try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-        except ValueError:
-            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
-        return Target(target, u.hostname, port, u.scheme)
+        return _url_target(target, "http", "https", "http target must be an http:// or https:// URL")
     if kind in ("tcp", "grpc"):
         u = urllib.parse.urlsplit("//" + target)
         try:
@@ -62,16 +55,21 @@ def parse_target(kind: str, target: str) -> Target:
             raise ValueError(f"icmp target must be a host name or address (no port), got {redact_url(target)!r}")
         return Target(target, host, 0)
     if kind == "websocket":
-        u = urllib.parse.urlsplit(target)
-        if u.scheme not in ("ws", "wss") or not u.hostname:
-            raise ValueError(f"websocket target must be a ws:// or wss:// URL, got {redact_url(target)!r}")
-        try:
-            port = u.port or (443 if u.scheme == "wss" else 80)
-        except ValueError:
-            raise ValueError(f"invalid port in {redact_url(target)!r}") from None
-        return Target(target, u.hostname, port, u.scheme)
+        return _url_target(target, "ws", "wss", "websocket target must be a ws:// or wss:// URL")
     if kind == "unix":
         if not target.startswith("/") or "\x00" in target or len(target.encode()) > 107:
             raise ValueError(f"unix target must be an absolute socket path (at most 107 bytes), got {target!r}")
         return Target(target, "", 0, "unix", target)
     raise ValueError(f"unknown prober {kind!r}")
+
+
+def _url_target(target: str, plain: str, secure: str, must: str) -> Target:
+    """A URL target of scheme `plain` (port 80 by default) or `secure` (443)."""
+    u = urllib.parse.urlsplit(target)
+    if u.scheme not in (plain, secure) or not u.hostname:
+        raise ValueError(f"{must}, got {redact_url(target)!r}")
+    try:
+        port = u.port or (443 if u.scheme == secure else 80)
+    except ValueError:
+        raise ValueError(f"invalid port in {redact_url(target)!r}") from None
+    return Target(target, u.hostname, port, u.scheme)

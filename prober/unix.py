@@ -13,7 +13,6 @@ import time
 
 from prober.attempt import Attempt
 from prober.env import ProbeEnv
-from prober.errors import classify
 from prober.http import ssl_context
 from prober.query import converse
 
@@ -48,8 +47,7 @@ async def probe_unix(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, f"{path}: {detail}")
+        return attempt.result_of(exc, path)
     finally:
         if writer is not None:
             writer.close()

@@ -18,7 +18,6 @@ import aiohttp
 
 from prober.attempt import Attempt
 from prober.env import ProbeEnv
-from prober.errors import classify
 from prober.http import _CTX_CB, _CTX_DEADLINE, _CURRENT, _aiohttp_session, ssl_context
 from prober.query import expand
 from prober.types import ErrorKind
@@ -55,8 +54,7 @@ async def probe_websocket(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
-        kind, detail = classify(exc, attempt.timeline.phase())
-        return attempt.result(kind, detail)
+        return attempt.result_of(exc)
     finally:
         _CURRENT.reset(t1)
         _CTX_CB.reset(t2)

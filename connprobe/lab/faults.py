@@ -15,13 +15,34 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from connprobe.lab import control
-from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, nft
+from connprobe.lab.plumbing import LabError, in_ns, ip, named_netns, nft
 
-if TYPE_CHECKING:
-    from connprobe.lab.topology import Lab
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _Controlled(Protocol):
+    @property
+    def control(self) -> Path: ...
+
+
+class LabHandle(Protocol):
+    """What an injector needs of its lab (`connprobe.lab.topology.Lab` is the one; it imports this module, not
+    the other way round): its namespaces by role, its servers' control sockets, its DNS server's, fault ids."""
+
+    @property
+    def dns_control(self) -> Path: ...
+
+    def ns(self, role: str) -> _Named: ...
+
+    def server(self, role: str) -> _Controlled: ...
+
+    def next_fault_id(self) -> int: ...
 
 HOOKS = {"in": "input", "out": "output", "forward": "forward"}
 FAMILIES = {"inet": None, "ipv4": "ipv4", "ipv6": "ipv6"}
@@ -74,7 +95,7 @@ class WireSized:
     real wire. The previous values are put back on exit, also when the body raised.
     """
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: LabHandle):
         self.ns_names = [lab.ns(role).name for role in ENDPOINT_ROLES]
         self._before: dict[str, str] = {}
 
@@ -89,7 +110,7 @@ class WireSized:
             raise
 
     def undo(self) -> None:
-        names = set(netns_names())
+        names = set(named_netns())
         errors = []
         for ns, value in reversed(list(self._before.items())):
             if ns in names:
@@ -124,7 +145,7 @@ class PolicyDrop(_Fault):
     given (e.g. "tcp flags & (syn | ack) == ack" to spare the handshake and drop the data after it).
     """
 
-    def __init__(self, lab: Lab, ns: str, direction: str = "in", proto: str = "tcp", port: int | None = None,
+    def __init__(self, lab: LabHandle, ns: str, direction: str = "in", proto: str = "tcp", port: int | None = None,
                  action: str = "drop", family: str = "inet", daddr: str | None = None, port_side: str = "dst",
                  expr: str | None = None):
         if direction not in HOOKS:
@@ -160,7 +181,7 @@ class PolicyDrop(_Fault):
                           f"  type filter hook {self.hook} priority -10; policy accept;\n  {self.rule}\n }}\n}}\n")
 
     def _undo(self) -> None:
-        if self.ns_name in netns_names():
+        if self.ns_name in named_netns():
             in_ns(self.ns_name, "nft", "delete", "table", "inet", self.table)
 
     def bites(self) -> int:
@@ -182,7 +203,7 @@ class IcmpEchoDrop(PolicyDrop):
     """An nftables rule in one lab namespace that drops (or rejects, with admin-prohibited) ICMP and ICMPv6 echo
     requests. direction and family as `PolicyDrop`; action "drop" | "reject"."""
 
-    def __init__(self, lab: Lab, ns: str, direction: str = "in", action: str = "drop", family: str = "inet"):
+    def __init__(self, lab: LabHandle, ns: str, direction: str = "in", action: str = "drop", family: str = "inet"):
         super().__init__(lab, ns, direction=direction, proto="udp", action=action, family=family)  # validates
         protos = {"inet": "{ icmp, ipv6-icmp }", "ipv4": "icmp", "ipv6": "ipv6-icmp"}[family]
         types = {"inet": "{ 8, 128 }", "ipv4": "8", "ipv6": "128"}[family]
@@ -200,7 +221,7 @@ class PacketLoss(_Fault):
     wire-sized segments (`WireSized`), so the loss hits segments, not 64 KB super-packets.
     """
 
-    def __init__(self, lab: Lab, fraction: float, link: str = "client", direction: str = "both",
+    def __init__(self, lab: LabHandle, fraction: float, link: str = "client", direction: str = "both",
                  proto: str | None = "tcp"):
         _link_args("packet_loss", fraction, link, direction, proto)
         self.lab = lab
@@ -246,7 +267,7 @@ class PacketLoss(_Fault):
 
     def _undo(self) -> None:
         try:
-            if self.router in netns_names():
+            if self.router in named_netns():
                 in_ns(self.router, "tc", "qdisc", "del", "dev", self.dev, "clsact", check=False)
         finally:
             try:
@@ -277,7 +298,7 @@ class RandomDrop(PolicyDrop):
 
     SCALE = 1_000_000
 
-    def __init__(self, lab: Lab, fraction: float, link: str = "client", direction: str = "both",
+    def __init__(self, lab: LabHandle, fraction: float, link: str = "client", direction: str = "both",
                  proto: str | None = "tcp"):
         _link_args("random_drop", fraction, link, direction, proto)
         self.lab, self.role = lab, "router"
@@ -318,7 +339,7 @@ class RandomDrop(PolicyDrop):
 class DnsFault(_Fault):
     """Switch how the lab DNS server answers one name: nxdomain, servfail, refused, timeout, slow."""
 
-    def __init__(self, lab: Lab, name: str, mode: str, delay: float = 0.0):
+    def __init__(self, lab: LabHandle, name: str, mode: str, delay: float = 0.0):
         self.lab = lab
         self.name = name if name.endswith(".") else name + "."
         self.mode, self.delay = mode, delay
@@ -337,7 +358,7 @@ class DnsFault(_Fault):
 class ServerFault(_Fault):
     """Set a lab HTTP server's delay, forced status, or listening state; restore the old values on exit."""
 
-    def __init__(self, lab: Lab, server: str, **settings):
+    def __init__(self, lab: LabHandle, server: str, **settings):
         self.lab = lab
         self.sock = lab.server(server).control
         self.settings = settings

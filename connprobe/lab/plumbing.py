@@ -38,7 +38,8 @@ def nft(ns: str, script: str) -> str:
     return in_ns(ns, "nft", "-f", "-", input=script)
 
 
-def netns_names() -> list[str]:
+def named_netns() -> list[str]:
+    """The names `ip netns list` shows (/run/netns); for inode -> name see `connprobe/netnames.py`."""
     out = run(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 

@@ -1,6 +1,6 @@
 """The fault matrix as data: each scenario is a fault, a target, a budget and the verdict it must get. The
 end-to-end tests, the accuracy benchmark and the docs all run this one table through the same code path as
-`connprobe diagnose --json`.
+`connprobe diagnose --json` (`connprobe.diagnosis`).
 
 Each trial first checks that its fault produced its symptom — the injector acted on packets (where it can
 count them) and the probe failed, timed out or went over budget as the scenario says — before its verdict
@@ -8,15 +8,16 @@ is judged: a fault that did not bite is a lab error (`Trial.lab_error`), not a w
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from connprobe.causes import CAUSES
+from connprobe.diagnosis import diagnose, exit_code, target_spec, to_document
+from connprobe.kernelwatch import KernelWatch
+from connprobe.lab.schedule import FAULTS, NO_FAULT, Fault
 from connprobe.lab.topology import Lab
-
-Fault = Callable[[Lab], contextlib.AbstractContextManager]
+from correlator.record import Recording, dumps
+from prober import ProbeEnv, ProbeSpec, run_probe
+from prober.spec import parse_duration
 
 
 @dataclass(frozen=True)
@@ -44,92 +45,53 @@ class Scenario:
         return f"http://{self.host}{self.path}"
 
 
-def _none(lab: Lab) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-def _both(*faults: Fault) -> Fault:
-    def enter(lab: Lab) -> _Faults:
-        stack = _Faults()
-        try:
-            for f in faults:
-                stack.faults.append(stack.enter_context(f(lab)))
-        except BaseException:
-            stack.close()
-            raise
-        return stack
-
-    return enter
-
-
-class _Faults(contextlib.ExitStack):
-    """Several faults at once; bites() adds up what each could count."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.faults: list = []
-
-    def bites(self) -> int | None:
-        counts = [n for n in (getattr(f, "bites", lambda: None)() for f in self.faults) if n is not None]
-        return sum(counts) if counts else None
-
-
-LOSS: Fault = lambda lab: lab.packet_loss(0.1, link="client", direction="egress")  # noqa: E731
-SLOW: Fault = lambda lab: lab.slow_upstream("srv1", 0.6)  # noqa: E731
 BIG = "/bytes/400000000"  # more than any loss scenario's timeout lets through: the transfer runs out of time
-# A policy that starts in the middle of a transfer: srv1's answers pass until 4 MB went, then every packet
-# of them is dropped (an nftables quota, so the moment is set by bytes, not by a timer racing the probe).
-MID_TRANSFER_POLICY: Fault = lambda lab: lab.policy_drop(  # noqa: E731
-    "srv1", direction="out", port=8080, port_side="src", expr="quota over 4 mbytes")
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("healthy", "ok", None, _none, budget="300ms"),
-    Scenario("dns_nxdomain", "dns", "dns/nxdomain", lambda lab: lab.dns_fault("srv1.lab.test", "nxdomain")),
-    Scenario("dns_servfail", "dns", "dns/servfail", lambda lab: lab.dns_fault("srv1.lab.test", "servfail")),
-    Scenario("dns_no_answer", "dns", "dns/timeout", lambda lab: lab.dns_fault("srv1.lab.test", "timeout")),
-    Scenario("dns_slow", "dns", "dns/slow", lambda lab: lab.dns_fault("srv1.lab.test", "slow", 0.5),
-             budget="300ms"),
-    Scenario("syn_drop_server", "policy_drop", "policy_drop/syn",
-             lambda lab: lab.policy_drop("srv1", direction="in", port=8080), timeout="2.5s"),
+    Scenario("healthy", "ok", None, NO_FAULT, budget="300ms"),
+    Scenario("dns_nxdomain", "dns", "dns/nxdomain", FAULTS["dns_nxdomain"]),
+    Scenario("dns_servfail", "dns", "dns/servfail", FAULTS["dns_servfail"]),
+    Scenario("dns_no_answer", "dns", "dns/timeout", FAULTS["dns_no_answer"]),
+    Scenario("dns_slow", "dns", "dns/slow", FAULTS["dns_slow"], budget="300ms"),
+    Scenario("syn_drop_server", "policy_drop", "policy_drop/syn", FAULTS["srv1_drops_tcp_8080"], timeout="2.5s"),
     Scenario("egress_drop_client", "policy_drop", "policy_drop/syn",
-             lambda lab: lab.policy_drop("client", direction="out", port=8080), timeout="2.5s"),
-    Scenario("path_loss", "tcp_retransmit", None, LOSS, path="/bytes/8000000", budget="10ms", timeout="15s"),
-    Scenario("slow_upstream", "upstream_latency", "upstream_latency/processing", SLOW, budget="300ms"),
+             FAULTS["client_drops_out_tcp_8080"], timeout="2.5s"),
+    Scenario("path_loss", "tcp_retransmit", None, FAULTS["loss_10"], path="/bytes/8000000", budget="10ms",
+             timeout="15s"),
+    Scenario("slow_upstream", "upstream_latency", "upstream_latency/processing", FAULTS["srv1_slow"], budget="300ms"),
     Scenario("no_listener", "connection_refused", "connection_refused/no_listener",
-             lambda lab: lab.no_listener("srv1")),
-    Scenario("http_503", "http_error", "http_error/503", lambda lab: lab.http_status("srv1", 503)),
+             FAULTS["srv1_no_listener"]),
+    Scenario("http_503", "http_error", "http_error/503", FAULTS["srv1_503"]),
     # Extras: told apart by the kernel evidence.
     Scenario("policy_reject", "policy_drop", "policy_drop/reject",
-             lambda lab: lab.policy_drop("srv1", direction="in", port=8080, action="reject"), in_matrix=False),
+             FAULTS["srv1_rejects_tcp_8080"], in_matrix=False),
     Scenario("established_drop", "policy_drop", "policy_drop/established",
-             lambda lab: lab.policy_drop("srv1", direction="out", port=8080, port_side="src",
-                                         expr="tcp flags & (syn | ack) == ack"), timeout="3s", in_matrix=False,
+             FAULTS["srv1_drops_established"], timeout="3s", in_matrix=False,
              min_confidence=0.7),
     Scenario("dns_policy_drop", "dns", "dns/policy_drop",
-             lambda lab: lab.policy_drop("dns", direction="in", proto="udp", port=53), in_matrix=False),
+             FAULTS["dns_drops_udp_53"], in_matrix=False),
     Scenario("loss_and_slow_upstream", "upstream_latency", "upstream_latency/processing",
-             _both(lambda lab: lab.packet_loss(0.05, link="client", direction="egress"),
-                   lambda lab: lab.slow_upstream("srv1", 1.5)),
+             FAULTS["loss_5_and_srv1_slower"],
              path="/bytes/200000", budget="300ms", timeout="10s", in_matrix=False),
     Scenario("vip_policy_drop", "policy_drop", "policy_drop/syn",
-             lambda lab: lab.policy_drop("srv1", direction="in", port=8080), host="svc.lab.test",
+             FAULTS["srv1_drops_tcp_8080"], host="svc.lab.test",
              timeout="2.5s", in_matrix=False),
-    # Issue 11: loss and policy told apart by what got through. Heavy random loss on a transfer that runs
+    # Loss and policy told apart by what got through (correlator/progress.py). Heavy random loss on a transfer that runs
     # out of time is loss whichever dropper makes it (NETFILTER_DROP is a policy's reason too); a wall
     # after progress is a policy; light loss within budget is fine; loss on a slow answer explains little.
     # (Heavy loss sometimes takes the SYNs or the first byte until little time is left: such a trial is a
     # lab error, run again.)
     Scenario("heavy_loss_timeout_tc", "tcp_retransmit", None,
-             lambda lab: lab.packet_loss(0.2, link="client", direction="both"),
+             FAULTS["loss_20_both"],
              path=BIG, budget="100ms", timeout="3s", in_matrix=False, symptom="transfer_timeout",
              # such a transfer often ends in a stall that a policy which just began would leave too
              min_confidence=0.6),
     Scenario("heavy_loss_timeout_nft", "tcp_retransmit", None,
-             lambda lab: lab.random_drop(0.15, link="client", direction="both"),
+             FAULTS["nft_loss_15_both"],
              path=BIG, budget="100ms", timeout="3s", in_matrix=False, symptom="transfer_timeout", min_confidence=0.6),
-    Scenario("policy_mid_transfer", "policy_drop", "policy_drop/established", MID_TRANSFER_POLICY,
+    Scenario("policy_mid_transfer", "policy_drop", "policy_drop/established", FAULTS["srv1_drops_after_4mb"],
              path="/bytes/40000000", timeout="3s", in_matrix=False, symptom="transfer_timeout", min_confidence=0.7),
-    Scenario("light_loss_ok", "ok", None, lambda lab: lab.packet_loss(0.01, link="client", direction="both"),
+    Scenario("light_loss_ok", "ok", None, FAULTS["loss_1"],
              path="/bytes/4000000", budget="5s", timeout="10s", in_matrix=False),
 )
 
@@ -145,7 +107,7 @@ class Trial:
 
 def symptom_missing(sc: Scenario, attempt: dict, bites: int | None, budget_ms: float | None) -> str | None:
     """Why this trial's fault did not show, or None when it did."""
-    if bites is not None and bites == 0 and sc.fault is not _none:
+    if bites is not None and bites == 0 and sc.fault is not NO_FAULT:
         return f"{sc.name}: the fault acted on no packet"
     want = sc.expected_symptom()
     ok_in_budget = attempt["ok"] and (budget_ms is None or attempt["duration_ms"] <= budget_ms)
@@ -160,45 +122,36 @@ def symptom_missing(sc: Scenario, attempt: dict, bites: int | None, budget_ms: f
 
 
 
-def diagnose_args(sc: Scenario, lab: Lab, family: int) -> argparse.Namespace:
-    """The arguments `connprobe diagnose --json` would get for this scenario."""
-    return argparse.Namespace(
-        target=sc.target(), count=1, source=lab.ns("client").name, budget=sc.budget, timeout=sc.timeout,
-        interval="0s", client="aiohttp", ip_policy=f"ipv{family}", qtype="A", no_kernel=False, json=True,
-        record=None,
-    )
+def scenario_spec(sc: Scenario, lab: Lab, family: int) -> ProbeSpec:
+    """The probe `connprobe diagnose --json` would run for this scenario (from the lab's client)."""
+    return target_spec(sc.target(), source=lab.ns("client").name, timeout=parse_duration(sc.timeout),
+                       ip_policy=f"ipv{family}")
 
 
-async def run_scenario(lab: Lab, sc: Scenario, family: int, evidence) -> Trial:
+def scenario_budget(sc: Scenario) -> float | None:
+    return parse_duration(sc.budget) if sc.budget else None
+
+
+async def run_scenario(lab: Lab, sc: Scenario, family: int, watch: KernelWatch) -> Trial:
     """Run one trial: its `diagnose --json` document, and whether the fault produced its symptom."""
-    from connprobe.diagnose import build_spec, diagnose, exit_code, to_document
-
-    args = diagnose_args(sc, lab, family)
-    spec = build_spec(args)
+    spec = scenario_spec(sc, lab, family)
+    budget = scenario_budget(sc)
     with sc.fault(lab) as fault:
-        attempts = await diagnose(args, spec, evidence)
+        attempts = await diagnose(spec, watch, budget=budget)
         bites = getattr(fault, "bites", lambda: None)()
-    doc = to_document(args, attempts, exit_code(attempts))
+    doc = to_document(sc.target(), lab.ns("client").name, budget, attempts, exit_code(attempts))
     return Trial(doc, symptom_missing(sc, doc["attempts"][0], bites, doc["budget_ms"]))
 
 
-async def record_scenario(lab: Lab, sc: Scenario, family: int, evidence):
-    """One trial as a Recording: the probe result, every kernel event of its window, the evidence status."""
-    from connprobe.diagnose import build_spec
-    from correlator.record import Recording
-    from prober import ProbeEnv, run_probe
-
-    args = diagnose_args(sc, lab, family)
-    spec = build_spec(args)
-    budget_ns = None
-    if sc.budget:
-        from prober.spec import parse_duration
-
-        budget_ns = int(parse_duration(sc.budget) * 1e9)
+async def record_scenario(lab: Lab, sc: Scenario, family: int, watch: KernelWatch) -> Recording:
+    """One trial as a Recording: the probe result, every kernel event of its window, the kernel coverage."""
+    spec = scenario_spec(sc, lab, family)
+    budget = scenario_budget(sc)
+    budget_ns = int(budget * 1e9) if budget else None
     with sc.fault(lab):
-        async with ProbeEnv(on_local_port=evidence.on_local_port) as env:
+        async with ProbeEnv(on_local_port=watch.on_local_port) as env:
             (result,) = await run_probe(spec, env)
-    events, status = await evidence.collect(result)
+    events, status = await watch.collect(result)
     return Recording(f"{sc.name} (IPv{family})", result, tuple(events), status, budget_ns, sc.expected,
                      note=f"recorded in the lab by `python -m connprobe.lab.scenarios record`; expected sub-cause "
                           f"{sc.expected_sub}")
@@ -209,17 +162,16 @@ async def _main(argv: list[str]) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from connprobe.diagnose import open_sensor
-    from correlator.record import dumps
+    from connprobe.sensorload import close_watch, open_watch
 
     if not argv or argv[0] not in ("record", "matrix"):
         print("usage: python -m connprobe.lab.scenarios record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
               file=sys.stderr)
         return 2
     with Lab() as lab:
-        evidence = await open_sensor(disabled=False)
-        if not evidence.available:
-            print(f"kernel sensor unavailable: {evidence.unavailable_reason}", file=sys.stderr)
+        watch = await open_watch()
+        if not watch.available:
+            print(f"kernel sensor unavailable: {watch.unavailable_reason}", file=sys.stderr)
             return 2
         try:
             if argv[0] == "record":
@@ -229,7 +181,7 @@ async def _main(argv: list[str]) -> int:
                 for sc in SCENARIOS:
                     if only and sc.name not in only:
                         continue
-                    rec = await record_scenario(lab, sc, 4, evidence)
+                    rec = await record_scenario(lab, sc, 4, watch)
                     (out / f"{sc.name}.json").write_text(dumps(rec) + "\n")
                     print(f"recorded {sc.name}: {len(rec.events)} events")
                 return 0
@@ -241,7 +193,7 @@ async def _main(argv: list[str]) -> int:
             for sc in scenarios:
                 for family in (4, 6):
                     for _ in range(trials):
-                        trial = await run_scenario(lab, sc, family, evidence)
+                        trial = await run_scenario(lab, sc, family, watch)
                         if trial.lab_error:
                             lab_errors[sc.name] += 1
                             print(f"lab error: {trial.lab_error}", file=sys.stderr)
@@ -264,8 +216,7 @@ async def _main(argv: list[str]) -> int:
                 print(f"lab errors (fault did not bite, trial not judged): {dict(lab_errors)}")
             return 0
         finally:
-            await evidence.stop()
-            evidence.sensor.close()
+            await close_watch(watch)
 
 
 if __name__ == "__main__":

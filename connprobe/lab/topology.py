@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connprobe.lab import faults
-from connprobe.lab.plumbing import LabError, in_ns, ip, netns_names, netns_pids, nft, run, spawn_in_ns
+from connprobe.lab.plumbing import LabError, in_ns, ip, named_netns, netns_pids, nft, run, spawn_in_ns
 from prober.netns import NetnsExecutor, close_shared_executor, netns_inode, shared_executor
 
 STATE_ROOT = Path(os.environ.get("CONNPROBE_LAB_STATE", "/run/connprobe/labs"))
@@ -55,7 +55,7 @@ VIP = ("10.96.0.10", "fd96::10")
 VIP_PORT = 80
 
 
-def _addrs(role: str) -> tuple[str, str]:
+def role_addresses(role: str) -> tuple[str, str]:
     net = CLIENT_NET if role == "client" else SERVER_NET
     n = HOST_NUMBER[role]
     return net[0].format(n), net[1].format(n)
@@ -89,8 +89,8 @@ class Server:
 
 
 def _zone_names() -> dict[str, dict[str, list[str]]]:
-    s1, s2 = _addrs("srv1"), _addrs("srv2")
-    d = _addrs("dns")
+    s1, s2 = role_addresses("srv1"), role_addresses("srv2")
+    d = role_addresses("dns")
     names = {
         f"srv1.{ZONE}": {"A": [s1[0]], "AAAA": [s1[1]]},
         f"srv2.{ZONE}": {"A": [s2[0]], "AAAA": [s2[1]]},
@@ -145,7 +145,7 @@ class Lab(AbstractContextManager):
         self._ns: dict[str, Netns] = {}
         self._procs: dict[str, subprocess.Popen | int] = {}
         self.servers: dict[str, Server] = {}
-        self.dns_addr4, self.dns_addr6 = _addrs("dns")
+        self.dns_addr4, self.dns_addr6 = role_addresses("dns")
         self.dns_control = self.state_dir / "dns.sock"
         self.ca_file = self.state_dir / "tls.crt"
         self.zone = ZONE
@@ -192,7 +192,7 @@ class Lab(AbstractContextManager):
         if os.geteuid() != 0:
             raise LabError("the lab needs root (it creates network namespaces): run as root")
         remove_stale_labs()
-        if any(n.startswith(f"{PREFIX}{self.id}-") for n in netns_names()):
+        if any(n.startswith(f"{PREFIX}{self.id}-") for n in named_netns()):
             raise LabError(f"lab id {self.id} is already in use (connprobe lab down --id {self.id})")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._write_state()
@@ -229,14 +229,14 @@ class Lab(AbstractContextManager):
             ip(r, "link", "set", dev, "up")
         for role in ("client", "srv1", "srv2", "dns"):
             name = self.ns_name(role)
-            a4, a6 = _addrs(role)
+            a4, a6 = role_addresses(role)
             net = CLIENT_NET if role == "client" else SERVER_NET
             ip(name, "addr", "add", f"{a4}/24", "dev", "eth0")
             ip(name, "addr", "add", f"{a6}/64", "dev", "eth0", "nodad")
             ip(name, "link", "set", "eth0", "up")
             ip(name, "route", "add", "default", "via", net[0].format(ROUTER_NUMBER))
             ip(name, "-6", "route", "add", "default", "via", net[1].format(ROUTER_NUMBER))
-        s1 = _addrs("srv1")
+        s1 = role_addresses("srv1")
         nft(self.ns_name("client"), f"""table inet connprobe_lab {{
  chain service_vip {{
   type nat hook output priority -100; policy accept;
@@ -257,7 +257,7 @@ class Lab(AbstractContextManager):
         sans = ",".join(
             [f"DNS:{r}.{ZONE.rstrip('.')}" for r in SERVER_ROLES]
             + [f"DNS:both.{ZONE.rstrip('.')}"]
-            + [f"IP:{a}" for r in SERVER_ROLES for a in _addrs(r)]
+            + [f"IP:{a}" for r in SERVER_ROLES for a in role_addresses(r)]
         )
         run([
             "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -272,7 +272,7 @@ class Lab(AbstractContextManager):
         pending: dict[str, subprocess.Popen] = {}
         for role in SERVER_ROLES:
             sock = self.state_dir / f"{role}.sock"
-            a4, a6 = _addrs(role)
+            a4, a6 = role_addresses(role)
             self.servers[role] = Server(role, a4, a6, HTTP_PORT, HTTPS_PORT, f"{role}.{ZONE.rstrip('.')}", sock)
             argv = [sys.executable, "-m", "connprobe.lab.httpd", "--name", role, "--port", str(HTTP_PORT),
                     "--tls-port", str(HTTPS_PORT), "--cert", str(self.ca_file),
@@ -413,7 +413,7 @@ def _stop_pids(pids: list[int]) -> list[str]:
 
 def _remove_lab_namespaces(lab_id: str) -> list[str]:
     problems = []
-    for name in netns_names():
+    for name in named_netns():
         if not name.startswith(f"{PREFIX}{lab_id}-"):
             continue
         # Processes still inside (a server of this lab that outlived its record) go first.
@@ -438,7 +438,7 @@ def list_labs() -> list[dict]:
             owner = st.get("owner_pid")
             st["owner_alive"] = bool(owner) and _proc_start(owner) == st.get("owner_start")
             labs[st["id"]] = st
-    for name in netns_names():
+    for name in named_netns():
         if name.startswith(PREFIX) and name.count("-") >= 2:
             lab_id = name.split("-")[1]
             entry = labs.setdefault(lab_id, {"id": lab_id, "owner_alive": False, "orphan": True})

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from connprobe.agent import Agent, load_agent_config, parse_agent_config
+from connprobe.agent import Agent, AgentConfig, agent_config
 from connprobe.causes import CAUSES, colour
-from connprobe.config import ConfigError
+from connprobe.config import ConfigError, load_config, parse_config
 from connprobe.sinks import QueuedSink
 from connprobe.web import start_server
 from correlator.types import Cause, Verdict
@@ -86,6 +86,10 @@ def probe(name: str, target: str, module: str = "http_2xx", interval: str = "0.5
 # -- configuration -------------------------------------------------------------------------------------------
 
 
+def parse_agent_config(text: str) -> AgentConfig:
+    return agent_config(parse_config(text))
+
+
 def test_budget_from_probe_or_module(tmp_path):
     cfg = parse_agent_config(
         "modules:\n  fast: {prober: http, timeout: 2s, budget: 300ms}\n  plain: {prober: http}\n"
@@ -114,7 +118,7 @@ def test_invalid_yaml_gives_the_config_loaders_error(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("probes: [\n")
     with pytest.raises(ConfigError) as exc:
-        load_agent_config(p)
+        agent_config(load_config(p), str(p))
     assert exc.value.errors[0].startswith(f"{p}:") and "invalid YAML" in exc.value.errors[0]
 
 
@@ -376,16 +380,15 @@ def _async(pred):
 
 
 async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp_path, upstream, monkeypatch):
-    import connprobe.diagnose
-    from connprobe.kernelwatch import KernelWatch
+    import connprobe.sensorload
 
     release = asyncio.Event()
 
-    async def slow_sensor(disabled: bool) -> KernelWatch:
+    async def slow_sensor(disabled: bool) -> tuple[None, str]:
         await release.wait()
-        return KernelWatch(None, "BPF unavailable (test)")
+        return None, "BPF unavailable (test)"
 
-    monkeypatch.setattr(connprobe.diagnose, "open_sensor", slow_sensor)
+    monkeypatch.setattr(connprobe.sensorload, "load_sensor", slow_sensor)
     cfg = write_config(tmp_path / "c.yml", [probe("web", upstream.url("/ok"), interval="0.2s")])
     agent = Agent(cfg, kernel=True)
     await agent.start()

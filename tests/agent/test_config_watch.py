@@ -82,7 +82,7 @@ async def _running(path: Path, **options) -> Agent:
 
 
 async def _stop(a: Agent) -> None:
-    watcher = a.watcher
+    watcher = a.targets.watcher
     ino = watcher._inotify if watcher is not None else None
     await a.stop()
     assert watcher is None or watcher._inotify is None
@@ -95,7 +95,7 @@ async def test_a_configmap_swap_is_picked_up_and_a_bad_one_keeps_the_old_config(
     cm = ConfigMapDir(tmp_path / "cm", _config(upstream, ["a"]))
     a = await _running(cm.path)
     try:
-        assert a.watcher is not None and a.watcher.mode == "inotify"
+        assert a.targets.watcher is not None and a.targets.watcher.mode == "inotify"
         assert a.scheduler.scheduled() == {"a"}
         cm.swap(_config(upstream, ["a", "b"]))
         await _until(lambda: a.scheduler.scheduled() == {"a", "b"}, "the swapped config's probes")
@@ -133,7 +133,7 @@ async def test_a_plain_file_edited_in_place_or_renamed_over_is_picked_up(tmp_pat
     path.write_text(_config(upstream, ["a"]))
     a = await _running(path)
     try:
-        assert a.watcher.mode == "inotify"
+        assert a.targets.watcher.mode == "inotify"
         text = _config(upstream, ["a", "c"])
         if edit == "in_place":
             with open(path, "r+") as f:  # same inode, truncated and rewritten
@@ -153,7 +153,7 @@ async def test_without_inotify_a_stat_poll_picks_up_the_swap(tmp_path, upstream)
     cm = ConfigMapDir(tmp_path / "cm", _config(upstream, ["a"]))
     a = await _running(cm.path, use_inotify=False, poll_interval=0.1)
     try:
-        assert a.watcher.mode == "poll"
+        assert a.targets.watcher.mode == "poll"
         cm.swap(_config(upstream, ["d"]))
         await _until(lambda: a.scheduler.scheduled() == {"d"}, "the swapped config's probes")
         os.utime(cm.path)  # touched, same content: no reload
@@ -195,7 +195,7 @@ async def test_the_directory_replaced_whole_is_followed(tmp_path, upstream):
         os.rename(d, tmp_path / "etc.old")
         os.rename(new, d)
         await _until(lambda: a.scheduler.scheduled() == {"g"}, "the new directory's config")
-        assert a.watcher.mode == "inotify"
+        assert a.targets.watcher.mode == "inotify"
         (d / "probes.yml").write_text(_config(upstream, ["g", "h"]))  # and the new directory is watched
         await _until(lambda: a.scheduler.scheduled() == {"g", "h"}, "an edit in the new directory")
     finally:

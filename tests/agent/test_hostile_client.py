@@ -305,8 +305,8 @@ async def test_web_config_is_reread_on_reload(tmp_path, upstream, start_agent):
                          "http_server_config)"),
 ])
 def test_bad_web_config_is_one_line_naming_the_key(tmp_path, doc, error):
-    from connprobe.agent import run
     from connprobe.cli import build_parser
+    from connprobe.commands.agent import run
 
     cfg = probe_config(tmp_path / "c.yml", "http://127.0.0.1:1")
     webcfg = write_yaml(tmp_path / "web.yml", doc)

@@ -10,7 +10,8 @@ import re
 from rich.console import Console
 
 from connprobe.causes import CAUSES, FALLBACK_COLOUR, colour
-from connprobe.diagnose import Attempt, print_attempt
+from connprobe.commands.diagnose import print_attempt
+from connprobe.diagnosis import Diagnosis
 from correlator.types import Cause, KernelCoverage, Verdict
 from prober.types import ProbeKind, ProbeResult
 from tests.deploy.helpers import DEPLOY
@@ -40,7 +41,7 @@ def test_diagnose_paints_the_verdict_in_its_causes_colour():
         v = Verdict(r, cause, None, 0.9, "test", (), (), f"p: {cause} by hand")
         buf = io.StringIO()
         out = Console(file=buf, force_terminal=True, color_system="truecolor", width=160)
-        print_attempt(out, Attempt(1, v, (), KernelCoverage()), 1, {})
+        print_attempt(out, Diagnosis(1, v, (), KernelCoverage()), 1, {})
         verdict_line = next(line for line in buf.getvalue().splitlines() if "verdict:" in line)
         assert f"38;2;{_rgb(colour(cause))}" in verdict_line, (cause, verdict_line)
 

@@ -14,12 +14,12 @@ from bpf.decode import (
     DecodeError,
     KernelNames,
     decode_event,
-    encode_event,
     format_addr,
     tcp_flags_str,
 )
 from bpf.kernel_compat import parse_format
 from bpf.types import EventKind, KernelEvent
+from tests.bpf.records import encode_event
 
 DATA = Path(__file__).parent / "data"
 EVENTS_H = Path(__file__).parents[2] / "bpf" / "events.h"

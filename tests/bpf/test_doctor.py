@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from bpf import preload
+from bpf.errors import SensorUnavailable
 from bpf.hooks import HOOKS
 from bpf.kernel_compat import Tracefs
+from bpf.sensor import KernelSensor
 from connprobe import doctor
+from connprobe.commands import doctor as doctor_command
 
 DATA = Path(__file__).parent / "data"
 
@@ -21,7 +24,7 @@ DATA = Path(__file__).parent / "data"
 def test_not_root_fails_with_a_fix_and_skips_the_load(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     out = io.StringIO()
-    assert doctor.run(argparse.Namespace(), out) == 1
+    assert doctor_command.run(argparse.Namespace(), out) == 1
     text = out.getvalue()
     assert "FAIL  root" in text and "sudo connprobe doctor" in text
     assert "skip  BPF load + attach" in text
@@ -59,6 +62,16 @@ def test_headers_are_the_build_link_for_doctor_and_sensor_alike(tmp_path, presen
     assert str(release_dir / "build") in c.detail
 
 
+def test_root_without_capabilities_fails_the_doctor_as_it_fails_the_sensor(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("bpf.preload.missing_capabilities", lambda: ["CAP_BPF", "CAP_PERFMON"])
+    c = doctor.check_root()
+    assert c.status == doctor.FAIL and "root without CAP_BPF and CAP_PERFMON" in c.detail and "grant" in c.fix
+    monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
+    with pytest.raises(SensorUnavailable, match="root without CAP_BPF and CAP_PERFMON"):
+        KernelSensor().open()
+
+
 def test_tracefs_and_btf_failures(tmp_path):
     c, tfs = doctor.check_tracefs(tmp_path)
     assert c.status == doctor.FAIL and "mount -t tracefs" in c.fix and tfs is None
@@ -69,7 +82,7 @@ def test_tracefs_and_btf_failures(tmp_path):
 @pytest.mark.kernel
 def test_doctor_on_this_machine_is_ready():
     out = io.StringIO()
-    assert doctor.run(argparse.Namespace(no_load=False), out) == 0, out.getvalue()
+    assert doctor_command.run(argparse.Namespace(no_load=False), out) == 0, out.getvalue()
     lines = out.getvalue().splitlines()
     for hook in HOOKS:
         assert any(line.startswith("ok    tracepoint " + hook.name) for line in lines), hook.name

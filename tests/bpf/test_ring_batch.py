@@ -29,10 +29,10 @@ from bpf.decode import (
     KernelNames,
     decode_event,
     decode_records,
-    encode_event,
 )
 from bpf.ring import BUSY_BIT, DISCARD_BIT, RingReader
 from bpf.types import EventKind
+from tests.bpf.records import encode_event
 
 PAGE = mmap.PAGESIZE
 NAMES = KernelNames(drop_reasons={2: "NOT_SPECIFIED", 5: "NETFILTER_DROP"}, rst_reasons={1: "NOT_SPECIFIED"})

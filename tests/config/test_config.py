@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from connprobe.config import ConfigError, check_config_main, load_config, parse_config
+from connprobe.cli import main
+from connprobe.config import ConfigError, load_config, parse_config
 from prober import ProbeSpec
 from prober.spec import parse_duration
 
@@ -89,7 +90,7 @@ def test_bad_config_message(rule, capsys):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.errors == [EXPECTED[rule].format(file=path)]
-    assert check_config_main([str(path)]) == 1
+    assert main(["check-config", str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [EXPECTED[rule].format(file=path), f"{path}: 1 error"]
 
@@ -133,7 +134,7 @@ def test_good_config_is_frozen_objects(tmp_path, capsys):
     assert "very-secret-token" not in repr(cfg)
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
-    assert check_config_main([str(path)]) == 0
+    assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"{path}: OK: 4 modules, 4 probes (1 dns, 2 http, 1 tcp)"
     assert "very-secret-token" not in out
@@ -149,10 +150,10 @@ def test_several_errors_are_all_reported():
 
 def test_missing_file_is_an_environment_error_exit_2(tmp_path, capsys):
     """1 means "the config is invalid"; a file that cannot be read is 2, as for diagnose's environment errors."""
-    assert check_config_main([str(tmp_path / "nope.yaml")]) == 2
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == 2
     missing = tmp_path / "nope.yaml"
     assert capsys.readouterr().err == f"check-config: {missing}: cannot read: No such file or directory\n"
-    assert check_config_main([str(tmp_path)]) == 2  # a directory
+    assert main(["check-config", str(tmp_path)]) == 2  # a directory
     assert "cannot read: not a regular file" in capsys.readouterr().err
 
 

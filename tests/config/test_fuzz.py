@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from connprobe.agent import Agent, _with_budgets
+from connprobe.agent import Agent, agent_config
 from connprobe.config import MAX_LINE, Config, ConfigError, load_config, parse_config
 from prober.resolve import ResolvConf, candidates
 from prober.source import parse_source
@@ -224,7 +224,7 @@ def _runnable(cfg: Config) -> None:
         if p.module.dns is not None:
             dns.name.from_text(p.module.dns.query_name)
         parse_source(p.source)
-    agent_cfg = _with_budgets(cfg, "<fuzz>")
+    agent_cfg = agent_config(cfg, "<fuzz>")
     Agent._keep_ns(agent_cfg)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from connprobe.config import ConfigError, check_config_main, load_config
+from connprobe.cli import main
+from connprobe.config import ConfigError, load_config
 
 HERE = Path(__file__).parent
 
@@ -46,7 +47,7 @@ def test_bad_config_message(rule, capsys):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.errors == [EXPECTED[rule]]
-    assert check_config_main([str(path)]) == 1
+    assert main(["check-config", str(path)]) == 1
     assert capsys.readouterr().err.splitlines() == [EXPECTED[rule], f"{path}: 1 error"]
 
 
@@ -92,7 +93,7 @@ def test_good_config_loads(tmp_path, capsys):
     assert cfg.modules["grpc_health"].grpc.service == "orders"
     assert [s.send for s in cfg.modules["ws_echo"].websocket.query_response] == [None, "ping ${1}", None]
     assert cfg.modules["unix_smtp"].unix.query_response[3].starttls
-    assert check_config_main([str(path)]) == 0
+    assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "4 modules, 5 probes (1 grpc, 2 icmp, 1 unix, 1 websocket)" in out
     assert "gw: icmp 10.0.0.1 from host" in out and "Bearer x" not in out

@@ -17,12 +17,17 @@ from pathlib import Path
 import pytest
 
 from prober import ErrorKind, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, netns, run_probe, sockets
-from prober.netns import NetnsError, NetnsExecutor, open_netns, shared_executor, shared_executor_count
+from prober.netns import NetnsError, NetnsExecutor, open_netns, shared_executor
 from prober.sockets import Source, SourceError
 from prober.source import parse_source
 from tests.leaks import open_fds
 
 RUN = Path("/run/netns")
+
+
+def shared_executor_count() -> int:
+    """Worker threads the prober holds for namespaces now (none may be left behind)."""
+    return len(netns._shared)
 
 
 def _spec(source: str, target: str = "127.0.0.1:9", prober: str = "tcp", timeout: float = 2.0) -> ProbeSpec:

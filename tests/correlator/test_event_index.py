@@ -1,5 +1,7 @@
 """The correlator's speed-ups change no verdict: every recording gets exactly the verdict it got before them
-(`verdicts.golden.json`, written by the correlator of commit 372be14: cause, confidence, rule, facts, evidence).
+(`verdicts.golden.json`: cause, confidence, rule, facts, evidence, as the correlator without the speed-ups gave
+them on these recordings and rules — written from main at 6cfb81a+; a deliberate rule change rewrites it with
+`python tests/correlator/test_event_index.py --write-golden` and says so in its commit).
 `EventIndex` (the join over events indexed by endpoint) gives exactly what the scan of a plain list gives:
 the same verdict on every recording, alone or drowned in unrelated traffic that shares its ports outside the
 probe's span, in other namespaces, added out of order; and the same joined events on arbitrary event sets."""
@@ -112,3 +114,16 @@ _events = st.builds(
 def test_index_joins_like_the_scan(events, grace):
     r = result(flows=(TCP_FLOW, DNS_FLOW))
     assert join(r, EventIndex(events), grace) == join(r, events, grace)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-golden"]:
+        golden = {}
+        for p in RECORDINGS:
+            rec = load(p)
+            golden[p.stem] = _as_golden(correlate(rec.result, rec.events, budget_ns=rec.budget_ns,
+                                                  coverage=rec.coverage))
+        (HERE / "verdicts.golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True, ensure_ascii=False)
+                                                   + "\n")

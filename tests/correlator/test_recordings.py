@@ -5,6 +5,7 @@ wrong cause."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ def scenario_of(rec: Recording):
 
 def test_every_scenario_has_a_recording():
     assert {p.stem for p in RECORDINGS} == set(BY_NAME)
+
+
+def test_the_file_keeps_its_keys():
+    """`Recording.coverage` is written and read as "evidence", the key the checked-in files have."""
+    text = RECORDINGS[0].read_text()
+    assert '"evidence": {' in text
+    rec = loads(text)
+    doc = json.loads(dumps(rec))
+    assert doc["evidence"] == json.loads(text)["evidence"] and "coverage" not in doc
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])

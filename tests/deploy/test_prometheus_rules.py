@@ -178,7 +178,7 @@ def test_readme_alert_table_links_every_runbook():
 
 
 def _diagnose_parser() -> argparse.ArgumentParser:
-    from connprobe.diagnose import add_arguments
+    from connprobe.commands.diagnose import add_arguments
 
     class Strict(argparse.ArgumentParser):
         def error(self, message: str):  # raise instead of exiting

@@ -22,13 +22,12 @@ NEEDS_EVIDENCE = {"policy_drop", "tcp_retransmit", "connection_refused"}
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def evidence(lab):
-    from connprobe.diagnose import open_sensor
+    from connprobe.sensorload import close_watch, open_watch
 
-    ev = await open_sensor(disabled=False)
+    ev = await open_watch()
     assert ev.available, f"kernel sensor unavailable: {ev.unavailable_reason}"
     yield ev
-    await ev.stop()
-    ev.sensor.close()
+    await close_watch(ev)
 
 
 @pytest.mark.timeout(300)

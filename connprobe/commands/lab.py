@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rich.console import Console
 from rich.table import Table
 
 from connprobe.lab.plumbing import LabError
-from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs
+from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs, role_addresses
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
+    p.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,10 +39,8 @@ def _up(out: Console, lab_id: str | None) -> int:
     t = Table(title=f"lab {lab.id} is up", show_lines=False)
     for col in ("role", "namespace", "IPv4", "IPv6", "serves"):
         t.add_column(col)
-    from connprobe.lab.topology import _addrs
-
     for role in ROLES:
-        a4, a6 = _addrs(role) if role != "router" else ("10.77.1.1 / 10.77.2.1", "fd77:1::1 / fd77:2::1")
+        a4, a6 = role_addresses(role) if role != "router" else ("10.77.1.1 / 10.77.2.1", "fd77:1::1 / fd77:2::1")
         serves = {"client": "probes (resolv.conf: lab DNS)", "router": "path faults",
                   "dns": f"DNS :53 {lab.zone}"}.get(role, "HTTP :8080, TLS :8443")
         t.add_row(role, lab.ns_name(role), a4, a6, serves)
@@ -90,6 +93,3 @@ def _status(out: Console) -> int:
     out.print(t)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(action=sys.argv[1], id=None, all=False)))

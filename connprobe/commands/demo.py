@@ -14,8 +14,6 @@ import collections
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,35 +25,8 @@ from rich.text import Text
 
 from connprobe.causes import colour
 from connprobe.lab import Lab, LabError
-from connprobe.sinks import QueuedSink
+from connprobe.lab.schedule import DEMO
 from correlator.types import Verdict
-
-Fault = Callable[[Lab], contextlib.AbstractContextManager]
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    fault: str
-    switch: Fault
-    expect: dict[str, str] = field(default_factory=dict)  # probe → the cause it should get in this phase
-
-
-PHASES = (
-    Phase("healthy", "no fault", lambda lab: contextlib.nullcontext(),
-          {"web": "ok", "svc": "ok", "bulk": "ok", "tcp": "ok", "dns": "ok"}),
-    Phase("dns nxdomain", "the lab DNS answers NXDOMAIN for srv1.lab.test",
-          lambda lab: lab.dns_fault("srv1.lab.test", "nxdomain"), {"web": "dns", "dns": "dns"}),
-    Phase("policy drop", "nftables in srv1 drops tcp/8080", lambda lab: lab.policy_drop("srv1", port=8080),
-          {"web": "policy_drop", "svc": "policy_drop"}),
-    Phase("packet loss", "20% random loss on the client's link",
-          lambda lab: lab.packet_loss(0.2, link="client", direction="egress"), {"bulk": "tcp_retransmit"}),
-    Phase("slow upstream", "srv1 answers after 0.6 s", lambda lab: lab.slow_upstream("srv1", 0.6),
-          {"web": "upstream_latency", "svc": "upstream_latency"}),
-    Phase("no listener", "srv2 closes port 8080", lambda lab: lab.no_listener("srv2"),
-          {"bulk": "connection_refused", "tcp": "connection_refused"}),
-    Phase("http 503", "srv2 answers 503", lambda lab: lab.http_status("srv2", 503), {"bulk": "http_error"}),
-)
 
 
 def probe_config(lab: Lab, interval: float) -> dict:
@@ -141,7 +112,7 @@ class Board:
         t.add_column("phase")
         for name in self.probes:
             t.add_column(name, no_wrap=True)
-        for ph in PHASES:
+        for ph in DEMO:
             row = [ph.name]
             for name in self.probes:
                 seen = self.seen.get((ph.name, name))
@@ -168,7 +139,7 @@ async def run_demo(args: argparse.Namespace, out: Console) -> int:
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         board = Board([p["name"] for p in cfg["probes"]])
         agent = Agent(cfg_path, kernel=not args.no_kernel)
-        agent.sinks.append(QueuedSink("terminal", board, 1000))
+        agent.add_sink("terminal", board, queue=1000)
         await agent.start()
         runner = None
         try:
@@ -194,12 +165,12 @@ async def run_demo(args: argparse.Namespace, out: Console) -> int:
 
             with view:
                 for _ in range(args.cycles):
-                    for ph in PHASES:
-                        board.enter(ph.name, ph.fault)
+                    for ph in DEMO:
+                        board.enter(ph.name, ph.fault.what)
                         board.phase_ends = time.monotonic() + args.phase_seconds
                         if not live:
-                            out.print(f"--- phase {ph.name}: {ph.fault}")
-                        with ph.switch(lab):
+                            out.print(f"--- phase {ph.name}: {ph.fault.what}")
+                        with ph.fault(lab):
                             while time.monotonic() < board.phase_ends:
                                 await asyncio.sleep(0.25)
                                 flush()
