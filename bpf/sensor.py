@@ -170,11 +170,6 @@ class KernelSensor:
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
         self._names = loader.read_names(tracefs, self._symbolize)
-        try:
-            self._kallsyms = Kallsyms(self._kallsyms_path)
-        except OSError as exc:
-            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
-                        self._kallsyms_path, exc)
 
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
@@ -190,7 +185,13 @@ class KernelSensor:
                 "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
             )
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
-        bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
+        kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
+        kallsyms.start()
+        try:
+            bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        finally:
+            kallsyms.join()
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
             status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
@@ -208,6 +209,13 @@ class KernelSensor:
             self._teardown()
             raise
         self.load_seconds = time.monotonic() - t0
+
+    def _read_kallsyms(self) -> None:
+        try:
+            self._kallsyms = Kallsyms(self._kallsyms_path)
+        except OSError as exc:
+            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
+                        self._kallsyms_path, exc)
 
     def _symbolize(self, addr: int) -> str | None:
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
