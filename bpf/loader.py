@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ log = logging.getLogger("bpf.loader")
 MADV_DONTNEED = 4
 # Shared libraries only the compiler runs: bcc's clang front end and LLVM's back end.
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
+# bcc's compiler (clang/LLVM in-process) aborts the process when two sensors compile at once on two threads
+# (two agents in one process: the two-node lab): one compile at a time.
+_COMPILE_LOCK = threading.Lock()
 
 
 def compile_flags(tracefs: Tracefs, offsets: dict[str, int], ring_pages: int, watch_max: int) -> list[str]:
@@ -54,7 +58,8 @@ def load(bcc: Any, base: list[str], enabled: list[HookSpec], *,
     def compile_(hooks: list[HookSpec]) -> Any:
         nonlocal cflags
         cflags = base + [f"-D{h.macro}" for h in hooks]
-        return manual(text=text, cflags=cflags)
+        with _COMPILE_LOCK:
+            return manual(text=text, cflags=cflags)
 
     try:
         bpf = compile_(enabled)

@@ -23,7 +23,16 @@ from rich.markup import escape
 
 from connprobe import timeline
 from connprobe.causes import colour
-from connprobe.diagnosis import EXIT_USAGE, Diagnosis, UsageError, diagnose, exit_code, target_spec, to_document
+from connprobe.diagnosis import (
+    EXIT_USAGE,
+    Diagnosis,
+    UsageError,
+    diagnose,
+    exit_code,
+    peer_asker,
+    target_spec,
+    to_document,
+)
 from connprobe.netnames import netns_names
 from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
@@ -49,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
+                   help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
+                        "does not decide (cross-node evidence); the sensor reports only `node.netns`")
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
@@ -70,23 +82,27 @@ async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
                        client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
-    watch = await _open_watch_with_progress(args.no_kernel)
+    asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
+    watch = await _open_watch_with_progress(args.no_kernel, node_netns)
     try:
-        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record)
+        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
+                              asker=asker)
     finally:
+        if asker is not None:
+            await asker.close()
         await close_watch(watch)
 
 
-async def _open_watch_with_progress(disabled: bool):
+async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None = None):
     """`open_watch`, saying on a terminal's stderr what it is waiting for: loading the sensor (BTF, compiling
     and attaching the BPF programs) is most of a cold diagnose's first second. Nothing is written when stderr
     is not a terminal, so piped and --json output are unchanged."""
     err = Console(stderr=True)
     if disabled or not err.is_terminal:
-        return await open_watch(disabled=disabled)
+        return await open_watch(disabled=disabled, netns=netns)
     t0 = time.monotonic()
     with err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…"):
-        watch = await open_watch(disabled=disabled)
+        watch = await open_watch(disabled=disabled, netns=netns)
     state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
     err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
     return watch
@@ -103,6 +119,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
         text = escape(row.text)
         if row.kind == "phase":
             text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel" and row.node:
+            text = f"  [magenta]▲ kernel[/magenta] [bold]{escape(row.node)}[/bold] {text}"
         elif row.kind == "kernel":
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":

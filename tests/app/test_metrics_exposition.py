@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from connprobe.config import parse_config
 from connprobe.metrics import HTTP_PHASES, LabelledValues, Metrics
-from connprobe.web import exposition
 from correlator.types import Cause, Verdict
 from prober.types import DnsTransaction, PhaseSpan, ProbeKind, ProbeResult
+from tests.agent.helpers import exposition
 
 GOLDEN = (Path(__file__).parent / "exposition.golden.prom").read_text()
 MS = 1_000_000
