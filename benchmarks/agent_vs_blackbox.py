@@ -12,7 +12,7 @@ Brings up the lab. For each round, one after the other over windows of the same 
   every 10 s at its own offset in the interval (a driver process in that namespace; its CPU is Prometheus's,
   not counted), the same two modules (ip4 / ip6 preferred, no fallback).
 CPU of each process (utime+stime; 100 % = one core) and its RSS over the window. `--profile DIR`: py-spy
-(`pip install -e .[profile]`, or `pip install py-spy`) samples the agent during its window, writing DIR/agent.svg (flame graph) and
+(`pip install -e .[profile]`) samples the agent during its window, writing DIR/agent.svg (flame graph) and
 DIR/agent.txt (collapsed stacks, for benchmarks/profile_stages.py).
 """
 
