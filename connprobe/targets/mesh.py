@@ -20,6 +20,7 @@ address, no nameserver, a missing Service) is a note, as for the other cluster p
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from prober.spec import ModuleSpec, ProbeSpec
 PREFIX = "mesh/"
 API_STATUS = (200, 401, 403)
 ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+MAX_NODE_NAME = 128  # a label value's limit (connprobe.config.MAX_LABEL_VALUE); Kubernetes allows 253
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,126}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ def mesh_probes(opts: MeshOptions, view: Any, modules: Mapping[str, ModuleSpec] 
         out.append(ProbeSpec(name=PREFIX + name, module=module, target=target, source=opts.source,
                              interval=opts.interval, labels={**opts.labels, "mesh": name.split("/")[0], **labels}))
 
-    nodes = {n.name: n for n in state.nodes()}
+    nodes = {}
+    for n in state.nodes():
+        if _NODE_NAME.fullmatch(n.name):
+            nodes[n.name] = n
+        else:  # the API server validates names; a stand-in or a proxy might not: never a label or probe name
+            notes.append(f"mesh: node {n.name[:60]!r} left out: not a DNS name of at most {MAX_NODE_NAME} characters")
     reachable = [n for n in nodes.values() if n.ready and node_address(n) is not None]
     if opts.k:
         chosen = peers(view.node_name, reachable, opts.k)

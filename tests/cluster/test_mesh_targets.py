@@ -20,6 +20,7 @@ from connprobe.targets.mesh import MeshOptions, first_nameserver
 from prober.env import ProbeEnv
 from prober.runner import run_probe
 from tests.cluster import objects as o
+from tests.cluster.apiserver import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -138,9 +139,15 @@ def test_k_zero_gives_only_the_essentials_and_a_bad_resolv_conf_is_a_note(api, t
         assert source.notes == (f"mesh/dns-node: no nameserver in {resolv}",
                                 "mesh/dns-pod: service kube-system/kube-dns does not exist",
                                 "mesh/api: service default/kubernetes does not exist")
+        # hostile Node objects: a name that is no DNS name, an address that is none
+        api.apply(o.node("N3\n{evil}", internal_ip="127.0.1.3"))
+        api.apply(o.node("n4", internal_ip="not-an-ip"))
+        wait_until(lambda: len(view.state.nodes()) == 4)
         source = ClusterTargets(ConfigFile(cfg), view, mesh=MeshOptions(k=5, resolv_conf=str(resolv)))
         assert [p.name for p in source.load().probes] == ["mesh/node/n2"]
-        assert source.notes[0] == "mesh: 1 of 5 peers (nodes besides this one: 1, Ready with an address: 1)"
+        assert source.notes[:2] == (
+            "mesh: node 'N3\\n{evil}' left out: not a DNS name of at most 128 characters",
+            "mesh: 1 of 5 peers (nodes besides this one: 2, Ready with an address: 1)")
     finally:
         view.close()
 
@@ -186,3 +193,80 @@ def test_https_agents_verify_peers_with_the_shared_certificate():
     assert (tls.ca_file, tls.server_name, tls.insecure_skip_verify) == ("/etc/connprobe/web/tls.crt", "connprobe",
                                                                        False)
     assert mesh_options(_args("--kubernetes"), 9516) is None  # off by default
+
+
+def _shared_cert(tmp_path, name: str) -> tuple[str, str]:
+    """The agents' shared certificate, made as deploy/kubernetes/web-config-secret.yaml says."""
+    import subprocess
+
+    key, crt = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=connprobe", "-addext", "subjectAltName=DNS:connprobe",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True, timeout=30)
+    return str(crt), str(key)
+
+
+def test_a_peer_agent_over_https_with_basic_auth_is_verified_with_the_shared_certificate(api, tmp_path):
+    import socket
+    import sys
+    import time
+
+    import bcrypt
+
+    from connprobe.targets.mesh import mesh_probes
+    from connprobe.webconfig import load_web_config
+    from tests.agent.helpers import REPO, Daemon, free_port
+
+    crt, key = _shared_cert(tmp_path, "shared")
+    other_crt, _ = _shared_cert(tmp_path, "other")  # same name, another key: not the agents' certificate
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": crt, "key_file": key},
+        "basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}}))
+    port = free_port()
+    cfg = tmp_path / "peer.yml"
+    cfg.write_text(yaml.safe_dump({"probes": []}))
+    peer = Daemon("peer", ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "connprobe.cli", "agent", "--config",
+                           str(cfg), "--no-kernel", "--no-config-watch", "--listen", f"127.0.0.2:{port}",
+                           "--web.config.file", str(web)], tmp_path).start()
+    api.apply(o.node("n1", internal_ip="127.0.0.1"))
+    api.apply(o.node("n2", internal_ip="127.0.0.2"))
+    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
+    view = ClusterView(ClusterState(client, node_name="n1", watch_timeout=30, backoff=Backoff(0.02, 0.2)),
+                       proc_root=str(tmp_path / "proc"))
+    try:
+        view.start()
+        assert view.wait_synced(10)
+        deadline = time.monotonic() + 60
+        while True:  # the peer is up when it accepts connections
+            peer.check_alive()
+            try:
+                socket.create_connection(("127.0.0.2", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, peer.log()[-2000:]
+                time.sleep(0.2)
+
+        def peer_probe(web_config):
+            opts = mesh_options(_args("--kubernetes", "--kubernetes.mesh", "1"), port, web_config)
+            probes, _ = mesh_probes(opts, view)
+            (spec,) = [p for p in probes if p.name == "mesh/node/n2"]
+            return spec
+
+        async def once(spec):
+            async with ProbeEnv() as env:
+                return await run_probe(spec, env)
+
+        spec = peer_probe(load_web_config(web))
+        assert spec.target == f"https://127.0.0.2:{port}/-/healthy"
+        (result,) = asyncio.run(once(spec))
+        assert result.ok, result  # TLS verified for "connprobe", and no password needed for /-/healthy
+        # a certificate the peer does not hold: the probe fails (it verifies, it does not just connect)
+        from connprobe.webconfig import TLSServerConfig, WebConfig
+
+        (result,) = asyncio.run(once(peer_probe(WebConfig(tls=TLSServerConfig(cert_file=other_crt, key_file="")))))
+        assert not result.ok and "certificate" in (result.error_detail or "").lower(), result
+    finally:
+        view.close()
+        peer.stop()
+    assert "Traceback" not in peer.log()
