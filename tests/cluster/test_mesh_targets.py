@@ -270,3 +270,54 @@ def test_a_peer_agent_over_https_with_basic_auth_is_verified_with_the_shared_cer
         view.close()
         peer.stop()
     assert "Traceback" not in peer.log()
+
+
+def test_the_api_probe_goes_over_tls_with_the_service_accounts_ca(tmp_path, monkeypatch):
+    """In-cluster: mesh/api speaks https to the kubernetes Service's VIP, verified with the service account's CA
+    for the name kubernetes.default.svc (which the API server's certificate carries)."""
+    import subprocess
+
+    from kubernetes.config import incluster_config
+
+    from connprobe.targets.mesh import mesh_probes
+    from tests.cluster.apiserver import FakeApiServer
+
+    key, cert = tmp_path / "tls.key", tmp_path / "ca.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=kube-apiserver", "-addext",
+                    "subjectAltName=DNS:kubernetes.default.svc,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    token = tmp_path / "token"
+    token.write_text("in-cluster-token")
+    server = FakeApiServer(token="in-cluster-token", tls=(str(cert), str(key))).start()
+    view = None
+    try:
+        server.apply(o.service("kubernetes", namespace="default", cluster_ips=("127.0.0.1",),
+                               ports=(("https", server.port),)))
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+        monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+        monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cert))
+        state = ClusterState(load_api_client(), node_name="n1", watch_timeout=30)
+        view = ClusterView(state, proc_root=str(tmp_path / "proc"))
+        view.start()
+        assert view.wait_synced(10)
+        probes, _ = mesh_probes(MeshOptions(k=0, resolv_conf=str(tmp_path / "none")), view,
+                                api_client=state.api_client)
+        (spec,) = probes
+        assert spec.name == "mesh/api" and spec.target == f"https://127.0.0.1:{server.port}/readyz"
+        tls = spec.module.http.tls
+        assert (tls.ca_file, tls.server_name) == (str(cert), "kubernetes.default.svc")
+
+        async def once():
+            async with ProbeEnv() as env:
+                return await run_probe(spec, env)
+
+        before = len([r for r in server.requests if r[0] == "/readyz"])
+        (result,) = asyncio.run(once())
+        assert result.ok, result  # 401 without a token: the API server answers
+        assert len([r for r in server.requests if r[0] == "/readyz"]) == before + 1
+    finally:
+        if view is not None:
+            view.close()
+        server.stop()
