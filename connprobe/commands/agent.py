@@ -88,6 +88,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         from connprobe.cluster.options import mesh_options, open_cluster_view
 
         mesh = mesh_options(args, port, web)  # checked before the cluster is reached
+        if mesh is not None and mesh.k and host in ("127.0.0.1", "::1", "localhost"):
+            log.warning("--kubernetes.mesh: this agent listens on %s only, so its peers cannot reach its /-/healthy "
+                        "(listen on the node's address, as the DaemonSet does: --listen=$(NODE_IP):%d)", host, port)
         cluster = open_cluster_view(args, "connprobe agent", start=False)  # started after the capability drop
     except ValueError as exc:
         print(exc, file=sys.stderr)

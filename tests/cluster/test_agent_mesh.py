@@ -87,5 +87,7 @@ def test_agent_probes_its_peers_health_and_follows_nodes(lab, api, tmp_path):
         for p in peers:
             p.stop()
     assert rc == 0, agent.stderr()[-3000:]
+    # the agent itself listens on loopback here (the test reaches it there): it says its peers could not reach it
+    assert "--kubernetes.mesh: this agent listens on 127.0.0.1 only" in agent.stderr()
     for p in peers:
         assert "Traceback" not in p.log(), p.log()[-2000:]
