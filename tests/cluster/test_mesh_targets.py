@@ -321,3 +321,30 @@ def test_the_api_probe_goes_over_tls_with_the_service_accounts_ca(tmp_path, monk
         if view is not None:
             view.close()
         server.stop()
+
+
+def test_a_mesh_module_the_config_lacks_is_a_config_error(api, tmp_path):
+    from connprobe.config import ConfigError
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"modules": {"http_2xx": {"prober": "http"}, "tcp": {"prober": "tcp"}},
+                                   "probes": []}))
+    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
+    view = ClusterView(ClusterState(client, node_name="n1", watch_timeout=30), proc_root=str(tmp_path / "proc"))
+    api.apply(o.node("n2", internal_ip="127.0.1.2"))
+    try:
+        view.start()
+        assert view.wait_synced(10)
+        for name, error in (("peer", "--kubernetes.mesh-module: no module 'peer' in the config (known: http_2xx, "
+                                     "tcp)"),
+                            ("tcp", "--kubernetes.mesh-module: tcp is a tcp module; the peers' health endpoint "
+                                    "needs an http one")):
+            source = ClusterTargets(ConfigFile(cfg), view, mesh=MeshOptions(k=1, peer_module=name))
+            with pytest.raises(ConfigError) as info:
+                source.load()
+            assert info.value.errors == [error]
+        source = ClusterTargets(ConfigFile(cfg), view, mesh=MeshOptions(k=1, peer_module="http_2xx"))
+        (peer,) = [p for p in source.load().probes if p.name.startswith("mesh/node/")]
+        assert peer.module.prober == "http" and peer.module.http.valid_status_codes == ()
+    finally:
+        view.close()
