@@ -8,6 +8,7 @@ alone to find the culprits, and the rest is compiled together; a hook that fails
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from bpf.kernel_compat import Tracefs
 
 BPF_DIR = Path(__file__).resolve().parent
 SOURCE = BPF_DIR / "sensor.c"
+# bcc's compiler (clang/LLVM in-process) aborts the process when two sensors compile at once on two threads
+# (two agents in one process: the two-node lab): one compile at a time.
+_COMPILE_LOCK = threading.Lock()
 
 
 def compile_flags(tracefs: Tracefs, offsets: dict[str, int], ring_pages: int, watch_max: int) -> list[str]:
@@ -47,7 +51,8 @@ def load(bcc: Any, base: list[str], enabled: list[HookSpec], *,
     def compile_(hooks: list[HookSpec]) -> Any:
         nonlocal cflags
         cflags = base + [f"-D{h.macro}" for h in hooks]
-        return manual(text=text, cflags=cflags)
+        with _COMPILE_LOCK:
+            return manual(text=text, cflags=cflags)
 
     try:
         bpf = compile_(enabled)

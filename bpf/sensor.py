@@ -7,6 +7,9 @@
         sensor.counters()                        # node-level per-kind / per-reason counts, all traffic
         sensor.status()                          # which hooks are attached, and why any is not
 
+    KernelSensor(netns={inode, ...})             # only events seen in these network namespaces (this node's);
+                                                 # default None: every namespace (a single node)
+
 Errors (`bpf/errors.py`): `SensorUnavailable` (the sensor cannot run here; the message names the missing
 piece), `SensorClosed` (used after close()), `WatchListFull`; all are `SensorError`s.
 
@@ -27,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +100,7 @@ class KernelSensor:
         tracefs_root: Path | None = None,
         kallsyms_path: Path = Path("/proc/kallsyms"),
         debug_source: bool | None = None,
+        netns: Iterable[int] | None = None,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -104,6 +109,12 @@ class KernelSensor:
         self.queue_max = queue_max
         self.quiet_reasons = quiet_reasons
         self.hooks = hooks
+        # The namespaces this sensor answers for (a node's, in the two-node lab); None: all of them.
+        self.netns: frozenset[int] | None = None if netns is None else frozenset(netns)
+        if self.netns is not None and not self.netns:
+            raise ValueError("netns: an empty set of namespaces would report nothing (None means all)")
+        if self.netns is not None and any(not 0 < n < 1 << 32 for n in self.netns):
+            raise ValueError("netns: inode numbers are 32-bit positive integers")
         self._btf_path = btf_path
         self._tracefs_root = tracefs_root
         self._kallsyms_path = kallsyms_path
@@ -189,6 +200,8 @@ class KernelSensor:
                 "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
             )
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
+        if self.netns is not None:
+            base.append("-DNETNS_FILTER")
         bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
@@ -200,6 +213,8 @@ class KernelSensor:
         self._bpf = bpf
         try:
             self._fill_quiet()
+            if self.netns is not None:
+                self._fill_netns(self.netns)
             self._cb = self._bpf[b"events"].open_ring_buffer(self._on_record)
             self._ring_fd = self._bpf[b"events"].map_fd
         except Exception:
@@ -216,6 +231,35 @@ class KernelSensor:
         for name in self.quiet_reasons:
             if name in by_name:
                 table[table.Key(by_name[name])] = table.Leaf(1)
+
+    def _fill_netns(self, inodes: frozenset[int]) -> None:
+        table = self._bpf[b"node_netns"]
+        if len(inodes) > 1024:
+            raise ValueError(f"netns: {len(inodes)} namespaces, more than the sensor's 1024")
+        for key in list(table.keys()):
+            if key.value not in inodes:
+                del table[key]
+        for inode in inodes:
+            table[table.Key(inode)] = table.Leaf(1)
+
+    def set_netns(self, inodes: Iterable[int]) -> None:
+        """Change the namespaces a filtered sensor reports (a node's pods come and go). A sensor opened without a
+        filter reports every namespace and cannot be narrowed later (the filter is compiled in)."""
+        new = frozenset(inodes)
+        if self.netns is None:
+            raise SensorError("this sensor reports every namespace: open it with netns=... to filter")
+        if not new:
+            raise ValueError("netns: an empty set of namespaces would report nothing")
+        if self._bpf is not None:
+            self._fill_netns(new)
+        self.netns = new
+
+    @property
+    def foreign_events(self) -> int:
+        """Watched events dropped in the kernel because their namespace is not this sensor's (0 unfiltered)."""
+        if self._bpf is None or self.netns is None:
+            return 0
+        return sum(sum(v) for v in self._bpf[b"foreign"].values())
 
     def _attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

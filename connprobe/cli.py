@@ -16,6 +16,17 @@ import sys
 
 from connprobe.commands import agent, check_config, completion, demo, diagnose, doctor, lab
 
+# The commands in the order `connprobe --help` lists them: name, module (connprobe/commands/), help line.
+COMMANDS = (
+    ("lab", lab, "bring the built-in network lab up or down, or show it"),
+    ("diagnose", diagnose, "probe a target with the kernel sensor attached and say why it fails"),
+    ("doctor", doctor, "check root, BPF, BTF, tracefs, headers and each tracepoint"),
+    ("check-config", check_config, "validate a config file without running it"),
+    ("agent", agent, "run the probes continuously; serve /metrics, /probe and a status page"),
+    ("demo", demo, "run the agent on the lab with faults switching on and off; show verdicts"),
+    ("completion", completion, "print a shell completion script (bash or zsh)"),
+)
+
 USAGE = "2  usage or environment error (a bad option or value"
 EXIT_CODES: dict[str, tuple[str, ...]] = {
     "lab": ("0  done", "1  a lab could not be removed completely (what is left is listed)",
@@ -62,36 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    lab_parser = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
-    lab.add_arguments(lab_parser)
-    lab_parser.set_defaults(func=lab.run)
-
-    diag = sub.add_parser("diagnose", help="probe a target with the kernel sensor attached and say why it fails")
-    diagnose.add_arguments(diag)
-    diag.set_defaults(func=diagnose.run)
-
-    doc = sub.add_parser("doctor", help="check root, BPF, BTF, tracefs, headers and each tracepoint")
-    doctor.add_arguments(doc)
-    doc.set_defaults(func=doctor.run)
-
-    check = sub.add_parser("check-config", help="validate a config file without running it")
-    check_config.add_arguments(check)
-    check.set_defaults(func=check_config.run)
-
-    agent_parser = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status "
-                                  "page")
-    agent.add_arguments(agent_parser)
-    agent_parser.set_defaults(func=agent.run)
-
-    demo_parser = sub.add_parser("demo", help="run the agent on the lab with faults switching on and off; show "
-                                 "verdicts")
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(func=demo.run)
-
-    compl = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                           description=completion.DESCRIPTION)
-    completion.add_arguments(compl)
-    compl.set_defaults(func=functools.partial(completion.run, parser=parser))
+    for name, command, help_line in COMMANDS:
+        extra = {"description": completion.DESCRIPTION} if command is completion else {}
+        p = sub.add_parser(name, help=help_line, **extra)
+        command.add_arguments(p)
+        run = functools.partial(completion.run, parser=parser) if command is completion else command.run
+        p.set_defaults(func=run)
     return parser
 
 

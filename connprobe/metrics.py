@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -51,7 +51,6 @@ __all__ = [
     "escape_label_value",
     "format_labels",
     "probe_registry",
-    "render",
 ]
 
 HTTP_PHASES: tuple[str, ...] = ("resolve", "connect", "tls", "processing", "transfer")
@@ -205,7 +204,7 @@ class LabelledHistogram(Collector):
     every `collect()`; at 1,000 HTTP probes that is ~84,000 histogram lines and most of a scrape's time.
     Here each series keeps its bucket counts and its lines' formatted beginnings, and `text()` only adds the
     numbers. `collect()` still yields a standard histogram family, so `generate_latest` writes the same
-    bytes (tests/app/test_metrics.py compares them); connprobe's own writer (`connprobe.web.exposition`)
+    bytes (tests/app/test_metrics.py compares them); connprobe's own writer (`connprobe.web.exposition_chunks`)
     takes the text. API as far as `Metrics` uses it: `labels(*values).observe(x)`, `remove(*values)`.
     """
 
@@ -583,10 +582,6 @@ class Metrics:
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.set(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
 # -- blackbox-style /probe ----------------------------------------------------------------------------------
 
 
@@ -629,7 +624,3 @@ def probe_registry(verdict: Verdict, *, registry: CollectorRegistry | None = Non
         d.labels(reason).set(n)
     return reg
 
-
-def render(registry: CollectorRegistry) -> bytes:
-    """The text exposition of a registry (serve with prometheus_client.CONTENT_TYPE_LATEST)."""
-    return generate_latest(registry)

@@ -13,8 +13,9 @@ from typing import Any
 from connprobe.kernelwatch import KernelWatch
 
 
-async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
-    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off."""
+async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = None) -> tuple[Any | None, str]:
+    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off. `netns`: report only these
+    namespaces' events (a node's, for cross-node evidence); None: every namespace."""
     if disabled:
         return None, "disabled with --no-kernel"
     try:
@@ -22,7 +23,7 @@ async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
         from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
-    sensor = KernelSensor()
+    sensor = KernelSensor(netns=netns)
     try:
         await sensor.__aenter__()
     except SensorError as exc:
@@ -32,9 +33,9 @@ async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
     return sensor, ""
 
 
-async def open_watch(disabled: bool = False) -> KernelWatch:
+async def open_watch(disabled: bool = False, netns: frozenset[int] | None = None) -> KernelWatch:
     """A running `KernelWatch` (its pump started), without a sensor when it is off; close with `close_watch`."""
-    sensor, reason = await load_sensor(disabled)
+    sensor, reason = await load_sensor(disabled, netns)
     watch = KernelWatch(sensor, reason)
     await watch.start()
     return watch

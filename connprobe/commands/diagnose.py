@@ -22,7 +22,16 @@ from rich.markup import escape
 
 from connprobe import timeline
 from connprobe.causes import colour
-from connprobe.diagnosis import EXIT_USAGE, Diagnosis, UsageError, diagnose, exit_code, target_spec, to_document
+from connprobe.diagnosis import (
+    EXIT_USAGE,
+    Diagnosis,
+    UsageError,
+    diagnose,
+    exit_code,
+    peer_asker,
+    target_spec,
+    to_document,
+)
 from connprobe.netnames import netns_names
 from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
@@ -48,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
+                   help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
+                        "does not decide (cross-node evidence); the sensor reports only `node.netns`")
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
@@ -69,10 +81,14 @@ async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
                        client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
-    watch = await open_watch(disabled=args.no_kernel)
+    asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
+    watch = await open_watch(disabled=args.no_kernel, netns=node_netns)
     try:
-        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record)
+        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
+                              asker=asker)
     finally:
+        if asker is not None:
+            await asker.close()
         await close_watch(watch)
 
 
@@ -87,6 +103,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
         text = escape(row.text)
         if row.kind == "phase":
             text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel" and row.node:
+            text = f"  [magenta]▲ kernel[/magenta] [bold]{escape(row.node)}[/bold] {text}"
         elif row.kind == "kernel":
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 
 EXPECTED = {
     "yaml_syntax": "{file}:4: invalid YAML: did not find expected key",
-    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes, limits)",
+    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes, limits, node, peers)",
     "module_unknown_key": 'module "http_2xx": http.methd: unknown key',
     "probe_unknown_key": 'probe "db": intervl: unknown key',
     "unknown_module": 'probe "api": module: unknown module "http_3xx" (known: http_2xx)',
