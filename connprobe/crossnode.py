@@ -157,7 +157,9 @@ def _addr(q, name: str) -> str:
     if v is None:
         raise QueryError(f"{name}: required")
     try:
-        return str(ipaddress.ip_address(v[:64]))
+        if len(v) > 64 or "%" in v:  # a packet's address has no scope (a zone id would be matched as text)
+            raise ValueError
+        return str(ipaddress.ip_address(v))
     except ValueError:
         raise QueryError(f"{name}: {v[:64]!r} is not an IP address") from None
 
@@ -168,7 +170,7 @@ def _int(q, name: str, lo: int, hi: int, required: bool = True) -> int | None:
         if required:
             raise QueryError(f"{name}: required")
         return None
-    if not (0 < len(v) <= 20 and v.lstrip("-").isdigit() and v.isascii()):
+    if not (0 < len(v) <= 20 and v.removeprefix("-").isdigit() and v.isascii()):
         raise QueryError(f"{name}: {v[:40]!r} is not an integer")
     n = int(v)
     if not lo <= n <= hi:
