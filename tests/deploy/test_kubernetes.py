@@ -211,6 +211,8 @@ def test_the_container_arguments_are_ones_the_cli_accepts(pod):
     assert ns.command == "agent" and ns.config == "/etc/connprobe/config.yaml"
     assert ns.web_config_file == WEB_CONFIG and not ns.keep_capabilities
     assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
+    with pytest.raises(ValueError, match=r"^--listen: "):  # a digit to str.isdigit, not to int()
+        parse_listen("[::1]:\u00b2")
     # --kubernetes: in-cluster credentials (no kubeconfig), this node's name from the downward API
     assert ns.kubernetes and ns.kubernetes_discovery and ns.kubeconfig is None and ns.kubernetes_node is None
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
