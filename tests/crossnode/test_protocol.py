@@ -121,6 +121,8 @@ def test_config_node_and_peers_errors_name_the_field():
                        ("peers: [{cidr: 10.0.0.0/33, url: 'http://x:1'}]", "peers[0].cidr"),
                        ("peers: [{cidr: 10.0.0.0/8, url: 'ftp://x'}]", "peers[0].url"),
                        ("peers: [{cidr: 10.0.0.0/8, url: 'http://x:1', timeout: 1h}]", "peers[0].timeout"),
+                       ("peers: [{cidr: 10.0.0.0/8, url: 'http://x:99999999'}]", "peers[0].url"),
+                       ("peers: [{cidr: 10.0.0.0/8, url: 'http://[::1'}]", "peers[0].url"),
                        ("peers: {a: 1}", "peers"), ("node: [1]", "node")]:
         with pytest.raises(ConfigError) as exc:
             parse_config(text)
