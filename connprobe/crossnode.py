@@ -418,7 +418,9 @@ class PeerAsker:
         return RemoteEvidence(peer.url, False, why)
 
     async def _question(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
-        params = {"proto": "tcp", "saddr": flow.local_addr, "sport": str(flow.local_port), "daddr": flow.remote_addr,
+        # a link-local address's scope (%eth0) names an interface of this node, nothing the peer can match
+        params = {"proto": "tcp", "saddr": flow.local_addr.partition("%")[0], "sport": str(flow.local_port),
+                  "daddr": flow.remote_addr.partition("%")[0],
                   "dport": str(flow.remote_port), "from": str(offset.wall(result.start_ns) - self.grace_ns),
                   "to": str(offset.wall(result.end_ns) + self.grace_ns)}
         headers = {"Accept": "application/json"}
