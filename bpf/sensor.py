@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ class KernelSensor:
         tracefs_root: Path | None = None,
         kallsyms_path: Path = Path("/proc/kallsyms"),
         debug_source: bool | None = None,
+        progress: Callable[[str], None] | None = None,
+        lazy_kallsyms: bool = False,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -113,6 +116,12 @@ class KernelSensor:
         self._status: list[HookStatus] = []
         self._names = KernelNames()
         self._kallsyms: Kallsyms | None = None
+        self._kallsyms_read = False
+        self._kallsyms_lock = threading.Lock()
+        self._progress = progress or (lambda step: None)  # the loading steps, for a waiting user
+        # lazy: read at the first drop location to name (a healthy diagnose never needs it). Not for a process
+        # that drops its capabilities after loading (the agent): without CAP_SYSLOG kallsyms reads as zeros.
+        self._lazy_kallsyms = lazy_kallsyms
         self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
         self._watch_lock = threading.Lock()
         self._buf: collections.deque[KernelEvent] = collections.deque()
@@ -156,11 +165,13 @@ class KernelSensor:
         if self._closed:
             raise SensorClosed("the sensor was closed; create a new one")
         t0 = time.monotonic()
+        self._progress("checking the machine")
         bcc = preload.import_bcc()
         problem = preload.privilege_problem()
         if problem:
             raise SensorUnavailable(problem)
         tracefs = preload.open_tracefs(self._tracefs_root)
+        self._progress("reading struct offsets (BTF)")
         offsets = preload.kernel_offsets(self._btf_path)
         if preload.kernel_headers_dir() is None:
             raise SensorUnavailable(
@@ -168,11 +179,8 @@ class KernelSensor:
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
         self._names = loader.read_names(tracefs, self._symbolize)
-        try:
-            self._kallsyms = Kallsyms(self._kallsyms_path)
-        except OSError as exc:
-            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
-                        self._kallsyms_path, exc)
+        if not self._lazy_kallsyms:
+            self._symbolize(0)
 
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
@@ -188,6 +196,7 @@ class KernelSensor:
                 "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
             )
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
+        self._progress(f"compiling and attaching {len(enabled)} programs")
         bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
@@ -207,6 +216,15 @@ class KernelSensor:
         self.load_seconds = time.monotonic() - t0
 
     def _symbolize(self, addr: int) -> str | None:
+        if not self._kallsyms_read:
+            with self._kallsyms_lock:
+                if not self._kallsyms_read:
+                    try:
+                        self._kallsyms = Kallsyms(self._kallsyms_path)
+                    except OSError as exc:
+                        log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
+                                    self._kallsyms_path, exc)
+                    self._kallsyms_read = True
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
 
     def _fill_quiet(self) -> None:

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 
-from connprobe.commands import agent, check_config, completion, demo, diagnose, doctor, lab
+COMMANDS: dict[str, tuple[str, str]] = {  # name -> (its module in connprobe/commands/, its help line)
+    "lab": ("lab", "bring the built-in network lab up or down, or show it"),
+    "diagnose": ("diagnose", "probe a target with the kernel sensor attached and say why it fails"),
+    "doctor": ("doctor", "check root, BPF, BTF, tracefs, headers and each tracepoint"),
+    "check-config": ("check_config", "validate a config file without running it"),
+    "agent": ("agent", "run the probes continuously; serve /metrics, /probe and a status page"),
+    "demo": ("demo", "run the agent on the lab with faults switching on and off; show verdicts"),
+    "completion": ("completion", "print a shell completion script (bash or zsh)"),
+}
 
 USAGE = "2  usage or environment error (a bad option or value"
 EXIT_CODES: dict[str, tuple[str, ...]] = {
@@ -48,9 +57,18 @@ class _WithExitCodes:
                                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from connprobe.version import version_text
+class _Version(argparse.Action):
+    """--version, its text read only when asked (reading the package metadata costs every other run ~20 ms)."""
 
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from connprobe.version import version_text
+
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `only`: set up that command's options alone (the others are listed, not loaded)."""
     parser = argparse.ArgumentParser(
         prog="connprobe",
         description="Synthetic probes with kernel evidence: was a failed or slow call DNS, packet loss, a policy "
@@ -59,45 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
         "  2  usage or environment error\neach command's --help lists its own.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    lab_parser = sub.add_parser("lab", help="bring the built-in network lab up or down, or show it")
-    lab.add_arguments(lab_parser)
-    lab_parser.set_defaults(func=lab.run)
-
-    diag = sub.add_parser("diagnose", help="probe a target with the kernel sensor attached and say why it fails")
-    diagnose.add_arguments(diag)
-    diag.set_defaults(func=diagnose.run)
-
-    doc = sub.add_parser("doctor", help="check root, BPF, BTF, tracefs, headers and each tracepoint")
-    doctor.add_arguments(doc)
-    doc.set_defaults(func=doctor.run)
-
-    check = sub.add_parser("check-config", help="validate a config file without running it")
-    check_config.add_arguments(check)
-    check.set_defaults(func=check_config.run)
-
-    agent_parser = sub.add_parser("agent", help="run the probes continuously; serve /metrics, /probe and a status "
-                                  "page")
-    agent.add_arguments(agent_parser)
-    agent_parser.set_defaults(func=agent.run)
-
-    demo_parser = sub.add_parser("demo", help="run the agent on the lab with faults switching on and off; show "
-                                 "verdicts")
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(func=demo.run)
-
-    compl = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                           description=completion.DESCRIPTION)
-    completion.add_arguments(compl)
-    compl.set_defaults(func=functools.partial(completion.run, parser=parser))
+    for name, (module_name, help_text) in COMMANDS.items():
+        # a command's module (and what it imports) is loaded only when that command runs: `connprobe diagnose`
+        # through the agent does not pay for importing the agent, the lab or the HTTP clients
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"connprobe.commands.{module_name}")
+        extra = {"description": module.DESCRIPTION} if hasattr(module, "DESCRIPTION") else {}
+        p = sub.add_parser(name, help=help_text, **extra)
+        module.add_arguments(p)
+        run = module.run if name != "completion" else functools.partial(module.run, parser=parser)
+        p.set_defaults(func=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = sys.argv[1:] if argv is None else argv
+    first = args_list[0] if args_list else None
+    # completion introspects every command; `--help` and mistakes need every command too
+    only = first if first in COMMANDS and first != "completion" else None
+    parser = build_parser(only)
+    args = parser.parse_args(args_list)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -8,13 +8,17 @@ detached); the agent builds its own watch from `load_sensor` and so starts and s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from connprobe.kernelwatch import KernelWatch
 
 
-async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
-    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off."""
+async def load_sensor(disabled: bool = False, progress: Callable[[str], None] | None = None,
+                      lazy_kallsyms: bool = False) -> tuple[Any | None, str]:
+    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off. `progress` is told each
+    loading step (and "" once done), from the loading thread. `lazy_kallsyms`: read kernel symbols at the first
+    drop location to name (only for a process that keeps its capabilities, e.g. a diagnose)."""
     if disabled:
         return None, "disabled with --no-kernel"
     try:
@@ -22,19 +26,23 @@ async def load_sensor(disabled: bool = False) -> tuple[Any | None, str]:
         from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
-    sensor = KernelSensor()
+    sensor = KernelSensor(progress=progress, lazy_kallsyms=lazy_kallsyms)
     try:
         await sensor.__aenter__()
     except SensorError as exc:
         return None, str(exc)
     except Exception as exc:  # e.g. bcc not importable: name the cause rather than die
         return None, f"{type(exc).__name__}: {exc}"
+    finally:
+        if progress is not None:
+            progress("")
     return sensor, ""
 
 
-async def open_watch(disabled: bool = False) -> KernelWatch:
+async def open_watch(disabled: bool = False, progress: Callable[[str], None] | None = None,
+                     lazy_kallsyms: bool = False) -> KernelWatch:
     """A running `KernelWatch` (its pump started), without a sensor when it is off; close with `close_watch`."""
-    sensor, reason = await load_sensor(disabled)
+    sensor, reason = await load_sensor(disabled, progress, lazy_kallsyms)
     watch = KernelWatch(sensor, reason)
     await watch.start()
     return watch

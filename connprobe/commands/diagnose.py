@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
-from connprobe.diagnosis import EXIT_USAGE, Diagnosis, UsageError, diagnose, exit_code, target_spec, to_document
+from connprobe.diagnosis import (
+    EXIT_USAGE,
+    Diagnosis,
+    UsageError,
+    duration_arg,
+    exit_code,
+    record_attempt,
+    to_document,
+)
 from connprobe.netnames import netns_names
-from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
 from correlator import Cause
 from prober.redact import install_log_redaction
-from prober.spec import parse_duration
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,30 +53,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which resolved addresses to probe (default first)")
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--no-agent", action="store_true",
+                   help="run standalone (load a sensor of its own) even when an agent runs on this node")
+    p.add_argument("--agent-socket", type=Path, metavar="PATH", default=None,
+                   help="the agent's diagnose channel (default $CONNPROBE_DIAGNOSE_SOCKET or "
+                        "/run/connprobe/diagnose.sock); used when an agent answers there")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
 
-def _duration(name: str, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except (ValueError, TypeError):
-        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+class _SourceError(Exception):
+    """An attempt could not be made from its source (its namespace does not exist): nothing more to show."""
 
 
-async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
-    spec = target_spec(args.target, source=args.source, timeout=_duration("timeout", args.timeout) or 5.0,
-                       client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
-    budget = _duration("budget", args.budget)
-    interval = _duration("interval", args.interval) or 0.0
-    watch = await open_watch(disabled=args.no_kernel)
+async def _attempts(args: argparse.Namespace) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
+    """Each attempt as it is judged: by the node's agent when one answers on its channel (its sensor is
+    attached already), else standalone with a sensor of our own."""
+    if not args.no_agent and not args.no_kernel:
+        # the agent checks the target and durations with the same `target_spec` and `duration_arg` (a usage
+        # error reads the same), so this path imports no probe machinery at all
+        from connprobe.agentchannel import AgentUnavailable, DiagnoseRequest, attempts_via_agent, default_socket
+
+        request = DiagnoseRequest(target=args.target, source=args.source, timeout=args.timeout,
+                                  client=args.client, ip_policy=args.ip_policy, qtype=args.qtype,
+                                  count=args.count, interval=args.interval, budget=args.budget)
+        budget_ns = request_budget_ns(args.budget) if args.record else None
+        try:
+            async for a, events in attempts_via_agent(args.agent_socket or default_socket(), request):
+                if args.record:
+                    record_attempt(args.record, a.verdict.result.target, a, events, budget_ns)
+                yield a, events
+            return
+        except AgentUnavailable as exc:  # raised before any attempt: run standalone
+            logging.getLogger("connprobe.diagnose").debug("standalone: %s", exc)
+    from connprobe.diagnosis import attempts, target_spec
+    from connprobe.sensorload import close_watch, open_watch
+
+    timeout = duration_arg("timeout", args.timeout) or 5.0
+    budget = duration_arg("budget", args.budget)
+    interval = duration_arg("interval", args.interval) or 0.0
+
+    spec = target_spec(args.target, source=args.source, timeout=timeout, client=args.client,
+                       ip_policy=args.ip_policy, qtype=args.qtype)
+    # the sensor compiles on a thread (in C, without the GIL) while this one imports the probe machinery
+    loading = asyncio.create_task(open_watch(disabled=args.no_kernel, progress=_progress_printer(),
+                                             lazy_kallsyms=True))
+    await asyncio.sleep(0)  # let it reach its thread
     try:
-        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record)
+        import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile
+    finally:
+        watch = await loading
+    try:
+        async for item in attempts(spec, watch, count=args.count, interval=interval, budget=budget,
+                                   record=args.record):
+            yield item
     finally:
         await close_watch(watch)
+
+
+def request_budget_ns(budget: str | None) -> int | None:
+    seconds = duration_arg("budget", budget)
+    return int(seconds * 1e9) if seconds else None
+
+
+def _progress_printer() -> Callable[[str], None] | None:
+    """Loading steps on stderr while the sensor loads, when stderr is a terminal (one line, overwritten)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(step: str) -> None:
+        sys.stderr.write(f"\r\033[Kloading the kernel sensor: {step}" if step else "\r\033[K")
+        sys.stderr.flush()
+
+    return show
+
+
+async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], None]) -> list[Diagnosis]:
+    got: list[Diagnosis] = []
+    stream = _attempts(args)
+    async with contextlib.aclosing(stream):
+        async for a, _ in stream:
+            got.append(a)
+            on_attempt(a)
+    return got
 
 
 def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:
@@ -97,31 +166,40 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     install_log_redaction()
-    try:
-        if args.count < 1:
-            raise UsageError(f"--count: {args.count} must be at least 1")
-        attempts = asyncio.run(_diagnose(args))
-    except UsageError as exc:
-        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
-        return EXIT_USAGE
-    code = exit_code(attempts)
-    if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
-        err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
-                  "(list namespaces with `ip netns list`)", markup=False, highlight=False)
-        return EXIT_USAGE
-    if args.json:
-        doc = to_document(args.target, args.source, _duration("budget", args.budget), attempts, code)
-        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
-        return code
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(width=160, highlight=False)
-    first = attempts[0].coverage if attempts else None
-    if first is not None and not first.available:
-        out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
-    names = netns_names()
-    for a in attempts:
+    names: dict[int, str] = {}
+    shown: list[Diagnosis] = []
+
+    def show(a: Diagnosis) -> None:  # each attempt as soon as it is judged
+        r = a.verdict.result
+        if r.error and r.error.value == "source_error":
+            raise _SourceError(r.error_detail)
+        if args.json:
+            return
+        if not shown:
+            names.update(netns_names())
+            if not a.coverage.available:
+                out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+        shown.append(a)
         print_attempt(out, a, args.count, names)
-    bad = sum(a.verdict.cause != Cause.OK for a in attempts)
-    out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
+
+    try:
+        if args.count < 1:
+            raise UsageError(f"--count: {args.count} must be at least 1")
+        done = asyncio.run(_run_attempts(args, show))
+    except UsageError as exc:
+        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
+        return EXIT_USAGE
+    except _SourceError as exc:
+        err.print(f"connprobe diagnose: {exc} (list namespaces with `ip netns list`)", markup=False, highlight=False)
+        return EXIT_USAGE
+    code = exit_code(done)
+    if args.json:
+        doc = to_document(args.target, args.source, duration_arg("budget", args.budget), done, code)
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        return code
+    bad = sum(a.verdict.cause != Cause.OK for a in done)
+    out.print(f"{len(done)} attempt(s), {bad} with a problem")
     return code
