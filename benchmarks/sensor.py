@@ -139,7 +139,8 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=3000, help="connections per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ingest-seconds", type=float, default=3.0)
-    ap.add_argument("--rates", default="1000,2000,4000,8000,16000", help="connections/s per ingest level")
+    ap.add_argument("--rates", default="1000,2000,4000,8000,16000",
+                    help="connections/s per ingest level ('' skips the ingest part)")
     ap.add_argument("--procs", type=int, default=4, help="generator processes per ingest level")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -178,6 +179,8 @@ def main() -> int:
         try:
             assert acceptor.stdout is not None and acceptor.stdout.readline().strip() == "ready"
             run_rates(lab, srv.addr4, port, args)
+            if not args.rates:
+                return 0
             print(f"\n## watched-event ingest ({args.procs} generator processes, {args.ingest_seconds:.0f} s "
                   "per level, loopback in the lab's client namespace)")
             levels = asyncio.run(ingest(lab, [float(r) for r in args.rates.split(",")], args.ingest_seconds,
@@ -207,11 +210,15 @@ def run_rates(lab, addr: str, port: int, args) -> None:
     async def attached_round() -> None:
         nonlocal delivered, lost
         async with KernelSensor() as s:  # the ring buffer is read on this loop while the thread connects
+            # The rate with the kernel's run-time statistics off (collecting them costs two clock reads per
+            # program run, which would be charged to the sensor); the BPF time in a run of its own.
+            modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
+                                                                        args.conns))
             with bpf_run_time_stats():
                 before = sum(ns for _n, ns in s.prog_stats().values())
-                modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
-                                                                            args.conns))
-                bpf_ns.append((sum(ns for _n, ns in s.prog_stats().values()) - before) / args.conns)
+                n = max(args.conns // 3, 100)
+                await asyncio.to_thread(ex.call, connect_loop, addr, port, n)
+                bpf_ns.append((sum(ns for _n, ns in s.prog_stats().values()) - before) / n)
             s.drain()
             modes["attached, all watched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
                                                                           args.conns, s))
@@ -219,12 +226,21 @@ def run_rates(lab, addr: str, port: int, args) -> None:
             delivered += len(s.drain())
             lost += s.lost_events
 
-    for _ in range(args.rounds):
-        modes["detached"].append(ex.call(connect_loop, addr, port, args.conns))
-        asyncio.run(attached_round())
+    loads = [os.getloadavg()[0]]
+    for i in range(args.rounds):
+        # Interleaved, the order alternating (ABBA), so a drift in the machine's load hits both alike.
+        if i % 2 == 0:
+            modes["detached"].append(ex.call(connect_loop, addr, port, args.conns))
+            asyncio.run(attached_round())
+        else:
+            asyncio.run(attached_round())
+            modes["detached"].append(ex.call(connect_loop, addr, port, args.conns))
+        loads.append(os.getloadavg()[0])
     base = statistics.median(modes["detached"])
     print(f"\n## new-connection rate (client ns -> srv1:{port} via the router, connect+close, {args.conns} "
-          f"per round, {args.rounds} interleaved rounds, median)")
+          f"per round, {args.rounds} interleaved rounds (order alternating), median)")
+    print(f"load average (1 min) at start and after each round: {', '.join(f'{x:.1f}' for x in loads)} "
+          f"on {os.cpu_count()} cpus")
     for mode, rates in modes.items():
         med = statistics.median(rates)
         print(f"{mode:<24} {med:8.0f} conn/s  {med / base:5.3f}x  (rounds: {', '.join(f'{r:.0f}' for r in rates)})")

@@ -123,6 +123,7 @@ class KernelSensor:
         # that drops its capabilities after loading (the agent): without CAP_SYSLOG kallsyms reads as zeros.
         self._lazy_kallsyms = lazy_kallsyms
         self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._protos_on_port: collections.Counter[int] = collections.Counter()  # port -> protocols watching it
         self._watch_lock = threading.Lock()
         self._buf: collections.deque[KernelEvent] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -291,11 +292,24 @@ class KernelSensor:
             if self._watch_refs[key] == 0:
                 if len(self._watch_refs) >= self.watch_max:
                     raise WatchListFull(f"the watch list is full ({self.watch_max} ports): {proto}/{port} not watched")
+                self._port_protos(key[1], +1)  # the port's prefilter first: the kernel looks there first
                 try:
                     table[table.Key((key[0] << 16) | key[1])] = table.Leaf(1)
                 except Exception as exc:  # bcc raises a bare Exception with the errno's text
+                    self._port_protos(key[1], -1)
                     raise WatchListFull(f"watching {proto}/{port} failed: {exc}") from None
             self._watch_refs[key] += 1
+
+    def _port_protos(self, port: int, delta: int) -> None:
+        """Keep `watch_ports[port]` (sensor.c: how many protocols watch the port) with the watch list."""
+        n = self._protos_on_port[port] + delta
+        if n > 0:
+            self._protos_on_port[port] = n
+        else:
+            self._protos_on_port.pop(port, None)
+        if self._bpf is not None:
+            ports = self._bpf[b"watch_ports"]
+            ports[ports.Key(port)] = ports.Leaf(min(n, 255))
 
     @property
     def watch_count(self) -> int:
@@ -315,6 +329,7 @@ class KernelSensor:
                     table = self._bpf[b"watch"]
                     with contextlib.suppress(KeyError):
                         del table[table.Key((key[0] << 16) | key[1])]
+                    self._port_protos(key[1], -1)
 
     def watched(self) -> set[tuple[str, int]]:
         names = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -411,6 +426,15 @@ class KernelSensor:
             n = sum(values)
             events[label] += n
             if key.watched:
+                watched[label] += n
+        # TCP state changes: counted in an array of their own, [watched * 16 + new state] (sensor.c)
+        for key, values in bpf[b"state_counts"].items():
+            n = sum(values)
+            if not n:
+                continue
+            label = (EventKind.STATE, self._names.reason_name(EventKind.STATE, key.value & 15))
+            events[label] += n
+            if key.value >= 16:
                 watched[label] += n
         ring_lost = self.ring_lost
         return SensorCounters(

@@ -359,6 +359,7 @@ class Agent:
         watch_config: bool = False,
         watch_options: dict[str, Any] | None = None,
         targets: TargetSource | None = None,
+        cluster: Any = None,
     ):
         self.config_path = Path(config_path) if config_path is not None else None
         self.kernel = kernel
@@ -406,6 +407,10 @@ class Agent:
         self.registry.register(_AgentCollector(self))
         self.privileges = Privileges(drop_capabilities)  # on: only what the probes need, from start-up
         self.registry.register(self.privileges)
+        # connprobe.cluster.view.ClusterView (--kubernetes): names pods/services/nodes in verdicts; None: off
+        self.cluster = cluster
+        if cluster is not None:
+            self.registry.register(cluster)
 
     def add_sink(self, name: str, handler: Callable[[Verdict], Any], *, queue: int = 1000,
                  threaded: bool = False) -> QueuedSink:
@@ -422,7 +427,9 @@ class Agent:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
         await self.targets.start()  # before the load: a change in between is seen by its watch
         self.active = self._load_targets()
-        self.privileges.begin(self.active.config.probes)  # before the agent listens; the sensor loads on one thread
+        # before the agent listens; the sensor loads on one thread. What a target source may add later (pods'
+        # namespaces of a cluster source) keeps its capability from the start.
+        self.privileges.begin((*self.active.config.probes, *self._privilege_standins()))
         self.tracebacks.install()
         self._declare(self.active.config.probes)
         for s in self.sinks:
@@ -521,6 +528,12 @@ class Agent:
         except Exception:
             log.exception("correlating %s failed", result.name)
             return
+        if self.cluster is not None:
+            try:
+                verdict = self.cluster.name_verdict(verdict)
+                self.cluster.observe(verdict)
+            except Exception:  # naming is a bonus: the verdict goes out with bare addresses
+                log.exception("naming pods in the verdict of %s failed", result.name)
         self.verdicts_total += 1
         for s in self.sinks:
             s.offer(verdict)
@@ -634,7 +647,20 @@ class Agent:
         return ReloadOutcome(True, msg, plan.added, plan.removed, plan.changed)
 
     def _load_targets(self) -> AgentConfig:
-        return agent_config(self.targets.load(), self.targets.describe)
+        config = self.targets.load()
+        if config.templates:  # cluster names left unexpanded: only a cluster target source expands them
+            raise ConfigError([f'probe "{t.name}": source/target name cluster objects: run the agent with '
+                               "--kubernetes" for t in config.templates])
+        return agent_config(config, self.targets.describe)
+
+    def _privilege_standins(self) -> list[ProbeSpec]:
+        standins = getattr(self.targets, "privilege_standins", None)
+        return list(standins()) if standins is not None else []
+
+    @property
+    def cluster_notes(self) -> tuple[str, ...]:
+        """Why (part of) a probe written with cluster names is not running now (the status page lists them)."""
+        return tuple(getattr(self.targets, "notes", ()))
 
     def _reload_failed(self, message: str) -> ReloadOutcome:
         self.reloads["failure"] += 1

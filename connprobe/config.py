@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from connprobe.cluster.targets import ClusterProbe, is_cluster_probe, split_cluster_probe
 from prober.spec import Duration, Frozen, ModuleSpec, ProbeSpec, format_duration
 
 TOP_KEYS = ("modules", "probes", "limits")
@@ -88,6 +89,9 @@ class Config:
     modules: dict[str, ModuleSpec]
     probes: tuple[ProbeSpec, ...]
     limits: Limits = field(default_factory=Limits)
+    # probes written with cluster names (`source: pod NS/NAME`, `svc/NS/NAME:PORT` targets): expanded by the
+    # agent with --kubernetes (connprobe.cluster.targets.ClusterProbe)
+    templates: tuple[Any, ...] = ()
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 3x faster at 10,000 probes
@@ -266,6 +270,7 @@ def _parse(text: str, filename: str) -> Config:
             bad_modules.add(name)
 
     probes: list[ProbeSpec] = []
+    templates: list[ClusterProbe] = []
     raw_probes = raw.get("probes") or []
     if not isinstance(raw_probes, list):
         errors.append("config: probes: must be a list of probes")
@@ -300,6 +305,13 @@ def _parse(text: str, filename: str) -> Config:
             known = ", ".join(sorted(_key(m) for m in raw_modules)) or "none defined"
             errors.append(f'{owner}: module: unknown module "{module_name}" (known: {known})')
             continue
+        parts = None
+        if is_cluster_probe(body):
+            try:
+                body, parts = split_cluster_probe(body, modules[module_name].prober)
+            except ValueError as exc:
+                errors.append(f"{owner}: {exc}")
+                continue
         try:
             probe = ProbeSpec.model_validate({**body, "module": modules[module_name]})
         except ValidationError as exc:
@@ -313,10 +325,13 @@ def _parse(text: str, filename: str) -> Config:
             errors.append(f"{owner}: interval: {format_duration(probe.interval)} is shorter than "
                           f"limits.min_interval ({format_duration(limits.min_interval)})")
             continue
-        probes.append(probe)
+        if parts is not None:
+            templates.append(ClusterProbe(probe, parts))
+        else:
+            probes.append(probe)
     if errors:
         raise ConfigError(errors)
-    return Config(modules=modules, probes=tuple(probes), limits=limits)
+    return Config(modules=modules, probes=tuple(probes), limits=limits, templates=tuple(templates))
 
 
 def labels_errors(labels: dict[str, str]) -> list[str]:

@@ -174,6 +174,7 @@ def to_document(target: str, source: str, budget: float | None, attempts: list[D
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
             "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
+            "progress": [{"at_ms": round((p.ts_ns - r.start_ns) / 1e6, 3), "bytes": p.bytes} for p in r.progress],
             "kernel_evidence": {"available": a.coverage.available, "lost_events": a.coverage.lost_events,
                                 "reason": a.coverage.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
@@ -189,4 +190,5 @@ def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
     return {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
             "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
             "netns_name": names.get(e.netns), "tcp_state": e.tcp_state, "reason": e.reason,
-            "location": e.location, "tcp_flags": e.tcp_flags}
+            "location": e.location, "tcp_flags": e.tcp_flags, "seq": e.seq, "seq_len": e.seq_len,
+            "snd_una": e.snd_una, "data_segs_out": e.segs_out, "total_retrans": e.total_retrans}

@@ -75,6 +75,8 @@ class AgentStatus:
     last_reload_error: str
     probes: Mapping[str, ProbeSpec]
     board: StatusBoard
+    cluster: Any = None  # connprobe.cluster.view.ClusterView with --kubernetes (safe to read in a thread)
+    cluster_notes: tuple[str, ...] = ()  # cluster names not probed now, and bad annotations
 
 
 def _e(x: Any) -> str:
@@ -136,6 +138,9 @@ def render_status_page(status: AgentStatus, now: float | None = None, *, warning
     specs = status.probes
     board = status.board.probes()
     names = netns_names()
+    cluster = status.cluster
+    if cluster is not None:
+        names.update(cluster.netns_names())
     rows = []
     failing: list[tuple[str, BoardEntry]] = []
     for name, spec in specs.items():
@@ -194,8 +199,14 @@ def render_status_page(status: AgentStatus, now: float | None = None, *, warning
         reload_note = (f'<div class="card" style="border-left:4px solid #c62828"><b>reload rejected</b>'
                        f"<pre>{_e(status.last_reload_error)}</pre>the previous configuration keeps running</div>")
     banner = ""
+    notes = status.cluster_notes
+    if notes:
+        items = "".join(f"<li>{_e(n)}</li>" for n in notes[:50])
+        more = f"<li>and {len(notes) - 50} more</li>" if len(notes) > 50 else ""
+        banner += ('<div class="card" id="cluster-notes" style="border-left:4px solid #f9a825;margin-bottom:12px">'
+                   f"<b>cluster names not probed now</b><ul>{items}{more}</ul></div>")
     if warning:
-        banner = ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
+        banner += ('<div class="card" id="exposed" style="border-left:4px solid #c62828;margin-bottom:12px">'
                   f"<b>unauthenticated</b>{_e(warning)}</div>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -203,7 +214,8 @@ def render_status_page(status: AgentStatus, now: float | None = None, *, warning
         f"<title>connprobe: {n_fail} failing</title><style>{CSS}</style></head><body>"
         f"<header><h1>connprobe agent</h1><span class='meta'>config {_e(status.targets)}</span>"
         f"<span class='meta'>kernel sensor {_e(status.sensor_state)}</span>"
-        f"<span class='meta'>up {_ago(status.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
+        + (f"<span class='meta' id=cluster>{_e(cluster.readiness())}</span>" if cluster is not None else "")
+        + f"<span class='meta'>up {_ago(status.started_at, now).removesuffix(' ago')}</span></header><main>{banner}"
         f'<div class="summary"><div class="card" id="failing"><b style="color:#c62828">{n_fail}</b>failing</div>'
         f'<div class="card"><b style="color:#2e7d32">{n_ok}</b>ok</div>'
         f'<div class="card"><b>{n_wait}</b>waiting for a first result</div>{reload_note}</div>'

@@ -7,12 +7,13 @@ import re
 from dataclasses import dataclass
 
 from correlator.types import Verdict
+from prober.types import Arrival
 
 
 @dataclass(frozen=True)
 class Row:
     offset_ms: float
-    kind: str  # "phase", "dns", "kernel" or "end"
+    kind: str  # "phase", "dns", "kernel", "progress" or "end"
     text: str
 
 
@@ -24,12 +25,18 @@ def rows(v: Verdict, names: dict[int, str]) -> list[Row]:
     for tx in r.dns:
         took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
         items.append((tx.start_ns, "dns", f"dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})"))
+    for p in shown_progress(r.progress):
+        items.append((p.ts_ns, "progress", f"received {p.bytes:,} B of the answer"))
     for e in v.evidence:
         bits = [str(e.kind)]
         bits += [x for x in (e.reason, e.tcp_state, f"flags {e.tcp_flags}" if e.tcp_flags else None) if x]
         bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport} in {names.get(e.netns, f'netns {e.netns}')}")
         if e.location:
             bits.append(f"at {e.location}")
+        if e.seq is not None:
+            bits.append(f"seq {e.seq}" + (f" len {e.seq_len}" if e.seq_len is not None else ""))
+        if e.snd_una is not None:
+            bits.append(f"snd_una {e.snd_una}")
         items.append((e.ts_ns, "kernel", " ".join(bits)))
     items.sort(key=lambda x: x[0])
     out = [Row((ts - r.start_ns) / 1e6, kind, text) for ts, kind, text in items]
@@ -38,6 +45,17 @@ def rows(v: Verdict, names: dict[int, str]) -> list[Row]:
         outcome += f", HTTP {r.http_status}"
     out.append(Row(r.duration_ns / 1e6, "end", f"end ({outcome}, {r.duration_ns / 1e6:.1f} ms)"))
     return out
+
+
+SHOWN_PROGRESS = 8
+
+
+def shown_progress(points: tuple[Arrival, ...]) -> tuple[Arrival, ...]:
+    """At most SHOWN_PROGRESS of a result's progress points for a reader, evenly chosen, the last always."""
+    if len(points) <= SHOWN_PROGRESS:
+        return points
+    step = (len(points) - 1) / (SHOWN_PROGRESS - 1)
+    return tuple(points[round(i * step)] for i in range(SHOWN_PROGRESS))
 
 
 def name_namespaces(text: str, names: dict[int, str]) -> str:

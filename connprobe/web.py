@@ -558,7 +558,8 @@ async def healthy(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     agent = _agent(request)
     if agent.ready:
-        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).")
+        note = f" {agent.cluster.readiness()}." if getattr(agent, "cluster", None) is not None else ""
+        return _text(200, f"connprobe agent is Ready (kernel sensor {agent.sensor_state}).{note}")
     return _text(503, f"connprobe agent is not ready: kernel sensor {agent.sensor_state}.")
 
 
@@ -567,7 +568,8 @@ async def status_page(request: web.Request) -> web.Response:
     # off the loop: thousands of rows take a while (statuspage says why this is safe in a thread)
     agent = _agent(request)
     status = AgentStatus(agent.targets.describe, agent.sensor_state, agent.started_at, agent.last_reload_ok,
-                         agent.last_reload_error, agent.probe_specs(), agent.board)
+                         agent.last_reload_error, agent.probe_specs(), agent.board,
+                         cluster=getattr(agent, "cluster", None), cluster_notes=getattr(agent, "cluster_notes", ()))
     html = await asyncio.to_thread(off_loop_render, render_status_page, status, warning=warning)
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 

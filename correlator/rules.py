@@ -12,19 +12,23 @@ when several stories fit one probe:
                         a firewall answered for the target. Beats connection_refused.
  3. connection_refused  refused, and the target's own stack said nothing listens (RST, NO_SOCKET).
  4. policy_drop_connect connect failed and our SYNs were dropped, every one of them: a policy.
-                        Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit.
+                        Beats connect timeout. Loss-class drops of every SYN are tcp_retransmit; a tc/XDP
+                        program's drops of fewer than PROGRAM_DROPS_FOR_POLICY attempts are unknown.
  5. policy_drop_established  the handshake passed, then from some moment on every copy of one segment (of
                         our data or of the answer) was dropped, the timer backing off, nothing newer sent —
                         and the loss rate the sender had met before makes that run of drops too unlikely to
                         be chance (see correlator/progress.py): a policy on the established flow, also when
-                        it began in the middle of a transfer. Drops interleaved with progress are loss.
+                        it began in the middle of a transfer. Drops interleaved with progress are loss; so
+                        is a stall of the answer after which the prober still got bytes of it (its own
+                        progress points, `ProbeResult.progress`, a timeout or more after the first drop).
  6. local_policy        connect()/sendto() got EPERM: a firewall in the probe's own namespace.
  7. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
  8. tls, 9. http_error  the handshake or the HTTP answer failed, on a network that delivered.
 10. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
                         time went decides — resolve → dns/slow; connect with SYN retransmits →
                         tcp_retransmit; transfer with retransmissions → tcp_retransmit (confident when
-                        data kept getting through to the end, or the final stall is what the loss rate
+                        data kept getting through to the end — by the kernel's sequence numbers or by
+                        the prober's own progress points — or the final stall is what the loss rate
                         met makes likely; under 70 % when the end could also be a policy that just began,
                         or sequence numbers were not recorded); processing →
                         tcp_retransmit when recovering from loss explains at least half the wait for the
@@ -167,6 +171,17 @@ def connection_refused(ctx: Context) -> Finding | None:
 
 
 # --- 4, 5, 6, 7 ----------------------------------------------------------------------------------------
+# A tc/XDP program's drop is a policy or a loss injector; random loss takes two handshake packets in a row
+# often enough (4 % at 20 % loss), so it takes this many dropped attempts to call it a policy.
+PROGRAM_DROPS_FOR_POLICY = 3
+
+
+def _program_or_loss(evidence: tuple[Matched, ...], facts: list[str] | tuple[str, ...], n: int) -> Finding:
+    return Finding(Cause.UNKNOWN, "unknown/connect_timeout", 0.5, evidence,
+                   (*facts, f"a tc/XDP program dropped them (a policy or a loss injector); {n} attempt(s) are too "
+                            "few to tell a policy, which drops every one, from random loss"))
+
+
 def policy_drop_connect(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.error not in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_UNREACHABLE) or t.established:
@@ -181,6 +196,8 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
         if reason_class(first.event.reason) == "loss":
             return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers + t.syn_retransmits,
                            (*facts, "a queue dropped them: congestion rather than intent"))
+        if reason_class(first.event.reason) == "program" and len(answers) < PROGRAM_DROPS_FOR_POLICY:
+            return _program_or_loss(answers + t.syn_retransmits, facts, len(answers))
         conf = 0.85 if reason_class(first.event.reason) == "policy" else 0.75
         return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, answers + t.syn_retransmits, facts)
     if not decisive:
@@ -192,6 +209,8 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
     if reason_class(first.event.reason) == "loss":
         return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, decisive + t.syn_retransmits,
                        (*facts, "a queue dropped them: congestion rather than intent"))
+    if reason_class(first.event.reason) == "program" and len(decisive) < PROGRAM_DROPS_FOR_POLICY:
+        return _program_or_loss(decisive + t.syn_retransmits, facts, len(decisive))
     conf = 0.95 if reason_class(first.event.reason) == "policy" else 0.8
     if len(decisive) < attempts:
         conf -= 0.15  # some SYNs were not seen dropped (lost events, or dropped elsewhere)
@@ -241,6 +260,24 @@ def _stall_facts(ctx: Context, s: Stall) -> list[str]:
     return facts
 
 
+def _answer_after(ctx: Context, ts_ns: int) -> int | None:
+    """When the prober last got bytes of the answer, if that was well after `ts_ns` (at least one minimum
+    retransmission timeout: more than the time the probe takes to read what its socket held already); else
+    None. Not trusted when the probe's event loop was starved (its reads then lag the arrivals)."""
+    r = ctx.result
+    last = r.last_arrival_ns
+    if r.suspect or last is None or last <= ts_ns + RTO_MIN_NS:
+        return None
+    return last
+
+
+def _progress_fact(ctx: Context) -> str:
+    r = ctx.result
+    last = r.progress[-1]
+    return (f"the prober got {last.bytes} byte(s) of the answer, the last at +{(last.ts_ns - r.start_ns) / 1e6:.0f} ms "
+            f"({ms(r.end_ns - last.ts_ns)} before the probe gave up)")
+
+
 def policy_drop_established(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.ok or r.error not in (ErrorKind.READ_TIMEOUT, ErrorKind.CONNECT_RESET, ErrorKind.CONNECT_TIMEOUT):
@@ -251,6 +288,8 @@ def policy_drop_established(ctx: Context) -> Finding | None:
         s = d.stall
         if s is None or not s.every_copy_dropped:
             continue
+        if not s.outbound and _answer_after(ctx, s.start.event.ts_ns) is not None:
+            continue  # the prober kept getting the answer after that segment first went missing: it got through
         cls = reason_class(s.dropped[0].event.reason)
         if cls not in ("policy", "program"):
             continue
@@ -284,6 +323,11 @@ def policy_drop_established(ctx: Context) -> Finding | None:
                 conf = 0.7
                 facts.append(f"{len(s.copies)} copies where a retransmission timer sends at most {timer_copies} in "
                              f"{ms(span)}: the sender resent at once as well, as when its own rules drop them")
+        if not s.outbound and r.progress:
+            gap = r.progress[-1].ts_ns - s.start.event.ts_ns
+            facts.append(_progress_fact(ctx) + (": nothing after that segment went missing" if gap <= 0 else
+                                                f": none later than {ms(gap)} after that segment went missing "
+                                                "(what was on its way already)"))
         return Finding(Cause.POLICY_DROP, "policy_drop/established", conf, s.copies + s.dropped, tuple(facts))
     return None
 
@@ -378,6 +422,12 @@ def slow_or_stalled(ctx: Context) -> Finding | None:
     lost = _in(phase, t.decisive_drops())
     if not rtx and stalled and lost:
         first = lost[0]
+        if _answer_after(ctx, first.event.ts_ns) is not None:
+            return Finding(Cause.TCP_RETRANSMIT, f"tcp_retransmit/{phase.name}", 0.65, lost,
+                           (head, f"{len(lost)} packet(s) of the connection dropped by {first.event.reason} "
+                            f"{where(first)}", _progress_fact(ctx) + ": it kept arriving after the first drop, so "
+                            "that was loss, not a wall; no retransmission was seen (the sender is beyond this "
+                            "node), so a policy that began at the very end is not ruled out"))
         return Finding(Cause.UNKNOWN, "unknown/stalled", 0.5, lost,
                        (head, f"{len(lost)} packet(s) of the connection dropped by {first.event.reason} {where(first)} "
                         "and no retransmission seen: loss, or a policy that began shortly before the end"))
@@ -422,13 +472,31 @@ def _fate_facts(ctx: Context) -> list[str]:
 
 def _stalled_transfer(ctx: Context) -> tuple[float, list[str]]:
     """Confidence and facts for a transfer that ran out of time with retransmissions, by what got through."""
+    r = ctx.result
     if not has_sequence_evidence(ctx.matched):
-        return 0.6, ["sequence numbers were not recorded: whether the retransmissions got through was not "
-                     "checked, and a policy that began during the transfer would look the same"]
+        facts = ["sequence numbers were not recorded: whether the retransmissions got through was not checked"]
+        last = r.last_arrival_ns
+        if last is not None and not r.suspect:
+            facts.append(_progress_fact(ctx))
+            later = [m for m in ctx.tcp.decisive_drops() if m.event.ts_ns > last]
+            if r.end_ns - last <= RTO_MIN_NS and not later:
+                # Still short of sure: a wall in the last moments whose drops were not seen looks the same.
+                return 0.65, [*facts, "no drop of the connection was seen after it: the answer was still arriving "
+                                      "shortly before the probe gave up"]
+        return 0.6, [*facts, "a policy that began during the transfer would look the same"]
     facts = _fate_facts(ctx)
     stalls = [d.stall for d in ctx.directions if d.stall is not None]
     if not stalls:
         flowing = [d for d in ctx.directions if d.flowing_at_end]
+        last = r.last_arrival_ns
+        if flowing and not flowing[0].outbound and last is not None and not r.suspect \
+                and r.end_ns - last > 2 * RTO_MIN_NS:
+            # The kernel saw newer data move, but the prober itself got nothing for the last stretch: the answer
+            # stalled (an acknowledgement lost again and again, a hole not yet filled) — not "kept flowing".
+            return 0.6, [*facts, _progress_fact(ctx) + ": newer data of the answer was seen on the wire after the "
+                                 "last retransmission, yet none reached the prober in the last "
+                                 f"{ms(r.end_ns - last)}; loss that stalled it and a policy that began then look "
+                                 "alike here"]
         if flowing:
             return 0.85, [*facts, f"{_side(flowing[0].outbound)} kept getting through until the probe gave up: "
                                   "newer data followed the last retransmission, with no drop after it"]
@@ -436,6 +504,9 @@ def _stalled_transfer(ctx: Context) -> tuple[float, list[str]]:
                              "due: it got through, or its copies were not seen"]
     s = max(stalls, key=lambda x: x.start.event.ts_ns)
     facts += _stall_facts(ctx, s)
+    if not s.outbound and _answer_after(ctx, s.start.event.ts_ns) is not None:
+        return 0.85, [*facts, _progress_fact(ctx) + ": the answer kept coming after that segment first went "
+                              "missing, so it got through — loss, not a wall"]
     if (s.every_copy_dropped or s.pending) and s.likelihood is not None and s.likelihood >= LOSS_CHANCE:
         return 0.85, [*facts, f"random loss at the rate met before does this {s.likelihood:.0%} of the time: it "
                               "explains this stall"]

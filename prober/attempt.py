@@ -9,21 +9,25 @@ failed in it) ends at the failure time, so a correlator sees where the time went
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from prober.env import ProbeEnv
 from prober.errors import classify
+from prober.progress import Arrivals
 from prober.redact import Redactor, redact_url, remember
 from prober.resolve import Resolution, ResolvConf, is_ip, load_resolv_conf
 from prober.sockets import Source, connect
 from prober.spec import ProbeSpec
 from prober.target import Target, parse_target
-from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
+from prober.types import Arrival, DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
 monotonic_ns = time.monotonic_ns
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close() sends a reset
 
 
 class Hop:
@@ -37,6 +41,7 @@ class Hop:
         "first_byte",
         "peercert",
         "sent",
+        "sock",
         "tls_end",
         "tls_start",
     )
@@ -46,6 +51,7 @@ class Hop:
         self.sent = self.first_byte = self.end = 0
         self.conn = None  # the protocol object that stamps first_byte (aiohttp)
         self.peercert: dict | None = None  # the verified peer certificate (TLS hops)
+        self.sock: socket.socket | None = None  # the hop's TCP socket (to reset it when the probe gives up)
 
     def phase(self) -> str:
         if self.first_byte or (self.conn is not None and getattr(self.conn, "first_byte_ns", 0)):
@@ -80,6 +86,19 @@ class Timeline:
         if self.hops:
             return self.hops[-1].phase()
         return "connect"
+
+    def reset_on_close(self) -> None:
+        """The probe gave up: make the close of each hop's socket still open a reset (SO_LINGER 0) instead of a
+        FIN. The socket then leaves at once — no FIN_WAIT with a retransmission timer pending when a policy
+        eats the peer's acknowledgement — and the peer's too when the reset reaches it, so the kernel shows the
+        probe's flows closed and its evidence window can close (`correlator.join.window_complete`). The result
+        is decided already; only how the connection ends changes (as when unread data is left, which resets it
+        too). A socket already closed is left alone."""
+        for h in self.hops:
+            s = h.sock
+            if s is not None and s.fileno() != -1:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
     def spans(self, end_ns: int) -> tuple[PhaseSpan, ...]:
         out: list[PhaseSpan] = [PhaseSpan("resolve", a, b) for a, b in self.resolves]
@@ -167,6 +186,12 @@ class Attempt:
     resolv: ResolvConf | None = None
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
+    arrivals: Arrivals | None = None  # how the answer arrived, for kinds that read one (http, tcp expect)
+
+    def track_arrivals(self, deadline_ns: int) -> Arrivals:
+        """Start recording how the answer arrives (points spaced by the probe's budget)."""
+        self.arrivals = Arrivals(self.start_ns, deadline_ns)
+        return self.arrivals
 
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
@@ -176,6 +201,7 @@ class Attempt:
         connect phase timed. Its flow is recorded even when the connect fails (the kernel saw its packets);
         the socket is closed then, and the caller's on any later failure."""
         sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+        hop.sock = sock
         hop.connect_start = time.monotonic_ns()
         try:
             hop.connect_end = await connect(asyncio.get_running_loop(), sock, sockaddr)
@@ -187,7 +213,9 @@ class Attempt:
         return sock
 
     def result_of(self, exc: BaseException, context: str = "") -> ProbeResult:
-        """The result of a run that `exc` ended: its `ErrorKind` for the phase the run was in (prober/errors.py)."""
+        """The result of a run that `exc` ended: its `ErrorKind` for the phase the run was in (prober/errors.py).
+        A connection still open is reset as it closes (`Timeline.reset_on_close`)."""
+        self.timeline.reset_on_close()
         kind, detail = classify(exc, self.timeline.phase())
         return self.result(kind, f"{context}: {detail}" if context else detail)
 
@@ -217,6 +245,7 @@ class Attempt:
             failed=tuple(self.failed),
             captured=self.captured,
             values=self.values,
+            progress=self.arrivals.freeze() if self.arrivals is not None else (),
         )
 
 
@@ -239,6 +268,7 @@ def build_result(
     failed: tuple[str, ...] = (),
     captured: tuple[tuple[str, str], ...] = (),
     values: dict[str, float] | None = None,
+    progress: tuple[Arrival, ...] = (),
 ) -> ProbeResult:
     """The one place a `ProbeResult` is made: by `Attempt.result()`, and by the runner for a run that failed
     before it had an attempt (no source, no address). The resolution's DNS transactions, flows and resolve
@@ -270,4 +300,5 @@ def build_result(
         captured_headers=captured,
         values=tuple(sorted(values.items())) if values else (),
         labels=prep.labels if prep is not None else tuple(sorted(spec.labels.items())),
+        progress=progress,
     )

@@ -67,6 +67,7 @@ async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: 
     """Socket from the source, announced, connected; stamps the connect phase on a new hop."""
     hop = timeline.hop()
     sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get())
+    hop.sock = sock
     loop = asyncio.get_running_loop()
     hop.connect_start = monotonic_ns()
     try:
@@ -161,6 +162,14 @@ def _sendable(req: _Request) -> _Request:
 
 async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     """Request, redirects (a fresh connection per hop, sent by the module's client), then the body."""
+    try:
+        await _hops(attempt, spec, env, facts)
+    except BaseException:
+        attempt.timeline.reset_on_close()  # failed before an answer: a socket still open resets as it closes
+        raise
+
+
+async def _hops(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     send = _SENDERS[spec.client]
     req = _first_request(attempt, spec)
     redirects = 0
@@ -187,6 +196,9 @@ async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict
             coding = resp.headers.get("Content-Encoding", "").strip().lower()
             facts["body"] = await _read_body(resp.chunks(), spec, facts, attempt, coding not in ("", "identity"))
             return
+        except BaseException:
+            attempt.timeline.reset_on_close()  # before the client closes the connection (it may yield first)
+            raise
         finally:
             await resp.aclose()
 
@@ -201,8 +213,11 @@ async def _read_body(chunks, spec: HTTPSpec, facts: dict, attempt: Attempt, enco
     inflated_cap = spec.max_decompressed_bytes if encoded else None
     size = 0
     buf = bytearray()
+    arrivals = attempt.arrivals
     async for chunk in chunks:
         size += len(chunk)
+        if arrivals is not None:
+            arrivals.add(len(chunk))
         if cap is not None and size > cap:
             facts["size"] = size
             attempt.failed.append("max_body_bytes")
@@ -377,7 +392,12 @@ class _Stream(httpcore.AsyncNetworkStream):
         self._transport = transport  # the plain connection's (aborted when its TLS handshake does not finish)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = await self._inner.read(max_bytes, timeout)
+        try:
+            data = await self._inner.read(max_bytes, timeout)
+        except BaseException:
+            # httpcore closes the stream on its way out, before the probe hears of it: reset from here
+            self._attempt.timeline.reset_on_close()
+            raise
         if not self._hop.first_byte:
             self._hop.first_byte = monotonic_ns()
         return data
@@ -609,6 +629,7 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     t1 = _CURRENT.set(attempt)
     t2 = _CTX_CB.set(env.on_local_port)
     t3 = _CTX_DEADLINE.set(deadline_ns)
+    attempt.track_arrivals(deadline_ns)
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
             await _exchange(attempt, spec, env, facts)

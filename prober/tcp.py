@@ -45,6 +45,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.sent = monotonic_ns()
             if spec.expect:
                 pattern = re.compile(spec.expect.encode())
+                arrivals = attempt.track_arrivals(deadline_ns)
                 buf = b""
                 while not pattern.search(buf):
                     chunk = await reader.read(4096)
@@ -53,6 +54,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
                     if not chunk:
                         attempt.failed.append("expect")
                         break
+                    arrivals.add(len(chunk))
                     buf += chunk
                     if len(buf) > 65536:
                         attempt.failed.append("expect")
@@ -60,7 +62,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             hop.end = monotonic_ns()
             return attempt.result()
     except Exception as exc:
-        return attempt.result_of(exc)
+        return attempt.result_of(exc)  # (it resets the connection: the kernel shows it closed at once)
     finally:
         if writer is not None:
             writer.close()

@@ -92,6 +92,15 @@ class PhaseSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class Arrival:
+    """How much of the answer had arrived by when: `bytes` received in all (an HTTP body's decoded bytes, a
+    TCP probe's bytes read) at `ts_ns`. A result keeps a few dozen of these at most (`prober/progress.py`)."""
+
+    ts_ns: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class DnsTransaction:
     server: str
     name: str
@@ -127,6 +136,24 @@ class ProbeResult:
     # kind-specific measurements, sorted by name: icmp_reply_hop_limit, grpc_status_code,
     # grpc_serving_status (grpc.health.v1 enum number), ...
     values: tuple[tuple[str, float], ...] = ()
+    # How the answer arrived: a point at least every 1/PROGRESS_POINTS of the probe's time budget while bytes
+    # came in, and the last arrival always (empty: nothing was read, or the kind does not record it).
+    progress: tuple[Arrival, ...] = ()
+
+    @property
+    def last_arrival_ns(self) -> int | None:
+        """When the last byte of the answer arrived (None: none recorded)."""
+        return self.progress[-1].ts_ns if self.progress else None
+
+    def bytes_by(self, ts_ns: int) -> int:
+        """Bytes of the answer that had arrived by `ts_ns` (as far as the points tell: the last point not after
+        it)."""
+        got = 0
+        for p in self.progress:
+            if p.ts_ns > ts_ns:
+                break
+            got = p.bytes
+        return got
 
     def local_endpoints(self, dns_only: bool = False) -> dict[tuple[str, str, int], Flow]:
         """The local end of each flow of this result and of its DNS queries: (proto, address, port) -> the flow

@@ -7,18 +7,24 @@
 - `mesh`: which peer agents this node probes (rendezvous hashing, `peers`).
 """
 
-from connprobe.cluster.identity import Identity, IdentityCache, NetnsIndex, Workload, pod_uid_from_cgroup, workload_of
-from connprobe.cluster.mesh import peers
-from connprobe.cluster.state import (
-    ClusterConfigError,
-    ClusterState,
-    EndpointSliceInfo,
-    NamespaceInfo,
-    NodeInfo,
-    PodInfo,
-    ServiceInfo,
-    load_api_client,
-)
+# Imported on first use: the config parser reads `connprobe.cluster.refs`/`targets` without loading the
+# kubernetes client.
+_HOMES = {
+    "Identity": "identity", "IdentityCache": "identity", "NetnsIndex": "identity", "Workload": "identity",
+    "pod_uid_from_cgroup": "identity", "workload_of": "identity", "peers": "mesh",
+    "ClusterConfigError": "state", "ClusterState": "state", "EndpointSliceInfo": "state", "NamespaceInfo": "state",
+    "NodeInfo": "state", "PodInfo": "state", "ServiceInfo": "state", "load_api_client": "state",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'connprobe.cluster' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"connprobe.cluster.{home}"), name)
+
 
 __all__ = [
     "ClusterConfigError",

@@ -655,13 +655,31 @@ class ClusterState:
         relists = CounterMetricFamily(
             "connprobe_cluster_relists", "Lists after 410 Gone (watch too old) per kind", labels=["kind"]
         )
+        up = GaugeMetricFamily(
+            "connprobe_cluster_watch_up",
+            "1 while a kind's list+watch is synced and its last request to the API server succeeded",
+            labels=["kind"],
+        )
+        drops = CounterMetricFamily(
+            "connprobe_cluster_watch_drops", "Watch streams broken after they were established, per kind",
+            labels=["kind"],
+        )
+        bookmarks = CounterMetricFamily(
+            "connprobe_cluster_watch_bookmarks", "BOOKMARK events received per kind", labels=["kind"]
+        )
         with self._lock:
             counts = {kind: len(items) for kind, items in self._store.items()}
         for kind, r in self.reflectors.items():
             objects.add_metric([kind], counts[kind])
             relists.add_metric([kind], r.relists)
+            up.add_metric([kind], 1.0 if r.synced.is_set() and r.stale_since is None else 0.0)
+            drops.add_metric([kind], r.drops)
+            bookmarks.add_metric([kind], r.bookmarks)
         yield objects
         yield relists
+        yield up
+        yield drops
+        yield bookmarks
 
     # -- consumers
     def subscribe(self, listener: Listener, *, replay: bool = False) -> None:

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "/run/connprobe/diagnose.sock; empty: off)")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
+
+    add_kubernetes_arguments(p)
     p.add_argument("--keep-capabilities", action="store_true",
                    help="keep every capability after start-up (default: drop all that the probes do not need)")
 
@@ -82,14 +85,34 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         stream = sys.stdout
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    try:
+        from connprobe.cluster.options import open_cluster_view
+
+        cluster = open_cluster_view(args, "connprobe agent", start=False)  # started after the capability drop
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        if stream not in (None, sys.stdout):
+            stream.close()
+        return 2
+    targets = None
+    if cluster is not None:
+        from connprobe.targets import ConfigFile
+        from connprobe.targets.cluster import ClusterTargets
+
+        inner = ConfigFile(args.config, watch=getattr(args, "config_watch", False),
+                           watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
+        targets = ClusterTargets(inner, cluster, discovery=getattr(args, "kubernetes_discovery", False))
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
-                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
+                  watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, targets=targets,
+                  cluster=cluster)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
         await agent.start()
     except ConfigError as exc:
+        if cluster is not None:
+            cluster.close()
         print(f"connprobe agent: invalid configuration:\n{exc}", file=sys.stderr)
         if stream not in (None, sys.stdout):
             stream.close()
@@ -128,6 +151,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if runner is not None:
             await runner.cleanup()
         await agent.stop()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.close)
         if stream not in (None, sys.stdout):
             stream.close()
     return 0

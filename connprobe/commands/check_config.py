@@ -40,4 +40,11 @@ def run(args: argparse.Namespace) -> int:
         budget = f", budget {p.effective_budget:g}s" if p.effective_budget is not None else ""
         print(f"  {p.name}: {p.module.prober} {redact_url(p.target)} from {p.source} every {p.interval:g}s, "
               f"timeout {p.effective_timeout:g}s{budget}")
+    for t in cfg.templates:
+        parts, p = t.parts, t.spec
+        target = str(parts.target) if parts.target is not None else redact_url(p.target)
+        source = str(parts.source) if parts.source is not None else p.source
+        extra = " and each ready endpoint" if parts.endpoints else ""
+        print(f"  {p.name}: {p.module.prober} {target}{extra} from {source} every {p.interval:g}s "
+              "(cluster names: expanded by the agent with --kubernetes)")
     return 0

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -41,10 +42,12 @@ from prober.redact import install_log_redaction
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
-                                  "ws(s)://URL or unix:/PATH")
+                                  "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, HTTP "
+                                  "with a path; implies --kubernetes)")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
-                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net")
+                   help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net; with "
+                        "Kubernetes pod/NS/NAME or deploy/NS/NAME (a pod of it on this node)")
     p.add_argument("--budget", default=None, help="latency budget, e.g. 300ms or 1s: slower counts as a problem")
     p.add_argument("--timeout", default="5s", help="per-attempt timeout (default 5s)")
     p.add_argument("--interval", default="0s", help="pause between attempts (default 0s)")
@@ -59,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the agent's diagnose channel (default $CONNPROBE_DIAGNOSE_SOCKET or "
                         "/run/connprobe/diagnose.sock); used when an agent answers there")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
+
+    add_kubernetes_arguments(p)
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
@@ -129,13 +135,13 @@ def _progress_printer() -> Callable[[str], None] | None:
     return show
 
 
-async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], None]) -> list[Diagnosis]:
+async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], Diagnosis]) -> list[Diagnosis]:
+    """Every attempt, each handed to `on_attempt` (which prints it) as soon as it is judged."""
     got: list[Diagnosis] = []
     stream = _attempts(args)
     async with contextlib.aclosing(stream):
         async for a, _ in stream:
-            got.append(a)
-            on_attempt(a)
+            got.append(on_attempt(a))
     return got
 
 
@@ -154,6 +160,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":
             text = f"  {text}"
+        elif row.kind == "progress":
+            text = f"  [green]↓[/green] {text}"
         out.print(f"  {row.offset_ms:+9.1f} ms  {text}")
     for f in v.facts[1:]:
         out.print(f"      · {escape(name_namespaces(f, names))}")
@@ -162,8 +170,67 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
     out.print(f"  [{style}]verdict: {escape(line)}[/{style}]  [dim](rule {v.rule})[/dim]")
 
 
+def resolve_cluster_names(args: argparse.Namespace):
+    """With cluster names in --from or TARGET (or --kubernetes): the started ClusterView (also `args._cluster`),
+    and --from/TARGET rewritten to the pod's network namespace and the Service's address. UsageError: one line."""
+    from connprobe.cluster.refs import parse_service_target, parse_workload_ref
+
+    pod_ref = svc_ref = None
+    try:
+        if args.source.startswith(("pod/", "deploy/", "deployment/")):
+            pod_ref = parse_workload_ref(args.source)
+    except ValueError as exc:
+        raise UsageError(f"--from: {exc}") from None
+    try:
+        if args.target.startswith("svc/"):
+            svc_ref = parse_service_target(args.target)
+    except ValueError as exc:
+        raise UsageError(f"TARGET: {exc}") from None
+    if pod_ref is None and svc_ref is None and not args.kubernetes:
+        return None
+    from connprobe.cluster.options import open_cluster_view
+    from connprobe.cluster.targets import pod_sources, service_targets
+
+    args.kubernetes = True
+    try:
+        view = open_cluster_view(args, "--kubernetes")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    args._cluster = view
+    if not view.wait_synced(10):
+        raise UsageError(f"--kubernetes: the cluster state was not read within 10s "
+                         f"({view.state.last_error or 'no answer from the API server'})")
+    args.cluster_names = {}
+    if pod_ref is not None:
+        paths = {inode: name for inode, name in netns_names().items() if name != "host"}
+        found, notes = pod_sources(view, pod_ref, paths)
+        if not found:
+            raise UsageError(f"--from {pod_ref}: {notes[0] if notes else 'no such pod on this node'}")
+        pod, source = found[0]
+        args.cluster_names["source"] = f"{pod_ref} is pod {pod.namespace}/{pod.name} ({source})"
+        args.source = source
+    if svc_ref is not None:
+        prober = "http" if svc_ref.path != "/" else "tcp"
+        targets, notes = service_targets(view, svc_ref, prober, endpoints=False)
+        if not targets:
+            raise UsageError(f"TARGET {svc_ref}: {notes[0] if notes else 'no address'}")
+        args.cluster_names["target"] = f"{svc_ref} is {targets[0][1]}"
+        args.target = targets[0][1]
+    return view
+
+
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
+    try:
+        return _run(args, err)
+    finally:
+        cluster = getattr(args, "_cluster", None)
+        if cluster is not None:
+            cluster.close()
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
+    cluster = None
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     install_log_redaction()
     out = Console(highlight=False)
@@ -172,25 +239,33 @@ def run(args: argparse.Namespace) -> int:
     names: dict[int, str] = {}
     shown: list[Diagnosis] = []
 
-    def show(a: Diagnosis) -> None:  # each attempt as soon as it is judged
+    def show(a: Diagnosis) -> Diagnosis:  # each attempt as soon as it is judged
         r = a.verdict.result
         if r.error and r.error.value == "source_error":
             raise _SourceError(r.error_detail)
+        if cluster is not None:
+            a = replace(a, verdict=cluster.name_verdict(a.verdict))
         if args.json:
-            return
+            return a
         if not shown:
             names.update(netns_names())
             if not a.coverage.available:
                 out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+            if cluster is not None:
+                names.update(cluster.netns_names())
+                for line in getattr(args, "cluster_names", {}).values():
+                    out.print(f"[dim]{escape(line)}[/dim]")
         shown.append(a)
         print_attempt(out, a, args.count, names)
+        return a
 
     try:
         if args.count < 1:
             raise UsageError(f"--count: {args.count} must be at least 1")
+        cluster = resolve_cluster_names(args)
         done = asyncio.run(_run_attempts(args, show))
     except UsageError as exc:
-        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False)
+        err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except _SourceError as exc:
         err.print(f"connprobe diagnose: {exc} (list namespaces with `ip netns list`)", markup=False, highlight=False)

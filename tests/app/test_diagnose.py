@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -36,6 +37,7 @@ def normalise(text: str, lab_id: str) -> str:
     text = re.sub(r"[+-]?\d+\.\d+ ms", "T ms", text)
     text = re.sub(r"(\d+\.\d+\.\d+\.\d+):\d+", r"\1:PORT", text)
     text = re.sub(r"succeeded in \d+ ms", "succeeded in T ms", text)
+    text = re.sub(r"(seq|snd_una) \d+", r"\1 N", text)
     return "\n".join(re.sub(r" +", " ", line.rstrip()) for line in text.splitlines()) + "\n"
 
 
@@ -136,3 +138,28 @@ def test_record_into_an_unwritable_place_is_a_one_line_usage_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("connprobe diagnose: --record: cannot create ")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.kernel
+def test_json_shows_sequence_fields_and_how_the_answer_arrived(lab):
+    """Heavy random loss on a transfer that runs out of time: the JSON gives each retransmission its sequence
+    range and the sender's counters, the prober's progress points, and the verdict is never a policy."""
+    # Loss on the answer's way only: a lost SYN-ACK can still eat an attempt's time, so three attempts, judged
+    # where the transfer began.
+    with lab.packet_loss(0.2, link="client", direction="egress"):
+        proc = diagnose("http://srv1.lab.test:8080/bytes/400000000", "--from", lab.ns("client").name, "--json",
+                        "--ip", "ipv4", "--timeout", "2s", "--budget", "100ms", "-n", "3")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    transfers = [a for a in doc["attempts"] if any(p["name"] == "transfer" for p in a["phases"])]
+    assert transfers, [a["error_detail"] for a in doc["attempts"]]
+    a = max(transfers, key=lambda a: len(a["progress"]))
+    assert a["error"] == "read_timeout", a["error_detail"]
+    pts = a["progress"]
+    assert 2 <= len(pts) <= 40 and all(p["bytes"] < q["bytes"] for p, q in itertools.pairwise(pts))
+    assert a["result"]["progress"][-1]["bytes"] == pts[-1]["bytes"]
+    rtx = [e for e in a["events"] if e["kind"] == "retransmit" and e["seq"] is not None]
+    assert rtx and all(e["seq_len"] and e["snd_una"] is not None and e["data_segs_out"] and e["total_retrans"]
+                       for e in rtx)
+    assert a["verdict"]["cause"] == "tcp_retransmit", a["verdict"]

@@ -334,7 +334,9 @@ def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
 @kernel
 def test_the_daemonset_capabilities_load_the_sensor_and_each_is_needed():
     caps = _daemonset_caps()
-    assert sorted(caps) == ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
+    # CAP_SYS_PTRACE: --kubernetes reads pods' /proc/PID/ns/net (other users' processes), the access
+    # test_sys_ptrace_is_what_lets_a_probe_use_another_process_namespace shows it takes
+    assert sorted(caps) == ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
     assert _run(_SENSOR, caps)["ok"]
     # CAP_BPF and CAP_PERFMON load the programs on their own (CAP_SYS_ADMIN is for setns, see above) ...
     assert _run(_SENSOR, ["CAP_BPF", "CAP_PERFMON"])["ok"]

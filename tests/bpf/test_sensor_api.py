@@ -130,6 +130,32 @@ async def test_async_iteration_delivers_watched_events_only():
 
 
 @kernel
+async def test_a_port_watched_by_two_protocols_stays_watched_for_the_one_left():
+    """The kernel tells unwatched ports apart by a per-port count of the protocols watching it before it looks
+    at the watch list: unwatching udp/P must leave tcp/P watched, and unwatching both must leave P silent."""
+    lst = listener()
+    try:
+        async with KernelSensor() as sensor:
+            port = lst.getsockname()[1]
+            sensor.watch("tcp", port)
+            sensor.watch("udp", port)
+            sensor.unwatch("udp", port)
+            loopback_pair(1, lst)
+            ev = await sensor.next_event(timeout=5)
+            assert ev is not None and ev.kind == EventKind.STATE and port in (ev.sport, ev.dport)
+            while await sensor.next_event(timeout=0.3) is not None:
+                pass
+            sensor.unwatch("tcp", port)
+            sensor.watch("udp", port)  # the port counted again, for udp only: tcp/P stays unwatched
+            loopback_pair(1, lst)
+            assert await sensor.next_event(timeout=0.5) is None
+            sensor.unwatch("udp", port)
+            assert sensor.watched() == set()
+    finally:
+        lst.close()
+
+
+@kernel
 async def test_tiny_ring_buffer_counts_lost_events_and_keeps_running():
     lst = listener()
     try:

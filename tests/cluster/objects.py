@@ -77,7 +77,7 @@ def service(name, namespace="payments", cluster_ips=("10.96.0.10",), ports=((Non
     }
 
 
-def endpoint_slice(name, service_name, endpoints, namespace="payments", port=80):
+def endpoint_slice(name, service_name, endpoints, namespace="payments", port=80, port_name=""):
     """endpoints: (address, pod name, node, ready) tuples."""
     eps = []
     for address, pod_name, node, ready in endpoints:
@@ -108,7 +108,7 @@ def endpoint_slice(name, service_name, endpoints, namespace="payments", port=80)
             },
         },
         "endpoints": eps,
-        "ports": [{"name": "", "port": port, "protocol": "TCP"}],
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
     }
 
 

@@ -84,6 +84,25 @@ def test_syn_dropped_by_a_queue_is_loss_not_policy():
     assert (v.cause, v.sub_cause) == (Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost")
 
 
+@pytest.mark.parametrize("answers", [False, True])
+def test_two_handshake_drops_by_a_tc_program_are_not_yet_a_policy(answers):
+    """A tc/XDP program is a policy or a loss injector: 20 % loss takes two SYN-ACKs in a row 4 % of the time
+    (the demo's packet-loss phase did), so two dropped attempts stay unknown; three make it a policy."""
+    r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
+
+    def dropped(at: float):
+        if answers:
+            return ev(at + 0.1, EventKind.DROP, reverse=True, netns=ROUTER_NS, reason="TC_EGRESS", tcp_flags="SA")
+        return syn_drop(at, "TC_INGRESS", ROUTER_NS)
+
+    two = [dropped(1), syn_retransmit(1001), dropped(1001)]
+    v = correlate(r, two)
+    assert (v.cause, v.sub_cause, v.confidence) == (Cause.UNKNOWN, "unknown/connect_timeout", 0.5)
+    assert "too few to tell a policy" in v.facts[-1]
+    v = correlate(r, [*two, syn_retransmit(3001), dropped(3001)])
+    assert (v.cause, v.sub_cause) == (Cause.POLICY_DROP, "policy_drop/syn") and v.confidence >= 0.7
+
+
 def test_connect_timeout_with_no_drop_seen_is_unknown_and_says_why():
     r = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, phases=CONNECT_FAILED)
     v = correlate(r, [syn_retransmit(1001), syn_retransmit(2001)])

@@ -116,7 +116,8 @@ def _daemonset_options() -> list[str]:
         opts.append("--read-only")
     if not sc.get("allowPrivilegeEscalation", True):
         opts += ["--security-opt", "no-new-privileges"]
-    assert not pod.get("hostPID"), "the DaemonSet gained hostPID: run this container with --pid host"
+    if pod.get("hostPID"):
+        opts += ["--pid", "host"]  # --kubernetes reads pods' /proc entries
     volumes = {v["name"]: v for v in pod["volumes"]}
     for m in agent["volumeMounts"]:
         volume = volumes[m["name"]]

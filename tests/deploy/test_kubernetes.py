@@ -1,7 +1,8 @@
 """deploy/kubernetes: the DaemonSet, ServiceAccount, ConfigMap, web-config Secret and Service parse, decode into
 the Kubernetes API's own models without losing a key, and carry what the agent needs and no more (the host
 network, BPF capabilities and SYS_ADMIN with their reasons, the runtime's default seccomp and AppArmor profiles,
-read-only kernel mounts, no RBAC and no token, a config connprobe accepts, the web config Prometheus uses).
+read-only kernel mounts, the token in the agent's pod only (RBAC: tests/deploy/test_rbac.py), a config connprobe
+accepts, the web config Prometheus uses).
 tests/app/test_privileges.py shows, on the kernel, that each capability given is needed."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tests.deploy.helpers import DEPLOY, run
 K8S = DEPLOY / "kubernetes"
 FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 KERNEL_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/btf", "/run/netns")
-CAPABILITIES = ["BPF", "PERFMON", "SYS_ADMIN"]
+CAPABILITIES = ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]
 WEB_CONFIG = "/etc/connprobe/web/web-config.yml"
 
 
@@ -52,11 +53,12 @@ def test_manifests_decode_into_the_kubernetes_models(path):
 
 
 def test_the_set_is_complete_and_kustomize_lists_it(objs):
-    assert {k for k, _ in objs} == {"Namespace", "ServiceAccount", "Secret", "ConfigMap", "DaemonSet", "Service"}
+    assert {k for k, _ in objs} == {"Namespace", "ServiceAccount", "Secret", "ConfigMap", "DaemonSet", "Service",
+                                    "ClusterRole", "ClusterRoleBinding"}
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(p.name for p in FILES)
     for (kind, _), obj in objs.items():
-        if kind != "Namespace":
+        if kind not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert obj["metadata"]["namespace"] == "connprobe", kind
 
 
@@ -64,7 +66,7 @@ def test_daemonset_has_the_host_network_and_only_the_capabilities_it_needs(objs,
     ds = objs[("DaemonSet", "connprobe")]
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     assert pod["hostNetwork"] is True
-    assert not pod.get("hostPID") and not pod.get("hostIPC")  # only a /proc/PID/ns/net source would need hostPID
+    assert pod["hostPID"] is True and not pod.get("hostIPC")  # --kubernetes: pods' /proc entries name their netns
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"operator": "Exists"} in pod["tolerations"]
     (agent,) = pod["containers"]
@@ -82,17 +84,21 @@ def test_each_privilege_kept_says_why_in_the_manifest():
     for cap in CAPABILITIES:
         assert re.search(rf"^#\s+(\w+, )*{cap}\b.*\S", header, re.M), f"no reason given for {cap}"
     assert re.search(r"^#\s+hostNetwork\s+\S", header, re.M)
-    for gone in ("NET_ADMIN", "SYS_PTRACE", "hostPID", "SYS_RESOURCE"):
+    assert re.search(r"^#\s+hostPID, SYS_PTRACE\s+--kubernetes: \S", header, re.M)
+    for gone in ("NET_ADMIN", "SYS_RESOURCE", "SYSLOG"):
         assert gone in header, f"the manifest does not say why {gone} is not given"
 
 
-def test_no_rbac_and_no_token(objs, pod):
-    assert not {k for k, _ in objs} & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+def test_the_token_is_in_the_agents_pod_only(objs, pod):
     sa = objs[("ServiceAccount", pod["serviceAccountName"])]
-    assert sa["automountServiceAccountToken"] is False
-    assert pod["automountServiceAccountToken"] is False
+    assert sa["automountServiceAccountToken"] is False  # another pod using the account gets none
+    assert pod["automountServiceAccountToken"] is True  # the agent's --kubernetes lists and watches with it
     (agent,) = pod["containers"]
+    assert "--kubernetes" in agent["args"]
     assert not any(m["mountPath"].startswith("/var/run/secrets") for m in agent["volumeMounts"])
+    (binding,) = [o for (k, _), o in objs.items() if k == "ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
 
 
 def _projected_files(pod) -> dict[str, tuple[str, str, str]]:
@@ -205,3 +211,6 @@ def test_the_container_arguments_are_ones_the_cli_accepts(pod):
     assert ns.command == "agent" and ns.config == "/etc/connprobe/config.yaml"
     assert ns.web_config_file == WEB_CONFIG and not ns.keep_capabilities
     assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
+    # --kubernetes: in-cluster credentials (no kubeconfig), this node's name from the downward API
+    assert ns.kubernetes and ns.kubernetes_discovery and ns.kubeconfig is None and ns.kubernetes_node is None
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]

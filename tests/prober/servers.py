@@ -84,6 +84,16 @@ def make_app(state: HttpServer) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        """1 KiB of "x" every `every` seconds (default 0.01), never ending: a transfer that keeps delivering."""
+        every = float(request.query.get("every", "0.01"))
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        while True:
+            await resp.write(b"x" * 1024)
+            await asyncio.sleep(every)
+
     async def compressed(request: web.Request) -> web.Response:
         """`n` bytes ("hello " then zeros) sent compressed: /gzip/N, /deflate/N (zlib), /rawdeflate/N."""
         coding = request.match_info["coding"]
@@ -103,6 +113,7 @@ def make_app(state: HttpServer) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/hang", hang)
     app.router.add_get("/stream/{n}", stream)
+    app.router.add_get("/trickle", trickle)
     app.router.add_get("/{coding:gzip|deflate|rawdeflate}/{n}", compressed)
     app.router.add_post("/upload", upload)
     return app

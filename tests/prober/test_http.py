@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
 
 from prober import ErrorKind, HTTPSpec, ProbeKind, Proto, TLSSpec, run_probe
+from prober.progress import PROGRESS_POINTS
 from tests.prober.helpers import ms, spec
 
 CLIENTS = ["aiohttp", "aiohttp-session", "httpx"]
@@ -210,3 +212,20 @@ async def test_relative_redirect_and_redirect_limit(http_server, env, client):
     loop_url = http_server.url("/redirect?to=/redirect%3Fto%3D/ok")
     (r,) = await run_probe(spec(loop_url, section=HTTPSpec(client=client, max_redirects=1)), env)
     assert not r.ok and r.error is ErrorKind.VALIDATION, r
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_progress_points_say_how_the_body_arrived_bounded(http_server, env, client):
+    """A body that keeps trickling in until the probe runs out of time: the result says how many bytes had
+    arrived by when — a few dozen points at most, bytes growing, the last one the last arrival."""
+    (r,) = await run_probe(spec(http_server.url("/trickle?every=0.005"), section=HTTPSpec(client=client),
+                                timeout=0.6), env)
+    assert r.error is ErrorKind.READ_TIMEOUT
+    pts = r.progress
+    assert 8 <= len(pts) <= PROGRESS_POINTS + 2, len(pts)
+    assert all(a.ts_ns < b.ts_ns and a.bytes < b.bytes for a, b in itertools.pairwise(pts))
+    assert r.start_ns < pts[0].ts_ns and pts[-1].ts_ns <= r.end_ns
+    assert pts[-1].ts_ns == r.last_arrival_ns and r.bytes_by(pts[-1].ts_ns) == pts[-1].bytes
+    assert r.end_ns - pts[-1].ts_ns < 300_000_000  # it kept arriving until close to the end
+    (ok,) = await run_probe(spec(http_server.url("/bytes/5000"), section=HTTPSpec(client=client)), env)
+    assert ok.ok and ok.progress and ok.progress[-1].bytes == 5000

@@ -73,3 +73,10 @@ async def test_tls_connect(https_server, env):
     s = spec(f"127.0.0.1:{https_server.port}", prober="tcp", section=TCPSpec(tls=True))
     (r,) = await run_probe(s, env)
     assert r.error is ErrorKind.TLS_ERROR  # self-signed, not trusted
+
+
+async def test_expect_records_how_the_answer_arrived(echo_server, env):
+    s = spec(f"127.0.0.1:{echo_server.port}", prober="tcp", section=TCPSpec(send="ping\\n", expect="echo ping"))
+    (r,) = await run_probe(s, env)
+    assert r.ok and len(r.progress) >= 1 and r.progress[-1].bytes >= len("echo ping")
+    assert r.start_ns < r.progress[0].ts_ns <= r.end_ns
