@@ -5,9 +5,10 @@ attaching the BPF programs is most of a standalone diagnose's time).
     connprobe diagnose ──request (one JSON line)──► Unix socket /run/connprobe/diagnose.sock ──► agent
                        ◄──one JSON line per attempt (the Diagnosis and its window's events), then "done"──
 
-- Local and authenticated: a Unix stream socket, mode 0600 in a 0700 directory, so only its owner (root) can
-  connect; and the agent asks the kernel who connected (SO_PEERCRED) and answers anyone but root or its own
-  user with one `refused` line and nothing else.
+- Local and authenticated: a Unix stream socket, mode 0600 (its directory is made 0700 when missing, and must
+  not be writable by others), so only its owner (root) can connect; and the agent asks the kernel who
+  connected (SO_PEERCRED) and answers anyone but root or its own user with one `refused` line and nothing
+  else. The command, in turn, trusts answers only from a root process (SO_PEERCRED on its side).
 - The request is checked as hostile input (`DiagnoseRequest`: known fields, bounded values, one line of at
   most 64 KiB); a bad one gets one `error` line naming the field. The target is parsed by the same
   `connprobe.diagnosis.target_spec` as a standalone diagnose, so a usage error reads the same.
@@ -149,6 +150,10 @@ class DiagnoseChannel:
         try:
             if not path.parent.exists():
                 path.parent.mkdir(mode=0o700, parents=True)
+            parent = path.parent.stat()
+            if parent.st_mode & 0o022 or parent.st_uid not in (0, os.geteuid()):
+                raise ChannelError(f"{path.parent} is writable by others (or not ours): someone could put "
+                                   "their own socket there")
             if path.is_symlink() or path.exists():
                 if not stat.S_ISSOCK(path.lstat().st_mode):
                     raise ChannelError(f"{path} exists and is not a socket")
@@ -296,6 +301,10 @@ async def attempts_via_agent(path: Path, request: DiagnoseRequest) -> AsyncItera
                                                 CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"no agent at {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    cred = peer_credentials(writer)
+    if cred is None or cred[1] not in (0, os.geteuid()):  # answers are trusted only from root (or ourselves)
+        writer.close()
+        raise AgentUnavailable(f"{path}: the process answering there is not root")
     got = 0
     # the longest an attempt may take: its timeout, the pause before it, the grace period for late events (the
     # agent bounds both durations; a value it refuses is answered at once)

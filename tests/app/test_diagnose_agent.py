@@ -223,3 +223,19 @@ def test_a_live_socket_is_not_taken_over(tmp_path):
         await chan.close()
 
     asyncio.run(reuse())
+
+
+@pytest.mark.timeout(60)
+def test_no_channel_in_a_directory_others_may_write(tmp_path):
+    from connprobe.agentchannel import ChannelError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+
+    async def scenario() -> None:
+        await DiagnoseChannel(_NotReady(), shared / "c.sock").start()
+
+    with pytest.raises(ChannelError, match="writable by others"):
+        asyncio.run(scenario())
+    assert not (shared / "c.sock").exists()
