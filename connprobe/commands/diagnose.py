@@ -3,7 +3,9 @@ timeline (phases and kernel events on one time axis) and a one-line verdict.
 
 TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
 resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
-WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). The loop itself is `connprobe.diagnosis.diagnose`.
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). The loop itself is `connprobe.diagnosis.attempts`;
+where an agent answers on its diagnose channel (`connprobe/agentchannel.py`), the agent runs it with its attached
+sensor and each attempt is printed as it arrives, the same as standalone.
 Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
 """
 

@@ -91,6 +91,14 @@ def test_same_timeline_through_the_agent_as_standalone(agent, upstream):
     alone = json.loads(diagnose(upstream.closed, "--json", "--no-agent", socket_path=agent.sock).stdout)
     assert [a["verdict"]["rule"] for a in via["attempts"]] == [a["verdict"]["rule"] for a in alone["attempts"]]
     assert via["attempts"][0]["events"] and alone["attempts"][0]["events"]
+    # --record writes the same recordings through the agent (the window's events included)
+    from correlator.record import load
+
+    rec = agent.sock.parent.parent / "rec"
+    assert diagnose(upstream.closed, "--record", str(rec), socket_path=agent.sock).returncode == 1
+    (path,) = rec.iterdir()
+    recording = load(path)
+    assert recording.events and recording.expected_cause == "connection_refused"
     # a usage error the agent finds reads as the standalone one
     via, alone = (diagnose(upstream.ok, "--budget", "soon", *extra, socket_path=agent.sock)
                   for extra in ((), ("--no-agent",)))
