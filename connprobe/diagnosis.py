@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,14 +101,19 @@ def target_spec(target: str, *, source: str = "host", timeout: float = 5.0, clie
 
 
 async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
-                   budget: float | None = None, record: Path | None = None,
-                   env: ProbeEnv | None = None) -> list[Diagnosis]:
+                   budget: float | None = None, record: Path | None = None, env: ProbeEnv | None = None,
+                   on_attempt: Callable[[Diagnosis], None] | None = None) -> list[Diagnosis]:
     """Run `count` attempts `interval` seconds apart, each correlated with the kernel events `watch` (a
     running `KernelWatch`, see `connprobe.sensorload.open_watch`) collects for it. `budget` (seconds):
     slower counts as a problem. `record`: also write each attempt as a recording into that directory.
-    `env`: a running `ProbeEnv` whose port callback feeds `watch` (the agent's); default: one of its own."""
-    return [a async for a, _ in attempts(spec, watch, count=count, interval=interval, budget=budget,
-                                         record=record, env=env)]
+    `env`: a running `ProbeEnv` whose port callback feeds `watch` (the agent's); default: one of its own.
+    `on_attempt(attempt)` is called as each attempt is judged."""
+    out = []
+    async for a, _ in attempts(spec, watch, count=count, interval=interval, budget=budget, record=record, env=env):
+        out.append(a)
+        if on_attempt is not None:
+            on_attempt(a)
+    return out
 
 
 async def attempts(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
