@@ -10,6 +10,9 @@
  *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/loader.py
  *                    attaches each program itself, so one that fails to load costs only its event kind)
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
+ *   NETNS_FILTER     report only events seen in a network namespace on the `node_netns` list (the namespaces
+ *                    of this node; an event whose namespace is unknown, inode 0, is not reported either);
+ *                    the others are counted in `foreign`. Without it every namespace is reported.
  *
  * Events of watched flows (proto + local port on the watch list, matched on either port so the server
  * side of a flow on the same node is caught too; an ICMP echo's identifier is its "port": icmp/ID) go to the
@@ -46,6 +49,10 @@ BPF_HASH(watch, u32, u8, WATCH_MAX);
 BPF_HASH(quiet, u32, u8, 256);
 BPF_PERCPU_HASH(counts, struct cp_count_key, u64, 4096);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+#ifdef NETNS_FILTER
+BPF_HASH(node_netns, u32, u8, 1024);
+BPF_PERCPU_ARRAY(foreign, u64, 1);
+#endif
 /* TCP state changes counted apart, [watched * 16 + new state]: every connection of the node makes ~10 of them,
  * and an array slot costs a fraction of the `counts` hash's lookup (benchmarks/sensor.py). */
 BPF_PERCPU_ARRAY(state_counts, u64, 32);
@@ -90,6 +97,16 @@ static __always_inline void count(u16 kind, u32 reason, int watched) {
 }
 
 static __always_inline void emit(struct cp_event *ev) {
+#ifdef NETNS_FILTER
+    /* Another node's namespace (the two-node lab: each sensor reports only its own node's). */
+    if (!node_netns.lookup(&ev->netns)) {
+        u32 z = 0;
+        u64 *f = foreign.lookup(&z);
+        if (f)
+            (*f)++;
+        return;
+    }
+#endif
     struct cp_event *out = events.ringbuf_reserve(sizeof(struct cp_event));
     if (!out) {
         u32 z = 0;

@@ -7,6 +7,9 @@
         sensor.counters()                        # node-level per-kind / per-reason counts, all traffic
         sensor.status()                          # which hooks are attached, and why any is not
 
+    KernelSensor(netns={inode, ...})             # only events seen in these network namespaces (this node's);
+                                                 # default None: every namespace (a single node)
+
 Errors (`bpf/errors.py`): `SensorUnavailable` (the sensor cannot run here; the message names the missing
 piece), `SensorClosed` (used after close()), `WatchListFull`; all are `SensorError`s.
 
@@ -22,21 +25,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
+import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bpf import loader, preload, runstats
-from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, KernelNames, decode_event
+from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, RECORD_STRUCT, KernelNames, decode_event, decode_records
 from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
+from bpf.ring import RingReader
 from bpf.runstats import bpf_run_time_stats
 from bpf.types import EventKind, KernelEvent
 
@@ -97,8 +101,7 @@ class KernelSensor:
         tracefs_root: Path | None = None,
         kallsyms_path: Path = Path("/proc/kallsyms"),
         debug_source: bool | None = None,
-        progress: Callable[[str], None] | None = None,
-        lazy_kallsyms: bool = False,
+        netns: Iterable[int] | None = None,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -107,6 +110,12 @@ class KernelSensor:
         self.queue_max = queue_max
         self.quiet_reasons = quiet_reasons
         self.hooks = hooks
+        # The namespaces this sensor answers for (a node's, in the two-node lab); None: all of them.
+        self.netns: frozenset[int] | None = None if netns is None else frozenset(netns)
+        if self.netns is not None and not self.netns:
+            raise ValueError("netns: an empty set of namespaces would report nothing (None means all)")
+        if self.netns is not None and any(not 0 < n < 1 << 32 for n in self.netns):
+            raise ValueError("netns: inode numbers are 32-bit positive integers")
         self._btf_path = btf_path
         self._tracefs_root = tracefs_root
         self._kallsyms_path = kallsyms_path
@@ -116,12 +125,6 @@ class KernelSensor:
         self._status: list[HookStatus] = []
         self._names = KernelNames()
         self._kallsyms: Kallsyms | None = None
-        self._kallsyms_read = False
-        self._kallsyms_lock = threading.Lock()
-        self._progress = progress or (lambda step: None)  # the loading steps, for a waiting user
-        # lazy: read at the first drop location to name (a healthy diagnose never needs it). Not for a process
-        # that drops its capabilities after loading (the agent): without CAP_SYSLOG kallsyms reads as zeros.
-        self._lazy_kallsyms = lazy_kallsyms
         self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
         self._protos_on_port: collections.Counter[int] = collections.Counter()  # port -> protocols watching it
         self._watch_lock = threading.Lock()
@@ -132,7 +135,7 @@ class KernelSensor:
         self._queue_lost = 0
         self._delivered = 0
         self._closed = False
-        self._cb: Any = None
+        self._reader: RingReader | None = None
         self._final: SensorCounters | None = None
         self.load_seconds: float | None = None
         self.cflags: list[str] = []
@@ -166,13 +169,11 @@ class KernelSensor:
         if self._closed:
             raise SensorClosed("the sensor was closed; create a new one")
         t0 = time.monotonic()
-        self._progress("checking the machine")
         bcc = preload.import_bcc()
         problem = preload.privilege_problem()
         if problem:
             raise SensorUnavailable(problem)
         tracefs = preload.open_tracefs(self._tracefs_root)
-        self._progress("reading struct offsets (BTF)")
         offsets = preload.kernel_offsets(self._btf_path)
         if preload.kernel_headers_dir() is None:
             raise SensorUnavailable(
@@ -180,8 +181,6 @@ class KernelSensor:
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
         self._names = loader.read_names(tracefs, self._symbolize)
-        if not self._lazy_kallsyms:
-            self._symbolize(0)
 
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
@@ -197,8 +196,15 @@ class KernelSensor:
                 "no usable tracepoint on this kernel: " + "; ".join(h.detail for h in status.values())
             )
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
-        self._progress(f"compiling and attaching {len(enabled)} programs")
-        bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        if self.netns is not None:
+            base.append("-DNETNS_FILTER")
+        # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
+        kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
+        kallsyms.start()
+        try:
+            bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        finally:
+            kallsyms.join()
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
             status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
@@ -209,23 +215,24 @@ class KernelSensor:
         self._bpf = bpf
         try:
             self._fill_quiet()
-            self._cb = self._bpf[b"events"].open_ring_buffer(self._on_record)
-            self._ring_fd = self._bpf[b"events"].map_fd
+            if self.netns is not None:
+                self._fill_netns(self.netns)
+            # read in batches through mmap (bpf/ring.py), not with a ctypes callback per record
+            self._reader = RingReader(self._bpf[b"events"].map_fd, self.ring_pages * mmap.PAGESIZE)
+            self._ring_fd = self._reader.fd
         except Exception:
             self._teardown()
             raise
         self.load_seconds = time.monotonic() - t0
 
+    def _read_kallsyms(self) -> None:
+        try:
+            self._kallsyms = Kallsyms(self._kallsyms_path)
+        except OSError as exc:
+            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
+                        self._kallsyms_path, exc)
+
     def _symbolize(self, addr: int) -> str | None:
-        if not self._kallsyms_read:
-            with self._kallsyms_lock:
-                if not self._kallsyms_read:
-                    try:
-                        self._kallsyms = Kallsyms(self._kallsyms_path)
-                    except OSError as exc:
-                        log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
-                                    self._kallsyms_path, exc)
-                    self._kallsyms_read = True
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
 
     def _fill_quiet(self) -> None:
@@ -234,6 +241,35 @@ class KernelSensor:
         for name in self.quiet_reasons:
             if name in by_name:
                 table[table.Key(by_name[name])] = table.Leaf(1)
+
+    def _fill_netns(self, inodes: frozenset[int]) -> None:
+        table = self._bpf[b"node_netns"]
+        if len(inodes) > 1024:
+            raise ValueError(f"netns: {len(inodes)} namespaces, more than the sensor's 1024")
+        for key in list(table.keys()):
+            if key.value not in inodes:
+                del table[key]
+        for inode in inodes:
+            table[table.Key(inode)] = table.Leaf(1)
+
+    def set_netns(self, inodes: Iterable[int]) -> None:
+        """Change the namespaces a filtered sensor reports (a node's pods come and go). A sensor opened without a
+        filter reports every namespace and cannot be narrowed later (the filter is compiled in)."""
+        new = frozenset(inodes)
+        if self.netns is None:
+            raise SensorError("this sensor reports every namespace: open it with netns=... to filter")
+        if not new:
+            raise ValueError("netns: an empty set of namespaces would report nothing")
+        if self._bpf is not None:
+            self._fill_netns(new)
+        self.netns = new
+
+    @property
+    def foreign_events(self) -> int:
+        """Watched events dropped in the kernel because their namespace is not this sensor's (0 unfiltered)."""
+        if self._bpf is None or self.netns is None:
+            return 0
+        return sum(sum(v) for v in self._bpf[b"foreign"].values())
 
     def _attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -250,7 +286,7 @@ class KernelSensor:
                 self._loop.remove_reader(self._ring_fd)
         if self._bpf is not None:
             with contextlib.suppress(Exception):
-                self._bpf.ring_buffer_consume()
+                self._consume()
             with contextlib.suppress(Exception):
                 self._final = self.counters()  # what counters()/lost_events answer after close
         self._teardown()
@@ -258,6 +294,9 @@ class KernelSensor:
             self._waiter.set_result(None)
 
     def _teardown(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
             bpf.cleanup()
@@ -338,36 +377,54 @@ class KernelSensor:
 
     # -- events -------------------------------------------------------------------------------------------
 
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        try:
-            event = decode_event(ctypes.string_at(data, size), self._names)
-        except Exception:
-            log.exception("kernel sensor: undecodable ring-buffer record")
-            return 0
-        if len(self._buf) >= self.queue_max:
-            self._queue_lost += 1
-            return 0
-        self._buf.append(event)
-        self._delivered += 1
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        return 0
-
     def _consume(self) -> None:
-        if self._bpf is not None:
-            self._bpf.ring_buffer_consume()
+        """Read and decode every record the ring holds now (one batch), queue the events, wake a waiter."""
+        reader = self._reader
+        if reader is None or self._bpf is None:
+            return
+        fixed, other = reader.read(RECORD_STRUCT)
+        if not fixed:
+            return
+        if not other:
+            try:
+                events = decode_records(fixed, self._names)
+            except Exception:  # one bad record: decode one by one, counting the bad ones
+                events = self._decode_each(fixed, [])
+        else:
+            events = self._decode_each(fixed, other)
+        room = self.queue_max - len(self._buf)
+        if len(events) > room:
+            self._queue_lost += len(events) - max(room, 0)
+            events = events[:max(room, 0)]
+        if events:
+            self._buf.extend(events)
+            self._delivered += len(events)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    def _decode_each(self, fixed: list, other: list[bytes]) -> list[KernelEvent]:
+        out: list[KernelEvent] = []
+        others = iter(other)
+        for fields in fixed:
+            try:
+                if fields is None:  # a record of another size (an older layout, or garbage)
+                    out.append(decode_event(next(others), self._names))
+                else:
+                    out.extend(decode_records([fields], self._names))
+            except Exception:
+                log.exception("kernel sensor: undecodable ring-buffer record")
+        return out
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
-        bpf = self._require_open()
-        if timeout_ms > 0:
-            bpf.ring_buffer_poll(timeout_ms)
-        bpf.ring_buffer_consume()
+        self._require_open()
+        if timeout_ms > 0 and self._reader is not None and not self._reader.pending():
+            self._reader.wait(timeout_ms)
+        self._consume()
 
     def drain(self) -> list[KernelEvent]:
         """Every event read so far and not yet taken, oldest first."""
-        if self._bpf is not None:
-            self._bpf.ring_buffer_consume()
+        self._consume()
         out = list(self._buf)
         self._buf.clear()
         return out

@@ -51,3 +51,41 @@ class KernelEvent:
     def five_tuple(self) -> tuple[str, str, int, str, int]:
         """(proto, saddr, sport, daddr, dport)."""
         return (self.proto, self.saddr, self.sport, self.daddr, self.dport)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockOffset:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC of one node, sampled by its agent: a kernel timestamp (`ts_ns`) plus
+    `offset_ns` is wall-clock time, give or take `uncertainty_ns`."""
+
+    offset_ns: int
+    uncertainty_ns: int
+
+    def wall(self, ts_ns: int) -> int:
+        return ts_ns + self.offset_ns
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEvent:
+    """A kernel event another node's agent saw, placed on this node's timeline: `event.ts_ns` is this node's
+    CLOCK_MONOTONIC (the peer's wall-clock time converted through both nodes' clocks), right to within
+    ± `uncertainty_ns`. `node` is the node that saw it; `netns_name` the namespace there, when it has a name."""
+
+    event: KernelEvent
+    node: str
+    uncertainty_ns: int
+    netns_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEvidence:
+    """What one peer agent answered about a probe's flow (or why it did not). `available` False: `reason` says
+    why (unreachable, too slow for the deadline, refused, an answer that made no sense). `watching` False: the
+    peer answered but was not watching the flow's ports, so its silence means nothing."""
+
+    node: str  # the peer's node name; its URL when it did not answer
+    available: bool
+    reason: str = ""
+    events: tuple[RemoteEvent, ...] = ()
+    watching: bool = True
+    uncertainty_ns: int = 0  # how far its events' placement on this node's timeline may be off

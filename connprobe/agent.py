@@ -40,15 +40,27 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from bpf.types import KernelEvent
+from bpf.clock import sample_clock_offset
+from bpf.types import ClockOffset, KernelEvent
 from connprobe import sensorload
-from connprobe.config import Config, ConfigError
+from connprobe.config import Config, ConfigError, NodeSettings
+from connprobe.crossnode import (
+    PeerAsker,
+    PeerConfigError,
+    Query,
+    Resolver,
+    StaticPeers,
+    answer_document,
+    local_window,
+    read_token,
+)
 from connprobe.kernelwatch import KEEP_NS, KernelWatch
 from connprobe.metrics import Metrics, clean_target
 from connprobe.privileges import Privileges
 from connprobe.sinks import JsonLinesWriter, QueuedSink, StatusBoard
 from connprobe.targets import ConfigFile, TargetSource
 from correlator import correlate
+from correlator.crossnode import wants_remote
 from correlator.join import GRACE_NS
 from correlator.types import Verdict
 from prober.env import ProbeEnv
@@ -133,6 +145,13 @@ class IndexedKernelWatch(KernelWatch):
                 del self._by_port[key]
                 keep.pop(key, None)
 
+    def events_of_port(self, proto: str, port: int, lo: int, hi: int) -> list[KernelEvent]:
+        """The kept events with this port on either side between lo and hi (CLOCK_MONOTONIC): a peer's question."""
+        if self.sensor is not None:
+            for ev in self.sensor.drain():
+                self._add(ev)
+        return [e for e in self._by_port.get((proto, port), ()) if lo <= e.ts_ns <= hi]
+
     def _window(self, result: ProbeResult, lo: int, hi: int) -> list[KernelEvent]:
         """Only the events of the result's own ports (a full scan of the window cost ms per probe)."""
         ports = result.local_ports()
@@ -173,6 +192,7 @@ class _ReloadPlan:
     added: tuple[str, ...]
     changed: tuple[str, ...]
     keep_ns: int = 0
+    resolver: StaticPeers | None = None
 
     @property
     def before(self) -> dict[str, ProbeSpec]:
@@ -263,6 +283,20 @@ class _AgentCollector:
         for where in ("runner", "scheduler", "agent"):
             errors.add_metric([where], a.tracebacks.counts[where])
         yield errors
+        asked = CounterMetricFamily("connprobe_peer_questions", "Questions this agent asked peer agents about a flow "
+                                    "(cross-node evidence), by result: answered, or unavailable (unreachable, too "
+                                    "slow for the deadline, refused, an invalid answer).", labels=["result"])
+        ask = a.asker
+        asked.add_metric(["answered"], (ask.asked - ask.failed) if ask else 0)
+        asked.add_metric(["unavailable"], ask.failed if ask else 0)
+        yield asked
+        yield CounterMetricFamily("connprobe_peer_questions_answered", "Questions of peer agents this agent "
+                                  "answered (GET /api/evidence).", value=a.questions_answered)
+        w = a.kernel_watch
+        sensor = w.sensor if w is not None else None
+        yield CounterMetricFamily("connprobe_kernel_events_foreign", "Watched events the kernel sensor left out "
+                                  "because they happened in a namespace that is not this node's (node.netns).",
+                                  value=sensor.foreign_events if sensor is not None and not sensor.closed else 0)
         yield GaugeMetricFamily("connprobe_agent_ready", "1 once the kernel sensor is attached or has "
                                 "definitively failed and the probes run.", value=1.0 if a.ready else 0.0)
 
@@ -360,8 +394,16 @@ class Agent:
         watch_options: dict[str, Any] | None = None,
         targets: TargetSource | None = None,
         cluster: Any = None,
+        wall_clock: Callable[[], int] = time.time_ns,
     ):
         self.config_path = Path(config_path) if config_path is not None else None
+        self.wall_clock = wall_clock  # CLOCK_REALTIME in ns (a test gives a skewed one)
+        self.node = NodeSettings()
+        self.node_name = ""
+        self.node_netns: frozenset[int] | None = None
+        self.peer_token: bytes | None = None
+        self.asker: PeerAsker | None = None  # asks peer agents when local evidence does not decide
+        self.questions_answered = 0
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -427,6 +469,7 @@ class Agent:
         """Read the configuration (ConfigError if invalid), start the sinks and begin loading the sensor."""
         await self.targets.start()  # before the load: a change in between is seen by its watch
         self.active = self._load_targets()
+        self._setup_node(self.active.config)
         # before the agent listens; the sensor loads on one thread. What a target source may add later (pods'
         # namespaces of a cluster source) keeps its capability from the start.
         self.privileges.begin((*self.active.config.probes, *self._privilege_standins()))
@@ -441,13 +484,63 @@ class Agent:
         self._main.append(asyncio.create_task(self.targets.watch(functools.partial(self.reload, trigger="watch")),
                                               name="connprobe-agent-config-watch"))
 
+    def _setup_node(self, config: Config) -> None:
+        """This node's name, namespaces, peer token and peers (`node:`, `peers:`); ConfigError naming the field."""
+        import os
+        import socket
+
+        node = config.node
+        self.node = node
+        self.node_name = node.name or os.environ.get("NODE_NAME") or socket.gethostname() or "node"
+        try:
+            token_file = node.peer_token_file
+            self.peer_token = read_token(token_file, "node: peer_token_file") if token_file else None
+            self.node_netns = None if node.netns is None else frozenset(netns_inode(n) for n in node.netns)
+            resolver = StaticPeers.from_settings(config.peers)
+        except PeerConfigError as exc:
+            raise ConfigError([str(exc)]) from None
+        self.asker = PeerAsker(resolver, wall=self.wall_clock, grace_ns=GRACE_NS) if resolver else None
+
+    def set_resolver(self, resolver: Resolver) -> None:
+        """Ask peers found by `resolver` (e.g. a Kubernetes lookup: dest IP → pod → node → agent)."""
+        if self.asker is None:
+            self.asker = PeerAsker(resolver, wall=self.wall_clock, grace_ns=GRACE_NS)
+        else:
+            self.asker.resolver = resolver
+
+    def clock_offset(self) -> ClockOffset:
+        """CLOCK_MONOTONIC → this agent's wall clock, sampled now."""
+        return sample_clock_offset(realtime=self.wall_clock)
+
+    def answer_question(self, query: Query, received_ns: int) -> dict[str, Any]:
+        """A peer's question about a flow (GET /api/evidence); LookupError when this agent has no kernel evidence."""
+        from connprobe.netnames import netns_names
+
+        watch = self.kernel_watch
+        if not isinstance(watch, IndexedKernelWatch) or watch.sensor is None:
+            raise LookupError(f"no kernel evidence on this node ({self.sensor_state})")
+        offset = self.clock_offset()
+        lo, hi = local_window(query, offset, received_ns)
+        events = watch.events_of_port(query.proto, query.sport, lo, hi)
+        watched = watch.sensor.watched()
+        watching = (query.proto, query.dport) in watched or (query.proto, query.sport) in watched
+        self.questions_answered += 1
+        return answer_document(query, events, node=self.node_name, offset=offset, received_ns=received_ns,
+                               watching=watching, netns_names=netns_names(), wall=self.wall_clock)
+
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
 
     async def _bring_up(self) -> None:
-        sensor, reason = await sensorload.load_sensor(disabled=not self.kernel)
+        sensor, reason = await sensorload.load_sensor(disabled=not self.kernel, netns=self.node_netns)
         watch = IndexedKernelWatch(sensor, reason, keep_ns=self._keep_ns(self.active), retention_ns=self._retention_ns)
         await watch.start()  # its pump, stopped by `stop`
+        for item in self.node.watch if sensor is not None else ():  # ports peers ask about, watched at all times
+            proto, _, port = item.partition("/")
+            try:
+                sensor.watch(proto, int(port))
+            except Exception as exc:
+                log.warning("node: watch: %s not watched: %s", item, exc)
         self.kernel_watch = watch
         if watch.available:
             self.sensor_state = "attached"
@@ -488,6 +581,8 @@ class Agent:
             await s.stop()
         if self.env is not None:
             await self.env.aclose()
+        if self.asker is not None:
+            await self.asker.close()
         if self.kernel_watch is not None:
             await self.kernel_watch.stop()
             if self.kernel_watch.sensor is not None:
@@ -512,12 +607,28 @@ class Agent:
             t.add_done_callback(self._handling.discard)
 
     async def verdict_for(self, result: ProbeResult, budget_ns: int | None) -> Verdict:
-        """Collect the probe window's kernel events (after the grace period) and correlate."""
+        """Collect the probe window's kernel events (after the grace period) and correlate; when this node's
+        evidence does not decide, ask the destination's agent (`peers:`) and correlate again with its answer."""
+        return (await self.verdicts_for(result, budget_ns))[1]
+
+    async def verdicts_for(self, result: ProbeResult, budget_ns: int | None,
+                           seen: dict[str, Any] | None = None) -> tuple[Verdict, Verdict]:
+        """(the verdict on this node's evidence alone, the verdict after asking peers — the same when none was
+        asked). A peer's question ends by its deadline, whatever the peer does. `seen` (the lab's recordings)
+        gets the window's events and coverage."""
         ev = self.kernel_watch
         if ev is None:
             ev = KernelWatch(None, "kernel sensor still loading")
         events, status = await ev.collect(result)
-        return correlate(result, events, budget_ns=budget_ns, coverage=status)
+        if seen is not None:
+            seen.update(events=events, coverage=status)
+        alone = correlate(result, events, budget_ns=budget_ns, coverage=status)
+        if self.asker is None or not wants_remote(alone):
+            return alone, alone
+        remote = await self.asker.ask(result, self.clock_offset())
+        if not remote:
+            return alone, alone
+        return alone, correlate(result, events, budget_ns=budget_ns, coverage=status, remote=remote)
 
     async def _handle(self, result: ProbeResult) -> None:
         try:
@@ -594,7 +705,8 @@ class Agent:
     def _declare(self, probes: Iterable[ProbeSpec]) -> None:
         for p in probes:
             self.metrics.declare(p.name, p.target, source_label(p.source), kind=ProbeKind(p.module.prober),
-                                 interval_s=p.interval, labels=p.labels.items())
+                                 interval_s=p.interval, labels=p.labels.items(),
+                                 phase_histograms=p.module.phase_histograms)
 
     def spawn(self, coro: Any, name: str) -> None:
         """Run a task that lives as long as the agent (cancelled by `stop`)."""
@@ -622,7 +734,14 @@ class Agent:
         try:
             new = await asyncio.to_thread(self._load_targets)
             self.privileges.check(new.config.probes)  # a capability dropped at start-up is not coming back
+            try:
+                resolver = StaticPeers.from_settings(new.config.peers)
+            except PeerConfigError as exc:
+                raise ConfigError([str(exc)]) from None
+            if new.config.node != self.node:
+                log.warning("reload: node: changes need a restart of the agent; the running node settings stay")
             plan = _ReloadPlan.between(self.active, new)
+            plan.resolver = resolver
             plan.keep_ns = max(self._keep_ns(plan.old), self._keep_ns(new))  # old probes may be in flight
             await self._open_sources(plan)
         except ConfigError as exc:
@@ -690,6 +809,13 @@ class Agent:
         old_active = self.active
         undo.append(lambda: setattr(self, "active", old_active))
         self.active = plan.new
+        if plan.resolver is not None:
+            old_asker = self.asker
+            undo.append(lambda: setattr(self, "asker", old_asker))
+            if plan.resolver:
+                self.set_resolver(plan.resolver)
+            elif self.asker is not None:
+                self.asker.resolver = plan.resolver  # no peers any more: nobody is asked
         for n in plan.added:
             undo.append(functools.partial(self.metrics.forget, n))
             self._declare([plan.after[n]])
@@ -750,3 +876,16 @@ class Agent:
 
     def probe_specs(self) -> dict[str, ProbeSpec]:
         return self.active.probes if self.active else {}
+
+
+def netns_inode(name: str) -> int:
+    """The inode of a namespace given by name (/run/netns/NAME) or path (/proc/PID/ns/net); PeerConfigError."""
+    import os
+
+    path = name if name.startswith("/") else f"/run/netns/{name}"
+    if not name.startswith("/") and ("/" in name or name in (".", "..")):
+        raise PeerConfigError(f"node: netns: {name[:60]!r} is not a namespace name")
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        raise PeerConfigError(f"node: netns: {name[:60]}: {exc.strerror or exc}") from None

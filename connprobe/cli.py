@@ -15,15 +15,18 @@ import importlib
 import os
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {  # name -> (its module in connprobe/commands/, its help line)
-    "lab": ("lab", "bring the built-in network lab up or down, or show it"),
-    "diagnose": ("diagnose", "probe a target with the kernel sensor attached and say why it fails"),
-    "doctor": ("doctor", "check root, BPF, BTF, tracefs, headers and each tracepoint"),
-    "check-config": ("check_config", "validate a config file without running it"),
-    "agent": ("agent", "run the probes continuously; serve /metrics, /probe and a status page"),
-    "demo": ("demo", "run the agent on the lab with faults switching on and off; show verdicts"),
-    "completion": ("completion", "print a shell completion script (bash or zsh)"),
-}
+# The commands in the order `connprobe --help` lists them: name, module (connprobe/commands/), help line. A
+# command's module (and all it imports) is loaded only when that command runs or --help lists every option.
+COMMANDS = (
+    ("lab", "lab", "bring the built-in network lab up or down, or show it"),
+    ("diagnose", "diagnose", "probe a target with the kernel sensor attached and say why it fails"),
+    ("doctor", "doctor", "check root, BPF, BTF, tracefs, headers and each tracepoint"),
+    ("check-config", "check_config", "validate a config file without running it"),
+    ("agent", "agent", "run the probes continuously; serve /metrics, /probe and a status page"),
+    ("demo", "demo", "run the agent on the lab with faults switching on and off; show verdicts"),
+    ("completion", "completion", "print a shell completion script (bash or zsh)"),
+)
+COMMAND_NAMES = frozenset(name for name, _, _ in COMMANDS)
 
 USAGE = "2  usage or environment error (a bad option or value"
 EXIT_CODES: dict[str, tuple[str, ...]] = {
@@ -80,17 +83,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    for name, (module_name, help_text) in COMMANDS.items():
-        # a command's module (and what it imports) is loaded only when that command runs: `connprobe diagnose`
-        # through the agent does not pay for importing the agent, the lab or the HTTP clients
+    for name, module_name, help_line in COMMANDS:
+        # `connprobe diagnose` through the agent does not pay for importing the agent, the lab or the HTTP clients
         if only is not None and name != only:
-            sub.add_parser(name, help=help_text)
+            sub.add_parser(name, help=help_line)
             continue
-        module = importlib.import_module(f"connprobe.commands.{module_name}")
-        extra = {"description": module.DESCRIPTION} if hasattr(module, "DESCRIPTION") else {}
-        p = sub.add_parser(name, help=help_text, **extra)
-        module.add_arguments(p)
-        run = module.run if name != "completion" else functools.partial(module.run, parser=parser)
+        command = importlib.import_module(f"connprobe.commands.{module_name}")
+        extra = {"description": command.DESCRIPTION} if name == "completion" else {}
+        p = sub.add_parser(name, help=help_line, **extra)
+        command.add_arguments(p)
+        run = functools.partial(command.run, parser=parser) if name == "completion" else command.run
         p.set_defaults(func=run)
     return parser
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     first = args_list[0] if args_list else None
     # completion introspects every command; `--help` and mistakes need every command too
-    only = first if first in COMMANDS and first != "completion" else None
+    only = first if first in COMMAND_NAMES and first != "completion" else None
     parser = build_parser(only)
     args = parser.parse_args(args_list)
     try:

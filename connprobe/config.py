@@ -24,6 +24,7 @@ of the wrong type anywhere — never another exception, never a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -32,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from connprobe.cluster.targets import ClusterProbe, is_cluster_probe, split_cluster_probe
 from prober.spec import Duration, Frozen, ModuleSpec, ProbeSpec, format_duration
 
-TOP_KEYS = ("modules", "probes", "limits")
+TOP_KEYS = ("modules", "probes", "limits", "node", "peers")
 MAX_DEPTH = 32  # the deepest real config is 5 levels; recursion past this is an attack or a mistake
 MAX_BYTES = 16 << 20  # a 10,000-probe config is about 1.5 MiB
 MAX_ERRORS = 100  # lines reported; the rest are counted
@@ -84,6 +85,73 @@ class Limits(Frozen):
     min_interval: Duration = 1.0  # no probe runs more often than this
 
 
+_WATCH = re.compile(r"(tcp|udp)/([0-9]{1,5})")
+MAX_PEERS = 1000
+MAX_NODE_NETNS = 1024
+
+
+class NodeSettings(Frozen):
+    """`node:` — this agent's node, for cross-node evidence (README, "Cross-node evidence"). Read at start-up."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._-]+$")
+    # the network namespaces of this node (names under /run/netns, or /proc/PID/ns/net paths): the kernel sensor
+    # reports only their events; unset: every namespace (one node, the default)
+    netns: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=MAX_NODE_NETNS)
+    watch: tuple[str, ...] = Field(default=(), max_length=256)  # ports watched at all times: "tcp/8080"
+    peer_token_file: str | None = Field(default=None, min_length=1, max_length=4096)  # peers present this token
+
+    @field_validator("watch")
+    @classmethod
+    def _watch(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            m = _WATCH.fullmatch(item)
+            if m is None or not 0 < int(m.group(2)) < 65536:
+                raise ValueError(f"{item[:40]!r} is not PROTO/PORT (tcp/8080, udp/53)")
+        return v
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for item in v or ():
+            if not item or "\x00" in item or len(item) > 4096:
+                raise ValueError(f"{item[:40]!r} is not a namespace name or path")
+        return v
+
+
+class PeerSettings(Frozen):
+    """One entry of `peers:` — the agent that answers for the addresses in `cidr`."""
+
+    cidr: str
+    url: str = Field(max_length=2048)
+    token_file: str | None = Field(default=None, min_length=1, max_length=4096)
+    ca_file: str | None = Field(default=None, min_length=1, max_length=4096)  # https: the CA that signed the peer
+    cert_file: str | None = Field(default=None, min_length=1, max_length=4096)  # mTLS: this agent's certificate
+    key_file: str | None = Field(default=None, min_length=1, max_length=4096)
+    timeout: Duration = 0.5  # the question's deadline
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueError(f"{v[:60]!r} is not an address range (10.0.2.0/24, fd00::/64)") from None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v):
+            raise ValueError(f"{v[:60]!r} is not an http(s)://HOST:PORT URL of a peer agent")
+        return v.rstrip("/")
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if v > 10:
+            raise ValueError("a question to a peer waits at most 10s")
+        return v
+
+
 @dataclass(frozen=True)
 class Config:
     modules: dict[str, ModuleSpec]
@@ -92,6 +160,8 @@ class Config:
     # probes written with cluster names (`source: pod NS/NAME`, `svc/NS/NAME:PORT` targets): expanded by the
     # agent with --kubernetes (connprobe.cluster.targets.ClusterProbe)
     templates: tuple[Any, ...] = ()
+    node: NodeSettings = field(default_factory=NodeSettings)
+    peers: tuple[PeerSettings, ...] = ()
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 3x faster at 10,000 probes
@@ -250,6 +320,33 @@ def _parse(text: str, filename: str) -> Config:
             except ValidationError as exc:
                 errors.extend(_format("config", exc, prefix="limits"))
 
+    node = NodeSettings()
+    raw_node = raw.get("node")
+    if raw_node is not None:
+        if not isinstance(raw_node, dict):
+            errors.append("config: node: must be a mapping (name, netns, watch, peer_token_file)")
+        else:
+            try:
+                node = NodeSettings.model_validate(raw_node)
+            except ValidationError as exc:
+                errors.extend(_format("config", exc, prefix="node"))
+    peers: list[PeerSettings] = []
+    raw_peers = raw.get("peers") or []
+    if not isinstance(raw_peers, list):
+        errors.append("config: peers: must be a list of {cidr, url, token_file}")
+        raw_peers = []
+    if len(raw_peers) > MAX_PEERS:
+        errors.append(f"config: peers: {len(raw_peers)} entries, more than {MAX_PEERS}")
+        raw_peers = []
+    for i, body in enumerate(raw_peers):
+        if not isinstance(body, dict):
+            errors.append(f"config: peers[{i}]: must be a mapping (cidr, url, token_file)")
+            continue
+        try:
+            peers.append(PeerSettings.model_validate(body))
+        except ValidationError as exc:
+            errors.extend(_format("config", exc, prefix=f"peers[{i}]"))
+
     modules: dict[str, ModuleSpec] = {}
     raw_modules = raw.get("modules") or {}
     if not isinstance(raw_modules, dict):
@@ -331,7 +428,8 @@ def _parse(text: str, filename: str) -> Config:
             probes.append(probe)
     if errors:
         raise ConfigError(errors)
-    return Config(modules=modules, probes=tuple(probes), limits=limits, templates=tuple(templates))
+    return Config(modules=modules, probes=tuple(probes), limits=limits, templates=tuple(templates), node=node,
+                  peers=tuple(peers))
 
 
 def labels_errors(labels: dict[str, str]) -> list[str]:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bpf.clock import sample_clock_offset
 from bpf.types import KernelEvent
 from connprobe.netnames import netns_names
 from correlator import Cause, Verdict, correlate
+from correlator.crossnode import wants_remote
 from correlator.record import Recording, save, to_jsonable
 from correlator.types import KernelCoverage
 from prober.redact import redact_url
@@ -100,16 +102,37 @@ def target_spec(target: str, *, source: str = "host", timeout: float = 5.0, clie
         raise UsageError(f"TARGET {redact_url(original)!r}: {msg}") from None
 
 
+def peer_asker(path: Path):
+    """The peer asker and this node's namespaces from an agent config's `peers:` and `node:` (`diagnose --peers`);
+    UsageError naming what is wrong."""
+    from connprobe.agent import netns_inode
+    from connprobe.config import ConfigError, load_config
+    from connprobe.crossnode import PeerAsker, PeerConfigError, StaticPeers
+
+    try:
+        cfg = load_config(path)
+        resolver = StaticPeers.from_settings(cfg.peers)
+        netns = None if cfg.node.netns is None else frozenset(netns_inode(n) for n in cfg.node.netns)
+    except (ConfigError, PeerConfigError) as exc:
+        raise UsageError(f"--peers: {str(exc).splitlines()[0]}") from None
+    if not resolver:
+        raise UsageError(f"--peers: {path} has no `peers:`")
+    return PeerAsker(resolver), netns
+
+
 async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
-                   budget: float | None = None, record: Path | None = None, env: ProbeEnv | None = None,
+                   budget: float | None = None, record: Path | None = None, asker=None,
+                   env: ProbeEnv | None = None,
                    on_attempt: Callable[[Diagnosis], None] | None = None) -> list[Diagnosis]:
     """Run `count` attempts `interval` seconds apart, each correlated with the kernel events `watch` (a
     running `KernelWatch`, see `connprobe.sensorload.open_watch`) collects for it. `budget` (seconds):
     slower counts as a problem. `record`: also write each attempt as a recording into that directory.
-    `env`: a running `ProbeEnv` whose port callback feeds `watch` (the agent's); default: one of its own.
-    `on_attempt(attempt)` is called as each attempt is judged."""
+    `asker` (a `connprobe.crossnode.PeerAsker`): ask the destination's agent when this node's evidence does
+    not decide, as the agent does. `env`: a running `ProbeEnv` whose port callback feeds `watch` (the
+    agent's); default: one of its own. `on_attempt(attempt)` is called as each attempt is judged."""
     out = []
-    async for a, _ in attempts(spec, watch, count=count, interval=interval, budget=budget, record=record, env=env):
+    async for a, _ in attempts(spec, watch, count=count, interval=interval, budget=budget, record=record,
+                               asker=asker, env=env):
         out.append(a)
         if on_attempt is not None:
             on_attempt(a)
@@ -117,7 +140,7 @@ async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, inter
 
 
 async def attempts(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
-                   budget: float | None = None, record: Path | None = None,
+                   budget: float | None = None, record: Path | None = None, asker=None,
                    env: ProbeEnv | None = None) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
     """`diagnose`, attempt by attempt as each is judged: (the diagnosis, every kernel event of its window)."""
     from prober import ProbeEnv, run_probe
@@ -132,6 +155,9 @@ async def attempts(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, inter
             for result in await run_probe(spec, env):
                 events, status = await watch.collect(result)
                 verdict = correlate(result, events, budget_ns=budget_ns, coverage=status)
+                if asker is not None and wants_remote(verdict):
+                    remote = await asker.ask(result, sample_clock_offset())
+                    verdict = correlate(result, events, budget_ns=budget_ns, coverage=status, remote=remote)
                 a = Diagnosis(i + 1, verdict, tuple(verdict.evidence), status)
                 if record:
                     record_attempt(record, spec.target, a, events, budget_ns)
@@ -146,7 +172,7 @@ def record_attempt(directory: Path, target: str, a: Diagnosis, events: list[Kern
     except OSError as exc:
         raise UsageError(f"--record: cannot create {directory}: {exc.strerror or exc}") from None
     rec = Recording(f"diagnose {redact_url(target)}", a.verdict.result, tuple(events), a.coverage,
-                    budget_ns, str(a.verdict.cause))
+                    budget_ns, str(a.verdict.cause), remote=a.verdict.remote)
     path = directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json"
     try:
         save(path, rec)
@@ -165,6 +191,7 @@ def to_document(target: str, source: str, budget: float | None, attempts: list[D
     out = []
     for a in attempts:
         v, r = a.verdict, a.verdict.result
+        remote = {x.event: x for rem in v.remote for x in rem.events}
         out.append({
             "attempt": a.index,
             "address": r.address,
@@ -178,8 +205,11 @@ def to_document(target: str, source: str, budget: float | None, attempts: list[D
             "dns": [{"server": tx.server, "name": tx.name, "type": tx.qtype, "rcode": tx.rcode,
                      "latency_ms": round((tx.end_ns - tx.start_ns) / 1e6, 3) if tx.end_ns else None}
                     for tx in r.dns],
-            "events": [_event_doc(e, r.start_ns, names) for e in v.evidence],
+            "events": [_event_doc(e, r.start_ns, names, remote.get(e)) for e in v.evidence],
             "progress": [{"at_ms": round((p.ts_ns - r.start_ns) / 1e6, 3), "bytes": p.bytes} for p in r.progress],
+            "remote": [{"node": x.node, "available": x.available, "reason": x.reason, "watching": x.watching,
+                        "uncertainty_ms": round(x.uncertainty_ns / 1e6, 3), "events": len(x.events)}
+                       for x in v.remote],
             "kernel_evidence": {"available": a.coverage.available, "lost_events": a.coverage.lost_events,
                                 "reason": a.coverage.reason},
             "verdict": {"cause": v.cause.value, "sub_cause": v.sub_cause, "confidence": v.confidence,
@@ -191,9 +221,14 @@ def to_document(target: str, source: str, budget: float | None, attempts: list[D
             "exit_code": code, "attempts": out}
 
 
-def _event_doc(e: KernelEvent, origin: int, names: dict[int, str]) -> dict:
-    return {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
-            "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
-            "netns_name": names.get(e.netns), "tcp_state": e.tcp_state, "reason": e.reason,
-            "location": e.location, "tcp_flags": e.tcp_flags, "seq": e.seq, "seq_len": e.seq_len,
-            "snd_una": e.snd_una, "data_segs_out": e.segs_out, "total_retrans": e.total_retrans}
+def _event_doc(e: KernelEvent, origin: int, names: dict[int, str], there=None) -> dict:
+    """One event of the timeline; `there` (a `RemoteEvent`): another node's agent saw it."""
+    doc = {"at_ms": round((e.ts_ns - origin) / 1e6, 3), "kind": str(e.kind), "proto": e.proto,
+           "src": f"{e.saddr}:{e.sport}", "dst": f"{e.daddr}:{e.dport}", "netns": e.netns,
+           "netns_name": there.netns_name if there else names.get(e.netns), "tcp_state": e.tcp_state,
+           "reason": e.reason, "location": e.location, "tcp_flags": e.tcp_flags, "seq": e.seq, "seq_len": e.seq_len,
+           "snd_una": e.snd_una, "data_segs_out": e.segs_out, "total_retrans": e.total_retrans,
+           "node": there.node if there else None}
+    if there:
+        doc["at_uncertainty_ms"] = round(there.uncertainty_ns / 1e6, 3)
+    return doc

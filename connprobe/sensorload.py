@@ -8,17 +8,14 @@ detached); the agent builds its own watch from `load_sensor` and so starts and s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from connprobe.kernelwatch import KernelWatch
 
 
-async def load_sensor(disabled: bool = False, progress: Callable[[str], None] | None = None,
-                      lazy_kallsyms: bool = False) -> tuple[Any | None, str]:
-    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off. `progress` is told each
-    loading step (and "" once done), from the loading thread. `lazy_kallsyms`: read kernel symbols at the first
-    drop location to name (only for a process that keeps its capabilities, e.g. a diagnose)."""
+async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = None) -> tuple[Any | None, str]:
+    """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off. `netns`: report only these
+    namespaces' events (a node's, for cross-node evidence); None: every namespace."""
     if disabled:
         return None, "disabled with --no-kernel"
     try:
@@ -26,23 +23,19 @@ async def load_sensor(disabled: bool = False, progress: Callable[[str], None] | 
         from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
-    sensor = KernelSensor(progress=progress, lazy_kallsyms=lazy_kallsyms)
+    sensor = KernelSensor(netns=netns)
     try:
         await sensor.__aenter__()
     except SensorError as exc:
         return None, str(exc)
     except Exception as exc:  # e.g. bcc not importable: name the cause rather than die
         return None, f"{type(exc).__name__}: {exc}"
-    finally:
-        if progress is not None:
-            progress("")
     return sensor, ""
 
 
-async def open_watch(disabled: bool = False, progress: Callable[[str], None] | None = None,
-                     lazy_kallsyms: bool = False) -> KernelWatch:
+async def open_watch(disabled: bool = False, netns: frozenset[int] | None = None) -> KernelWatch:
     """A running `KernelWatch` (its pump started), without a sensor when it is off; close with `close_watch`."""
-    sensor, reason = await load_sensor(disabled, progress, lazy_kallsyms)
+    sensor, reason = await load_sensor(disabled, netns)
     watch = KernelWatch(sensor, reason)
     await watch.start()
     return watch

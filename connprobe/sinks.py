@@ -130,6 +130,8 @@ def verdict_document(v: Verdict, wall_time: float | None = None) -> dict[str, An
         "summary": redact_text(v.summary),
         "facts": [redact_text(f) for f in v.facts],
         "kernel_events": len(v.evidence),
+        "remote": [{"node": x.node, "available": x.available, "reason": x.reason, "events": len(x.events)}
+                   for x in v.remote],  # peer agents asked (cross-node evidence)
         "labels": dict(r.labels),  # the probe's `labels:` from the config
     }
 

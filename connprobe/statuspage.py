@@ -125,7 +125,8 @@ def timeline_lines(v: Verdict, names: dict[int, str]) -> list[str]:
     for row in timeline.rows(v, names):
         head = f"{row.offset_ms:+9.1f} ms  "
         if row.kind == "kernel":
-            out.append(f'{_e(head)}<span class="ev">{_e("▲ kernel " + row.text)}</span>')
+            who = f"▲ kernel {row.node} " if row.node else "▲ kernel "
+            out.append(f'{_e(head)}<span class="ev">{_e(who + row.text)}</span>')
         else:
             out.append(_e(head + ("  " if row.kind == "dns" else "") + row.text))
     return out

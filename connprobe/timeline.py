@@ -15,31 +15,38 @@ class Row:
     offset_ms: float
     kind: str  # "phase", "dns", "kernel", "progress" or "end"
     text: str
+    node: str | None = None  # for a kernel event another node's agent reported: that node (None: this node)
 
 
 def rows(v: Verdict, names: dict[int, str]) -> list[Row]:
     r = v.result
-    items: list[tuple[int, str, str]] = []
+    items: list[tuple[int, str, str, str | None]] = []
     for p in r.phases:
-        items.append((p.start_ns, "phase", f"{p.name:<10} {p.duration_ns / 1e6:9.1f} ms"))
+        items.append((p.start_ns, "phase", f"{p.name:<10} {p.duration_ns / 1e6:9.1f} ms", None))
     for tx in r.dns:
         took = f"{(tx.end_ns - tx.start_ns) / 1e6:.1f} ms" if tx.end_ns else "no answer"
-        items.append((tx.start_ns, "dns", f"dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})"))
+        items.append((tx.start_ns, "dns", f"dns {tx.qtype} {tx.name} @{tx.server}: {tx.rcode or '-'} ({took})",
+                      None))
     for p in shown_progress(r.progress):
-        items.append((p.ts_ns, "progress", f"received {p.bytes:,} B of the answer"))
+        items.append((p.ts_ns, "progress", f"received {p.bytes:,} B of the answer", None))
+    remote = {re.event: re for rem in v.remote for re in rem.events}
     for e in v.evidence:
         bits = [str(e.kind)]
         bits += [x for x in (e.reason, e.tcp_state, f"flags {e.tcp_flags}" if e.tcp_flags else None) if x]
-        bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport} in {names.get(e.netns, f'netns {e.netns}')}")
+        there = remote.get(e)
+        ns = (there.netns_name or f"netns {e.netns}") if there else names.get(e.netns, f"netns {e.netns}")
+        bits.append(f"{e.saddr}:{e.sport} → {e.daddr}:{e.dport} in {ns}")
         if e.location:
             bits.append(f"at {e.location}")
         if e.seq is not None:
             bits.append(f"seq {e.seq}" + (f" len {e.seq_len}" if e.seq_len is not None else ""))
         if e.snd_una is not None:
             bits.append(f"snd_una {e.snd_una}")
-        items.append((e.ts_ns, "kernel", " ".join(bits)))
+        if there:
+            bits.append(f"(±{there.uncertainty_ns / 1e6:.1f} ms)")
+        items.append((e.ts_ns, "kernel", " ".join(bits), there.node if there else None))
     items.sort(key=lambda x: x[0])
-    out = [Row((ts - r.start_ns) / 1e6, kind, text) for ts, kind, text in items]
+    out = [Row((ts - r.start_ns) / 1e6, kind, text, node) for ts, kind, text, node in items]
     outcome = "ok" if r.ok else (str(r.error) if r.error else "failed")
     if r.http_status:
         outcome += f", HTTP {r.http_status}"

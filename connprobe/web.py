@@ -11,6 +11,9 @@
     GET  /-/ready        200 once the kernel sensor is attached or has definitively failed; 503 before
     GET  /               the status page (server-rendered HTML, no external assets)
     GET  /api/recent     the status page's data as JSON, a page of probes at a time (?limit=100&offset=0)
+    GET  /api/evidence   a peer agent's question: this node's kernel events of a flow between two wall-clock times
+                         (connprobe/crossnode.py); peers only (bearer token, basic auth or a verified client
+                         certificate), anyone else 401
 
 Security (`WebSecurity`, the `security` middleware; what /probe may do is `connprobe.probepolicy`):
 - `--web.config.file` (exporter-toolkit's YAML, `connprobe.webconfig`): TLS, bcrypt basic auth (then every
@@ -46,6 +49,7 @@ from pydantic import ValidationError
 
 from connprobe import timeline
 from connprobe.agent import Agent
+from connprobe.crossnode import EVIDENCE_PATH, QueryError, parse_query, peer_authenticated
 from connprobe.metrics import format_labels, probe_registry
 from connprobe.probepolicy import (
     ProbeLimiter,
@@ -65,7 +69,7 @@ from prober.runner import run_probe
 from prober.spec import ProbeSpec, parse_duration
 from prober.target import parse_target
 
-__all__ = ["PROBE_TIMEOUT_OFFSET", "REQUEST_HEADER", "WebSecurity", "WebServer", "build_app", "exposition",
+__all__ = ["PROBE_TIMEOUT_OFFSET", "REQUEST_HEADER", "WebSecurity", "WebServer", "build_app", "exposition_chunks",
            "start_server"]
 
 log = logging.getLogger(__name__)
@@ -79,17 +83,13 @@ REQUEST_HEADER = "X-Connprobe-Request"  # a custom header: a browser sends it on
 _LABELS: dict[tuple, str] = {}
 
 
-def exposition(registry) -> bytes:
-    """The text exposition format, byte for byte what `prometheus_client.generate_latest` writes, several
+def exposition_chunks(registry, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The text exposition format, byte for byte what `prometheus_client.generate_latest` writes (joined), several
     times faster: the formatted label set of a series is cached (1,000 probes are ~100,000 series that keep
     their labels from scrape to scrape), and `LabelledHistogram` families (most of those series) write their
-    own lines. Assumes legacy metric and label names (connprobe's are)."""
-    return b"".join(exposition_chunks(registry))
-
-
-def exposition_chunks(registry, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """`exposition()` in pieces of about `chunk` bytes (whole metric families), so `/metrics` streams: at 10,000
-    probes the text is ~60 MB, and holding it whole (lines, joined, encoded, copied) peaked at ~850 MiB RSS."""
+    own lines. Assumes legacy metric and label names (connprobe's are). In pieces of about `chunk` bytes (whole
+    metric families), so `/metrics` streams: at 10,000 probes the text is ~60 MB, and holding it whole (lines,
+    joined, encoded, copied) peaked at ~850 MiB RSS."""
     out: list[str] = []
     append = out.append
     size = 0
@@ -293,9 +293,24 @@ def _foreign_origin(request: web.Request) -> str | None:
     return None if origin.lower() == own else origin
 
 
+def _verified_client_cert(request: web.Request, sec: WebSecurity) -> bool:
+    tls = sec.config.tls
+    if tls is None or not tls.client_ca_file or request.transport is None:
+        return False
+    return bool(request.transport.get_extra_info("peercert"))
+
+
 @web.middleware
 async def security(request: web.Request, handler):
     sec = request.app[STATE_KEY].security
+    if request.path == EVIDENCE_PATH:  # peers only, whatever else the web config allows
+        basic_ok = sec.basic is not None and await _authenticated(request, sec.basic)
+        if not peer_authenticated(request.headers, request.app[AGENT_KEY].peer_token, basic_ok=basic_ok,
+                                  client_cert=_verified_client_cert(request, sec)):
+            return _refuse(401, "a peer agent's credential is required (node.peer_token_file's bearer token, "
+                                "the web config's basic auth, or a verified client certificate)",
+                           {"WWW-Authenticate": 'Bearer realm="connprobe"'})
+        return await handler(request)
     if not sec.config.secured and not _host_allowed(request, sec):
         host = request.headers.get("Host", "")[:100]
         return _refuse(403, f"Host {host!r} is not this agent's address or name (DNS rebinding is refused)")
@@ -613,6 +628,20 @@ async def recent(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def evidence(request: web.Request) -> web.Response:
+    """A peer's question: the events this node kept of one flow (connprobe/crossnode.py)."""
+    received = _agent(request).wall_clock()
+    try:
+        query = parse_query(request.query)
+    except QueryError as exc:
+        return _text(400, str(exc))
+    try:
+        doc = _agent(request).answer_question(query, received)
+    except LookupError as exc:
+        return _text(503, str(exc))
+    return web.json_response(doc)
+
+
 def build_app(agent: Agent, security_settings: WebSecurity | None = None,
               limiter: ProbeLimiter | None = None) -> web.Application:
     app = web.Application(middlewares=[security], client_max_size=64 * 1024)
@@ -628,6 +657,7 @@ def build_app(agent: Agent, security_settings: WebSecurity | None = None,
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", status_page)
     app.router.add_get("/api/recent", recent)
+    app.router.add_get(EVIDENCE_PATH, evidence)
     return app
 
 

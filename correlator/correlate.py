@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bpf.types import KernelEvent
-from correlator.join import GRACE_NS, join
+from bpf.types import KernelEvent, RemoteEvidence
+from correlator.crossnode import remote_facts, unavailable_facts
+from correlator.join import GRACE_NS, EventIndex, join
 from correlator.rules import RULES, Context, Finding
 from correlator.types import Cause, KernelCoverage, Verdict
 from prober.types import ProbeResult
@@ -16,14 +17,17 @@ NO_KERNEL_CAP = 0.5
 
 def correlate(
     result: ProbeResult,
-    events: Iterable[KernelEvent],
+    events: Iterable[KernelEvent] | EventIndex,
     *,
     budget_ns: int | None = None,
     coverage: KernelCoverage | None = None,
     grace_ns: int = GRACE_NS,
+    remote: Iterable[RemoteEvidence] = (),
 ) -> Verdict:
+    """`remote`: what peer agents answered about this probe's flows (the app asks them when `wants_remote` says
+    this node's own evidence does not decide), or why they could not."""
     coverage = coverage or KernelCoverage()
-    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, coverage)
+    ctx = Context(result, tuple(join(result, events, grace_ns)), budget_ns, coverage, tuple(remote))
     for rule in RULES:
         finding = rule(ctx)
         if finding is not None:
@@ -46,6 +50,9 @@ def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
         confidence *= LOST_EVENTS_FACTOR
         facts.append(f"{ctx.coverage.lost_events} kernel event(s) were lost while this probe ran: "
                      "the evidence may be incomplete")
+    if ctx.remote:
+        facts += unavailable_facts(ctx.remote)
+        facts += remote_facts(ctx).unplaced_facts()
     evidence = tuple(sorted({m.event for m in f.evidence}, key=lambda e: e.ts_ns))
     return Verdict(
         result=ctx.result,
@@ -56,6 +63,7 @@ def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
         evidence=evidence,
         facts=tuple(facts),
         summary=summary(ctx.result, f.cause, f.sub_cause, confidence, facts),
+        remote=ctx.remote,
     )
 
 

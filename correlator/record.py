@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from bpf.types import KernelEvent
+from bpf.types import KernelEvent, RemoteEvidence
 from correlator.types import KernelCoverage
 from prober.types import ProbeResult
 
@@ -32,6 +32,7 @@ class Recording:
     budget_ns: int | None = None
     expected_cause: str | None = None
     note: str = ""
+    remote: tuple[RemoteEvidence, ...] = ()  # what peer agents answered (cross-node evidence), with their node
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -22,6 +22,9 @@ when several stories fit one probe:
                         is a stall of the answer after which the prober still got bytes of it (its own
                         progress points, `ProbeResult.progress`, a timeout or more after the first drop).
  6. local_policy        connect()/sendto() got EPERM: a firewall in the probe's own namespace.
+ 5b. remote_reset, remote_connect, remote_stall  this node's evidence did not decide, the destination's
+                        node's agent was asked (correlator/crossnode.py): a reset of unseen origin (before
+                        connection_refused), a connect timeout or a stall with no drop seen here.
  7. connect_unexplained connect timed out, SYNs went unanswered, no drop seen on this node.
  8. tls, 9. http_error  the handshake or the HTTP answer failed, on a network that delivered.
 10. slow_or_stalled     the probe succeeded over its budget, or timed out reading: the phase where the
@@ -44,6 +47,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bpf.types import RemoteEvidence
+from correlator.crossnode import remote_connect, remote_reset, remote_stall
+from correlator.finding import Finding
 from correlator.join import Matched
 from correlator.progress import (
     PRIOR_SEGMENTS,
@@ -74,6 +80,7 @@ class Context:
     matched: tuple[Matched, ...]
     budget_ns: int | None
     coverage: KernelCoverage
+    remote: tuple[RemoteEvidence, ...] = ()  # what peer agents saw of this probe's flows (correlator/crossnode.py)
     tcp: TcpFacts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,16 +102,6 @@ class Context:
     def dns_matched(self) -> tuple[Matched, ...]:
         ports = {(addr, port) for _, addr, port in self.result.local_endpoints(dns_only=True)}
         return tuple(m for m in self.matched if (m.flow.local_addr, m.flow.local_port) in ports)
-
-
-@dataclass(frozen=True)
-class Finding:
-    cause: Cause
-    sub_cause: str | None
-    confidence: float
-    evidence: tuple[Matched, ...]
-    facts: tuple[str, ...]
-    needs_kernel: bool = True  # without kernel evidence this finding is a guess: confidence is capped
 
 
 Rule = Callable[[Context], Finding | None]
@@ -608,9 +605,12 @@ RULES: tuple[Rule, ...] = (
     dns_failure,
     icmp_echo,
     policy_reject,
+    remote_reset,
     connection_refused,
     policy_drop_connect,
     policy_drop_established,
+    remote_connect,
+    remote_stall,
     local_policy,
     connect_unexplained,
     tls,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from bpf.types import KernelEvent
+from bpf.types import KernelEvent, RemoteEvidence
 from prober.types import ProbeResult
 
 
@@ -41,3 +41,4 @@ class Verdict:
     evidence: tuple[KernelEvent, ...]  # the kernel events the deciding rule relied on
     facts: tuple[str, ...]  # phase facts that decided, in words
     summary: str  # one line for a human
+    remote: tuple[RemoteEvidence, ...] = ()  # what peer agents said about the probe's flows (asked or not)

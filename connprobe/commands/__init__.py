@@ -3,6 +3,6 @@
 arguments, prints, and returns its exit code (`run(args) -> int`). Only `connprobe/cli.py` imports them (an
 import-linter contract in pyproject.toml); the library never does.
 
-To add a command: a module here with `add_arguments` and `run`, an entry in `connprobe/cli.py` (its help line and
-its `EXIT_CODES`), and its section in README.md.
+To add a command: a module here with `add_arguments` and `run`, a row in `connprobe/cli.py`'s `COMMANDS` (name,
+module, help line) and its `EXIT_CODES` there, and its section in README.md.
 """

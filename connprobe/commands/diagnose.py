@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the agent's diagnose channel (default $CONNPROBE_DIAGNOSE_SOCKET or "
                         "/run/connprobe/diagnose.sock); used when an agent answers there")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
+    p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
+                   help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
+                        "does not decide (cross-node evidence); the sensor reports only `node.netns`")
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
@@ -78,7 +82,8 @@ class _SourceError(Exception):
 async def _attempts(args: argparse.Namespace) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
     """Each attempt as it is judged: by the node's agent when one answers on its channel (its sensor is
     attached already), else standalone with a sensor of our own."""
-    if not args.no_agent and not args.no_kernel:
+    peers = getattr(args, "peers_config", None)
+    if not args.no_agent and not args.no_kernel and not peers:  # --peers: this process asks the peers itself
         # the agent checks the target and durations with the same `target_spec` and `duration_arg` (a usage
         # error reads the same), so this path imports no probe machinery at all
         from connprobe.agentchannel import AgentUnavailable, DiagnoseRequest, attempts_via_agent, default_socket
@@ -95,28 +100,23 @@ async def _attempts(args: argparse.Namespace) -> AsyncIterator[tuple[Diagnosis, 
             return
         except AgentUnavailable as exc:  # raised before any attempt: run standalone
             logging.getLogger("connprobe.diagnose").debug("standalone: %s", exc)
-    from connprobe.diagnosis import attempts, target_spec
-    from connprobe.sensorload import close_watch, open_watch
+    from connprobe.diagnosis import attempts, peer_asker, target_spec
+    from connprobe.sensorload import close_watch
 
     timeout = duration_arg("timeout", args.timeout) or 5.0
     budget = duration_arg("budget", args.budget)
     interval = duration_arg("interval", args.interval) or 0.0
-
     spec = target_spec(args.target, source=args.source, timeout=timeout, client=args.client,
                        ip_policy=args.ip_policy, qtype=args.qtype)
-    # the sensor compiles on a thread (in C, without the GIL) while this one imports the probe machinery
-    loading = asyncio.create_task(open_watch(disabled=args.no_kernel, progress=_progress_printer(),
-                                             lazy_kallsyms=True))
-    await asyncio.sleep(0)  # let it reach its thread
-    try:
-        import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile
-    finally:
-        watch = await loading
+    asker, node_netns = peer_asker(peers) if peers else (None, None)
+    watch = await _open_watch_with_progress(args.no_kernel, node_netns)
     try:
         async for item in attempts(spec, watch, count=args.count, interval=interval, budget=budget,
-                                   record=args.record):
+                                   record=args.record, asker=asker):
             yield item
     finally:
+        if asker is not None:
+            await asker.close()
         await close_watch(watch)
 
 
@@ -125,16 +125,29 @@ def request_budget_ns(budget: str | None) -> int | None:
     return int(seconds * 1e9) if seconds else None
 
 
-def _progress_printer() -> Callable[[str], None] | None:
-    """Loading steps on stderr while the sensor loads, when stderr is a terminal (one line, overwritten)."""
-    if not sys.stderr.isatty():
-        return None
+async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None = None):
+    """`open_watch`, saying on a terminal's stderr what it is waiting for: loading the sensor (BTF, compiling
+    and attaching the BPF programs) is most of a cold diagnose's first second. Nothing is written when stderr
+    is not a terminal, so piped and --json output are unchanged. Meanwhile this thread imports the probe code
+    (the compile runs on the sensor's thread, in C, without the GIL)."""
+    from connprobe.sensorload import open_watch
 
-    def show(step: str) -> None:
-        sys.stderr.write(f"\r\033[Kloading the kernel sensor: {step}" if step else "\r\033[K")
-        sys.stderr.flush()
-
-    return show
+    err = Console(stderr=True)
+    show = not disabled and err.is_terminal
+    t0 = time.monotonic()
+    status = (err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…")
+              if show else contextlib.nullcontext())
+    with status:
+        loading = asyncio.create_task(open_watch(disabled=disabled, netns=netns))
+        await asyncio.sleep(0)  # let it reach its thread
+        try:
+            import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile
+        finally:
+            watch = await loading
+    if show:
+        state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
+        err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
+    return watch
 
 
 async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], Diagnosis]) -> list[Diagnosis]:
@@ -158,6 +171,8 @@ def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str])
         text = escape(row.text)
         if row.kind == "phase":
             text = f"[cyan]{text}[/cyan]"
+        elif row.kind == "kernel" and row.node:
+            text = f"  [magenta]▲ kernel[/magenta] [bold]{escape(row.node)}[/bold] {text}"
         elif row.kind == "kernel":
             text = f"  [magenta]▲ kernel[/magenta] {text}"
         elif row.kind == "dns":

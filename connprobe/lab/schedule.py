@@ -56,6 +56,12 @@ def both(name: str, what: str, *faults: Fault) -> Fault:
     return Fault(name, what, enter)
 
 
+def _loss(percent: int, direction: str, name: str, note: str = "") -> Fault:
+    """Random loss of `percent` % on the client's link (cls_bpf)."""
+    return Fault(name, f"{percent}% random loss on the client's link{note}",
+                 lambda lab: lab.packet_loss(percent / 100, link="client", direction=direction))
+
+
 NO_FAULT = Fault("none", "no fault", lambda lab: contextlib.nullcontext())
 
 _FAULTS = (
@@ -84,16 +90,11 @@ _FAULTS = (
                                       expr="quota over 4 mbytes")),
     Fault("dns_drops_udp_53", "nftables in the DNS server drops udp/53",
           lambda lab: lab.policy_drop("dns", direction="in", proto="udp", port=53)),
-    Fault("loss_1", "1% random loss on the client's link, both ways",
-          lambda lab: lab.packet_loss(0.01, link="client", direction="both")),
-    Fault("loss_5", "5% random loss on the client's link",
-          lambda lab: lab.packet_loss(0.05, link="client", direction="egress")),
-    Fault("loss_10", "10% random loss on the client's link",
-          lambda lab: lab.packet_loss(0.1, link="client", direction="egress")),
-    Fault("loss_20", "20% random loss on the client's link",
-          lambda lab: lab.packet_loss(0.2, link="client", direction="egress")),
-    Fault("loss_20_both", "20% random loss on the client's link, both ways (cls_bpf)",
-          lambda lab: lab.packet_loss(0.2, link="client", direction="both")),
+    _loss(1, "both", "loss_1", ", both ways"),
+    _loss(5, "egress", "loss_5"),
+    _loss(10, "egress", "loss_10"),
+    _loss(20, "egress", "loss_20"),
+    _loss(20, "both", "loss_20_both", ", both ways (cls_bpf)"),
     Fault("nft_loss_15_both", "15% random loss on the client's link, both ways (nftables)",
           lambda lab: lab.random_drop(0.15, link="client", direction="both")),
     Fault("srv1_slow", "srv1 answers after 0.6 s", lambda lab: lab.slow_upstream("srv1", 0.6)),

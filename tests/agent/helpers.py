@@ -223,3 +223,10 @@ class Daemon:
                 self.proc.wait(10)
         with contextlib.suppress(Exception):
             self._log.close()
+
+
+def exposition(registry) -> bytes:
+    """The agent's whole `/metrics` text (`connprobe.web.exposition_chunks`, joined)."""
+    from connprobe.web import exposition_chunks
+
+    return b"".join(exposition_chunks(registry))

@@ -384,7 +384,7 @@ async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp
 
     release = asyncio.Event()
 
-    async def slow_sensor(disabled: bool) -> tuple[None, str]:
+    async def slow_sensor(disabled: bool, netns=None) -> tuple[None, str]:
         await release.wait()
         return None, "BPF unavailable (test)"
 
@@ -421,7 +421,8 @@ async def test_ready_only_once_the_sensor_is_attached_or_definitively_failed(tmp
 def test_fast_exposition_is_byte_identical_to_prometheus_client():
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-    from connprobe.web import exposition, exposition_chunks
+    from connprobe.web import exposition_chunks
+    from tests.agent.helpers import exposition
 
     reg = CollectorRegistry()
     g = Gauge("g", "a gauge\nwith a \\ in its help", ["probe", "target"], registry=reg)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from connprobe.agent import Agent
 from connprobe.cli import build_parser
@@ -117,7 +118,7 @@ async def test_a_configmap_swap_is_picked_up_and_a_bad_one_keeps_the_old_config(
         assert "rejected, the running configuration stays" in errors[0] and "invalid YAML" in errors[0]
         assert "\n" not in errors[0]
         assert a.reloads_by_trigger[("watch", "failure")] == 1
-        samples = parse_samples(a.metrics.render().decode())
+        samples = parse_samples(generate_latest(a.metrics.registry).decode())
         assert samples_named(samples, "connprobe_config_reloads_by_trigger_total", trigger="watch") == {
             frozenset({("trigger", "watch"), ("result", "success")}): 2.0,
             frozenset({("trigger", "watch"), ("result", "failure")}): 1.0}

@@ -15,8 +15,7 @@ import yaml
 from connprobe.agent import Agent
 from connprobe.config import MAX_LABEL_VALUE, MAX_LABELS, RESERVED_LABELS, ConfigError, parse_config
 from connprobe.metrics import PROBE_LABELS
-from connprobe.web import exposition
-from tests.agent.helpers import Upstream, parse_samples, samples_named, write_config
+from tests.agent.helpers import Upstream, exposition, parse_samples, samples_named, write_config
 
 MODULES = "modules: {t: {prober: tcp, timeout: 1s}}\n"
 

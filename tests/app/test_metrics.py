@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpf.hooks import HookStatus
 from bpf.sensor import SensorCounters
 from bpf.types import EventKind, KernelEvent
-from connprobe.metrics import HTTP_PHASES, Metrics, clean_target, probe_registry, render
+from connprobe.metrics import HTTP_PHASES, Metrics, clean_target, probe_registry
 from correlator.types import Cause, Verdict
 from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
 
@@ -74,7 +74,7 @@ def test_uses_the_registry_passed_in_never_the_global_one():
     m.observe(verdict(result()))
     assert m.registry is reg
     assert {m.name for m in REGISTRY.collect()} == before
-    assert b'probe_success{probe="web"' in render(reg)
+    assert b'probe_success{probe="web"' in generate_latest(reg)
     # a default-constructed set gets its own registry too, so two sets never collide
     assert Metrics().registry is not Metrics().registry
 
@@ -82,7 +82,7 @@ def test_uses_the_registry_passed_in_never_the_global_one():
 def test_declared_probe_has_every_phase_and_zero_counters_before_its_first_result():
     m = fresh()
     m.declare("web", URL, "cp-client", kind=ProbeKind.HTTP, interval_s=15)
-    text = m.render()
+    text = generate_latest(m.registry)
     for phase in HTTP_PHASES:
         assert val(text, "probe_http_duration_seconds", **lab(phase=phase)) == 0.0
         # histograms of phases appear once a phase is reached (they would otherwise dominate the exposition)
@@ -98,7 +98,7 @@ def test_declared_probe_has_every_phase_and_zero_counters_before_its_first_resul
 def test_healthy_http_probe_sets_blackbox_gauges_and_counts():
     m = fresh()
     m.observe(verdict(result()))
-    text = m.render()
+    text = generate_latest(m.registry)
     assert val(text, "probe_success", **lab()) == 1.0
     assert val(text, "probe_duration_seconds", **lab()) == 0.05
     assert val(text, "probe_http_status_code", **lab()) == 200.0
@@ -134,7 +134,7 @@ def test_policy_drop_counts_cause_and_kernel_evidence_per_probe():
     failed = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, status=None,
                     phases={"resolve": (0, 1), "connect": (1, 3001)})
     m.observe(verdict(failed, Cause.POLICY_DROP, evidence, confidence=0.85))
-    text = m.render()
+    text = generate_latest(m.registry)
     assert val(text, "probe_success", **lab()) == 0.0
     assert val(text, "probe_http_status_code", **lab()) == 0.0
     assert val(text, "probe_http_duration_seconds", **lab(phase="processing")) == 0.0  # not reached this time
@@ -160,7 +160,7 @@ def test_labels_are_bounded_no_ports_addresses_or_query_strings():
     m.observe(verdict(r, Cause.POLICY_DROP, (event(EventKind.RESET_RX), event(EventKind.DROP, reason="TCP_RESET"))))
     m.observe_sensor(SensorCounters({(EventKind.DROP, "NETFILTER_DROP"): 3}, {}, 0, 0, 0, 5), 0,
                      [HookStatus("skb:kfree_skb", EventKind.DROP, True, "")])
-    text = m.render().decode()
+    text = generate_latest(m.registry).decode()
     for leak in ("s3cret", "alice", "token", "abc123", "frag", str(CLIENT_PORT), CLIENT):
         assert leak not in text, leak
     assert 'target="https://api.example.com:8443/v1/health"' in text
@@ -182,19 +182,19 @@ def test_forget_removes_every_series_of_a_removed_probe_only():
     m.declare("web", URL, "cp-client", kind=ProbeKind.HTTP, interval_s=10)
     m.observe(verdict(result(), Cause.OK))
     m.observe(verdict(result(source="host", target="http://u:p@srv1.lab.test:8080/ok?x=1"), Cause.OK))
-    assert val(m.render(), "probe_success", **lab(source="host")) == 1.0
+    assert val(generate_latest(m.registry), "probe_success", **lab(source="host")) == 1.0
     fail = result(ok=False, error=ErrorKind.CONNECT_TIMEOUT, status=None)
     m.observe(verdict(fail, Cause.POLICY_DROP, (event(EventKind.DROP, reason="NETFILTER_DROP"),)))
     m.observe(verdict(result(name="api", target="http://api.lab.test/", suspect=True), Cause.OK))
     m.forget("web")
-    text = m.render().decode()
+    text = generate_latest(m.registry).decode()
     assert 'probe="web"' not in text
     assert 'probe="api"' in text
     assert m.probes_known() == {"api"}
     assert val(text.encode(), "connprobe_suspect_probes_total", **lab("api", "http://api.lab.test/")) == 1.0
     # a probe that comes back starts from scratch
     m.observe(verdict(result()))
-    assert val(m.render(), "connprobe_probes_total", **lab(result="success")) == 1.0
+    assert val(generate_latest(m.registry), "connprobe_probes_total", **lab(result="success")) == 1.0
     m.forget("nonexistent")  # harmless
 
 
@@ -204,17 +204,17 @@ def test_forget_one_target_or_source_keeps_the_rest_of_the_probe():
     m.observe(verdict(result(target="http://srv2.lab.test/")))
     m.observe(verdict(result(source="host")))
     m.forget("web", target="http://srv2.lab.test/?ignored=1")
-    text = m.render().decode()
+    text = generate_latest(m.registry).decode()
     assert "srv2.lab.test" not in text
     assert val(text.encode(), "probe_success", **lab()) == 1.0
     assert val(text.encode(), "probe_success", **lab(source="host")) == 1.0
     m.forget("web", source="host")
-    assert val(m.render(), "probe_success", **lab(source="host")) is None
-    assert val(m.render(), "probe_success", **lab()) == 1.0
+    assert val(generate_latest(m.registry), "probe_success", **lab(source="host")) is None
+    assert val(generate_latest(m.registry), "probe_success", **lab()) == 1.0
     assert m.probes_known() == {"web"}
     m.forget("web", target=URL, source="cp-client")
     assert m.probes_known() == set()
-    assert 'probe="web"' not in m.render().decode()
+    assert 'probe="web"' not in generate_latest(m.registry).decode()
 
 
 def test_dns_probe_and_regex_failure():
@@ -224,11 +224,11 @@ def test_dns_probe_and_regex_failure():
     r = result(name="dns", kind=ProbeKind.DNS, target="srv1.lab.test", phases={}, status=None, ok=False,
                error=ErrorKind.DNS_NXDOMAIN, dns=(tx, tx, lost))
     m.observe(verdict(r, Cause.DNS))
-    assert val(m.render(), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.01
+    assert val(generate_latest(m.registry), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.01
     m.observe(verdict(dataclasses.replace(r, dns=(tx,)), Cause.DNS))
     regex = result(ok=False, error=ErrorKind.VALIDATION, validators=("fail_if_body_not_matches_regexp",))
     m.observe(verdict(regex, Cause.HTTP_ERROR))
-    text = m.render()
+    text = generate_latest(m.registry)
     dns = lab("dns", "srv1.lab.test")
     assert val(text, "probe_dns_lookup_time_seconds", **dns) == 0.007
     assert val(text, "connprobe_dns_queries_total", **dns, result="nxdomain") == 3.0
@@ -241,7 +241,7 @@ def test_dns_probe_and_regex_failure():
 def test_sensor_counters_node_level_and_agent_health():
     m = fresh()
     m.observe_sensor(None, 0, [HookStatus("tcp:tcp_retransmit_skb", EventKind.RETRANSMIT, False, "no BTF")])
-    text = m.render()
+    text = generate_latest(m.registry)
     assert val(text, "connprobe_kernel_sensor_up") == 0.0
     assert val(text, "connprobe_bpf_attached", hook="tcp:tcp_retransmit_skb") == 0.0
     counters = SensorCounters(
@@ -253,7 +253,7 @@ def test_sensor_counters_node_level_and_agent_health():
               HookStatus("skb:kfree_skb", EventKind.DROP, False, "tracepoint missing")]
     m.observe_sensor(counters, 5, status)
     m.observe_loop_lag(0.25)
-    text = m.render()
+    text = generate_latest(m.registry)
     assert val(text, "connprobe_kernel_sensor_up") == 1.0
     assert val(text, "connprobe_bpf_attached", hook="tcp:tcp_retransmit_skb") == 1.0
     assert val(text, "connprobe_bpf_attached", hook="skb:kfree_skb") == 0.0
@@ -267,7 +267,7 @@ def test_sensor_counters_node_level_and_agent_health():
     lines = "# TYPE connprobe_kernel_events_lost_total counter\nconnprobe_kernel_events_lost_total 5.0\n"
     assert lines in text.decode()
     m.observe_sensor(None, 6, [])  # the sensor went away: down, the loss count kept
-    text = m.render()
+    text = generate_latest(m.registry)
     assert val(text, "connprobe_kernel_sensor_up") == 0.0
     assert val(text, "connprobe_kernel_events_lost_total") == 6.0
     assert val(text, "connprobe_bpf_attached", hook="skb:kfree_skb") is None
@@ -276,7 +276,7 @@ def test_sensor_counters_node_level_and_agent_health():
 def test_histogram_buckets_are_configurable():
     m = Metrics(CollectorRegistry(), duration_buckets=(0.1, 1.0), phase_buckets=(0.01,))
     m.observe(verdict(result()))
-    text = m.render()
+    text = generate_latest(m.registry)
     les = {dict(k[1])["le"] for k in samples(text) if k[0] == "connprobe_probe_duration_seconds_bucket"}
     assert les == {"0.1", "1.0", "+Inf"}
     assert val(text, "connprobe_probe_phase_duration_seconds_bucket", **lab(phase="resolve", le="0.01")) == 1.0
@@ -287,7 +287,7 @@ def test_labelled_histogram_counts_like_prometheus_client_and_writes_the_same_by
     from prometheus_client import Histogram, generate_latest
 
     from connprobe.metrics import LabelledHistogram
-    from connprobe.web import exposition
+    from tests.agent.helpers import exposition
 
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     h = LabelledHistogram("h_seconds", "help with a \\ and\na newline", ["probe", "target"], (0.1, 1.0, 2.5),
@@ -316,7 +316,7 @@ def test_probe_registry_answers_like_blackbox_with_the_verdict():
                                                                                      "connect": (1, 1001)})
     v = verdict(failed, Cause.POLICY_DROP, (event(EventKind.DROP, reason="NETFILTER_DROP"),
                                             event(EventKind.RETRANSMIT)), confidence=0.8)
-    text = render(probe_registry(v))
+    text = generate_latest(probe_registry(v))
     assert val(text, "probe_success") == 0.0
     assert val(text, "probe_duration_seconds") == 1.001
     for phase in HTTP_PHASES:

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 
 EXPECTED = {
     "yaml_syntax": "{file}:4: invalid YAML: did not find expected key",
-    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes, limits)",
+    "top_level_unknown_key": "config: probs: unknown key (expected modules, probes, limits, node, peers)",
     "module_unknown_key": 'module "http_2xx": http.methd: unknown key',
     "probe_unknown_key": 'probe "db": intervl: unknown key',
     "unknown_module": 'probe "api": module: unknown module "http_3xx" (known: http_2xx)',
@@ -40,6 +40,8 @@ EXPECTED = {
     "cert_days_without_verify": 'module "https": http.tls: min_cert_days needs certificate verification '
     "(insecure_skip_verify is true)",
     "bad_ip_policy": "module \"http_2xx\": ip_policy: must be 'all', 'first', 'ipv4' or 'ipv6'",
+    "bad_phase_histogram": "module \"http_2xx\": phase_histograms[1]: must be 'resolve', 'connect', 'tls', "
+    "'processing', 'transfer', 'setup', 'rtt' or 'check'",
     "dns_without_query": 'module "dns_a": dns: required for prober dns (at least query_name)',
     "bad_query_type": "module \"dns_a\": dns.query_type: unknown query type 'AXFRR' "
     "(one of A, AAAA, ANY, CAA, CNAME, HTTPS, MX, NS, PTR, SOA, SRV, SVCB, TXT)",

@@ -140,3 +140,37 @@ def test_the_probers_progress_points_turn_unsure_loss_into_a_verdict_and_never_a
             w = correlate(dataclasses.replace(r, progress=wall.progress if with_points else ()), wall.events)
             assert not (w.cause == Cause.TCP_RETRANSMIT and w.confidence >= CONFIDENT), w.facts
     assert named[True] > named[False] + 10, named
+
+
+def _recording(name: str):
+    from pathlib import Path
+
+    from correlator.record import load
+
+    return load(Path(__file__).parent / "recordings" / f"{name}.json")
+
+
+def test_on_the_wall_recording_the_probers_points_confirm_it_and_late_bytes_would_undo_it():
+    """The lab's wall-mid-transfer recording: its progress points end where the wall began (the verdict says
+    when the last byte came); had bytes of the answer still come a second later, it would not be a wall."""
+    rec = _recording("policy_mid_transfer")
+    r = rec.result
+    assert r.progress and r.progress[-1].bytes >= 4_000_000
+    v = correlate(r, rec.events, budget_ns=rec.budget_ns, coverage=rec.coverage)
+    assert v.sub_cause == "policy_drop/established"
+    assert any("the prober got" in f and "after that segment went missing" in f for f in v.facts), v.facts
+    late = Arrival(r.progress[-1].ts_ns + 1_000_000_000, r.progress[-1].bytes + 65536)
+    assert late.ts_ns < r.end_ns
+    v2 = correlate(dataclasses.replace(r, progress=(*r.progress, late)), rec.events, budget_ns=rec.budget_ns,
+                   coverage=rec.coverage)
+    assert v2.cause != Cause.POLICY_DROP, v2.facts
+
+
+def test_on_the_heavy_loss_recordings_the_points_never_make_a_policy():
+    for name in ("heavy_loss_timeout_tc", "heavy_loss_timeout_nft"):
+        rec = _recording(name)
+        assert rec.result.progress, name
+        for progress in (rec.result.progress, ()):
+            r = dataclasses.replace(rec.result, progress=progress)
+            v = correlate(r, rec.events, budget_ns=rec.budget_ns, coverage=rec.coverage)
+            assert v.cause == Cause.TCP_RETRANSMIT, (name, v.facts)

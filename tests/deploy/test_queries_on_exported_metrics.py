@@ -16,7 +16,7 @@ import functools
 import json
 
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpf.hooks import HookStatus
@@ -94,7 +94,7 @@ def simulate(instance: str = SCRAPE["instance"], healthy: bool = False) -> dict[
         m.observe_sensor(counters, 3 * minute, [HookStatus("tcp:tcp_retransmit_skb", EventKind.RETRANSMIT, True, ""),
                                                 HookStatus("skb:kfree_skb", EventKind.DROP, False, "not found")])
         m.observe_loop_lag(0.75)
-        for fam in text_string_to_metric_families(m.render().decode()):
+        for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
             for s in fam.samples:
                 if s.name.endswith("_created"):
                     continue

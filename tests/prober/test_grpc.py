@@ -133,19 +133,19 @@ async def test_refused_target_sends_nothing(plain):
 
 
 async def test_blackbox_metrics_of_a_grpc_probe(plain):
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    from connprobe.metrics import Metrics, probe_registry, render
+    from connprobe.metrics import Metrics, probe_registry
 
     r = await _one(_grpc(f"127.0.0.1:{plain}", service="billing"))
-    text = render(probe_registry(correlate(r, ()))).decode()
+    text = generate_latest(probe_registry(correlate(r, ()))).decode()
     assert 'probe_grpc_healthcheck_response{serving_status="NOT_SERVING"} 1.0' in text
     assert 'probe_grpc_healthcheck_response{serving_status="SERVING"} 0.0' in text
     assert "probe_grpc_status_code 0.0" in text and "probe_grpc_ssl 0.0" in text
     assert 'probe_grpc_duration_seconds{phase="check"}' in text and "probe_success 0.0" in text
     m = Metrics(registry=CollectorRegistry())
     m.observe(correlate(r, ()))
-    agent = m.render().decode()
+    agent = generate_latest(m.registry).decode()
     assert ('probe_grpc_healthcheck_response{probe="t",serving_status="NOT_SERVING",source="host",'
             f'target="127.0.0.1:{plain}"}} 1.0') in agent
 

@@ -173,16 +173,16 @@ async def test_source_ip_address(lab, src):
 
 
 async def test_blackbox_metrics_of_an_icmp_probe(lab, src):
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    from connprobe.metrics import Metrics, probe_registry, render
+    from connprobe.metrics import Metrics, probe_registry
 
     r = await _one(_icmp(lab.server("srv1").addr6, src))
-    text = render(probe_registry(correlate(r, ()))).decode()
+    text = generate_latest(probe_registry(correlate(r, ()))).decode()
     assert "probe_icmp_reply_hop_limit 63.0" in text and "probe_success 1.0" in text
     for phase in ("resolve", "setup", "rtt"):
         assert f'probe_icmp_duration_seconds{{phase="{phase}"}}' in text
     assert 'probe_icmp_duration_seconds{phase="resolve"} 0.0' in text  # a literal address: nothing resolved
     m = Metrics(registry=CollectorRegistry())
     m.observe(correlate(r, ()))
-    assert "probe_icmp_reply_hop_limit{probe=\"t\"" in m.render().decode()
+    assert "probe_icmp_reply_hop_limit{probe=\"t\"" in generate_latest(m.registry).decode()
