@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
+    from connprobe.cluster.options import add_mesh_arguments
+
+    add_mesh_arguments(p)
     p.add_argument("--keep-capabilities", action="store_true",
                    help="keep every capability after start-up (default: drop all that the probes do not need)")
 
@@ -74,9 +77,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     host, port = parse_listen(args.listen)
     web_config = getattr(args, "web_config_file", None)
+    web = None
     if web_config:  # checked before anything starts (and before capabilities are dropped); re-read when serving
         try:
-            await asyncio.to_thread(load_web_config, web_config)
+            web = await asyncio.to_thread(load_web_config, web_config)
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
@@ -86,8 +90,12 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
-        from connprobe.cluster.options import open_cluster_view
+        from connprobe.cluster.options import mesh_options, open_cluster_view
 
+        mesh = mesh_options(args, port, web)  # checked before the cluster is reached
+        if mesh is not None and mesh.k and host in ("127.0.0.1", "::1", "localhost"):
+            log.warning("--kubernetes.mesh: this agent listens on %s only, so its peers cannot reach its /-/healthy "
+                        "(listen on the node's address, as the DaemonSet does: --listen=$(NODE_IP):%d)", host, port)
         cluster = open_cluster_view(args, "connprobe agent", start=False)  # started after the capability drop
     except ValueError as exc:
         print(exc, file=sys.stderr)
@@ -101,7 +109,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
         inner = ConfigFile(args.config, watch=getattr(args, "config_watch", False),
                            watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
-        targets = ClusterTargets(inner, cluster, discovery=getattr(args, "kubernetes_discovery", False))
+        targets = ClusterTargets(inner, cluster, discovery=getattr(args, "kubernetes_discovery", False), mesh=mesh)
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
                   watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, targets=targets,
