@@ -145,7 +145,8 @@ class TwoNodeScenario:
     kind: str = "tcp"  # tcp (connect) or http (GET /ok)
     timeout: str = "1500ms"
     fact: str = ""  # words the first fact must hold (which node saw what)
-    asks: bool = True  # whether node A's own evidence leaves the question open (else: decided locally)
+    asks: bool = True  # whether node B is asked (when node A's own evidence decides: whether B agrees)
+    agrees: str = ""  # decided on node A: words of the fact saying node B's evidence agrees (or says nothing)
     vip: bool = False  # probe the Service's virtual IP (DNAT'ed to srv1 in the client namespace), not srv1
 
 
@@ -157,7 +158,7 @@ TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
                     fact="node node-b's way out"),
     TwoNodeScenario("answer_drop_a_ingress", "policy_drop/syn", "policy_drop", "policy_drop/syn",
                     lambda lab: lab.policy_drop("client", direction="in", port=HTTP_PORT, port_side="src"),
-                    fact="SYN-ACK", asks=False),
+                    fact="SYN-ACK", agrees="node node-b "),
     TwoNodeScenario("drop_in_router", "unknown/connect_timeout", "unknown", "unknown/between_nodes",
                     lambda lab: lab.policy_drop("router", direction="forward", port=HTTP_PORT),
                     fact="saw none of them arrive"),
