@@ -41,8 +41,8 @@ from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class
 from correlator.types import Cause, Verdict
 from prober.types import ErrorKind, ProbeResult
 
-__all__ = ["CONTRADICTED_FACTOR", "MAX_UNCERTAINTY_NS", "RemoteFacts", "answer_drop_agreement", "remote_connect", "remote_facts", "remote_reset", "remote_stall",
-           "unavailable_facts", "wants_remote"]
+__all__ = ["CONTRADICTED_FACTOR", "MAX_UNCERTAINTY_NS", "RemoteFacts", "answer_drop_agreement", "remote_connect",
+           "remote_facts", "remote_reset", "remote_stall", "unavailable_facts", "wants_remote"]
 
 MAX_UNCERTAINTY_NS = 200_000_000  # a remote event placed less precisely than this does not decide
 CONTRADICTED_FACTOR = 0.6  # the confidence of a local verdict the destination's node contradicts
@@ -153,7 +153,8 @@ def remote_facts(ctx) -> RemoteFacts:
 
 def unavailable_facts(remote: Iterable[RemoteEvidence]) -> list[str]:
     """One fact per peer that could not be asked: 'remote evidence unavailable (why)'."""
-    return [f"remote evidence unavailable from {r.node} ({r.reason})" for r in remote if not r.available]
+    return [f"remote evidence unavailable from {r.node} ({r.reason})" if r.node else
+            f"remote evidence unavailable ({r.reason})" for r in remote if not r.available]
 
 
 # -- the rules -----------------------------------------------------------------------------------------------

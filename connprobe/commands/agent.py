@@ -69,9 +69,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     host, port = parse_listen(args.listen)
     web_config = getattr(args, "web_config_file", None)
+    web = None
     if web_config:  # checked before anything starts (and before capabilities are dropped); re-read when serving
         try:
-            await asyncio.to_thread(load_web_config, web_config)
+            web = await asyncio.to_thread(load_web_config, web_config)
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
@@ -112,6 +113,19 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
         return 2
+    if cluster is not None:  # cross-node evidence: the destination's node's agent, found through the cluster
+        from connprobe.cluster.peers import cluster_peers
+
+        try:
+            agent.set_cluster_resolver(cluster_peers(cluster, listen_port=port, web_config=web,
+                                                     token=agent.peer_token))
+        except ValueError as exc:
+            await agent.stop()
+            cluster.close()
+            print(f"connprobe agent: {exc}", file=sys.stderr)
+            if stream not in (None, sys.stdout):
+                stream.close()
+            return 2
     runner = None
     try:
         try:
