@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/agent_overhead.py [--probes 1000] [--interval 10] [--warmup 20]
                                                        [--duration 60] [--scrapes 20] [--modes kernel,no-kernel]
+                                                       [--phase-histograms none|all]
 
 Brings up the lab; for each mode starts `connprobe agent` as its own process (kernel sensor attached, or
 --no-kernel), with N HTTP probes from the client namespace to srv1/srv2 (IPv4 and IPv6, by name: every probe
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -49,6 +51,19 @@ def proc_mem(pid: int) -> dict[str, float]:
     return out
 
 
+def rss_by_mapping(pid: int, top: int = 8) -> dict[str, float]:
+    """Resident MiB by what is mapped (a library, [heap], anonymous memory), largest first."""
+    sizes: dict[str, int] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else "[anon]"
+        elif head and head[0] == "Rss:":
+            sizes[name] = sizes.get(name, 0) + int(head[1])
+    return {k: round(v / 1024, 1) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +87,7 @@ def totals(text: str) -> dict[str, float]:
     return out
 
 
-def write_config(path: Path, client: str, n: int, interval: float) -> None:
+def write_config(path: Path, client: str, n: int, interval: float, phase_histograms: str = "none") -> None:
     import yaml
 
     targets = ["http://srv1.lab.test:8080/ok", "http://srv2.lab.test:8080/ok"]
@@ -80,10 +95,23 @@ def write_config(path: Path, client: str, n: int, interval: float) -> None:
                "source": f"netns {client}", "interval": f"{interval}s"} for i in range(n)]
     modules = {"v4": {"prober": "http", "timeout": "5s", "ip_policy": "ipv4", "budget": "1s"},
                "v6": {"prober": "http", "timeout": "5s", "ip_policy": "ipv6", "budget": "1s"}}
+    if phase_histograms == "all":  # every phase a histogram per probe (before they were opt-in: always)
+        for m in modules.values():
+            m["phase_histograms"] = ["resolve", "connect", "tls", "processing", "transfer"]
     path.write_text(yaml.safe_dump({"modules": modules, "probes": probes}, sort_keys=False))
 
 
-def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> dict:
+def start_profile(pid: int, seconds: float, out: Path) -> list[subprocess.Popen]:
+    """py-spy on the agent for `seconds`: a flame graph (out/agent.svg) and collapsed stacks (out/agent.txt)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100", "--nonblocking"]
+    return [subprocess.Popen([spy, *common, "--format", fmt, "--output", str(out / name)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for fmt, name in (("flamegraph", "agent.svg"), ("raw", "agent.txt"))]
+
+
+def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path, profile: Path | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "connprobe.cli", "agent", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
@@ -104,6 +132,7 @@ def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> d
                 raise SystemExit("agent not ready after 60 s")
             time.sleep(0.2)
         time.sleep(args.warmup)
+        spies = start_profile(proc.pid, args.duration, profile) if profile is not None else []
         s0 = time.monotonic()
         _, body = get(url + "/metrics")
         # counters are read at render time, somewhere inside the scrape: date them at its midpoint
@@ -119,8 +148,11 @@ def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> d
             sizes.append(len(body))
             lines.append(body.count(b"\n"))
         cpu1, t1, r1 = proc_cpu(proc.pid), time.monotonic(), (s0 + s1) / 2
+        for spy in spies:
+            spy.wait(args.duration + 60)
         after = totals(body.decode())
         mem = proc_mem(proc.pid)
+        by_mapping = rss_by_mapping(proc.pid)
         elapsed = t1 - t0
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         rate_window = r1 - r0
@@ -146,6 +178,7 @@ def run_mode(mode: str, cfg: Path, args: argparse.Namespace, workdir: Path) -> d
             "loop_lag_s_last": after.get("connprobe_event_loop_lag_seconds", 0),
             "kernel_events_seen": d.get("connprobe_kernel_events_seen_total", 0),
             "kernel_events_lost": d.get("connprobe_kernel_events_lost_total", 0),
+            "rss_by_mapping_mib": by_mapping,
         }
     finally:
         if proc.poll() is None:
@@ -166,6 +199,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--scrapes", type=int, default=20)
     ap.add_argument("--modes", default="kernel,no-kernel")
+    ap.add_argument("--phase-histograms", choices=("none", "all"), default="none",
+                    help="the modules' phase_histograms: none (the default of a module) or all five HTTP phases")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("agent_overhead: needs root (the lab's namespaces and the BPF sensor)", file=sys.stderr)
@@ -176,7 +211,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="connprobe-bench-agent-") as tmp, Lab() as lab:
         work = Path(tmp)
         cfg = work / "agent.yml"
-        write_config(cfg, lab.ns("client").name, args.probes, args.interval)
+        write_config(cfg, lab.ns("client").name, args.probes, args.interval, args.phase_histograms)
         for mode in args.modes.split(","):
             results.append(run_mode(mode, cfg, args, work))
             print(json.dumps(results[-1]), file=sys.stderr)

@@ -97,23 +97,29 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
             sensor.watch("tcp", port)
         lost0, got0 = sensor.lost_events, 0
         sensor.drain()
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         for p in gens:
             p.stdin.write("\n")
             p.stdin.flush()
         done = asyncio.gather(*(asyncio.to_thread(p.stdout.readline) for p in gens))
+
+        async def take(timeout: float) -> int:
+            """Events as a consumer like the agent's pump takes them: wait for one, then all that are queued."""
+            if await sensor.next_event(timeout=timeout) is None:
+                return 0
+            return 1 + len(sensor.drain())
+
         while not done.done():
-            ev = await sensor.next_event(timeout=0.2)
-            if ev is not None:
-                got0 += 1
+            got0 += await take(0.2)
         conns = sum(int(x) for x in done.result())
-        while await sensor.next_event(timeout=0.3) is not None:
-            got0 += 1
+        while n := await take(0.3):
+            got0 += n
         took = time.monotonic() - t0
+        cpu = time.process_time() - cpu0  # this process: ring reads, decoding, the loop (generators are apart)
         for port in ports:
             sensor.unwatch("tcp", port)
         return {"target_conn_s": rate, "conns": conns, "delivered": got0, "lost": sensor.lost_events - lost0,
-                "events_s": got0 / took, "seconds": took}
+                "events_s": got0 / took, "seconds": took, "cpu_us_per_event": cpu / max(got0, 1) * 1e6}
     finally:
         for p in gens:
             if p.poll() is None:
@@ -124,14 +130,46 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
                     f.close()
 
 
-async def ingest(lab, rates: list[float], seconds: float, procs: int) -> list[dict]:
+async def ingest(lab, rates: list[float], seconds: float, procs: int, ring_pages: int | None = None) -> list[dict]:
     from bpf.sensor import KernelSensor
 
     out = []
-    async with KernelSensor() as sensor:
+    async with (KernelSensor() if ring_pages is None else KernelSensor(ring_pages=ring_pages)) as sensor:
         for rate in rates:
             out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs))
     return out
+
+
+def capacity(conns: int, repeats: int) -> None:
+    """CPU per event of reading and decoding the ring (no event loop, no generator running meanwhile): `conns`
+    loopback connections on a watched port fill the ring (without reading it), then one `drain()` reads and
+    decodes them all; its CPU time per event is the sensor's ingest cost, 1/that its capacity on one core."""
+    from bpf.sensor import KernelSensor
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4096)
+    port = lst.getsockname()[1]
+    costs = []
+    with KernelSensor() as sensor:
+        sensor.watch("tcp", port)
+        for _ in range(repeats):
+            sensor.drain()
+            for _ in range(conns):
+                with socket.create_connection(("127.0.0.1", port)) as c:
+                    conn, _ = lst.accept()
+                    conn.close()
+                    c.recv(1)
+            t = time.process_time()
+            n = len(sensor.drain())
+            costs.append(((time.process_time() - t) / max(n, 1) * 1e6, n))
+        lost = sensor.lost_events
+    lst.close()
+    per = sorted(c for c, _ in costs)
+    med = per[len(per) // 2]
+    print(f"ring read + decode: median {med:.2f} µs of CPU per event = {1e6 / med:,.0f} events/s per core "
+          f"({repeats} drains of {min(n for _, n in costs)}-{max(n for _, n in costs)} events; each: "
+          f"{', '.join(f'{c:.2f}' for c, _ in costs)} µs; lost {lost})")
 
 
 def main() -> int:
@@ -142,10 +180,17 @@ def main() -> int:
     ap.add_argument("--rates", default="1000,2000,4000,8000,16000",
                     help="connections/s per ingest level ('' skips the ingest part)")
     ap.add_argument("--procs", type=int, default=4, help="generator processes per ingest level")
+    ap.add_argument("--ingest-only", action="store_true", help="skip the load and connection-rate parts")
+    ap.add_argument("--capacity", type=int, default=0, metavar="CONNS",
+                    help="only: CPU per event of one drain() after CONNS loopback connections (7 repeats)")
+    ap.add_argument("--ring-pages", type=int, default=None, help="ring buffer size in pages (default: the sensor's)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (the lab and BPF need it)", file=sys.stderr)
         return 2
+    if args.capacity:
+        capacity(args.capacity, 7)
+        return 0
 
     print(f"kernel {os.uname().release}, python {sys.version.split()[0]}, cpus {os.cpu_count()}")
     rss0 = rss_mb()
@@ -178,17 +223,19 @@ def main() -> int:
                                      str(port)], stdout=subprocess.PIPE, text=True)
         try:
             assert acceptor.stdout is not None and acceptor.stdout.readline().strip() == "ready"
-            run_rates(lab, srv.addr4, port, args)
+            if not args.ingest_only:
+                run_rates(lab, srv.addr4, port, args)
             if not args.rates:
                 return 0
             print(f"\n## watched-event ingest ({args.procs} generator processes, {args.ingest_seconds:.0f} s "
                   "per level, loopback in the lab's client namespace)")
             levels = asyncio.run(ingest(lab, [float(r) for r in args.rates.split(",")], args.ingest_seconds,
-                                        args.procs))
-            print(f"{'target conn/s':>13} {'conns':>8} {'delivered':>10} {'events/s':>10} {'lost':>8}")
+                                        args.procs, args.ring_pages))
+            print(f"{'target conn/s':>13} {'conns':>8} {'delivered':>10} {'events/s':>10} {'lost':>8} "
+                  f"{'CPU µs/event':>12}")
             for lv in levels:
                 print(f"{lv['target_conn_s']:13.0f} {lv['conns']:8d} {lv['delivered']:10d} "
-                      f"{lv['events_s']:10.0f} {lv['lost']:8d}")
+                      f"{lv['events_s']:10.0f} {lv['lost']:8d} {lv['cpu_us_per_event']:12.1f}")
         finally:
             acceptor.kill()
             acceptor.wait()

@@ -9,6 +9,7 @@ Every function takes the tracefs root / kallsyms path as a parameter so tests ca
 
 from __future__ import annotations
 
+import array
 import bisect
 import re
 from dataclasses import dataclass
@@ -137,25 +138,35 @@ class Tracefs:
 
 
 class Kallsyms:
-    """Kernel text address → `symbol+0xoff` from /proc/kallsyms (needs root to see real addresses)."""
+    """Kernel text address → `symbol+0xoff` from /proc/kallsyms (needs root to see real addresses).
+
+    Held compactly (the table has ~120,000 text symbols): addresses in one `array('Q')`, names in one bytes
+    blob with an `array('I')` of offsets — ~4 MiB instead of ~16 MiB as lists of ints and strings."""
 
     def __init__(self, path: Path = KALLSYMS):
-        addrs: list[int] = []
-        names: list[str] = []
-        with open(path) as fh:
+        rows: list[tuple[int, bytes]] = []
+        with open(path, "rb") as fh:
             for line in fh:
                 parts = line.split()
-                if len(parts) < 3 or parts[1] not in "tTwW":
+                if len(parts) < 3 or parts[1] not in b"tTwW":
                     continue
                 addr = int(parts[0], 16)
                 if addr == 0:
                     continue
-                addrs.append(addr)
-                names.append(parts[2])
-        order = sorted(range(len(addrs)), key=addrs.__getitem__)
-        self._addrs = [addrs[i] for i in order]
-        self._names = [names[i] for i in order]
+                rows.append((addr, parts[2]))
+        rows.sort(key=lambda r: r[0])  # stable: equal addresses keep the file's order
+        self._addrs = array.array("Q", [r[0] for r in rows])
+        self._blob = b"".join(r[1] for r in rows)
+        offsets = array.array("I", [0])
+        at = 0
+        for _, name in rows:
+            at += len(name)
+            offsets.append(at)
+        self._offsets = offsets
         self.usable = bool(self._addrs)  # all-zero addresses: kptr_restrict hides them
+
+    def __len__(self) -> int:
+        return len(self._addrs)
 
     def lookup(self, addr: int) -> str | None:
         if not addr or not self._addrs:
@@ -166,5 +177,6 @@ class Kallsyms:
         off = addr - self._addrs[i]
         if off > 1 << 20:  # far past the last symbol: not kernel text we know
             return None
-        return f"{self._names[i]}+{off:#x}"
+        name = self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "replace")
+        return f"{name}+{off:#x}"
 

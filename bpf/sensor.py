@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
+import mmap
 import os
 import threading
 import time
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader, preload, runstats
-from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, KernelNames, decode_event
+from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, RECORD_STRUCT, KernelNames, decode_event, decode_records
 from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
+from bpf.ring import RingReader
 from bpf.runstats import bpf_run_time_stats
 from bpf.types import EventKind, KernelEvent
 
@@ -134,7 +135,7 @@ class KernelSensor:
         self._queue_lost = 0
         self._delivered = 0
         self._closed = False
-        self._cb: Any = None
+        self._reader: RingReader | None = None
         self._final: SensorCounters | None = None
         self.load_seconds: float | None = None
         self.cflags: list[str] = []
@@ -180,11 +181,6 @@ class KernelSensor:
                 "install linux-headers and run scripts/setup as root (it links them there)"
             )
         self._names = loader.read_names(tracefs, self._symbolize)
-        try:
-            self._kallsyms = Kallsyms(self._kallsyms_path)
-        except OSError as exc:
-            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
-                        self._kallsyms_path, exc)
 
         enabled: list[HookSpec] = []
         status: dict[str, HookStatus] = {}
@@ -202,7 +198,13 @@ class KernelSensor:
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
         if self.netns is not None:
             base.append("-DNETNS_FILTER")
-        bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
+        kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
+        kallsyms.start()
+        try:
+            bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
+        finally:
+            kallsyms.join()
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
             status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
@@ -215,12 +217,20 @@ class KernelSensor:
             self._fill_quiet()
             if self.netns is not None:
                 self._fill_netns(self.netns)
-            self._cb = self._bpf[b"events"].open_ring_buffer(self._on_record)
-            self._ring_fd = self._bpf[b"events"].map_fd
+            # read in batches through mmap (bpf/ring.py), not with a ctypes callback per record
+            self._reader = RingReader(self._bpf[b"events"].map_fd, self.ring_pages * mmap.PAGESIZE)
+            self._ring_fd = self._reader.fd
         except Exception:
             self._teardown()
             raise
         self.load_seconds = time.monotonic() - t0
+
+    def _read_kallsyms(self) -> None:
+        try:
+            self._kallsyms = Kallsyms(self._kallsyms_path)
+        except OSError as exc:
+            log.warning("kernel sensor: %s unreadable (%s): drop locations will not be symbolised",
+                        self._kallsyms_path, exc)
 
     def _symbolize(self, addr: int) -> str | None:
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
@@ -276,7 +286,7 @@ class KernelSensor:
                 self._loop.remove_reader(self._ring_fd)
         if self._bpf is not None:
             with contextlib.suppress(Exception):
-                self._bpf.ring_buffer_consume()
+                self._consume()
             with contextlib.suppress(Exception):
                 self._final = self.counters()  # what counters()/lost_events answer after close
         self._teardown()
@@ -284,6 +294,9 @@ class KernelSensor:
             self._waiter.set_result(None)
 
     def _teardown(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
             bpf.cleanup()
@@ -364,36 +377,54 @@ class KernelSensor:
 
     # -- events -------------------------------------------------------------------------------------------
 
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        try:
-            event = decode_event(ctypes.string_at(data, size), self._names)
-        except Exception:
-            log.exception("kernel sensor: undecodable ring-buffer record")
-            return 0
-        if len(self._buf) >= self.queue_max:
-            self._queue_lost += 1
-            return 0
-        self._buf.append(event)
-        self._delivered += 1
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        return 0
-
     def _consume(self) -> None:
-        if self._bpf is not None:
-            self._bpf.ring_buffer_consume()
+        """Read and decode every record the ring holds now (one batch), queue the events, wake a waiter."""
+        reader = self._reader
+        if reader is None or self._bpf is None:
+            return
+        fixed, other = reader.read(RECORD_STRUCT)
+        if not fixed:
+            return
+        if not other:
+            try:
+                events = decode_records(fixed, self._names)
+            except Exception:  # one bad record: decode one by one, counting the bad ones
+                events = self._decode_each(fixed, [])
+        else:
+            events = self._decode_each(fixed, other)
+        room = self.queue_max - len(self._buf)
+        if len(events) > room:
+            self._queue_lost += len(events) - max(room, 0)
+            events = events[:max(room, 0)]
+        if events:
+            self._buf.extend(events)
+            self._delivered += len(events)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    def _decode_each(self, fixed: list, other: list[bytes]) -> list[KernelEvent]:
+        out: list[KernelEvent] = []
+        others = iter(other)
+        for fields in fixed:
+            try:
+                if fields is None:  # a record of another size (an older layout, or garbage)
+                    out.append(decode_event(next(others), self._names))
+                else:
+                    out.extend(decode_records([fields], self._names))
+            except Exception:
+                log.exception("kernel sensor: undecodable ring-buffer record")
+        return out
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
-        bpf = self._require_open()
-        if timeout_ms > 0:
-            bpf.ring_buffer_poll(timeout_ms)
-        bpf.ring_buffer_consume()
+        self._require_open()
+        if timeout_ms > 0 and self._reader is not None and not self._reader.pending():
+            self._reader.wait(timeout_ms)
+        self._consume()
 
     def drain(self) -> list[KernelEvent]:
         """Every event read so far and not yet taken, oldest first."""
-        if self._bpf is not None:
-            self._bpf.ring_buffer_consume()
+        self._consume()
         out = list(self._buf)
         self._buf.clear()
         return out

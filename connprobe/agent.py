@@ -720,7 +720,8 @@ class Agent:
     def _declare(self, probes: Iterable[ProbeSpec]) -> None:
         for p in probes:
             self.metrics.declare(p.name, p.target, source_label(p.source), kind=ProbeKind(p.module.prober),
-                                 interval_s=p.interval, labels=p.labels.items())
+                                 interval_s=p.interval, labels=p.labels.items(),
+                                 phase_histograms=p.module.phase_histograms)
 
     def spawn(self, coro: Any, name: str) -> None:
         """Run a task that lives as long as the agent (cancelled by `stop`)."""

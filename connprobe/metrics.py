@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_PHASE_BUCKETS",
     "HTTP_PHASES",
     "LabelledHistogram",
+    "LabelledValues",
     "Metrics",
     "clean_target",
     "escape_label_value",
@@ -174,14 +175,15 @@ class _HistogramSeries:
             self.total += amount
 
 
-class _RenderedHistogramFamily(Metric):
-    """What `LabelledHistogram.collect` yields: a histogram family whose samples are built only when read
-    (generate_latest, tests), and whose `exposition_text()` writes the same lines without building them."""
+class _RenderedFamily(Metric):
+    """What `LabelledHistogram.collect` and `LabelledValues.collect` yield: a standard family whose samples are
+    built only when read (generate_latest, tests), and whose `exposition_text()` writes the same lines
+    without building them."""
 
-    def __init__(self, owner: LabelledHistogram):
+    def __init__(self, owner: LabelledHistogram | LabelledValues, typ: str):
         self._owner = owner
         self._built: list | None = None
-        super().__init__(owner.name, owner.documentation, "histogram")
+        super().__init__(owner.name, owner.documentation, typ)
 
     @property
     def samples(self) -> list:
@@ -195,6 +197,89 @@ class _RenderedHistogramFamily(Metric):
 
     def exposition_text(self) -> str:
         return self._owner.text()
+
+
+class _ValueSeries:
+    """One label set of a `LabelledValues`: its value and its exposition line up to the value."""
+
+    __slots__ = ("owner", "prefix", "value")
+
+    def __init__(self, owner: LabelledValues, values: tuple[str, ...]):
+        self.owner = owner
+        self.value = 0.0
+        self.prefix = f"{owner.sample_name}{format_labels(zip(owner.labelnames, values, strict=True))} "
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0 and self.owner.type == "counter":
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        with self.owner.lock:
+            self.value += amount
+
+
+class LabelledValues(Collector):
+    """A labelled gauge or counter kept as plain values and written straight to exposition text, like
+    `LabelledHistogram`: prometheus_client builds a `Sample` with its own label dict per series on every
+    `collect()`; here each series keeps its line's formatted beginning. Same bytes as prometheus_client's
+    `Gauge`/`Counter` through `generate_latest` (no `_created` series: the agent turns them off).
+    API as far as `Metrics` uses it: `labels(*values).set(x)` / `.inc(n)`, `remove(*values)`."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], typ: str = "gauge",
+                 registry: CollectorRegistry | None = None):
+        if typ not in ("gauge", "counter"):
+            raise ValueError(f"{name}: type {typ!r} is neither gauge nor counter")
+        if typ == "counter" and name.endswith("_total"):
+            name = name[:-6]
+        self.name = name
+        self.sample_name = name + "_total" if typ == "counter" else name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.type = typ
+        self.lock = threading.Lock()
+        self._series: dict[tuple[str, ...], _ValueSeries] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> _ValueSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
+        values = tuple(str(v) for v in values)
+        series = self._series.get(values)
+        if series is None:
+            with self.lock:
+                series = self._series.setdefault(values, _ValueSeries(self, values))
+        return series
+
+    def remove(self, *values: str) -> None:
+        with self.lock:
+            del self._series[tuple(str(v) for v in values)]
+
+    def _snapshot(self) -> list[tuple[tuple[str, ...], _ValueSeries, float]]:
+        with self.lock:
+            return [(values, s, s.value) for values, s in self._series.items()]
+
+    def samples(self) -> list:
+        family = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
+        fam = family(self.name, self.documentation, labels=self.labelnames)
+        for values, _, value in self._snapshot():
+            fam.add_metric(list(values), value)
+        return fam.samples
+
+    def text(self) -> str:
+        fmt = floatToGoString
+        return "".join([s.prefix + fmt(value) + "\n" for _, s, value in self._snapshot()])
+
+    def _family(self) -> Metric:
+        return _RenderedFamily(self, self.type)
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def describe(self) -> Iterator[Metric]:
+        family = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
+        yield family(self.name, self.documentation, labels=self.labelnames)
 
 
 class LabelledHistogram(Collector):
@@ -266,7 +351,7 @@ class LabelledHistogram(Collector):
         return "".join(out)
 
     def collect(self) -> Iterator[Metric]:
-        yield _RenderedHistogramFamily(self)
+        yield _RenderedFamily(self, "histogram")
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -404,51 +489,58 @@ class Metrics:
         self._lock = threading.Lock()
         # probe name -> every (metric, label values) it created, so forget() removes exactly those
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._phases: dict[str, frozenset[str]] = {}  # probe -> phases with a histogram (absent: all)
         r = self.registry
         pl = PROBE_LABELS
 
+        def _gauge(name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry) -> LabelledValues:
+            return LabelledValues(name, doc, labels, "gauge", registry)
+
+        def _counter(name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry) -> LabelledValues:
+            return LabelledValues(name, doc, labels, "counter", registry)
+
         # blackbox_exporter-compatible last-probe gauges
-        self.success = Gauge("probe_success", "Whether the last probe succeeded (1) or failed (0).", pl,
+        self.success = _gauge("probe_success", "Whether the last probe succeeded (1) or failed (0).", pl,
                              registry=r)
-        self.duration = Gauge("probe_duration_seconds", "How long the last probe took, in seconds.", pl,
+        self.duration = _gauge("probe_duration_seconds", "How long the last probe took, in seconds.", pl,
                               registry=r)
-        self.http_phase = Gauge("probe_http_duration_seconds", "Duration of each HTTP phase of the last probe "
+        self.http_phase = _gauge("probe_http_duration_seconds", "Duration of each HTTP phase of the last probe "
                                 "(summed over redirects; 0 for a phase not reached).", (*pl, "phase"), registry=r)
-        self.http_status = Gauge("probe_http_status_code", "HTTP status code of the last probe (0 when none).",
+        self.http_status = _gauge("probe_http_status_code", "HTTP status code of the last probe (0 when none).",
                                  pl, registry=r)
-        self.dns_lookup = Gauge("probe_dns_lookup_time_seconds", "How long the last probe's DNS lookup took.",
+        self.dns_lookup = _gauge("probe_dns_lookup_time_seconds", "How long the last probe's DNS lookup took.",
                                 pl, registry=r)
-        self.kind_gauges = {name: Gauge(name, doc, (*pl, extra) if extra else pl, registry=r)
+        self.kind_gauges = {name: _gauge(name, doc, (*pl, extra) if extra else pl, registry=r)
                             for name, doc, extra in KIND_GAUGES}
-        self.regex_failed = Gauge("probe_failed_due_to_regex", "1 when the last probe failed a regular "
+        self.regex_failed = _gauge("probe_failed_due_to_regex", "1 when the last probe failed a regular "
                                   "expression check on body or headers.", pl, registry=r)
 
         # connprobe's own
-        self.last_ts = Gauge("connprobe_probe_last_timestamp_seconds", "Wall-clock time the last result of "
+        self.last_ts = _gauge("connprobe_probe_last_timestamp_seconds", "Wall-clock time the last result of "
                              "this probe was recorded.", pl, registry=r)
-        self.interval = Gauge("connprobe_probe_interval_seconds", "Configured interval of the probe.", pl,
+        self.interval = _gauge("connprobe_probe_interval_seconds", "Configured interval of the probe.", pl,
                               registry=r)
-        self.last_cause = Gauge("connprobe_probe_cause", "1 for the cause of the probe's last verdict (one "
+        self.last_cause = _gauge("connprobe_probe_cause", "1 for the cause of the probe's last verdict (one "
                                 "series per probe, the cause label changes).", (*pl, "cause"), registry=r)
-        self.confidence = Gauge("connprobe_probe_verdict_confidence", "Confidence (0..1) of the last verdict.",
+        self.confidence = _gauge("connprobe_probe_verdict_confidence", "Confidence (0..1) of the last verdict.",
                                 pl, registry=r)
-        self.probes = Counter("connprobe_probes_total", "Probes run, by result (success/failure).",
+        self.probes = _counter("connprobe_probes_total", "Probes run, by result (success/failure).",
                               (*pl, "result"), registry=r)
-        self.verdicts = Counter("connprobe_verdicts_total", "Verdicts by cause (ok for a healthy probe).",
+        self.verdicts = _counter("connprobe_verdicts_total", "Verdicts by cause (ok for a healthy probe).",
                                 (*pl, "cause"), registry=r)
         self.duration_hist = LabelledHistogram("connprobe_probe_duration_seconds", "Probe durations.", pl,
                                                buckets=duration_buckets, registry=r)
         self.phase_hist = LabelledHistogram("connprobe_probe_phase_duration_seconds", "Durations of the phases "
                                             "probes reached (resolve, connect, tls, processing, transfer).",
                                             (*pl, "phase"), buckets=phase_buckets, registry=r)
-        self.retransmits = Counter("connprobe_probe_tcp_retransmits_total", "TCP retransmissions (data and "
+        self.retransmits = _counter("connprobe_probe_tcp_retransmits_total", "TCP retransmissions (data and "
                                    "SYN) in the kernel evidence of this probe's verdicts.", pl, registry=r)
-        self.drops = Counter("connprobe_probe_packet_drops_total", "Dropped packets in the kernel evidence of "
+        self.drops = _counter("connprobe_probe_packet_drops_total", "Dropped packets in the kernel evidence of "
                              "this probe's verdicts, by drop reason.", (*pl, "reason"), registry=r)
-        self.dns_queries = Counter("connprobe_dns_queries_total", "DNS queries the probes sent, by answer: the "
+        self.dns_queries = _counter("connprobe_dns_queries_total", "DNS queries the probes sent, by answer: the "
                                    "rcode in lower case (noerror, nxdomain, servfail, ...) or no_answer.",
                                    (*pl, "result"), registry=r)
-        self.suspect = Counter("connprobe_suspect_probes_total", "Probes whose timing is suspect because the "
+        self.suspect = _counter("connprobe_suspect_probes_total", "Probes whose timing is suspect because the "
                                "agent's event loop was starved while they ran.", pl, registry=r)
         self.loop_lag = Gauge("connprobe_event_loop_lag_seconds", "Last measured lag of the agent's event loop.",
                               registry=r)
@@ -470,12 +562,23 @@ class Metrics:
         return metric.labels(*values)
 
     def declare(self, probe: str, target: str, source: str, *, kind: ProbeKind | None = None,
-                interval_s: float | None = None, labels: Iterable[tuple[str, str]] = ()) -> None:
+                interval_s: float | None = None, labels: Iterable[tuple[str, str]] = (),
+                phase_histograms: Iterable[str] | None = None) -> None:
         """Create a configured probe's series before its first result: counters at 0 for every result and
         cause (so `rate()` and `increase()` see the first failure), every HTTP phase at 0, the interval, and
-        its `connprobe_probe_labels` series with the config's `labels:` (validated by `connprobe.config`)."""
+        its `connprobe_probe_labels` series with the config's `labels:` (validated by `connprobe.config`).
+        `phase_histograms`: the phases that get a `connprobe_probe_phase_duration_seconds` histogram (the
+        module's `phase_histograms:`); None, as for a probe never declared, means every phase reached."""
         pl = self._labels(probe, target, source)
         with self._lock:
+            if phase_histograms is None:
+                self._phases.pop(probe, None)
+            else:
+                wanted = self._phases[probe] = frozenset(phase_histograms)
+                for m, values in [(m, v) for m, v in self._series.get(probe, ()) if m is self.phase_hist]:
+                    if values[3] not in wanted:  # a reload took the phase out: its series go
+                        self.phase_hist.remove(*values)
+                        self._series[probe].discard((m, values))
             self._declare(pl, kind)
             if interval_s is not None:
                 self._touch(probe, self.interval, pl).set(interval_s)
@@ -531,8 +634,10 @@ class Metrics:
             self._touch(probe, self.probes, (*pl, "success" if r.ok else "failure")).inc()
             self._touch(probe, self.verdicts, (*pl, str(verdict.cause))).inc()
             self._touch(probe, self.duration_hist, pl).observe(r.duration_ns / 1e9)
+            wanted = self._phases.get(probe)
             for phase, ns in phases.items():
-                self._touch(probe, self.phase_hist, (*pl, phase)).observe(ns / 1e9)
+                if wanted is None or phase in wanted:
+                    self._touch(probe, self.phase_hist, (*pl, phase)).observe(ns / 1e9)
             if retransmits:
                 self._touch(probe, self.retransmits, pl).inc(retransmits)
             for reason, n in drops.items():
@@ -561,6 +666,7 @@ class Metrics:
                 self._series.pop(probe, None)
             if target is None and source is None:
                 self.probe_labels.forget(probe)
+                self._phases.pop(probe, None)
 
     def probes_known(self) -> set[str]:
         with self._lock:

@@ -5,8 +5,8 @@ tested on recorded data alone.
 """
 
 from correlator.correlate import correlate
-from correlator.join import join
+from correlator.join import EventIndex, join
 from correlator.rules import RULES
 from correlator.types import Cause, KernelCoverage, Verdict
 
-__all__ = ["RULES", "Cause", "KernelCoverage", "Verdict", "correlate", "join"]
+__all__ = ["RULES", "Cause", "EventIndex", "KernelCoverage", "Verdict", "correlate", "join"]

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from bpf.types import KernelEvent, RemoteEvidence
 from correlator.crossnode import answer_drop_agreement, remote_facts, unavailable_facts
-from correlator.join import GRACE_NS, join
+from correlator.join import GRACE_NS, EventIndex, join
 from correlator.rules import RULES, Context, Finding
 from correlator.types import Cause, KernelCoverage, Verdict
 from prober.types import ProbeResult
@@ -17,7 +17,7 @@ NO_KERNEL_CAP = 0.5
 
 def correlate(
     result: ProbeResult,
-    events: Iterable[KernelEvent],
+    events: Iterable[KernelEvent] | EventIndex,
     *,
     budget_ns: int | None = None,
     coverage: KernelCoverage | None = None,

@@ -10,6 +10,7 @@ namespace it must also carry that namespace's inode, so equal tuples in two name
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,32 +31,104 @@ class Matched:
     local_ns: bool  # seen in the probe's own network namespace
 
 
-def _key(proto: str, addr: str, port: int) -> tuple[str, str, int]:
-    return (proto, addr, port)
+class EventIndex:
+    """Kernel events indexed by (protocol, address, port) of either endpoint, kept in timestamp order per key:
+    `join` over an index reads only the events of the probe's own local endpoints in its time span, not every
+    event of the window (a window of a busy node holds thousands of other connections' events). Add events
+    as they arrive (`add`, `extend`); `join(result, index)` gives exactly what `join(result, events)` gives
+    for the same events in the same order (events with equal timestamps keep their arrival order)."""
+
+    __slots__ = ("_by_end", "_count")
+
+    def __init__(self, events: Iterable[KernelEvent] = ()):
+        # key -> (timestamps, [(timestamp, arrival number, event)]), both sorted by timestamp
+        self._by_end: dict[tuple[str, str, int], tuple[list[int], list[tuple[int, int, KernelEvent]]]] = {}
+        self._count = 0
+        self.extend(events)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, ev: KernelEvent) -> None:
+        entry = (ev.ts_ns, self._count, ev)
+        self._count += 1
+        src = (ev.proto, ev.saddr, ev.sport)
+        self._put(src, entry)
+        dst = (ev.proto, ev.daddr, ev.dport)
+        if dst != src:
+            self._put(dst, entry)
+
+    def extend(self, events: Iterable[KernelEvent]) -> None:
+        for ev in events:
+            self.add(ev)
+
+    def _put(self, key: tuple[str, str, int], entry: tuple[int, int, KernelEvent]) -> None:
+        slot = self._by_end.get(key)
+        ts = entry[0]
+        if slot is None:
+            self._by_end[key] = ([ts], [entry])
+            return
+        stamps, entries = slot
+        if ts >= stamps[-1]:
+            stamps.append(ts)
+            entries.append(entry)
+        else:  # out of order (per-CPU rings): keep the key's list sorted, equal stamps in arrival order
+            i = bisect.bisect_right(stamps, ts)
+            stamps.insert(i, ts)
+            entries.insert(i, entry)
+
+    def between(self, keys: Iterable[tuple[str, str, int]], lo: int, hi: int) -> list[KernelEvent]:
+        """The events with an endpoint in `keys` and lo <= ts_ns <= hi, each once, in (timestamp, arrival)
+        order."""
+        found: dict[int, tuple[int, int, KernelEvent]] = {}
+        for key in keys:
+            slot = self._by_end.get(key)
+            if slot is None:
+                continue
+            stamps, entries = slot
+            for i in range(bisect.bisect_left(stamps, lo), bisect.bisect_right(stamps, hi)):
+                entry = entries[i]
+                found[entry[1]] = entry
+        return [entry[2] for entry in sorted(found.values(), key=_ts_arrival)]
 
 
-def join(result: ProbeResult, events: Iterable[KernelEvent], grace_ns: int = GRACE_NS) -> list[Matched]:
-    """The events of `result`, in timestamp order."""
+def _ts_arrival(entry: tuple[int, int, KernelEvent]) -> tuple[int, int]:
+    return entry[0], entry[1]
+
+
+def join(result: ProbeResult, events: Iterable[KernelEvent] | EventIndex,
+         grace_ns: int = GRACE_NS) -> list[Matched]:
+    """The events of `result`, in timestamp order. `events` is any iterable of events (scanned in full) or
+    an `EventIndex` (only the probe's own endpoints are read)."""
     by_local = result.local_endpoints()
     lo, hi = result.start_ns - SLACK_NS, result.end_ns + grace_ns
+    if isinstance(events, EventIndex):
+        events = events.between(by_local, lo, hi)
     out: list[Matched] = []
+    get = by_local.get
     for ev in events:
-        if not lo <= ev.ts_ns <= hi:
+        ts = ev.ts_ns
+        if ts < lo or ts > hi:
             continue
-        flow = by_local.get(_key(ev.proto, ev.saddr, ev.sport))
+        proto = ev.proto
+        flow = get((proto, ev.saddr, ev.sport))
         outbound = True
         if flow is None:
-            flow = by_local.get(_key(ev.proto, ev.daddr, ev.dport))
+            flow = get((proto, ev.daddr, ev.dport))
             outbound = False
-        if flow is None:
-            continue
+            if flow is None:
+                continue
         local_ns = ev.netns == flow.netns
         if not local_ns and outbound and ev.kind not in _PATH_KINDS:
             # A socket-level event with our source tuple in another namespace is someone else's socket.
             continue
         out.append(Matched(ev, flow, outbound, local_ns))
-    out.sort(key=lambda m: m.event.ts_ns)
+    out.sort(key=_matched_ts)
     return out
+
+
+def _matched_ts(m: Matched) -> int:
+    return m.event.ts_ns
 
 
 # Packet-level events can be seen in any namespace on the path (router, server, DNAT node); socket-level

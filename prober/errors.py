@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import errno
 import ssl
+import sys
 
 import aiohttp
 import aiohttp.client_exceptions as ace
 import aiohttp.http_exceptions as ahe
 import dns.exception
-import grpc
-import grpc.aio
 import httpx
 
 from prober.sockets import SourceError
@@ -130,16 +129,41 @@ _TABLE: dict[type[BaseException], object] = {
     # --- dnspython (only message parsing is used: the transport is ours) ---
     dns.exception.DNSException: E.PROTOCOL_ERROR,
     dns.exception.Timeout: E.DNS_TIMEOUT,
-    # --- grpcio (the gRPC health prober) ---
-    grpc.RpcError: E.PROTOCOL_ERROR,
-    grpc.aio.AioRpcError: E.PROTOCOL_ERROR,  # prober/grpc.py reads its status code first
-    grpc.FutureTimeoutError: BY_PHASE,
-    grpc.FutureCancelledError: E.INTERNAL,
-    grpc.aio.BaseError: E.INTERNAL,
-    grpc.aio.AbortError: E.PROTOCOL_ERROR,
-    grpc.aio.InternalError: E.INTERNAL,
-    grpc.aio.UsageError: E.INTERNAL,
 }
+
+
+def _grpc_entries() -> dict[type[BaseException], object]:
+    """grpcio's classes: added to the table once grpc is imported (by the gRPC prober, on its first probe).
+    Importing it here would cost every agent ~9 MiB of RSS for a C core most configs never use; an exception
+    of grpc's cannot exist before grpc is imported."""
+    import grpc
+    import grpc.aio
+
+    return {
+        grpc.RpcError: E.PROTOCOL_ERROR,
+        grpc.aio.AioRpcError: E.PROTOCOL_ERROR,  # prober/grpc.py reads its status code first
+        grpc.FutureTimeoutError: BY_PHASE,
+        grpc.FutureCancelledError: E.INTERNAL,
+        grpc.aio.BaseError: E.INTERNAL,
+        grpc.aio.AbortError: E.PROTOCOL_ERROR,
+        grpc.aio.InternalError: E.INTERNAL,
+        grpc.aio.UsageError: E.INTERNAL,
+    }
+
+
+# module name -> its entries, merged into _TABLE by table() once the module is imported
+_LATER: dict[str, object] = {"grpc": _grpc_entries}
+
+
+def table() -> dict[type[BaseException], object]:
+    """The whole table: `_TABLE` plus the entries of the libraries imported since (grpcio)."""
+    if _LATER:
+        for name in [n for n in _LATER if n in sys.modules]:
+            entries = _LATER.pop(name, None)
+            if entries is not None:
+                _TABLE.update(entries())  # type: ignore[operator]
+    return _TABLE
+
 
 _ERRNO: dict[int, ErrorKind] = {
     errno.ECONNREFUSED: E.CONNECT_REFUSED,
@@ -172,8 +196,9 @@ def errno_kind(num: int | None) -> ErrorKind | None:
 
 def rule_for(cls: type[BaseException]) -> object | None:
     """The table entry that applies to `cls` (nearest in its MRO), None when nothing applies."""
+    entries = table()
     for base in cls.__mro__:
-        rule = _TABLE.get(base)
+        rule = entries.get(base)
         if rule is not None:
             return rule
     return None

@@ -406,6 +406,8 @@ class UnixSpec(Frozen):
 
 
 ProberName = Literal["http", "tcp", "dns", "icmp", "grpc", "websocket", "unix"]
+# The phases a prober times (PhaseSpan names): http resolve..transfer, icmp setup/rtt, grpc check.
+PhaseName = Literal["resolve", "connect", "tls", "processing", "transfer", "setup", "rtt", "check"]
 SECTIONS = ("http", "tcp", "dns", "icmp", "grpc", "websocket", "unix")
 
 
@@ -416,6 +418,9 @@ class ModuleSpec(Frozen):
     timeout: TimeoutDuration = 5.0
     budget: TimeoutDuration | None = None  # latency budget: a slower probe gets a verdict even when it succeeded
     ip_policy: Literal["all", "first", "ipv4", "ipv6"] = "first"
+    # the agent's /metrics: the phases that get a per-probe histogram (connprobe_probe_phase_duration_seconds,
+    # 14 series each); none unless listed (the last probe's phases are always in probe_http_duration_seconds)
+    phase_histograms: tuple[PhaseName, ...] = ()
     http: HTTPSpec | None = None
     tcp: TCPSpec | None = None
     dns: DNSSpec | None = None

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +83,7 @@ async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
     budget = _duration("budget", args.budget)
     interval = _duration("interval", args.interval) or 0.0
     asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
-    watch = await open_watch(disabled=args.no_kernel, netns=node_netns)
+    watch = await _open_watch_with_progress(args.no_kernel, node_netns)
     try:
         return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
                               asker=asker)
@@ -90,6 +91,21 @@ async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
         if asker is not None:
             await asker.close()
         await close_watch(watch)
+
+
+async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None = None):
+    """`open_watch`, saying on a terminal's stderr what it is waiting for: loading the sensor (BTF, compiling
+    and attaching the BPF programs) is most of a cold diagnose's first second. Nothing is written when stderr
+    is not a terminal, so piped and --json output are unchanged."""
+    err = Console(stderr=True)
+    if disabled or not err.is_terminal:
+        return await open_watch(disabled=disabled, netns=netns)
+    t0 = time.monotonic()
+    with err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…"):
+        watch = await open_watch(disabled=disabled, netns=netns)
+    state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
+    err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
+    return watch
 
 
 def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:

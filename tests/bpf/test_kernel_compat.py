@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import random
 import shutil
 from pathlib import Path
 
@@ -107,3 +109,35 @@ def test_kallsyms_hidden_addresses(tmp_path: Path) -> None:
     path.write_text("0000000000000000 T _stext\n0000000000000000 t tcp_v4_rcv\n")
     ks = Kallsyms(path)
     assert not ks.usable and ks.lookup(0xFFFFFFFF81001234) is None
+
+
+def _reference_lookup(path: Path):
+    """The table as it was kept before it was packed into arrays: lists of ints and names."""
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[1] not in "tTwW" or int(parts[0], 16) == 0:
+            continue
+        rows.append((int(parts[0], 16), parts[2]))
+    rows.sort(key=lambda r: r[0])
+    addrs = [a for a, _ in rows]
+
+    def lookup(addr: int) -> str | None:
+        i = bisect.bisect_right(addrs, addr) - 1
+        if not addr or i < 0 or addr - addrs[i] > 1 << 20:
+            return None
+        return f"{rows[i][1]}+{addr - addrs[i]:#x}"
+
+    return lookup, addrs
+
+
+@pytest.mark.kernel  # real addresses in /proc/kallsyms need root
+def test_packed_kallsyms_look_up_like_the_lists_on_the_running_kernel(tmp_path: Path) -> None:
+    path = tmp_path / "kallsyms"  # one snapshot: BPF programs loaded meanwhile add symbols to the live table
+    path.write_bytes(Path("/proc/kallsyms").read_bytes())
+    ks = Kallsyms(path)
+    ref, addrs = _reference_lookup(path)
+    assert len(ks) == len(addrs) and ks.usable
+    rnd = random.Random(5)
+    probes = [a + rnd.randrange(0, 4096) for a in rnd.sample(addrs, 3000)] + addrs[:50] + addrs[-50:] + [1, 0]
+    assert [ks.lookup(a) for a in probes] == [ref(a) for a in probes]

@@ -40,6 +40,8 @@ EXPECTED = {
     "cert_days_without_verify": 'module "https": http.tls: min_cert_days needs certificate verification '
     "(insecure_skip_verify is true)",
     "bad_ip_policy": "module \"http_2xx\": ip_policy: must be 'all', 'first', 'ipv4' or 'ipv6'",
+    "bad_phase_histogram": "module \"http_2xx\": phase_histograms[1]: must be 'resolve', 'connect', 'tls', "
+    "'processing', 'transfer', 'setup', 'rtt' or 'check'",
     "dns_without_query": 'module "dns_a": dns: required for prober dns (at least query_name)',
     "bad_query_type": "module \"dns_a\": dns.query_type: unknown query type 'AXFRR' "
     "(one of A, AAAA, ANY, CAA, CNAME, HTTPS, MX, NS, PTR, SOA, SRV, SVCB, TXT)",

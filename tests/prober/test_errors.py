@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import inspect
 import ssl
+import subprocess
+import sys
 
 import aiohttp
 import aiohttp.client_exceptions
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 import prober
-from prober.errors import _TABLE, BY_ERRNO, BY_PHASE, NOT_RAISED, classify, rule_for
+from prober.errors import BY_ERRNO, BY_PHASE, NOT_RAISED, classify, rule_for, table
 from prober.types import ErrorKind
 
 
@@ -47,7 +49,7 @@ def _dns_classes() -> list[type[BaseException]]:
 
 @pytest.mark.parametrize("cls", AIOHTTP + HTTPX, ids=lambda c: f"{c.__module__}.{c.__qualname__}")
 def test_every_client_exception_class_has_its_own_entry(cls):
-    assert cls in _TABLE, f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"
+    assert cls in table(), f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"
 
 
 @pytest.mark.parametrize("cls", _dns_classes(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
@@ -104,7 +106,7 @@ def test_unknown_exception_is_internal_and_says_so():
 
 
 def test_rules_are_kinds_or_known_markers():
-    for rule in _TABLE.values():
+    for rule in table().values():
         assert isinstance(rule, ErrorKind) or rule in (BY_ERRNO, BY_PHASE, NOT_RAISED)
 
 
@@ -126,4 +128,14 @@ def _grpc_classes() -> list[type[BaseException]]:
 @pytest.mark.parametrize("cls", _grpc_classes(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
 def test_every_grpc_exception_class_has_its_own_entry(cls):
     assert len(_grpc_classes()) >= 8
-    assert cls in _TABLE, f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"
+    assert cls in table(), f"{cls.__module__}.{cls.__qualname__} is not mapped in prober/errors.py"
+
+
+def test_grpc_is_not_imported_until_a_grpc_probe_needs_it():
+    """grpcio (~9 MiB of RSS) is not loaded by the prober's import: its table entries join once it is."""
+    code = ("import sys; import prober, prober.errors, prober.runner, connprobe.agent, connprobe.cli; "
+            "assert 'grpc' not in sys.modules, 'grpc imported'; "
+            "import grpc; from prober.errors import rule_for; "
+            "assert rule_for(grpc.RpcError) is not None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
