@@ -125,6 +125,19 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
         return 2
+    if cluster is not None:  # cross-node evidence: the destination's node's agent, found through the cluster
+        from connprobe.cluster.peers import cluster_peers
+
+        try:
+            agent.set_cluster_resolver(cluster_peers(cluster, listen_port=port, web_config=web,
+                                                     token=agent.peer_token))
+        except ValueError as exc:
+            await agent.stop()
+            cluster.close()
+            print(f"connprobe agent: {exc}", file=sys.stderr)
+            if stream not in (None, sys.stdout):
+                stream.close()
+            return 2
     runner = None
     channel = None
     try:
