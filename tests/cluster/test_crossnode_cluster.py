@@ -212,3 +212,27 @@ async def test_https_peer_found_through_the_cluster_presents_the_shared_certific
         for a in agents:
             await a.stop()
         await asyncio.to_thread(view.close)
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(180)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_diagnose_through_node_a_agent_asks_the_cluster_peers(lab, cluster_nodes, tmp_path):
+    """`connprobe diagnose` on node A goes through its agent's channel: the agent asks the same peers (here the
+    ones the cluster found) and the attempt comes back with node B's events marked with their node."""
+    from connprobe.agentchannel import DiagnoseChannel, DiagnoseRequest, attempts_via_agent
+
+    nodes, _view = cluster_nodes
+    channel = DiagnoseChannel(nodes.a, tmp_path / "diagnose.sock")
+    await channel.start()
+    try:
+        req = DiagnoseRequest(target=f"{nodes.server_addr(4)}:8080", source=lab.ns("client").name, timeout="1500ms")
+        with lab.policy_drop("srv1", direction="in", port=8080):
+            got = [a async for a, _events in attempts_via_agent(channel.path, req)]
+    finally:
+        await channel.close()
+    assert channel.served == 1 and len(got) == 1
+    v = got[0].verdict
+    assert (str(v.cause), v.sub_cause) == ("policy_drop", "policy_drop/syn"), v.facts
+    assert "on node node-b" in v.facts[0]
+    assert v.remote and v.remote[0].node == "node-b" and v.remote[0].events[0].node == "node-b"
