@@ -73,6 +73,9 @@ def read_token(path: str, what: str) -> bytes:
     except OSError as exc:
         raise PeerConfigError(f"{what}: {path}: {exc.strerror or exc}") from None
     token = raw.split(b"\n", 1)[0].strip()
+    if token.startswith(b"REPLACE-WITH"):  # the manifests' placeholder: a token everyone knows is no credential
+        raise PeerConfigError(f"{what}: {path}: still the placeholder {token[:40].decode('ascii', 'replace')!r}; "
+                              "put a random token there")
     if not token or len(token) > MAX_TOKEN_BYTES or any(c < 0x21 or c > 0x7e for c in token):
         raise PeerConfigError(f"{what}: {path}: the token must be one line of printable ASCII, 1 to "
                               f"{MAX_TOKEN_BYTES} bytes")
