@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import IO
 
 import prometheus_client
@@ -49,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web.probe-rate", dest="web_probe_rate", type=float, default=20.0, metavar="PER_SECOND",
                    help="/probe calls per second on average, bursts of twice as many; more get 429 (default 20)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--diagnose.socket", dest="diagnose_socket", metavar="PATH", default=None,
+                   help="Unix socket on which `connprobe diagnose` on this node asks the agent to run its attempts "
+                        "with the attached sensor; root only (default $CONNPROBE_DIAGNOSE_SOCKET or "
+                        "/run/connprobe/diagnose.sock; empty: off)")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
@@ -63,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"--listen: {value!r} must be HOST:PORT, e.g. 127.0.0.1:9516 or [::1]:9516")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
@@ -127,7 +132,21 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
         return 2
+    if cluster is not None:  # cross-node evidence: the destination's node's agent, found through the cluster
+        from connprobe.cluster.peers import cluster_peers
+
+        try:
+            agent.set_cluster_resolver(cluster_peers(cluster, listen_port=port, web_config=web,
+                                                     token=agent.peer_token))
+        except ValueError as exc:
+            await agent.stop()
+            cluster.close()
+            print(f"connprobe agent: {exc}", file=sys.stderr)
+            if stream not in (None, sys.stdout):
+                stream.close()
+            return 2
     runner = None
+    channel = None
     try:
         try:
             runner = await start_server(
@@ -137,6 +156,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
+        channel = await _open_channel(agent, getattr(args, "diagnose_socket", None))
         agent.spawn(_freeze_heap_when_ready(agent), "connprobe-gc-freeze")
         scheme = "https" if runner.ssl_context is not None else "http"
         log.info("listening on %s://%s:%d/", scheme, f"[{host}]" if ":" in host else host, port)
@@ -154,6 +174,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if channel is not None:
+            await channel.close()
         if runner is not None:
             await runner.cleanup()
         await agent.stop()
@@ -162,6 +184,22 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
     return 0
+
+
+async def _open_channel(agent: Agent, path: str | None):  # -> DiagnoseChannel | None
+    """The local diagnose channel (`connprobe/agentchannel.py`); a problem with it is one warning, not a stop."""
+    from connprobe.agentchannel import ChannelError, DiagnoseChannel, default_socket
+
+    if path == "":
+        return None
+    channel = DiagnoseChannel(agent, Path(path) if path else default_socket())
+    try:
+        await channel.start()
+    except ChannelError as exc:
+        log.warning("diagnose channel off: %s", exc)
+        return None
+    log.info("diagnose channel on %s (root only)", channel.path)
+    return channel
 
 
 async def _freeze_heap_when_ready(agent: Agent) -> None:

@@ -3,10 +3,11 @@ timeline (phases and kernel events on one time axis) and a one-line verdict.
 
 TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
 resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
-WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). Or `--config FILE --probe NAME`: the agent's probe
-exactly as configured (module, credentials, CA, source, timeout, budget), e.g. to re-run what an alert names.
-`-o text|json|yaml`: text prints each attempt as it finishes; json/yaml the documented document.
-The loop itself is `connprobe.diagnosis.diagnose`.
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect); or `--config FILE --probe NAME`: the agent's probe
+exactly as configured (standalone), e.g. to re-run what an alert names; `-o text|json|yaml`.
+The loop itself is `connprobe.diagnosis.attempts`;
+where an agent answers on its diagnose channel (`connprobe/agentchannel.py`), the agent runs it with its attached
+sensor and each attempt is printed as it arrives, the same as standalone.
 Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
 """
 
@@ -14,45 +15,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
 from connprobe.diagnosis import (
     EXIT_USAGE,
     Diagnosis,
     UsageError,
-    config_spec,
-    diagnose,
+    duration_arg,
     exit_code,
-    peer_asker,
-    target_spec,
+    record_attempt,
     to_document,
 )
 from connprobe.netnames import netns_names
-from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
 from correlator import Cause
-from prober.redact import install_log_redaction, redact_url
-from prober.spec import ProbeSpec, parse_duration
+from prober.redact import install_log_redaction
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="http(s)://URL, host:port (TCP), dns:NAME, icmp:HOST, grpc:HOST:PORT, "
-                                             "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, "
-                                             "HTTP with a path; implies --kubernetes); not with --config")
-    p.add_argument("--config", type=Path, metavar="FILE",
-                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does "
-                        "(not with TARGET)")
-    p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
+                                  "ws(s)://URL, unix:/PATH, or svc/NS/NAME:PORT[/PATH] (a Service: TCP, HTTP "
+                                  "with a path; implies --kubernetes)")
     p.add_argument("--count", "-n", type=int, default=1, help="attempts (default 1)")
     p.add_argument("--from", dest="source", default="host", metavar="NETNS",
                    help="probe from this network namespace: a name in /run/netns, or /proc/PID/ns/net; with "
@@ -65,6 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which resolved addresses to probe (default first)")
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--no-agent", action="store_true",
+                   help="run standalone (load a sensor of its own) even when an agent runs on this node")
+    p.add_argument("--agent-socket", type=Path, metavar="PATH", default=None,
+                   help="the agent's diagnose channel (default $CONNPROBE_DIAGNOSE_SOCKET or "
+                        "/run/connprobe/diagnose.sock); used when an agent answers there")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the agent's config: with --probe NAME, run that probe exactly as the agent does (module, "
+                        "credentials, CA, source, timeout, budget; standalone; not with TARGET)")
+    p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
     p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default=None,
                    help="text (default: each attempt printed as it finishes), json (the documented document, "
                         "docs/diagnose.schema.json) or yaml (the same document)")
@@ -79,66 +84,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
 
-def _duration(name: str, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except (ValueError, TypeError):
-        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+class _SourceError(Exception):
+    """An attempt could not be made from its source (its namespace does not exist): nothing more to show."""
 
 
-# options that shape the probe: with --config the probe's own settings are used, so these must stay unset
-_SHAPING = {"source": ("--from", "host"), "timeout": ("--timeout", "5s"), "client": ("--client", "aiohttp"),
-            "ip_policy": ("--ip", "first"), "qtype": ("--qtype", "A")}
+async def _attempts(args: argparse.Namespace) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
+    """Each attempt as it is judged: by the node's agent when one answers on its channel (its sensor is
+    attached already), else standalone with a sensor of our own."""
+    peers = getattr(args, "peers_config", None)
+    config_probe = getattr(args, "_spec", None)  # --config/--probe: that exact probe, run standalone
+    if config_probe is None and not args.no_agent and not args.no_kernel and not peers:
+        # the agent checks the target and durations with the same `target_spec` and `duration_arg` (a usage
+        # error reads the same), so this path imports no probe machinery at all
+        from connprobe.agentchannel import AgentUnavailable, DiagnoseRequest, attempts_via_agent, default_socket
 
+        request = DiagnoseRequest(target=args.target, source=args.source, timeout=args.timeout,
+                                  client=args.client, ip_policy=args.ip_policy, qtype=args.qtype,
+                                  count=args.count, interval=args.interval, budget=args.budget)
+        budget_ns = request_budget_ns(args.budget) if args.record else None
+        try:
+            async for a, events in attempts_via_agent(args.agent_socket or default_socket(), request):
+                if args.record:
+                    record_attempt(args.record, a.verdict.result.target, a, events, budget_ns)
+                yield a, events
+            return
+        except AgentUnavailable as exc:  # raised before any attempt: run standalone
+            logging.getLogger("connprobe.diagnose").debug("standalone: %s", exc)
+    from connprobe.diagnosis import attempts, peer_asker, target_spec
+    from connprobe.sensorload import close_watch
 
-def build_spec(args: argparse.Namespace) -> ProbeSpec:
-    """The probe to run: from TARGET and the options, or `--config FILE --probe NAME` (UsageError: exit 2)."""
-    if args.config is not None:
-        if args.target:
-            raise UsageError(f"TARGET {redact_url(args.target)!r}: not with --config (the probe's target is used)")
-        if not args.probe:
-            raise UsageError("--config: needs --probe NAME")
-        for attr, (flag, default) in _SHAPING.items():
-            if getattr(args, attr, default) != default:
-                raise UsageError(f"{flag}: not with --config (the probe's own setting is used)")
-        return config_spec(args.config, args.probe)
-    if args.probe:
-        raise UsageError("--probe: needs --config FILE")
-    if not args.target:
-        raise UsageError("TARGET: required (or --config FILE --probe NAME)")
-    return target_spec(args.target, source=args.source, timeout=_duration("timeout", args.timeout) or 5.0,
-                       client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
-
-
-async def _diagnose(args: argparse.Namespace, spec: ProbeSpec, on_attempt=None) -> list[Diagnosis]:
-    budget = _duration("budget", args.budget)
-    interval = _duration("interval", args.interval) or 0.0
-    asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
+    timeout = duration_arg("timeout", args.timeout) or 5.0
+    budget = duration_arg("budget", args.budget)
+    interval = duration_arg("interval", args.interval) or 0.0
+    spec = config_probe or target_spec(args.target, source=args.source, timeout=timeout, client=args.client,
+                                       ip_policy=args.ip_policy, qtype=args.qtype)
+    asker, node_netns = peer_asker(peers) if peers else (None, None)
     watch = await _open_watch_with_progress(args.no_kernel, node_netns)
     try:
-        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
-                              asker=asker, on_attempt=on_attempt)
+        async for item in attempts(spec, watch, count=args.count, interval=interval, budget=budget,
+                                   record=args.record, asker=asker):
+            yield item
     finally:
         if asker is not None:
             await asker.close()
         await close_watch(watch)
 
 
+def request_budget_ns(budget: str | None) -> int | None:
+    seconds = duration_arg("budget", budget)
+    return int(seconds * 1e9) if seconds else None
+
+
 async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None = None):
     """`open_watch`, saying on a terminal's stderr what it is waiting for: loading the sensor (BTF, compiling
     and attaching the BPF programs) is most of a cold diagnose's first second. Nothing is written when stderr
-    is not a terminal, so piped and --json output are unchanged."""
+    is not a terminal, so piped and --json output are unchanged. Meanwhile this thread imports the probe code
+    (the compile runs on the sensor's thread, in C, without the GIL)."""
+    from connprobe.sensorload import open_watch
+
     err = Console(stderr=True)
-    if disabled or not err.is_terminal:
-        return await open_watch(disabled=disabled, netns=netns)
+    show = not disabled and err.is_terminal
     t0 = time.monotonic()
-    with err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…"):
-        watch = await open_watch(disabled=disabled, netns=netns)
-    state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
-    err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
+    status = (err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…")
+              if show else contextlib.nullcontext())
+    with status:
+        loading = asyncio.create_task(open_watch(disabled=disabled, netns=netns))
+        await asyncio.sleep(0)  # let it reach its thread
+        try:
+            import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile
+        finally:
+            watch = await loading
+    if show:
+        state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
+        err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
     return watch
+
+
+async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], Diagnosis]) -> list[Diagnosis]:
+    """Every attempt, each handed to `on_attempt` (which prints it) as soon as it is judged."""
+    got: list[Diagnosis] = []
+    stream = _attempts(args)
+    async with contextlib.aclosing(stream):
+        async for a, _ in stream:
+            got.append(on_attempt(a))
+    return got
 
 
 def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:
@@ -217,6 +246,38 @@ def resolve_cluster_names(args: argparse.Namespace):
     return view
 
 
+# options that shape the probe: with --config the probe's own settings are used, so these must stay unset
+_SHAPING = {"source": ("--from", "host"), "timeout": ("--timeout", "5s"), "client": ("--client", "aiohttp"),
+            "ip_policy": ("--ip", "first"), "qtype": ("--qtype", "A")}
+
+
+def probe_from_config(args: argparse.Namespace) -> bool:
+    """`--config FILE --probe NAME`: that probe (as `args._spec`; target, source and budget taken from it) and
+    True; False for a TARGET. UsageError (one line, exit 2) for a combination that cannot be."""
+    if args.config is None:
+        if args.probe:
+            raise UsageError("--probe: needs --config FILE")
+        if not args.target:
+            raise UsageError("TARGET: required (or --config FILE --probe NAME)")
+        return False
+    from connprobe.diagnosis import config_spec
+    from prober.redact import redact_url
+
+    if args.target:
+        raise UsageError(f"TARGET {redact_url(args.target)!r}: not with --config (the probe's target is used)")
+    if not args.probe:
+        raise UsageError("--config: needs --probe NAME")
+    for attr, (flag, default) in _SHAPING.items():
+        if getattr(args, attr, default) != default:
+            raise UsageError(f"{flag}: not with --config (the probe's own setting is used)")
+    spec = config_spec(args.config, args.probe)
+    args._spec = spec
+    args.target, args.source = spec.target, spec.source
+    if args.budget is None and spec.effective_budget is not None:
+        args.budget = f"{spec.effective_budget}s"
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
@@ -231,55 +292,52 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     cluster = None
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     install_log_redaction()
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(width=160, highlight=False)
+    names: dict[int, str] = {}
+    shown: list[Diagnosis] = []
+
+    def show(a: Diagnosis) -> Diagnosis:  # each attempt as soon as it is judged
+        r = a.verdict.result
+        if r.error and r.error.value == "source_error":
+            raise _SourceError(r.error_detail)
+        if cluster is not None:
+            a = replace(a, verdict=cluster.name_verdict(a.verdict))
+        if output != "text":
+            return a
+        if not shown:
+            names.update(netns_names())
+            if not a.coverage.available:
+                out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+            if cluster is not None:
+                names.update(cluster.netns_names())
+                for line in getattr(args, "cluster_names", {}).values():
+                    out.print(f"[dim]{escape(line)}[/dim]")
+        shown.append(a)
+        print_attempt(out, a, args.count, names)
+        return a
+
+    output = getattr(args, "output", None) or ("json" if args.json else "text")
     try:
         if args.count < 1:
             raise UsageError(f"--count: {args.count} must be at least 1")
-        output = getattr(args, "output", None) or ("json" if args.json else "text")
         if args.json and output != "json":
             raise UsageError(f"--json: not with -o {output}")
-        if args.config is None and args.target:  # names of a cluster in TARGET or --from (not with --config)
+        if probe_from_config(args):
+            cluster = None
+        else:
             cluster = resolve_cluster_names(args)
-        spec = build_spec(args)
-        if args.config is not None:  # the document and the header name what was run; the probe's own budget
-            args.target, args.source = spec.target, spec.source
-            if args.budget is None and spec.effective_budget is not None:
-                args.budget = f"{spec.effective_budget}s"
-        _duration("budget", args.budget)
-        _duration("interval", args.interval)
-        out = Console(highlight=False)
-        if not out.is_terminal:
-            out = Console(width=160, highlight=False)
-        names = netns_names() if output == "text" else {}
-        if cluster is not None and output == "text":
-            names.update(cluster.netns_names())
-        shown: list[bool] = []
-
-        def stream(a: Diagnosis) -> None:  # text: each attempt as soon as it has finished
-            if a.verdict.result.error and a.verdict.result.error.value == "source_error":
-                return
-            if not shown:
-                if not a.coverage.available:
-                    out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
-                for line in getattr(args, "cluster_names", {}).values():
-                    out.print(f"[dim]{escape(line)}[/dim]")
-            shown.append(True)
-            if cluster is not None:
-                a = replace(a, verdict=cluster.name_verdict(a.verdict))
-            print_attempt(out, a, args.count, names)
-
-        attempts = asyncio.run(_diagnose(args, spec, stream if output == "text" else None))
+        done = asyncio.run(_run_attempts(args, show))
     except UsageError as exc:
         err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    if cluster is not None:
-        attempts = [replace(a, verdict=cluster.name_verdict(a.verdict)) for a in attempts]
-    code = exit_code(attempts)
-    if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
-        err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
-                  "(list namespaces with `ip netns list`)", markup=False, highlight=False)
+    except _SourceError as exc:
+        err.print(f"connprobe diagnose: {exc} (list namespaces with `ip netns list`)", markup=False, highlight=False)
         return EXIT_USAGE
+    code = exit_code(done)
     if output in ("json", "yaml"):
-        doc = to_document(args.target, args.source, _duration("budget", args.budget), attempts, code)
+        doc = to_document(args.target, args.source, duration_arg("budget", args.budget), done, code)
         if output == "json":
             sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         else:
@@ -287,6 +345,6 @@ def _run(args: argparse.Namespace, err: Console) -> int:
 
             sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
         return code
-    bad = sum(a.verdict.cause != Cause.OK for a in attempts)
-    out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
+    bad = sum(a.verdict.cause != Cause.OK for a in done)
+    out.print(f"{len(done)} attempt(s), {bad} with a problem")
     return code

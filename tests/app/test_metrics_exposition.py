@@ -1,6 +1,8 @@
 """The fast exposition of the per-probe series changes no byte: `exposition.golden.prom` is what commit 372be14
 (prometheus_client's Gauge/Counter, before `LabelledValues`) wrote for 12 HTTP probes with one or two verdicts
-each; the same verdicts now give the same text with every phase histogram on, and without the phase histograms
+each, plus the blackbox_exporter families added since (their HELP/TYPE lines, and probe_ip_protocol /
+probe_ip_addr_hash of the probed address: only added lines); the same verdicts now give the same text with
+every phase histogram on, and without the phase histograms
 (the module default, `phase_histograms: []`) exactly that text minus the phase histograms' lines."""
 
 from __future__ import annotations
