@@ -7,12 +7,25 @@ says "ready" exactly when the sensor would get as far as compiling.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from bpf.btf import OPTIONAL_FIELDS, SEQ_FIELDS, Btf, BtfError, optional_offsets, sensor_offsets
+from bpf import btf as btf_module
+from bpf.btf import (
+    OPTIONAL_FIELDS,
+    SENSOR_FIELDS,
+    SEQ_FIELDS,
+    VMLINUX_BTF,
+    Btf,
+    BtfError,
+    optional_offsets,
+    sensor_offsets,
+)
 from bpf.errors import SensorUnavailable
 from bpf.hooks import HookSpec
 from bpf.kernel_compat import Tracefs, TracefsUnavailable
@@ -84,23 +97,78 @@ def open_tracefs(root: Path | None = None) -> Tracefs:
         raise SensorUnavailable(str(exc)) from None
 
 
-def kernel_offsets(btf_path: Path | None = None) -> dict[str, int]:
+def kernel_offsets(btf_path: Path | None = None, cache_dir: Path | None = None) -> dict[str, int]:
     """Every struct offset the programs are compiled with (`-DOFF_...`), from the running kernel's BTF.
     The required ones missing: SensorUnavailable; an optional one missing turns its hook (or the
-    retransmissions' sequence numbers) off."""
-    try:
-        btf = Btf.load(btf_path) if btf_path else Btf.load()
-        offsets = sensor_offsets(btf)
-        offsets.update(optional_offsets(btf, OPTIONAL_FIELDS))
-        seq = optional_offsets(btf, SEQ_FIELDS)
-    except BtfError as exc:
-        raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
+    retransmissions' sequence numbers) off.
+
+    The running kernel's offsets are cached (`offsets_cache_path`): they depend only on the kernel and on the
+    field tables, and parsing BTF is a third of a cold start. A cache file that does not read back as
+    offsets is ignored and rewritten. `btf_path` (a recorded BTF file) is never cached."""
+    cache = offsets_cache_path(cache_dir) if btf_path is None else None
+    offsets = _read_cached(cache) if cache is not None else None
+    if offsets is None:
+        try:
+            btf = Btf.load(btf_path) if btf_path else Btf.load()
+            offsets = sensor_offsets(btf)
+            offsets.update(optional_offsets(btf, OPTIONAL_FIELDS))
+            offsets.update(optional_offsets(btf, SEQ_FIELDS))
+        except BtfError as exc:
+            raise SensorUnavailable(f"kernel BTF unusable: {exc} (needs CONFIG_DEBUG_INFO_BTF=y)") from None
+        if cache is not None:
+            _write_cached(cache, offsets)
     for macro, struct_name, path in SEQ_FIELDS:
-        if macro not in seq:
+        if macro not in offsets:
             log.warning("kernel sensor: BTF lacks %s.%s: retransmissions carry no sequence numbers",
                         struct_name, path)
-    offsets.update(seq)
     return offsets
+
+
+CACHE_DIR = Path("/var/cache/connprobe")
+_MACRO = re.compile(r"OFF_[A-Z0-9_]{1,64}")
+
+
+def offsets_cache_path(cache_dir: Path | None = None) -> Path | None:
+    """Where the running kernel's offsets are cached ($CONNPROBE_CACHE_DIR or /var/cache/connprobe): one file
+    per kernel build (release, version string, size of its BTF) and version of the field tables; None when
+    the kernel has no BTF file."""
+    try:
+        size = VMLINUX_BTF.stat().st_size
+    except OSError:
+        return None
+    uname = os.uname()
+    tables = repr((SENSOR_FIELDS, OPTIONAL_FIELDS, SEQ_FIELDS)).encode()
+    key = hashlib.sha256(b"\0".join([uname.release.encode(), uname.version.encode(), str(size).encode(),
+                                      tables, Path(btf_module.__file__).read_bytes()])).hexdigest()[:24]
+    root = cache_dir or Path(os.environ.get("CONNPROBE_CACHE_DIR") or CACHE_DIR)
+    return root / f"offsets-{uname.release[:64]}-{key}.json"
+
+
+def _read_cached(path: Path) -> dict[str, int] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(data, dict) or not data
+            or not all(isinstance(k, str) and _MACRO.fullmatch(k) and type(v) is int and 0 <= v < 1 << 20
+                       for k, v in data.items())
+            or not all(m in data for m, _, _ in SENSOR_FIELDS)):
+        log.warning("kernel sensor: ignoring the offsets cache %s: not a table of offsets", path)
+        return None
+    return data
+
+
+def _write_cached(path: Path, offsets: dict[str, int]) -> None:
+    """Written whole or not at all (a temporary file renamed), readable by root only."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(offsets, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only /var: every start parses BTF, nothing else changes
+        log.debug("kernel sensor: offsets not cached at %s: %s", path, exc)
 
 
 def hook_problem(hook: HookSpec, tracefs: Tracefs, offsets: dict[str, int] | set[str]) -> str | None:

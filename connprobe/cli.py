@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 
-from connprobe.commands import agent, check_config, completion, demo, diagnose, doctor, lab
-
-# The commands in the order `connprobe --help` lists them: name, module (connprobe/commands/), help line.
+# The commands in the order `connprobe --help` lists them: name, module (connprobe/commands/), help line. A
+# command's module (and all it imports) is loaded only when that command runs or --help lists every option.
 COMMANDS = (
-    ("lab", lab, "bring the built-in network lab up or down, or show it"),
-    ("diagnose", diagnose, "probe a target with the kernel sensor attached and say why it fails"),
-    ("doctor", doctor, "check root, BPF, BTF, tracefs, headers and each tracepoint"),
-    ("check-config", check_config, "validate a config file without running it"),
-    ("agent", agent, "run the probes continuously; serve /metrics, /probe and a status page"),
-    ("demo", demo, "run the agent on the lab with faults switching on and off; show verdicts"),
-    ("completion", completion, "print a shell completion script (bash or zsh)"),
+    ("lab", "lab", "bring the built-in network lab up or down, or show it"),
+    ("diagnose", "diagnose", "probe a target with the kernel sensor attached and say why it fails"),
+    ("doctor", "doctor", "check root, BPF, BTF, tracefs, headers and each tracepoint"),
+    ("check-config", "check_config", "validate a config file without running it"),
+    ("agent", "agent", "run the probes continuously; serve /metrics, /probe and a status page"),
+    ("demo", "demo", "run the agent on the lab with faults switching on and off; show verdicts"),
+    ("completion", "completion", "print a shell completion script (bash or zsh)"),
 )
+COMMAND_NAMES = frozenset(name for name, _, _ in COMMANDS)
 
 USAGE = "2  usage or environment error (a bad option or value"
 EXIT_CODES: dict[str, tuple[str, ...]] = {
@@ -59,9 +60,18 @@ class _WithExitCodes:
                                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from connprobe.version import version_text
+class _Version(argparse.Action):
+    """--version, its text read only when asked (reading the package metadata costs every other run ~20 ms)."""
 
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from connprobe.version import version_text
+
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `only`: set up that command's options alone (the others are listed, not loaded)."""
     parser = argparse.ArgumentParser(
         prog="connprobe",
         description="Synthetic probes with kernel evidence: was a failed or slow call DNS, packet loss, a policy "
@@ -70,21 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
         "  2  usage or environment error\neach command's --help lists its own.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = _WithExitCodes(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    for name, command, help_line in COMMANDS:
-        extra = {"description": completion.DESCRIPTION} if command is completion else {}
+    for name, module_name, help_line in COMMANDS:
+        # `connprobe diagnose` through the agent does not pay for importing the agent, the lab or the HTTP clients
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_line)
+            continue
+        command = importlib.import_module(f"connprobe.commands.{module_name}")
+        extra = {"description": command.DESCRIPTION} if name == "completion" else {}
         p = sub.add_parser(name, help=help_line, **extra)
         command.add_arguments(p)
-        run = functools.partial(completion.run, parser=parser) if command is completion else command.run
+        run = functools.partial(command.run, parser=parser) if name == "completion" else command.run
         p.set_defaults(func=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = sys.argv[1:] if argv is None else argv
+    first = args_list[0] if args_list else None
+    # completion introspects every command; `--help` and mistakes need every command too
+    only = first if first in COMMAND_NAMES and first != "completion" else None
+    parser = build_parser(only)
+    args = parser.parse_args(args_list)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -46,7 +46,7 @@ from prober.types import Flow, ProbeResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVIDENCE_PATH", "Peer", "PeerAsker", "QueryError", "Resolver", "StaticPeers", "answer_document",
+__all__ = ["EVIDENCE_PATH", "FirstOf", "Peer", "PeerAsker", "QueryError", "Resolver", "StaticPeers", "answer_document",
            "parse_query", "peer_authenticated", "read_token"]
 
 EVIDENCE_PATH = "/api/evidence"
@@ -131,6 +131,30 @@ class StaticPeers:
             if a.version == net.version and a in net:
                 return peer
         return None
+
+
+class FirstOf:
+    """Resolvers asked in order, the first that names a peer wins (`peers:` before the cluster).
+    `no_peer_reason(addr)`, when a resolver has it: why nobody is asked (None: say nothing)."""
+
+    def __init__(self, *resolvers: Any):
+        self.resolvers = tuple(r for r in resolvers if r)
+
+    def __bool__(self) -> bool:
+        return bool(self.resolvers)
+
+    def peer_for(self, addr: str) -> Peer | None:
+        for r in self.resolvers:
+            peer = r.peer_for(addr)
+            if peer is not None:
+                return peer
+        return None
+
+    def no_peer_reason(self, addr: str) -> str | None:
+        reasons = [getattr(r, "no_peer_reason", lambda a: None)(addr) for r in self.resolvers]
+        if any(r is None and hasattr(res, "no_peer_reason") for r, res in zip(reasons, self.resolvers, strict=True)):
+            return None  # one of them says: this node itself
+        return next((r for r in reasons if r), None)
 
 
 # -- the answering side -------------------------------------------------------------------------------------
@@ -386,16 +410,17 @@ class PeerAsker:
         try:
             real = await asyncio.wait_for(self.dnat(flow, result.source), 1.0)
         except TimeoutError:
-            return None
-        if real is None:
-            return None
-        peer = self.resolver.peer_for(real[0])
-        if peer is None:
-            return None
-        import dataclasses
+            real = None
+        if real is not None:
+            peer = self.resolver.peer_for(real[0])
+            if peer is not None:
+                import dataclasses
 
-        return await self._ask_one(peer, result, dataclasses.replace(flow, remote_addr=real[0], remote_port=real[1]),
-                                   offset)
+                return await self._ask_one(peer, result, dataclasses.replace(flow, remote_addr=real[0],
+                                                                             remote_port=real[1]), offset)
+        why = getattr(self.resolver, "no_peer_reason", None)
+        reason = why(real[0] if real is not None else flow.remote_addr) if why is not None else None
+        return RemoteEvidence("", False, reason) if reason else None
 
     async def _ask_one(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
         self.asked += 1

@@ -12,24 +12,27 @@ query through the source's resolv.conf), `icmp:HOST` (an echo), `grpc:HOST:PORT`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from bpf.clock import sample_clock_offset
 from bpf.types import KernelEvent
-from connprobe.kernelwatch import KernelWatch
 from connprobe.netnames import netns_names
 from correlator import Cause, Verdict, correlate
 from correlator.crossnode import wants_remote
 from correlator.record import Recording, save, to_jsonable
 from correlator.types import KernelCoverage
-from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
 from prober.redact import redact_url
-from prober.source import parse_source
 
-__all__ = ["JSON_SCHEMA_VERSION", "Diagnosis", "UsageError", "diagnose", "exit_code", "target_spec", "to_document"]
+if TYPE_CHECKING:  # the probe machinery is imported where a probe runs: reading an agent's answers needs none
+    from connprobe.kernelwatch import KernelWatch
+    from prober import ProbeEnv, ProbeSpec
+
+__all__ = ["JSON_SCHEMA_VERSION", "Diagnosis", "UsageError", "attempts", "diagnose", "duration_arg", "exit_code",
+           "record_attempt", "target_spec", "to_document"]
 
 JSON_SCHEMA_VERSION = 1
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -50,9 +53,26 @@ class Diagnosis:
     coverage: KernelCoverage
 
 
+def duration_arg(name: str, value: str | None) -> float | None:
+    """A duration option's value in seconds (None when not given); UsageError names the option."""
+    if value is None:
+        return None
+    from prober.spec import parse_duration
+
+    try:
+        return parse_duration(value)
+    except (ValueError, TypeError):
+        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+
+
 def target_spec(target: str, *, source: str = "host", timeout: float = 5.0, client: str = "aiohttp",
                 ip_policy: str = "first", qtype: str = "A") -> ProbeSpec:
     """The probe spec of a target as written on the command line; UsageError names what is wrong."""
+    from pydantic import ValidationError
+
+    from prober import DNSSpec, HTTPSpec, ModuleSpec, ProbeSpec
+    from prober.source import parse_source
+
     original = target
     try:
         if target.startswith("dns:"):
@@ -101,15 +121,34 @@ def peer_asker(path: Path):
 
 
 async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
-                   budget: float | None = None, record: Path | None = None, asker=None) -> list[Diagnosis]:
+                   budget: float | None = None, record: Path | None = None, asker=None,
+                   env: ProbeEnv | None = None,
+                   on_attempt: Callable[[Diagnosis], None] | None = None) -> list[Diagnosis]:
     """Run `count` attempts `interval` seconds apart, each correlated with the kernel events `watch` (a
     running `KernelWatch`, see `connprobe.sensorload.open_watch`) collects for it. `budget` (seconds):
     slower counts as a problem. `record`: also write each attempt as a recording into that directory.
     `asker` (a `connprobe.crossnode.PeerAsker`): ask the destination's agent when this node's evidence does
-    not decide, as the agent does."""
+    not decide, as the agent does. `env`: a running `ProbeEnv` whose port callback feeds `watch` (the
+    agent's); default: one of its own. `on_attempt(attempt)` is called as each attempt is judged."""
+    out = []
+    async for a, _ in attempts(spec, watch, count=count, interval=interval, budget=budget, record=record,
+                               asker=asker, env=env):
+        out.append(a)
+        if on_attempt is not None:
+            on_attempt(a)
+    return out
+
+
+async def attempts(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, interval: float = 0.0,
+                   budget: float | None = None, record: Path | None = None, asker=None,
+                   env: ProbeEnv | None = None) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
+    """`diagnose`, attempt by attempt as each is judged: (the diagnosis, every kernel event of its window)."""
+    from prober import ProbeEnv, run_probe
+
     budget_ns = int(budget * 1e9) if budget else None
-    attempts: list[Diagnosis] = []
-    async with ProbeEnv(on_local_port=watch.on_local_port) as env:
+    async with contextlib.AsyncExitStack() as stack:
+        if env is None:
+            env = await stack.enter_async_context(ProbeEnv(on_local_port=watch.on_local_port))
         for i in range(count):
             if i and interval:
                 await asyncio.sleep(interval)
@@ -119,19 +158,20 @@ async def diagnose(spec: ProbeSpec, watch: KernelWatch, *, count: int = 1, inter
                 if asker is not None and wants_remote(verdict):
                     remote = await asker.ask(result, sample_clock_offset())
                     verdict = correlate(result, events, budget_ns=budget_ns, coverage=status, remote=remote)
-                attempts.append(Diagnosis(i + 1, verdict, tuple(verdict.evidence), status))
+                a = Diagnosis(i + 1, verdict, tuple(verdict.evidence), status)
                 if record:
-                    _record(record, spec, attempts[-1], events, budget_ns)
-    return attempts
+                    record_attempt(record, spec.target, a, events, budget_ns)
+                yield a, events
 
 
-def _record(directory: Path, spec: ProbeSpec, a: Diagnosis, events: list[KernelEvent], budget_ns: int | None) -> None:
+def record_attempt(directory: Path, target: str, a: Diagnosis, events: list[KernelEvent],
+                   budget_ns: int | None) -> None:
     """One attempt as a recording, readable by its owner only (0600): it names the target and its errors."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--record: cannot create {directory}: {exc.strerror or exc}") from None
-    rec = Recording(f"diagnose {redact_url(spec.target)}", a.verdict.result, tuple(events), a.coverage,
+    rec = Recording(f"diagnose {redact_url(target)}", a.verdict.result, tuple(events), a.coverage,
                     budget_ns, str(a.verdict.cause), remote=a.verdict.remote)
     path = directory / f"attempt-{a.index:03d}-{a.verdict.result.address or 'x'}.json"
     try:

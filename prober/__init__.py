@@ -4,23 +4,52 @@ Public API: `run_probe(spec, env)`, `ProbeEnv`, the settings objects in `prober.
 in `prober.types`, and `Scheduler`. prober/ never imports bpf/ or connprobe/.
 """
 
-from prober.env import ProbeEnv
-from prober.runner import PROBERS, run_probe
-from prober.scheduler import Scheduler
-from prober.spec import (
-    DNSSpec,
-    GRPCSpec,
-    HTTPSpec,
-    ICMPSpec,
-    ModuleSpec,
-    ProbeSpec,
-    QueryStep,
-    TCPSpec,
-    TLSSpec,
-    UnixSpec,
-    WebSocketSpec,
-)
-from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prober.env import ProbeEnv
+    from prober.runner import PROBERS, run_probe
+    from prober.scheduler import Scheduler
+    from prober.spec import (
+        DNSSpec,
+        GRPCSpec,
+        HTTPSpec,
+        ICMPSpec,
+        ModuleSpec,
+        ProbeSpec,
+        QueryStep,
+        TCPSpec,
+        TLSSpec,
+        UnixSpec,
+        WebSocketSpec,
+    )
+    from prober.types import DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
+
+# Each public name's module, imported at first use (PEP 562): a caller that needs only the result types
+# (`prober.types`, e.g. a diagnose that reads an agent's answers) does not pay for importing the HTTP clients.
+_HOMES = {
+    "ProbeEnv": "prober.env",
+    "PROBERS": "prober.runner",
+    "run_probe": "prober.runner",
+    "Scheduler": "prober.scheduler",
+    **dict.fromkeys(("DNSSpec", "GRPCSpec", "HTTPSpec", "ICMPSpec", "ModuleSpec", "ProbeSpec", "QueryStep",
+                     "TCPSpec", "TLSSpec", "UnixSpec", "WebSocketSpec"), "prober.spec"),
+    **dict.fromkeys(("DnsTransaction", "ErrorKind", "Flow", "PhaseSpan", "ProbeKind", "ProbeResult", "Proto"),
+                    "prober.types"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'prober' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PROBERS",

@@ -7,9 +7,11 @@ never go green by skipping the tests that matter.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -20,6 +22,14 @@ from tests.timeouts import (  # noqa: F401 (hooks)
 )
 
 REQUIRE_KERNEL = os.environ.get("CONNPROBE_REQUIRE_KERNEL") == "1"
+
+# Agents and diagnoses started by this test run meet on a channel of their own, not on the node's
+# /run/connprobe/diagnose.sock (where an agent of another run, or of the machine, may answer); the kernel
+# cache (BTF offsets) is the run's own too, and removed with it.
+_RUN_DIR = tempfile.mkdtemp(prefix="connprobe-test-run-")
+os.environ["CONNPROBE_DIAGNOSE_SOCKET"] = os.path.join(_RUN_DIR, "diagnose.sock")
+os.environ["CONNPROBE_CACHE_DIR"] = os.path.join(_RUN_DIR, "cache")
+atexit.register(shutil.rmtree, _RUN_DIR, True)
 
 
 def _kernel_missing() -> str | None:

@@ -725,6 +725,11 @@ class ClusterState:
             return self.items(ENDPOINT_SLICE, f"{namespace}/{service}")
         return [s for s in self.items(ENDPOINT_SLICE) if namespace is None or s.namespace == namespace]
 
+    @property
+    def api_client(self) -> k8s.ApiClient:
+        """The client it lists and watches with (its configuration: the API server's URL and CA)."""
+        return self._api_client
+
     def nodes(self) -> list[NodeInfo]:
         return self.items(NODE)
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import IO
 
 import prometheus_client
@@ -45,11 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web.probe-rate", dest="web_probe_rate", type=float, default=20.0, metavar="PER_SECOND",
                    help="/probe calls per second on average, bursts of twice as many; more get 429 (default 20)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--diagnose.socket", dest="diagnose_socket", metavar="PATH", default=None,
+                   help="Unix socket on which `connprobe diagnose` on this node asks the agent to run its attempts "
+                        "with the attached sensor; root only (default $CONNPROBE_DIAGNOSE_SOCKET or "
+                        "/run/connprobe/diagnose.sock; empty: off)")
     p.add_argument("--log-json", metavar="FILE|-", help="also write every verdict as a JSON line to FILE (- = stdout)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     from connprobe.cluster.options import add_arguments as add_kubernetes_arguments
 
     add_kubernetes_arguments(p)
+    from connprobe.cluster.options import add_mesh_arguments
+
+    add_mesh_arguments(p)
     p.add_argument("--keep-capabilities", action="store_true",
                    help="keep every capability after start-up (default: drop all that the probes do not need)")
 
@@ -69,9 +77,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     host, port = parse_listen(args.listen)
     web_config = getattr(args, "web_config_file", None)
+    web = None
     if web_config:  # checked before anything starts (and before capabilities are dropped); re-read when serving
         try:
-            await asyncio.to_thread(load_web_config, web_config)
+            web = await asyncio.to_thread(load_web_config, web_config)
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
@@ -81,8 +90,12 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     elif args.log_json:
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
-        from connprobe.cluster.options import open_cluster_view
+        from connprobe.cluster.options import mesh_options, open_cluster_view
 
+        mesh = mesh_options(args, port, web)  # checked before the cluster is reached
+        if mesh is not None and mesh.k and host in ("127.0.0.1", "::1", "localhost"):
+            log.warning("--kubernetes.mesh: this agent listens on %s only, so its peers cannot reach its /-/healthy "
+                        "(listen on the node's address, as the DaemonSet does: --listen=$(NODE_IP):%d)", host, port)
         cluster = open_cluster_view(args, "connprobe agent", start=False)  # started after the capability drop
     except ValueError as exc:
         print(exc, file=sys.stderr)
@@ -96,7 +109,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
         inner = ConfigFile(args.config, watch=getattr(args, "config_watch", False),
                            watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)})
-        targets = ClusterTargets(inner, cluster, discovery=getattr(args, "kubernetes_discovery", False))
+        targets = ClusterTargets(inner, cluster, discovery=getattr(args, "kubernetes_discovery", False), mesh=mesh)
     agent = Agent(args.config, kernel=not args.no_kernel, log_stream=stream,
                   drop_capabilities=not args.keep_capabilities, watch_config=getattr(args, "config_watch", False),
                   watch_options={"poll_interval": getattr(args, "config_watch_interval", 5.0)}, targets=targets,
@@ -112,7 +125,21 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
         return 2
+    if cluster is not None:  # cross-node evidence: the destination's node's agent, found through the cluster
+        from connprobe.cluster.peers import cluster_peers
+
+        try:
+            agent.set_cluster_resolver(cluster_peers(cluster, listen_port=port, web_config=web,
+                                                     token=agent.peer_token))
+        except ValueError as exc:
+            await agent.stop()
+            cluster.close()
+            print(f"connprobe agent: {exc}", file=sys.stderr)
+            if stream not in (None, sys.stdout):
+                stream.close()
+            return 2
     runner = None
+    channel = None
     try:
         try:
             runner = await start_server(
@@ -122,6 +149,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         except WebConfigError as exc:
             print(f"connprobe agent: invalid --web.config.file: {exc}", file=sys.stderr)
             return 2
+        channel = await _open_channel(agent, getattr(args, "diagnose_socket", None))
         agent.spawn(_freeze_heap_when_ready(agent), "connprobe-gc-freeze")
         scheme = "https" if runner.ssl_context is not None else "http"
         log.info("listening on %s://%s:%d/", scheme, f"[{host}]" if ":" in host else host, port)
@@ -139,6 +167,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if channel is not None:
+            await channel.close()
         if runner is not None:
             await runner.cleanup()
         await agent.stop()
@@ -147,6 +177,22 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
     return 0
+
+
+async def _open_channel(agent: Agent, path: str | None):  # -> DiagnoseChannel | None
+    """The local diagnose channel (`connprobe/agentchannel.py`); a problem with it is one warning, not a stop."""
+    from connprobe.agentchannel import ChannelError, DiagnoseChannel, default_socket
+
+    if path == "":
+        return None
+    channel = DiagnoseChannel(agent, Path(path) if path else default_socket())
+    try:
+        await channel.start()
+    except ChannelError as exc:
+        log.warning("diagnose channel off: %s", exc)
+        return None
+    log.info("diagnose channel on %s (root only)", channel.path)
+    return channel
 
 
 async def _freeze_heap_when_ready(agent: Agent) -> None:

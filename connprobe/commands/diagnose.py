@@ -3,7 +3,9 @@ timeline (phases and kernel events on one time axis) and a one-line verdict.
 
 TARGET is a URL (http:// or https://), `host:port` (TCP) or `dns:NAME` (a DNS query through the source's
 resolv.conf); also `icmp:HOST` (an echo), `grpc:HOST:PORT` (a health check), `ws://` / `wss://` URLs (a
-WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). The loop itself is `connprobe.diagnosis.diagnose`.
+WebSocket upgrade) and `unix:/PATH` (a Unix socket connect). The loop itself is `connprobe.diagnosis.attempts`;
+where an agent answers on its diagnose channel (`connprobe/agentchannel.py`), the agent runs it with its attached
+sensor and each attempt is printed as it arrives, the same as standalone.
 Exit status: 0 every attempt healthy, 1 a problem was found, 2 usage or environment error.
 """
 
@@ -11,34 +13,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
 from connprobe.diagnosis import (
     EXIT_USAGE,
     Diagnosis,
     UsageError,
-    diagnose,
+    duration_arg,
     exit_code,
-    peer_asker,
-    target_spec,
+    record_attempt,
     to_document,
 )
 from connprobe.netnames import netns_names
-from connprobe.sensorload import close_watch, open_watch
 from connprobe.timeline import name_namespaces
 from correlator import Cause
 from prober.redact import install_log_redaction
-from prober.spec import parse_duration
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which resolved addresses to probe (default first)")
     p.add_argument("--qtype", default="A", help="DNS query type for dns:NAME (default A)")
     p.add_argument("--no-kernel", action="store_true", help="do not load the kernel sensor")
+    p.add_argument("--no-agent", action="store_true",
+                   help="run standalone (load a sensor of its own) even when an agent runs on this node")
+    p.add_argument("--agent-socket", type=Path, metavar="PATH", default=None,
+                   help="the agent's diagnose channel (default $CONNPROBE_DIAGNOSE_SOCKET or "
+                        "/run/connprobe/diagnose.sock); used when an agent answers there")
     p.add_argument("--json", action="store_true", help="print the documented JSON document instead")
     p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
                    help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
@@ -68,44 +75,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write each attempt (result + kernel events) as a recording into DIR")
 
 
-def _duration(name: str, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except (ValueError, TypeError):
-        raise UsageError(f"--{name}: {value!r} is not a duration (e.g. 300ms, 2s)") from None
+class _SourceError(Exception):
+    """An attempt could not be made from its source (its namespace does not exist): nothing more to show."""
 
 
-async def _diagnose(args: argparse.Namespace) -> list[Diagnosis]:
-    spec = target_spec(args.target, source=args.source, timeout=_duration("timeout", args.timeout) or 5.0,
-                       client=args.client, ip_policy=args.ip_policy, qtype=args.qtype)
-    budget = _duration("budget", args.budget)
-    interval = _duration("interval", args.interval) or 0.0
-    asker, node_netns = peer_asker(args.peers_config) if getattr(args, "peers_config", None) else (None, None)
+async def _attempts(args: argparse.Namespace) -> AsyncIterator[tuple[Diagnosis, list[KernelEvent]]]:
+    """Each attempt as it is judged: by the node's agent when one answers on its channel (its sensor is
+    attached already), else standalone with a sensor of our own."""
+    peers = getattr(args, "peers_config", None)
+    if not args.no_agent and not args.no_kernel and not peers:  # --peers: this process asks the peers itself
+        # the agent checks the target and durations with the same `target_spec` and `duration_arg` (a usage
+        # error reads the same), so this path imports no probe machinery at all
+        from connprobe.agentchannel import AgentUnavailable, DiagnoseRequest, attempts_via_agent, default_socket
+
+        request = DiagnoseRequest(target=args.target, source=args.source, timeout=args.timeout,
+                                  client=args.client, ip_policy=args.ip_policy, qtype=args.qtype,
+                                  count=args.count, interval=args.interval, budget=args.budget)
+        budget_ns = request_budget_ns(args.budget) if args.record else None
+        try:
+            async for a, events in attempts_via_agent(args.agent_socket or default_socket(), request):
+                if args.record:
+                    record_attempt(args.record, a.verdict.result.target, a, events, budget_ns)
+                yield a, events
+            return
+        except AgentUnavailable as exc:  # raised before any attempt: run standalone
+            logging.getLogger("connprobe.diagnose").debug("standalone: %s", exc)
+    from connprobe.diagnosis import attempts, peer_asker, target_spec
+    from connprobe.sensorload import close_watch
+
+    timeout = duration_arg("timeout", args.timeout) or 5.0
+    budget = duration_arg("budget", args.budget)
+    interval = duration_arg("interval", args.interval) or 0.0
+    spec = target_spec(args.target, source=args.source, timeout=timeout, client=args.client,
+                       ip_policy=args.ip_policy, qtype=args.qtype)
+    asker, node_netns = peer_asker(peers) if peers else (None, None)
     watch = await _open_watch_with_progress(args.no_kernel, node_netns)
     try:
-        return await diagnose(spec, watch, count=args.count, interval=interval, budget=budget, record=args.record,
-                              asker=asker)
+        async for item in attempts(spec, watch, count=args.count, interval=interval, budget=budget,
+                                   record=args.record, asker=asker):
+            yield item
     finally:
         if asker is not None:
             await asker.close()
         await close_watch(watch)
 
 
+def request_budget_ns(budget: str | None) -> int | None:
+    seconds = duration_arg("budget", budget)
+    return int(seconds * 1e9) if seconds else None
+
+
 async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None = None):
     """`open_watch`, saying on a terminal's stderr what it is waiting for: loading the sensor (BTF, compiling
     and attaching the BPF programs) is most of a cold diagnose's first second. Nothing is written when stderr
-    is not a terminal, so piped and --json output are unchanged."""
+    is not a terminal, so piped and --json output are unchanged. Meanwhile this thread imports the probe code
+    (the compile runs on the sensor's thread, in C, without the GIL)."""
+    from connprobe.sensorload import open_watch
+
     err = Console(stderr=True)
-    if disabled or not err.is_terminal:
-        return await open_watch(disabled=disabled, netns=netns)
+    show = not disabled and err.is_terminal
     t0 = time.monotonic()
-    with err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…"):
-        watch = await open_watch(disabled=disabled, netns=netns)
-    state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
-    err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
+    status = (err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…")
+              if show else contextlib.nullcontext())
+    with status:
+        loading = asyncio.create_task(open_watch(disabled=disabled, netns=netns))
+        await asyncio.sleep(0)  # let it reach its thread
+        try:
+            import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile
+        finally:
+            watch = await loading
+    if show:
+        state = "attached" if watch.sensor is not None else f"off: {watch.unavailable_reason}"
+        err.print(f"[dim]kernel sensor {escape(state)} in {time.monotonic() - t0:.1f} s[/dim]")
     return watch
+
+
+async def _run_attempts(args: argparse.Namespace, on_attempt: Callable[[Diagnosis], Diagnosis]) -> list[Diagnosis]:
+    """Every attempt, each handed to `on_attempt` (which prints it) as soon as it is judged."""
+    got: list[Diagnosis] = []
+    stream = _attempts(args)
+    async with contextlib.aclosing(stream):
+        async for a, _ in stream:
+            got.append(on_attempt(a))
+    return got
 
 
 def print_attempt(out: Console, a: Diagnosis, total: int, names: dict[int, str]) -> None:
@@ -198,38 +250,48 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     cluster = None
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     install_log_redaction()
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(width=160, highlight=False)
+    names: dict[int, str] = {}
+    shown: list[Diagnosis] = []
+
+    def show(a: Diagnosis) -> Diagnosis:  # each attempt as soon as it is judged
+        r = a.verdict.result
+        if r.error and r.error.value == "source_error":
+            raise _SourceError(r.error_detail)
+        if cluster is not None:
+            a = replace(a, verdict=cluster.name_verdict(a.verdict))
+        if args.json:
+            return a
+        if not shown:
+            names.update(netns_names())
+            if not a.coverage.available:
+                out.print(f"[yellow]kernel evidence is off: {escape(a.coverage.reason)}; verdicts say so[/yellow]")
+            if cluster is not None:
+                names.update(cluster.netns_names())
+                for line in getattr(args, "cluster_names", {}).values():
+                    out.print(f"[dim]{escape(line)}[/dim]")
+        shown.append(a)
+        print_attempt(out, a, args.count, names)
+        return a
+
     try:
         if args.count < 1:
             raise UsageError(f"--count: {args.count} must be at least 1")
         cluster = resolve_cluster_names(args)
-        attempts = asyncio.run(_diagnose(args))
+        done = asyncio.run(_run_attempts(args, show))
     except UsageError as exc:
         err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    if cluster is not None:
-        attempts = [replace(a, verdict=cluster.name_verdict(a.verdict)) for a in attempts]
-    code = exit_code(attempts)
-    if any(a.verdict.result.error and a.verdict.result.error.value == "source_error" for a in attempts):
-        err.print(f"connprobe diagnose: {attempts[0].verdict.result.error_detail} "
-                  "(list namespaces with `ip netns list`)", markup=False, highlight=False)
+    except _SourceError as exc:
+        err.print(f"connprobe diagnose: {exc} (list namespaces with `ip netns list`)", markup=False, highlight=False)
         return EXIT_USAGE
+    code = exit_code(done)
     if args.json:
-        doc = to_document(args.target, args.source, _duration("budget", args.budget), attempts, code)
+        doc = to_document(args.target, args.source, duration_arg("budget", args.budget), done, code)
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         return code
-    out = Console(highlight=False)
-    if not out.is_terminal:
-        out = Console(width=160, highlight=False)
-    first = attempts[0].coverage if attempts else None
-    if first is not None and not first.available:
-        out.print(f"[yellow]kernel evidence is off: {escape(first.reason)}; verdicts say so[/yellow]")
-    names = netns_names()
-    if cluster is not None:
-        names.update(cluster.netns_names())
-        for line in getattr(args, "cluster_names", {}).values():
-            out.print(f"[dim]{escape(line)}[/dim]")
-    for a in attempts:
-        print_attempt(out, a, args.count, names)
-    bad = sum(a.verdict.cause != Cause.OK for a in attempts)
-    out.print(f"{len(attempts)} attempt(s), {bad} with a problem")
+    bad = sum(a.verdict.cause != Cause.OK for a in done)
+    out.print(f"{len(done)} attempt(s), {bad} with a problem")
     return code

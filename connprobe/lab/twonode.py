@@ -47,12 +47,14 @@ class Outcome:
 
 class TwoNodes:
     def __init__(self, lab: Lab, workdir: Path, *, skew_ns: int = 0, peer_url: str | None = None,
-                 peer_timeout: str = "500ms", token: str | None = None):
+                 peer_timeout: str = "500ms", token: str | None = None, static_peers: bool = True):
         self.lab, self.workdir = lab, Path(workdir)
         self.skew_ns = skew_ns
         self.peer_url = peer_url  # None: node B's own URL; else (a dead or slow stand-in) this
         self.peer_timeout = peer_timeout
         self.token = token or secrets.token_urlsafe(24)
+        self.static_peers = static_peers  # False: node A has no `peers:` (the test gives it a cluster resolver)
+        self.b_port = 0
         self.a: Agent | None = None
         self.b: Agent | None = None
         self._servers: list = []
@@ -81,12 +83,14 @@ class TwoNodes:
             server = await start_server(self.b, "127.0.0.1", 0)
             self._servers.append(server)
             host, port = server.addresses[0][:2]
-            self.b_url = f"http://{host}:{port}"
+            self.b_url, self.b_port = f"http://{host}:{port}", port
             url = self.peer_url or self.b_url
-            a_cfg = self._write("node-a.yml", {
-                "node": {"name": "node-a", "netns": [lab.ns(r).name for r in NODE_A_ROLES]},
-                "peers": [{"cidr": c, "url": url, "token_file": str(token_file), "timeout": self.peer_timeout}
-                          for c in PEER_CIDRS]})
+            a_doc: dict = {"node": {"name": "node-a", "netns": [lab.ns(r).name for r in NODE_A_ROLES],
+                                    "peer_token_file": str(token_file)}}
+            if self.static_peers:
+                a_doc["peers"] = [{"cidr": c, "url": url, "token_file": str(token_file), "timeout": self.peer_timeout}
+                                  for c in PEER_CIDRS]
+            a_cfg = self._write("node-a.yml", a_doc)
             self.a = Agent(a_cfg)
             await self.a.start()
             await self.b.wait_ready(60)
@@ -145,7 +149,8 @@ class TwoNodeScenario:
     kind: str = "tcp"  # tcp (connect) or http (GET /ok)
     timeout: str = "1500ms"
     fact: str = ""  # words the first fact must hold (which node saw what)
-    asks: bool = True  # whether node A's own evidence leaves the question open (else: decided locally)
+    asks: bool = True  # whether node B is asked (when node A's own evidence decides: whether B agrees)
+    agrees: str = ""  # decided on node A: words of the fact saying node B's evidence agrees (or says nothing)
     vip: bool = False  # probe the Service's virtual IP (DNAT'ed to srv1 in the client namespace), not srv1
 
 
@@ -157,7 +162,7 @@ TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
                     fact="node node-b's way out"),
     TwoNodeScenario("answer_drop_a_ingress", "policy_drop/syn", "policy_drop", "policy_drop/syn",
                     lambda lab: lab.policy_drop("client", direction="in", port=HTTP_PORT, port_side="src"),
-                    fact="SYN-ACK", asks=False),
+                    fact="SYN-ACK", agrees="node node-b "),
     TwoNodeScenario("drop_in_router", "unknown/connect_timeout", "unknown", "unknown/between_nodes",
                     lambda lab: lab.policy_drop("router", direction="forward", port=HTTP_PORT),
                     fact="saw none of them arrive"),

@@ -3,7 +3,8 @@ probes written with cluster names expand to now, and, with discovery, the Servic
 
     load()   = the inner source's config; its templates (`source: pod ...`, selector sources, `svc/...` targets,
                `connprobe/cluster/targets.py`) and the annotated Services' (`connprobe/targets/discovery.py`)
-               expanded against the watched state; what cannot be expanded now is a note (`notes`), a bad
+               expanded against the watched state; with `mesh` the node mesh's probes (`connprobe/targets/mesh.py`:
+               K peer agents and the node-local essentials); what cannot be expanded now is a note (`notes`), a bad
                annotation a problem (in `notes`, the log and `connprobe_discovery_invalid_services`)
     watch()  = the inner source's watch, and a reload (`changed()`) whenever the watched cluster changes what
                `load()` would give: on watch events (0.3 s debounce), and every `resync` seconds (a new pod's
@@ -22,8 +23,9 @@ from dataclasses import replace
 from typing import Any
 
 from connprobe.cluster.targets import expand
-from connprobe.config import Config
+from connprobe.config import Config, ConfigError
 from connprobe.targets.discovery import AnnotationSource
+from connprobe.targets.mesh import MeshOptions, mesh_probes
 from connprobe.targets.source import Changed, TargetSource
 from prober.spec import ModuleSpec, ProbeSpec
 
@@ -31,10 +33,12 @@ log = logging.getLogger("connprobe.agent")
 
 
 class ClusterTargets:
-    def __init__(self, inner: TargetSource, view: Any, *, discovery: bool = False, resync: float = 5.0) -> None:
+    def __init__(self, inner: TargetSource, view: Any, *, discovery: bool = False, resync: float = 5.0,
+                 mesh: MeshOptions | None = None) -> None:
         self.inner = inner
         self.view = view
         self.discovery = discovery
+        self.mesh = mesh
         self.resync = resync
         self.notes: tuple[str, ...] = ()
         self._last_inner: Config | None = None
@@ -68,14 +72,32 @@ class ClusterTargets:
                     log.warning("annotation discovery: %s", p)
             self._logged = set(problems)
         got = expand(templates, self.view, taken=(p.name for p in config.probes))
-        self.notes = (*problems, *got.notes)
-        return replace(config, probes=(*config.probes, *got.probes), templates=())
+        probes, notes = [*config.probes, *got.probes], [*problems, *got.notes]
+        if self.mesh is not None:
+            try:
+                found, mesh_notes = mesh_probes(self.mesh, self.view, config.modules,
+                                                getattr(self.view.state, "api_client", None))
+            except ValueError as exc:  # --kubernetes.mesh-module names no http module of this config
+                raise ConfigError([str(exc)]) from None
+            taken = {p.name for p in probes}
+            for p in found:
+                if p.name in taken:
+                    mesh_notes.append(f"{p.name}: a probe of the config has this name; the mesh's is left out")
+                else:
+                    probes.append(p)
+            notes += mesh_notes
+        self.notes = tuple(notes)
+        return replace(config, probes=tuple(probes), templates=())
 
     def privilege_standins(self) -> list[ProbeSpec]:
         """Capabilities for what comes and goes with the cluster: setns() into pods' namespaces, and reading
         pods' /proc/PID/ns/net (the netns scan)."""
-        return [ProbeSpec(name="--kubernetes (pods' network namespaces)", module=ModuleSpec(prober="tcp", timeout=1.0),
-                          target="127.0.0.1:1", source="/proc/1/ns/net")]
+        out = [ProbeSpec(name="--kubernetes (pods' network namespaces)", module=ModuleSpec(prober="tcp", timeout=1.0),
+                         target="127.0.0.1:1", source="/proc/1/ns/net")]
+        if self.mesh is not None and self.mesh.source != "host":  # peers come and go: the source stays
+            out.append(ProbeSpec(name="--kubernetes.mesh-source", module=ModuleSpec(prober="tcp", timeout=1.0),
+                                 target="127.0.0.1:1", source=self.mesh.source))
+        return out
 
     async def watch(self, changed: Changed) -> None:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@ cross-checked against bpftool and tracefs (kernel tests)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -163,3 +164,23 @@ def test_btf_drop_reasons_agree_with_tracefs_names() -> None:
         assert btf_enum.get(f"SKB_DROP_REASON_{name}") == number, name
     # The 6.1 headers say NETFILTER_DROP=7; this kernel must not.
     assert btf_enum["SKB_DROP_REASON_NETFILTER_DROP"] == next(k for k, v in tracefs.items() if v == "NETFILTER_DROP")
+
+
+def test_offsets_cache_round_trip_and_hostile_files(tmp_path, caplog):
+    """The running kernel's offsets are cached per kernel build; a cache file that is not a table of offsets is
+    ignored (and rewritten), never trusted."""
+    from bpf import preload
+
+    if not preload.VMLINUX_BTF.exists():
+        pytest.skip("no kernel BTF")
+    parsed = preload.kernel_offsets(cache_dir=tmp_path)
+    path = preload.offsets_cache_path(tmp_path)
+    assert path is not None and path.exists() and (path.stat().st_mode & 0o777) == 0o600
+    assert json.loads(path.read_text()) == parsed
+    assert preload.kernel_offsets(cache_dir=tmp_path) == parsed
+    for bad in ("not json", "[]", "{}", '{"OFF_X": -1}', '{"rm -rf": 1}', json.dumps({**parsed, "OFF_Y": "8"}),
+                json.dumps({k: v for k, v in parsed.items() if k != next(iter(parsed))})):
+        path.write_text(bad)
+        assert preload.kernel_offsets(cache_dir=tmp_path) == parsed, bad
+        assert json.loads(path.read_text()) == parsed  # rewritten from BTF
+    assert "ignoring the offsets cache" in caplog.text

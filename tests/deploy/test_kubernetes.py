@@ -213,4 +213,13 @@ def test_the_container_arguments_are_ones_the_cli_accepts(pod):
     assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
     # --kubernetes: in-cluster credentials (no kubeconfig), this node's name from the downward API
     assert ns.kubernetes and ns.kubernetes_discovery and ns.kubeconfig is None and ns.kubernetes_node is None
+    # the node mesh: peers on the same port over https, verified with the agents' shared certificate (the Secret's
+    # instructions make it for the name "connprobe")
+    from connprobe.cluster.options import mesh_options
+    from connprobe.webconfig import TLSServerConfig, WebConfig
+
+    web = WebConfig(tls=TLSServerConfig(cert_file="/etc/connprobe/web/tls.crt", key_file="/etc/connprobe/web/tls.key"))
+    mesh = mesh_options(ns, 9516, web)
+    assert (mesh.k, mesh.port, mesh.scheme, mesh.source) == (3, 9516, "https", "host")
+    assert (mesh.ca_file, mesh.server_name) == ("/etc/connprobe/web/tls.crt", "connprobe")
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
