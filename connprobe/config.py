@@ -31,6 +31,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -140,7 +141,11 @@ class PeerSettings(Frozen):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v):
+        try:
+            ok = re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v) is not None and urlsplit(v).port != 0
+        except ValueError:  # a port out of range, an unclosed [IPv6 bracket
+            ok = False
+        if not ok:
             raise ValueError(f"{v[:60]!r} is not an http(s)://HOST:PORT URL of a peer agent")
         return v.rstrip("/")
 
