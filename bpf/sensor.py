@@ -41,23 +41,9 @@ from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFu
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
 from bpf.ring import RingReader
-from bpf.runstats import bpf_run_time_stats
 from bpf.types import EventKind, KernelEvent
 
-# The sensor's public API stays importable from here (its homes: bpf/errors.py, bpf/hooks.py, bpf/runstats.py).
-__all__ = [
-    "DEFAULT_QUIET_REASONS",
-    "HOOKS",
-    "HookSpec",
-    "HookStatus",
-    "KernelSensor",
-    "SensorClosed",
-    "SensorCounters",
-    "SensorError",
-    "SensorUnavailable",
-    "WatchListFull",
-    "bpf_run_time_stats",
-]
+__all__ = ["DEFAULT_QUIET_REASONS", "KernelSensor", "SensorCounters"]
 
 log = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ from bpf.types import ClockOffset, KernelEvent
 from connprobe import sensorload
 from connprobe.config import Config, ConfigError, NodeSettings
 from connprobe.crossnode import (
+    FirstOf,
     PeerAsker,
     PeerConfigError,
     Query,
@@ -403,6 +404,8 @@ class Agent:
         self.node_netns: frozenset[int] | None = None
         self.peer_token: bytes | None = None
         self.asker: PeerAsker | None = None  # asks peer agents when local evidence does not decide
+        self.static_peers = StaticPeers(())  # `peers:` of the config
+        self.cluster_peers: Resolver | None = None  # --kubernetes: the cluster's agents (after `peers:`)
         self.questions_answered = 0
         self.kernel = kernel
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -499,7 +502,19 @@ class Agent:
             resolver = StaticPeers.from_settings(config.peers)
         except PeerConfigError as exc:
             raise ConfigError([str(exc)]) from None
+        self.static_peers = resolver
+        resolver = self._resolver(resolver)
         self.asker = PeerAsker(resolver, wall=self.wall_clock, grace_ns=GRACE_NS) if resolver else None
+
+    def _resolver(self, static: StaticPeers) -> Any:
+        """`peers:` first, then the cluster's resolver when there is one (--kubernetes)."""
+        return FirstOf(static, self.cluster_peers) if self.cluster_peers is not None else static
+
+    def set_cluster_resolver(self, resolver: Resolver) -> None:
+        """Also ask the peers `resolver` finds (--kubernetes: dest IP → pod → node → that node's agent), after the
+        `peers:` of the config, which win where they cover an address (also after a reload)."""
+        self.cluster_peers = resolver
+        self.set_resolver(self._resolver(self.static_peers))
 
     def set_resolver(self, resolver: Resolver) -> None:
         """Ask peers found by `resolver` (e.g. a Kubernetes lookup: dest IP → pod → node → agent)."""
@@ -812,10 +827,14 @@ class Agent:
         if plan.resolver is not None:
             old_asker = self.asker
             undo.append(lambda: setattr(self, "asker", old_asker))
-            if plan.resolver:
-                self.set_resolver(plan.resolver)
+            old_static = self.static_peers
+            undo.append(lambda: setattr(self, "static_peers", old_static))
+            self.static_peers = plan.resolver
+            resolver = self._resolver(plan.resolver)
+            if resolver:
+                self.set_resolver(resolver)
             elif self.asker is not None:
-                self.asker.resolver = plan.resolver  # no peers any more: nobody is asked
+                self.asker.resolver = resolver  # no peers any more: nobody is asked
         for n in plan.added:
             undo.append(functools.partial(self.metrics.forget, n))
             self._declare([plan.after[n]])

@@ -46,7 +46,7 @@ from prober.types import Flow, ProbeResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVIDENCE_PATH", "Peer", "PeerAsker", "QueryError", "Resolver", "StaticPeers", "answer_document",
+__all__ = ["EVIDENCE_PATH", "FirstOf", "Peer", "PeerAsker", "QueryError", "Resolver", "StaticPeers", "answer_document",
            "parse_query", "peer_authenticated", "read_token"]
 
 EVIDENCE_PATH = "/api/evidence"
@@ -73,6 +73,9 @@ def read_token(path: str, what: str) -> bytes:
     except OSError as exc:
         raise PeerConfigError(f"{what}: {path}: {exc.strerror or exc}") from None
     token = raw.split(b"\n", 1)[0].strip()
+    if token.startswith(b"REPLACE-WITH"):  # the manifests' placeholder: a token everyone knows is no credential
+        raise PeerConfigError(f"{what}: {path}: still the placeholder {token[:40].decode('ascii', 'replace')!r}; "
+                              "put a random token there")
     if not token or len(token) > MAX_TOKEN_BYTES or any(c < 0x21 or c > 0x7e for c in token):
         raise PeerConfigError(f"{what}: {path}: the token must be one line of printable ASCII, 1 to "
                               f"{MAX_TOKEN_BYTES} bytes")
@@ -133,6 +136,30 @@ class StaticPeers:
         return None
 
 
+class FirstOf:
+    """Resolvers asked in order, the first that names a peer wins (`peers:` before the cluster).
+    `no_peer_reason(addr)`, when a resolver has it: why nobody is asked (None: say nothing)."""
+
+    def __init__(self, *resolvers: Any):
+        self.resolvers = tuple(r for r in resolvers if r)
+
+    def __bool__(self) -> bool:
+        return bool(self.resolvers)
+
+    def peer_for(self, addr: str) -> Peer | None:
+        for r in self.resolvers:
+            peer = r.peer_for(addr)
+            if peer is not None:
+                return peer
+        return None
+
+    def no_peer_reason(self, addr: str) -> str | None:
+        reasons = [getattr(r, "no_peer_reason", lambda a: None)(addr) for r in self.resolvers]
+        if any(r is None and hasattr(res, "no_peer_reason") for r, res in zip(reasons, self.resolvers, strict=True)):
+            return None  # one of them says: this node itself
+        return next((r for r in reasons if r), None)
+
+
 # -- the answering side -------------------------------------------------------------------------------------
 
 
@@ -157,7 +184,9 @@ def _addr(q, name: str) -> str:
     if v is None:
         raise QueryError(f"{name}: required")
     try:
-        return str(ipaddress.ip_address(v[:64]))
+        if len(v) > 64 or "%" in v:  # a packet's address has no scope (a zone id would be matched as text)
+            raise ValueError
+        return str(ipaddress.ip_address(v))
     except ValueError:
         raise QueryError(f"{name}: {v[:64]!r} is not an IP address") from None
 
@@ -168,7 +197,7 @@ def _int(q, name: str, lo: int, hi: int, required: bool = True) -> int | None:
         if required:
             raise QueryError(f"{name}: required")
         return None
-    if not (0 < len(v) <= 20 and v.lstrip("-").isdigit() and v.isascii()):
+    if not (0 < len(v) <= 20 and v.removeprefix("-").isdigit() and v.isascii()):
         raise QueryError(f"{name}: {v[:40]!r} is not an integer")
     n = int(v)
     if not lo <= n <= hi:
@@ -386,16 +415,17 @@ class PeerAsker:
         try:
             real = await asyncio.wait_for(self.dnat(flow, result.source), 1.0)
         except TimeoutError:
-            return None
-        if real is None:
-            return None
-        peer = self.resolver.peer_for(real[0])
-        if peer is None:
-            return None
-        import dataclasses
+            real = None
+        if real is not None:
+            peer = self.resolver.peer_for(real[0])
+            if peer is not None:
+                import dataclasses
 
-        return await self._ask_one(peer, result, dataclasses.replace(flow, remote_addr=real[0], remote_port=real[1]),
-                                   offset)
+                return await self._ask_one(peer, result, dataclasses.replace(flow, remote_addr=real[0],
+                                                                             remote_port=real[1]), offset)
+        why = getattr(self.resolver, "no_peer_reason", None)
+        reason = why(real[0] if real is not None else flow.remote_addr) if why is not None else None
+        return RemoteEvidence("", False, reason) if reason else None
 
     async def _ask_one(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
         self.asked += 1
@@ -416,7 +446,9 @@ class PeerAsker:
         return RemoteEvidence(peer.url, False, why)
 
     async def _question(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
-        params = {"proto": "tcp", "saddr": flow.local_addr, "sport": str(flow.local_port), "daddr": flow.remote_addr,
+        # a link-local address's scope (%eth0) names an interface of this node, nothing the peer can match
+        params = {"proto": "tcp", "saddr": flow.local_addr.partition("%")[0], "sport": str(flow.local_port),
+                  "daddr": flow.remote_addr.partition("%")[0],
                   "dport": str(flow.remote_port), "from": str(offset.wall(result.start_ns) - self.grace_ns),
                   "to": str(offset.wall(result.end_ns) + self.grace_ns)}
         headers = {"Accept": "application/json"}

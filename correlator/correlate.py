@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bpf.types import KernelEvent, RemoteEvidence
-from correlator.crossnode import remote_facts, unavailable_facts
+from correlator.crossnode import answer_drop_agreement, remote_facts, unavailable_facts
 from correlator.join import GRACE_NS, EventIndex, join
 from correlator.rules import RULES, Context, Finding
 from correlator.types import Cause, KernelCoverage, Verdict
@@ -53,6 +53,11 @@ def _verdict(ctx: Context, rule: str, f: Finding) -> Verdict:
     if ctx.remote:
         facts += unavailable_facts(ctx.remote)
         facts += remote_facts(ctx).unplaced_facts()
+        if rule == "policy_drop_connect":  # local evidence decided; does the destination's node agree?
+            check = answer_drop_agreement(ctx)
+            if check is not None:
+                facts.append(check[0])
+                confidence *= check[1]
     evidence = tuple(sorted({m.event for m in f.evidence}, key=lambda e: e.ts_ns))
     return Verdict(
         result=ctx.result,

@@ -15,6 +15,15 @@ after the rules that decide on local evidence alone (local evidence wins):
   remote_stall         an established flow stalled, nothing dropped here: node B's policy dropped its packets
                        → policy_drop/established naming node B.
 
+And one check that never changes the verdict's cause (local evidence wins; the remote must agree):
+
+  answer_drop_agreement  this node dropped the answers (SYN-ACKs) to our SYN on its way in, so local evidence
+                       decided (`policy_drop_connect`); node B agrees when it saw our SYN arrive and its answer
+                       leave (it resent the SYN-ACK), contradicts when it dropped our SYN itself or answered it
+                       with a reset: a fact either way, and a contradiction lowers the confidence
+                       (`CONTRADICTED_FACTOR`). Silence is not a contradiction (a node's kernel reports an
+                       answer only when it resends it).
+
 Clock honesty: a remote event is on this node's timeline only to within its `uncertainty_ns` (both nodes'
 clocks and the question's round trip). It decides only when that whole interval lies inside the probe's
 window and the uncertainty is at most `MAX_UNCERTAINTY_NS`; otherwise it is named in the facts as seen but
@@ -32,10 +41,11 @@ from correlator.reasons import CLASS_WORDS, TcpFacts, reason_class
 from correlator.types import Cause, Verdict
 from prober.types import ErrorKind, ProbeResult
 
-__all__ = ["MAX_UNCERTAINTY_NS", "RemoteFacts", "remote_connect", "remote_facts", "remote_reset", "remote_stall",
-           "unavailable_facts", "wants_remote"]
+__all__ = ["CONTRADICTED_FACTOR", "MAX_UNCERTAINTY_NS", "RemoteFacts", "answer_drop_agreement", "remote_connect",
+           "remote_facts", "remote_reset", "remote_stall", "unavailable_facts", "wants_remote"]
 
 MAX_UNCERTAINTY_NS = 200_000_000  # a remote event placed less precisely than this does not decide
+CONTRADICTED_FACTOR = 0.6  # the confidence of a local verdict the destination's node contradicts
 
 
 # -- when to ask ---------------------------------------------------------------------------------------------
@@ -50,12 +60,23 @@ def wants_remote(verdict: Verdict) -> bool:
         return False
     if verdict.rule == "connect_unexplained":
         return True
+    if verdict.rule == "policy_drop_connect" and _answers_dropped_here(verdict.evidence):
+        return True  # decided here; the destination's node is asked whether it agrees
     if verdict.rule == "connection_refused" and verdict.sub_cause != "connection_refused/no_listener":
         return True
     if r.error == ErrorKind.READ_TIMEOUT and verdict.rule in ("slow_or_stalled", "fallback") \
             and verdict.cause != Cause.POLICY_DROP:
         return True
     return verdict.rule == "fallback" and r.error in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_RESET)
+
+
+def _is_answer(e) -> bool:
+    flags = e.tcp_flags or ""
+    return "S" in flags and "A" in flags
+
+
+def _answers_dropped_here(evidence) -> bool:
+    return any(e.kind == "drop" and _is_answer(e) for e in evidence)
 
 
 # -- the remote events of a probe ------------------------------------------------------------------------------
@@ -132,7 +153,8 @@ def remote_facts(ctx) -> RemoteFacts:
 
 def unavailable_facts(remote: Iterable[RemoteEvidence]) -> list[str]:
     """One fact per peer that could not be asked: 'remote evidence unavailable (why)'."""
-    return [f"remote evidence unavailable from {r.node} ({r.reason})" for r in remote if not r.available]
+    return [f"remote evidence unavailable from {r.node} ({r.reason})" if r.node else
+            f"remote evidence unavailable ({r.reason})" for r in remote if not r.available]
 
 
 # -- the rules -----------------------------------------------------------------------------------------------
@@ -235,3 +257,37 @@ def remote_stall(ctx):
                     (f"after the handshake, {len(drops)} packet(s) of {side} were dropped by {first.event.reason} "
                      f"{rf.where(first)} ({CLASS_WORDS[reason_class(first.event.reason)]})",
                      "this node saw no drop: the flow died on the destination's node"))
+
+
+def answer_drop_agreement(ctx) -> tuple[str, float] | None:
+    """Local evidence decided that this node dropped the answers (SYN-ACKs) to our SYN on their way in. Whether
+    the destination's node agrees — (the fact, the factor the confidence is multiplied by) — or None when it was
+    not asked or its answer cannot be placed safely (then the facts already say why)."""
+    answers = [m for m in ctx.tcp.synack_drops if reason_class(m.event.reason) in ("policy", "program", "loss")]
+    if not answers or not ctx.remote:
+        return None
+    rf = remote_facts(ctx)
+    if not rf.answered:
+        return None
+    t = rf.tcp
+    if t.syn_drops:
+        m = t.syn_drops[0]
+        node = rf.remote_of(m).node
+        return (f"node {node} contradicts this: it dropped our SYN ({m.event.reason} {rf.where(m)}), so no answer "
+                "should have come back; the two nodes' evidence disagrees", CONTRADICTED_FACTOR)
+    resent = [m for m in rf.matched if m.event.kind == "synack_retransmit"]
+    if resent:
+        node = rf.remote_of(resent[0]).node
+        return (f"node {node} agrees: our SYN arrived there and its answer left (resent {len(resent)} time(s), "
+                "never acknowledged)", 1.0)
+    if t.resets_sent_no_socket:
+        m = t.resets_sent_no_socket[0]
+        return (f"node {rf.remote_of(m).node} contradicts this: its stack answered our SYN with a reset (NO_SOCKET) "
+                f"{rf.where(m)}, not the SYN-ACK this node dropped; the two nodes' evidence disagrees",
+                CONTRADICTED_FACTOR)
+    watching = rf.watching()
+    if watching and not rf.matched and not rf.unplaced:
+        nodes = ", ".join(sorted({w.node for w in watching}))
+        return (f"node {nodes} saw nothing unusual of this flow (its kernel reports an answer only when it resends "
+                "it): it neither confirms nor contradicts", 1.0)
+    return None  # node B saw something of the flow, but not its answer leaving: it neither agrees nor contradicts

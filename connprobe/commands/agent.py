@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"--listen: {value!r} must be HOST:PORT, e.g. 127.0.0.1:9516 or [::1]:9516")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
@@ -125,6 +125,19 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if stream not in (None, sys.stdout):
             stream.close()
         return 2
+    if cluster is not None:  # cross-node evidence: the destination's node's agent, found through the cluster
+        from connprobe.cluster.peers import cluster_peers
+
+        try:
+            agent.set_cluster_resolver(cluster_peers(cluster, listen_port=port, web_config=web,
+                                                     token=agent.peer_token))
+        except ValueError as exc:
+            await agent.stop()
+            cluster.close()
+            print(f"connprobe agent: {exc}", file=sys.stderr)
+            if stream not in (None, sys.stdout):
+                stream.close()
+            return 2
     runner = None
     channel = None
     try:

@@ -47,12 +47,14 @@ class Outcome:
 
 class TwoNodes:
     def __init__(self, lab: Lab, workdir: Path, *, skew_ns: int = 0, peer_url: str | None = None,
-                 peer_timeout: str = "500ms", token: str | None = None):
+                 peer_timeout: str = "500ms", token: str | None = None, static_peers: bool = True):
         self.lab, self.workdir = lab, Path(workdir)
         self.skew_ns = skew_ns
         self.peer_url = peer_url  # None: node B's own URL; else (a dead or slow stand-in) this
         self.peer_timeout = peer_timeout
         self.token = token or secrets.token_urlsafe(24)
+        self.static_peers = static_peers  # False: node A has no `peers:` (the test gives it a cluster resolver)
+        self.b_port = 0
         self.a: Agent | None = None
         self.b: Agent | None = None
         self._servers: list = []
@@ -81,12 +83,14 @@ class TwoNodes:
             server = await start_server(self.b, "127.0.0.1", 0)
             self._servers.append(server)
             host, port = server.addresses[0][:2]
-            self.b_url = f"http://{host}:{port}"
+            self.b_url, self.b_port = f"http://{host}:{port}", port
             url = self.peer_url or self.b_url
-            a_cfg = self._write("node-a.yml", {
-                "node": {"name": "node-a", "netns": [lab.ns(r).name for r in NODE_A_ROLES]},
-                "peers": [{"cidr": c, "url": url, "token_file": str(token_file), "timeout": self.peer_timeout}
-                          for c in PEER_CIDRS]})
+            a_doc: dict = {"node": {"name": "node-a", "netns": [lab.ns(r).name for r in NODE_A_ROLES],
+                                    "peer_token_file": str(token_file)}}
+            if self.static_peers:
+                a_doc["peers"] = [{"cidr": c, "url": url, "token_file": str(token_file), "timeout": self.peer_timeout}
+                                  for c in PEER_CIDRS]
+            a_cfg = self._write("node-a.yml", a_doc)
             self.a = Agent(a_cfg)
             await self.a.start()
             await self.b.wait_ready(60)
@@ -145,7 +149,8 @@ class TwoNodeScenario:
     kind: str = "tcp"  # tcp (connect) or http (GET /ok)
     timeout: str = "1500ms"
     fact: str = ""  # words the first fact must hold (which node saw what)
-    asks: bool = True  # whether node A's own evidence leaves the question open (else: decided locally)
+    asks: bool = True  # whether node B is asked (when node A's own evidence decides: whether B agrees)
+    agrees: str = ""  # decided on node A: words of the fact saying node B's evidence agrees (or says nothing)
     vip: bool = False  # probe the Service's virtual IP (DNAT'ed to srv1 in the client namespace), not srv1
 
 
@@ -157,7 +162,7 @@ TWO_NODE_SCENARIOS: tuple[TwoNodeScenario, ...] = (
                     fact="node node-b's way out"),
     TwoNodeScenario("answer_drop_a_ingress", "policy_drop/syn", "policy_drop", "policy_drop/syn",
                     lambda lab: lab.policy_drop("client", direction="in", port=HTTP_PORT, port_side="src"),
-                    fact="SYN-ACK", asks=False),
+                    fact="SYN-ACK", agrees="node node-b "),
     TwoNodeScenario("drop_in_router", "unknown/connect_timeout", "unknown", "unknown/between_nodes",
                     lambda lab: lab.policy_drop("router", direction="forward", port=HTTP_PORT),
                     fact="saw none of them arrive"),
@@ -202,21 +207,18 @@ async def _main(argv: list[str]) -> int:
     import tempfile
     from collections import Counter
 
-    if not argv or argv[0] not in ("record", "matrix"):
-        print("usage: python -m connprobe.lab.twonode record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
-              file=sys.stderr)
+    from connprobe.lab.runargs import parse_run_args
+
+    args = parse_run_args(argv, "connprobe.lab.twonode")
+    if args is None:
         return 2
     from correlator.record import dumps
 
     with Lab() as lab, tempfile.TemporaryDirectory() as d:
         async with TwoNodes(lab, Path(d)) as nodes:
-            if argv[0] == "record":
-                outdir = Path(argv[1])
-                outdir.mkdir(parents=True, exist_ok=True)
-                only = set(argv[2:])
-                for sc in TWO_NODE_SCENARIOS:
-                    if only and sc.name not in only:
-                        continue
+            if args.mode == "record":
+                outdir = args.record_dir()
+                for sc in args.selected(TWO_NODE_SCENARIOS):
                     out, err = await run_two_node_scenario(nodes, sc, 4)
                     if err:
                         print(f"lab error: {err}", file=sys.stderr)
@@ -226,12 +228,9 @@ async def _main(argv: list[str]) -> int:
                     print(f"recorded {sc.name}: {len(rec.events)} local events, "
                           f"{sum(len(r.events) for r in rec.remote)} remote")
                 return 0
-            trials = int(argv[1])
-            only = set(argv[2:])
+            trials = int(args.arg)
             rows: Counter[tuple[str, str, str]] = Counter()
-            for sc in TWO_NODE_SCENARIOS:
-                if only and sc.name not in only:
-                    continue
+            for sc in args.selected(TWO_NODE_SCENARIOS):
                 for family in (4, 6):
                     for _ in range(trials):
                         out, err = await run_two_node_scenario(nodes, sc, family)
@@ -244,9 +243,7 @@ async def _main(argv: list[str]) -> int:
                         rows[(sc.name, "asked", out.asked.sub_cause or str(out.asked.cause))] += 1
             print("| scenario | node A alone (single node) | node A asking node B | expected |")
             print("|---|---|---|---|")
-            for sc in TWO_NODE_SCENARIOS:
-                if only and sc.name not in only:
-                    continue
+            for sc in args.selected(TWO_NODE_SCENARIOS):
                 alone = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
                                   and w == "alone")
                 asked = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name

@@ -126,3 +126,53 @@ def test_stall_dropped_at_b():
 
 def test_ok_verdicts_never_ask():
     assert not wants_remote(correlate(result(), []))
+
+
+# -- the answer dropped on node A's ingress: local evidence decides, node B must agree -----------------------
+
+def _answers_dropped_on_a():
+    return [syn_retransmit(1001), syn_retransmit(2001)] + [
+        ev(t, EventKind.DROP, reverse=True, reason="NETFILTER_DROP", tcp_flags="SA", location="nf_hook_slow")
+        for t in (1.4, 1001.4, 2001.4)]
+
+
+def test_answer_dropped_here_is_decided_locally_and_asks_whether_node_b_agrees():
+    alone = correlate(timeout_result(), _answers_dropped_on_a())
+    assert (alone.sub_cause, alone.rule) == ("policy_drop/syn", "policy_drop_connect")
+    assert wants_remote(alone)
+    rtx = [ev(t, EventKind.SYNACK_RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="SYN_RECV")
+           for t in (1002, 2002)]
+    v = correlate(timeout_result(), _answers_dropped_on_a(), remote=[node_b(*rtx)])
+    assert (v.sub_cause, v.rule, v.confidence) == (alone.sub_cause, alone.rule, alone.confidence)
+    assert v.facts[0] == alone.facts[0]
+    assert "node node-b agrees: our SYN arrived there and its answer left (resent 2 time(s), never acknowledged)" \
+        in v.facts
+
+
+def test_node_b_contradicting_lowers_confidence_but_local_evidence_wins():
+    alone = correlate(timeout_result(), _answers_dropped_on_a())
+    v = correlate(timeout_result(), _answers_dropped_on_a(), remote=[node_b(syn_drop(1.2))])
+    assert v.sub_cause == alone.sub_cause and v.confidence < alone.confidence
+    assert any(f.startswith("node node-b contradicts this: it dropped our SYN (NETFILTER_DROP") for f in v.facts)
+    no_socket = ev(1.3, EventKind.RESET_TX, reverse=True, netns=SERVER_NS, reason="NO_SOCKET")
+    v = correlate(timeout_result(), _answers_dropped_on_a(), remote=[node_b(no_socket)])
+    assert v.sub_cause == alone.sub_cause and v.confidence < alone.confidence
+    assert any("contradicts this: its stack answered our SYN with a reset (NO_SOCKET)" in f for f in v.facts), v.facts
+
+
+def test_node_b_silent_neither_confirms_nor_contradicts():
+    alone = correlate(timeout_result(), _answers_dropped_on_a())
+    v = correlate(timeout_result(), _answers_dropped_on_a(), remote=[node_b()])
+    assert (v.sub_cause, v.confidence) == (alone.sub_cause, alone.confidence)
+    assert any("node node-b saw nothing unusual of this flow" in f and "neither confirms nor contradicts" in f
+               for f in v.facts), v.facts
+
+
+def test_node_b_unplaceable_unwatched_or_down_neither_agrees_nor_contradicts():
+    alone = correlate(timeout_result(), _answers_dropped_on_a())
+    rtx = ev(1002, EventKind.SYNACK_RETRANSMIT, reverse=True, netns=SERVER_NS, tcp_state="SYN_RECV")
+    for remote in ([node_b(rtx, unc_ns=2 * MAX_UNCERTAINTY_NS)], [node_b(watching=False)],
+                   [RemoteEvidence("http://10.0.0.12:9516", False, "no answer within 500 ms")]):
+        v = correlate(timeout_result(), _answers_dropped_on_a(), remote=remote)
+        assert (v.sub_cause, v.confidence) == (alone.sub_cause, alone.confidence)
+        assert not any("agrees" in f or "contradicts" in f for f in v.facts), v.facts

@@ -37,6 +37,9 @@ def test_recording_alone_and_with_node_b(path):
     v = correlate(rec.result, rec.events, coverage=rec.coverage, remote=rec.remote)
     assert (str(v.cause), v.sub_cause) == (sc.expected, sc.expected_sub), v.facts
     assert sc.fact in v.facts[0]
+    if sc.agrees:  # decided locally; node B's answer adds whether it agrees and changes nothing else
+        assert (v.sub_cause, v.confidence, v.facts[0]) == (alone.sub_cause, alone.confidence, alone.facts[0])
+        assert any(f.startswith(sc.agrees) and "contradicts this" not in f for f in v.facts), v.facts
 
 
 @pytest.mark.parametrize("path", [p for p in RECORDINGS if BY_NAME[p.stem].asks and load(p).remote[0].events],

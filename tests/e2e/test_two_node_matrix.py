@@ -37,11 +37,12 @@ async def test_two_node_scenario(nodes, sc, family):
             wrong.append(f"trial {trial}: {got} — {out.asked.facts}")
             continue
         assert bool(out.asked.remote) == sc.asks
-        if sc.asks:
-            assert out.asked.evidence, "a cross-node verdict without the events that decided it"
-        else:  # decided on node A; asked anyway, node B agrees: it dropped nothing (and when its answer's timer
-            # fired within the window, it shows our SYN arrived and was answered)
-            remote = await nodes.a.asker.ask(out.result, nodes.a.clock_offset())
-            kinds = {e.event.kind for r in remote for e in r.events}
-            assert remote[0].available and kinds <= {"synack_retransmit"}, remote
+        assert out.asked.evidence, "a verdict without the events that decided it"
+        if sc.agrees:  # decided on node A; node B was asked whether it agrees: it never contradicts here
+            assert out.asked.remote[0].available, out.asked.remote
+            assert out.asked.confidence == out.alone.confidence, out.asked.facts
+            said = [f for f in out.asked.facts if f.startswith(sc.agrees)]
+            assert len(said) == 1 and "contradicts this" not in said[0], out.asked.facts
+            kinds = {e.event.kind for r in out.asked.remote for e in r.events}
+            assert kinds <= {"synack_retransmit"}, out.asked.remote
     assert not wrong, f"{sc.name} v{family}: {len(wrong)}/{TRIALS} wrong:\n" + "\n".join(wrong)
