@@ -86,14 +86,14 @@ async def main(args: argparse.Namespace) -> None:
                 "peers": [{"cidr": "10.77.2.0/24", "url": url, "token_file": str(work / "token"),
                            "timeout": "1s"}]}))
             a = Agent(work / "a.yml")
-            await a.start()
-            await a.wait_ready(60)
             cfg = parse_config(yaml.safe_dump({
                 "modules": {"m": {"prober": "tcp", "timeout": "1200ms"}},
                 "probes": [{"name": "x", "module": "m", "target": "10.77.2.11:8080",
                             "source": f"netns {lab.ns('client').name}"}]}))
             local_us, ask_ms, subs = [], [], set()
             try:
+                await a.start()  # inside the try: stopped also when it never gets ready
+                await a.wait_ready(60)
                 with lab.policy_drop("srv1", direction="in", port=8080):
                     for _ in range(args.trials):
                         result = (await run_probe(cfg.probes[0], a.env))[0]

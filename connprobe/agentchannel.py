@@ -262,7 +262,7 @@ class DiagnoseChannel:
         try:
             assert self.agent.kernel_watch is not None
             stream = attempts(spec, self.agent.kernel_watch, count=req.count, interval=interval,
-                              budget=budget, env=self.agent.env)
+                              budget=budget, env=self.agent.env, asker=self.agent.asker)  # its peers too
             async with contextlib.aclosing(stream):
                 async for a, events in stream:
                     await _send(writer, {"attempt": to_jsonable(a), "events": to_jsonable(events)})

@@ -30,7 +30,8 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -140,7 +141,11 @@ class PeerSettings(Frozen):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v):
+        try:
+            ok = re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v) is not None and urlsplit(v).port != 0
+        except ValueError:  # a port out of range, an unclosed [IPv6 bracket
+            ok = False
+        if not ok:
             raise ValueError(f"{v[:60]!r} is not an http(s)://HOST:PORT URL of a peer agent")
         return v.rstrip("/")
 
@@ -298,6 +303,24 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+_S = TypeVar("_S", bound=Frozen)
+
+
+def _section(raw: dict, key: str, model: type[_S], fields: str, errors: list[str]) -> _S:
+    """The optional top-level mapping `key` validated as `model`; its defaults when absent or wrong (the
+    problems appended to `errors`)."""
+    body = raw.get(key)
+    if body is not None:
+        if not isinstance(body, dict):
+            errors.append(f"config: {key}: must be a mapping ({fields})")
+        else:
+            try:
+                return model.model_validate(body)
+            except ValidationError as exc:
+                errors.extend(_format("config", exc, prefix=key))
+    return model()
+
+
 def _parse(text: str, filename: str) -> Config:
     if len(text) > MAX_BYTES:
         raise ConfigError([f"{filename}: larger than {MAX_BYTES >> 20} MiB"])
@@ -309,27 +332,8 @@ def _parse(text: str, filename: str) -> Config:
     errors: list[str] = [f"config: {_key(k)}: unknown key (expected {', '.join(TOP_KEYS)})" for k in raw
                          if k not in TOP_KEYS]
 
-    limits = Limits()
-    raw_limits = raw.get("limits")
-    if raw_limits is not None:
-        if not isinstance(raw_limits, dict):
-            errors.append("config: limits: must be a mapping (max_probes, min_interval)")
-        else:
-            try:
-                limits = Limits.model_validate(raw_limits)
-            except ValidationError as exc:
-                errors.extend(_format("config", exc, prefix="limits"))
-
-    node = NodeSettings()
-    raw_node = raw.get("node")
-    if raw_node is not None:
-        if not isinstance(raw_node, dict):
-            errors.append("config: node: must be a mapping (name, netns, watch, peer_token_file)")
-        else:
-            try:
-                node = NodeSettings.model_validate(raw_node)
-            except ValidationError as exc:
-                errors.extend(_format("config", exc, prefix="node"))
+    limits = _section(raw, "limits", Limits, "max_probes, min_interval", errors)
+    node = _section(raw, "node", NodeSettings, "name, netns, watch, peer_token_file", errors)
     peers: list[PeerSettings] = []
     raw_peers = raw.get("peers") or []
     if not isinstance(raw_peers, list):

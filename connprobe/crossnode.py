@@ -73,6 +73,9 @@ def read_token(path: str, what: str) -> bytes:
     except OSError as exc:
         raise PeerConfigError(f"{what}: {path}: {exc.strerror or exc}") from None
     token = raw.split(b"\n", 1)[0].strip()
+    if token.startswith(b"REPLACE-WITH"):  # the manifests' placeholder: a token everyone knows is no credential
+        raise PeerConfigError(f"{what}: {path}: still the placeholder {token[:40].decode('ascii', 'replace')!r}; "
+                              "put a random token there")
     if not token or len(token) > MAX_TOKEN_BYTES or any(c < 0x21 or c > 0x7e for c in token):
         raise PeerConfigError(f"{what}: {path}: the token must be one line of printable ASCII, 1 to "
                               f"{MAX_TOKEN_BYTES} bytes")
@@ -181,7 +184,9 @@ def _addr(q, name: str) -> str:
     if v is None:
         raise QueryError(f"{name}: required")
     try:
-        return str(ipaddress.ip_address(v[:64]))
+        if len(v) > 64 or "%" in v:  # a packet's address has no scope (a zone id would be matched as text)
+            raise ValueError
+        return str(ipaddress.ip_address(v))
     except ValueError:
         raise QueryError(f"{name}: {v[:64]!r} is not an IP address") from None
 
@@ -192,7 +197,7 @@ def _int(q, name: str, lo: int, hi: int, required: bool = True) -> int | None:
         if required:
             raise QueryError(f"{name}: required")
         return None
-    if not (0 < len(v) <= 20 and v.lstrip("-").isdigit() and v.isascii()):
+    if not (0 < len(v) <= 20 and v.removeprefix("-").isdigit() and v.isascii()):
         raise QueryError(f"{name}: {v[:40]!r} is not an integer")
     n = int(v)
     if not lo <= n <= hi:
@@ -441,7 +446,9 @@ class PeerAsker:
         return RemoteEvidence(peer.url, False, why)
 
     async def _question(self, peer: Peer, result: ProbeResult, flow, offset: ClockOffset) -> RemoteEvidence:
-        params = {"proto": "tcp", "saddr": flow.local_addr, "sport": str(flow.local_port), "daddr": flow.remote_addr,
+        # a link-local address's scope (%eth0) names an interface of this node, nothing the peer can match
+        params = {"proto": "tcp", "saddr": flow.local_addr.partition("%")[0], "sport": str(flow.local_port),
+                  "daddr": flow.remote_addr.partition("%")[0],
                   "dport": str(flow.remote_port), "from": str(offset.wall(result.start_ns) - self.grace_ns),
                   "to": str(offset.wall(result.end_ns) + self.grace_ns)}
         headers = {"Accept": "application/json"}

@@ -597,7 +597,7 @@ def _int_param(q, name: str, default: int, lo: int, hi: int) -> int:
     raw = q.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise ValueError(f"{name}: {_shown(raw, 20)} must be a whole number from {lo} to {hi}")
     return int(raw)
 

@@ -20,21 +20,7 @@ import ssl
 from typing import Any
 
 from connprobe.crossnode import Peer
-
-ADDRESS_TYPES = ("InternalIP", "ExternalIP")
-
-
-def agent_address(node: Any) -> str | None:
-    """The address a node's agent listens on (hostNetwork): its InternalIP, else its ExternalIP."""
-    for kind in ADDRESS_TYPES:
-        for t, addr in node.addresses:
-            if t != kind:
-                continue
-            try:
-                return str(ipaddress.ip_address(addr))
-            except ValueError:
-                continue
-    return None
+from connprobe.targets.mesh import node_address  # the node mesh reaches a peer agent the same way
 
 
 def pinned_context(cert_file: str) -> ssl.SSLContext:
@@ -73,9 +59,10 @@ class ClusterPeers:
         if node is None or node == self.view.node_name:
             return None
         info = self.view.state.node(node)
-        host = agent_address(info) if info is not None else None
+        host = node_address(info) if info is not None else None
         if host is None:
             return None
+        host = str(ipaddress.ip_address(host))
         url = f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
         peer = self._peers.get(url)
         if peer is None:

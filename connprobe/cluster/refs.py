@@ -153,7 +153,7 @@ def parse_service_target(value: object) -> ServiceRef:
         raise ValueError(f"svc: service name {_shown(name)} is not a valid name (lowercase letters, digits and "
                          "'-', starting with a letter, at most 63)")
     port_value: int | str
-    if port.isdigit():
+    if port.isascii() and port.isdigit():
         port_value = int(port)
         if not 0 < port_value < 65536:
             raise ValueError(f"svc: port {port} is out of range (1-65535)")

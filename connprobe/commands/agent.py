@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"--listen: {value!r} must be HOST:PORT, e.g. 127.0.0.1:9516 or [::1]:9516")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)

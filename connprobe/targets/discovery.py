@@ -22,6 +22,7 @@ cluster target source (`connprobe/targets/cluster.py`) calls it on every load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from prober.spec import ModuleSpec, ProbeSpec, format_duration, parse_duration
 PREFIX = "connprobe.io/"
 KEYS = ("probe", "port", "module", "interval", "endpoints", "source")
 KINDS = ("tcp", "grpc", "http")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 DEFAULT_INTERVAL = 30.0
 DEFAULT_TIMEOUT = 5.0
 MAX_VALUE = 256
@@ -139,8 +141,10 @@ def _rename(message: str) -> str:
 
 
 def _selector(text: str, default_namespace: str) -> dict[str, Any]:
-    ns, sep, rest = text.strip().rpartition("/")
-    if not sep:
+    # NAMESPACE/ is the text before the first '/' unless that is a label key's prefix (app.kubernetes.io/name):
+    # a prefix is a DNS subdomain with a dot, a namespace never has one
+    ns, sep, rest = text.strip().partition("/")
+    if not sep or "=" in ns or ("." in ns and _SUBDOMAIN.fullmatch(ns)):
         ns, rest = default_namespace, text.strip()
     selector: dict[str, str] = {}
     for part in rest.split(","):

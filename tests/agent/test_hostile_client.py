@@ -529,6 +529,8 @@ async def test_api_recent_is_paginated(tmp_path, upstream, start_agent):
         400, "limit: '5000' must be a whole number from 1 to 1000\n")
     assert (await a.call("GET", "/api/recent?offset=-1"))[:2] == (
         400, "offset: '-1' must be a whole number from 0 to 1000000000\n")
+    assert (await a.call("GET", "/api/recent?limit=%C2%B2"))[:2] == (  # a digit to str.isdigit, not to int()
+        400, "limit: '\u00b2' must be a whole number from 1 to 1000\n")
 
 
 async def test_a_renewed_certificate_applies_on_reload_and_tls_off_needs_a_restart(tmp_path, upstream, pki,

@@ -19,8 +19,14 @@ from bpf.hooks import HOOKS
 from bpf.sensor import KernelSensor
 from bpf.types import EventKind
 from tests.bpf.sensorlab import events_of
+from tests.conftest import require
 
 kernel = pytest.mark.kernel
+
+
+def _require_btf(what: str) -> None:
+    """Skip (fail under CONNPROBE_REQUIRE_KERNEL=1) without the kernel's BTF, which the sensor reads first."""
+    require(None if Path("/sys/kernel/btf/vmlinux").exists() else f"needs the kernel's BTF to get as far as {what}")
 
 
 def loopback_pair(count: int, listener: socket.socket) -> None:
@@ -306,8 +312,7 @@ def test_no_usable_tracepoint_is_unavailable(monkeypatch, tmp_path):
     monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
     (tmp_path / "events").mkdir()
     monkeypatch.setattr("bpf.preload.kernel_headers_dir", lambda *_: tmp_path)
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("needs the kernel's BTF to get as far as the tracepoint checks")
+    _require_btf("the tracepoint checks")
     with pytest.raises(SensorUnavailable, match=r"no usable tracepoint.*kfree_skb does not exist"):
         KernelSensor(tracefs_root=tmp_path).open()
 
@@ -330,8 +335,7 @@ def test_missing_bcc_and_headers_name_the_missing_piece(monkeypatch, tmp_path):
     monkeypatch.setattr("bpf.preload.import_bcc", lambda: None)
     monkeypatch.setattr("bpf.preload.kernel_headers_dir", lambda *_: None)
     (tmp_path / "events").mkdir()
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("needs the kernel's BTF to get as far as the headers check")
+    _require_btf("the headers check")
     with pytest.raises(SensorUnavailable, match=r"no kernel headers at /lib/modules/.*scripts/setup"):
         KernelSensor(tracefs_root=tmp_path).open()
 
@@ -344,19 +348,21 @@ def test_a_source_link_alone_is_not_kernel_headers(monkeypatch, tmp_path):
     (modules / os.uname().release / "source").mkdir(parents=True)
     monkeypatch.setattr("bpf.preload.MODULES_DIR", modules)
     (tmp_path / "events").mkdir()
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("needs the kernel's BTF to get as far as the headers check")
+    _require_btf("the headers check")
     with pytest.raises(SensorUnavailable, match=r"no kernel headers at .*/build: bcc needs them"):
         KernelSensor(tracefs_root=tmp_path).open()
 
 
 def test_public_names():
+    import bpf.errors
     import bpf.sensor
 
     for name in bpf.sensor.__all__:
         assert hasattr(bpf.sensor, name), name
-    assert issubclass(SensorUnavailable, bpf.sensor.SensorError)
-    assert issubclass(SensorClosed, bpf.sensor.SensorError)
+    # Each name has one home: errors in bpf/errors.py, the hook table in bpf/hooks.py, statistics in runstats.
+    assert not {"SensorError", "HOOKS", "HookSpec", "HookStatus", "bpf_run_time_stats"} & set(bpf.sensor.__all__)
+    assert issubclass(SensorUnavailable, bpf.errors.SensorError)
+    assert issubclass(SensorClosed, bpf.errors.SensorError)
 
 
 @kernel

@@ -47,6 +47,8 @@ def test_cluster_probes_become_templates():
                                                                             "namespace, selector)"),
     ({"target": "svc/payments/api"}, "target: 'svc/payments/api' needs a port"),
     ({"target": "svc/payments/api:0"}, "target: svc: port 0 is out of range (1-65535)"),
+    ({"target": "svc/payments/api:\u00b2"}, "target: svc: port '\u00b2' is neither a number nor a port name"),
+    ({"target": "svc/payments/api:\u0663"}, "target: svc: port '\u0663' is neither a number nor a port name"),
     ({"target": "10.0.0.1:80", "endpoints": True}, "endpoints: only for a svc/NAMESPACE/NAME:PORT target"),
     ({"target": "svc/a/b:80", "endpoints": "yes"}, "endpoints: must be true or false, got 'yes'"),
     ({"module": "dns", "target": "svc/a/b:53"}, "target: svc/ targets work with the tcp, http, grpc probers, not dns"),

@@ -138,6 +138,9 @@ async def test_policy_drop_at_pod_on_node_b_found_through_the_cluster(lab, clust
 @pytest.mark.asyncio(loop_scope="module")
 async def test_address_the_cluster_does_not_know_says_no_agent_known(lab, cluster_nodes):
     nodes, _view = cluster_nodes
+    outcome = await nodes.a.reload()  # a reload re-reads `peers:` (none) and keeps the cluster's resolver
+    assert outcome.ok, outcome
+    assert nodes.a.asker.resolver.peer_for(nodes.server_addr(4)).url == f"http://127.0.0.1:{nodes.b_port}"
     srv2 = nodes.server_addr(4, "srv2")  # a lab server no pod or EndpointSlice of the cluster names
     asked = nodes.a.asker.asked
     with lab.policy_drop("srv2", direction="in", port=8080):
@@ -145,3 +148,91 @@ async def test_address_the_cluster_does_not_know_says_no_agent_known(lab, cluste
     assert out.asked.sub_cause == "unknown/connect_timeout", out.asked.facts
     assert f"remote evidence unavailable (no agent known for IP {srv2})" in out.asked.facts
     assert nodes.a.asker.asked == asked  # no question went out: nothing to wait for
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_https_peer_found_through_the_cluster_presents_the_shared_certificate(api, tmp_path):
+    """Agents of a DaemonSet share one certificate: a peer presenting it is trusted (pinned, reached by address
+    whatever name it carries); one presenting another certificate gets no TLS session. No kernel: node B's
+    agent has no sensor and answers the authenticated question 503, reported as remote evidence unavailable."""
+    from bpf.clock import sample_clock_offset
+    from connprobe.agent import Agent
+    from connprobe.crossnode import PeerAsker
+    from connprobe.web import start_server
+    from connprobe.webconfig import load_web_config
+    from tests.agent.pki import CA
+    from tests.correlator.builders import SERVER, result
+
+    ca = CA(tmp_path, "agents-ca")
+    (tmp_path / "other").mkdir()
+    shared, other = ca.issue("connprobe", server=True), CA(tmp_path / "other", "other-ca").issue("connprobe",
+                                                                                                 server=True)
+    token = tmp_path / "peer-token"
+    token.write_text("s3cret\n")
+    for ns in ("payments",):
+        api.apply(o.namespace(ns))
+    api.apply(o.node("node-b", internal_ip="127.0.0.1"))
+    api.apply(o.endpoint_slice("api-x", "api", [(SERVER, "api-0", "node-b", True)], port=8080))
+    view = await asyncio.to_thread(view_of, api, tmp_path)
+    servers, agents = [], []
+    try:
+        async def node_b(pair) -> int:
+            web = tmp_path / f"web-{len(servers)}.yml"
+            web.write_text(f"tls_server_config:\n  cert_file: {pair.cert}\n  key_file: {pair.key}\n")
+            cfg = tmp_path / f"b-{len(servers)}.yml"
+            cfg.write_text(f"node: {{name: node-b, peer_token_file: {token}}}\n")
+            agent = Agent(cfg, kernel=False)
+            agents.append(agent)
+            await agent.start()
+            server = await start_server(agent, "127.0.0.1", 0, web_config_path=str(web))
+            servers.append(server)
+            return server.addresses[0][1]
+
+        mine = tmp_path / "a-web.yml"
+        mine.write_text(f"tls_server_config:\n  cert_file: {shared.cert}\n  key_file: {shared.key}\n")
+        web_a = load_web_config(mine)
+        for pair, expect in ((shared, "answered HTTP 503: no kernel evidence"), (other, None)):
+            port = await node_b(pair)
+            peers = cluster_peers(view, listen_port=port, web_config=web_a, token=b"s3cret")
+            assert peers.peer_for(SERVER).url == f"https://127.0.0.1:{port}"
+            asker = PeerAsker(peers)
+            try:
+                got = await asker.ask(result(ok=False), sample_clock_offset())
+            finally:
+                await asker.close()
+            assert len(got) == 1 and not got[0].available, got
+            if expect:
+                assert got[0].reason.startswith(expect), got
+            else:
+                assert "certificate" in got[0].reason.lower() and "HTTP" not in got[0].reason, got
+    finally:
+        for s in servers:
+            await s.cleanup()
+        for a in agents:
+            await a.stop()
+        await asyncio.to_thread(view.close)
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(180)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_diagnose_through_node_a_agent_asks_the_cluster_peers(lab, cluster_nodes, tmp_path):
+    """`connprobe diagnose` on node A goes through its agent's channel: the agent asks the same peers (here the
+    ones the cluster found) and the attempt comes back with node B's events marked with their node."""
+    from connprobe.agentchannel import DiagnoseChannel, DiagnoseRequest, attempts_via_agent
+
+    nodes, _view = cluster_nodes
+    channel = DiagnoseChannel(nodes.a, tmp_path / "diagnose.sock")
+    await channel.start()
+    try:
+        req = DiagnoseRequest(target=f"{nodes.server_addr(4)}:8080", source=lab.ns("client").name, timeout="1500ms")
+        with lab.policy_drop("srv1", direction="in", port=8080):
+            got = [a async for a, _events in attempts_via_agent(channel.path, req)]
+    finally:
+        await channel.close()
+    assert channel.served == 1 and len(got) == 1
+    v = got[0].verdict
+    assert (str(v.cause), v.sub_cause) == ("policy_drop", "policy_drop/syn"), v.facts
+    assert "on node node-b" in v.facts[0]
+    assert v.remote and v.remote[0].node == "node-b" and v.remote[0].events[0].node == "node-b"

@@ -37,6 +37,18 @@ def test_annotations_make_templates():
     assert t.spec.interval == 30.0 and not t.parts.endpoints
 
 
+@pytest.mark.parametrize(("text", "namespace", "selector"), [
+    ("frontend/app.kubernetes.io/name=web", "frontend", {"app.kubernetes.io/name": "web"}),
+    ("app.kubernetes.io/name=web,tier=fe", "payments", {"app.kubernetes.io/name": "web", "tier": "fe"}),
+    ("frontend/app=web", "frontend", {"app": "web"}),
+    ("app=web", "payments", {"app": "web"}),
+])
+def test_source_annotation_takes_prefixed_label_keys(text, namespace, selector):
+    """A namespace has no dot; the part before a '/' that has one is a label key's prefix (app.kubernetes.io/)."""
+    (t,), problems = AnnotationSource().templates([_svc(probe="tcp", source=text)])
+    assert problems == [] and t.parts.source == SelectorSource(namespace, selector)
+
+
 @pytest.mark.parametrize(("notes", "problem"), [
     ({"probe": "udp"}, "connprobe.io/probe: 'udp' must be tcp, grpc or http:/PATH"),
     ({"probe": "tcp:/x"}, "connprobe.io/probe: 'tcp:/x': only http takes a path"),

@@ -113,3 +113,27 @@ async def test_a_service_ip_is_asked_about_at_the_endpoint_it_was_dnated_to():
     finally:
         await asker.close()
         await runner.cleanup()
+
+
+async def test_a_link_local_scope_is_not_sent_to_the_peer():
+    """The scope (%veth0) is an interface of this node; the peer refuses an address with one (a 400)."""
+    import dataclasses
+
+    from tests.correlator.builders import TCP_FLOW
+
+    seen = []
+
+    async def handler(request):
+        seen.append(dict(request.query))
+        return web.json_response(GOOD)
+
+    runner, url = await _serve(handler)
+    flow = dataclasses.replace(TCP_FLOW, local_addr="fe80::1%veth0", remote_addr="fe80::2%veth0")
+    asker = PeerAsker(StaticPeers([("fe80::/64", Peer(url, b"t", None, 2.0))]))
+    try:
+        (got,) = await asker.ask(dataclasses.replace(result(ok=False), flows=(flow,)), sample_clock_offset())
+    finally:
+        await asker.close()
+        await runner.cleanup()
+    assert got.available, got.reason
+    assert (seen[0]["saddr"], seen[0]["daddr"]) == ("fe80::1", "fe80::2")

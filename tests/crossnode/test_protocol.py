@@ -31,7 +31,8 @@ def test_query_parses_and_refuses_hostile_values_naming_the_field():
     assert (q.saddr, q.sport, q.dport, q.from_ns, q.sent_ns) == ("10.77.1.2", 40000, 8080, 10**9, 1500000000)
     for field, value in [("sport", "0"), ("sport", "x"), ("dport", "99999"), ("saddr", "a" * 10000),
                          ("daddr", "::ffff:zz"), ("from", "1" * 30), ("to", "5"), ("proto", "icmp\n"),
-                         ("sent", "-5")]:
+                         ("sent", "-5"), ("from", "--5"), ("sport", "-"), ("saddr", "fe80::1%eth0\nX"),
+                         ("daddr", "fe80::1%lo"), ("saddr", "fe80::1%" + "a" * 100)]:
         with pytest.raises(QueryError) as exc:
             parse_query({**Q, field: value})
         assert str(exc.value).startswith(field) and "\n" not in str(exc.value)
@@ -120,6 +121,8 @@ def test_config_node_and_peers_errors_name_the_field():
                        ("peers: [{cidr: 10.0.0.0/33, url: 'http://x:1'}]", "peers[0].cidr"),
                        ("peers: [{cidr: 10.0.0.0/8, url: 'ftp://x'}]", "peers[0].url"),
                        ("peers: [{cidr: 10.0.0.0/8, url: 'http://x:1', timeout: 1h}]", "peers[0].timeout"),
+                       ("peers: [{cidr: 10.0.0.0/8, url: 'http://x:99999999'}]", "peers[0].url"),
+                       ("peers: [{cidr: 10.0.0.0/8, url: 'http://[::1'}]", "peers[0].url"),
                        ("peers: {a: 1}", "peers"), ("node: [1]", "node")]:
         with pytest.raises(ConfigError) as exc:
             parse_config(text)

@@ -186,13 +186,22 @@ def test_metrics_port_health_checks_and_scrape_annotations_agree(objs, pod):
     assert svc["selector"].items() <= objs[("DaemonSet", "connprobe")]["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_configmap_holds_a_config_connprobe_accepts(objs, pod):
+def test_configmap_holds_a_config_connprobe_accepts(objs, pod, tmp_path):
     files = _projected_files(pod)
     (cm_name,) = [src["configMap"]["name"] for src in
                   next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
                   if "configMap" in src and "items" not in src["configMap"]]
     config = parse_config(objs[("ConfigMap", cm_name)]["data"]["config.yaml"], "configmap.yaml")
     assert {p.module.prober for p in config.probes} == {"http", "tcp", "dns"}
+    # cross-node evidence: the peer token is in the Secret's mount, a placeholder the agent refuses
+    assert files[config.node.peer_token_file] == ("secret", "connprobe-web-config", "peer-token")
+    from connprobe.crossnode import PeerConfigError, read_token
+
+    token = objs[("Secret", "connprobe-web-config")]["stringData"]["peer-token"]
+    placeholder = tmp_path / "peer-token"
+    placeholder.write_text(token + "\n")
+    with pytest.raises(PeerConfigError, match="still the placeholder"):
+        read_token(str(placeholder), "node: peer_token_file")
     assert all(p.source == "host" for p in config.probes)
     # every CA file a module names is mounted (the cluster's CA, without a service account token)
     for module in config.modules.values():
@@ -211,6 +220,8 @@ def test_the_container_arguments_are_ones_the_cli_accepts(pod):
     assert ns.command == "agent" and ns.config == "/etc/connprobe/config.yaml"
     assert ns.web_config_file == WEB_CONFIG and not ns.keep_capabilities
     assert parse_listen(ns.listen) == ("10.0.0.7", 9516)
+    with pytest.raises(ValueError, match=r"^--listen: "):  # a digit to str.isdigit, not to int()
+        parse_listen("[::1]:\u00b2")
     # --kubernetes: in-cluster credentials (no kubeconfig), this node's name from the downward API
     assert ns.kubernetes and ns.kubernetes_discovery and ns.kubeconfig is None and ns.kubernetes_node is None
     # the node mesh: peers on the same port over https, verified with the agents' shared certificate (the Secret's
