@@ -41,23 +41,9 @@ from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFu
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
 from bpf.ring import RingReader
-from bpf.runstats import bpf_run_time_stats
 from bpf.types import EventKind, KernelEvent
 
-# The sensor's public API stays importable from here (its homes: bpf/errors.py, bpf/hooks.py, bpf/runstats.py).
-__all__ = [
-    "DEFAULT_QUIET_REASONS",
-    "HOOKS",
-    "HookSpec",
-    "HookStatus",
-    "KernelSensor",
-    "SensorClosed",
-    "SensorCounters",
-    "SensorError",
-    "SensorUnavailable",
-    "WatchListFull",
-    "bpf_run_time_stats",
-]
+__all__ = ["DEFAULT_QUIET_REASONS", "KernelSensor", "SensorCounters"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +88,7 @@ class KernelSensor:
         kallsyms_path: Path = Path("/proc/kallsyms"),
         debug_source: bool | None = None,
         netns: Iterable[int] | None = None,
+        lazy_kallsyms: bool = False,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -125,6 +112,11 @@ class KernelSensor:
         self._status: list[HookStatus] = []
         self._names = KernelNames()
         self._kallsyms: Kallsyms | None = None
+        # lazy: /proc/kallsyms is read at the first drop location to name (a healthy diagnose never needs it),
+        # not during the load. Not for a process that drops CAP_SYSLOG after loading (the agent): kallsyms then
+        # reads as zeros.
+        self._lazy_kallsyms = lazy_kallsyms
+        self._kallsyms_lock = threading.Lock()
         self._watch_refs: collections.Counter[tuple[int, int]] = collections.Counter()
         self._protos_on_port: collections.Counter[int] = collections.Counter()  # port -> protocols watching it
         self._watch_lock = threading.Lock()
@@ -200,11 +192,13 @@ class KernelSensor:
             base.append("-DNETNS_FILTER")
         # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
         kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
-        kallsyms.start()
+        if not self._lazy_kallsyms:
+            kallsyms.start()
         try:
             bpf, failed, self.cflags = loader.load(bcc, base, enabled, debug_source=self._debug_source)
         finally:
-            kallsyms.join()
+            if not self._lazy_kallsyms:
+                kallsyms.join()
         for hook, why in failed.items():
             log.warning("kernel sensor: %s: %s; %s events are off", hook.name, why, hook.kind)
             status[hook.name] = HookStatus(hook.name, hook.kind, False, why)
@@ -233,6 +227,11 @@ class KernelSensor:
                         self._kallsyms_path, exc)
 
     def _symbolize(self, addr: int) -> str | None:
+        if self._lazy_kallsyms and self._kallsyms is None:
+            with self._kallsyms_lock:
+                if self._lazy_kallsyms:
+                    self._lazy_kallsyms = False  # read once, whether or not it can be
+                    self._read_kallsyms()
         return self._kallsyms.lookup(addr) if self._kallsyms is not None else None
 
     def _fill_quiet(self) -> None:

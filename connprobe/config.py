@@ -30,7 +30,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -309,6 +309,24 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+_S = TypeVar("_S", bound=Frozen)
+
+
+def _section(raw: dict, key: str, model: type[_S], fields: str, errors: list[str]) -> _S:
+    """The optional top-level mapping `key` validated as `model`; its defaults when absent or wrong (the
+    problems appended to `errors`)."""
+    body = raw.get(key)
+    if body is not None:
+        if not isinstance(body, dict):
+            errors.append(f"config: {key}: must be a mapping ({fields})")
+        else:
+            try:
+                return model.model_validate(body)
+            except ValidationError as exc:
+                errors.extend(_format("config", exc, prefix=key))
+    return model()
+
+
 def _parse(text: str, filename: str, blackbox: bool = False, base_dir: Path | None = None) -> Config:
     from connprobe.blackbox import translate_module
 
@@ -324,27 +342,8 @@ def _parse(text: str, filename: str, blackbox: bool = False, base_dir: Path | No
     if blackbox:
         raw = {k: v for k, v in raw.items() if k == "modules"}
 
-    limits = Limits()
-    raw_limits = raw.get("limits")
-    if raw_limits is not None:
-        if not isinstance(raw_limits, dict):
-            errors.append("config: limits: must be a mapping (max_probes, min_interval)")
-        else:
-            try:
-                limits = Limits.model_validate(raw_limits)
-            except ValidationError as exc:
-                errors.extend(_format("config", exc, prefix="limits"))
-
-    node = NodeSettings()
-    raw_node = raw.get("node")
-    if raw_node is not None:
-        if not isinstance(raw_node, dict):
-            errors.append("config: node: must be a mapping (name, netns, watch, peer_token_file)")
-        else:
-            try:
-                node = NodeSettings.model_validate(raw_node)
-            except ValidationError as exc:
-                errors.extend(_format("config", exc, prefix="node"))
+    limits = _section(raw, "limits", Limits, "max_probes, min_interval", errors)
+    node = _section(raw, "node", NodeSettings, "name, netns, watch, peer_token_file", errors)
     peers: list[PeerSettings] = []
     raw_peers = raw.get("peers") or []
     if not isinstance(raw_peers, list):

@@ -27,7 +27,7 @@ import bisect
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -301,12 +301,42 @@ class _ValueSeries:
             self.value += amount
 
 
-class LabelledValues(Collector):
+_S = TypeVar("_S")
+
+
+class _SeriesByLabels(Collector, Generic[_S]):
+    """What both labelled families share: one series per tuple of label values, made on first use
+    (`_new_series(family, values)`), and removed by the same values."""
+
+    name: str
+    labelnames: tuple[str, ...]
+    lock: threading.Lock
+    _series: dict[tuple[str, ...], _S]
+    _new_series: Callable[[Any, tuple[str, ...]], _S]
+
+    def labels(self, *values: str) -> _S:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
+        values = tuple(str(v) for v in values)
+        series = self._series.get(values)
+        if series is None:
+            with self.lock:
+                series = self._series.setdefault(values, self._new_series(self, values))
+        return series
+
+    def remove(self, *values: str) -> None:
+        with self.lock:
+            del self._series[tuple(str(v) for v in values)]
+
+
+class LabelledValues(_SeriesByLabels[_ValueSeries]):
     """A labelled gauge or counter kept as plain values and written straight to exposition text, like
     `LabelledHistogram`: prometheus_client builds a `Sample` with its own label dict per series on every
     `collect()`; here each series keeps its line's formatted beginning. Same bytes as prometheus_client's
     `Gauge`/`Counter` through `generate_latest` (no `_created` series: the agent turns them off).
     API as far as `Metrics` uses it: `labels(*values).set(x)` / `.inc(n)`, `remove(*values)`."""
+
+    _new_series = _ValueSeries
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], typ: str = "gauge",
                  registry: CollectorRegistry | None = None):
@@ -323,20 +353,6 @@ class LabelledValues(Collector):
         self._series: dict[tuple[str, ...], _ValueSeries] = {}
         if registry is not None:
             registry.register(self)
-
-    def labels(self, *values: str) -> _ValueSeries:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
-        values = tuple(str(v) for v in values)
-        series = self._series.get(values)
-        if series is None:
-            with self.lock:
-                series = self._series.setdefault(values, _ValueSeries(self, values))
-        return series
-
-    def remove(self, *values: str) -> None:
-        with self.lock:
-            del self._series[tuple(str(v) for v in values)]
 
     def _snapshot(self) -> list[tuple[tuple[str, ...], _ValueSeries, float]]:
         with self.lock:
@@ -364,7 +380,7 @@ class LabelledValues(Collector):
         yield family(self.name, self.documentation, labels=self.labelnames)
 
 
-class LabelledHistogram(Collector):
+class LabelledHistogram(_SeriesByLabels[_HistogramSeries]):
     """A labelled histogram kept as plain counters and written straight to exposition text.
 
     prometheus_client's `Histogram` builds ~15 `Sample` objects (each with its own label dict) per series on
@@ -374,6 +390,8 @@ class LabelledHistogram(Collector):
     bytes (tests/app/test_metrics.py compares them); connprobe's own writer (`connprobe.web.exposition_chunks`)
     takes the text. API as far as `Metrics` uses it: `labels(*values).observe(x)`, `remove(*values)`.
     """
+
+    _new_series = _HistogramSeries
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
                  registry: CollectorRegistry | None = None):
@@ -389,20 +407,6 @@ class LabelledHistogram(Collector):
         self._series: dict[tuple[str, ...], _HistogramSeries] = {}
         if registry is not None:
             registry.register(self)
-
-    def labels(self, *values: str) -> _HistogramSeries:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
-        values = tuple(str(v) for v in values)
-        series = self._series.get(values)
-        if series is None:
-            with self.lock:
-                series = self._series.setdefault(values, _HistogramSeries(self, values))
-        return series
-
-    def remove(self, *values: str) -> None:
-        with self.lock:
-            del self._series[tuple(str(v) for v in values)]
 
     def _snapshot(self) -> list[tuple[tuple[str, ...], _HistogramSeries, list[int], float]]:
         with self.lock:

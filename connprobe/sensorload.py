@@ -13,7 +13,8 @@ from typing import Any
 from connprobe.kernelwatch import KernelWatch
 
 
-async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = None) -> tuple[Any | None, str]:
+async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = None,
+                      lazy_kallsyms: bool = False) -> tuple[Any | None, str]:
     """The loaded and attached `bpf.sensor.KernelSensor`, or None and why it is off. `netns`: report only these
     namespaces' events (a node's, for cross-node evidence); None: every namespace."""
     if disabled:
@@ -23,7 +24,7 @@ async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = Non
         from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
-    sensor = KernelSensor(netns=netns)
+    sensor = KernelSensor(netns=netns, lazy_kallsyms=lazy_kallsyms)
     try:
         await sensor.__aenter__()
     except SensorError as exc:
@@ -33,9 +34,10 @@ async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = Non
     return sensor, ""
 
 
-async def open_watch(disabled: bool = False, netns: frozenset[int] | None = None) -> KernelWatch:
+async def open_watch(disabled: bool = False, netns: frozenset[int] | None = None,
+                     lazy_kallsyms: bool = False) -> KernelWatch:
     """A running `KernelWatch` (its pump started), without a sensor when it is off; close with `close_watch`."""
-    sensor, reason = await load_sensor(disabled, netns)
+    sensor, reason = await load_sensor(disabled, netns, lazy_kallsyms)
     watch = KernelWatch(sensor, reason)
     await watch.start()
     return watch

@@ -179,6 +179,22 @@ def _program_or_loss(evidence: tuple[Matched, ...], facts: list[str] | tuple[str
                             "few to tell a policy, which drops every one, from random loss"))
 
 
+def _dropped_handshake(drops: tuple[Matched, ...], retransmits: tuple[Matched, ...], facts: tuple[str, ...],
+                       conf_policy: float, conf_other: float) -> Finding:
+    """Handshake packets dropped on their way (`drops`, the first named in `facts`): a queue's loss, too few
+    program drops to tell a policy from loss, or a policy drop (`conf_policy` for a policy reason,
+    `conf_other` for a program's)."""
+    klass = reason_class(drops[0].event.reason)
+    evidence = drops + retransmits
+    if klass == "loss":
+        return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, evidence,
+                       (*facts, "a queue dropped them: congestion rather than intent"))
+    if klass == "program" and len(drops) < PROGRAM_DROPS_FOR_POLICY:
+        return _program_or_loss(evidence, facts, len(drops))
+    return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf_policy if klass == "policy" else conf_other,
+                   evidence, facts)
+
+
 def policy_drop_connect(ctx: Context) -> Finding | None:
     r, t = ctx.result, ctx.tcp
     if r.error not in (ErrorKind.CONNECT_TIMEOUT, ErrorKind.CONNECT_UNREACHABLE) or t.established:
@@ -190,28 +206,16 @@ def policy_drop_connect(ctx: Context) -> Finding | None:
         first = answers[0]
         facts = (f"{len(answers)} SYN-ACK(s) answering our SYN dropped by {first.event.reason} {where(first)}",
                  "the connection was never established")
-        if reason_class(first.event.reason) == "loss":
-            return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, answers + t.syn_retransmits,
-                           (*facts, "a queue dropped them: congestion rather than intent"))
-        if reason_class(first.event.reason) == "program" and len(answers) < PROGRAM_DROPS_FOR_POLICY:
-            return _program_or_loss(answers + t.syn_retransmits, facts, len(answers))
-        conf = 0.85 if reason_class(first.event.reason) == "policy" else 0.75
-        return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, answers + t.syn_retransmits, facts)
+        return _dropped_handshake(answers, t.syn_retransmits, facts, 0.85, 0.75)
     if not decisive:
         return None
     attempts = max(1 + len(t.syn_retransmits), len(decisive))
     first = decisive[0]
-    facts = [f"{len(decisive)} of {attempts} SYN(s) dropped by {first.event.reason} {where(first)}",
-             "the connection was never established"]
-    if reason_class(first.event.reason) == "loss":
-        return Finding(Cause.TCP_RETRANSMIT, "tcp_retransmit/syn_lost", 0.6, decisive + t.syn_retransmits,
-                       (*facts, "a queue dropped them: congestion rather than intent"))
-    if reason_class(first.event.reason) == "program" and len(decisive) < PROGRAM_DROPS_FOR_POLICY:
-        return _program_or_loss(decisive + t.syn_retransmits, facts, len(decisive))
-    conf = 0.95 if reason_class(first.event.reason) == "policy" else 0.8
-    if len(decisive) < attempts:
-        conf -= 0.15  # some SYNs were not seen dropped (lost events, or dropped elsewhere)
-    return Finding(Cause.POLICY_DROP, "policy_drop/syn", conf, decisive + t.syn_retransmits, tuple(facts))
+    facts = (f"{len(decisive)} of {attempts} SYN(s) dropped by {first.event.reason} {where(first)}",
+             "the connection was never established")
+    # Some SYNs not seen dropped (lost events, or dropped elsewhere): less sure it was this drop.
+    short = 0.15 if len(decisive) < attempts else 0.0
+    return _dropped_handshake(decisive, t.syn_retransmits, facts, 0.95 - short, 0.8 - short)
 
 
 POLICY_CHANCE = 1e-4  # a run of drops less likely than this to be random loss is a policy

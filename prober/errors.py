@@ -28,7 +28,6 @@ import aiohttp
 import aiohttp.client_exceptions as ace
 import aiohttp.http_exceptions as ahe
 import dns.exception
-import httpx
 
 from prober.sockets import SourceError
 from prober.types import ErrorKind
@@ -97,35 +96,6 @@ _TABLE: dict[type[BaseException], object] = {
     aiohttp.WebSocketError: E.PROTOCOL_ERROR,  # a malformed frame (websocket prober)
     aiohttp.BadContentDispositionHeader: NOT_RAISED,
     aiohttp.BadContentDispositionParam: NOT_RAISED,
-    # --- httpx ---
-    httpx.HTTPError: E.PROTOCOL_ERROR,
-    httpx.RequestError: E.PROTOCOL_ERROR,
-    httpx.TransportError: BY_ERRNO,
-    httpx.TimeoutException: BY_PHASE,
-    httpx.ConnectTimeout: E.CONNECT_TIMEOUT,
-    httpx.ReadTimeout: E.READ_TIMEOUT,
-    httpx.WriteTimeout: E.READ_TIMEOUT,
-    httpx.PoolTimeout: E.CONNECT_TIMEOUT,
-    httpx.NetworkError: BY_ERRNO,
-    httpx.ConnectError: BY_ERRNO,
-    httpx.ReadError: BY_ERRNO,
-    httpx.WriteError: BY_ERRNO,
-    httpx.CloseError: E.CONNECT_RESET,
-    httpx.ProtocolError: E.PROTOCOL_ERROR,
-    httpx.LocalProtocolError: E.PROTOCOL_ERROR,
-    httpx.RemoteProtocolError: E.PROTOCOL_ERROR,
-    httpx.ProxyError: E.PROTOCOL_ERROR,
-    httpx.UnsupportedProtocol: E.VALIDATION,
-    httpx.DecodingError: E.PROTOCOL_ERROR,
-    httpx.TooManyRedirects: E.VALIDATION,
-    httpx.HTTPStatusError: E.HTTP_STATUS,
-    httpx.InvalidURL: E.VALIDATION,
-    httpx.CookieConflict: E.PROTOCOL_ERROR,
-    httpx.StreamError: E.INTERNAL,
-    httpx.StreamConsumed: E.INTERNAL,
-    httpx.StreamClosed: E.CONNECT_RESET,
-    httpx.ResponseNotRead: E.INTERNAL,
-    httpx.RequestNotRead: E.INTERNAL,
     # --- dnspython (only message parsing is used: the transport is ours) ---
     dns.exception.DNSException: E.PROTOCOL_ERROR,
     dns.exception.Timeout: E.DNS_TIMEOUT,
@@ -151,12 +121,49 @@ def _grpc_entries() -> dict[type[BaseException], object]:
     }
 
 
+def _httpx_entries() -> dict[type[BaseException], object]:
+    """httpx's classes: added once httpx is imported (by prober/http_httpx.py, on the first `client: httpx`
+    probe); the default HTTP client does not use it, and importing it costs an agent ~5 MiB of RSS."""
+    import httpx
+
+    return {
+        httpx.HTTPError: E.PROTOCOL_ERROR,
+        httpx.RequestError: E.PROTOCOL_ERROR,
+        httpx.TransportError: BY_ERRNO,
+        httpx.TimeoutException: BY_PHASE,
+        httpx.ConnectTimeout: E.CONNECT_TIMEOUT,
+        httpx.ReadTimeout: E.READ_TIMEOUT,
+        httpx.WriteTimeout: E.READ_TIMEOUT,
+        httpx.PoolTimeout: E.CONNECT_TIMEOUT,
+        httpx.NetworkError: BY_ERRNO,
+        httpx.ConnectError: BY_ERRNO,
+        httpx.ReadError: BY_ERRNO,
+        httpx.WriteError: BY_ERRNO,
+        httpx.CloseError: E.CONNECT_RESET,
+        httpx.ProtocolError: E.PROTOCOL_ERROR,
+        httpx.LocalProtocolError: E.PROTOCOL_ERROR,
+        httpx.RemoteProtocolError: E.PROTOCOL_ERROR,
+        httpx.ProxyError: E.PROTOCOL_ERROR,
+        httpx.UnsupportedProtocol: E.VALIDATION,
+        httpx.DecodingError: E.PROTOCOL_ERROR,
+        httpx.TooManyRedirects: E.VALIDATION,
+        httpx.HTTPStatusError: E.HTTP_STATUS,
+        httpx.InvalidURL: E.VALIDATION,
+        httpx.CookieConflict: E.PROTOCOL_ERROR,
+        httpx.StreamError: E.INTERNAL,
+        httpx.StreamConsumed: E.INTERNAL,
+        httpx.StreamClosed: E.CONNECT_RESET,
+        httpx.ResponseNotRead: E.INTERNAL,
+        httpx.RequestNotRead: E.INTERNAL,
+    }
+
+
 # module name -> its entries, merged into _TABLE by table() once the module is imported
-_LATER: dict[str, object] = {"grpc": _grpc_entries}
+_LATER: dict[str, object] = {"grpc": _grpc_entries, "httpx": _httpx_entries}
 
 
 def table() -> dict[type[BaseException], object]:
-    """The whole table: `_TABLE` plus the entries of the libraries imported since (grpcio)."""
+    """The whole table: `_TABLE` plus the entries of the libraries imported since (grpcio, httpx)."""
     if _LATER:
         for name in [n for n in _LATER if n in sys.modules]:
             entries = _LATER.pop(name, None)

@@ -148,7 +148,8 @@ async def _open_watch_with_progress(disabled: bool, netns: frozenset[int] | None
     status = (err.status("loading the kernel sensor (reading BTF, compiling and attaching the BPF programs)…")
               if show else contextlib.nullcontext())
     with status:
-        loading = asyncio.create_task(open_watch(disabled=disabled, netns=netns))
+        # kallsyms is read only if a drop location is to be named: this process keeps its capabilities
+        loading = asyncio.create_task(open_watch(disabled=disabled, netns=netns, lazy_kallsyms=True))
         await asyncio.sleep(0)  # let it reach its thread
         try:
             import prober.runner  # noqa: F401 - the HTTP clients and probe kinds, imported meanwhile

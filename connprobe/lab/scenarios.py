@@ -160,13 +160,12 @@ async def record_scenario(lab: Lab, sc: Scenario, family: int, watch: KernelWatc
 async def _main(argv: list[str]) -> int:
     import sys
     from collections import Counter
-    from pathlib import Path
 
+    from connprobe.lab.runargs import parse_run_args
     from connprobe.sensorload import close_watch, open_watch
 
-    if not argv or argv[0] not in ("record", "matrix"):
-        print("usage: python -m connprobe.lab.scenarios record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
-              file=sys.stderr)
+    args = parse_run_args(argv, "connprobe.lab.scenarios")
+    if args is None:
         return 2
     with Lab() as lab:
         watch = await open_watch()
@@ -174,22 +173,17 @@ async def _main(argv: list[str]) -> int:
             print(f"kernel sensor unavailable: {watch.unavailable_reason}", file=sys.stderr)
             return 2
         try:
-            if argv[0] == "record":
-                out = Path(argv[1])
-                out.mkdir(parents=True, exist_ok=True)
-                only = set(argv[2:])
-                for sc in SCENARIOS:
-                    if only and sc.name not in only:
-                        continue
+            if args.mode == "record":
+                out = args.record_dir()
+                for sc in args.selected(SCENARIOS):
                     rec = await record_scenario(lab, sc, 4, watch)
                     (out / f"{sc.name}.json").write_text(dumps(rec) + "\n")
                     print(f"recorded {sc.name}: {len(rec.events)} events")
                 return 0
-            trials = int(argv[1])
+            trials = int(args.arg)
             confusion: Counter[tuple[str, str]] = Counter()
             lab_errors: Counter[str] = Counter()
-            only = set(argv[2:])
-            scenarios = [sc for sc in SCENARIOS if not only or sc.name in only]
+            scenarios = args.selected(SCENARIOS)
             for sc in scenarios:
                 for family in (4, 6):
                     for _ in range(trials):

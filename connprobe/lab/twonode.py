@@ -207,21 +207,18 @@ async def _main(argv: list[str]) -> int:
     import tempfile
     from collections import Counter
 
-    if not argv or argv[0] not in ("record", "matrix"):
-        print("usage: python -m connprobe.lab.twonode record DIR [SCENARIO...] | matrix TRIALS [SCENARIO...]",
-              file=sys.stderr)
+    from connprobe.lab.runargs import parse_run_args
+
+    args = parse_run_args(argv, "connprobe.lab.twonode")
+    if args is None:
         return 2
     from correlator.record import dumps
 
     with Lab() as lab, tempfile.TemporaryDirectory() as d:
         async with TwoNodes(lab, Path(d)) as nodes:
-            if argv[0] == "record":
-                outdir = Path(argv[1])
-                outdir.mkdir(parents=True, exist_ok=True)
-                only = set(argv[2:])
-                for sc in TWO_NODE_SCENARIOS:
-                    if only and sc.name not in only:
-                        continue
+            if args.mode == "record":
+                outdir = args.record_dir()
+                for sc in args.selected(TWO_NODE_SCENARIOS):
                     out, err = await run_two_node_scenario(nodes, sc, 4)
                     if err:
                         print(f"lab error: {err}", file=sys.stderr)
@@ -231,12 +228,9 @@ async def _main(argv: list[str]) -> int:
                     print(f"recorded {sc.name}: {len(rec.events)} local events, "
                           f"{sum(len(r.events) for r in rec.remote)} remote")
                 return 0
-            trials = int(argv[1])
-            only = set(argv[2:])
+            trials = int(args.arg)
             rows: Counter[tuple[str, str, str]] = Counter()
-            for sc in TWO_NODE_SCENARIOS:
-                if only and sc.name not in only:
-                    continue
+            for sc in args.selected(TWO_NODE_SCENARIOS):
                 for family in (4, 6):
                     for _ in range(trials):
                         out, err = await run_two_node_scenario(nodes, sc, family)
@@ -249,9 +243,7 @@ async def _main(argv: list[str]) -> int:
                         rows[(sc.name, "asked", out.asked.sub_cause or str(out.asked.cause))] += 1
             print("| scenario | node A alone (single node) | node A asking node B | expected |")
             print("|---|---|---|---|")
-            for sc in TWO_NODE_SCENARIOS:
-                if only and sc.name not in only:
-                    continue
+            for sc in args.selected(TWO_NODE_SCENARIOS):
                 alone = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name
                                   and w == "alone")
                 asked = ", ".join(f"{k} x{n}" for (name, w, k), n in sorted(rows.items()) if name == sc.name

@@ -178,14 +178,17 @@ class AgentProcess:
 
 
 def lab_config(path: Path, lab, interval: str = "3s", extra: list[dict] | None = None,
-               names: tuple[str, ...] = ("web", "api")) -> Path:
-    """Probes from the lab's client namespace: `web` → srv1, `api` → srv2 (HTTP, 2.5 s timeout, 300 ms budget)."""
+               names: tuple[str, ...] = ("web", "api"), phase_histograms: list[str] | None = None) -> Path:
+    """Probes from the lab's client namespace: `web` → srv1, `api` → srv2 (HTTP, 2.5 s timeout, 300 ms budget;
+    `phase_histograms` as the module's opt-in, for tests that read the phase quantiles)."""
     source = f"netns {lab.ns('client').name}"
     targets = {"web": "http://srv1.lab.test:8080/ok", "api": "http://srv2.lab.test:8080/ok"}
     probes = [{"name": n, "module": "http_2xx", "target": targets[n], "source": source, "interval": interval,
                "jitter": 0} for n in names]
     modules = {"http_2xx": {"prober": "http", "timeout": "2.5s", "budget": "300ms"},
                "tcp": {"prober": "tcp", "timeout": "2s"}}
+    if phase_histograms is not None:
+        modules["http_2xx"]["phase_histograms"] = phase_histograms
     return write_config(path, probes + (extra or []), modules)
 
 

@@ -25,6 +25,8 @@ from tests.deploy.helpers import METRIC_NAME, dashboard_queries
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
 RULES = REPO / "deploy" / "prometheus" / "connprobe-alerts.yml"
+SHIPPED_PHASES = yaml.safe_load(yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+                                ["data"]["config.yaml"])["modules"]["http_2xx"]["phase_histograms"]
 FOR = "3s"  # instead of the rules' minutes
 
 # Alert expressions that select series in this run (the policy drop on api); every other rule is a valid query
@@ -106,7 +108,8 @@ def write_rules(path: Path) -> dict[str, str]:
 
 def test_policy_drop_alert_reaches_alertmanager_and_every_query_has_data(lab, tmp_path):
     prometheus, alertmanager = _need("prometheus"), _need("prometheus-alertmanager")
-    agent = AgentProcess(lab_config(tmp_path / "agent.yml", lab), tmp_path)
+    # the phase histograms on, as the shipped ConfigMap has them for http_2xx: the target dashboard plots them
+    agent = AgentProcess(lab_config(tmp_path / "agent.yml", lab, phase_histograms=SHIPPED_PHASES), tmp_path)
     am_port, prom_port = free_port(), free_port()
     prom = f"http://127.0.0.1:{prom_port}"
     exprs = write_rules(tmp_path / "rules.yml")

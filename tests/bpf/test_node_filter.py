@@ -8,7 +8,8 @@ import errno
 
 import pytest
 
-from bpf.sensor import KernelSensor, SensorError
+from bpf.errors import SensorError
+from bpf.sensor import KernelSensor
 from bpf.types import EventKind
 from tests.bpf.sensorlab import client_request, events_of
 

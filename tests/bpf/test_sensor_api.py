@@ -354,12 +354,15 @@ def test_a_source_link_alone_is_not_kernel_headers(monkeypatch, tmp_path):
 
 
 def test_public_names():
+    import bpf.errors
     import bpf.sensor
 
     for name in bpf.sensor.__all__:
         assert hasattr(bpf.sensor, name), name
-    assert issubclass(SensorUnavailable, bpf.sensor.SensorError)
-    assert issubclass(SensorClosed, bpf.sensor.SensorError)
+    # Each name has one home: errors in bpf/errors.py, the hook table in bpf/hooks.py, statistics in runstats.
+    assert not {"SensorError", "HOOKS", "HookSpec", "HookStatus", "bpf_run_time_stats"} & set(bpf.sensor.__all__)
+    assert issubclass(SensorUnavailable, bpf.errors.SensorError)
+    assert issubclass(SensorClosed, bpf.errors.SensorError)
 
 
 @kernel

@@ -139,3 +139,47 @@ def test_grpc_is_not_imported_until_a_grpc_probe_needs_it():
             "assert rule_for(grpc.RpcError) is not None; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+_HTTPX_LAZY = """
+import asyncio, sys
+import prober, prober.errors, prober.runner, connprobe.agent, connprobe.cli
+from prober import HTTPSpec, ModuleSpec, ProbeEnv, ProbeSpec, run_probe
+from prober.errors import rule_for
+from prober.types import ErrorKind
+
+HTTPX = ('httpx', 'httpcore', 'anyio')
+
+async def answer(reader, writer):
+    await reader.readuntil(b'\\r\\n\\r\\n')
+    writer.write(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok')
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, '127.0.0.1', 0)
+    url = 'http://127.0.0.1:%d/' % server.sockets[0].getsockname()[1]
+    async with ProbeEnv() as env:
+        for client in ('aiohttp', 'aiohttp-session', 'httpx'):
+            module = ModuleSpec(prober='http', http=HTTPSpec(client=client))
+            s = ProbeSpec(name='t', target=url, source='host', interval=3.0, timeout=3.0, module=module)
+            (r,) = await run_probe(s, env)
+            assert r.ok, (client, r.error_detail)
+            loaded = [m for m in HTTPX if m in sys.modules]
+            assert loaded == (list(HTTPX) if client == 'httpx' else []), (client, loaded)
+    server.close()
+    await server.wait_closed()
+    import httpx
+    assert rule_for(httpx.ConnectTimeout) is ErrorKind.CONNECT_TIMEOUT
+    print('ok')
+
+asyncio.run(main())
+"""
+
+
+def test_httpx_is_not_imported_until_an_httpx_probe_needs_it():
+    """httpx, httpcore and anyio (~5 MiB of RSS) stay out of an agent whose probes use the default HTTP client
+    (or aiohttp-session): a real probe with each client, in a fresh interpreter; httpx's table entries join once
+    an httpx probe has loaded it."""
+    out = subprocess.run([sys.executable, "-c", _HTTPX_LAZY], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
