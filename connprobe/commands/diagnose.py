@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -39,6 +38,7 @@ from connprobe.diagnosis import (
     record_attempt,
     to_document,
 )
+from connprobe.commands.output import add_output_option, write_document
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
 from correlator import Cause
@@ -70,9 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the agent's config: with --probe NAME, run that probe exactly as the agent does (module, "
                         "credentials, CA, source, timeout, budget; standalone; not with TARGET)")
     p.add_argument("--probe", metavar="NAME", help="the probe of --config to run")
-    p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default=None,
-                   help="text (default: each attempt printed as it finishes), json (the documented document, "
-                        "docs/diagnose.schema.json) or yaml (the same document)")
+    add_output_option(p, "text: each attempt printed as it finishes; json: the documented document, "
+                         "docs/diagnose.schema.json; yaml: the same document")
     p.add_argument("--json", action="store_true", help="the same as -o json")
     p.add_argument("--peers", dest="peers_config", type=Path, metavar="CONFIG",
                    help="ask the peer agents of this agent config's `node:` and `peers:` when this node's evidence "
@@ -339,12 +338,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     code = exit_code(done)
     if output in ("json", "yaml"):
         doc = to_document(args.target, args.source, duration_arg("budget", args.budget), done, code)
-        if output == "json":
-            sys.stdout.write(json.dumps(doc, indent=1) + "\n")
-        else:
-            import yaml
-
-            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        write_document(doc, output)
         return code
     bad = sum(a.verdict.cause != Cause.OK for a in done)
     out.print(f"{len(done)} attempt(s), {bad} with a problem")

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from connprobe.commands.output import add_output_option, output_format, write_document
 from connprobe.lab.plumbing import LabError
 from connprobe.lab.topology import ROLES, SERVER_ROLES, Lab, list_labs, remove_lab, remove_stale_labs, role_addresses
 
@@ -15,17 +16,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--id", help="lab id (default: a new one for up; for down, the only running lab)")
     p.add_argument("--all", action="store_true", help="with down: remove every lab, stale ones included")
+    add_output_option(p, "with status: {labs: [{id, persistent, owner_pid, owner_alive, namespaces, stale}]}")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Console()
     err = Console(stderr=True)
+    fmt = output_format(args)
+    if fmt != "text" and args.action != "status":
+        err.print(f"connprobe lab {args.action}: -o {fmt} is for lab status only", markup=False, highlight=False)
+        return 2
     try:
         if args.action == "up":
             return _up(out, args.id)
         if args.action == "down":
             return _down(out, err, args.id, args.all)
-        return _status(out)
+        return _status(out, fmt)
     except LabError as exc:
         err.print(f"connprobe lab {args.action}: {exc}", markup=False, highlight=False)
         return 2
@@ -77,8 +83,14 @@ def _down(out: Console, err: Console, lab_id: str | None, everything: bool) -> i
     return 1 if failed else 0
 
 
-def _status(out: Console) -> int:
+def _status(out: Console, fmt: str = "text") -> int:
     labs = list_labs()
+    if fmt != "text":
+        write_document({"labs": [{"id": st["id"], "persistent": bool(st.get("persistent")),
+                                  "owner_pid": st.get("owner_pid"), "owner_alive": bool(st.get("owner_alive")),
+                                  "namespaces": len(st.get("namespaces", {}) or st.get("present", [])),
+                                  "stale": bool(st["stale"])} for st in labs]}, fmt)
+        return 0
     if not labs:
         out.print("no lab is running")
         return 0
