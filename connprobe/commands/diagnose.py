@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -29,6 +28,7 @@ from rich.markup import escape
 from bpf.types import KernelEvent
 from connprobe import timeline
 from connprobe.causes import colour
+from connprobe.commands.output import add_output_option, write_document
 from connprobe.diagnosis import (
     EXIT_USAGE,
     Diagnosis,
@@ -38,7 +38,6 @@ from connprobe.diagnosis import (
     record_attempt,
     to_document,
 )
-from connprobe.commands.output import add_output_option, write_document
 from connprobe.netnames import netns_names
 from connprobe.timeline import name_namespaces
 from correlator import Cause
