@@ -507,6 +507,31 @@ _SECTIONS: dict[str, Callable[[Translation, Any, str], Any]] = {
 FAMILY_SECTIONS = ("http", "tcp", "dns", "icmp", "grpc")
 
 
+BLACKBOX_MODULE_KEYS = frozenset(("prober", "timeout", *FAMILY_SECTIONS))
+
+
+def looks_like_blackbox(raw: Any) -> bool:
+    """A document given to `--config` that is recognisably a blackbox.yml: `modules:` is its only top-level key
+    (no `probes:`), every module is a mapping with blackbox's `prober:` and only blackbox's module keys (and only
+    blackbox's documented keys, `KEYS`, in its prober section), and at least one has a prober section (`http:`,
+    `tcp:`, `dns:`, `icmp:`, `grpc:`). Anything else is read as a connprobe config (whose checks name what is
+    wrong)."""
+    if not isinstance(raw, dict) or set(raw) != {"modules"}:
+        return False
+    modules = raw["modules"]
+    if not isinstance(modules, dict) or not modules:
+        return False
+    bodies = list(modules.values())
+    if not all(isinstance(b, dict) and "prober" in b and set(b) <= BLACKBOX_MODULE_KEYS for b in bodies):
+        return False
+    documented = {sec: {k for s, k, _, _ in KEYS if s == sec} for sec in FAMILY_SECTIONS}
+    for b in bodies:  # a prober section with a key blackbox does not document (connprobe's own): not blackbox's
+        for sec in set(b) & set(FAMILY_SECTIONS):
+            if b[sec] is not None and (not isinstance(b[sec], dict) or not set(b[sec]) <= documented[sec]):
+                return False
+    return any(set(b) & set(FAMILY_SECTIONS) for b in bodies)
+
+
 def translate_module(raw: dict, base_dir: Path | None = None, blackbox_defaults: bool = False
                      ) -> tuple[dict, list[str]]:
     """A module body with blackbox's keys mapped to connprobe's: (body for `ModuleSpec`, errors as

@@ -478,6 +478,23 @@ def load_config(path: str | Path, *, blackbox: bool = False) -> Config:
     """Read and validate a config file (`blackbox`: a blackbox_exporter file); relative file names inside it
     are taken from its directory."""
     p = Path(path)
+    return parse_config(_read_text(p), str(p), blackbox=blackbox, base_dir=p.parent)
+
+
+def is_blackbox_file(path: str | Path) -> bool:
+    """Whether the file given as a connprobe config is recognisably a blackbox_exporter `blackbox.yml`
+    (`connprobe.blackbox.looks_like_blackbox`); a file that cannot be read or parsed is not (its loading then
+    says why)."""
+    from connprobe.blackbox import looks_like_blackbox
+
+    try:
+        raw = yaml.safe_load(_read_text(Path(path)))
+    except Exception:  # unreadable, not YAML, not UTF-8: load_config reports it
+        return False
+    return looks_like_blackbox(raw)
+
+
+def _read_text(p: Path) -> str:
     try:
         # O_NONBLOCK: a FIFO put where the config should be must not hang the reader (nor a reload's lock)
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -499,4 +516,4 @@ def load_config(path: str | Path, *, blackbox: bool = False) -> Config:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{p}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"]) from None
-    return parse_config(text, str(p), blackbox=blackbox, base_dir=p.parent)
+    return text

@@ -15,7 +15,7 @@ from typing import IO
 import prometheus_client
 
 from connprobe.agent import Agent
-from connprobe.config import ConfigError
+from connprobe.config import ConfigError, is_blackbox_file
 from prober.redact import install_log_redaction
 
 log = logging.getLogger("connprobe.agent")  # the agent's own log lines
@@ -95,6 +95,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         stream = open(args.log_json, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     blackbox = bool(getattr(args, "blackbox_config", None))
     config = args.blackbox_config if blackbox else args.config
+    detected = not blackbox and is_blackbox_file(config)  # a blackbox.yml given to --config: read as one
+    blackbox = blackbox or detected
     try:
         from connprobe.cluster.options import mesh_options, open_cluster_view
 
@@ -123,6 +125,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                   cluster=cluster)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    if detected:
+        log.info("%s: a blackbox_exporter blackbox.yml (only modules:, blackbox's module keys): read as with "
+                 "--blackbox-config", config)
     try:
         await agent.start()
     except ConfigError as exc:

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from connprobe.commands.output import add_output_option, output_format, write_document
-from connprobe.config import ConfigError, ConfigUnreadable, load_config
+from connprobe.config import ConfigError, ConfigUnreadable, is_blackbox_file, load_config
 from prober.redact import redact_text, redact_url
 
 
@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
         print("check-config: a config FILE is required", file=sys.stderr)
         return 2
     blackbox = bool(getattr(args, "blackbox", False))
+    # recognisably a blackbox.yml: read with blackbox's defaults, as --blackbox does (the OK line says so)
+    blackbox = blackbox or is_blackbox_file(path)
     fmt = output_format(args)
     try:
         cfg = load_config(path, blackbox=blackbox)

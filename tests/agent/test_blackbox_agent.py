@@ -80,3 +80,19 @@ def test_agent_refuses_an_invalid_blackbox_file(tmp_path):
     assert out.returncode == 2
     assert 'module "m": http.oauth2: blackbox_exporter key not supported by connprobe' in out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_agent_config_recognises_a_blackbox_file(tmp_path, upstream):
+    """`agent --config blackbox.yml` (not --blackbox-config): recognised, read as one, and said in one log line."""
+    cfg = tmp_path / "blackbox.yml"
+    cfg.write_text("modules:\n  http_2xx:\n    prober: http\n    timeout: 3s\n"
+                   "    http:\n      valid_status_codes: [200]\n")
+    agent = AgentProcess(cfg, tmp_path, "--no-kernel")
+    await asyncio.to_thread(agent.start)
+    try:
+        status, text = await _probe(agent, "http_2xx", upstream.url("/ok"))
+        assert status == 200 and _value(text, "probe_success") == 1.0, text
+        lines = [ln for ln in agent.stderr().splitlines() if "a blackbox_exporter blackbox.yml" in ln]
+        assert len(lines) == 1 and "read as with --blackbox-config" in lines[0], agent.stderr()
+    finally:
+        await asyncio.to_thread(agent.stop)

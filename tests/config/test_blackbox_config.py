@@ -384,3 +384,46 @@ modules:
                       'module "m": http.http_headers.X.file: unknown key (values, secrets, files)',
                       f"module \"m\": http.http_headers.Y.files[0]: cannot read '{tmp_path / 'nothere'}': "
                       "No such file or directory"], errors
+
+
+def test_check_config_recognises_a_blackbox_file_without_the_flag(bb_dir: Path) -> None:
+    f = str(bb_dir / "blackbox.yml")
+    plain = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", f],
+                           capture_output=True, text=True, timeout=60)
+    flagged = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox", f],
+                             capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and plain.stdout == flagged.stdout, plain.stderr
+    assert "OK (blackbox_exporter format): 11 modules" in plain.stdout and plain.stderr == ""
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("modules:\n  m: {prober: http, http: {method: GET}}\n", True),
+    ("modules:\n  m: {prober: icmp, timeout: 2s, icmp: {}}\n  t: {prober: tcp}\n", True),
+    # a connprobe config: probes:, a connprobe-only module key, no prober section, other top-level keys
+    ("modules:\n  m: {prober: http, http: {}}\nprobes: []\n", False),
+    ("modules:\n  m: {prober: http, allowed_targets: [127.0.0.1], http: {}}\n", False),
+    ("modules:\n  m: {prober: tcp}\n", False),
+    ("modules:\n  m: {prober: http, http: {}}\nnode: {name: a}\n", False),
+    ("modules: {}\n", False),
+    ("modules: [1]\n", False),
+    ("modules:\n  m: [http]\n", False),
+    ("probes: [\n", False),
+    ("- 1\n", False),
+])
+def test_blackbox_file_recognition(tmp_path: Path, text: str, expected: bool) -> None:
+    from connprobe.config import is_blackbox_file
+
+    f = tmp_path / "c.yml"
+    f.write_text(text)
+    assert is_blackbox_file(f) is expected
+    assert is_blackbox_file(tmp_path / "missing.yml") is False
+
+
+def test_blackbox_file_recognition_needs_blackbox_section_keys(tmp_path: Path) -> None:
+    from connprobe.config import is_blackbox_file
+
+    f = tmp_path / "c.yml"
+    f.write_text("modules:\n  m: {prober: http, http: {client: httpx}}\n")  # connprobe's key: a connprobe config
+    assert is_blackbox_file(f) is False
+    f.write_text("modules:\n  m: {prober: http, http: {oauth2: {client_id: a}}}\n")  # blackbox's (refused later)
+    assert is_blackbox_file(f) is True
