@@ -25,7 +25,9 @@ DEFAULT_LISTEN = "127.0.0.1:9516"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", metavar="FILE", help="probe configuration (YAML)")
+    which.add_argument("--config", metavar="FILE",
+                       help="probe configuration (YAML; a blackbox_exporter blackbox.yml is recognised and read as "
+                            "with --blackbox-config)")
     which.add_argument("--blackbox-config", metavar="FILE",
                        help="a blackbox_exporter blackbox.yml instead: its modules serve /probe (no scheduled probes; "
                             "watched and reloaded like --config)")
