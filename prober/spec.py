@@ -311,7 +311,8 @@ class HTTPSpec(Frozen):
         if self.compression is None:
             return self
         asked = [v.get_secret_value() for k, v in self.headers.items() if k.lower() == "accept-encoding"]
-        if asked and not any(self.compression in [c.split(";")[0].strip().lower() for c in a.split(",")] for a in asked):
+        codings = [[c.split(";")[0].strip().lower() for c in a.split(",")] for a in asked]
+        if asked and not any(self.compression in offered for offered in codings):
             raise ValueError(f"compression: {self.compression} is not in the configured Accept-Encoding header")
         return self
 

@@ -323,10 +323,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
             raise UsageError(f"--count: {args.count} must be at least 1")
         if args.json and output != "json":
             raise UsageError(f"--json: not with -o {output}")
-        if probe_from_config(args):
-            cluster = None
-        else:
-            cluster = resolve_cluster_names(args)
+        cluster = None if probe_from_config(args) else resolve_cluster_names(args)
         done = asyncio.run(_run_attempts(args, show))
     except UsageError as exc:
         err.print(f"connprobe diagnose: {exc}", markup=False, highlight=False, soft_wrap=True)

@@ -290,7 +290,8 @@ async def test_same_metrics_as_blackbox_exporter(targets, exporters):
         names_ours = {n for n, _ in ours}
         missing = names_theirs - names_ours - NOT_EXPORTED
         extra = names_ours - names_theirs
-        assert not missing, (module, target, "connprobe lacks", sorted(missing), {k: v for k, v in theirs.items() if k[0] in missing})
+        assert not missing, (module, target, "connprobe lacks", sorted(missing),
+                             {k: v for k, v in theirs.items() if k[0] in missing})
         for key, value in theirs.items():
             if key[0] in TIMING or key[0] in NOT_EXPORTED:
                 continue
@@ -313,7 +314,8 @@ async def test_same_metrics_as_blackbox_exporter(targets, exporters):
         "probe_grpc_healthcheck_response", "probe_grpc_duration_seconds", "probe_grpc_ssl"}, sorted(compared)
     # what connprobe exports beyond blackbox for these probes (each listed in the README's table)
     for module, _target, extra in report:
-        assert set(extra) <= {"probe_ssl_last_chain_expiry_timestamp_seconds", "probe_http_last_modified_timestamp_seconds",
+        assert set(extra) <= {"probe_ssl_last_chain_expiry_timestamp_seconds",
+                              "probe_http_last_modified_timestamp_seconds",
                               "probe_dns_lookup_time_seconds", "probe_ip_addr_hash", "probe_ip_protocol",
                               "probe_failed_due_to_regex", "probe_http_status_code", "probe_http_duration_seconds",
                               "probe_dns_answer_rrs", "probe_dns_authority_rrs", "probe_dns_additional_rrs",

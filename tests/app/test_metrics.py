@@ -226,7 +226,8 @@ def test_dns_probe_and_regex_failure():
     m.observe(verdict(r, Cause.DNS))
     # blackbox's meaning: the lookup of the server's name (none here); the questions are the request phase
     assert val(generate_latest(m.registry), "probe_dns_lookup_time_seconds", **lab("dns", "srv1.lab.test")) == 0.0
-    assert val(generate_latest(m.registry), "probe_dns_duration_seconds", **lab("dns", "srv1.lab.test"), phase="request") == 0.01
+    exposition = generate_latest(m.registry)
+    assert val(exposition, "probe_dns_duration_seconds", **lab("dns", "srv1.lab.test"), phase="request") == 0.01
     m.observe(verdict(dataclasses.replace(r, dns=(tx,)), Cause.DNS))
     regex = result(ok=False, error=ErrorKind.VALIDATION, validators=("fail_if_body_not_matches_regexp",))
     m.observe(verdict(regex, Cause.HTTP_ERROR))

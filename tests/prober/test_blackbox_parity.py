@@ -81,7 +81,7 @@ async def test_tcp_query_response_starttls(smtp_server, env, tmp_path):
     (r,) = await run_probe(_tcp(smtp_server.port, SMTP_STEPS, tls_config=tls), env)
     assert r.ok, r.error_detail
     assert smtp_server.tls_seen == [True]
-    assert [p.name for p in r.phases][0] == "connect"
+    assert r.phases[0].name == "connect"
     # a certificate from a CA the module does not trust: a TLS error at the STARTTLS step
     stranger = CA(tmp_path, "stranger")
     bad = TLSSpec(ca_file=str(stranger.path), server_name="localhost")
