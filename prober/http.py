@@ -415,7 +415,7 @@ async def _httpx_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Req
     """`client: httpx` lives in prober/http_httpx.py, imported here on its first use (not by the agent's start)."""
     from prober import http_httpx
 
-    hooks = http_httpx.Hooks(_CURRENT, _lookup, _open_connected, ssl_context, ProbeFailure)
+    hooks = http_httpx.Hooks(_CURRENT, _lookup, _open_connected, ssl_context, _h2_context, ProbeFailure)
     return await http_httpx.send(spec, env, req.method, str(req.url), req.headers, req.body, hooks)
 
 

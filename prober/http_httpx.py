@@ -37,6 +37,7 @@ class Hooks(NamedTuple):
     lookup: Any  # async (attempt, host) -> address
     open_connected: Any  # async (attempt, family, sockaddr, timeline) -> (socket, hop)
     ssl_context: Any  # (TLSSpec) -> ssl.SSLContext
+    h2_context: Any  # (TLSSpec) -> ssl.SSLContext offering h2 by ALPN
     failure: type[OSError]  # raised with (kind, detail) when the kind is decided here
 
 
@@ -143,11 +144,9 @@ def _httpx_client(env: ProbeEnv, tls: TLSSpec, hooks: Hooks, proxy: str | None =
     key = ("httpx", asyncio.get_running_loop(), tls, proxy, http2, proxy_headers)
     client = env.clients.get(key)
     if client is None or client.is_closed:
-        from prober.http import _h2_context
-
         ctx = hooks.ssl_context(tls)
         transport = httpx.AsyncHTTPTransport(verify=ctx)
-        pool_ctx = _h2_context(tls) if http2 else ctx  # h2 offered by ALPN: a context of its own
+        pool_ctx = hooks.h2_context(tls) if http2 else ctx  # h2 offered by ALPN: a context of its own
         if proxy is None:
             transport._pool = httpcore.AsyncConnectionPool(
                 ssl_context=pool_ctx, max_keepalive_connections=0, network_backend=_Backend(hooks), http2=http2
