@@ -80,10 +80,11 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("tcp", "tls_config", SAME, "tcp.tls_config"),
     ("dns", "preferred_ip_protocol", SAME, "dns.preferred_ip_protocol"),
     ("dns", "ip_protocol_fallback", SAME, "dns.ip_protocol_fallback"),
-    ("dns", "source_ip_address", REFUSED, "not supported for dns probes"),
-    ("dns", "transport_protocol", MAPPED, "dns.transport (udp, tcp)"),
-    ("dns", "dns_over_tls", REFUSED, "DNS over TLS is not supported"),
-    ("dns", "tls_config", REFUSED, "only with dns_over_tls: not supported"),
+    ("dns", "source_ip_address", SAME, "dns.source_ip_address (the query's socket, udp, tcp and tls)"),
+    ("dns", "transport_protocol", MAPPED, "dns.transport (udp, tcp; tcp with dns_over_tls: tls)"),
+    ("dns", "dns_over_tls", MAPPED, "dns.transport: tls (needs transport_protocol: tcp, as blackbox does; port 853 "
+                                   "when the target names none)"),
+    ("dns", "tls_config", SAME, "dns.tls_config (only with dns_over_tls: true)"),
     ("dns", "query_name", SAME, "dns.query_name"),
     ("dns", "query_type", SAME, "dns.query_type (blackbox's default ANY in a blackbox file)"),
     ("dns", "query_class", MAPPED, "IN only (other classes refused)"),
@@ -141,7 +142,7 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("probe_tls_version_info{version}", "http, tcp", "compared", "same; not for grpc"),
     ("probe_dns_query_succeeded", "dns", "compared", "same"),
     ("probe_dns_duration_seconds{phase}", "dns", "compared",
-     "same phases; connect is 0 (inside request: the query's transactions are timed whole)"),
+     "same phases; connect: the TCP connect and, over TLS, the handshake (0 over UDP), request: the rest"),
     ("probe_dns_answer_rrs", "dns", "compared", "same"),
     ("probe_dns_authority_rrs", "dns", "compared", "same"),
     ("probe_dns_additional_rrs", "dns", "compared", "same"),
@@ -492,6 +493,21 @@ def _dns(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool) -> Any:
             t.error(f"{prefix}.transport_protocol", f"must be udp or tcp, got {v!r:.40}")
         else:
             body["transport"] = v
+    if "dns_over_tls" in body:
+        v = body.pop("dns_over_tls")
+        where = f"{prefix}.dns_over_tls"
+        if not isinstance(v, bool):
+            t.error(where, "must be true or false")
+        elif v and body.get("transport") == "tcp":
+            body["transport"] = "tls"
+        elif v:  # blackbox_exporter 0.23 loads it and then fails every probe ("Expected transport protocol tcp")
+            t.error(where, "needs transport_protocol: tcp (blackbox_exporter fails every probe of this module)")
+    if "tls_config" in body:
+        if body.get("transport") != "tls":
+            t.error(f"{prefix}.tls_config", "only used with dns_over_tls: true (transport: tls)")
+            del body["tls_config"]
+        else:
+            body["tls_config"] = _tls(t, body["tls_config"], f"{prefix}.tls_config")
     if "query_class" in body:
         v = body.pop("query_class")
         if not (isinstance(v, str) and v.upper() == "IN"):

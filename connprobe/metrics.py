@@ -117,7 +117,7 @@ KIND_GAUGES: tuple[tuple[str, str, str | None], ...] = (
     ("probe_tls_version_info", "1, labelled with the TLS version of the connection.", "version"),
     ("probe_dns_query_succeeded", "1 when the DNS server answered (whatever the rcode).", None),
     ("probe_dns_duration_seconds", "Duration of each phase of the DNS probe: resolve (the server's name), connect "
-     "(0: inside request), request (first query sent to last answer).", "phase"),
+     "(TCP connect and, over TLS, the handshake; 0 over UDP), request (the query's exchange).", "phase"),
     ("probe_dns_serial", "Serial number of the zone, from an SOA record in the answer.", None),
     ("probe_dns_answer_rrs", "Number of records in the answer section.", None),
     ("probe_dns_authority_rrs", "Number of records in the authority section.", None),
@@ -184,9 +184,14 @@ def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
             out["probe_ip_addr_hash"] = [(None, h)]
     if r.kind == ProbeKind.DNS:
         request = 0.0
-        if r.dns:  # first query sent to last answer (or the probe's end, unanswered)
-            request = (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
-        out["probe_dns_duration_seconds"] = [("resolve", 0.0), ("connect", 0.0), ("request", request)]
+        # blackbox's connect: setting up a stream query's connection (TCP connect, TLS handshake); UDP has none
+        connect = (phases.get("connect", 0) + phases.get("tls", 0)) / 1e9
+        if r.dns:  # first query sent to last answer (or the probe's end, unanswered), less the set-up
+            request = max(0.0, (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
+                          - connect)
+        out["probe_dns_duration_seconds"] = [("resolve", 0.0), ("connect", connect), ("request", request)]
+        for name in ("probe_dns_answer_rrs", "probe_dns_authority_rrs", "probe_dns_additional_rrs"):
+            out.setdefault(name, [(None, 0.0)])  # no answer: 0 records, as blackbox reports them
     if r.kind == ProbeKind.ICMP:
         out["probe_icmp_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ICMP_PHASES]
         hop = r.value("icmp_reply_hop_limit")

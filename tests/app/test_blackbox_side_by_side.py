@@ -112,10 +112,16 @@ async def targets(tmp_path):
     dns_server.add("lab.test", "SOA", "ns1.lab.test. hostmaster.lab.test. 2026113001 3600 600 86400 60")
     dns_server.mutate = sections
     await dns_server.start()
+    dot_server = DnsServer(tls=ctx)  # DNS over TLS, the test CA's certificate (SANs localhost, 127.0.0.1)
+    dot_server.add("both.lab.test", "A", "127.0.0.1", "127.0.0.2")
+    dot_server.mutate = sections
+    await dot_server.start()
     yield {"ca": ca.path, "http": plain._server.sockets[0].getsockname()[1],
            "https": tls._server.sockets[0].getsockname()[1],
-           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port}
+           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port,
+           "dot": dot_server.port}
     await grpc_server.stop(None)
+    await dot_server.stop()
     await dns_server.stop()
     smtp_server.close()
     await smtp_server.wait_closed()
@@ -186,6 +192,36 @@ modules:
         fail_if_not_matches_regexp: ["^both\\\\.lab\\\\.test\\\\.\\\\t30\\\\tIN\\\\tA\\\\t127\\\\.0\\\\.0\\\\.[12]$"]
       validate_authority_rrs:
         fail_if_none_matches_regexp: ["\\\\tNS\\\\tns1\\\\.lab\\\\.test\\\\.$"]
+  dns_dot:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      dns_over_tls: true
+      source_ip_address: 127.0.0.1
+      tls_config:
+        ca_file: {ca}
+  dns_tcp_source:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      source_ip_address: 127.0.0.1
+  dns_dot_wrong_ca:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      dns_over_tls: true
   dns_soa:
     prober: dns
     timeout: 5s
@@ -272,6 +308,9 @@ CASES = [
     ("dns_a", "127.0.0.1:{dns}"),
     ("dns_fails", "127.0.0.1:{dns}"),
     ("dns_soa", "127.0.0.1:{dns}"),
+    ("dns_dot", "127.0.0.1:{dot}"),
+    ("dns_dot_wrong_ca", "127.0.0.1:{dot}"),
+    ("dns_tcp_source", "127.0.0.1:{dns}"),
     ("icmp_v4", "127.0.0.1"),
     ("grpc_orders", "127.0.0.1:{grpc}"),
     ("grpc_billing", "127.0.0.1:{grpc}"),
@@ -301,6 +340,10 @@ async def test_same_metrics_as_blackbox_exporter(targets, exporters):
         compared |= names_theirs
         if module == "dns_soa":
             assert theirs[("probe_dns_serial", frozenset())] == 2026113001
+        if module.startswith("dns_dot"):  # DoT: answered with the CA, refused without; the handshake is connect
+            assert theirs[("probe_success", frozenset())] == (module == "dns_dot")
+            connect = ("probe_dns_duration_seconds", frozenset({("phase", "connect")}))
+            assert theirs[connect] > 0 and ours[connect] > 0, (theirs[connect], ours[connect])
     # every metric blackbox_exporter 0.23 has for these probers was seen and compared (gRPC: see README)
     assert compared == {
         "probe_success", "probe_duration_seconds", "probe_dns_lookup_time_seconds", "probe_ip_protocol",
