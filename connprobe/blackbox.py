@@ -135,11 +135,15 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("probe_http_last_modified_timestamp_seconds", "http", "compared", "same"),
     ("probe_failed_due_to_regex", "http, tcp", "compared", "same"),
     ("probe_ssl_earliest_cert_expiry", "http, tcp, grpc", "compared",
-     "same; grpc: 0 for a plain probe as blackbox, not exported with TLS (grpcio does not show the chain)"),
-    ("probe_ssl_last_chain_expiry_timestamp_seconds", "http, tcp", "compared", "same; not for grpc"),
-    ("probe_ssl_last_chain_info{fingerprint_sha256,issuer,subject,subjectalternative}", "http, tcp", "compared",
-     "same labels and values; not for grpc"),
-    ("probe_tls_version_info{version}", "http, tcp", "compared", "same; not for grpc"),
+     "same; grpc: read by a second TLS handshake of connprobe's own to the same address (ALPN h2, not verified "
+     "again) once the check answered over TLS (grpcio does not show the chain), 0 without such an answer as "
+     "blackbox"),
+    ("probe_ssl_last_chain_expiry_timestamp_seconds", "http, tcp", "compared",
+     "same; not for grpc (blackbox's grpc prober has none)"),
+    ("probe_ssl_last_chain_info{fingerprint_sha256,issuer,subject,subjectalternative}", "http, tcp, grpc",
+     "compared", "same labels and values; grpc: from connprobe's second handshake (above)"),
+    ("probe_tls_version_info{version}", "http, tcp, grpc", "compared",
+     "same; grpc: of connprobe's second handshake (above)"),
     ("probe_dns_query_succeeded", "dns", "compared", "same"),
     ("probe_dns_duration_seconds{phase}", "dns", "compared",
      "same phases; connect: the TCP connect and, over TLS, the handshake (0 over UDP), request: the rest"),
@@ -150,9 +154,10 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("probe_icmp_duration_seconds{phase}", "icmp", "compared", "same phases"),
     ("probe_icmp_reply_hop_limit", "icmp", "compared", "same"),
     ("probe_grpc_status_code", "grpc", "compared", "same"),
-    ("probe_grpc_healthcheck_response{serving_status}", "grpc", "compared", "same"),
+    ("probe_grpc_healthcheck_response{serving_status}", "grpc", "compared", "same (every status 0 without an "
+     "answer, NOT_FOUND included)"),
     ("probe_grpc_duration_seconds{phase}", "grpc", "compared", "same phases"),
-    ("probe_grpc_ssl", "grpc", "compared", "same"),
+    ("probe_grpc_ssl", "grpc", "compared", "same (1 only when the check answered over TLS)"),
 )
 _REFUSED = {(sec, key): note for sec, key, status, note in KEYS if status == REFUSED}
 
