@@ -59,7 +59,7 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     attempt.dns.extend(o.txn for o in outs)
     last = outs[-1]
     txn = last.txn
-    if txn.end_ns is not None:  # a dns probe's one phase is its resolve span
+    if txn.end_ns is not None:  # the whole query is a dns probe's resolve span
         attempt.timeline.resolves.append((outs[0].txn.start_ns, txn.end_ns))
     # blackbox's connect phase of a stream query: the TCP connect and, over TLS, the handshake (its own phase)
     for out in outs:

@@ -212,6 +212,14 @@ async def test_hostile_dot_answers(pki, env, case):
     assert r.phase("tls") is not None and r.phase("tls").end_ns < r.end_ns  # the handshake itself was fine
 
 
+async def test_dot_ca_file_gone_is_one_line_tls_error(env, tmp_path):
+    (r,) = await run_probe(_dot("127.0.0.1:9", query_name="srv1.lab.test",
+                                tls_config=TLSSpec(ca_file=str(tmp_path / "gone.pem"))), env)
+    assert r.error is ErrorKind.TLS_ERROR and r.error_detail.startswith("tls_config: "), r.error_detail
+    assert "No such file or directory" in r.error_detail and "\n" not in r.error_detail
+    assert not r.dns and not r.flows  # nothing was sent
+
+
 def test_dot_target_without_port_is_853_and_config_checks():
     s = _dot("127.0.0.1", query_name="srv1.lab.test")
     assert Prepared(s).target.port == 853
