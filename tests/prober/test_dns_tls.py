@@ -1,6 +1,7 @@
 """DNS over TLS (`dns.transport: tls`, blackbox's `dns_over_tls`) and `dns.source_ip_address`, against real
 servers on loopback: the in-process DNS server speaking RFC 7858 with a test CA's certificate, a server that
-accepts and never starts TLS, and TLS servers that answer with hostile bytes."""
+accepts and never starts TLS, and TLS servers that answer with hostile bytes; source addresses on loopback (lo's
+127/8, no address added) and in the lab's client namespace."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dns.message
 import pytest
 
 from connprobe.metrics import kind_series
-from prober import DNSSpec, ErrorKind, Proto, run_probe
+from prober import DNSSpec, ErrorKind, ProbeEnv, Proto, run_probe
 from prober.attempt import Prepared
 from prober.spec import TLSSpec
 from tests.agent.pki import CA
@@ -267,3 +268,24 @@ async def test_dns_source_ip_address(pki, env, transport):
     finally:
         await srv.stop()
     assert len(seen) == 1
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_dns_source_ip_address_in_a_lab_namespace(lab, transport):
+    """From the lab's client namespace to the lab's DNS server: bound to the client's own address, and refused
+    (bind fails, nothing sent) with an address the client does not have."""
+    src = f"netns {lab.ns('client').name}"
+    ports = []
+    async with ProbeEnv(on_local_port=lambda proto, port: ports.append((proto, port))) as env:
+        s = spec(lab.dns_addr4, prober="dns", source=src,
+                 section=DNSSpec(query_name="srv1.lab.test", transport=transport, source_ip_address="10.77.1.2"))
+        (r,) = await run_probe(s, env)
+        assert r.ok, r.error_detail
+        flow = r.dns[-1].flow
+        assert (flow.local_addr, flow.netns) == ("10.77.1.2", lab.ns("client").inode)
+        assert (flow.proto, flow.local_port) in ports
+        s = spec(lab.dns_addr4, prober="dns", source=src,
+                 section=DNSSpec(query_name="srv1.lab.test", transport=transport, source_ip_address="10.77.1.99"))
+        (r,) = await run_probe(s, env)
+    assert r.error is ErrorKind.DNS_UNREACHABLE and "Cannot assign requested address" in r.error_detail, r
