@@ -114,7 +114,7 @@ def _phase_bar(v: Verdict) -> str:
 def _strip(entries: list[BoardEntry]) -> str:
     cells = []
     for e in entries:
-        c = str(e.verdict.cause)
+        c = str(e.cause)
         cells.append(f'<span title="{_e(c)}" style="background:{colour(c)}"></span>')
     return f'<div class="strip">{"".join(cells)}</div>'
 
@@ -147,12 +147,12 @@ def render_status_page(status: AgentStatus, now: float | None = None, *, warning
     for name, spec in specs.items():
         entries = board.get(name, [])
         last = entries[-1] if entries else None
-        bad = last is not None and last.verdict.cause != Cause.OK
-        ok_n = sum(1 for e in entries if e.verdict.cause == Cause.OK)
+        bad = last is not None and last.cause != Cause.OK
+        ok_n = sum(1 for e in entries if e.cause == Cause.OK)
         rows.append((0 if bad else (1 if last is None else 2), name, spec, entries, last, ok_n))
         if bad and last is not None:
             # the most recent failure that carries kernel evidence, else the last failure
-            with_events = [e for e in entries if e.verdict.cause != Cause.OK and e.verdict.evidence]
+            with_events = [e for e in entries if e.cause != Cause.OK and e.verdict.evidence]
             failing.append((name, with_events[-1] if with_events else last))
     rows.sort(key=lambda r: (r[0], r[1]))
     n_fail = sum(1 for r in rows if r[0] == 0)
