@@ -55,7 +55,8 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("http", "bearer_token", MAPPED, "an `Authorization: Bearer` header"),
     ("http", "bearer_token_file", MAPPED, "an `Authorization: Bearer` header, the file read at load"),
     ("http", "authorization", MAPPED, "an `Authorization: <type>` header (credentials[_file])"),
-    ("http", "oauth2", REFUSED, "OAuth2 client credentials are not supported"),
+    ("http", "oauth2", SAME, "http.oauth2: client credentials; the token is fetched within the probe's timeout "
+                             "and cached until 10s before expires_in (see oauth2 rows)"),
     ("http", "proxy_url", SAME, "http.proxy_url (an http:// proxy; https targets through CONNECT; the module "
                                 "uses client: httpx)"),
     ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
@@ -103,6 +104,14 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("grpc", "ip_protocol_fallback", SAME, "grpc.ip_protocol_fallback"),
     ("grpc", "tls", SAME, "grpc.tls"),
     ("grpc", "tls_config", SAME, "grpc.tls_config (insecure_skip_verify refused: grpcio always verifies)"),
+    ("oauth2", "client_id", SAME, "oauth2.client_id (required)"),
+    ("oauth2", "client_secret", SAME, "oauth2.client_secret (a secret; it or client_secret_file is required)"),
+    ("oauth2", "client_secret_file", MAPPED, "oauth2.client_secret, the file read at load"),
+    ("oauth2", "scopes", SAME, "oauth2.scopes (sent space-joined as scope)"),
+    ("oauth2", "token_url", SAME, "oauth2.token_url (http:// or https://; on /probe it passes the target policy)"),
+    ("oauth2", "endpoint_params", SAME, "oauth2.endpoint_params (added to the token request's form)"),
+    ("oauth2", "tls_config", MAPPED, "oauth2.tls (see tls_config rows)"),
+    ("oauth2", "proxy_url", REFUSED, "not supported (the token endpoint is reached directly)"),
     ("tls_config", "insecure_skip_verify", SAME, "insecure_skip_verify"),
     ("tls_config", "ca_file", SAME, "ca_file (relative: to the config's directory)"),
     ("tls_config", "cert_file", SAME, "cert_file (client certificate)"),
@@ -260,16 +269,44 @@ def _secret_pair(t: Translation, body: dict, key: str, where: str) -> str | None
     return literal
 
 
+def _oauth2(t: Translation, body: dict, prefix: str) -> None:
+    """blackbox's `oauth2:` onto connprobe's `http.oauth2` (the same keys; client_secret_file read at load,
+    tls_config as tls). What is missing or unknown is named by the spec."""
+    where = f"{prefix}.oauth2"
+    raw = body.get("oauth2")
+    if not isinstance(raw, dict):
+        return  # the spec says what is wrong with it
+    sub = dict(raw)
+    _refuse(t, "oauth2", sub, where)
+    before = len(t.errors)
+    secret = _secret_pair(t, sub, "client_secret", where)
+    if secret is not None:
+        sub["client_secret"] = secret  # neither given: the spec says client_secret is required
+    elif len(t.errors) > before:
+        sub["client_secret"] = "unread"  # said already (both given, a file not read): not "required" as well
+    if "tls_config" in sub:
+        tls = _tls(t, sub.pop("tls_config"), f"{where}.tls_config")
+        if "tls" in sub:
+            t.error(f"{where}.tls_config", "give tls_config (blackbox) or tls (connprobe), not both")
+        else:
+            sub["tls"] = tls
+    elif isinstance(sub.get("tls"), dict):
+        sub["tls"] = _tls(t, sub["tls"], f"{where}.tls")
+    body["oauth2"] = sub
+
+
 def _authorization(t: Translation, body: dict, prefix: str) -> str | None:
     """The Authorization header value the module's credentials make, or None."""
-    given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization") if k in body]
+    given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization", "oauth2") if k in body]
     if len(given) > 1:
-        t.error(prefix, f"at most one of basic_auth, bearer_token, bearer_token_file and authorization "
+        t.error(prefix, f"at most one of basic_auth, bearer_token, bearer_token_file, authorization and oauth2 "
                         f"(got {', '.join(given)})")
         for k in given:
             body.pop(k)
         return None
-    if not given:
+    if not given or given == ["oauth2"]:
+        if given:
+            _oauth2(t, body, prefix)
         return None
     key = given[0]
     raw = body.pop(key)

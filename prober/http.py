@@ -36,7 +36,7 @@ import aiohttp.connector
 import yarl
 from aiohttp.abc import AbstractResolver
 
-from prober import http1_client
+from prober import http1_client, oauth2
 from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
 from prober.errors import find_in_chain
@@ -177,6 +177,9 @@ async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict
 async def _hops(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     send = _SENDERS[spec.client]
     req = _first_request(attempt, spec)
+    if spec.oauth2 is not None:  # a token first (cached, or fetched within this probe's deadline)
+        token = await oauth2.authorization(attempt, spec.oauth2, _CTX_CB.get(), ssl_context, _CTX_DEADLINE.get())
+        req = _Request(req.method, req.url, {**req.headers, "Authorization": token}, req.body)
     redirects = 0
     while True:
         resp = await send(attempt, spec, env, _sendable(req), redirects == 0)
@@ -518,6 +521,12 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     except ProbeFailure as exc:
         return attempt.result(exc.kind, exc.detail)
     except Exception as exc:
+        if isinstance(exc, oauth2.TokenFailure):
+            return attempt.result(exc.kind, exc.detail)
+        if isinstance(exc, TimeoutError) and attempt.oauth2_fetch is not None:
+            named = oauth2.timeout_failure(attempt)  # the deadline came while the token was fetched
+            if named is not None:
+                return attempt.result(*named)
         failure = _find_failure(exc)
         if failure is not None:
             return attempt.result(failure.kind, failure.detail)
@@ -545,7 +554,7 @@ async def _http1_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Req
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
-    if first:  # the same bytes every run: built once per spec
+    if first and spec.oauth2 is None:  # the same bytes every run: built once per spec (not with a token)
         request = prep.request
         if request is None:
             request = prep.request = http1_client.request_bytes(req.method, req.url, req.headers, body)

@@ -6,6 +6,7 @@ Header values are `SecretStr`: they never show in a repr, a result, a log line o
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from typing import Annotated, Literal
@@ -227,6 +228,88 @@ def _source_ip(v: str | None) -> str | None:
     return v
 
 
+def _check_http_url(v: str, what: str) -> str:
+    """An http:// or https:// URL with a valid host (a token endpoint): one-line errors."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{what}: {_shown(v)} is not an http:// or https:// URL")
+    if u.username is not None or u.password is not None:
+        raise ValueError(f"{what}: credentials in the URL are not supported (use client_id and client_secret)")
+    if u.fragment:
+        raise ValueError(f"{what}: a URL with a #fragment is not a token endpoint")
+    if any(c.isspace() or not c.isprintable() for c in v):
+        raise ValueError(f"{what}: {_shown(v)} holds a space or a control character")
+    if err := host_name_error(u.hostname):
+        raise ValueError(f"{what}: {err}")
+    return v
+
+
+class OAuth2Spec(Frozen):
+    """OAuth 2.0 client credentials (blackbox's `http.oauth2`): a token is fetched from `token_url` (`prober.oauth2`)
+    and sent as `Authorization: <token_type> <access_token>` on the probe's request."""
+
+    client_id: str = Field(min_length=1, max_length=4096)
+    client_secret: SecretStr  # a `client_secret_file` is read at load (`connprobe.blackbox`)
+    token_url: str
+    scopes: tuple[str, ...] = ()  # sent space-joined as `scope`
+    endpoint_params: dict[str, str] = Field(default_factory=dict)  # extra form fields of the token request
+    tls: TLSSpec = TLSSpec()  # for an https token_url (blackbox's oauth2.tls_config)
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_http_url(v, "token_url")
+
+    @field_validator("client_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if re.search(r"[\r\n\x00]", v):
+            raise ValueError("client_id: contains a line break")
+        return v
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("client_secret: must not be empty")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in v:
+            if not scope or any(c.isspace() or not c.isprintable() for c in scope):
+                raise ValueError(f"scope {_shown(scope)}: a scope is one word of printable characters")
+        return v
+
+    @field_validator("endpoint_params")
+    @classmethod
+    def _params(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name or not name.isprintable():
+                raise ValueError(f"endpoint_params: {_shown(name)} is not a parameter name")
+        return v
+
+    def secrets(self) -> tuple[str, ...]:
+        """The client secret and the HTTP Basic credentials made of it (what the token request carries)."""
+        secret = self.client_secret.get_secret_value()
+        return (secret, oauth2_basic_credentials(self.client_id, secret))
+
+
+def oauth2_basic_credentials(client_id: str, secret: str) -> str:
+    """The base64 of the Basic credentials of a token request (RFC 6749 2.3.1: each part form-encoded first, as
+    Go's oauth2 package does); `prober.oauth2` sends them, the redactor hides them."""
+    from urllib.parse import quote_plus
+
+    return base64.b64encode(f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}".encode()).decode()
+
+
 HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")
 
 
@@ -263,6 +346,7 @@ class HTTPSpec(Frozen):
     proxy_url: str | None = None
     http2: bool = False  # offer h2 by ALPN on https targets (httpx; blackbox's enable_http2)
     proxy_headers: dict[str, SecretStr] = Field(default_factory=dict)  # sent to the proxy (CONNECT), secrets
+    oauth2: OAuth2Spec | None = None  # client credentials: a token fetched and sent as Authorization
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
@@ -296,6 +380,8 @@ class HTTPSpec(Frozen):
             raise ValueError("proxy_headers: needs proxy_url")
         if self.http2 and self.client != "httpx":
             raise ValueError(f"http2: needs client: httpx (the {self.client} client speaks HTTP/1.1)")
+        if self.oauth2 is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("oauth2: an Authorization header is also configured (the token is sent as one)")
         return self
 
     @field_validator("valid_http_versions")
@@ -344,8 +430,9 @@ class HTTPSpec(Frozen):
     def secrets(self) -> tuple[str, ...]:
         """Every header value (and proxy header value), whatever its length (how outputs hide them:
         `prober.redact`)."""
-        return tuple(v for s in (*self.headers.values(), *self.proxy_headers.values())
-                     if (v := s.get_secret_value()).strip())
+        found = tuple(v for s in (*self.headers.values(), *self.proxy_headers.values())
+                      if (v := s.get_secret_value()).strip())
+        return found + (self.oauth2.secrets() if self.oauth2 is not None else ())
 
 
 class QueryStep(Frozen):

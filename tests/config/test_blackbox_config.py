@@ -213,14 +213,44 @@ def _errors(tmp_path: Path, text: str) -> list[str]:
 
 
 HOSTILE = {
-    "oauth2": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://127.0.0.1/t'}}",
-               'module "m": http.oauth2: blackbox_exporter key not supported by connprobe: OAuth2 client '
-               "credentials are not supported"),
+    "oauth2_proxy": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://127.0.0.1/t', "
+                     "proxy_url: 'http://127.0.0.1:3128'}}",
+                     'module "m": http.oauth2.proxy_url: blackbox_exporter key not supported by connprobe: not '
+                     "supported (the token endpoint is reached directly)"),
+    "oauth2_no_secret": ("http: {oauth2: {client_id: a, token_url: 'http://127.0.0.1/t'}}",
+                         'module "m": http.oauth2.client_secret: required'),
+    "oauth2_two_secrets": ("http: {oauth2: {client_id: a, client_secret: b, client_secret_file: /etc/hostname, "
+                           "token_url: 'http://127.0.0.1/t'}}",
+                           'module "m": http.oauth2: at most one of client_secret and client_secret_file'),
+    "oauth2_no_client_id": ("http: {oauth2: {client_secret: b, token_url: 'http://127.0.0.1/t'}}",
+                            'module "m": http.oauth2.client_id: required'),
+    "oauth2_no_token_url": ("http: {oauth2: {client_id: a, client_secret: b}}",
+                            'module "m": http.oauth2.token_url: required'),
+    "oauth2_bad_token_url": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'ftp://127.0.0.1/t'}}",
+                             "module \"m\": http.oauth2.token_url: token_url: 'ftp://127.0.0.1/t' is not an "
+                             "http:// or https:// URL"),
+    "oauth2_unknown": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://h/t', scope: [x]}}",
+                       'module "m": http.oauth2.scope: unknown key'),
+    "oauth2_and_bearer": ("http: {bearer_token: x, oauth2: {client_id: a, client_secret: b, token_url: 'http://h/'}}",
+                          'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file, '
+                          "authorization and oauth2 (got bearer_token, oauth2)"),
+    "oauth2_and_header": ("http: {headers: {Authorization: x}, oauth2: {client_id: a, client_secret: b, "
+                          "token_url: 'http://h/'}}",
+                          'module "m": http: oauth2: an Authorization header is also configured (the token is '
+                          "sent as one)"),
+    "oauth2_secret_file_missing": ("http: {oauth2: {client_id: a, client_secret_file: /nonexistent/s, "
+                                   "token_url: 'http://h/'}}",
+                                   "module \"m\": http.oauth2.client_secret_file: cannot read '/nonexistent/s': "
+                                   "No such file or directory"),
+    "oauth2_tls_inline": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'https://h/', "
+                          "tls_config: {key_file_ref: x}}}",
+                          'module "m": http.oauth2.tls_config.key_file_ref: blackbox_exporter key not supported by '
+                          "connprobe: not supported"),
     "proxy_connect_header": ("http: {proxy_connect_header: {X: [y]}}",
                              'module "m": http: proxy_headers: needs proxy_url'),
     "two_credentials": ("http: {bearer_token: a, basic_auth: {username: u, password: p}}",
-                        'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file and '
-                        "authorization (got basic_auth, bearer_token)"),
+                        'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file, '
+                        "authorization and oauth2 (got basic_auth, bearer_token)"),
     "password_and_file": ("http: {basic_auth: {username: u, password: p, password_file: /etc/hostname}}",
                           'module "m": http.basic_auth: at most one of password and password_file'),
     "missing_token_file": ("http: {bearer_token_file: /nonexistent/token}",
@@ -327,6 +357,10 @@ def test_every_refused_key_is_refused(tmp_path: Path) -> None:
         if section == "tls_config":
             prober, body = "http", f"http: {{tls_config: {{{key}: x}}}}"
             where = f"http.tls_config.{key}"
+        elif section == "oauth2":
+            prober = "http"
+            body = f"http: {{oauth2: {{client_id: a, client_secret: b, token_url: 'http://h/', {key}: x}}}}"
+            where = f"http.oauth2.{key}"
         else:
             prober = section
             extra = "query_name: a.test, " if section == "dns" else ""
@@ -359,9 +393,9 @@ def test_check_config_main_exit_codes(bb_dir: Path, tmp_path: Path, capsys) -> N
         blackbox = True
 
     assert check_config_main(A()) == 0
-    A.file = str(_write(tmp_path, "modules: {m: {prober: http, http: {oauth2: {}}}}"))
+    A.file = str(_write(tmp_path, "modules: {m: {prober: http, http: {use_proxy_dns: true}}}"))
     assert check_config_main(A()) == 1
-    assert "http.oauth2: blackbox_exporter key not supported" in capsys.readouterr().err
+    assert "http.use_proxy_dns: blackbox_exporter key not supported" in capsys.readouterr().err
 
 
 def test_http_headers_with_values_secrets_and_files(tmp_path: Path) -> None:

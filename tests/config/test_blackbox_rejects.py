@@ -35,7 +35,7 @@ CASES = [
      "dns.transport_protocol", False),
     ("bad_timeout", "{prober: http, timeout: soon}", "timeout: expected a duration", True),
     ("two_bearer_tokens", "{prober: http, http: {bearer_token: a, bearer_token_file: /etc/hostname}}",
-     "http: at most one of basic_auth, bearer_token, bearer_token_file and authorization", True),
+     "http: at most one of basic_auth, bearer_token, bearer_token_file, authorization and oauth2", True),
     ("password_twice", "{prober: http, http: {basic_auth: {username: u, password: p, password_file: /etc/hostname}}}",
      "http.basic_auth: at most one of password and password_file", True),
     ("basic_and_bearer", "{prober: http, http: {bearer_token: a, basic_auth: {username: u, password: p}}}",
@@ -44,6 +44,18 @@ CASES = [
      "http.authorization.type: Basic is set with basic_auth", True),
     ("compression_not_accepted", "{prober: http, http: {compression: gzip, headers: {Accept-Encoding: br}}}",
      "compression: gzip is not in the configured Accept-Encoding header", True),
+    ("oauth2_without_secret", "{prober: http, http: {oauth2: {client_id: a, token_url: 'http://127.0.0.1/t'}}}",
+     "http.oauth2.client_secret: required", True),
+    ("oauth2_two_secrets", "{prober: http, http: {oauth2: {client_id: a, client_secret: b, client_secret_file: "
+     "/etc/hostname, token_url: 'http://127.0.0.1/t'}}}", "http.oauth2: at most one of client_secret and "
+     "client_secret_file", True),
+    ("oauth2_without_client_id", "{prober: http, http: {oauth2: {client_secret: b, token_url: 'http://h/t'}}}",
+     "http.oauth2.client_id: required", True),
+    ("oauth2_without_token_url", "{prober: http, http: {oauth2: {client_id: a, client_secret: b}}}",
+     "http.oauth2.token_url: required", True),
+    ("oauth2_and_bearer", "{prober: http, http: {bearer_token: x, oauth2: {client_id: a, client_secret: b, "
+     "token_url: 'http://h/t'}}}", "http: at most one of basic_auth, bearer_token, bearer_token_file, "
+     "authorization and oauth2", True),
     ("bad_status_type", "{prober: http, http: {valid_status_codes: [ok]}}", "http.valid_status_codes", True),
     # False: stricter than blackbox 0.23, which accepts these at load (`--config.check`) and probes with a
     # default or fails at probe time (an unknown prober, a bad RR regexp, rcode or transport are such)
