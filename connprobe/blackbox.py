@@ -117,8 +117,9 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("tls_config", "cert_file", SAME, "cert_file (client certificate)"),
     ("tls_config", "key_file", SAME, "key_file"),
     ("tls_config", "server_name", SAME, "server_name"),
-    ("tls_config", "min_version", REFUSED, "not supported (the system's OpenSSL policy decides)"),
-    ("tls_config", "max_version", REFUSED, "not supported"),
+    ("tls_config", "min_version", SAME, "min_version (TLS10..TLS13; the system's OpenSSL floor still applies: "
+                                        "TLS 1.2 on Debian; refused for grpc)"),
+    ("tls_config", "max_version", SAME, "max_version (TLS10..TLS13; refused for grpc: grpcio cannot limit it)"),
     ("tls_config", "ca", REFUSED, "inline PEM not supported (use ca_file)"),
     ("tls_config", "cert", REFUSED, "inline PEM not supported (use cert_file)"),
     ("tls_config", "key", REFUSED, "inline PEM not supported (use key_file)"),

@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import time
+import warnings
 from typing import Any
 
 import aiohttp
@@ -329,8 +330,26 @@ def _trace_config() -> aiohttp.TraceConfig:
     return tc
 
 
+_TLS_VERSION = {"TLS10": "TLSv1", "TLS11": "TLSv1_1", "TLS12": "TLSv1_2", "TLS13": "TLSv1_3"}
+
+
+def _set_versions(ctx: ssl.SSLContext, tls: TLSSpec) -> None:
+    with warnings.catch_warnings():  # TLSv1 and TLSv1_1 are deprecated in Python 3.10+ (a warning): still settable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if tls.min_version is not None:
+            # OpenSSL's own floor (Debian: TLS 1.2 at security level 2) still refuses lower versions; blackbox's Go
+            # client has no such floor
+            ctx.minimum_version = getattr(ssl.TLSVersion, _TLS_VERSION[tls.min_version])
+        if tls.max_version is not None:
+            ctx.maximum_version = getattr(ssl.TLSVersion, _TLS_VERSION[tls.max_version])
+
+
 def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
+    """The client context of a module's TLS settings: every TLS the probers speak (http, tcp, STARTTLS, websocket,
+    an OAuth2 token endpoint) is made here; grpc's is grpcio's own (`prober/grpc.py`)."""
     ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.min_version is not None or tls.max_version is not None:
+        _set_versions(ctx, tls)
     if tls.cert_file:  # the client certificate, sent when the server asks for one
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.insecure_skip_verify:

@@ -184,6 +184,10 @@ def _check_regexes(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")  # blackbox's (Go's) names, oldest first
+TLSVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
+
+
 class TLSSpec(Frozen):
     insecure_skip_verify: bool = False
     server_name: str | None = None  # SNI and the name the certificate must match
@@ -191,6 +195,9 @@ class TLSSpec(Frozen):
     cert_file: str | None = None  # client certificate (PEM), presented when the server asks
     key_file: str | None = None  # its private key (PEM; default: in cert_file)
     min_cert_days: float | None = Field(default=None, gt=0, le=36500)  # fail when the cert expires sooner
+    # the TLS versions the client offers (blackbox's spelling); unset: what the system's OpenSSL allows
+    min_version: TLSVersion | None = None
+    max_version: TLSVersion | None = None
 
     @field_validator("server_name")
     @classmethod
@@ -205,6 +212,9 @@ class TLSSpec(Frozen):
             raise ValueError("min_cert_days needs certificate verification (insecure_skip_verify is true)")
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file needs cert_file")
+        if self.min_version and self.max_version and TLS_VERSIONS.index(self.min_version) > TLS_VERSIONS.index(
+                self.max_version):
+            raise ValueError(f"min_version {self.min_version} is above max_version {self.max_version}")
         return self
 
 
@@ -590,6 +600,9 @@ class GRPCSpec(Frozen):
     def _verified(cls, v: TLSSpec) -> TLSSpec:
         if v.insecure_skip_verify:  # grpcio's TLS always verifies the peer
             raise ValueError("insecure_skip_verify is not possible with grpc (grpcio always verifies)")
+        if v.min_version is not None or v.max_version is not None:  # grpcio's credentials take no TLS versions
+            raise ValueError("min_version/max_version are not possible with grpc (grpcio's channel credentials "
+                             "cannot limit TLS versions)")
         return v
 
 

@@ -47,6 +47,8 @@ modules:
       tls_config:
         ca_file: ca.pem
         server_name: api.internal
+        min_version: TLS12
+        max_version: TLS13
   http_basic:
     prober: http
     http:
@@ -57,6 +59,18 @@ modules:
     prober: http
     http:
       proxy_url: http://127.0.0.1:3128
+  http_oauth2:
+    prober: http
+    http:
+      oauth2:
+        client_id: prober
+        client_secret_file: secrets/oauth
+        token_url: https://auth.internal/oauth/token
+        scopes: [health.read, probe]
+        endpoint_params: {audience: api}
+        tls_config:
+          ca_file: ca.pem
+          min_version: TLS13
   http_authz:
     prober: http
     http:
@@ -126,6 +140,7 @@ def bb_dir(tmp_path: Path) -> Path:
     (tmp_path / "ca.pem").write_text("not parsed at load\n")
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "password").write_text("pa:ss\n")
+    (tmp_path / "secrets" / "oauth").write_text("oauth-Cn-s3cret\n")
     return tmp_path
 
 
@@ -134,7 +149,11 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     m = cfg.modules
     assert m["http_proxy"].http.proxy_url == "http://127.0.0.1:3128" and m["http_proxy"].http.client == "httpx"
     assert sorted(m) == sorted(["http_2xx", "http_post_token", "http_basic", "http_authz", "http_proxy", "tcp_connect",
-                                "smtp_starttls", "dns_soa", "dns_any", "icmp_v4", "grpc_plain"])
+                                "smtp_starttls", "dns_soa", "dns_any", "icmp_v4", "grpc_plain", "http_oauth2"])
+    o = m["http_oauth2"].http.oauth2
+    assert (o.client_id, o.client_secret.get_secret_value(), o.scopes, o.endpoint_params) == (
+        "prober", "oauth-Cn-s3cret", ("health.read", "probe"), {"audience": "api"})  # the file's newline gone
+    assert o.tls.ca_file == str(bb_dir / "ca.pem") and o.tls.min_version == "TLS13"
     assert cfg.probes == ()
     h = m["http_2xx"].http
     assert h.valid_status_codes == (200, 204) and h.follow_redirects is True
@@ -146,6 +165,7 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     assert t.body == '{"ping": true}'
     assert t.headers["Authorization"].get_secret_value() == "Bearer tok-123"  # trailing newline gone
     assert t.tls.ca_file == str(bb_dir / "ca.pem") and t.tls.server_name == "api.internal"
+    assert (t.tls.min_version, t.tls.max_version) == ("TLS12", "TLS13")
     assert m["http_post_token"].preferred_family() == ("ip6", True)  # blackbox's default
     basic = m["http_basic"].http.headers["Authorization"].get_secret_value()
     assert basic == "Basic " + base64.b64encode(b"prober:pa:ss").decode()
@@ -165,14 +185,14 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
 def test_secrets_never_in_repr(bb_dir: Path) -> None:
     cfg = load_config(bb_dir / "blackbox.yml", blackbox=True)
     text = repr(cfg.modules)
-    assert "tok-123" not in text and "s3cr3t" not in text and "pa:ss" not in text
+    assert "tok-123" not in text and "s3cr3t" not in text and "pa:ss" not in text and "oauth-Cn" not in text
 
 
 def test_check_config_blackbox_cli(bb_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox",
                           str(bb_dir / "blackbox.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "OK (blackbox_exporter format): 11 modules, 0 probes" in out.stdout
+    assert "OK (blackbox_exporter format): 12 modules, 0 probes" in out.stdout
     assert "  module smtp_starttls: tcp, timeout 5s" in out.stdout
     assert "tok-123" not in out.stdout + out.stderr
 
@@ -427,7 +447,7 @@ def test_check_config_recognises_a_blackbox_file_without_the_flag(bb_dir: Path) 
     flagged = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox", f],
                              capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and plain.stdout == flagged.stdout, plain.stderr
-    assert "OK (blackbox_exporter format): 11 modules" in plain.stdout and plain.stderr == ""
+    assert "OK (blackbox_exporter format): 12 modules" in plain.stdout and plain.stderr == ""
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -56,6 +56,12 @@ CASES = [
     ("oauth2_and_bearer", "{prober: http, http: {bearer_token: x, oauth2: {client_id: a, client_secret: b, "
      "token_url: 'http://h/t'}}}", "http: at most one of basic_auth, bearer_token, bearer_token_file, "
      "authorization and oauth2", True),
+    ("tls_unknown_version", "{prober: http, http: {tls_config: {min_version: TLS14}}}", "http.tls.min_version: "
+     "must be 'TLS10', 'TLS11', 'TLS12' or 'TLS13'", True),
+    ("tls_min_above_max", "{prober: http, http: {tls_config: {min_version: TLS13, max_version: TLS12}}}",
+     "http.tls: min_version TLS13 is above max_version TLS12", False),
+    ("grpc_tls_version", "{prober: grpc, grpc: {tls: true, tls_config: {min_version: TLS12}}}",
+     "grpc.tls_config: min_version/max_version are not possible with grpc", False),
     ("bad_status_type", "{prober: http, http: {valid_status_codes: [ok]}}", "http.valid_status_codes", True),
     # False: stricter than blackbox 0.23, which accepts these at load (`--config.check`) and probes with a
     # default or fails at probe time (an unknown prober, a bad RR regexp, rcode or transport are such)
