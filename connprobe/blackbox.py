@@ -120,9 +120,10 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("tls_config", "min_version", SAME, "min_version (TLS10..TLS13; the system's OpenSSL floor still applies: "
                                         "TLS 1.2 on Debian; refused for grpc)"),
     ("tls_config", "max_version", SAME, "max_version (TLS10..TLS13; refused for grpc: grpcio cannot limit it)"),
-    ("tls_config", "ca", REFUSED, "inline PEM not supported (use ca_file)"),
-    ("tls_config", "cert", REFUSED, "inline PEM not supported (use cert_file)"),
-    ("tls_config", "key", REFUSED, "inline PEM not supported (use key_file)"),
+    ("tls_config", "ca", SAME, "ca (inline PEM; at most one of ca and ca_file)"),
+    ("tls_config", "cert", SAME, "cert (inline PEM; at most one of cert and cert_file)"),
+    ("tls_config", "key", SAME, "key (inline PEM, a secret; at most one of key and key_file; loaded from memory, "
+                                "never written to disk)"),
     ("tls_config", "key_file_ref", REFUSED, "not supported"),
 )
 # blackbox_exporter 0.23's metrics (every one its binary defines) -> connprobe: (metric, probers, status, note).
@@ -243,7 +244,7 @@ def _tls(t: Translation, raw: Any, prefix: str) -> Any:
                 del body[key]
             else:  # relative: to the config's directory. Read when a probe needs it (a config is often
                 body[key] = str(p)  # checked where the pod's mounted files are not: check-config on a laptop)
-    if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file():
+    if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file() and "key" not in body:
         try:  # a certificate and key that are there but do not load: a config error, not a failure at each probe
             ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"))
         except ssl.SSLError:

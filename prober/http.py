@@ -44,7 +44,7 @@ from prober.errors import find_in_chain
 from prober.resolve import resolve
 from prober.sockets import connect
 from prober.spec import HTTPSpec, TLSSpec
-from prober.tlsinfo import tls_facts
+from prober.tlsinfo import load_client_chain, tls_facts
 from prober.types import ErrorKind, Proto
 
 monotonic_ns = time.monotonic_ns
@@ -347,11 +347,10 @@ def _set_versions(ctx: ssl.SSLContext, tls: TLSSpec) -> None:
 def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
     """The client context of a module's TLS settings: every TLS the probers speak (http, tcp, STARTTLS, websocket,
     an OAuth2 token endpoint) is made here; grpc's is grpcio's own (`prober/grpc.py`)."""
-    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    ctx = ssl.create_default_context(cafile=tls.ca_file, cadata=tls.ca)
     if tls.min_version is not None or tls.max_version is not None:
         _set_versions(ctx, tls)
-    if tls.cert_file:  # the client certificate, sent when the server asks for one
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    load_client_chain(ctx, tls)  # the client certificate, sent when the server asks for one
     if tls.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -194,6 +194,10 @@ class TLSSpec(Frozen):
     ca_file: str | None = None
     cert_file: str | None = None  # client certificate (PEM), presented when the server asks
     key_file: str | None = None  # its private key (PEM; default: in cert_file)
+    # the same as inline PEM text (blackbox's ca, cert, key): each at most one of it and its *_file form
+    ca: str | None = None
+    cert: str | None = None
+    key: SecretStr | None = None
     min_cert_days: float | None = Field(default=None, gt=0, le=36500)  # fail when the cert expires sooner
     # the TLS versions the client offers (blackbox's spelling); unset: what the system's OpenSSL allows
     min_version: TLSVersion | None = None
@@ -210,12 +214,44 @@ class TLSSpec(Frozen):
     def _expiry_needs_verify(self) -> TLSSpec:
         if self.min_cert_days is not None and self.insecure_skip_verify:
             raise ValueError("min_cert_days needs certificate verification (insecure_skip_verify is true)")
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file needs cert_file")
+        for inline, file in (("ca", "ca_file"), ("cert", "cert_file"), ("key", "key_file")):
+            if getattr(self, inline) is not None and getattr(self, file) is not None:
+                raise ValueError(f"at most one of {inline} and {file}")
+        if (self.key_file is not None or self.key is not None) and self.cert_file is None and self.cert is None:
+            raise ValueError(f"{'key_file' if self.key_file is not None else 'key'} needs cert_file or cert")
+        self._check_inline_pem()
         if self.min_version and self.max_version and TLS_VERSIONS.index(self.min_version) > TLS_VERSIONS.index(
                 self.max_version):
             raise ValueError(f"min_version {self.min_version} is above max_version {self.max_version}")
         return self
+
+
+    def _check_inline_pem(self) -> None:
+        """Inline PEM that does not load is a config error (not a failure at every probe)."""
+        import ssl
+
+        from prober.tlsinfo import load_client_chain
+
+        if self.ca is not None:
+            try:
+                ssl.create_default_context(cadata=self.ca)
+            except (ssl.SSLError, ValueError):
+                raise ValueError("ca: not PEM certificates") from None
+        if self.cert is not None or self.key is not None:
+            import os.path
+
+            if self.cert_file is not None and not os.path.isfile(self.cert_file):
+                return  # read when a probe needs it (check-config away from the mounted files)
+            if self.key_file is not None and not os.path.isfile(self.key_file):
+                return
+            try:
+                load_client_chain(ssl.create_default_context(), self)
+            except (ssl.SSLError, ValueError):
+                which = "cert" if self.cert is not None else "key"
+                raise ValueError(f"{which}: cannot load the client certificate and key: not PEM, or the key does "
+                                 "not match the certificate") from None
+            except OSError as exc:
+                raise ValueError(f"cannot load the client certificate and key: {exc.strerror or exc}") from None
 
 
 class HeaderMatch(Frozen):

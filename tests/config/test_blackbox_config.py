@@ -292,9 +292,10 @@ HOSTILE = {
     "redirect_both": ("http: {no_follow_redirects: true, follow_redirects: true}",
                       'module "m": http.no_follow_redirects: give follow_redirects or no_follow_redirects, '
                       "not both"),
-    "tls_inline_ca": ("http: {tls_config: {ca: '-----BEGIN'}}",
-                      'module "m": http.tls_config.ca: blackbox_exporter key not supported by connprobe: '
-                      "inline PEM not supported (use ca_file)"),
+    "tls_inline_ca": ("http: {tls_config: {ca: '-----BEGIN'}}", 'module "m": http.tls: ca: not PEM certificates'),
+    "tls_inline_and_file": ("http: {tls_config: {cert: x, cert_file: /etc/hostname}}",
+                            'module "m": http.tls: at most one of cert and cert_file'),
+    "tls_inline_key_alone": ("http: {tls_config: {key: x}}", 'module "m": http.tls: key needs cert_file or cert'),
     "tls_bad_client_cert": ("http: {tls_config: {cert_file: /etc/hostname}}",
                             'module "m": http.tls_config.cert_file: cannot load the client certificate and key: '
                             "not PEM, or the key does not match the certificate"),

@@ -62,6 +62,9 @@ CASES = [
      "http.tls: min_version TLS13 is above max_version TLS12", False),
     ("grpc_tls_version", "{prober: grpc, grpc: {tls: true, tls_config: {min_version: TLS12}}}",
      "grpc.tls_config: min_version/max_version are not possible with grpc", False),
+    # rejected by 0.23 as unknown fields (inline PEM came with later prometheus/common, documented today)
+    ("tls_ca_and_ca_file", "{prober: http, http: {tls_config: {ca: x, ca_file: /etc/hostname}}}",
+     "http.tls: at most one of ca and ca_file", True),
     ("bad_status_type", "{prober: http, http: {valid_status_codes: [ok]}}", "http.valid_status_codes", True),
     # False: stricter than blackbox 0.23, which accepts these at load (`--config.check`) and probes with a
     # default or fails at probe time (an unknown prober, a bad RR regexp, rcode or transport are such)
