@@ -59,8 +59,10 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
                              "and cached until 10s before expires_in (see oauth2 rows)"),
     ("http", "proxy_url", SAME, "http.proxy_url (an http:// proxy; https targets through CONNECT; the module "
                                 "uses client: httpx)"),
-    ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
-    ("http", "proxy_from_environment", REFUSED, "not supported (the agent never reads proxy variables)"),
+    ("http", "no_proxy", SAME, "http.no_proxy (hosts, domains, addresses, CIDRs, `*`; Go's rules: localhost and "
+                               "loopback never proxied then; needs proxy_url)"),
+    ("http", "proxy_from_environment", MAPPED, "http.proxy_urls and no_proxy from the agent's HTTP_PROXY, HTTPS_PROXY "
+                                               "and NO_PROXY, read at load"),
     ("http", "proxy_connect_header", MAPPED, "http.proxy_headers (secret values; several joined with \", \"), sent "
                                            "to the proxy with CONNECT"),
     ("http", "skip_resolve_phase_with_proxy", REFUSED, "not supported (the target is resolved by connprobe)"),
@@ -468,7 +470,25 @@ def _http(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool = False
                     continue
                 out[name] = ", ".join(values)
             body["proxy_headers"] = out
-    if "proxy_url" in body and "client" not in body:
+    if "proxy_from_environment" in body:
+        v = body.pop("proxy_from_environment")
+        where = f"{prefix}.proxy_from_environment"
+        if not isinstance(v, bool):
+            t.error(where, "must be true or false")
+        elif v and ("proxy_url" in body or "proxy_urls" in body):
+            t.error(where, "give proxy_url or proxy_from_environment, not both")
+        elif v and "no_proxy" in body:
+            t.error(where, "give no_proxy or proxy_from_environment (NO_PROXY is read then), not both")
+            body.pop("no_proxy")  # said once
+        elif v:
+            from prober.proxy import from_environment
+
+            urls, no_proxy = from_environment(os.environ)  # the agent's environment, read at load (and reload)
+            if urls:
+                body["proxy_urls"] = urls
+                if no_proxy:
+                    body["no_proxy"] = list(no_proxy)
+    if ("proxy_url" in body or "proxy_urls" in body) and "client" not in body:
         body["client"] = "httpx"  # the client that speaks to proxies
     if "enable_http2" in body:
         v = body.pop("enable_http2")

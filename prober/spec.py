@@ -356,6 +356,26 @@ def oauth2_basic_credentials(client_id: str, secret: str) -> str:
     return base64.b64encode(f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}".encode()).decode()
 
 
+def _proxy_url(v: str) -> str:
+    """An http://HOST[:PORT] proxy, normalised to carry its port."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(v)
+        port = u.port
+    except ValueError as exc:
+        raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"{_shown(v)}: only http://HOST:PORT proxies are supported")
+    if u.username is not None or u.password is not None:
+        raise ValueError("credentials in proxy_url are not supported")
+    if u.path not in ("", "/") or u.query or u.fragment:
+        raise ValueError(f"{_shown(v)}: a proxy URL has no path, query or fragment")
+    if err := host_name_error(u.hostname):
+        raise ValueError(err)
+    return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
+
+
 HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")
 
 
@@ -393,37 +413,49 @@ class HTTPSpec(Frozen):
     http2: bool = False  # offer h2 by ALPN on https targets (httpx; blackbox's enable_http2)
     proxy_headers: dict[str, SecretStr] = Field(default_factory=dict)  # sent to the proxy (CONNECT), secrets
     oauth2: OAuth2Spec | None = None  # client credentials: a token fetched and sent as Authorization
+    # a proxy per target scheme (instead of proxy_url; `proxy_from_environment` fills it at load) and the targets
+    # that bypass the proxy: which request goes where is decided in `prober.proxy`
+    proxy_urls: dict[Literal["http", "https"], str] = Field(default_factory=dict)
+    no_proxy: tuple[str, ...] = ()
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
     @field_validator("proxy_url")
     @classmethod
     def _proxy(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from urllib.parse import urlsplit
+        return None if v is None else _proxy_url(v)
 
-        try:
-            u = urlsplit(v)
-            port = u.port
-        except ValueError as exc:
-            raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"{_shown(v)}: only http://HOST:PORT proxies are supported")
-        if u.username is not None or u.password is not None:
-            raise ValueError("credentials in proxy_url are not supported")
-        if u.path not in ("", "/") or u.query or u.fragment:
-            raise ValueError(f"{_shown(v)}: a proxy URL has no path, query or fragment")
-        if err := host_name_error(u.hostname):
-            raise ValueError(err)
-        return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
+    @field_validator("proxy_urls")
+    @classmethod
+    def _proxies(cls, v: dict[str, str]) -> dict[str, str]:
+        return {scheme: _proxy_url(url) for scheme, url in v.items()}
+
+    @field_validator("no_proxy", mode="before")
+    @classmethod
+    def _no_proxy_list(cls, v: object) -> tuple[str, ...]:
+        from prober.proxy import split_no_proxy
+
+        return split_no_proxy(v)
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _no_proxy(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from prober.proxy import check_no_proxy
+
+        return check_no_proxy(v)
 
     @model_validator(mode="after")
     def _proxy_client(self) -> HTTPSpec:
         if self.proxy_url is not None and self.client != "httpx":
             raise ValueError(f"proxy_url: needs client: httpx (the {self.client} client does not use proxies)")
-        if self.proxy_headers and self.proxy_url is None:
+        if self.proxy_urls and self.client != "httpx":
+            raise ValueError(f"proxy_urls: needs client: httpx (the {self.client} client does not use proxies)")
+        if self.proxy_urls and self.proxy_url is not None:
+            raise ValueError("proxy_urls: give proxy_url (every target) or proxy_urls (per scheme), not both")
+        if self.proxy_headers and self.proxy_url is None and not self.proxy_urls:
             raise ValueError("proxy_headers: needs proxy_url")
+        if self.no_proxy and self.proxy_url is None and not self.proxy_urls:
+            raise ValueError("no_proxy: needs proxy_url")
         if self.http2 and self.client != "httpx":
             raise ValueError(f"http2: needs client: httpx (the {self.client} client speaks HTTP/1.1)")
         if self.oauth2 is not None and any(k.lower() == "authorization" for k in self.headers):

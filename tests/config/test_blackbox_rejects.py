@@ -65,6 +65,11 @@ CASES = [
     # rejected by 0.23 as unknown fields (inline PEM came with later prometheus/common, documented today)
     ("tls_ca_and_ca_file", "{prober: http, http: {tls_config: {ca: x, ca_file: /etc/hostname}}}",
      "http.tls: at most one of ca and ca_file", True),
+    # also unknown to 0.23 (later prometheus/common): rejected there as unknown fields, here for what later ones say
+    ("no_proxy_without_proxy_url", "{prober: http, http: {no_proxy: a.test}}", "http: no_proxy: needs proxy_url",
+     True),
+    ("proxy_env_and_url", "{prober: http, http: {proxy_from_environment: true, proxy_url: 'http://127.0.0.1:3128'}}",
+     "http.proxy_from_environment: give proxy_url or proxy_from_environment, not both", True),
     ("bad_status_type", "{prober: http, http: {valid_status_codes: [ok]}}", "http.valid_status_codes", True),
     # False: stricter than blackbox 0.23, which accepts these at load (`--config.check`) and probes with a
     # default or fails at probe time (an unknown prober, a bad RR regexp, rcode or transport are such)
