@@ -105,7 +105,7 @@ class _Limit:
         if capture is not None:
             try:
                 capture.suspend_global_capture(in_=True)
-            except Exception:  # noqa: BLE001 (best effort on the way out)
+            except Exception:  # best effort on the way out
                 pass
         _dump_stacks(self.item, f"Timeout: {self.item.nodeid} did not end after {self.expiries - 1} expiries; exiting")
         for nodeid, when, text in _FAILED:
