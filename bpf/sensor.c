@@ -10,6 +10,8 @@
  *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/loader.py
  *                    attaches each program itself, so one that fails to load costs only its event kind)
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
+ *   STATE_RECORD_MASK bit n set: a watched flow's change to TCP state n (the kernel's numbering, from tracefs)
+ *                    becomes a ring record; the others are only counted in `state_counts` (default: all)
  *   NETNS_FILTER     report only events seen in a network namespace on the `node_netns` list (the namespaces
  *                    of this node; an event whose namespace is unknown, inode 0, is not reported either);
  *                    the others are counted in `foreign`. Without it every namespace is reported.
@@ -43,6 +45,10 @@ enum sk_rst_reason { CP_DUMMY_RST_REASON = 0 };
 #define CP_IPPROTO_TCP 6
 #define CP_IPPROTO_UDP 17
 #define CP_IPPROTO_ICMPV6 58
+
+#ifndef STATE_RECORD_MASK
+#define STATE_RECORD_MASK 0xFFFF
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_HASH(watch, u32, u8, WATCH_MAX);
@@ -363,6 +369,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (n)
         (*n)++;
     if (!watched)
+        return 0;
+    /* Of a watched flow's changes only the new states on the STATE_RECORD_MASK become records (the app asks
+     * for those its readers use: ESTABLISHED and CLOSE); the others are counted above and nothing more. */
+    if (!((STATE_RECORD_MASK >> ((u32)args->newstate & 15)) & 1))
         return 0;
     struct cp_event ev = {};
     ev.kind = CP_KIND_STATE;

@@ -9,6 +9,9 @@
 
     KernelSensor(netns={inode, ...})             # only events seen in these network namespaces (this node's);
                                                  # default None: every namespace (a single node)
+    KernelSensor(state_records={"ESTABLISHED", "CLOSE"})  # a watched flow's TCP state changes to other states
+                                                 # are only counted (counters().watched), not sent as events;
+                                                 # default None: every change is an event
 
 Errors (`bpf/errors.py`): `SensorUnavailable` (the sensor cannot run here; the message names the missing
 piece), `SensorClosed` (used after close()), `WatchListFull`; all are `SensorError`s.
@@ -36,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader, preload, runstats
-from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, RECORD_STRUCT, KernelNames, decode_event, decode_records
+from bpf.decode import (
+    DEFAULT_TCP_STATES,
+    NUMBER_BY_KIND,
+    PROTO_NUMBERS,
+    RECORD_STRUCT,
+    KernelNames,
+    decode_event,
+    decode_records,
+)
 from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
@@ -67,6 +78,22 @@ class SensorCounters:
         return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
 
 
+def state_record_mask(states: frozenset[str] | None, names: KernelNames) -> int | None:
+    """The STATE_RECORD_MASK of sensor.c for these state names, numbered as the running kernel numbers them (None:
+    every state; a name this kernel's table lacks is looked up in the stable default numbering)."""
+    if states is None:
+        return None
+    numbers = {name: n for n, name in DEFAULT_TCP_STATES.items()}
+    numbers.update({name: n for n, name in names.tcp_states.items()})
+    mask = 0
+    for name in states:
+        n = numbers[name]
+        if not 0 <= n < 16:
+            return None  # a numbering the program's 16 slots cannot hold: report every change
+        mask |= 1 << n
+    return mask
+
+
 class KernelSensor:
     """Loads the BPF programs, keeps the watch list, and delivers decoded events.
 
@@ -89,6 +116,7 @@ class KernelSensor:
         debug_source: bool | None = None,
         netns: Iterable[int] | None = None,
         lazy_kallsyms: bool = False,
+        state_records: Iterable[str] | None = None,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -103,6 +131,15 @@ class KernelSensor:
             raise ValueError("netns: an empty set of namespaces would report nothing (None means all)")
         if self.netns is not None and any(not 0 < n < 1 << 32 for n in self.netns):
             raise ValueError("netns: inode numbers are 32-bit positive integers")
+        # TCP states (names as tracefs spells them, without TCP_) whose changes on watched flows become events;
+        # None: all of them. The rest are counted in the kernel (`counters().watched`) and go no further.
+        if state_records is not None:
+            state_records = frozenset((state_records,) if isinstance(state_records, str) else state_records)
+            known = set(DEFAULT_TCP_STATES.values())
+            bad = sorted(str(x) for x in state_records if x not in known)
+            if bad:
+                raise ValueError(f"state_records: unknown TCP state {bad[0]!r} (known: {', '.join(sorted(known))})")
+        self.state_records: frozenset[str] | None = state_records
         self._btf_path = btf_path
         self._tracefs_root = tracefs_root
         self._kallsyms_path = kallsyms_path
@@ -190,6 +227,9 @@ class KernelSensor:
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
         if self.netns is not None:
             base.append("-DNETNS_FILTER")
+        mask = state_record_mask(self.state_records, self._names)
+        if mask is not None:
+            base.append(f"-DSTATE_RECORD_MASK={mask:#x}")
         # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
         kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
         if not self._lazy_kallsyms:
