@@ -95,13 +95,14 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
         for _ in range(procs):
             p = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, "-c", GENERATOR,
                                   str(rate / procs), str(seconds)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
             gens.append(p)
         ports = [int(p.stdout.readline()) for p in gens]
         for port in ports:
             sensor.watch("tcp", port)
         sensor.drain()
         lost0, got0 = sensor.lost_events, 0
+        rescued0 = getattr(sensor, "rescued_events", 0)
         c0 = sensor.counters()
         t0, cpu0 = time.monotonic(), time.process_time()
         for p in gens:
@@ -138,6 +139,7 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
         counted = counted_only(c1) - counted_only(c0)
         return {"target_conn_s": rate, "conns": conns, "observed": observed, "delivered": got0, "counted": counted,
                 "lost": lost, "unaccounted": observed - got0 - counted - lost,
+                "rescued": getattr(sensor, "rescued_events", 0) - rescued0,
                 "events_s": observed / took, "records_s": got0 / took, "seconds": took,
                 "cpu_us_per_event": cpu / max(observed, 1) * 1e6, "cpu_us_per_record": cpu / max(got0, 1) * 1e6,
                 "load": os.getloadavg()}
@@ -277,11 +279,12 @@ def main() -> int:
             print("observed: watched events the kernel saw (its counters); records: delivered to user space; "
                   "counted: only counted in the kernel; unaccounted = observed - records - counted - lost")
             print(f"{'target conn/s':>13} {'conns':>8} {'observed':>9} {'events/s':>9} {'records':>9} "
-                  f"{'records/s':>9} {'counted':>8} {'lost':>7} {'unacc.':>6} {'CPU µs/ev':>9} {'load':>15}")
+                  f"{'records/s':>9} {'counted':>8} {'lost':>7} {'unacc.':>6} {'rescued':>7} {'CPU µs/ev':>9} "
+                  f"{'load':>15}")
             for lv in levels:
                 print(f"{lv['target_conn_s']:13.0f} {lv['conns']:8d} {lv['observed']:9d} {lv['events_s']:9.0f} "
                       f"{lv['delivered']:9d} {lv['records_s']:9.0f} {lv['counted']:8d} {lv['lost']:7d} "
-                      f"{lv['unaccounted']:6d} {lv['cpu_us_per_event']:9.2f} "
+                      f"{lv['unaccounted']:6d} {lv['rescued']:7d} {lv['cpu_us_per_event']:9.2f} "
                       f"{' '.join(f'{x:.2f}' for x in lv['load']):>15}")
             if args.json:
                 Path(args.json).write_text(json.dumps(levels, indent=1))

@@ -54,6 +54,8 @@ from bpf.kernel_compat import Kallsyms
 from bpf.ring import RingReader
 from bpf.types import EventKind, KernelEvent
 
+RESCUE_PAGES = 16  # the second ring (sensor.c): 64 KiB, ~580 records
+
 __all__ = ["DEFAULT_QUIET_REASONS", "KernelSensor", "SensorCounters"]
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,9 @@ class KernelSensor:
         self._delivered = 0
         self._closed = False
         self._reader: RingReader | None = None
+        self._rescue: RingReader | None = None  # the second ring, for records the first refused (sensor.c emit())
         self._final: SensorCounters | None = None
+        self._final_rescued = 0
         self.load_seconds: float | None = None
         self.cflags: list[str] = []
 
@@ -227,6 +231,7 @@ class KernelSensor:
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
         if self.netns is not None:
             base.append("-DNETNS_FILTER")
+        base.append(f"-DRESCUE_PAGES={RESCUE_PAGES}")
         mask = state_record_mask(self.state_records, self._names)
         if mask is not None:
             base.append(f"-DSTATE_RECORD_MASK={mask:#x}")
@@ -254,6 +259,7 @@ class KernelSensor:
             # read in batches through mmap (bpf/ring.py), not with a ctypes callback per record
             self._reader = RingReader(self._bpf[b"events"].map_fd, self.ring_pages * mmap.PAGESIZE)
             self._ring_fd = self._reader.fd
+            self._rescue = RingReader(self._bpf[b"rescue"].map_fd, RESCUE_PAGES * mmap.PAGESIZE)
         except Exception:
             self._teardown()
             raise
@@ -314,6 +320,8 @@ class KernelSensor:
         self._loop = loop
         if self._ring_fd is not None:
             loop.add_reader(self._ring_fd, self._consume)
+        if self._rescue is not None:
+            loop.add_reader(self._rescue.fd, self._consume)
 
     def close(self) -> None:
         """Detach every program and free the maps. Idempotent; wakes any waiting iterator."""
@@ -323,11 +331,16 @@ class KernelSensor:
         if self._loop is not None and self._ring_fd is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._ring_fd)
+        if self._loop is not None and self._rescue is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._rescue.fd)
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._consume()
             with contextlib.suppress(Exception):
                 self._final = self.counters()  # what counters()/lost_events answer after close
+            with contextlib.suppress(Exception):
+                self._final_rescued = self.rescued_events
         self._teardown()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -336,6 +349,9 @@ class KernelSensor:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        rescue, self._rescue = self._rescue, None
+        if rescue is not None:
+            rescue.close()
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
             bpf.cleanup()
@@ -422,6 +438,10 @@ class KernelSensor:
         if reader is None or self._bpf is None:
             return
         fixed, other = reader.read(RECORD_STRUCT)
+        if self._rescue is not None and self._rescue.pending():  # rare: records the first ring refused
+            more, more_other = self._rescue.read(RECORD_STRUCT)
+            fixed += more
+            other += more_other
         if not fixed:
             return
         if not other:
@@ -500,6 +520,13 @@ class KernelSensor:
             return self._final.ring_lost
         bpf = self._require_open()
         return sum(sum(v) for v in bpf[b"lost"].values())
+
+    @property
+    def rescued_events(self) -> int:
+        """Records the ring refused that the second ring took (delivered all the same)."""
+        if self._bpf is None:
+            return self._final_rescued
+        return sum(sum(v) for v in self._bpf[b"rescued"].values())
 
     @property
     def lost_events(self) -> int:

@@ -100,3 +100,28 @@ async def test_without_the_list_every_change_is_an_event():
             assert len(states) == _state_total(sensor.counters(), watched=True) - before
     finally:
         lst.close()
+
+
+@kernel
+async def test_records_the_ring_refuses_go_to_the_second_ring_and_are_delivered():
+    """A 4 KiB ring, not read during a burst, refuses records after ~36: the second ring (64 KiB) takes the next
+    ones, delivered with the others; only what both refuse is lost, and every change is accounted for."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(256)
+    try:
+        async with KernelSensor(ring_pages=1) as sensor:
+            before = _state_total(sensor.counters(), watched=True)
+            sensor.watch("tcp", lst.getsockname()[1])
+            _connections(lst, 100)  # ~1,000 state changes; the loop is blocked meanwhile: nothing reads
+            got = 0
+            while await sensor.next_event(timeout=0.3) is not None:
+                got += 1
+            observed = _state_total(sensor.counters(), watched=True) - before
+            assert sensor.rescued_events > 0 and sensor.lost_events > 0
+            assert got > 4096 // 112  # more than the first ring holds
+            assert got + sensor.lost_events == observed
+            rescued = sensor.rescued_events
+        assert sensor.rescued_events == rescued  # kept after close
+    finally:
+        lst.close()
