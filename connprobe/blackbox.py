@@ -80,10 +80,11 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("tcp", "tls_config", SAME, "tcp.tls_config"),
     ("dns", "preferred_ip_protocol", SAME, "dns.preferred_ip_protocol"),
     ("dns", "ip_protocol_fallback", SAME, "dns.ip_protocol_fallback"),
-    ("dns", "source_ip_address", REFUSED, "not supported for dns probes"),
-    ("dns", "transport_protocol", MAPPED, "dns.transport (udp, tcp)"),
-    ("dns", "dns_over_tls", REFUSED, "DNS over TLS is not supported"),
-    ("dns", "tls_config", REFUSED, "only with dns_over_tls: not supported"),
+    ("dns", "source_ip_address", SAME, "dns.source_ip_address (the query's socket, udp, tcp and tls)"),
+    ("dns", "transport_protocol", MAPPED, "dns.transport (udp, tcp; tcp with dns_over_tls: tls)"),
+    ("dns", "dns_over_tls", MAPPED, "dns.transport: tls (needs transport_protocol: tcp, as blackbox does; port 853 "
+                                   "when the target names none)"),
+    ("dns", "tls_config", SAME, "dns.tls_config (only with dns_over_tls: true)"),
     ("dns", "query_name", SAME, "dns.query_name"),
     ("dns", "query_type", SAME, "dns.query_type (blackbox's default ANY in a blackbox file)"),
     ("dns", "query_class", MAPPED, "IN only (other classes refused)"),
@@ -134,14 +135,18 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("probe_http_last_modified_timestamp_seconds", "http", "compared", "same"),
     ("probe_failed_due_to_regex", "http, tcp", "compared", "same"),
     ("probe_ssl_earliest_cert_expiry", "http, tcp, grpc", "compared",
-     "same; grpc: 0 for a plain probe as blackbox, not exported with TLS (grpcio does not show the chain)"),
-    ("probe_ssl_last_chain_expiry_timestamp_seconds", "http, tcp", "compared", "same; not for grpc"),
-    ("probe_ssl_last_chain_info{fingerprint_sha256,issuer,subject,subjectalternative}", "http, tcp", "compared",
-     "same labels and values; not for grpc"),
-    ("probe_tls_version_info{version}", "http, tcp", "compared", "same; not for grpc"),
+     "same; grpc: read by a second TLS handshake of connprobe's own to the same address (ALPN h2, not verified "
+     "again) once the check answered over TLS (grpcio does not show the chain), 0 without such an answer as "
+     "blackbox"),
+    ("probe_ssl_last_chain_expiry_timestamp_seconds", "http, tcp", "compared",
+     "same; not for grpc (blackbox's grpc prober has none)"),
+    ("probe_ssl_last_chain_info{fingerprint_sha256,issuer,subject,subjectalternative}", "http, tcp, grpc",
+     "compared", "same labels and values; grpc: from connprobe's second handshake (above)"),
+    ("probe_tls_version_info{version}", "http, tcp, grpc", "compared",
+     "same; grpc: of connprobe's second handshake (above)"),
     ("probe_dns_query_succeeded", "dns", "compared", "same"),
     ("probe_dns_duration_seconds{phase}", "dns", "compared",
-     "same phases; connect is 0 (inside request: the query's transactions are timed whole)"),
+     "same phases; connect: the TCP connect and, over TLS, the handshake (0 over UDP), request: the rest"),
     ("probe_dns_answer_rrs", "dns", "compared", "same"),
     ("probe_dns_authority_rrs", "dns", "compared", "same"),
     ("probe_dns_additional_rrs", "dns", "compared", "same"),
@@ -149,9 +154,10 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("probe_icmp_duration_seconds{phase}", "icmp", "compared", "same phases"),
     ("probe_icmp_reply_hop_limit", "icmp", "compared", "same"),
     ("probe_grpc_status_code", "grpc", "compared", "same"),
-    ("probe_grpc_healthcheck_response{serving_status}", "grpc", "compared", "same"),
+    ("probe_grpc_healthcheck_response{serving_status}", "grpc", "compared", "same (every status 0 without an "
+     "answer, NOT_FOUND included)"),
     ("probe_grpc_duration_seconds{phase}", "grpc", "compared", "same phases"),
-    ("probe_grpc_ssl", "grpc", "compared", "same"),
+    ("probe_grpc_ssl", "grpc", "compared", "same (1 only when the check answered over TLS)"),
 )
 _REFUSED = {(sec, key): note for sec, key, status, note in KEYS if status == REFUSED}
 
@@ -492,6 +498,21 @@ def _dns(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool) -> Any:
             t.error(f"{prefix}.transport_protocol", f"must be udp or tcp, got {v!r:.40}")
         else:
             body["transport"] = v
+    if "dns_over_tls" in body:
+        v = body.pop("dns_over_tls")
+        where = f"{prefix}.dns_over_tls"
+        if not isinstance(v, bool):
+            t.error(where, "must be true or false")
+        elif v and body.get("transport") == "tcp":
+            body["transport"] = "tls"
+        elif v:  # blackbox_exporter 0.23 loads it and then fails every probe ("Expected transport protocol tcp")
+            t.error(where, "needs transport_protocol: tcp (blackbox_exporter fails every probe of this module)")
+    if "tls_config" in body:
+        if body.get("transport") != "tls":
+            t.error(f"{prefix}.tls_config", "only used with dns_over_tls: true (transport: tls)")
+            del body["tls_config"]
+        else:
+            body["tls_config"] = _tls(t, body["tls_config"], f"{prefix}.tls_config")
     if "query_class" in body:
         v = body.pop("query_class")
         if not (isinstance(v, str) and v.upper() == "IN"):

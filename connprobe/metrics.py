@@ -104,20 +104,22 @@ KIND_GAUGES: tuple[tuple[str, str, str | None], ...] = (
     ("probe_grpc_healthcheck_response", "1 for the health check's serving status, 0 for the others.",
      "serving_status"),
     ("probe_grpc_duration_seconds", "Duration of each phase of the gRPC health check.", "phase"),
-    ("probe_grpc_ssl", "1 when the gRPC connection used TLS.", None),
+    ("probe_grpc_ssl", "1 when the health check answered over TLS (0 without an answer, as blackbox).", None),
     ("probe_http_version", "HTTP version of the response (1.1, 2).", None),
     ("probe_http_content_length", "Content-Length of the response (-1 when it has none).", None),
     ("probe_http_uncompressed_body_length", "Length of the response body after decoding, in bytes.", None),
     ("probe_http_redirects", "Number of redirects followed.", None),
     ("probe_http_ssl", "1 when the final request (after redirects) used TLS.", None),
     ("probe_http_last_modified_timestamp_seconds", "Last-Modified header of the response, in Unix time.", None),
-    ("probe_ssl_earliest_cert_expiry", "Earliest expiry of a certificate the peer sent, in Unix time.", None),
+    ("probe_ssl_earliest_cert_expiry", "Earliest expiry of a certificate the peer sent, in Unix time (grpc: from a "
+     "second TLS handshake of connprobe's own to the same address after the check).", None),
     ("probe_ssl_last_chain_expiry_timestamp_seconds", "Earliest expiry within the verified certificate chain, "
      "in Unix time.", None),
-    ("probe_tls_version_info", "1, labelled with the TLS version of the connection.", "version"),
+    ("probe_tls_version_info", "1, labelled with the TLS version of the connection (grpc: of connprobe's own second "
+     "handshake to the same address).", "version"),
     ("probe_dns_query_succeeded", "1 when the DNS server answered (whatever the rcode).", None),
     ("probe_dns_duration_seconds", "Duration of each phase of the DNS probe: resolve (the server's name), connect "
-     "(0: inside request), request (first query sent to last answer).", "phase"),
+     "(TCP connect and, over TLS, the handshake; 0 over UDP), request (the query's exchange).", "phase"),
     ("probe_dns_serial", "Serial number of the zone, from an SOA record in the answer.", None),
     ("probe_dns_answer_rrs", "Number of records in the answer section.", None),
     ("probe_dns_authority_rrs", "Number of records in the authority section.", None),
@@ -145,7 +147,7 @@ VALUE_GAUGES: tuple[tuple[str, str], ...] = (
 
 LEAF_LABELS = ("fingerprint_sha256", "issuer", "subject", "subjectalternative")
 LEAF_METRIC = ("probe_ssl_last_chain_info", "1, labelled with the peer's leaf certificate (SHA-256 fingerprint, "
-               "issuer, subject, DNS names); one series per probe.")
+               "issuer, subject, DNS names); one series per probe (grpc: from connprobe's own second handshake).")
 
 
 def ip_addr_hash(address: str) -> float | None:
@@ -184,9 +186,14 @@ def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
             out["probe_ip_addr_hash"] = [(None, h)]
     if r.kind == ProbeKind.DNS:
         request = 0.0
-        if r.dns:  # first query sent to last answer (or the probe's end, unanswered)
-            request = (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
-        out["probe_dns_duration_seconds"] = [("resolve", 0.0), ("connect", 0.0), ("request", request)]
+        # blackbox's connect: setting up a stream query's connection (TCP connect, TLS handshake); UDP has none
+        connect = (phases.get("connect", 0) + phases.get("tls", 0)) / 1e9
+        if r.dns:  # first query sent to last answer (or the probe's end, unanswered), less the set-up
+            request = max(0.0, (max(t.end_ns or r.end_ns for t in r.dns) - min(t.start_ns for t in r.dns)) / 1e9
+                          - connect)
+        out["probe_dns_duration_seconds"] = [("resolve", 0.0), ("connect", connect), ("request", request)]
+        for name in ("probe_dns_answer_rrs", "probe_dns_authority_rrs", "probe_dns_additional_rrs"):
+            out.setdefault(name, [(None, 0.0)])  # no answer: 0 records, as blackbox reports them
     if r.kind == ProbeKind.ICMP:
         out["probe_icmp_duration_seconds"] = [(p, phases.get(p, 0) / 1e9) for p in ICMP_PHASES]
         hop = r.value("icmp_reply_hop_limit")
@@ -200,9 +207,10 @@ def kind_series(r: ProbeResult) -> dict[str, list[tuple[str | None, float]]]:
         ssl_used = r.value("grpc_ssl")
         if ssl_used is not None:
             out["probe_grpc_ssl"] = [(None, ssl_used)]
-        if ssl_used == 0:  # blackbox reports 0 for a plain gRPC probe (grpcio does not show a TLS peer's chain)
-            out["probe_ssl_earliest_cert_expiry"] = [(None, 0.0)]
-        status = r.value("grpc_serving_status")
+        # blackbox always has it: 0 without a TLS answer; with one, the second handshake's (prober/grpc.py)
+        out.setdefault("probe_ssl_earliest_cert_expiry", [(None, 0.0)])
+        # the answer's status; no answer (an RPC error, NOT_FOUND included): every status 0, as blackbox
+        status = r.value("grpc_serving_status") if code == 0 else None
         out["probe_grpc_healthcheck_response"] = [(s, 1.0 if status == i else 0.0)
                                                   for i, s in enumerate(GRPC_SERVING_STATUS)]
     return out

@@ -142,7 +142,8 @@ class Prepared:
     def __init__(self, spec: ProbeSpec):
         self.spec = spec
         self.kind = ProbeKind(spec.module.prober)
-        self.target = parse_target(spec.module.prober, spec.target)
+        dot = spec.module.dns is not None and spec.module.dns.transport == "tls"
+        self.target = parse_target(spec.module.prober, spec.target, 853 if dot else 53)
         http = spec.module.http
         self.redactor = Redactor.for_spec(spec)  # error details and captured headers go through it
         self.secrets = self.redactor.secrets

@@ -1,4 +1,5 @@
-"""DNS probe: one question to a server (the target, or the source's resolv.conf nameserver)."""
+"""DNS probe: one question to a server (the target, or the source's resolv.conf nameserver), over UDP, TCP or
+TLS (`transport`), from `source_ip_address` when set."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import dns.rdatatype
 
 from prober.attempt import Attempt
 from prober.env import ProbeEnv
+from prober.http import ssl_context
 from prober.resolve import query
-from prober.types import RCODE_ERROR, ErrorKind
+from prober.sockets import family_mismatch
+from prober.types import RCODE_ERROR, ErrorKind, PhaseSpan
+
+DOT_PORT = 853  # RFC 7858's port, what a DNS-over-TLS target without a port is asked on (as blackbox does)
 
 monotonic_ns = time.monotonic_ns
 
@@ -25,7 +30,17 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         if not conf.nameservers:
             return attempt.result(ErrorKind.DNS_UNREACHABLE, f"no nameserver in {attempt.source.resolv_conf}")
         server = conf.nameservers[0]
-        attempt.target = replace(attempt.target, address=server, port=conf.port)
+        port = DOT_PORT if spec.transport == "tls" else conf.port
+        attempt.target = replace(attempt.target, address=server, port=port)
+    local = spec.source_ip_address
+    if (err := family_mismatch(local, server)) is not None:
+        return attempt.result(ErrorKind.DNS_UNREACHABLE, err)
+    tls = None
+    if spec.transport == "tls":
+        try:
+            tls = ssl_context(spec.tls_config)
+        except (OSError, ValueError) as exc:  # a CA or client certificate file gone or broken since the load
+            return attempt.result(ErrorKind.TLS_ERROR, f"tls_config: {exc}")
     left = (deadline_ns - monotonic_ns()) / 1e9
     outs = await query(
         attempt.source,
@@ -37,12 +52,21 @@ async def probe_dns(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         port=attempt.target.port,
         tcp=spec.transport == "tcp",
         recursion_desired=spec.recursion_desired,
+        tls=tls,
+        server_name=spec.tls_config.server_name or attempt.target.host or server,
+        local_addr=local,
     )
     attempt.dns.extend(o.txn for o in outs)
     last = outs[-1]
     txn = last.txn
-    if txn.end_ns is not None:  # a dns probe's one phase is its resolve span
+    if txn.end_ns is not None:  # the whole query is a dns probe's resolve span
         attempt.timeline.resolves.append((outs[0].txn.start_ns, txn.end_ns))
+    # blackbox's connect phase of a stream query: the TCP connect and, over TLS, the handshake (its own phase)
+    for out in outs:
+        if out.connect is not None:
+            attempt.timeline.marks.append(PhaseSpan("connect", *out.connect))
+        if out.tls is not None:
+            attempt.timeline.marks.append(PhaseSpan("tls", *out.tls))
     attempt.values["dns_query_succeeded"] = 0.0 if last.response is None else 1.0
     if last.response is None:
         return attempt.result(last.error or ErrorKind.DNS_TIMEOUT, last.detail)

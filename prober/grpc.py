@@ -10,6 +10,14 @@ grpc is pointed at a private relay: an abstract Unix socket with a random name (
 where grpc's threads are) whose first connection from this process (SO_PEERCRED) is spliced to that TCP
 connection; the relay then stops listening. TLS runs end to end through it (the target's host name is the
 authority and the TLS name). Phases: resolve, connect (ours), check (the RPC, TLS included).
+
+grpcio does not show the TLS peer's certificates. With `tls: true`, once the health check has answered (as
+blackbox reports them: only with an answer), the prober makes a second connection of its own (announced like
+the first) to the same address and does a TLS handshake with the same server name, client certificate and ALPN
+h2, reads what the server presents (`prober.tlsinfo.tls_facts`: version, certificates' expiry, leaf) and closes
+without a request. That handshake does not verify again (grpc verified the RPC's connection moments before); it
+costs one TCP and TLS handshake per probe, inside the probe's deadline; when it fails, the run has no
+certificate values (the probe's outcome is the health check's).
 """
 
 from __future__ import annotations
@@ -18,13 +26,18 @@ import asyncio
 import os
 import secrets
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
 
 from prober.attempt import Attempt
 from prober.env import ProbeEnv
-from prober.types import ErrorKind, PhaseSpan
+from prober.http import _ssl_context
+from prober.sockets import connect
+from prober.spec import TLSSpec
+from prober.tlsinfo import tls_facts
+from prober.types import ErrorKind, PhaseSpan, Proto
 
 monotonic_ns = time.monotonic_ns
 
@@ -139,7 +152,7 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             creds = _credentials(spec.tls_config)
         except OSError as exc:
             return attempt.result(ErrorKind.TLS_ERROR, f"tls_config: {exc.filename}: {exc.strerror or exc}")
-    attempt.values["grpc_ssl"] = 1 if spec.tls else 0
+    attempt.values["grpc_ssl"] = 0  # 1 once the health check has answered over TLS (blackbox's probe_grpc_ssl)
     hop = attempt.timeline.hop()
     sock = None
     relay = None
@@ -155,7 +168,12 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             channel = grpc.aio.secure_channel(dial, creds, options=options)
         else:
             channel = grpc.aio.insecure_channel(dial, options=options)
-        return await _check(attempt, channel, spec, deadline_ns, health_pb2, health_pb2_grpc)
+        async def certificates() -> None:
+            await _peer_certificates(attempt, env, family, sockaddr, spec.tls_config,
+                                     spec.tls_config.server_name or host, deadline_ns)
+
+        return await _check(attempt, channel, spec, deadline_ns, health_pb2, health_pb2_grpc,
+                            certificates if spec.tls else None)
     except Exception as exc:
         from prober.errors import classify
 
@@ -173,7 +191,7 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             sock.close()
 
 
-async def _check(attempt: Attempt, channel, spec, deadline_ns: int, health_pb2, health_pb2_grpc):
+async def _check(attempt: Attempt, channel, spec, deadline_ns: int, health_pb2, health_pb2_grpc, certificates=None):
     import grpc
 
     start = monotonic_ns()
@@ -192,8 +210,59 @@ async def _check(attempt: Attempt, channel, spec, deadline_ns: int, health_pb2, 
     attempt.timeline.marks.append(PhaseSpan("check", start, monotonic_ns()))
     attempt.values["grpc_status_code"] = 0
     attempt.values["grpc_serving_status"] = reply.status
+    if certificates is not None:
+        attempt.values["grpc_ssl"] = 1
+        await certificates()
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         attempt.failed.append("serving_status")
         name = SERVING_STATUS[reply.status] if 0 <= reply.status < len(SERVING_STATUS) else str(reply.status)
         return attempt.result(ErrorKind.VALIDATION, f"service {spec.service!r} is {name}")
     return attempt.result()
+
+
+_cert_contexts: dict[TLSSpec, ssl.SSLContext] = {}
+
+
+def _cert_context(tls: TLSSpec) -> ssl.SSLContext:
+    """The module's TLS settings (`prober.http`'s one home for them: CA, client certificate, ...) offering h2 by
+    ALPN, as grpc does, without verification: the handshake only reads what the server presents."""
+    ctx = _cert_contexts.get(tls)
+    if ctx is None:
+        ctx = _ssl_context(tls)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        _cert_contexts[tls] = ctx
+    return ctx
+
+
+async def _peer_certificates(attempt: Attempt, env: ProbeEnv, family: int, sockaddr: tuple, tls: TLSSpec,
+                             server_name: str, deadline_ns: int) -> None:
+    """A second connection of the prober's own to the same address: a TLS handshake (same server name, client
+    certificate, ALPN h2), its facts recorded, closed without a request. Bounded by the probe's deadline; a
+    failure leaves the run without certificate values."""
+    left = (deadline_ns - monotonic_ns()) / 1e9
+    if left <= 0:
+        return
+    loop = asyncio.get_running_loop()
+    sock = None
+    writer = None
+    try:
+        async with asyncio.timeout(left):
+            sock = await attempt.source.open(family, socket.SOCK_STREAM, env.on_local_port)
+            try:
+                await connect(loop, sock, sockaddr)
+            finally:  # announced before its SYN and recorded: the kernel's events on it belong to this probe
+                attempt.flows.append(attempt.source.flow(sock, sockaddr, Proto.TCP))
+            _, writer = await asyncio.open_connection(sock=sock, ssl=_cert_context(tls), server_hostname=server_name)
+            sock = None  # the transport's now
+            attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
+            # not verified here, so no "verified chain" expiry (nor does blackbox's grpc prober have one)
+            attempt.values.pop("ssl_last_chain_expiry", None)
+    except (OSError, TimeoutError, ValueError):  # ssl.SSLError is an OSError
+        pass
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        if sock is not None:
+            sock.close()

@@ -41,7 +41,7 @@ from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
 from prober.errors import find_in_chain
 from prober.resolve import resolve
-from prober.sockets import connect
+from prober.sockets import connect, family_mismatch
 from prober.spec import HTTPSpec, TLSSpec
 from prober.tlsinfo import tls_facts
 from prober.types import ErrorKind, Proto
@@ -65,8 +65,8 @@ async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: 
     hop = timeline.hop()
     http = attempt.spec.module.http  # the websocket prober opens its connection here too
     local = http.source_ip_address if http is not None else None
-    if local is not None and (":" in local) != (family == socket.AF_INET6):
-        raise ProbeFailure(ErrorKind.CONNECT_UNREACHABLE, f"source_ip_address {local} is not of {addr[0]}'s family")
+    if (err := family_mismatch(local, addr[0])) is not None:
+        raise ProbeFailure(ErrorKind.CONNECT_UNREACHABLE, err)
     sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get(), local)
     hop.sock = sock
     loop = asyncio.get_running_loop()

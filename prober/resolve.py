@@ -4,6 +4,8 @@ Nameservers, search list, ndots, timeout and attempts come from the *source's* r
 (`/etc/netns/NAME/resolv.conf` for a named namespace when it exists, as `ip netns exec` does). Every
 query is one `DnsTransaction` (server, name, type, rcode, latency, flow); a truncated UDP answer is
 retried over TCP. `resolve()` asks A and/or AAAA as the ip policy says and returns every address.
+`query()` also speaks DNS over TLS (RFC 7858: the TCP framing inside a TLS session) for a DNS probe with
+`transport: tls`; its outcome then carries when the TCP connection and the TLS handshake started and ended.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -101,6 +104,9 @@ class QueryOutcome:
     response: dns.message.Message | None
     error: ErrorKind | None
     detail: str = ""
+    # a stream transport's set-up (monotonic ns; None: not reached, or UDP): the TCP connect, the TLS handshake
+    connect: tuple[int, int] | None = None
+    tls: tuple[int, int] | None = None
 
 
 async def query(
@@ -114,21 +120,27 @@ async def query(
     port: int = 53,
     tcp: bool = False,
     recursion_desired: bool = True,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+    local_addr: str | None = None,
 ) -> list[QueryOutcome]:
-    """One question to one server; UDP first (TCP when the answer is truncated or `tcp` is set).
+    """One question to one server; UDP first (TCP when the answer is truncated or `tcp` is set); with `tls`,
+    over TLS alone (DNS over TLS, the certificate checked for `server_name`). `local_addr`: the address the
+    query's socket is bound to (a DNS probe's `source_ip_address`).
 
     Returns one outcome per transaction (two when UDP was truncated and retried over TCP).
     """
     msg, wire = _question(qname, qtype, recursion_desired)
     outcomes: list[QueryOutcome] = []
     end_ns = time.monotonic_ns() + int(timeout * 1e9)  # one deadline for both transports
-    if not tcp:
-        out = await _udp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port)
+    if not tcp and tls is None:
+        out = await _udp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port, local_addr)
         outcomes.append(out)
         if out.response is None or not (out.response.flags & dns.flags.TC):
             return outcomes
         timeout = max(0.0, (end_ns - time.monotonic_ns()) / 1e9)
-    outcomes.append(await _tcp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port))
+    outcomes.append(await _tcp(source, server, port, msg, wire, qname, qtype, timeout, on_local_port, local_addr,
+                               tls, server_name))
     return outcomes
 
 
@@ -182,7 +194,7 @@ def _question(qname: str, qtype: str, rd: bool) -> tuple[_Asked, bytes]:
     return _Asked(qid, hit[0]), qid.to_bytes(2, "big") + hit[1][2:]
 
 
-async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
+async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb, local_addr=None) -> QueryOutcome:
     """Everything, the socket's creation in its namespace included, runs inside the query's timeout."""
     loop = asyncio.get_running_loop()
     sock = None
@@ -190,7 +202,7 @@ async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
     start = time.monotonic_ns()
     try:
         async with asyncio.timeout(timeout):
-            sock = await source.open(_family(server), socket.SOCK_DGRAM, cb)
+            sock = await source.open(_family(server), socket.SOCK_DGRAM, cb, local_addr)
             guard = connect_guard.get()
             if guard is not None:  # the agent's /probe: a DNS target it refuses gets no packet either
                 guard(server)
@@ -219,46 +231,73 @@ async def _udp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> Qu
             sock.close()
 
 
-async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb) -> QueryOutcome:
+async def _tcp(source, server, port, msg, wire, qname, qtype, timeout, cb, local_addr=None, tls=None,
+               server_name=None) -> QueryOutcome:
+    """One query over TCP, or over TLS on TCP (`tls`): its socket made, bound and announced like every other,
+    the TLS session run on that socket by asyncio (so the kernel sees the prober's own flow). A set-up step
+    that did not end (the deadline, an error) ends when the query gave up."""
     loop = asyncio.get_running_loop()
     sock = None
+    writer = None
     flow = None
+    stamps = [0, 0, 0, 0]  # connect start, connect end, TLS start, TLS end (0: not reached)
     start = time.monotonic_ns()
+    what = "TLS" if tls is not None else "TCP"
+
+    def outcome(resp, error, detail="") -> QueryOutcome:
+        out = _outcome(server, qname, qtype, start, flow, Proto.TCP, resp, error, detail)
+        now = time.monotonic_ns()
+        if stamps[0]:
+            out.connect = (stamps[0], stamps[1] or now)
+        if stamps[2]:
+            out.tls = (stamps[2], stamps[3] or now)
+        return out
+
     try:
         async with asyncio.timeout(timeout):
-            sock = await source.open(_family(server), socket.SOCK_STREAM, cb)
+            sock = await source.open(_family(server), socket.SOCK_STREAM, cb, local_addr)
             try:
-                await connect(loop, sock, (server, port))
+                stamps[0] = time.monotonic_ns()
+                stamps[1] = await connect(loop, sock, (server, port))
             finally:
                 flow = source.flow(sock, (server, port), Proto.TCP)
-            await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)
-            head = await _recv_exact(loop, sock, 2)
-            data = await _recv_exact(loop, sock, struct.unpack("!H", head)[0])
+            framed = struct.pack("!H", len(wire)) + wire
+            if tls is None:
+                await loop.sock_sendall(sock, framed)
+                head = await _recv_exact(loop, sock, 2)
+                data = await _recv_exact(loop, sock, struct.unpack("!H", head)[0])
+            else:
+                stamps[2] = time.monotonic_ns()
+                reader, writer = await asyncio.open_connection(sock=sock, ssl=tls,
+                                                               server_hostname=server_name or server)
+                sock = None  # the transport's now
+                stamps[3] = time.monotonic_ns()
+                writer.write(framed)
+                try:
+                    head = await reader.readexactly(2)
+                    data = await reader.readexactly(struct.unpack("!H", head)[0])
+                except asyncio.IncompleteReadError:
+                    raise ConnectionResetError("DNS server closed the TLS connection early") from None
         resp = dns.message.from_wire(data, ignore_trailing=True)
         if not msg.is_response(resp):
-            return _outcome(
-                server,
-                qname,
-                qtype,
-                start,
-                flow,
-                Proto.TCP,
-                None,
-                ErrorKind.PROTOCOL_ERROR,
-                "TCP answer does not match the question",
-            )
-        return _outcome(server, qname, qtype, start, flow, Proto.TCP, resp, None)
+            return outcome(None, ErrorKind.PROTOCOL_ERROR, f"{what} answer does not match the question")
+        return outcome(resp, None)
     except TimeoutError:
-        return _outcome(server, qname, qtype, start, flow, Proto.TCP, None, ErrorKind.DNS_TIMEOUT, "timeout")
+        stuck = " in the TLS handshake" if stamps[2] and not stamps[3] else ""
+        return outcome(None, ErrorKind.DNS_TIMEOUT, f"timeout{stuck}")
     except dns.exception.DNSException as exc:
-        return _outcome(
-            server, qname, qtype, start, flow, Proto.TCP, None, ErrorKind.PROTOCOL_ERROR, f"malformed answer: {exc}"
-        )
+        return outcome(None, ErrorKind.PROTOCOL_ERROR, f"malformed answer: {exc}")
     except SourceError:
         raise
-    except OSError as exc:
-        return _outcome(server, qname, qtype, start, flow, Proto.TCP, None, *_sock_error(exc))
+    except OSError as exc:  # ssl.SSLError is one, and so is a reset in the middle of the handshake
+        if isinstance(exc, ssl.SSLError) or (stamps[2] and not stamps[3]):
+            from prober.errors import describe
+
+            return outcome(None, ErrorKind.TLS_ERROR, describe(exc))
+        return outcome(None, *_sock_error(exc))
     finally:
+        if writer is not None:
+            writer.transport.abort()  # no close_notify exchange to wait for: the answer is in (or never comes)
         if sock is not None:
             sock.close()
 

@@ -126,6 +126,14 @@ def _readable(sock: socket.socket, size: int, waiter: asyncio.Future) -> None:
         return
     waiter.set_result((data, seen))
 
+def family_mismatch(local: str | None, remote: str) -> str | None:
+    """Why a probe's `source_ip_address` cannot reach `remote` (one is IPv4, the other IPv6), or None: the one
+    check every prober with that key makes before binding (`Source.open(..., local_addr)`)."""
+    if local is not None and (":" in local) != (":" in remote):
+        return f"source_ip_address {local} is not of {remote}'s family"
+    return None
+
+
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 _PROTO = {socket.SOCK_STREAM: Proto.TCP, socket.SOCK_DGRAM: Proto.UDP}
 

@@ -428,7 +428,10 @@ class RRValidator(Frozen):
 class DNSSpec(Frozen):
     query_name: str
     query_type: str = "A"
-    transport: Literal["udp", "tcp"] = "udp"
+    # tls: DNS over TLS (RFC 7858; port 853 when the target names none), checked as `tls_config` says
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    tls_config: TLSSpec = TLSSpec()
+    source_ip_address: str | None = None  # the local address the query's socket is bound to
     recursion_desired: bool = True
     valid_rcodes: tuple[str, ...] = ("NOERROR",)
     fail_if_no_answer: bool = False
@@ -438,6 +441,17 @@ class DNSSpec(Frozen):
     validate_additional_rrs: RRValidator = RRValidator()
     preferred_ip_protocol: Literal["ip4", "ip6"] | None = None  # blackbox's key; unset: the resolver's order
     ip_protocol_fallback: bool = True
+
+    _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
+
+    @model_validator(mode="after")
+    def _tls_config_needs_tls(self) -> DNSSpec:
+        if "tls_config" in self.model_fields_set and self.transport != "tls":
+            raise ValueError(f"tls_config: only used with transport: tls (DNS over TLS), transport is "
+                             f"{self.transport}")
+        if self.tls_config.min_cert_days is not None:
+            raise ValueError("tls_config.min_cert_days: not supported for dns probes")
+        return self
 
     @field_validator("query_name")
     @classmethod

@@ -23,8 +23,9 @@ class Target:
     address: str | None = None
 
 
-def parse_target(kind: str, target: str) -> Target:
-    """Split a target string per prober; raises ValueError with a message for config errors."""
+def parse_target(kind: str, target: str, dns_port: int = 53) -> Target:
+    """Split a target string per prober; raises ValueError with a message for config errors. `dns_port`: a dns
+    target's port when it names none (853 for DNS over TLS)."""
     if kind == "http":
         return _url_target(target, "http", "https", "http target must be an http:// or https:// URL")
     if kind in ("tcp", "grpc"):
@@ -38,10 +39,10 @@ def parse_target(kind: str, target: str) -> Target:
         return Target(target, u.hostname, port)
     if kind == "dns":
         if not target or target == "resolv.conf":
-            return Target(target, "", 53)
+            return Target(target, "", dns_port)
         u = urllib.parse.urlsplit("//" + target)
         try:
-            port = u.port or 53
+            port = u.port or dns_port
         except ValueError:
             raise ValueError(f"dns target must be a server address[:port], got {redact_url(target)!r}") from None
         if not u.hostname:

@@ -12,6 +12,7 @@ from prober.attempt import Attempt
 from prober.env import ProbeEnv
 from prober.http import ssl_context
 from prober.query import converse
+from prober.sockets import family_mismatch
 from prober.tlsinfo import tls_facts
 from prober.types import ErrorKind
 
@@ -29,9 +30,8 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - monotonic_ns()) / 1e9)):
             local = spec.source_ip_address
-            if local is not None and (":" in local) != (family == socket.AF_INET6):
-                return attempt.result(ErrorKind.CONNECT_UNREACHABLE,
-                                      f"source_ip_address {local} is not of {addr}'s family")
+            if (err := family_mismatch(local, addr)) is not None:
+                return attempt.result(ErrorKind.CONNECT_UNREACHABLE, err)
             sock = await attempt.connect_tcp(env, family, sockaddr, hop, local)
             if not (spec.tls or spec.send or spec.expect or spec.query_response):
                 hop.end = hop.connect_end

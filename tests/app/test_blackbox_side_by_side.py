@@ -107,15 +107,26 @@ async def targets(tmp_path):
     from tests.prober.test_grpc import _server as grpc_health_server
 
     grpc_server, grpc_port = await grpc_health_server()
+    import grpc
+
+    grpc_tls_server, grpc_tls_port = await grpc_health_server(
+        grpc.ssl_server_credentials([(pair.key.read_bytes(), pair.cert.read_bytes())]))
     dns_server = DnsServer()
     dns_server.add("both.lab.test", "A", "127.0.0.1", "127.0.0.2")
     dns_server.add("lab.test", "SOA", "ns1.lab.test. hostmaster.lab.test. 2026113001 3600 600 86400 60")
     dns_server.mutate = sections
     await dns_server.start()
+    dot_server = DnsServer(tls=ctx)  # DNS over TLS, the test CA's certificate (SANs localhost, 127.0.0.1)
+    dot_server.add("both.lab.test", "A", "127.0.0.1", "127.0.0.2")
+    dot_server.mutate = sections
+    await dot_server.start()
     yield {"ca": ca.path, "http": plain._server.sockets[0].getsockname()[1],
            "https": tls._server.sockets[0].getsockname()[1],
-           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port}
+           "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port,
+           "dot": dot_server.port, "grpc_tls": grpc_tls_port}
+    await grpc_tls_server.stop(None)
     await grpc_server.stop(None)
+    await dot_server.stop()
     await dns_server.stop()
     smtp_server.close()
     await smtp_server.wait_closed()
@@ -186,6 +197,36 @@ modules:
         fail_if_not_matches_regexp: ["^both\\\\.lab\\\\.test\\\\.\\\\t30\\\\tIN\\\\tA\\\\t127\\\\.0\\\\.0\\\\.[12]$"]
       validate_authority_rrs:
         fail_if_none_matches_regexp: ["\\\\tNS\\\\tns1\\\\.lab\\\\.test\\\\.$"]
+  dns_dot:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      dns_over_tls: true
+      source_ip_address: 127.0.0.1
+      tls_config:
+        ca_file: {ca}
+  dns_tcp_source:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      source_ip_address: 127.0.0.1
+  dns_dot_wrong_ca:
+    prober: dns
+    timeout: 5s
+    dns:
+      preferred_ip_protocol: ip4
+      query_name: both.lab.test
+      query_type: A
+      transport_protocol: tcp
+      dns_over_tls: true
   dns_soa:
     prober: dns
     timeout: 5s
@@ -205,6 +246,26 @@ modules:
     grpc:
       service: billing
       preferred_ip_protocol: ip4
+  grpc_tls:
+    prober: grpc
+    timeout: 5s
+    grpc:
+      service: orders
+      preferred_ip_protocol: ip4
+      tls: true
+      tls_config:
+        ca_file: {ca}
+        server_name: localhost
+  grpc_tls_unknown:
+    prober: grpc
+    timeout: 5s
+    grpc:
+      service: nobody
+      preferred_ip_protocol: ip4
+      tls: true
+      tls_config:
+        ca_file: {ca}
+        server_name: localhost
   icmp_v4:
     prober: icmp
     timeout: 3s
@@ -272,9 +333,14 @@ CASES = [
     ("dns_a", "127.0.0.1:{dns}"),
     ("dns_fails", "127.0.0.1:{dns}"),
     ("dns_soa", "127.0.0.1:{dns}"),
+    ("dns_dot", "127.0.0.1:{dot}"),
+    ("dns_dot_wrong_ca", "127.0.0.1:{dot}"),
+    ("dns_tcp_source", "127.0.0.1:{dns}"),
     ("icmp_v4", "127.0.0.1"),
     ("grpc_orders", "127.0.0.1:{grpc}"),
     ("grpc_billing", "127.0.0.1:{grpc}"),
+    ("grpc_tls", "127.0.0.1:{grpc_tls}"),
+    ("grpc_tls_unknown", "127.0.0.1:{grpc_tls}"),
 ]
 
 
@@ -301,6 +367,14 @@ async def test_same_metrics_as_blackbox_exporter(targets, exporters):
         compared |= names_theirs
         if module == "dns_soa":
             assert theirs[("probe_dns_serial", frozenset())] == 2026113001
+        if module == "grpc_tls":  # the certificate metrics of connprobe's second handshake: blackbox's values
+            assert theirs[("probe_grpc_ssl", frozenset())] == 1
+            assert {k[0] for k in theirs} >= {"probe_tls_version_info", "probe_ssl_last_chain_info"}
+            assert theirs[("probe_ssl_earliest_cert_expiry", frozenset())] > 0
+        if module.startswith("dns_dot"):  # DoT: answered with the CA, refused without; the handshake is connect
+            assert theirs[("probe_success", frozenset())] == (module == "dns_dot")
+            connect = ("probe_dns_duration_seconds", frozenset({("phase", "connect")}))
+            assert theirs[connect] > 0 and ours[connect] > 0, (theirs[connect], ours[connect])
     # every metric blackbox_exporter 0.23 has for these probers was seen and compared (gRPC: see README)
     assert compared == {
         "probe_success", "probe_duration_seconds", "probe_dns_lookup_time_seconds", "probe_ip_protocol",

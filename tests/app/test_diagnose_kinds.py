@@ -1,5 +1,6 @@
 """`connprobe diagnose` with the new kinds: icmp:HOST through the lab with the kernel sensor (a policy drop of the
-echo request is named from its kernel event), a Unix socket, and their one-line usage errors."""
+echo request is named from its kernel event), DNS over TLS likewise, a Unix socket, and their one-line usage
+errors."""
 
 from __future__ import annotations
 
@@ -39,3 +40,26 @@ def test_unix_socket_target(tmp_path):
 def test_usage_errors_are_one_line(target, message):
     proc = diagnose(target, "--no-kernel")
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.kernel
+def test_dns_over_tls_drop_is_named_from_the_kernel(lab, tmp_path):
+    """A DoT probe's socket is announced like every other: the SYN to port 853 (the default port of a DoT
+    target without one) dropped by a policy in the DNS server's namespace is seen by the kernel sensor, on that
+    flow, and named."""
+    cfg = tmp_path / "dot.yml"
+    cfg.write_text(f"""\
+modules:
+  dot:
+    prober: dns
+    timeout: 1s
+    dns: {{query_name: srv1.lab.test, transport: tls, tls_config: {{insecure_skip_verify: true}}}}
+probes:
+  - {{name: dot, module: dot, target: "{lab.dns_addr4}", source: "netns {lab.ns('client').name}"}}
+""")
+    with lab.policy_drop(ns="dns", direction="in", proto="tcp", port=853):
+        proc = diagnose("--config", str(cfg), "--probe", "dot")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"→ {lab.dns_addr4}:853 in " in proc.stdout, proc.stdout
+    assert "▲ kernel drop NETFILTER_DROP flags S 10.77.1.2:" in proc.stdout, proc.stdout
+    assert "verdict: dns/policy_drop (90%)" in proc.stdout and "  connect " in proc.stdout, proc.stdout

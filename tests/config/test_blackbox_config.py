@@ -101,6 +101,17 @@ modules:
     prober: dns
     dns:
       query_name: www.lab.test
+  dns_dot:
+    prober: dns
+    dns:
+      query_name: www.lab.test
+      query_type: A
+      transport_protocol: tcp
+      dns_over_tls: true
+      source_ip_address: 10.0.0.2
+      tls_config:
+        ca_file: ca.pem
+        server_name: dns.lab.test
   icmp_v4:
     prober: icmp
     icmp:
@@ -134,7 +145,7 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     m = cfg.modules
     assert m["http_proxy"].http.proxy_url == "http://127.0.0.1:3128" and m["http_proxy"].http.client == "httpx"
     assert sorted(m) == sorted(["http_2xx", "http_post_token", "http_basic", "http_authz", "http_proxy", "tcp_connect",
-                                "smtp_starttls", "dns_soa", "dns_any", "icmp_v4", "grpc_plain"])
+                                "smtp_starttls", "dns_soa", "dns_any", "dns_dot", "icmp_v4", "grpc_plain"])
     assert cfg.probes == ()
     h = m["http_2xx"].http
     assert h.valid_status_codes == (200, 204) and h.follow_redirects is True
@@ -156,6 +167,9 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     assert (d.query_type, d.transport) == ("SOA", "tcp")
     assert d.validate_answer_rrs.fail_if_all_match_regexp == ("nope",)
     assert m["dns_any"].dns.query_type == "ANY"  # blackbox's default query_type
+    dot = m["dns_dot"].dns
+    assert (dot.transport, dot.source_ip_address) == ("tls", "10.0.0.2")
+    assert dot.tls_config.ca_file == str(bb_dir / "ca.pem") and dot.tls_config.server_name == "dns.lab.test"
     assert h.accept_encoding == "identity" and m["tcp_connect"].tcp is not None  # blackbox asks for no coding
     i = m["icmp_v4"].icmp
     assert (i.dont_fragment, i.payload_size, i.ttl, i.preferred_ip_protocol) == (True, 56, 32, "ip4")
@@ -172,7 +186,7 @@ def test_check_config_blackbox_cli(bb_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox",
                           str(bb_dir / "blackbox.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "OK (blackbox_exporter format): 11 modules, 0 probes" in out.stdout
+    assert "OK (blackbox_exporter format): 12 modules, 0 probes" in out.stdout
     assert "  module smtp_starttls: tcp, timeout 5s" in out.stdout
     assert "tok-123" not in out.stdout + out.stderr
 
@@ -269,9 +283,21 @@ def test_hostile_http_modules(tmp_path: Path, case: str) -> None:
 
 
 OTHER_HOSTILE = {
-    "dns_over_tls": ("dns", "{query_name: a.test, dns_over_tls: true}",
-                     'module "m": dns.dns_over_tls: blackbox_exporter key not supported by connprobe: DNS over TLS '
-                     "is not supported"),
+    "dns_over_tls_udp": ("dns", "{query_name: a.test, dns_over_tls: true}",
+                         'module "m": dns.dns_over_tls: needs transport_protocol: tcp (blackbox_exporter fails every '
+                         "probe of this module)"),
+    "dns_over_tls_not_bool": ("dns", "{query_name: a.test, transport_protocol: tcp, dns_over_tls: 2}",
+                              'module "m": dns.dns_over_tls: must be true or false'),
+    "dns_tls_config_without_dot": ("dns", "{query_name: a.test, dns_over_tls: false, tls_config: {ca_file: x}}",
+                                   'module "m": dns.tls_config: only used with dns_over_tls: true (transport: tls)'),
+    "dns_tls_config_inline": ("dns", "{query_name: a.test, transport_protocol: tcp, dns_over_tls: true, "
+                                     "tls_config: {ca: x}}",
+                              'module "m": dns.tls_config.ca: blackbox_exporter key not supported by connprobe: '
+                              "inline PEM not supported (use ca_file)"),
+    "dns_source_ip": ("dns", "{query_name: a.test, source_ip_address: 10.0.0.300}",
+                      "module \"m\": dns.source_ip_address: '10.0.0.300' is not an IP address"),
+    "dns_native_tls_config_udp": ("dns", "{query_name: a.test, transport: udp, tls_config: {server_name: a.test}}",
+                                  'module "m": dns.tls_config: only used with dns_over_tls: true (transport: tls)'),
     "dns_class": ("dns", "{query_name: a.test, query_class: CH}",
                   "module \"m\": dns.query_class: only IN is supported, got 'CH'"),
     "dns_transport": ("dns", "{query_name: a.test, transport_protocol: quic}",
@@ -393,7 +419,7 @@ def test_check_config_recognises_a_blackbox_file_without_the_flag(bb_dir: Path) 
     flagged = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox", f],
                              capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and plain.stdout == flagged.stdout, plain.stderr
-    assert "OK (blackbox_exporter format): 11 modules" in plain.stdout and plain.stderr == ""
+    assert "OK (blackbox_exporter format): 12 modules" in plain.stdout and plain.stderr == ""
 
 
 @pytest.mark.parametrize("text, expected", [

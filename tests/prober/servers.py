@@ -224,6 +224,7 @@ class DnsServer:
         self.faults[_abs(name)] = (mode, delay)
 
     mutate: object = None  # a function (answer bytes, proto) -> bytes | None applied to every answer
+    tls: object = None  # an ssl.SSLContext: the TCP port speaks DNS over TLS (RFC 7858) instead of plain TCP
 
     async def answer(self, wire: bytes, proto: str, port: int) -> bytes | None:
         out = await self._answer(wire, proto, port)
@@ -298,16 +299,17 @@ class DnsServer:
             try:
                 head = await reader.readexactly(2)
                 data = await reader.readexactly(struct.unpack("!H", head)[0])
-                out = await self.answer(data, "tcp", writer.get_extra_info("peername")[1])
+                proto = "tcp" if self.tls is None else "tls"
+                out = await self.answer(data, proto, writer.get_extra_info("peername")[1])
                 if out is not None:
                     writer.write(struct.pack("!H", len(out)) + out)
                     await writer.drain()
-            except (asyncio.IncompleteReadError, ConnectionError):
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 pass
             finally:
                 writer.close()
 
-        self._tcp = await asyncio.start_server(handle, sock=tcp_sock)
+        self._tcp = await asyncio.start_server(handle, sock=tcp_sock, ssl=self.tls)
         return self
 
     async def stop(self) -> None:

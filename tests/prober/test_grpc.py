@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from correlator import correlate
@@ -95,6 +96,57 @@ async def test_tls(pki, tmp_path):
                                         ErrorKind.PROTOCOL_ERROR), (r.error, r.error_detail)
     finally:
         await server.stop(None)
+
+
+def _leaf_facts(pair):
+    import hashlib
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest(), cert.not_valid_after_utc.timestamp()
+
+
+async def test_tls_certificate_values_from_a_second_handshake(pki, tmp_path):
+    """grpcio does not show the peer's chain: after an answer over TLS the prober reads it with a handshake of its
+    own to the same address (a second, announced connection) — blackbox's probe_ssl_earliest_cert_expiry,
+    probe_tls_version_info and probe_ssl_last_chain_info; no values without an answer."""
+    ca, pair = pki
+    client = ca.issue("prober", server=False)
+    creds = grpc.ssl_server_credentials([(pair.key.read_bytes(), pair.cert.read_bytes())],
+                                        root_certificates=ca.path.read_bytes(), require_client_auth=True)
+    server, port = await _server(creds)
+    fingerprint, not_after = _leaf_facts(pair)
+    tls = TLSSpec(ca_file=str(ca.path), server_name="localhost", cert_file=str(client.cert),
+                  key_file=str(client.key))
+    ports = []
+    try:
+        async with ProbeEnv(on_local_port=lambda proto, p: ports.append((str(proto), p))) as env:
+            for service in ("", "billing"):  # SERVING, NOT_SERVING: both answered
+                (r,) = await run_probe(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls, service=service), env)
+                assert r.value("grpc_status_code") == 0, r.error_detail
+                assert r.value("grpc_ssl") == 1 and r.value("tls_version") in (1.2, 1.3)
+                assert r.value("ssl_earliest_cert_expiry") == pytest.approx(not_after, abs=1)
+                assert r.value("ssl_last_chain_expiry") is None  # not a metric of blackbox's grpc prober
+                leaf = dict(r.tls_leaf)
+                assert leaf["fingerprint_sha256"] == fingerprint and leaf["subject"] == "CN=localhost"
+                assert leaf["issuer"] == "CN=grpc-ca" and leaf["subjectalternative"] == "localhost"
+                rpc, second = r.flows  # the RPC's connection, then the handshake's: both the prober's own
+                assert second.remote_port == rpc.remote_port == port and second.local_port != rpc.local_port
+                assert {("tcp", rpc.local_port), ("tcp", second.local_port)} <= set(ports)
+            (r,) = await run_probe(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls, service="nobody"), env)
+            assert r.value("grpc_status_code") == 5 and r.value("grpc_ssl") == 0  # no answer: no TLS values
+            assert r.value("tls_version") is None and not r.tls_leaf and len(r.flows) == 1
+            stranger = CA(tmp_path, "stranger")
+            (r,) = await run_probe(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=TLSSpec(
+                ca_file=str(stranger.path), server_name="localhost")), env)
+            assert r.error is ErrorKind.TLS_ERROR and r.value("ssl_earliest_cert_expiry") is None
+    finally:
+        await server.stop(None)
+    from connprobe.metrics import kind_series
+
+    assert kind_series(r)["probe_ssl_earliest_cert_expiry"] == [(None, 0.0)]  # blackbox: 0 without an answer
 
 
 @pytest.mark.kernel
