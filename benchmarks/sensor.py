@@ -297,7 +297,6 @@ def main() -> int:
 
 def run_rates(lab, addr: str, port: int, args) -> None:
     from bpf.runstats import bpf_run_time_stats
-    from bpf.sensor import KernelSensor
 
     ex = lab.executor("client")
     lab.exec("client", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
@@ -308,7 +307,7 @@ def run_rates(lab, addr: str, port: int, args) -> None:
 
     async def attached_round() -> None:
         nonlocal delivered, lost
-        async with KernelSensor() as s:  # the ring buffer is read on this loop while the thread connects
+        async with ingest_sensor(None, args.all_states) as s:  # the ring is read on this loop while the thread connects
             # The rate with the kernel's run-time statistics off (collecting them costs two clock reads per
             # program run, which would be charged to the sensor); the BPF time in a run of its own.
             modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,
