@@ -124,7 +124,7 @@ static __always_inline void emit(struct cp_event *ev) {
     struct cp_event *out = events.ringbuf_reserve(sizeof(struct cp_event));
     if (!out) {
         /* The ring's reservation also fails, now and then, with the ring nearly empty (on 6.18 under
-         * contention from the other CPU: ~1 in 30,000 records at 40,000/s, and retrying at once fails again);
+         * contention from the other CPU: up to ~1 in 10,000 records at 40,000/s; retrying at once mostly fails);
          * a second ring with a lock of its own takes the record then (benchmarks/sensor.py, BENCHMARKS.md). */
         out = rescue.ringbuf_reserve(sizeof(struct cp_event));
         u32 z = 0;

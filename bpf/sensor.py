@@ -477,7 +477,8 @@ class KernelSensor:
     def poll(self, timeout_ms: int = 0) -> None:
         """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
         self._require_open()
-        if timeout_ms > 0 and self._reader is not None and not self._reader.pending():
+        if (timeout_ms > 0 and self._reader is not None and not self._reader.pending()
+                and not (self._rescue is not None and self._rescue.pending())):
             self._reader.wait(timeout_ms)
         self._consume()
 
