@@ -89,13 +89,17 @@ print(n, flush=True)
 """
 
 
-async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs: int) -> dict:
+async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs: int,
+                       same_session: bool = False) -> dict:
     gens = []
     try:
         for _ in range(procs):
             p = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, "-c", GENERATOR,
                                   str(rate / procs), str(seconds)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 # their own session, so their own autogroup, like any workload that is not
+                                 # the agent's child (same_session: in this process's, as it used to be)
+                                 start_new_session=not same_session)
             gens.append(p)
         ports = [int(p.stdout.readline()) for p in gens]
         for port in ports:
@@ -174,11 +178,11 @@ def ingest_sensor(ring_pages: int | None, all_states: bool):
 
 
 async def ingest(lab, rates: list[float], seconds: float, procs: int, ring_pages: int | None = None,
-                 all_states: bool = False) -> list[dict]:
+                 all_states: bool = False, same_session: bool = False) -> list[dict]:
     out = []
     async with ingest_sensor(ring_pages, all_states) as sensor:
         for rate in rates:
-            out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs))
+            out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs, same_session))
     return out
 
 
@@ -228,6 +232,8 @@ def main() -> int:
     ap.add_argument("--ring-pages", type=int, default=None, help="ring buffer size in pages (default: the sensor's)")
     ap.add_argument("--all-states", action="store_true",
                     help="ingest: every TCP state change of a watched flow a record (default: as the app's sensor)")
+    ap.add_argument("--same-session", action="store_true",
+                    help="ingest: generators in this process's session (its autogroup), as before they had their own")
     ap.add_argument("--json", metavar="FILE", help="ingest: also write the levels as JSON to FILE")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -275,7 +281,7 @@ def main() -> int:
             print(f"\n## watched-event ingest ({args.procs} generator processes, {args.ingest_seconds:.0f} s "
                   "per level, loopback in the lab's client namespace)")
             levels = asyncio.run(ingest(lab, [float(r) for r in args.rates.split(",")], args.ingest_seconds,
-                                        args.procs, args.ring_pages, args.all_states))
+                                        args.procs, args.ring_pages, args.all_states, args.same_session))
             print("observed: watched events the kernel saw (its counters); records: delivered to user space; "
                   "counted: only counted in the kernel; unaccounted = observed - records - counted - lost")
             print(f"{'target conn/s':>13} {'conns':>8} {'observed':>9} {'events/s':>9} {'records':>9} "
