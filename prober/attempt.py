@@ -190,6 +190,7 @@ class Attempt:
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
     tls_leaf: tuple[tuple[str, str], ...] = ()  # `prober.tlsinfo.TLSFacts.leaf` of the handshake that counted
+    oauth2_fetch: object | None = None  # the OAuth2 token fetch this run waits for (`prober.oauth2`)
 
     def tls(self, facts) -> None:
         """Record a TLS handshake's facts (`prober.tlsinfo.tls_facts`): its values and its leaf certificate."""
