@@ -123,9 +123,9 @@ static __always_inline void emit(struct cp_event *ev) {
 #endif
     struct cp_event *out = events.ringbuf_reserve(sizeof(struct cp_event));
     if (!out) {
-        /* The ring's reservation also fails, now and then, with the ring nearly empty (on 6.18 under
-         * contention from the other CPU: up to ~1 in 10,000 records at 40,000/s; retrying at once mostly fails);
-         * a second ring with a lock of its own takes the record then (benchmarks/sensor.py, BENCHMARKS.md). */
+        /* The ring's reservation also fails, now and then, with the ring nearly empty (seen on 6.18 with two
+         * CPUs writing: up to ~1 in 10,000 records at 40,000/s; retrying at once mostly fails — likely its lock
+         * giving up under contention); a second ring, with a lock of its own, takes the record (BENCHMARKS.md). */
         out = rescue.ringbuf_reserve(sizeof(struct cp_event));
         u32 z = 0;
         u64 *v = out ? rescued.lookup(&z) : lost.lookup(&z);
