@@ -9,7 +9,7 @@ How a probe gets its `Authorization` header:
   400 or 401 to that, the request is sent once more with `client_id` and `client_secret` in the form instead (what
   Go's client does when no auth style is configured); the style that worked is kept for the token URL.
 - The answer is read up to `MAX_ANSWER_BYTES` (decoded): a JSON object (or a form-encoded body) with
-  `access_token`, optional `token_type` (default Bearer) and `expires_in`. The token is kept until `EXPIRY_MARGIN_S`
+  `access_token`, optional `token_type` (default Bearer) and `expires_in` (`_expiry`). The token is kept until `EXPIRY_MARGIN_S`
   before it expires (no `expires_in`: until the config is reloaded, as Go keeps it), per module settings and
   probe source; probes that need it while it is fetched wait for that one fetch.
 - The fetch runs inside the probe: its time counts in the probe's duration and deadline (not in any of the
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import socket
 import time
 import urllib.parse
@@ -256,12 +258,11 @@ async def _request(attempt: Attempt, oauth: OAuth2Spec, on_local_port: PortCallb
 
 
 def _fields(headers, body: bytes) -> dict | None:
-    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if ctype in ("application/x-www-form-urlencoded", "text/plain"):  # Go's client reads these too
+    if not _is_json(headers):  # a form answer (application/x-www-form-urlencoded, text/plain): Go reads these too
         try:
             return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=False,
                                                max_num_fields=64))
@@ -300,10 +301,41 @@ def _token(where: str, status: int, headers, body: bytes) -> _Token:
         raise TokenFailure(ErrorKind.PROTOCOL_ERROR, f"{where}: token_type {_printable(kind, 40)!r} is not an "
                                                      "authorization scheme")
     kind = {"bearer": "Bearer", "mac": "MAC", "basic": "Basic"}.get(kind.lower(), kind)  # as Go's Token.Type()
-    expires = doc.get("expires_in")
-    expires_ns = None
-    if isinstance(expires, str) and expires.strip().isdigit() and len(expires.strip()) < 12:
-        expires = int(expires)
-    if isinstance(expires, (int, float)) and not isinstance(expires, bool) and 0 < expires < 10 ** 9:
-        expires_ns = monotonic_ns() + int(max(0.0, expires - EXPIRY_MARGIN_S) * 1e9)
-    return _Token(f"{kind} {token}", token, expires_ns)
+    return _Token(f"{kind} {token}", token, _expiry(where, doc.get("expires_in"), _is_json(headers)))
+
+
+def _is_json(headers) -> bool:
+    """Whether the answer was read as JSON (`_fields`): else a form, whose values are all text."""
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    return ctype not in ("application/x-www-form-urlencoded", "text/plain")
+
+
+_SECONDS = re.compile(r"\s*-?[0-9]{1,12}\s*")
+
+
+def _expiry(where: str, expires: object, from_json: bool) -> int | None:
+    """When a token with this `expires_in` is fetched anew (monotonic ns; None: kept until the config is reloaded),
+    as Go's client reads it: absent, null or 0: kept; negative: expired already (the next probe fetches again);
+    a number of seconds (or a JSON string holding one) is capped at 2^31-1 s. In a JSON answer anything else
+    (text, an object, an infinite number) is not a token answer; a form's unreadable value is 0 (Go
+    ignores it there)."""
+    if expires is None:
+        return None
+    secs: float | None = None
+    if isinstance(expires, int) and not isinstance(expires, bool):
+        secs = expires
+    elif isinstance(expires, float) and math.isfinite(expires):
+        secs = expires
+    elif isinstance(expires, str) and _SECONDS.fullmatch(expires):
+        secs = int(expires)
+    if secs is None:
+        if not from_json:
+            return None
+        raise TokenFailure(ErrorKind.PROTOCOL_ERROR, f"{where}: expires_in {_printable(expires, 40)!r} is not a "
+                                                     "number of seconds")
+    if secs == 0:
+        return None
+    now = monotonic_ns()
+    if secs < 0:
+        return now
+    return now + int(max(0.0, min(secs, 2 ** 31 - 1) - EXPIRY_MARGIN_S) * 1e9)

@@ -165,6 +165,31 @@ async def test_token_refreshed_before_it_expires(token_server, env):
     assert s.issued == 3
 
 
+@pytest.mark.parametrize("expires_in", ["abc", float("inf"), {"seconds": 60}, [60], True])
+async def test_expires_in_that_is_not_seconds_fails_the_fetch(token_server, env, expires_in):
+    """Not a number of seconds in a JSON answer: a one-line protocol error (as Go's client), not a token kept until
+    the next reload."""
+    s = token_server
+    s.expires_in = expires_in
+    (r,) = await run_probe(_probe(s), env)
+    assert r.error is ErrorKind.PROTOCOL_ERROR, (r.error, r.error_detail)
+    assert r.error_detail.startswith(f"oauth2 token endpoint {s.url()}: expires_in "), r.error_detail
+    assert r.error_detail.endswith(" is not a number of seconds"), r.error_detail
+    assert s.api_auth == []
+
+
+@pytest.mark.parametrize("expires_in", [-5, "-5", " 60 ", 0])
+async def test_expires_in_negative_is_expired_zero_is_kept(token_server, env, expires_in):
+    s = token_server
+    s.expires_in = expires_in
+    probe = _probe(s)
+    for _ in range(2):
+        (r,) = await run_probe(probe, env)
+        assert r.ok, r.error_detail
+    # negative: expired when it came (Go's client fetches again); a number of seconds, or 0 (no expiry): kept
+    assert s.issued == (2 if str(expires_in).startswith("-") else 1)
+
+
 async def test_concurrent_probes_share_one_fetch(token_server, env):
     s = token_server
     probe = _probe(s)
