@@ -9,9 +9,9 @@ How a probe gets its `Authorization` header:
   400 or 401 to that, the request is sent once more with `client_id` and `client_secret` in the form instead (what
   Go's client does when no auth style is configured); the style that worked is kept for the token URL.
 - The answer is read up to `MAX_ANSWER_BYTES` (decoded): a JSON object (or a form-encoded body) with
-  `access_token`, optional `token_type` (default Bearer) and `expires_in` (`_expiry`). The token is kept until `EXPIRY_MARGIN_S`
-  before it expires (no `expires_in`: until the config is reloaded, as Go keeps it), per module settings and
-  probe source; probes that need it while it is fetched wait for that one fetch.
+  `access_token`, optional `token_type` (default Bearer) and `expires_in` (read by `_expiry`). The token is kept
+  until `EXPIRY_MARGIN_S` before it expires (no `expires_in`: until the config is reloaded, as Go keeps it), per
+  module settings and probe source; probes that need it while it is fetched wait for that one fetch.
 - The fetch runs inside the probe: its time counts in the probe's duration and deadline (not in any of the
   target's phases: those time the target's own connection, as blackbox's do); its sockets come from the probe's
   source and are the probe's flows (kernel evidence covers them); its name is resolved by the prober's own DNS;
@@ -322,9 +322,8 @@ def _expiry(where: str, expires: object, from_json: bool) -> int | None:
     if expires is None:
         return None
     secs: float | None = None
-    if isinstance(expires, int) and not isinstance(expires, bool):
-        secs = expires
-    elif isinstance(expires, float) and math.isfinite(expires):
+    if (isinstance(expires, int) and not isinstance(expires, bool)) or (
+            isinstance(expires, float) and math.isfinite(expires)):
         secs = expires
     elif isinstance(expires, str) and _SECONDS.fullmatch(expires):
         secs = int(expires)
