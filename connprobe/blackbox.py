@@ -305,6 +305,29 @@ def _oauth2(t: Translation, body: dict, prefix: str) -> None:
     body["oauth2"] = sub
 
 
+def _environment_errors(t: Translation, where: str, urls: dict[str, str], no_proxy: tuple[str, ...]) -> bool:
+    """`proxy_from_environment`'s values checked here, each error naming the variable it came from (the keys they
+    fill, proxy_urls and no_proxy, are not in the user's file); True when one is wrong."""
+    from prober.proxy import check_no_proxy
+    from prober.spec import check_proxy_url
+
+    def var(name: str) -> str:
+        return name if os.environ.get(name, "").strip() else name.lower()
+
+    errors = len(t.errors)
+    for scheme, url in urls.items():
+        try:
+            check_proxy_url(url)
+        except ValueError as exc:
+            t.error(where, f"{var(scheme.upper() + '_PROXY')} in the agent's environment: {exc}")
+    try:
+        if urls:  # no proxy variable: NO_PROXY is not used
+            check_no_proxy(no_proxy)
+    except ValueError as exc:
+        t.error(where, f"{var('NO_PROXY')} in the agent's environment: {exc}")
+    return len(t.errors) > errors
+
+
 def _authorization(t: Translation, body: dict, prefix: str) -> str | None:
     """The Authorization header value the module's credentials make, or None."""
     given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization", "oauth2") if k in body]
@@ -490,6 +513,8 @@ def _http(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool = False
             from prober.proxy import from_environment
 
             urls, no_proxy = from_environment(os.environ)  # the agent's environment, read at load (and reload)
+            if _environment_errors(t, where, urls, no_proxy):
+                urls = {}
             if urls:
                 body["proxy_urls"] = urls
                 if no_proxy:

@@ -278,19 +278,21 @@ def _check_http_url(v: str, what: str) -> str:
     """An http:// or https:// URL with a valid host (a token endpoint): one-line errors."""
     from urllib.parse import urlsplit
 
+    from prober.redact import redact_url
+
     try:
         u = urlsplit(v)
         u.port  # noqa: B018  (raises on a bad port)
     except ValueError as exc:
-        raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
+        raise ValueError(f"{_shown(redact_url(v))} is not a URL: {exc}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"{what}: {_shown(v)} is not an http:// or https:// URL")
+        raise ValueError(f"{what}: {_shown(redact_url(v))} is not an http:// or https:// URL")
     if u.username is not None or u.password is not None:
         raise ValueError(f"{what}: credentials in the URL are not supported (use client_id and client_secret)")
     if u.fragment:
         raise ValueError(f"{what}: a URL with a #fragment is not a token endpoint")
     if any(c.isspace() or not c.isprintable() for c in v):
-        raise ValueError(f"{what}: {_shown(v)} holds a space or a control character")
+        raise ValueError(f"{what}: {_shown(redact_url(v))} holds a space or a control character")
     if err := host_name_error(u.hostname):
         raise ValueError(f"{what}: {err}")
     return v
@@ -356,21 +358,24 @@ def oauth2_basic_credentials(client_id: str, secret: str) -> str:
     return base64.b64encode(f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}".encode()).decode()
 
 
-def _proxy_url(v: str) -> str:
-    """An http://HOST[:PORT] proxy, normalised to carry its port."""
+def check_proxy_url(v: str) -> str:
+    """An http://HOST[:PORT] proxy, normalised to carry its port (errors show it without its userinfo: a proxy
+    password stays out of them)."""
     from urllib.parse import urlsplit
+
+    from prober.redact import redact_url
 
     try:
         u = urlsplit(v)
         port = u.port
     except ValueError as exc:
-        raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
+        raise ValueError(f"{_shown(redact_url(v))} is not a URL: {exc}") from None
     if u.scheme != "http" or not u.hostname:
-        raise ValueError(f"{_shown(v)}: only http://HOST:PORT proxies are supported")
+        raise ValueError(f"{_shown(redact_url(v))}: only http://HOST:PORT proxies are supported")
     if u.username is not None or u.password is not None:
         raise ValueError("credentials in proxy_url are not supported")
     if u.path not in ("", "/") or u.query or u.fragment:
-        raise ValueError(f"{_shown(v)}: a proxy URL has no path, query or fragment")
+        raise ValueError(f"{_shown(redact_url(v))}: a proxy URL has no path, query or fragment")
     if err := host_name_error(u.hostname):
         raise ValueError(err)
     return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
@@ -423,12 +428,12 @@ class HTTPSpec(Frozen):
     @field_validator("proxy_url")
     @classmethod
     def _proxy(cls, v: str | None) -> str | None:
-        return None if v is None else _proxy_url(v)
+        return None if v is None else check_proxy_url(v)
 
     @field_validator("proxy_urls")
     @classmethod
     def _proxies(cls, v: dict[str, str]) -> dict[str, str]:
-        return {scheme: _proxy_url(url) for scheme, url in v.items()}
+        return {scheme: check_proxy_url(url) for scheme, url in v.items()}
 
     @field_validator("no_proxy", mode="before")
     @classmethod

@@ -159,3 +159,40 @@ def test_proxy_config_errors(http, message, tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as ei:
         parse_config(yaml.safe_dump(doc), blackbox=True, base_dir=tmp_path)
     assert len(ei.value.errors) == 1 and message in ei.value.errors[0], ei.value.errors
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"HTTPS_PROXY": "https://proxy.test:3128"},
+     "http.proxy_from_environment: HTTPS_PROXY in the agent's environment: 'https://proxy.test:3128': only "
+     "http://HOST:PORT proxies are supported"),
+    ({"http_proxy": "http://user:pa55w0rd@proxy.test:bad"},
+     "http.proxy_from_environment: http_proxy in the agent's environment: 'http://<redacted>@proxy.test:bad' is "
+     "not a URL"),
+    ({"HTTP_PROXY": "proxy.test:3128", "NO_PROXY": "a.test, *.svc:abc"},
+     "http.proxy_from_environment: NO_PROXY in the agent's environment: no_proxy: '*.svc:abc': 'abc' is not a port"),
+])
+def test_proxy_environment_errors_name_the_variable(environ, message, tmp_path, monkeypatch):
+    """A malformed proxy variable: one error naming the variable (not proxy_urls/no_proxy, keys the file does not
+    have), and a proxy password in it is not shown."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    doc = {"modules": {"m": {"prober": "http", "http": {"proxy_from_environment": True}}}}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(yaml.safe_dump(doc), blackbox=True, base_dir=tmp_path)
+    assert len(ei.value.errors) == 1 and message in ei.value.errors[0], ei.value.errors
+    assert "pa55w0rd" not in ei.value.errors[0]
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)  # NO_PROXY alone is not read: no error
+    parse_config(yaml.safe_dump(doc), blackbox=True, base_dir=tmp_path)
+
+
+def test_proxy_url_errors_hide_the_password(tmp_path):
+    doc = {"modules": {"m": {"prober": "http", "http": {"proxy_url": "http://user:pa55w0rd@proxy.test:bad"}}}}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(yaml.safe_dump(doc), base_dir=tmp_path)
+    assert len(ei.value.errors) == 1 and "'http://<redacted>@proxy.test:bad' is not a URL" in ei.value.errors[0]
+    assert "pa55w0rd" not in ei.value.errors[0], ei.value.errors
