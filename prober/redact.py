@@ -378,8 +378,9 @@ def known_redactor() -> Redactor:
         with _known_lock:
             red = _known_redactor
             if red is None:
+                # a fetched token is sent as a header value: a short one is matched as a whole word, as those are
                 red = _known_redactor = Redactor([*_known, *_learned],
-                                                 short_ok=[s for s, short in _known.items() if short])
+                                                 short_ok=[*(s for s, short in _known.items() if short), *_learned])
     return red
 
 

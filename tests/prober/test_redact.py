@@ -10,7 +10,9 @@ from prober.redact import (
     REDACTED,
     LogRedaction,
     Redactor,
+    known_redactor,
     label_target,
+    learn,
     redact_text,
     redact_url,
     remember,
@@ -104,6 +106,17 @@ def test_log_records_lose_remembered_secrets_in_message_and_traceback():
     out = logging.Formatter().format(record)
     assert "logcanary123" not in out and "'k9'" not in out and "pw@" not in out and "zz" not in out
     assert f"key={R}" in out and f"b'{R}'" in out and "ValueError" in out
+
+
+def test_a_learned_token_leaves_log_lines_and_probe_text_however_short():
+    """A fetched OAuth2 token (`learn`) is a header value: a short one is still redacted as a whole word, in the
+    probe's text and in every log line."""
+    red = Redactor.for_spec(_spec())
+    for token in ("zq7", "Cn-learned-canary-42"):
+        learn(red, token)
+        line = f"GET failed: Authorization: Bearer {token} (retry)"
+        assert red.text(line) == f"GET failed: Authorization: Bearer {R} (retry)"
+        assert known_redactor().text(line) == f"GET failed: Authorization: Bearer {R} (retry)"
 
 
 @pytest.mark.parametrize("padding", [0, 100])  # one regular expression, or (many secrets) the prefix table
