@@ -253,8 +253,13 @@ def _tls(t: Translation, raw: Any, prefix: str) -> Any:
             else:  # relative: to the config's directory. Read when a probe needs it (a config is often
                 body[key] = str(p)  # checked where the pod's mounted files are not: check-config on a laptop)
     if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file() and "key" not in body:
+        from prober.tlsinfo import EncryptedKey, no_passphrase
+
         try:  # a certificate and key that are there but do not load: a config error, not a failure at each probe
-            ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"))
+            ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"),
+                                                         password=no_passphrase)
+        except EncryptedKey as exc:
+            t.error(f"{prefix}.{'key_file' if body.get('key_file') else 'cert_file'}", str(exc))
         except ssl.SSLError:
             t.error(f"{prefix}.cert_file", "cannot load the client certificate and key: not PEM, or the key "
                                            "does not match the certificate")

@@ -230,7 +230,7 @@ class TLSSpec(Frozen):
         """Inline PEM that does not load is a config error (not a failure at every probe)."""
         import ssl
 
-        from prober.tlsinfo import load_client_chain
+        from prober.tlsinfo import EncryptedKey, load_client_chain
 
         if self.ca is not None:
             try:
@@ -246,6 +246,8 @@ class TLSSpec(Frozen):
                 return
             try:
                 load_client_chain(ssl.create_default_context(), self)
+            except EncryptedKey as exc:
+                raise ValueError(f"{'key' if self.key is not None else 'key_file'}: {exc}") from None
             except (ssl.SSLError, ValueError):
                 which = "cert" if self.cert is not None else "key"
                 raise ValueError(f"{which}: cannot load the client certificate and key: not PEM, or the key does "

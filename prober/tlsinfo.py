@@ -108,9 +108,20 @@ def _chain(inner: Any, method: str) -> list[tuple[dict[str, Any], bytes]]:
     return out
 
 
+class EncryptedKey(ValueError):
+    """A client key encrypted with a pass phrase: not supported (there is no key to give one)."""
+
+
+def no_passphrase() -> bytes:
+    """`load_cert_chain`'s `password`: an encrypted key is a one-line error, where OpenSSL would otherwise ask for
+    the pass phrase on the process's terminal and block (check-config, or the agent run in a shell)."""
+    raise EncryptedKey("the private key is encrypted with a pass phrase (not supported: give it unencrypted)")
+
+
 def load_client_chain(ctx: ssl.SSLContext, tls: Any) -> None:
     """Load a TLS setting's client certificate and key into `ctx`: from `cert_file` / `key_file`, or from inline PEM
-    (`cert`, `key`), which OpenSSL reads from an anonymous in-memory file (memfd: never written to disk)."""
+    (`cert`, `key`), which OpenSSL reads from an anonymous in-memory file (memfd: never written to disk). An
+    encrypted key raises `EncryptedKey` (never a pass phrase prompt)."""
     import contextlib
     import os
 
@@ -131,4 +142,4 @@ def load_client_chain(ctx: ssl.SSLContext, tls: Any) -> None:
             return
         keyfile = tls.key_file if tls.key_file is not None else (
             memfd(key_text, stack) if key_text is not None else None)
-        ctx.load_cert_chain(certfile, keyfile)
+        ctx.load_cert_chain(certfile, keyfile, password=no_passphrase)

@@ -199,3 +199,85 @@ def test_inline_pem_in_a_blackbox_file(mtls, tmp_path):
         parse_config(yaml.safe_dump(good), blackbox=True, base_dir=tmp_path)
     assert ei.value.errors == ['module "m": http.tls: at most one of key and key_file']
     assert "PRIVATE" not in str(ei.value)
+
+
+def _encrypted_key(m: dict) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(m["key"].encode(), None)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(b"pass phrase")).decode()
+
+
+def test_encrypted_key_is_an_error_not_a_pass_phrase_prompt(mtls, tmp_path):
+    """An encrypted client key, inline, as key_file (when a probe loads it; a blackbox file's at load): one line.
+    The checks run in a child on a terminal of its own (a pty), where OpenSSL's default would ask for the pass
+    phrase and wait."""
+    import os
+    import pty
+    import select
+
+    m = mtls
+    enc = _encrypted_key(m)
+    key_file = tmp_path / "enc.key"
+    key_file.write_text(enc)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session whose controlling terminal is the pty (its fd 1 too; pytest's capture
+        code = 0  # holds sys.stdout, so lines are written to fd 1 directly)
+        try:
+            import yaml
+
+            from connprobe.config import ConfigError, parse_config
+            from prober.tlsinfo import load_client_chain
+
+            def say(*words: object) -> None:
+                os.write(1, (" ".join(map(str, words)) + "\n").encode())
+
+            try:
+                TLSSpec(cert=m["cert"], key=enc)
+                say("LOADED")
+            except ValueError as exc:
+                say("ERROR", exc.errors()[0]["msg"].removeprefix("Value error, "))
+            try:
+                load_client_chain(ssl.create_default_context(), TLSSpec(cert_file=m["cert_file"],
+                                                                        key_file=str(key_file)))
+                say("LOADED")
+            except ValueError as exc:
+                say("ERROR", type(exc).__name__, exc)
+            doc = {"modules": {"m": {"prober": "http", "http": {"tls_config": {
+                "cert_file": m["cert_file"], "key_file": str(key_file)}}}}}
+            try:
+                parse_config(yaml.safe_dump(doc), blackbox=True, base_dir=tmp_path)
+                say("LOADED")
+            except ConfigError as exc:
+                say("ERROR", *exc.errors)
+        except BaseException as exc:
+            os.write(1, f"CHILD FAILED {exc!r}\n".encode())
+            code = 1
+        os._exit(code)
+    out = b""
+    try:
+        while out.count(b"\n") < 3 and b"CHILD FAILED" not in out:
+            ready, _, _ = select.select([fd], [], [], 20)
+            if not ready:
+                break  # waiting at a prompt
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace").replace("\r\n", "\n")
+    assert "pass phrase:" not in text.lower(), text
+    said = "the private key is encrypted with a pass phrase (not supported: give it unencrypted)"
+    assert text.strip().splitlines() == [
+        f"ERROR key: {said}",
+        f"ERROR EncryptedKey {said}",
+        f'ERROR module "m": http.tls_config.key_file: {said}',
+    ], text
