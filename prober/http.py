@@ -42,10 +42,10 @@ from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
 from prober.errors import find_in_chain
 from prober.resolve import resolve
-from prober.sockets import connect, family_mismatch
+from prober.sockets import family_mismatch
 from prober.spec import HTTPSpec, TLSSpec
 from prober.tlsinfo import load_client_chain, tls_facts
-from prober.types import ErrorKind, Proto
+from prober.types import ErrorKind
 
 monotonic_ns = time.monotonic_ns
 
@@ -68,18 +68,7 @@ async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: 
     local = http.source_ip_address if http is not None else None
     if (err := family_mismatch(local, addr[0])) is not None:
         raise ProbeFailure(ErrorKind.CONNECT_UNREACHABLE, err)
-    sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get(), local)
-    hop.sock = sock
-    loop = asyncio.get_running_loop()
-    hop.connect_start = monotonic_ns()
-    try:
-        hop.connect_end = await connect(loop, sock, addr)
-    except BaseException:
-        attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-        sock.close()
-        raise
-    attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-    return sock, hop
+    return await attempt.connect_tcp(_CTX_CB.get(), family, addr, hop, local), hop
 
 
 _CTX_CB: contextvars.ContextVar = contextvars.ContextVar("connprobe_port_cb")

@@ -31,7 +31,6 @@ import asyncio
 import json
 import math
 import re
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -43,10 +42,10 @@ from prober.attempt import Attempt, Timeline
 from prober.errors import classify
 from prober.redact import learn
 from prober.resolve import resolve
-from prober.sockets import PortCallback, connect
+from prober.sockets import PortCallback
 from prober.spec import OAuth2Spec, TLSSpec
 from prober.spec import oauth2_basic_credentials as basic_credentials
-from prober.types import ErrorKind, Proto
+from prober.types import ErrorKind
 
 __all__ = ["EXPIRY_MARGIN_S", "MAX_ANSWER_BYTES", "TokenFailure", "authorization", "basic_credentials",
            "forget_tokens"]
@@ -228,17 +227,7 @@ async def _request(attempt: Attempt, oauth: OAuth2Spec, on_local_port: PortCallb
 
     async def open_connected(_attempt: Attempt, family: int, addr: tuple, _timeline: Timeline):
         hop = fetch.timeline.hop()
-        sock = await attempt.source.open(family, socket.SOCK_STREAM, on_local_port, None)
-        hop.sock = sock
-        hop.connect_start = monotonic_ns()
-        try:
-            hop.connect_end = await connect(asyncio.get_running_loop(), sock, addr)
-        except BaseException:
-            attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-            sock.close()
-            raise
-        attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-        return sock, hop
+        return await attempt.connect_tcp(on_local_port, family, addr, hop), hop
 
     resp = await http1_client.send(attempt, _TLSOf(oauth.tls), "POST", url, headers, body, None, lookup=lookup,
                                    open_connected=open_connected, ssl_context=ssl_context)
