@@ -250,9 +250,10 @@ class Redactor:
         rotates: an old one is never sent again, and the list must not grow for ever)."""
         if not secret or not secret.strip() or secret in self.secrets:
             return
-        learned = (*self.secrets[self._base:], secret)[-keep:]
-        if self._allowed is not None:
-            self._allowed = self._allowed | {secret}
+        before = self.secrets[self._base:]
+        learned = (*before, secret)[-keep:]
+        if self._allowed is not None:  # the dropped ones go from it too (it must not grow for ever either)
+            self._allowed = (self._allowed - (set(before) - set(learned))) | {secret}
         self.secrets = (*self.secrets[: self._base], *learned)
         self._built = False
 

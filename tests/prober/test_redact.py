@@ -119,6 +119,17 @@ def test_a_learned_token_leaves_log_lines_and_probe_text_however_short():
         assert known_redactor().text(line) == f"GET failed: Authorization: Bearer {R} (retry)"
 
 
+def test_a_probe_redactor_keeps_the_last_learned_tokens_only():
+    """Tokens rotate for as long as the config lives: a probe's redactor holds the last 8 (and the short-match
+    list with them), not every token it ever saw."""
+    red = Redactor.for_spec(_spec(headers={"X-K": "ab"}))
+    base_secrets, base_allowed = len(red.secrets), len(red._allowed)
+    for i in range(50):
+        learn(red, f"rotating-token-{i}")
+    assert len(red.secrets) == base_secrets + 8 and len(red._allowed) == base_allowed + 8
+    assert red.text("rotating-token-49 ab rotating-token-1") == f"{R} {R} rotating-token-1"
+
+
 @pytest.mark.parametrize("padding", [0, 100])  # one regular expression, or (many secrets) the prefix table
 def test_many_secrets_same_rules(padding):
     filler = [f"filler-secret-{i}" for i in range(padding)]
