@@ -209,70 +209,79 @@ def _encrypted_key(m: dict) -> str:
                              serialization.BestAvailableEncryption(b"pass phrase")).decode()
 
 
+_ENCRYPTED_KEY_CHECKS = """
+import fcntl, json, os, ssl, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is this session's terminal: where OpenSSL would ask
+import yaml
+from connprobe.config import ConfigError, parse_config
+from prober import TLSSpec
+from prober.tlsinfo import load_client_chain
+m = json.loads(sys.argv[1])
+
+def say(*words):
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+try:
+    TLSSpec(cert=m["cert"], key=m["enc"])
+    say("LOADED")
+except ValueError as exc:
+    say("ERROR", exc.errors()[0]["msg"].removeprefix("Value error, "))
+try:
+    load_client_chain(ssl.create_default_context(), TLSSpec(cert_file=m["cert_file"], key_file=m["enc_file"]))
+    say("LOADED")
+except ValueError as exc:
+    say("ERROR", type(exc).__name__, exc)
+doc = {"modules": {"m": {"prober": "http", "http": {"tls_config": {"cert_file": m["cert_file"],
+                                                                   "key_file": m["enc_file"]}}}}}
+try:
+    parse_config(yaml.safe_dump(doc), blackbox=True)
+    say("LOADED")
+except ConfigError as exc:
+    say("ERROR", *exc.errors)
+"""
+
+
 def test_encrypted_key_is_an_error_not_a_pass_phrase_prompt(mtls, tmp_path):
     """An encrypted client key, inline, as key_file (when a probe loads it; a blackbox file's at load): one line.
-    The checks run in a child on a terminal of its own (a pty), where OpenSSL's default would ask for the pass
-    phrase and wait."""
+    The checks run in a child whose controlling terminal is a pty of the test's, where OpenSSL's default would
+    ask for the pass phrase and wait."""
+    import json
     import os
     import pty
     import select
+    import subprocess
+    import sys
+    from pathlib import Path
 
     m = mtls
     enc = _encrypted_key(m)
     key_file = tmp_path / "enc.key"
     key_file.write_text(enc)
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a session whose controlling terminal is the pty (its fd 1 too; pytest's capture
-        code = 0  # holds sys.stdout, so lines are written to fd 1 directly)
-        try:
-            import yaml
-
-            from connprobe.config import ConfigError, parse_config
-            from prober.tlsinfo import load_client_chain
-
-            def say(*words: object) -> None:
-                os.write(1, (" ".join(map(str, words)) + "\n").encode())
-
-            try:
-                TLSSpec(cert=m["cert"], key=enc)
-                say("LOADED")
-            except ValueError as exc:
-                say("ERROR", exc.errors()[0]["msg"].removeprefix("Value error, "))
-            try:
-                load_client_chain(ssl.create_default_context(), TLSSpec(cert_file=m["cert_file"],
-                                                                        key_file=str(key_file)))
-                say("LOADED")
-            except ValueError as exc:
-                say("ERROR", type(exc).__name__, exc)
-            doc = {"modules": {"m": {"prober": "http", "http": {"tls_config": {
-                "cert_file": m["cert_file"], "key_file": str(key_file)}}}}}
-            try:
-                parse_config(yaml.safe_dump(doc), blackbox=True, base_dir=tmp_path)
-                say("LOADED")
-            except ConfigError as exc:
-                say("ERROR", *exc.errors)
-        except BaseException as exc:
-            os.write(1, f"CHILD FAILED {exc!r}\n".encode())
-            code = 1
-        os._exit(code)
+    args = json.dumps({"cert": m["cert"], "cert_file": m["cert_file"], "enc": enc, "enc_file": str(key_file)})
+    primary, secondary = pty.openpty()
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", _ENCRYPTED_KEY_CHECKS, args], stdin=secondary, stdout=secondary,
+                            stderr=secondary, start_new_session=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root})
+    os.close(secondary)
     out = b""
     try:
-        while out.count(b"\n") < 3 and b"CHILD FAILED" not in out:
-            ready, _, _ = select.select([fd], [], [], 20)
+        while out.count(b"\n") < 3:
+            ready, _, _ = select.select([primary], [], [], 30)
             if not ready:
-                break  # waiting at a prompt
+                break  # waiting at a prompt (or stuck): what it said so far is the evidence
             try:
-                chunk = os.read(fd, 4096)
-            except OSError:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the child is gone
                 break
             if not chunk:
                 break
             out += chunk
     finally:
-        if os.waitpid(pid, os.WNOHANG) == (0, 0):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(primary)
     text = out.decode(errors="replace").replace("\r\n", "\n")
     assert "pass phrase:" not in text.lower(), text
     said = "the private key is encrypted with a pass phrase (not supported: give it unencrypted)"
