@@ -316,6 +316,13 @@ class OAuth2Spec(Frozen):
     def _url(cls, v: str) -> str:
         return _check_http_url(v, "token_url")
 
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, v: TLSSpec) -> TLSSpec:
+        if v.min_cert_days is not None:  # the token endpoint's certificate is not the probe's subject
+            raise ValueError("tls.min_cert_days: not supported for the token endpoint (only for the target)")
+        return v
+
     @field_validator("client_id")
     @classmethod
     def _id(cls, v: str) -> str:

@@ -339,7 +339,9 @@ def test_oauth2_spec_errors():
                             ({"token_url": "http://h/t#x"}, "a URL with a #fragment"),
                             ({"client_secret": ""}, "client_secret: must not be empty"),
                             ({"client_id": "a\nb"}, "client_id: contains a line break"),
-                            ({"scopes": ("a b",)}, "a scope is one word")):
+                            ({"scopes": ("a b",)}, "a scope is one word"),
+                            ({"tls": TLSSpec(min_cert_days=7)}, "tls.min_cert_days: not supported for the token "
+                                                                "endpoint")):
         with pytest.raises(ValueError, match=message):
             OAuth2Spec(**{**base, **change})
     with pytest.raises(ValueError, match="an Authorization header is also configured"):
