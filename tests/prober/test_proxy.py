@@ -4,8 +4,6 @@ whatever name the request carries)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import yaml
 
@@ -53,47 +51,6 @@ def test_per_scheme_proxies_and_the_environment():
     urls, _ = from_environment({"HTTPS_PROXY": "http://p:1", "https_proxy": "http://ignored:2"})
     assert urls == {"https": "http://p:1"}  # the upper-case name first
     assert from_environment({}) == ({}, ())
-
-
-@pytest.fixture
-async def proxy():
-    """A forward proxy on 127.0.0.1 recording each request line; it connects upstream to 127.0.0.1 only."""
-    lines: list[str] = []
-
-    async def pipe(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader, writer):
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
-            return
-        first = head.split(b"\r\n", 1)[0].decode()
-        lines.append(first)
-        from urllib.parse import urlsplit
-
-        method, target, _ = first.split(" ", 2)
-        u = urlsplit(target)
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", u.port)
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        up_w.write(f"{method} {path} HTTP/1.1\r\n".encode() + head.split(b"\r\n", 1)[1])
-        await up_w.drain()
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    server.port = server.sockets[0].getsockname()[1]
-    server.lines = lines
-    yield server
-    server.close()
-    await server.wait_closed()
 
 
 async def test_no_proxy_through_a_real_proxy(http_server, proxy, env):
