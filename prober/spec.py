@@ -354,9 +354,13 @@ class OAuth2Spec(Frozen):
         return v
 
     def secrets(self) -> tuple[str, ...]:
-        """The client secret and the HTTP Basic credentials made of it (what the token request carries)."""
+        """The client secret and what the token request carries of it: the HTTP Basic credentials made of it, and
+        the secret form-encoded (as it is in the request's form, which an endpoint's error text may quote)."""
+        from urllib.parse import quote_plus
+
         secret = self.client_secret.get_secret_value()
-        return (secret, oauth2_basic_credentials(self.client_id, secret))
+        encoded = quote_plus(secret, safe="")
+        return (secret, oauth2_basic_credentials(self.client_id, secret), *((encoded,) if encoded != secret else ()))
 
 
 def oauth2_basic_credentials(client_id: str, secret: str) -> str:

@@ -51,6 +51,10 @@ class TokenServer:
             return web.json_response({"error": "invalid_client"}, status=401)
         if mode == "params_only" and "client_secret" not in form:
             return web.json_response({"error": "invalid_client"}, status=401)
+        if mode == "echo_secret":  # an error text that quotes the request's form field, as it was sent
+            raw = (await request.read()).decode()
+            field = next((f for f in raw.split("&") if f.startswith("client_secret=")), "none")
+            return web.json_response({"error": f"rejected {field}"}, status=400)
         if mode == "badjson":
             return web.Response(text="{not json", content_type="application/json")
         if mode == "noaccess":
@@ -297,6 +301,17 @@ async def test_secrets_stay_out_of_the_result(token_server, env):
     from prober.redact import known_redactor
 
     assert s.current not in known_redactor().text(f"log line with {s.current}")
+
+
+async def test_an_error_quoting_the_form_encoded_secret_is_redacted(token_server, env):
+    """The token request's form carries the secret form-encoded (':' as %3A): an endpoint's error text that quotes
+    it is redacted like the secret itself."""
+    s = token_server
+    s.mode = "echo_secret"
+    (r,) = await run_probe(_probe(s), env)
+    assert r.error is ErrorKind.HTTP_STATUS, (r.error, r.error_detail)
+    assert urllib.parse.quote_plus(SECRET, safe="") != SECRET  # the text quoted is not the secret as configured
+    assert r.error_detail == f"oauth2 token endpoint {s.url()}: status 400 (error: rejected client_secret=<redacted>)"
 
 
 async def _echo_auth(reader, writer, seen: list[bytes]):
