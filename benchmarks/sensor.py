@@ -7,13 +7,18 @@
    detached vs attached in interleaved rounds in one run: attached counting only (no flow watched), and
    attached with every connection watched (each port registered before connect, events decoded);
 3. watched-event ingest: generator processes open loopback connections at a paced rate in the lab's client
-   namespace while the sensor reads on an asyncio loop; per rate: events generated, delivered, lost.
+   namespace while the sensor reads on an asyncio loop; per rate: the events the kernel saw on watched flows
+   (its own per-CPU counters), the records delivered to user space, the events only counted in the kernel
+   (TCP state changes the correlator does not read, quiet drop reasons), and the events lost. The sensor is
+   configured as the app configures it (only the state changes `correlator.join.TCP_STATES_READ` become
+   records); `--all-states` sends every change as a record, as the sensor did before.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -84,19 +89,25 @@ print(n, flush=True)
 """
 
 
-async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs: int) -> dict:
+async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs: int,
+                       same_session: bool = False) -> dict:
     gens = []
     try:
         for _ in range(procs):
             p = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, "-c", GENERATOR,
                                   str(rate / procs), str(seconds)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 # their own session, so their own autogroup, like any workload that is not
+                                 # the agent's child (same_session: in this process's, as it used to be)
+                                 start_new_session=not same_session)
             gens.append(p)
         ports = [int(p.stdout.readline()) for p in gens]
         for port in ports:
             sensor.watch("tcp", port)
-        lost0, got0 = sensor.lost_events, 0
         sensor.drain()
+        lost0, got0 = sensor.lost_events, 0
+        rescued0 = getattr(sensor, "rescued_events", 0)
+        c0 = sensor.counters()
         t0, cpu0 = time.monotonic(), time.process_time()
         for p in gens:
             p.stdin.write("\n")
@@ -118,8 +129,24 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
         cpu = time.process_time() - cpu0  # this process: ring reads, decoding, the loop (generators are apart)
         for port in ports:
             sensor.unwatch("tcp", port)
-        return {"target_conn_s": rate, "conns": conns, "delivered": got0, "lost": sensor.lost_events - lost0,
-                "events_s": got0 / took, "seconds": took, "cpu_us_per_event": cpu / max(got0, 1) * 1e6}
+        c1 = sensor.counters()
+        lost = sensor.lost_events - lost0
+        observed = sum(c1.watched.values()) - sum(c0.watched.values())
+        # what the kernel counts and never sends: state changes not on the sensor's list, quiet drop reasons
+        records = getattr(sensor, "state_records", None)
+        quiet = set(sensor.quiet_reasons)
+
+        def counted_only(c) -> int:
+            return sum(n for (k, r), n in c.watched.items()
+                       if (k == "state" and records is not None and r not in records) or (k == "drop" and r in quiet))
+
+        counted = counted_only(c1) - counted_only(c0)
+        return {"target_conn_s": rate, "conns": conns, "observed": observed, "delivered": got0, "counted": counted,
+                "lost": lost, "unaccounted": observed - got0 - counted - lost,
+                "rescued": getattr(sensor, "rescued_events", 0) - rescued0,
+                "events_s": observed / took, "records_s": got0 / took, "seconds": took,
+                "cpu_us_per_event": cpu / max(observed, 1) * 1e6, "cpu_us_per_record": cpu / max(got0, 1) * 1e6,
+                "load": os.getloadavg()}
     finally:
         for p in gens:
             if p.poll() is None:
@@ -130,13 +157,32 @@ async def ingest_level(sensor, ns_name: str, rate: float, seconds: float, procs:
                     f.close()
 
 
-async def ingest(lab, rates: list[float], seconds: float, procs: int, ring_pages: int | None = None) -> list[dict]:
+def ingest_sensor(ring_pages: int | None, all_states: bool):
+    """The sensor as the app makes it (connprobe/sensorload.py: only the state changes the correlator reads are
+    records), or with every change a record; on a tree whose sensor has no such setting: as it is."""
     from bpf.sensor import KernelSensor
 
+    kw = {} if ring_pages is None else {"ring_pages": ring_pages}
+    if not all_states:
+        try:
+            from correlator.join import TCP_STATES_READ
+        except ImportError:
+            pass
+        else:
+            kw["state_records"] = TCP_STATES_READ
+    try:
+        return KernelSensor(**kw)
+    except TypeError:  # an older sensor: every state change is a record
+        kw.pop("state_records", None)
+        return KernelSensor(**kw)
+
+
+async def ingest(lab, rates: list[float], seconds: float, procs: int, ring_pages: int | None = None,
+                 all_states: bool = False, same_session: bool = False) -> list[dict]:
     out = []
-    async with (KernelSensor() if ring_pages is None else KernelSensor(ring_pages=ring_pages)) as sensor:
+    async with ingest_sensor(ring_pages, all_states) as sensor:
         for rate in rates:
-            out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs))
+            out.append(await ingest_level(sensor, lab.ns("client").name, rate, seconds, procs, same_session))
     return out
 
 
@@ -184,6 +230,11 @@ def main() -> int:
     ap.add_argument("--capacity", type=int, default=0, metavar="CONNS",
                     help="only: CPU per event of one drain() after CONNS loopback connections (7 repeats)")
     ap.add_argument("--ring-pages", type=int, default=None, help="ring buffer size in pages (default: the sensor's)")
+    ap.add_argument("--all-states", action="store_true",
+                    help="ingest: every TCP state change of a watched flow a record (default: as the app's sensor)")
+    ap.add_argument("--same-session", action="store_true",
+                    help="ingest: generators in this process's session (its autogroup), as before they had their own")
+    ap.add_argument("--json", metavar="FILE", help="ingest: also write the levels as JSON to FILE")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (the lab and BPF need it)", file=sys.stderr)
@@ -230,12 +281,19 @@ def main() -> int:
             print(f"\n## watched-event ingest ({args.procs} generator processes, {args.ingest_seconds:.0f} s "
                   "per level, loopback in the lab's client namespace)")
             levels = asyncio.run(ingest(lab, [float(r) for r in args.rates.split(",")], args.ingest_seconds,
-                                        args.procs, args.ring_pages))
-            print(f"{'target conn/s':>13} {'conns':>8} {'delivered':>10} {'events/s':>10} {'lost':>8} "
-                  f"{'CPU µs/event':>12}")
+                                        args.procs, args.ring_pages, args.all_states, args.same_session))
+            print("observed: watched events the kernel saw (its counters); records: delivered to user space; "
+                  "counted: only counted in the kernel; unaccounted = observed - records - counted - lost")
+            print(f"{'target conn/s':>13} {'conns':>8} {'observed':>9} {'events/s':>9} {'records':>9} "
+                  f"{'records/s':>9} {'counted':>8} {'lost':>7} {'unacc.':>6} {'rescued':>7} {'CPU µs/ev':>9} "
+                  f"{'load':>15}")
             for lv in levels:
-                print(f"{lv['target_conn_s']:13.0f} {lv['conns']:8d} {lv['delivered']:10d} "
-                      f"{lv['events_s']:10.0f} {lv['lost']:8d} {lv['cpu_us_per_event']:12.1f}")
+                print(f"{lv['target_conn_s']:13.0f} {lv['conns']:8d} {lv['observed']:9d} {lv['events_s']:9.0f} "
+                      f"{lv['delivered']:9d} {lv['records_s']:9.0f} {lv['counted']:8d} {lv['lost']:7d} "
+                      f"{lv['unaccounted']:6d} {lv['rescued']:7d} {lv['cpu_us_per_event']:9.2f} "
+                      f"{' '.join(f'{x:.2f}' for x in lv['load']):>15}")
+            if args.json:
+                Path(args.json).write_text(json.dumps(levels, indent=1))
         finally:
             acceptor.kill()
             acceptor.wait()
@@ -245,7 +303,6 @@ def main() -> int:
 
 def run_rates(lab, addr: str, port: int, args) -> None:
     from bpf.runstats import bpf_run_time_stats
-    from bpf.sensor import KernelSensor
 
     ex = lab.executor("client")
     lab.exec("client", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000")
@@ -256,7 +313,7 @@ def run_rates(lab, addr: str, port: int, args) -> None:
 
     async def attached_round() -> None:
         nonlocal delivered, lost
-        async with KernelSensor() as s:  # the ring buffer is read on this loop while the thread connects
+        async with ingest_sensor(None, args.all_states) as s:  # the ring is read on this loop while the thread connects
             # The rate with the kernel's run-time statistics off (collecting them costs two clock reads per
             # program run, which would be charged to the sensor); the BPF time in a run of its own.
             modes["attached, unwatched"].append(await asyncio.to_thread(ex.call, connect_loop, addr, port,

@@ -6,10 +6,13 @@
  *                    OFF_TCB_SEQ, OFF_TCB_END_SEQ, OFF_TP_SND_UNA, OFF_TP_DATA_SEGS_OUT,
  *                    OFF_TP_TOTAL_RETRANS) only when present
  *   RING_PAGES       ring-buffer size in pages (power of two)
+ *   RESCUE_PAGES     size of the second ring, for records the first refuses (power of two; default 16)
  *   WATCH_MAX        size of the watch list
  *   HOOK_*           one per tracepoint that passed its feature check on this kernel (bpf/loader.py
  *                    attaches each program itself, so one that fails to load costs only its event kind)
  *   HAVE_KFREE_RX_SK skb:kfree_skb has the rx_sk field (6.12+)
+ *   STATE_RECORD_MASK bit n set: a watched flow's change to TCP state n (the kernel's numbering, from tracefs)
+ *                    becomes a ring record; the others are only counted in `state_counts` (default: all)
  *   NETNS_FILTER     report only events seen in a network namespace on the `node_netns` list (the namespaces
  *                    of this node; an event whose namespace is unknown, inode 0, is not reported either);
  *                    the others are counted in `foreign`. Without it every namespace is reported.
@@ -18,7 +21,8 @@
  * side of a flow on the same node is caught too; an ICMP echo's identifier is its "port": icmp/ID) go to the
  * `events` ring buffer (watch key: proto << 16 | port; ICMPv6 echoes are folded into proto 1). Every event,
  * watched or not, is counted in `counts`. Drop reasons on the `quiet` list (QUEUE_PURGE, NOT_SPECIFIED, ...) are only
- * counted, never sent. Failed ring-buffer reservations are counted in `lost`.
+ * counted, never sent. A record the ring refuses goes to the `rescue` ring (counted in `rescued`); one both refuse
+ * is counted in `lost`.
  */
 #include "events.h"
 
@@ -44,7 +48,17 @@ enum sk_rst_reason { CP_DUMMY_RST_REASON = 0 };
 #define CP_IPPROTO_UDP 17
 #define CP_IPPROTO_ICMPV6 58
 
+#ifndef RESCUE_PAGES
+#define RESCUE_PAGES 16
+#endif
+#ifndef STATE_RECORD_MASK
+#define STATE_RECORD_MASK 0xFFFF
+#endif
+
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
+/* Where a record goes when `events` refuses it (emit()); read with `events`. */
+BPF_RINGBUF_OUTPUT(rescue, RESCUE_PAGES);
+BPF_PERCPU_ARRAY(rescued, u64, 1);
 BPF_HASH(watch, u32, u8, WATCH_MAX);
 BPF_HASH(quiet, u32, u8, 256);
 BPF_PERCPU_HASH(counts, struct cp_count_key, u64, 4096);
@@ -109,11 +123,16 @@ static __always_inline void emit(struct cp_event *ev) {
 #endif
     struct cp_event *out = events.ringbuf_reserve(sizeof(struct cp_event));
     if (!out) {
+        /* The ring's reservation also fails, now and then, with the ring nearly empty (seen on 6.18 with two
+         * CPUs writing: up to ~1 in 10,000 records at 40,000/s; retrying at once mostly fails — likely its lock
+         * giving up under contention); a second ring, with a lock of its own, takes the record (BENCHMARKS.md). */
+        out = rescue.ringbuf_reserve(sizeof(struct cp_event));
         u32 z = 0;
-        u64 *v = lost.lookup(&z);
+        u64 *v = out ? rescued.lookup(&z) : lost.lookup(&z);
         if (v)
             (*v)++;
-        return;
+        if (!out)
+            return;
     }
     __builtin_memcpy(out, ev, sizeof(struct cp_event));
     events.ringbuf_submit(out, 0);
@@ -363,6 +382,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (n)
         (*n)++;
     if (!watched)
+        return 0;
+    /* Of a watched flow's changes only the new states on the STATE_RECORD_MASK become records (the app asks
+     * for those its readers use: ESTABLISHED and CLOSE); the others are counted above and nothing more. */
+    if (!((STATE_RECORD_MASK >> ((u32)args->newstate & 15)) & 1))
         return 0;
     struct cp_event ev = {};
     ev.kind = CP_KIND_STATE;

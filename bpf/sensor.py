@@ -9,6 +9,9 @@
 
     KernelSensor(netns={inode, ...})             # only events seen in these network namespaces (this node's);
                                                  # default None: every namespace (a single node)
+    KernelSensor(state_records={"ESTABLISHED", "CLOSE"})  # a watched flow's TCP state changes to other states
+                                                 # are only counted (counters().watched), not sent as events;
+                                                 # default None: every change is an event
 
 Errors (`bpf/errors.py`): `SensorUnavailable` (the sensor cannot run here; the message names the missing
 piece), `SensorClosed` (used after close()), `WatchListFull`; all are `SensorError`s.
@@ -36,12 +39,22 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader, preload, runstats
-from bpf.decode import NUMBER_BY_KIND, PROTO_NUMBERS, RECORD_STRUCT, KernelNames, decode_event, decode_records
+from bpf.decode import (
+    DEFAULT_TCP_STATES,
+    NUMBER_BY_KIND,
+    PROTO_NUMBERS,
+    RECORD_STRUCT,
+    KernelNames,
+    decode_event,
+    decode_records,
+)
 from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
 from bpf.ring import RingReader
 from bpf.types import EventKind, KernelEvent
+
+RESCUE_PAGES = 16  # the second ring (sensor.c): 64 KiB, ~580 records
 
 __all__ = ["DEFAULT_QUIET_REASONS", "KernelSensor", "SensorCounters"]
 
@@ -67,6 +80,22 @@ class SensorCounters:
         return sum(n for (k, r), n in table.items() if k == kind and (reason is None or r == reason))
 
 
+def state_record_mask(states: frozenset[str] | None, names: KernelNames) -> int | None:
+    """The STATE_RECORD_MASK of sensor.c for these state names, numbered as the running kernel numbers them (None:
+    every state; a name this kernel's table lacks is looked up in the stable default numbering)."""
+    if states is None:
+        return None
+    numbers = {name: n for n, name in DEFAULT_TCP_STATES.items()}
+    numbers.update({name: n for n, name in names.tcp_states.items()})
+    mask = 0
+    for name in states:
+        n = numbers[name]
+        if not 0 <= n < 16:
+            return None  # a numbering the program's 16 slots cannot hold: report every change
+        mask |= 1 << n
+    return mask
+
+
 class KernelSensor:
     """Loads the BPF programs, keeps the watch list, and delivers decoded events.
 
@@ -89,6 +118,7 @@ class KernelSensor:
         debug_source: bool | None = None,
         netns: Iterable[int] | None = None,
         lazy_kallsyms: bool = False,
+        state_records: Iterable[str] | None = None,
     ):
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise ValueError("ring_pages must be a power of two")
@@ -103,6 +133,15 @@ class KernelSensor:
             raise ValueError("netns: an empty set of namespaces would report nothing (None means all)")
         if self.netns is not None and any(not 0 < n < 1 << 32 for n in self.netns):
             raise ValueError("netns: inode numbers are 32-bit positive integers")
+        # TCP states (names as tracefs spells them, without TCP_) whose changes on watched flows become events;
+        # None: all of them. The rest are counted in the kernel (`counters().watched`) and go no further.
+        if state_records is not None:
+            state_records = frozenset((state_records,) if isinstance(state_records, str) else state_records)
+            known = set(DEFAULT_TCP_STATES.values())
+            bad = sorted(str(x) for x in state_records if x not in known)
+            if bad:
+                raise ValueError(f"state_records: unknown TCP state {bad[0]!r} (known: {', '.join(sorted(known))})")
+        self.state_records: frozenset[str] | None = state_records
         self._btf_path = btf_path
         self._tracefs_root = tracefs_root
         self._kallsyms_path = kallsyms_path
@@ -128,7 +167,9 @@ class KernelSensor:
         self._delivered = 0
         self._closed = False
         self._reader: RingReader | None = None
+        self._rescue: RingReader | None = None  # the second ring, for records the first refused (sensor.c emit())
         self._final: SensorCounters | None = None
+        self._final_rescued = 0
         self.load_seconds: float | None = None
         self.cflags: list[str] = []
 
@@ -190,6 +231,10 @@ class KernelSensor:
         base = loader.compile_flags(tracefs, offsets, self.ring_pages, self.watch_max)
         if self.netns is not None:
             base.append("-DNETNS_FILTER")
+        base.append(f"-DRESCUE_PAGES={RESCUE_PAGES}")
+        mask = state_record_mask(self.state_records, self._names)
+        if mask is not None:
+            base.append(f"-DSTATE_RECORD_MASK={mask:#x}")
         # kallsyms (~0.2 s of parsing) is read on a thread while bcc compiles (a C++ call that releases the GIL)
         kallsyms = threading.Thread(target=self._read_kallsyms, name="connprobe-kallsyms", daemon=True)
         if not self._lazy_kallsyms:
@@ -214,6 +259,7 @@ class KernelSensor:
             # read in batches through mmap (bpf/ring.py), not with a ctypes callback per record
             self._reader = RingReader(self._bpf[b"events"].map_fd, self.ring_pages * mmap.PAGESIZE)
             self._ring_fd = self._reader.fd
+            self._rescue = RingReader(self._bpf[b"rescue"].map_fd, RESCUE_PAGES * mmap.PAGESIZE)
         except Exception:
             self._teardown()
             raise
@@ -274,6 +320,8 @@ class KernelSensor:
         self._loop = loop
         if self._ring_fd is not None:
             loop.add_reader(self._ring_fd, self._consume)
+        if self._rescue is not None:
+            loop.add_reader(self._rescue.fd, self._consume)
 
     def close(self) -> None:
         """Detach every program and free the maps. Idempotent; wakes any waiting iterator."""
@@ -283,11 +331,16 @@ class KernelSensor:
         if self._loop is not None and self._ring_fd is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._ring_fd)
+        if self._loop is not None and self._rescue is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._rescue.fd)
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._consume()
             with contextlib.suppress(Exception):
                 self._final = self.counters()  # what counters()/lost_events answer after close
+            with contextlib.suppress(Exception):
+                self._final_rescued = self.rescued_events
         self._teardown()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -296,6 +349,9 @@ class KernelSensor:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        rescue, self._rescue = self._rescue, None
+        if rescue is not None:
+            rescue.close()
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
             bpf.cleanup()
@@ -382,6 +438,10 @@ class KernelSensor:
         if reader is None or self._bpf is None:
             return
         fixed, other = reader.read(RECORD_STRUCT)
+        if self._rescue is not None and self._rescue.pending():  # rare: records the first ring refused
+            more, more_other = self._rescue.read(RECORD_STRUCT)
+            fixed += more
+            other += more_other
         if not fixed:
             return
         if not other:
@@ -417,7 +477,8 @@ class KernelSensor:
     def poll(self, timeout_ms: int = 0) -> None:
         """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
         self._require_open()
-        if timeout_ms > 0 and self._reader is not None and not self._reader.pending():
+        if (timeout_ms > 0 and self._reader is not None and not self._reader.pending()
+                and not (self._rescue is not None and self._rescue.pending())):
             self._reader.wait(timeout_ms)
         self._consume()
 
@@ -460,6 +521,13 @@ class KernelSensor:
             return self._final.ring_lost
         bpf = self._require_open()
         return sum(sum(v) for v in bpf[b"lost"].values())
+
+    @property
+    def rescued_events(self) -> int:
+        """Records the ring refused that the second ring took (delivered all the same)."""
+        if self._bpf is None:
+            return self._final_rescued
+        return sum(sum(v) for v in self._bpf[b"rescued"].values())
 
     @property
     def lost_events(self) -> int:

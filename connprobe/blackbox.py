@@ -55,11 +55,14 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("http", "bearer_token", MAPPED, "an `Authorization: Bearer` header"),
     ("http", "bearer_token_file", MAPPED, "an `Authorization: Bearer` header, the file read at load"),
     ("http", "authorization", MAPPED, "an `Authorization: <type>` header (credentials[_file])"),
-    ("http", "oauth2", REFUSED, "OAuth2 client credentials are not supported"),
+    ("http", "oauth2", SAME, "http.oauth2: client credentials; the token is fetched within the probe's timeout "
+                             "and cached until 10s before expires_in (see oauth2 rows)"),
     ("http", "proxy_url", SAME, "http.proxy_url (an http:// proxy; https targets through CONNECT; the module "
                                 "uses client: httpx)"),
-    ("http", "no_proxy", REFUSED, "not supported (one proxy_url for every target)"),
-    ("http", "proxy_from_environment", REFUSED, "not supported (the agent never reads proxy variables)"),
+    ("http", "no_proxy", SAME, "http.no_proxy (hosts, domains, addresses, CIDRs, `*`; Go's rules: localhost and "
+                               "loopback never proxied then; needs proxy_url)"),
+    ("http", "proxy_from_environment", MAPPED, "http.proxy_urls and no_proxy from the agent's HTTP_PROXY, HTTPS_PROXY "
+                                               "and NO_PROXY, read at load"),
     ("http", "proxy_connect_header", MAPPED, "http.proxy_headers (secret values; several joined with \", \"), sent "
                                            "to the proxy with CONNECT"),
     ("http", "skip_resolve_phase_with_proxy", REFUSED, "not supported (the target is resolved by connprobe)"),
@@ -104,16 +107,26 @@ KEYS: tuple[tuple[str, str, str, str], ...] = (
     ("grpc", "ip_protocol_fallback", SAME, "grpc.ip_protocol_fallback"),
     ("grpc", "tls", SAME, "grpc.tls"),
     ("grpc", "tls_config", SAME, "grpc.tls_config (insecure_skip_verify refused: grpcio always verifies)"),
+    ("oauth2", "client_id", SAME, "oauth2.client_id (required)"),
+    ("oauth2", "client_secret", SAME, "oauth2.client_secret (a secret; it or client_secret_file is required)"),
+    ("oauth2", "client_secret_file", MAPPED, "oauth2.client_secret, the file read at load"),
+    ("oauth2", "scopes", SAME, "oauth2.scopes (sent space-joined as scope)"),
+    ("oauth2", "token_url", SAME, "oauth2.token_url (http:// or https://; on /probe it passes the target policy)"),
+    ("oauth2", "endpoint_params", SAME, "oauth2.endpoint_params (added to the token request's form)"),
+    ("oauth2", "tls_config", MAPPED, "oauth2.tls (see tls_config rows)"),
+    ("oauth2", "proxy_url", REFUSED, "not supported (the token endpoint is reached directly)"),
     ("tls_config", "insecure_skip_verify", SAME, "insecure_skip_verify"),
     ("tls_config", "ca_file", SAME, "ca_file (relative: to the config's directory)"),
     ("tls_config", "cert_file", SAME, "cert_file (client certificate)"),
     ("tls_config", "key_file", SAME, "key_file"),
     ("tls_config", "server_name", SAME, "server_name"),
-    ("tls_config", "min_version", REFUSED, "not supported (the system's OpenSSL policy decides)"),
-    ("tls_config", "max_version", REFUSED, "not supported"),
-    ("tls_config", "ca", REFUSED, "inline PEM not supported (use ca_file)"),
-    ("tls_config", "cert", REFUSED, "inline PEM not supported (use cert_file)"),
-    ("tls_config", "key", REFUSED, "inline PEM not supported (use key_file)"),
+    ("tls_config", "min_version", SAME, "min_version (TLS10..TLS13; the system's OpenSSL floor still applies: "
+                                        "TLS 1.2 on Debian; refused for grpc)"),
+    ("tls_config", "max_version", SAME, "max_version (TLS10..TLS13; refused for grpc: grpcio cannot limit it)"),
+    ("tls_config", "ca", SAME, "ca (inline PEM; at most one of ca and ca_file)"),
+    ("tls_config", "cert", SAME, "cert (inline PEM; at most one of cert and cert_file)"),
+    ("tls_config", "key", SAME, "key (inline PEM, a secret; at most one of key and key_file; loaded from memory, "
+                                "never written to disk)"),
     ("tls_config", "key_file_ref", REFUSED, "not supported"),
 )
 # blackbox_exporter 0.23's metrics (every one its binary defines) -> connprobe: (metric, probers, status, note).
@@ -239,9 +252,14 @@ def _tls(t: Translation, raw: Any, prefix: str) -> Any:
                 del body[key]
             else:  # relative: to the config's directory. Read when a probe needs it (a config is often
                 body[key] = str(p)  # checked where the pod's mounted files are not: check-config on a laptop)
-    if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file():
+    if isinstance(body.get("cert_file"), str) and Path(body["cert_file"]).is_file() and "key" not in body:
+        from prober.tlsinfo import EncryptedKey, no_passphrase
+
         try:  # a certificate and key that are there but do not load: a config error, not a failure at each probe
-            ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"))
+            ssl.create_default_context().load_cert_chain(body["cert_file"], body.get("key_file"),
+                                                         password=no_passphrase)
+        except EncryptedKey as exc:
+            t.error(f"{prefix}.{'key_file' if body.get('key_file') else 'cert_file'}", str(exc))
         except ssl.SSLError:
             t.error(f"{prefix}.cert_file", "cannot load the client certificate and key: not PEM, or the key "
                                            "does not match the certificate")
@@ -266,16 +284,67 @@ def _secret_pair(t: Translation, body: dict, key: str, where: str) -> str | None
     return literal
 
 
+def _oauth2(t: Translation, body: dict, prefix: str) -> None:
+    """blackbox's `oauth2:` onto connprobe's `http.oauth2` (the same keys; client_secret_file read at load,
+    tls_config as tls). What is missing or unknown is named by the spec."""
+    where = f"{prefix}.oauth2"
+    raw = body.get("oauth2")
+    if not isinstance(raw, dict):
+        return  # the spec says what is wrong with it
+    sub = dict(raw)
+    _refuse(t, "oauth2", sub, where)
+    before = len(t.errors)
+    secret = _secret_pair(t, sub, "client_secret", where)
+    if secret is not None:
+        sub["client_secret"] = secret  # neither given: the spec says client_secret is required
+    elif len(t.errors) > before:
+        sub["client_secret"] = "unread"  # said already (both given, a file not read): not "required" as well
+    if "tls_config" in sub:
+        tls = _tls(t, sub.pop("tls_config"), f"{where}.tls_config")
+        if "tls" in sub:
+            t.error(f"{where}.tls_config", "give tls_config (blackbox) or tls (connprobe), not both")
+        else:
+            sub["tls"] = tls
+    elif isinstance(sub.get("tls"), dict):
+        sub["tls"] = _tls(t, sub["tls"], f"{where}.tls")
+    body["oauth2"] = sub
+
+
+def _environment_errors(t: Translation, where: str, urls: dict[str, str], no_proxy: tuple[str, ...]) -> bool:
+    """`proxy_from_environment`'s values checked here, each error naming the variable it came from (the keys they
+    fill, proxy_urls and no_proxy, are not in the user's file); True when one is wrong."""
+    from prober.proxy import check_no_proxy
+    from prober.spec import check_proxy_url
+
+    def var(name: str) -> str:
+        return name if os.environ.get(name, "").strip() else name.lower()
+
+    errors = len(t.errors)
+    for scheme, url in urls.items():
+        try:
+            check_proxy_url(url)
+        except ValueError as exc:
+            t.error(where, f"{var(scheme.upper() + '_PROXY')} in the agent's environment: {exc}")
+    try:
+        if urls:  # no proxy variable: NO_PROXY is not used
+            check_no_proxy(no_proxy)
+    except ValueError as exc:
+        t.error(where, f"{var('NO_PROXY')} in the agent's environment: {exc}")
+    return len(t.errors) > errors
+
+
 def _authorization(t: Translation, body: dict, prefix: str) -> str | None:
     """The Authorization header value the module's credentials make, or None."""
-    given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization") if k in body]
+    given = [k for k in ("basic_auth", "bearer_token", "bearer_token_file", "authorization", "oauth2") if k in body]
     if len(given) > 1:
-        t.error(prefix, f"at most one of basic_auth, bearer_token, bearer_token_file and authorization "
+        t.error(prefix, f"at most one of basic_auth, bearer_token, bearer_token_file, authorization and oauth2 "
                         f"(got {', '.join(given)})")
         for k in given:
             body.pop(k)
         return None
-    if not given:
+    if not given or given == ["oauth2"]:
+        if given:
+            _oauth2(t, body, prefix)
         return None
     key = given[0]
     raw = body.pop(key)
@@ -435,7 +504,27 @@ def _http(t: Translation, raw: Any, prefix: str, blackbox_defaults: bool = False
                     continue
                 out[name] = ", ".join(values)
             body["proxy_headers"] = out
-    if "proxy_url" in body and "client" not in body:
+    if "proxy_from_environment" in body:
+        v = body.pop("proxy_from_environment")
+        where = f"{prefix}.proxy_from_environment"
+        if not isinstance(v, bool):
+            t.error(where, "must be true or false")
+        elif v and ("proxy_url" in body or "proxy_urls" in body):
+            t.error(where, "give proxy_url or proxy_from_environment, not both")
+        elif v and "no_proxy" in body:
+            t.error(where, "give no_proxy or proxy_from_environment (NO_PROXY is read then), not both")
+            body.pop("no_proxy")  # said once
+        elif v:
+            from prober.proxy import from_environment
+
+            urls, no_proxy = from_environment(os.environ)  # the agent's environment, read at load (and reload)
+            if _environment_errors(t, where, urls, no_proxy):
+                urls = {}
+            if urls:
+                body["proxy_urls"] = urls
+                if no_proxy:
+                    body["no_proxy"] = list(no_proxy)
+    if ("proxy_url" in body or "proxy_urls" in body) and "client" not in body:
         body["client"] = "httpx"  # the client that speaks to proxies
     if "enable_http2" in body:
         v = body.pop("enable_http2")

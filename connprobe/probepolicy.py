@@ -7,8 +7,11 @@ never restricted here; on `/probe` the caller picks the target and the source, s
 - link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254) are refused, the
   resolved addresses included, unless the module lists them in `allowed_targets` (an address, a CIDR that
   holds them, or the exact host name; a wildcard does not unlock them).
-- a module that carries secrets (configured `http.headers`) sends them only to targets its `allowed_targets`
-  matches (host name wildcards, or CIDRs holding every resolved address); without the list it is refused.
+- a module that carries secrets (configured `http.headers`, `proxy_headers`, an `oauth2` token) sends them only to
+  targets its `allowed_targets` matches (host name wildcards, or CIDRs holding every resolved address); without
+  the list it is refused. An `oauth2.token_url` is configured by the operator, like `proxy_url`: its connects pass
+  the same per-connect check as the target's (`connect_guard`: link-local and metadata addresses refused unless
+  listed), nothing more.
 - `ProbeLimiter`: a concurrency cap and a token-bucket rate, answered with 429 and `Retry-After`.
 
 `check_target()` answers with a one-line reason (or None); `connect_guard()` builds the callable that
@@ -64,7 +67,8 @@ def declared_source(name: str, probes: Iterable[ProbeSpec]) -> str:
 def carries_secrets(module: ModuleSpec) -> bool:
     if module.websocket is not None and module.websocket.headers:
         return True
-    return module.http is not None and bool(module.http.headers or module.http.proxy_headers)
+    return module.http is not None and bool(module.http.headers or module.http.proxy_headers
+                                            or module.http.oauth2 is not None)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

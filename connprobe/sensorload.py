@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from connprobe.kernelwatch import KernelWatch
+from correlator.join import TCP_STATES_READ
 
 
 async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = None,
@@ -24,7 +25,8 @@ async def load_sensor(disabled: bool = False, netns: frozenset[int] | None = Non
         from bpf.sensor import KernelSensor
     except ImportError as exc:  # bcc missing
         return None, f"kernel sensor unavailable: {exc}"
-    sensor = KernelSensor(netns=netns, lazy_kallsyms=lazy_kallsyms)
+    # Only the TCP state changes the correlator reads become events; the others are counted in the kernel.
+    sensor = KernelSensor(netns=netns, lazy_kallsyms=lazy_kallsyms, state_records=TCP_STATES_READ)
     try:
         await sensor.__aenter__()
     except SensorError as exc:

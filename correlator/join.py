@@ -17,6 +17,12 @@ from dataclasses import dataclass
 from bpf.types import KernelEvent
 from prober.types import Flow, ProbeResult
 
+# The TCP state changes the correlator reads: ESTABLISHED (reasons.TcpFacts: the handshake completed) and CLOSE
+# (`window_complete`: the socket is done, no late event can come); any state event also shows that the other
+# end of a flow is on this node (`window_complete`), and each socket has both. The app has the kernel sensor
+# send only these as events and count the rest (SYN_SENT, FIN_WAIT1, ...: ~6 of a connection's ~10 changes).
+TCP_STATES_READ = frozenset({"ESTABLISHED", "CLOSE"})
+
 GRACE_NS = 500_000_000  # late events (a reset after the probe gave up, a retransmit in flight)
 SLACK_NS = 5_000_000  # hooks can report a little before the prober's own timestamp
 

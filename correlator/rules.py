@@ -378,6 +378,9 @@ def tls(ctx: Context) -> Finding | None:
 def http_error(ctx: Context) -> Finding | None:
     r = ctx.result
     if r.error == ErrorKind.HTTP_STATUS:
+        if r.http_status is None:  # a server other than the target said no (an OAuth2 token endpoint)
+            return Finding(Cause.HTTP_ERROR, "http_error/other_server", 0.95, (), (r.error_detail,),
+                           needs_kernel=False)
         return Finding(Cause.HTTP_ERROR, f"http_error/{r.http_status}", 0.95, (),
                        (f"the server answered HTTP {r.http_status}",), needs_kernel=False)
     if r.error == ErrorKind.VALIDATION:

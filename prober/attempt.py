@@ -21,7 +21,7 @@ from prober.errors import classify
 from prober.progress import Arrivals
 from prober.redact import Redactor, redact_url, remember
 from prober.resolve import Resolution, ResolvConf, is_ip, load_resolv_conf
-from prober.sockets import Source, connect
+from prober.sockets import PortCallback, Source, connect
 from prober.spec import ProbeSpec
 from prober.target import Target, parse_target
 from prober.types import Arrival, DnsTransaction, ErrorKind, Flow, PhaseSpan, ProbeKind, ProbeResult, Proto
@@ -190,6 +190,7 @@ class Attempt:
     captured: tuple[tuple[str, str], ...] = ()
     values: dict[str, float] = field(default_factory=dict)
     tls_leaf: tuple[tuple[str, str], ...] = ()  # `prober.tlsinfo.TLSFacts.leaf` of the handshake that counted
+    oauth2_fetch: object | None = None  # the OAuth2 token fetch this run waits for (`prober.oauth2`)
 
     def tls(self, facts) -> None:
         """Record a TLS handshake's facts (`prober.tlsinfo.tls_facts`): its values and its leaf certificate."""
@@ -206,12 +207,14 @@ class Attempt:
     def resolv_conf(self) -> ResolvConf:
         return self.resolv or load_resolv_conf(self.source.resolv_conf)
 
-    async def connect_tcp(self, env: ProbeEnv, family: int, sockaddr: tuple, hop,
+    async def connect_tcp(self, env: ProbeEnv | PortCallback, family: int, sockaddr: tuple, hop,
                           local: str | None = None) -> socket.socket:
-        """A TCP socket of the probe's source (bound to `local` when given), announced before use, connected to
-        `sockaddr` with the hop's connect phase timed. Its flow is recorded even when the connect fails (the
-        kernel saw its packets); the socket is closed then, and the caller's on any later failure."""
-        sock = await self.source.open(family, socket.SOCK_STREAM, env.on_local_port, local)
+        """A TCP socket of the probe's source (bound to `local` when given), announced before use (to `env`'s
+        `on_local_port`, or to the callback given instead), connected to `sockaddr` with the hop's connect phase
+        timed. Its flow is recorded even when the connect fails (the kernel saw its packets); the socket is closed
+        then, and the caller's on any later failure. The one home of that sequence (http, tcp, grpc, oauth2)."""
+        on_local_port = env.on_local_port if isinstance(env, ProbeEnv) else env
+        sock = await self.source.open(family, socket.SOCK_STREAM, on_local_port, local)
         hop.sock = sock
         hop.connect_start = time.monotonic_ns()
         try:

@@ -68,9 +68,15 @@ def _kind_of(code, details: str, connected: bool) -> ErrorKind:
 def _credentials(tls) -> object:
     import grpc
 
-    roots = Path(tls.ca_file).read_bytes() if tls.ca_file else None
-    chain = Path(tls.cert_file).read_bytes() if tls.cert_file else None
-    key = Path(tls.key_file or tls.cert_file).read_bytes() if tls.cert_file else None
+    roots = Path(tls.ca_file).read_bytes() if tls.ca_file else tls.ca.encode() if tls.ca else None
+    chain = Path(tls.cert_file).read_bytes() if tls.cert_file else tls.cert.encode() if tls.cert else None
+    key = None
+    if tls.key is not None:
+        key = tls.key.get_secret_value().encode()
+    elif tls.key_file:
+        key = Path(tls.key_file).read_bytes()
+    elif chain is not None:
+        key = chain  # the key in the certificate's PEM
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 

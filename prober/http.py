@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import time
+import warnings
 from typing import Any
 
 import aiohttp
@@ -36,15 +37,15 @@ import aiohttp.connector
 import yarl
 from aiohttp.abc import AbstractResolver
 
-from prober import http1_client
+from prober import http1_client, oauth2
 from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
 from prober.errors import find_in_chain
 from prober.resolve import resolve
-from prober.sockets import connect, family_mismatch
+from prober.sockets import family_mismatch
 from prober.spec import HTTPSpec, TLSSpec
-from prober.tlsinfo import tls_facts
-from prober.types import ErrorKind, Proto
+from prober.tlsinfo import load_client_chain, tls_facts
+from prober.types import ErrorKind
 
 monotonic_ns = time.monotonic_ns
 
@@ -67,18 +68,7 @@ async def _open_connected(attempt: Attempt, family: int, addr: tuple, timeline: 
     local = http.source_ip_address if http is not None else None
     if (err := family_mismatch(local, addr[0])) is not None:
         raise ProbeFailure(ErrorKind.CONNECT_UNREACHABLE, err)
-    sock = await attempt.source.open(family, socket.SOCK_STREAM, _CTX_CB.get(), local)
-    hop.sock = sock
-    loop = asyncio.get_running_loop()
-    hop.connect_start = monotonic_ns()
-    try:
-        hop.connect_end = await connect(loop, sock, addr)
-    except BaseException:
-        attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-        sock.close()
-        raise
-    attempt.flows.append(attempt.source.flow(sock, addr, Proto.TCP))
-    return sock, hop
+    return await attempt.connect_tcp(_CTX_CB.get(), family, addr, hop, local), hop
 
 
 _CTX_CB: contextvars.ContextVar = contextvars.ContextVar("connprobe_port_cb")
@@ -177,6 +167,9 @@ async def _exchange(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict
 async def _hops(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, facts: dict) -> None:
     send = _SENDERS[spec.client]
     req = _first_request(attempt, spec)
+    if spec.oauth2 is not None:  # a token first (cached, or fetched within this probe's deadline)
+        token = await oauth2.authorization(attempt, spec.oauth2, _CTX_CB.get(), ssl_context, _CTX_DEADLINE.get())
+        req = _Request(req.method, req.url, {**req.headers, "Authorization": token}, req.body)
     redirects = 0
     while True:
         resp = await send(attempt, spec, env, _sendable(req), redirects == 0)
@@ -326,10 +319,27 @@ def _trace_config() -> aiohttp.TraceConfig:
     return tc
 
 
+_TLS_VERSION = {"TLS10": "TLSv1", "TLS11": "TLSv1_1", "TLS12": "TLSv1_2", "TLS13": "TLSv1_3"}
+
+
+def _set_versions(ctx: ssl.SSLContext, tls: TLSSpec) -> None:
+    with warnings.catch_warnings():  # TLSv1 and TLSv1_1 are deprecated in Python 3.10+ (a warning): still settable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if tls.min_version is not None:
+            # OpenSSL's own floor (Debian: TLS 1.2 at security level 2) still refuses lower versions; blackbox's Go
+            # client has no such floor
+            ctx.minimum_version = getattr(ssl.TLSVersion, _TLS_VERSION[tls.min_version])
+        if tls.max_version is not None:
+            ctx.maximum_version = getattr(ssl.TLSVersion, _TLS_VERSION[tls.max_version])
+
+
 def _ssl_context(tls: TLSSpec) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:  # the client certificate, sent when the server asks for one
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    """The client context of a module's TLS settings: every TLS the probers speak (http, tcp, STARTTLS, websocket,
+    an OAuth2 token endpoint) is made here; grpc's is grpcio's own (`prober/grpc.py`)."""
+    ctx = ssl.create_default_context(cafile=tls.ca_file, cadata=tls.ca)
+    if tls.min_version is not None or tls.max_version is not None:
+        _set_versions(ctx, tls)
+    load_client_chain(ctx, tls)  # the client certificate, sent when the server asks for one
     if tls.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -518,6 +528,12 @@ async def probe_http(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
     except ProbeFailure as exc:
         return attempt.result(exc.kind, exc.detail)
     except Exception as exc:
+        if isinstance(exc, oauth2.TokenFailure):
+            return attempt.result(exc.kind, exc.detail)
+        if isinstance(exc, TimeoutError) and attempt.oauth2_fetch is not None:
+            named = oauth2.timeout_failure(attempt)  # the deadline came while the token was fetched
+            if named is not None:
+                return attempt.result(*named)
         failure = _find_failure(exc)
         if failure is not None:
             return attempt.result(failure.kind, failure.detail)
@@ -545,7 +561,7 @@ async def _http1_send(attempt: Attempt, spec: HTTPSpec, env: ProbeEnv, req: _Req
     body = req.body.encode() if req.body is not None else None
     request = None
     prep = attempt.prep
-    if first:  # the same bytes every run: built once per spec
+    if first and spec.oauth2 is None:  # the same bytes every run: built once per spec (not with a token)
         request = prep.request
         if request is None:
             request = prep.request = http1_client.request_bytes(req.method, req.url, req.headers, body)

@@ -23,6 +23,7 @@ from httpcore._backends.anyio import AnyIOStream
 
 from prober.attempt import Attempt, Timeline
 from prober.env import ProbeEnv
+from prober.proxy import proxy_for
 from prober.spec import HTTPSpec, TLSSpec
 from prober.tlsinfo import tls_facts
 from prober.types import ErrorKind
@@ -237,8 +238,10 @@ async def send(
     spec: HTTPSpec, env: ProbeEnv, method: str, url: str, headers: dict[str, str], body: str | None, hooks: Hooks
 ):
     """One request (no redirect followed); the response's status, headers and decoded body in pieces."""
-    proxy_headers = tuple((k, v.get_secret_value()) for k, v in spec.proxy_headers.items())
-    client = _httpx_client(env, spec.tls, hooks, spec.proxy_url, spec.http2, proxy_headers)
+    target = httpx.URL(url)
+    proxy = proxy_for(spec, target.scheme, target.host, target.port)
+    proxy_headers = tuple((k, v.get_secret_value()) for k, v in spec.proxy_headers.items()) if proxy else ()
+    client = _httpx_client(env, spec.tls, hooks, proxy, spec.http2, proxy_headers)
     extensions = {}
     if spec.tls.server_name:
         extensions["sni_hostname"] = spec.tls.server_name

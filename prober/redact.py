@@ -62,6 +62,7 @@ __all__ = [
     "install_log_redaction",
     "known_redactor",
     "label_target",
+    "learn",
     "redact",
     "redact_text",
     "redact_url",
@@ -180,6 +181,9 @@ def secrets_of(spec) -> tuple[str, ...]:
                 found += [_plain(getattr(auth, "password", None)), _plain(getattr(auth, "username", None))]
         for field in ("bearer_token", "token"):
             found.append(_plain(getattr(http, field, None)))
+        oauth = getattr(http, "oauth2", None)
+        if oauth is not None:  # the client secret and the Basic credentials of the token request
+            found += oauth.secrets()
     found += url_secrets(getattr(spec, "target", "") or "")
     out: list[str] = []
     for s in found:
@@ -199,7 +203,9 @@ def _header_secrets(spec) -> set[str]:
     http = getattr(getattr(spec, "module", None), "http", None)
     if http is None:
         return set()
-    return {_plain(v) for v in (*http.headers.values(), *getattr(http, "proxy_headers", {}).values())}
+    found = {_plain(v) for v in (*http.headers.values(), *getattr(http, "proxy_headers", {}).values())}
+    oauth = getattr(http, "oauth2", None)
+    return found | set(oauth.secrets()) if oauth is not None else found
 
 
 class Redactor:
@@ -212,10 +218,11 @@ class Redactor:
     tries an alternation's branches one by one: 10,000 secrets cost ~10 ms a line).
     """
 
-    __slots__ = ("_allowed", "_built", "_by_prefix", "_pattern", "secrets")
+    __slots__ = ("_allowed", "_base", "_built", "_by_prefix", "_pattern", "secrets")
 
     def __init__(self, secrets: Iterable[str] = (), short_ok: Iterable[str] | None = None):
         self.secrets = tuple(dict.fromkeys(s for s in secrets if s and s.strip()))
+        self._base = len(self.secrets)  # the configured ones; `learn` adds run-time ones after them
         self._allowed = None if short_ok is None else frozenset(short_ok)
         self._built = False  # compiled on the first text to redact: most probes never have one
         self._by_prefix: dict[str, list[str]] | None = None
@@ -237,6 +244,18 @@ class Redactor:
                  if len(s) < LONG and s in allowed]
         self._pattern = re.compile("|".join(alts)) if alts else None
         self._built = True
+
+    def learn(self, secret: str, keep: int = 8) -> None:
+        """Add a secret known only at run time (a fetched OAuth2 token); the last `keep` such stay (a token
+        rotates: an old one is never sent again, and the list must not grow for ever)."""
+        if not secret or not secret.strip() or secret in self.secrets:
+            return
+        before = self.secrets[self._base:]
+        learned = (*before, secret)[-keep:]
+        if self._allowed is not None:  # the dropped ones go from it too (it must not grow for ever either)
+            self._allowed = (self._allowed - (set(before) - set(learned))) | {secret}
+        self.secrets = (*self.secrets[: self._base], *learned)
+        self._built = False
 
     @classmethod
     def for_spec(cls, spec) -> Redactor:
@@ -309,6 +328,26 @@ _known_redactor: Redactor | None = Redactor()
 _MAX_KNOWN = 100_000  # a target's own secrets beyond this many are left to the URL rule (module ones never)
 
 
+_learned: dict[str, None] = {}  # run-time secrets (fetched tokens), the most recent `_MAX_LEARNED`
+_MAX_LEARNED = 4096
+
+
+def learn(redactor: Redactor | None, secret: str) -> None:
+    """A secret known only at run time (an OAuth2 token): taught to a probe's redactor and to every log line's."""
+    global _known_redactor
+    if redactor is not None:
+        redactor.learn(secret)
+    if not secret or not secret.strip():
+        return
+    with _known_lock:
+        if secret in _learned:
+            return
+        _learned[secret] = None
+        while len(_learned) > _MAX_LEARNED:
+            del _learned[next(iter(_learned))]
+        _known_redactor = None
+
+
 def remember(spec) -> None:
     """Add a probe's secrets to those every log line is scrubbed of. A module's secrets (bounded by the
     config) are always kept; a target's (a `/probe` caller can make up any number) up to `_MAX_KNOWN`."""
@@ -340,7 +379,9 @@ def known_redactor() -> Redactor:
         with _known_lock:
             red = _known_redactor
             if red is None:
-                red = _known_redactor = Redactor(_known, short_ok=[s for s, short in _known.items() if short])
+                # a fetched token is sent as a header value: a short one is matched as a whole word, as those are
+                red = _known_redactor = Redactor([*_known, *_learned],
+                                                 short_ok=[*(s for s, short in _known.items() if short), *_learned])
     return red
 
 

@@ -6,6 +6,7 @@ Header values are `SecretStr`: they never show in a repr, a result, a log line o
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from typing import Annotated, Literal
@@ -183,13 +184,24 @@ def _check_regexes(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")  # blackbox's (Go's) names, oldest first
+TLSVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
+
+
 class TLSSpec(Frozen):
     insecure_skip_verify: bool = False
     server_name: str | None = None  # SNI and the name the certificate must match
     ca_file: str | None = None
     cert_file: str | None = None  # client certificate (PEM), presented when the server asks
     key_file: str | None = None  # its private key (PEM; default: in cert_file)
+    # the same as inline PEM text (blackbox's ca, cert, key): each at most one of it and its *_file form
+    ca: str | None = None
+    cert: str | None = None
+    key: SecretStr | None = None
     min_cert_days: float | None = Field(default=None, gt=0, le=36500)  # fail when the cert expires sooner
+    # the TLS versions the client offers (blackbox's spelling); unset: what the system's OpenSSL allows
+    min_version: TLSVersion | None = None
+    max_version: TLSVersion | None = None
 
     @field_validator("server_name")
     @classmethod
@@ -202,9 +214,46 @@ class TLSSpec(Frozen):
     def _expiry_needs_verify(self) -> TLSSpec:
         if self.min_cert_days is not None and self.insecure_skip_verify:
             raise ValueError("min_cert_days needs certificate verification (insecure_skip_verify is true)")
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file needs cert_file")
+        for inline, file in (("ca", "ca_file"), ("cert", "cert_file"), ("key", "key_file")):
+            if getattr(self, inline) is not None and getattr(self, file) is not None:
+                raise ValueError(f"at most one of {inline} and {file}")
+        if (self.key_file is not None or self.key is not None) and self.cert_file is None and self.cert is None:
+            raise ValueError(f"{'key_file' if self.key_file is not None else 'key'} needs cert_file or cert")
+        self._check_inline_pem()
+        if self.min_version and self.max_version and TLS_VERSIONS.index(self.min_version) > TLS_VERSIONS.index(
+                self.max_version):
+            raise ValueError(f"min_version {self.min_version} is above max_version {self.max_version}")
         return self
+
+
+    def _check_inline_pem(self) -> None:
+        """Inline PEM that does not load is a config error (not a failure at every probe)."""
+        import ssl
+
+        from prober.tlsinfo import EncryptedKey, load_client_chain
+
+        if self.ca is not None:
+            try:
+                ssl.create_default_context(cadata=self.ca)
+            except (ssl.SSLError, ValueError):
+                raise ValueError("ca: not PEM certificates") from None
+        if self.cert is not None or self.key is not None:
+            import os.path
+
+            if self.cert_file is not None and not os.path.isfile(self.cert_file):
+                return  # read when a probe needs it (check-config away from the mounted files)
+            if self.key_file is not None and not os.path.isfile(self.key_file):
+                return
+            try:
+                load_client_chain(ssl.create_default_context(), self)
+            except EncryptedKey as exc:
+                raise ValueError(f"{'key' if self.key is not None else 'key_file'}: {exc}") from None
+            except (ssl.SSLError, ValueError):
+                which = "cert" if self.cert is not None else "key"
+                raise ValueError(f"{which}: cannot load the client certificate and key: not PEM, or the key does "
+                                 "not match the certificate") from None
+            except OSError as exc:
+                raise ValueError(f"cannot load the client certificate and key: {exc.strerror or exc}") from None
 
 
 class HeaderMatch(Frozen):
@@ -225,6 +274,124 @@ def _source_ip(v: str | None) -> str | None:
         except ValueError:
             raise ValueError(f"{_shown(v)} is not an IP address") from None
     return v
+
+
+def _check_http_url(v: str, what: str) -> str:
+    """An http:// or https:// URL with a valid host (a token endpoint): one-line errors."""
+    from urllib.parse import urlsplit
+
+    from prober.redact import redact_url
+
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{_shown(redact_url(v))} is not a URL: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{what}: {_shown(redact_url(v))} is not an http:// or https:// URL")
+    if u.username is not None or u.password is not None:
+        raise ValueError(f"{what}: credentials in the URL are not supported (use client_id and client_secret)")
+    if u.fragment:
+        raise ValueError(f"{what}: a URL with a #fragment is not a token endpoint")
+    if any(c.isspace() or not c.isprintable() for c in v):
+        raise ValueError(f"{what}: {_shown(redact_url(v))} holds a space or a control character")
+    if err := host_name_error(u.hostname):
+        raise ValueError(f"{what}: {err}")
+    return v
+
+
+class OAuth2Spec(Frozen):
+    """OAuth 2.0 client credentials (blackbox's `http.oauth2`): a token is fetched from `token_url` (`prober.oauth2`)
+    and sent as `Authorization: <token_type> <access_token>` on the probe's request."""
+
+    client_id: str = Field(min_length=1, max_length=4096)
+    client_secret: SecretStr  # a `client_secret_file` is read at load (`connprobe.blackbox`)
+    token_url: str
+    scopes: tuple[str, ...] = ()  # sent space-joined as `scope`
+    endpoint_params: dict[str, str] = Field(default_factory=dict)  # extra form fields of the token request
+    tls: TLSSpec = TLSSpec()  # for an https token_url (blackbox's oauth2.tls_config)
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_http_url(v, "token_url")
+
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, v: TLSSpec) -> TLSSpec:
+        if v.min_cert_days is not None:  # the token endpoint's certificate is not the probe's subject
+            raise ValueError("tls.min_cert_days: not supported for the token endpoint (only for the target)")
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if re.search(r"[\r\n\x00]", v):
+            raise ValueError("client_id: contains a line break")
+        return v
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("client_secret: must not be empty")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in v:
+            if not scope or any(c.isspace() or not c.isprintable() for c in scope):
+                raise ValueError(f"scope {_shown(scope)}: a scope is one word of printable characters")
+        return v
+
+    @field_validator("endpoint_params")
+    @classmethod
+    def _params(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name or not name.isprintable():
+                raise ValueError(f"endpoint_params: {_shown(name)} is not a parameter name")
+        return v
+
+    def secrets(self) -> tuple[str, ...]:
+        """The client secret and what the token request carries of it: the HTTP Basic credentials made of it, and
+        the secret form-encoded (as it is in the request's form, which an endpoint's error text may quote)."""
+        from urllib.parse import quote_plus
+
+        secret = self.client_secret.get_secret_value()
+        encoded = quote_plus(secret, safe="")
+        return (secret, oauth2_basic_credentials(self.client_id, secret), *((encoded,) if encoded != secret else ()))
+
+
+def oauth2_basic_credentials(client_id: str, secret: str) -> str:
+    """The base64 of the Basic credentials of a token request (RFC 6749 2.3.1: each part form-encoded first, as
+    Go's oauth2 package does); `prober.oauth2` sends them, the redactor hides them."""
+    from urllib.parse import quote_plus
+
+    return base64.b64encode(f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}".encode()).decode()
+
+
+def check_proxy_url(v: str) -> str:
+    """An http://HOST[:PORT] proxy, normalised to carry its port (errors show it without its userinfo: a proxy
+    password stays out of them)."""
+    from urllib.parse import urlsplit
+
+    from prober.redact import redact_url
+
+    try:
+        u = urlsplit(v)
+        port = u.port
+    except ValueError as exc:
+        raise ValueError(f"{_shown(redact_url(v))} is not a URL: {exc}") from None
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"{_shown(redact_url(v))}: only http://HOST:PORT proxies are supported")
+    if u.username is not None or u.password is not None:
+        raise ValueError("credentials in proxy_url are not supported")
+    if u.path not in ("", "/") or u.query or u.fragment:
+        raise ValueError(f"{_shown(redact_url(v))}: a proxy URL has no path, query or fragment")
+    if err := host_name_error(u.hostname):
+        raise ValueError(err)
+    return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
 
 
 HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")
@@ -263,39 +430,54 @@ class HTTPSpec(Frozen):
     proxy_url: str | None = None
     http2: bool = False  # offer h2 by ALPN on https targets (httpx; blackbox's enable_http2)
     proxy_headers: dict[str, SecretStr] = Field(default_factory=dict)  # sent to the proxy (CONNECT), secrets
+    oauth2: OAuth2Spec | None = None  # client credentials: a token fetched and sent as Authorization
+    # a proxy per target scheme (instead of proxy_url; `proxy_from_environment` fills it at load) and the targets
+    # that bypass the proxy: which request goes where is decided in `prober.proxy`
+    proxy_urls: dict[Literal["http", "https"], str] = Field(default_factory=dict)
+    no_proxy: tuple[str, ...] = ()
 
     _source = field_validator("source_ip_address")(classmethod(lambda cls, v: _source_ip(v)))
 
     @field_validator("proxy_url")
     @classmethod
     def _proxy(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from urllib.parse import urlsplit
+        return None if v is None else check_proxy_url(v)
 
-        try:
-            u = urlsplit(v)
-            port = u.port
-        except ValueError as exc:
-            raise ValueError(f"{_shown(v)} is not a URL: {exc}") from None
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"{_shown(v)}: only http://HOST:PORT proxies are supported")
-        if u.username is not None or u.password is not None:
-            raise ValueError("credentials in proxy_url are not supported")
-        if u.path not in ("", "/") or u.query or u.fragment:
-            raise ValueError(f"{_shown(v)}: a proxy URL has no path, query or fragment")
-        if err := host_name_error(u.hostname):
-            raise ValueError(err)
-        return f"http://{u.netloc}" if port else f"http://{u.netloc}:80"
+    @field_validator("proxy_urls")
+    @classmethod
+    def _proxies(cls, v: dict[str, str]) -> dict[str, str]:
+        return {scheme: check_proxy_url(url) for scheme, url in v.items()}
+
+    @field_validator("no_proxy", mode="before")
+    @classmethod
+    def _no_proxy_list(cls, v: object) -> tuple[str, ...]:
+        from prober.proxy import split_no_proxy
+
+        return split_no_proxy(v)
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _no_proxy(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from prober.proxy import check_no_proxy
+
+        return check_no_proxy(v)
 
     @model_validator(mode="after")
     def _proxy_client(self) -> HTTPSpec:
         if self.proxy_url is not None and self.client != "httpx":
             raise ValueError(f"proxy_url: needs client: httpx (the {self.client} client does not use proxies)")
-        if self.proxy_headers and self.proxy_url is None:
+        if self.proxy_urls and self.client != "httpx":
+            raise ValueError(f"proxy_urls: needs client: httpx (the {self.client} client does not use proxies)")
+        if self.proxy_urls and self.proxy_url is not None:
+            raise ValueError("proxy_urls: give proxy_url (every target) or proxy_urls (per scheme), not both")
+        if self.proxy_headers and self.proxy_url is None and not self.proxy_urls:
             raise ValueError("proxy_headers: needs proxy_url")
+        if self.no_proxy and self.proxy_url is None and not self.proxy_urls:
+            raise ValueError("no_proxy: needs proxy_url")
         if self.http2 and self.client != "httpx":
             raise ValueError(f"http2: needs client: httpx (the {self.client} client speaks HTTP/1.1)")
+        if self.oauth2 is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("oauth2: an Authorization header is also configured (the token is sent as one)")
         return self
 
     @field_validator("valid_http_versions")
@@ -344,8 +526,9 @@ class HTTPSpec(Frozen):
     def secrets(self) -> tuple[str, ...]:
         """Every header value (and proxy header value), whatever its length (how outputs hide them:
         `prober.redact`)."""
-        return tuple(v for s in (*self.headers.values(), *self.proxy_headers.values())
-                     if (v := s.get_secret_value()).strip())
+        found = tuple(v for s in (*self.headers.values(), *self.proxy_headers.values())
+                      if (v := s.get_secret_value()).strip())
+        return found + (self.oauth2.secrets() if self.oauth2 is not None else ())
 
 
 class QueryStep(Frozen):
@@ -517,6 +700,9 @@ class GRPCSpec(Frozen):
     def _verified(cls, v: TLSSpec) -> TLSSpec:
         if v.insecure_skip_verify:  # grpcio's TLS always verifies the peer
             raise ValueError("insecure_skip_verify is not possible with grpc (grpcio always verifies)")
+        if v.min_version is not None or v.max_version is not None:  # grpcio's credentials take no TLS versions
+            raise ValueError("min_version/max_version are not possible with grpc (grpcio's channel credentials "
+                             "cannot limit TLS versions)")
         return v
 
 

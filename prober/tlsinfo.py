@@ -106,3 +106,40 @@ def _chain(inner: Any, method: str) -> list[tuple[dict[str, Any], bytes]]:
         except (AttributeError, ValueError, ssl.SSLError):
             continue
     return out
+
+
+class EncryptedKey(ValueError):
+    """A client key encrypted with a pass phrase: not supported (there is no key to give one)."""
+
+
+def no_passphrase() -> bytes:
+    """`load_cert_chain`'s `password`: an encrypted key is a one-line error, where OpenSSL would otherwise ask for
+    the pass phrase on the process's terminal and block (check-config, or the agent run in a shell)."""
+    raise EncryptedKey("the private key is encrypted with a pass phrase (not supported: give it unencrypted)")
+
+
+def load_client_chain(ctx: ssl.SSLContext, tls: Any) -> None:
+    """Load a TLS setting's client certificate and key into `ctx`: from `cert_file` / `key_file`, or from inline PEM
+    (`cert`, `key`), which OpenSSL reads from an anonymous in-memory file (memfd: never written to disk). An
+    encrypted key raises `EncryptedKey` (never a pass phrase prompt)."""
+    import contextlib
+    import os
+
+    key_text = tls.key.get_secret_value() if tls.key is not None else None
+
+    def memfd(text: str, stack: contextlib.ExitStack) -> str:
+        fd = os.memfd_create("connprobe-tls", os.MFD_CLOEXEC)
+        stack.callback(os.close, fd)
+        os.write(fd, text.encode())
+        return f"/proc/self/fd/{fd}"
+
+    with contextlib.ExitStack() as stack:
+        if tls.cert_file is not None:
+            certfile = tls.cert_file
+        elif tls.cert is not None:
+            certfile = memfd(tls.cert, stack)
+        else:
+            return
+        keyfile = tls.key_file if tls.key_file is not None else (
+            memfd(key_text, stack) if key_text is not None else None)
+        ctx.load_cert_chain(certfile, keyfile, password=no_passphrase)

@@ -17,6 +17,7 @@ import pytest
 
 from tests.timeouts import (  # noqa: F401 (hooks)
     pytest_exception_interact,
+    pytest_runtest_logreport,
     pytest_timeout_cancel_timer,
     pytest_timeout_set_timer,
 )

@@ -60,3 +60,39 @@ def test_a_hang_fails_one_test_and_the_session_goes_on(tmp_path):
         assert f"FAILED test_hanging.py::{name}" in out, out
     assert "3 failed, 1 passed" in out, out
     assert "Timeout (>1s)" in out + proc.stderr
+
+
+UNSTOPPABLE = '''
+import time
+
+
+def test_fails_first():
+    assert 1 == 2, "an earlier failure the exit must still show"
+
+
+def test_swallows_every_limit():
+    while True:
+        try:
+            time.sleep(600)
+        except BaseException:
+            pass  # nothing stops it: the limit ends the process
+'''
+
+
+def test_a_test_that_never_ends_exits_the_run_and_shows_what_failed(tmp_path):
+    """After HARD_AFTER expiries the process exits: the stacks and every failure before it reach the real
+    stderr (not pytest's capture, which dies with the process), so a CI log says what hung and what failed."""
+    (tmp_path / "test_unstoppable.py").write_text(UNSTOPPABLE)
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntimeout = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.timeouts", "-p", "no:cacheprovider", "test_unstoppable.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "test_unstoppable.py::test_swallows_every_limit did not end" in err, err
+    assert "in test_swallows_every_limit" in err  # its stack
+    assert "failed before the exit: test_unstoppable.py::test_fails_first (call)" in err, err
+    assert "an earlier failure the exit must still show" in err
+    assert "exiting: test_unstoppable.py::test_swallows_every_limit hung; 1 failure(s) before it" in err

@@ -99,7 +99,18 @@ class _Limit:
             loop.stop()
 
     def _hard_exit(self) -> None:
+        # pytest captures fd 2 during a test: what is written now would die with the process unless the capture
+        # is suspended first. Then the stacks, and what failed before (the session's summary never comes).
+        capture = self.item.config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            try:
+                capture.suspend_global_capture(in_=True)
+            except Exception:  # best effort on the way out
+                pass
         _dump_stacks(self.item, f"Timeout: {self.item.nodeid} did not end after {self.expiries - 1} expiries; exiting")
+        for nodeid, when, text in _FAILED:
+            sys.stderr.write(f"\n{'_' * 20} failed before the exit: {nodeid} ({when}) {'_' * 20}\n{text}\n")
+        sys.stderr.write(f"\nexiting: {self.item.nodeid} hung; {len(_FAILED)} failure(s) before it\n")
         sys.stderr.flush()
         os._exit(1)
 
@@ -136,6 +147,12 @@ def _dump_stacks(item: pytest.Item, title: str) -> None:
 
 
 _REPORTING = pytest.StashKey[bool]()
+_FAILED: list[tuple[str, str, str]] = []  # (nodeid, phase, report text) of each failure, for a hard exit's output
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _FAILED.append((report.nodeid, report.when, report.longreprtext[-6000:]))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -74,11 +74,11 @@ def test_agent_refuses_an_invalid_blackbox_file(tmp_path):
     import sys
 
     cfg = tmp_path / "blackbox.yml"
-    cfg.write_text("modules:\n  m:\n    prober: http\n    http: {oauth2: {client_id: a}}\n")
+    cfg.write_text("modules:\n  m:\n    prober: http\n    http: {use_proxy_dns: true}\n")
     out = subprocess.run([sys.executable, "-m", "connprobe.cli", "agent", "--blackbox-config", str(cfg),
                           "--no-kernel", "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert 'module "m": http.oauth2: blackbox_exporter key not supported by connprobe' in out.stderr
+    assert 'module "m": http.use_proxy_dns: blackbox_exporter key not supported by connprobe' in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -155,10 +155,10 @@ def test_config_problems_are_usage_errors(tmp_path):
     proc = run("--config", str(tmp_path / "missing.yml"), "--probe", "api", "--no-kernel")
     assert proc.returncode == 2 and "cannot read: No such file or directory" in proc.stderr
     bad = tmp_path / "bad.yml"
-    bad.write_text("modules: {m: {prober: http, http: {oauth2: {}}}}\nprobes: []\n")
+    bad.write_text("modules: {m: {prober: http, http: {use_proxy_dns: true}}}\nprobes: []\n")
     proc = run("--config", str(bad), "--probe", "api", "--no-kernel")
     assert proc.returncode == 2
-    assert "--config: module \"m\": http.oauth2: blackbox_exporter key not supported" in proc.stderr
+    assert "--config: module \"m\": http.use_proxy_dns: blackbox_exporter key not supported" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run("--probe", "api", "--no-kernel")
     assert proc.returncode == 2 and "--probe: needs --config FILE" in proc.stderr

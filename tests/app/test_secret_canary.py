@@ -2,11 +2,12 @@
 searched for each of them.
 
 Places: a header value (a long one and a 2-character one), a URL's password, a username-only userinfo (HTTP
-and TCP), a query value and a fragment — in the probe config, in a reload (a rejected one, then an accepted
-one) and in `connprobe diagnose` targets. The upstream (a raw HTTP server on 127.0.0.1) answers `/echo`
-with a malformed header that repeats what the probe sent (its header values, its Basic credentials and its
-request target), so each secret really reaches the probe's error text: the only thing between it and the
-outputs is the redactor.
+and TCP), a query value and a fragment, an OAuth2 client secret (and the Basic credentials made of it) and the
+token fetched with it (the upstream's `/token` hands out a canary) — in the probe config, in a reload (a
+rejected one, then an accepted one) and in `connprobe diagnose` targets. The upstream (a raw HTTP server on
+127.0.0.1) answers `/echo` with a malformed header that repeats what the probe sent (its header values, its
+Basic credentials and its request target), so each secret really reaches the probe's error text: the only
+thing between it and the outputs is the redactor.
 
 Outputs searched: `/metrics`, the status page, `/api/recent`, `/probe?debug=true`, the JSON-lines log, the
 agent's log (stderr, debug level), `check-config` (a valid and an invalid file), `diagnose` text and
@@ -47,6 +48,7 @@ class EchoServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.seen: list[bytes] = []  # raw requests, to check the secrets were really sent
+        self.token = "CnkNoTokenYet"  # what `/token` hands out (a canary of its own)
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="canary-echo", daemon=True)
         self._thread.start()
@@ -74,7 +76,11 @@ class EchoServer:
                 head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
                 target = head[0].split(b" ")[1] if len(head[0].split(b" ")) > 1 else b"/"
                 with_values = b" ".join([target] + [ln.split(b":", 1)[1].strip() for ln in head[1:] if b":" in ln])
-                if target.startswith(b"/echo"):
+                if target.startswith(b"/token"):  # an OAuth2 token endpoint: the canary token
+                    doc = b'{"access_token": "' + self.token.encode() + b'", "token_type": "bearer"}'
+                    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(doc)).encode() + b"\r\n\r\n" + doc)
+                elif target.startswith(b"/echo"):
                     reply = b"HTTP/1.1 200 OK\r\nContent-Length: " + with_values + b"\r\n\r\n"
                 else:
                     reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -138,11 +144,19 @@ def test_no_secret_reaches_any_output(tmp_path):
         c.basic("user", pw)
         basic_user_only = c.basic(user_only)
         c.basic("user", s_pw)
+        up.token = c.new("oauth2_token")
+        oauth_secret = c.new("oauth2_client_secret")
+        from prober.oauth2 import basic_credentials
+
+        oauth_basic = c.new("oauth2_basic_credentials", basic_credentials("canary", oauth_secret))
         modules = {
             "secret_http": {"prober": "http", "timeout": "800ms",
                             "http": {"headers": {"Authorization": hdr, "X-Short": short}}},
             "secret_session": {"prober": "http", "timeout": "800ms",
                                "http": {"client": "aiohttp-session", "headers": {"X-Short": short}}},
+            "secret_oauth": {"prober": "http", "timeout": "800ms",
+                             "http": {"oauth2": {"client_id": "canary", "client_secret": oauth_secret,
+                                                 "token_url": up.url("/token")}}},
             "plain_http": {"prober": "http", "timeout": "800ms"},
             "tcp": {"prober": "tcp", "timeout": "800ms"},
         }
@@ -152,6 +166,7 @@ def test_no_secret_reaches_any_output(tmp_path):
 
         probes = [
             probe("headers", "secret_http", up.url("/echo")),
+            probe("oauth2", "secret_oauth", up.url("/echo")),
             probe("password", "plain_http", up.url(f"/echo?token={qv}#{frag}", f"user:{pw}")),
             probe("username_only", "plain_http", up.url("/echo", user_only)),
             probe("session", "secret_session", up.url(f"/echo?token={s_qv}", f"user:{s_pw}")),
@@ -204,7 +219,7 @@ def test_no_secret_reaches_any_output(tmp_path):
 
         # the secrets did go out: each one reached the upstream (or the probe's own error text)
         sent = b"\n".join(up.seen)
-        for secret in (hdr, short, r_hdr, r_short, qv, s_qv, basic_user_only, basic_r_user):
+        for secret in (hdr, short, r_hdr, r_short, qv, s_qv, basic_user_only, basic_r_user, up.token, oauth_basic):
             assert secret.encode() in sent, f"{secret!r} never reached the upstream: the test would prove nothing"
 
         code, outputs["/metrics"] = http_get(agent.url + "/metrics")
@@ -215,6 +230,7 @@ def test_no_secret_reaches_any_output(tmp_path):
         assert code == 200
         recent = json.loads(outputs["/api/recent"])["probes"]
         assert "<redacted>" in recent["headers"][-1]["error_detail"]  # the echo came back, redacted
+        assert "Bearer <redacted>" in recent["oauth2"][-1]["error_detail"]  # the fetched token too
         assert recent["password"][-1]["target"].startswith("http://<redacted>@127.0.0.1:")
         q = urllib.parse.urlencode({"target": up.url(f"/echo?token={qv}#{frag}", f"user:{pw}"),
                                     "module": "plain_http", "debug": "true"})

@@ -47,6 +47,8 @@ modules:
       tls_config:
         ca_file: ca.pem
         server_name: api.internal
+        min_version: TLS12
+        max_version: TLS13
   http_basic:
     prober: http
     http:
@@ -57,6 +59,18 @@ modules:
     prober: http
     http:
       proxy_url: http://127.0.0.1:3128
+  http_oauth2:
+    prober: http
+    http:
+      oauth2:
+        client_id: prober
+        client_secret_file: secrets/oauth
+        token_url: https://auth.internal/oauth/token
+        scopes: [health.read, probe]
+        endpoint_params: {audience: api}
+        tls_config:
+          ca_file: ca.pem
+          min_version: TLS13
   http_authz:
     prober: http
     http:
@@ -137,6 +151,7 @@ def bb_dir(tmp_path: Path) -> Path:
     (tmp_path / "ca.pem").write_text("not parsed at load\n")
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "password").write_text("pa:ss\n")
+    (tmp_path / "secrets" / "oauth").write_text("oauth-Cn-s3cret\n")
     return tmp_path
 
 
@@ -145,7 +160,12 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     m = cfg.modules
     assert m["http_proxy"].http.proxy_url == "http://127.0.0.1:3128" and m["http_proxy"].http.client == "httpx"
     assert sorted(m) == sorted(["http_2xx", "http_post_token", "http_basic", "http_authz", "http_proxy", "tcp_connect",
-                                "smtp_starttls", "dns_soa", "dns_any", "dns_dot", "icmp_v4", "grpc_plain"])
+                                "smtp_starttls", "dns_soa", "dns_any", "dns_dot", "icmp_v4", "grpc_plain",
+                                "http_oauth2"])
+    o = m["http_oauth2"].http.oauth2
+    assert (o.client_id, o.client_secret.get_secret_value(), o.scopes, o.endpoint_params) == (
+        "prober", "oauth-Cn-s3cret", ("health.read", "probe"), {"audience": "api"})  # the file's newline gone
+    assert o.tls.ca_file == str(bb_dir / "ca.pem") and o.tls.min_version == "TLS13"
     assert cfg.probes == ()
     h = m["http_2xx"].http
     assert h.valid_status_codes == (200, 204) and h.follow_redirects is True
@@ -157,6 +177,7 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
     assert t.body == '{"ping": true}'
     assert t.headers["Authorization"].get_secret_value() == "Bearer tok-123"  # trailing newline gone
     assert t.tls.ca_file == str(bb_dir / "ca.pem") and t.tls.server_name == "api.internal"
+    assert (t.tls.min_version, t.tls.max_version) == ("TLS12", "TLS13")
     assert m["http_post_token"].preferred_family() == ("ip6", True)  # blackbox's default
     basic = m["http_basic"].http.headers["Authorization"].get_secret_value()
     assert basic == "Basic " + base64.b64encode(b"prober:pa:ss").decode()
@@ -179,14 +200,14 @@ def test_realistic_blackbox_yml_loads(bb_dir: Path) -> None:
 def test_secrets_never_in_repr(bb_dir: Path) -> None:
     cfg = load_config(bb_dir / "blackbox.yml", blackbox=True)
     text = repr(cfg.modules)
-    assert "tok-123" not in text and "s3cr3t" not in text and "pa:ss" not in text
+    assert "tok-123" not in text and "s3cr3t" not in text and "pa:ss" not in text and "oauth-Cn" not in text
 
 
 def test_check_config_blackbox_cli(bb_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox",
                           str(bb_dir / "blackbox.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "OK (blackbox_exporter format): 12 modules, 0 probes" in out.stdout
+    assert "OK (blackbox_exporter format): 13 modules, 0 probes" in out.stdout
     assert "  module smtp_starttls: tcp, timeout 5s" in out.stdout
     assert "tok-123" not in out.stdout + out.stderr
 
@@ -227,14 +248,44 @@ def _errors(tmp_path: Path, text: str) -> list[str]:
 
 
 HOSTILE = {
-    "oauth2": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://127.0.0.1/t'}}",
-               'module "m": http.oauth2: blackbox_exporter key not supported by connprobe: OAuth2 client '
-               "credentials are not supported"),
+    "oauth2_proxy": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://127.0.0.1/t', "
+                     "proxy_url: 'http://127.0.0.1:3128'}}",
+                     'module "m": http.oauth2.proxy_url: blackbox_exporter key not supported by connprobe: not '
+                     "supported (the token endpoint is reached directly)"),
+    "oauth2_no_secret": ("http: {oauth2: {client_id: a, token_url: 'http://127.0.0.1/t'}}",
+                         'module "m": http.oauth2.client_secret: required'),
+    "oauth2_two_secrets": ("http: {oauth2: {client_id: a, client_secret: b, client_secret_file: /etc/hostname, "
+                           "token_url: 'http://127.0.0.1/t'}}",
+                           'module "m": http.oauth2: at most one of client_secret and client_secret_file'),
+    "oauth2_no_client_id": ("http: {oauth2: {client_secret: b, token_url: 'http://127.0.0.1/t'}}",
+                            'module "m": http.oauth2.client_id: required'),
+    "oauth2_no_token_url": ("http: {oauth2: {client_id: a, client_secret: b}}",
+                            'module "m": http.oauth2.token_url: required'),
+    "oauth2_bad_token_url": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'ftp://127.0.0.1/t'}}",
+                             "module \"m\": http.oauth2.token_url: token_url: 'ftp://127.0.0.1/t' is not an "
+                             "http:// or https:// URL"),
+    "oauth2_unknown": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'http://h/t', scope: [x]}}",
+                       'module "m": http.oauth2.scope: unknown key'),
+    "oauth2_and_bearer": ("http: {bearer_token: x, oauth2: {client_id: a, client_secret: b, token_url: 'http://h/'}}",
+                          'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file, '
+                          "authorization and oauth2 (got bearer_token, oauth2)"),
+    "oauth2_and_header": ("http: {headers: {Authorization: x}, oauth2: {client_id: a, client_secret: b, "
+                          "token_url: 'http://h/'}}",
+                          'module "m": http: oauth2: an Authorization header is also configured (the token is '
+                          "sent as one)"),
+    "oauth2_secret_file_missing": ("http: {oauth2: {client_id: a, client_secret_file: /nonexistent/s, "
+                                   "token_url: 'http://h/'}}",
+                                   "module \"m\": http.oauth2.client_secret_file: cannot read '/nonexistent/s': "
+                                   "No such file or directory"),
+    "oauth2_tls_inline": ("http: {oauth2: {client_id: a, client_secret: b, token_url: 'https://h/', "
+                          "tls_config: {key_file_ref: x}}}",
+                          'module "m": http.oauth2.tls_config.key_file_ref: blackbox_exporter key not supported by '
+                          "connprobe: not supported"),
     "proxy_connect_header": ("http: {proxy_connect_header: {X: [y]}}",
                              'module "m": http: proxy_headers: needs proxy_url'),
     "two_credentials": ("http: {bearer_token: a, basic_auth: {username: u, password: p}}",
-                        'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file and '
-                        "authorization (got basic_auth, bearer_token)"),
+                        'module "m": http: at most one of basic_auth, bearer_token, bearer_token_file, '
+                        "authorization and oauth2 (got basic_auth, bearer_token)"),
     "password_and_file": ("http: {basic_auth: {username: u, password: p, password_file: /etc/hostname}}",
                           'module "m": http.basic_auth: at most one of password and password_file'),
     "missing_token_file": ("http: {bearer_token_file: /nonexistent/token}",
@@ -256,9 +307,10 @@ HOSTILE = {
     "redirect_both": ("http: {no_follow_redirects: true, follow_redirects: true}",
                       'module "m": http.no_follow_redirects: give follow_redirects or no_follow_redirects, '
                       "not both"),
-    "tls_inline_ca": ("http: {tls_config: {ca: '-----BEGIN'}}",
-                      'module "m": http.tls_config.ca: blackbox_exporter key not supported by connprobe: '
-                      "inline PEM not supported (use ca_file)"),
+    "tls_inline_ca": ("http: {tls_config: {ca: '-----BEGIN'}}", 'module "m": http.tls: ca: not PEM certificates'),
+    "tls_inline_and_file": ("http: {tls_config: {cert: x, cert_file: /etc/hostname}}",
+                            'module "m": http.tls: at most one of cert and cert_file'),
+    "tls_inline_key_alone": ("http: {tls_config: {key: x}}", 'module "m": http.tls: key needs cert_file or cert'),
     "tls_bad_client_cert": ("http: {tls_config: {cert_file: /etc/hostname}}",
                             'module "m": http.tls_config.cert_file: cannot load the client certificate and key: '
                             "not PEM, or the key does not match the certificate"),
@@ -292,8 +344,7 @@ OTHER_HOSTILE = {
                                    'module "m": dns.tls_config: only used with dns_over_tls: true (transport: tls)'),
     "dns_tls_config_inline": ("dns", "{query_name: a.test, transport_protocol: tcp, dns_over_tls: true, "
                                      "tls_config: {ca: x}}",
-                              'module "m": dns.tls_config.ca: blackbox_exporter key not supported by connprobe: '
-                              "inline PEM not supported (use ca_file)"),
+                              'module "m": dns.tls_config: ca: not PEM certificates'),  # inline PEM: checked
     "dns_source_ip": ("dns", "{query_name: a.test, source_ip_address: 10.0.0.300}",
                       "module \"m\": dns.source_ip_address: '10.0.0.300' is not an IP address"),
     "dns_native_tls_config_udp": ("dns", "{query_name: a.test, transport: udp, tls_config: {server_name: a.test}}",
@@ -353,6 +404,10 @@ def test_every_refused_key_is_refused(tmp_path: Path) -> None:
         if section == "tls_config":
             prober, body = "http", f"http: {{tls_config: {{{key}: x}}}}"
             where = f"http.tls_config.{key}"
+        elif section == "oauth2":
+            prober = "http"
+            body = f"http: {{oauth2: {{client_id: a, client_secret: b, token_url: 'http://h/', {key}: x}}}}"
+            where = f"http.oauth2.{key}"
         else:
             prober = section
             extra = "query_name: a.test, " if section == "dns" else ""
@@ -385,9 +440,9 @@ def test_check_config_main_exit_codes(bb_dir: Path, tmp_path: Path, capsys) -> N
         blackbox = True
 
     assert check_config_main(A()) == 0
-    A.file = str(_write(tmp_path, "modules: {m: {prober: http, http: {oauth2: {}}}}"))
+    A.file = str(_write(tmp_path, "modules: {m: {prober: http, http: {use_proxy_dns: true}}}"))
     assert check_config_main(A()) == 1
-    assert "http.oauth2: blackbox_exporter key not supported" in capsys.readouterr().err
+    assert "http.use_proxy_dns: blackbox_exporter key not supported" in capsys.readouterr().err
 
 
 def test_http_headers_with_values_secrets_and_files(tmp_path: Path) -> None:
@@ -419,7 +474,7 @@ def test_check_config_recognises_a_blackbox_file_without_the_flag(bb_dir: Path) 
     flagged = subprocess.run([sys.executable, "-m", "connprobe.cli", "check-config", "--blackbox", f],
                              capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and plain.stdout == flagged.stdout, plain.stderr
-    assert "OK (blackbox_exporter format): 12 modules" in plain.stdout and plain.stderr == ""
+    assert "OK (blackbox_exporter format): 13 modules" in plain.stdout and plain.stderr == ""
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -278,6 +278,10 @@ def test_http_status_and_tls_are_their_own_causes():
     assert (v.cause, v.sub_cause) == (Cause.HTTP_ERROR, "http_error/503")
     v = correlate(result(ok=False, error=ErrorKind.TLS_ERROR, detail="certificate verify failed"), [])
     assert v.cause == Cause.TLS and "certificate verify failed" in v.facts[0]
+    # an error status from a server other than the target (an OAuth2 token endpoint): no target status
+    why = "oauth2 token endpoint http://127.0.0.1:9/token: status 401 (error: invalid_client)"
+    v = correlate(result(ok=False, error=ErrorKind.HTTP_STATUS, status=None, detail=why), [])
+    assert (v.cause, v.sub_cause, v.facts) == (Cause.HTTP_ERROR, "http_error/other_server", (why,))
 
 
 def test_lost_events_lower_confidence_and_are_said():

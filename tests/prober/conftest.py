@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -94,3 +95,54 @@ async def env(resolv):
     async with ProbeEnv(on_local_port=lambda proto, port: ports.append((proto, port)), resolv_conf=resolv) as e:
         e.ports = ports
         yield e
+
+
+@pytest.fixture
+async def proxy():
+    """A forward proxy on 127.0.0.1: absolute-form requests are relayed, CONNECT is tunnelled; it records the
+    request line and the head of each. Whatever host a request names, it connects upstream to 127.0.0.1 only
+    (the port the request names): a test's traffic stays on loopback."""
+    lines: list[str] = []
+    heads: list[str] = []
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        first = head.split(b"\r\n", 1)[0].decode()
+        lines.append(first)
+        heads.append(head.decode("latin-1"))
+        method, target, _ = first.split(" ", 2)
+        if method == "CONNECT":
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", int(target.rsplit(":", 1)[1]))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+        else:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(target)
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", u.port)
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            up_w.write(f"{method} {path} HTTP/1.1\r\n".encode() + head.split(b"\r\n", 1)[1])
+            await up_w.drain()
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.port = server.sockets[0].getsockname()[1]
+    server.lines = lines
+    server.heads = heads
+    yield server
+    server.close()
+    await server.wait_closed()

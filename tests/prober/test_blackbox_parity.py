@@ -296,58 +296,6 @@ async def test_tcp_source_ip_and_tls_values(smtp_server, env):
 # ---------------------------------------------------------------- HTTP through a proxy (on loopback)
 
 
-@pytest.fixture
-async def proxy():
-    """A forward proxy on 127.0.0.1: absolute-form requests are relayed, CONNECT is tunnelled; it records the
-    request line of each."""
-    lines: list[str] = []
-    heads: list[str] = []
-
-    async def pipe(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader, writer):
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
-            return
-        first = head.split(b"\r\n", 1)[0].decode()
-        lines.append(first)
-        heads.append(head.decode("latin-1"))
-        method, target, _ = first.split(" ", 2)
-        if method == "CONNECT":
-            host, port = target.rsplit(":", 1)
-            up_r, up_w = await asyncio.open_connection(host, int(port))
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-        else:
-            from urllib.parse import urlsplit
-
-            u = urlsplit(target)
-            up_r, up_w = await asyncio.open_connection(u.hostname, u.port)
-            rest = head.split(b"\r\n", 1)[1]
-            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-            up_w.write(f"{method} {path} HTTP/1.1\r\n".encode() + rest)
-            await up_w.drain()
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    server.port = server.sockets[0].getsockname()[1]
-    server.lines = lines
-    server.heads = heads
-    yield server
-    server.close()
-    await server.wait_closed()
-
-
 async def test_http_and_https_through_a_proxy(mtls_server, proxy, env):
     s = mtls_server
     url = f"http://127.0.0.1:{proxy.port}"

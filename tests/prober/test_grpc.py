@@ -98,6 +98,26 @@ async def test_tls(pki, tmp_path):
         await server.stop(None)
 
 
+async def test_tls_inline_pem_with_a_client_certificate(pki, tmp_path):
+    """blackbox's inline `ca`, `cert`, `key` on a grpc probe, against a server that wants a client certificate."""
+    ca, pair = pki
+    client = ca.issue("prober", server=False)
+    creds = grpc.ssl_server_credentials([(pair.key.read_bytes(), pair.cert.read_bytes())],
+                                        root_certificates=ca.path.read_bytes(), require_client_auth=True)
+    server, port = await _server(creds)
+    try:
+        tls = TLSSpec(ca=ca.path.read_text(), cert=client.cert.read_text(), key=client.key.read_text(),
+                      server_name="localhost")
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls))
+        assert r.ok, r.error_detail
+        assert r.value("tls_version") in (1.2, 1.3)  # the second handshake speaks with the inline PEM too
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True,
+                             tls_config=TLSSpec(ca=ca.path.read_text(), server_name="localhost")))
+        assert not r.ok, "no client certificate: the server must refuse"
+    finally:
+        await server.stop(None)
+
+
 def _leaf_facts(pair):
     import hashlib
 

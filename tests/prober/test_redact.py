@@ -10,7 +10,9 @@ from prober.redact import (
     REDACTED,
     LogRedaction,
     Redactor,
+    known_redactor,
     label_target,
+    learn,
     redact_text,
     redact_url,
     remember,
@@ -104,6 +106,28 @@ def test_log_records_lose_remembered_secrets_in_message_and_traceback():
     out = logging.Formatter().format(record)
     assert "logcanary123" not in out and "'k9'" not in out and "pw@" not in out and "zz" not in out
     assert f"key={R}" in out and f"b'{R}'" in out and "ValueError" in out
+
+
+def test_a_learned_token_leaves_log_lines_and_probe_text_however_short():
+    """A fetched OAuth2 token (`learn`) is a header value: a short one is still redacted as a whole word, in the
+    probe's text and in every log line."""
+    red = Redactor.for_spec(_spec())
+    for token in ("zq7", "Cn-learned-canary-42"):
+        learn(red, token)
+        line = f"GET failed: Authorization: Bearer {token} (retry)"
+        assert red.text(line) == f"GET failed: Authorization: Bearer {R} (retry)"
+        assert known_redactor().text(line) == f"GET failed: Authorization: Bearer {R} (retry)"
+
+
+def test_a_probe_redactor_keeps_the_last_learned_tokens_only():
+    """Tokens rotate for as long as the config lives: a probe's redactor holds the last 8 (and the short-match
+    list with them), not every token it ever saw."""
+    red = Redactor.for_spec(_spec(headers={"X-K": "ab"}))
+    base_secrets, base_allowed = len(red.secrets), len(red._allowed)
+    for i in range(50):
+        learn(red, f"rotating-token-{i}")
+    assert len(red.secrets) == base_secrets + 8 and len(red._allowed) == base_allowed + 8
+    assert red.text("rotating-token-49 ab rotating-token-1") == f"{R} {R} rotating-token-1"
 
 
 @pytest.mark.parametrize("padding", [0, 100])  # one regular expression, or (many secrets) the prefix table
