@@ -239,6 +239,9 @@ def format_labels(labels: Iterable[tuple[str, str]]) -> str:
     return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in items) + "}" if items else ""
 
 
+PIECE_SERIES = 4096  # series of a family written per piece of a scrape (a few hundred KB)
+
+
 class _HistogramSeries:
     """One label set of a `LabelledHistogram`: per-bucket counts (not cumulative) and the sum."""
 
@@ -287,6 +290,10 @@ class _RenderedFamily(Metric):
 
     def exposition_text(self) -> str:
         return self._owner.text()
+
+    def exposition_pieces(self) -> Iterator[str]:
+        """`exposition_text()` in pieces (joined: the same text)."""
+        return self._owner.text_pieces()
 
 
 class _ValueSeries:
@@ -374,8 +381,16 @@ class LabelledValues(_SeriesByLabels[_ValueSeries]):
         return fam.samples
 
     def text(self) -> str:
+        return "".join(self.text_pieces())
+
+    def text_pieces(self, series: int | None = None) -> Iterator[str]:
+        """`text()` in pieces of `series` series (PIECE_SERIES): a scrape holds one piece's lines at a time, not
+        the family's."""
+        n = series or PIECE_SERIES
         fmt = floatToGoString
-        return "".join([s.prefix + fmt(value) + "\n" for _, s, value in self._snapshot()])
+        snap = self._snapshot()
+        for i in range(0, len(snap), n):
+            yield "".join([s.prefix + fmt(value) + "\n" for _, s, value in snap[i:i + n]])
 
     def _family(self) -> Metric:
         return _RenderedFamily(self, self.type)
@@ -431,18 +446,27 @@ class LabelledHistogram(_SeriesByLabels[_HistogramSeries]):
         return fam.samples
 
     def text(self) -> str:
+        return "".join(self.text_pieces())
+
+    def text_pieces(self, series: int | None = None) -> Iterator[str]:
+        """`text()` in pieces of `series` series (~16 lines each; PIECE_SERIES / 16)."""
+        per_piece = series or max(PIECE_SERIES // 16, 1)
         out: list[str] = []
         append = out.append
         fmt = floatToGoString
-        for _, series, counts, total in self._snapshot():
-            prefixes = series.prefixes
+        for k, (_, series_, counts, total) in enumerate(self._snapshot(), 1):
+            prefixes = series_.prefixes
             acc = 0
             for i, n in enumerate(counts):
                 acc += n
                 append(prefixes[i] + fmt(acc) + "\n")
             append(prefixes[-2] + fmt(acc) + "\n")
             append(prefixes[-1] + fmt(total) + "\n")
-        return "".join(out)
+            if k % per_piece == 0:
+                yield "".join(out)
+                out.clear()
+        if out:
+            yield "".join(out)
 
     def collect(self) -> Iterator[Metric]:
         yield _RenderedFamily(self, "histogram")

@@ -62,6 +62,22 @@ def test_byte_identical_to_before_with_every_phase_histogram(declare):
     assert exposition(m.registry) == generate_latest(m.registry)  # the Sample path agrees with the text path
 
 
+def test_the_same_bytes_written_a_few_series_at_a_time(monkeypatch):
+    """A scrape writes connprobe's large families in pieces (`PIECE_SERIES`) and sends pieces of about `chunk`
+    bytes: written two series at a time and sent in small pieces, the text is still the golden one."""
+    from connprobe import metrics
+    from connprobe.web import exposition_chunks
+
+    monkeypatch.setattr(metrics, "PIECE_SERIES", 2)  # histograms: max(2 // 16, 1) = one series a piece
+    m, text = _exposition(phase_histograms=HTTP_PHASES)
+    assert text == GOLDEN
+    pieces = list(exposition_chunks(m.registry, chunk=300))
+    assert len(pieces) > 100
+    lines = b"".join(pieces).decode().splitlines()
+    assert "".join(line + "\n" for line in lines if not line.startswith("connprobe_build_info{")) == GOLDEN
+    assert len(list(m.duration_hist.text_pieces())) == 12 and len(list(m.success.text_pieces())) == 6
+
+
 def test_default_module_drops_only_the_phase_histograms():
     m, text = _exposition(phase_histograms=())
     assert text == "".join(line + "\n" for line in GOLDEN.splitlines() if not line.startswith(PHASE_LINE))
