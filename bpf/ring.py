@@ -108,3 +108,11 @@ class RingReader:
             pos += _round8(size + HDR_SIZE)
         _POS.pack_into(self._cons, 0, pos)
         return fixed, other
+
+
+def wait_any(readers: list[RingReader], timeout_ms: int) -> bool:
+    """Block until the kernel says one of the rings has records ready (or the timeout); True when one has."""
+    poller = select.poll()
+    for r in readers:
+        poller.register(r.fd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))

@@ -51,7 +51,7 @@ from bpf.decode import (
 from bpf.errors import SensorClosed, SensorError, SensorUnavailable, WatchListFull
 from bpf.hooks import HOOKS, HookSpec, HookStatus
 from bpf.kernel_compat import Kallsyms
-from bpf.ring import RingReader
+from bpf.ring import RingReader, wait_any
 from bpf.types import EventKind, KernelEvent
 
 RESCUE_PAGES = 16  # the second ring (sensor.c): 64 KiB, ~580 records
@@ -477,9 +477,9 @@ class KernelSensor:
     def poll(self, timeout_ms: int = 0) -> None:
         """Read pending ring-buffer records (synchronous use; async users get them on the loop)."""
         self._require_open()
-        if (timeout_ms > 0 and self._reader is not None and not self._reader.pending()
-                and not (self._rescue is not None and self._rescue.pending())):
-            self._reader.wait(timeout_ms)
+        rings = [r for r in (self._reader, self._rescue) if r is not None]
+        if timeout_ms > 0 and rings and not any(r.pending() for r in rings):
+            wait_any(rings, timeout_ms)  # both: a record the first ring refused is only in the second
         self._consume()
 
     def drain(self) -> list[KernelEvent]:

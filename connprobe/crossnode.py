@@ -96,10 +96,15 @@ class Peer:
         token = read_token(s.token_file, f"peers ({s.url}): token_file") if s.token_file else None
         ctx = None
         if s.url.startswith("https://"):
+            from prober.tlsinfo import EncryptedKey, no_passphrase
+
             try:
                 ctx = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else ssl.create_default_context()
                 if s.cert_file:
-                    ctx.load_cert_chain(s.cert_file, s.key_file)
+                    ctx.load_cert_chain(s.cert_file, s.key_file, password=no_passphrase)
+            except EncryptedKey as exc:
+                raise PeerConfigError(f"peers ({s.url}): {'key_file' if s.key_file else 'cert_file'} "
+                                      f"{s.key_file or s.cert_file}: {exc}") from None
             except (OSError, ssl.SSLError) as exc:
                 raise PeerConfigError(f"peers ({s.url}): TLS files: {exc}") from None
         return cls(s.url, token, ctx, s.timeout)

@@ -731,7 +731,12 @@ class WebServer:
                 log.error("reload of the web config rejected, the running one stays: %s", msg)
                 return msg
             # the live context: new connections get the renewed certificate at once
-            self.ssl_context.load_cert_chain(new.tls.cert_file, new.tls.key_file)
+            try:  # read again (renewed since the check): an unusable key leaves the running one in place
+                new.tls.load_chain(self.ssl_context)
+            except WebConfigError as exc:
+                msg = f"{self.web_config_path}: {exc}"
+                log.error("reload of the web config rejected, the running one stays: %s", msg)
+                return msg
             if new.tls.client_ca_file:
                 self.ssl_context.load_verify_locations(cafile=new.tls.client_ca_file)
         old_sec = self.security

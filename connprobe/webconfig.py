@@ -68,11 +68,7 @@ class TLSServerConfig:
         ctx.minimum_version = TLS_VERSIONS[self.min_version]
         if self.max_version:
             ctx.maximum_version = TLS_VERSIONS[self.max_version]
-        try:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise WebConfigError(f"tls_server_config: cannot load cert_file {self.cert_file!r} / key_file "
-                                 f"{self.key_file!r}: {_why(exc)}") from None
+        self.load_chain(ctx)
         if self.client_ca_file:
             try:
                 ctx.load_verify_locations(cafile=self.client_ca_file)
@@ -86,6 +82,19 @@ class TLSServerConfig:
         else:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+    def load_chain(self, ctx: ssl.SSLContext) -> None:
+        """The certificate and key into `ctx` (also the live context at a reload). An encrypted key is a one-line
+        error naming key_file, never OpenSSL's pass phrase prompt on the agent's terminal."""
+        from prober.tlsinfo import EncryptedKey, no_passphrase
+
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file, password=no_passphrase)
+        except EncryptedKey as exc:
+            raise WebConfigError(f"tls_server_config.key_file: {self.key_file!r}: {exc}") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise WebConfigError(f"tls_server_config: cannot load cert_file {self.cert_file!r} / key_file "
+                                 f"{self.key_file!r}: {_why(exc)}") from None
 
 
 def _why(exc: BaseException) -> str:

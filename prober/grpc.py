@@ -17,7 +17,8 @@ the first) to the same address and does a TLS handshake with the same server nam
 h2, reads what the server presents (`prober.tlsinfo.tls_facts`: version, certificates' expiry, leaf) and closes
 without a request. That handshake does not verify again (grpc verified the RPC's connection moments before); it
 costs one TCP and TLS handshake per probe, inside the probe's deadline; when it fails, the run has no
-certificate values (the probe's outcome is the health check's).
+certificate values (the probe's outcome is the health check's) — except with `tls_config.min_cert_days`, checked on
+the leaf that handshake read: an unknown expiry fails that validator, as http's does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from prober.env import ProbeEnv
 from prober.http import _ssl_context
 from prober.sockets import connect
 from prober.spec import TLSSpec
-from prober.tlsinfo import tls_facts
+from prober.tlsinfo import expires_within, leaf_info, tls_facts
 from prober.types import ErrorKind, PhaseSpan, Proto
 
 monotonic_ns = time.monotonic_ns
@@ -175,8 +176,11 @@ async def probe_grpc(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
         else:
             channel = grpc.aio.insecure_channel(dial, options=options)
         async def certificates() -> None:
-            await _peer_certificates(attempt, env, family, sockaddr, spec.tls_config,
-                                     spec.tls_config.server_name or host, deadline_ns)
+            leaf = await _peer_certificates(attempt, env, family, sockaddr, spec.tls_config,
+                                            spec.tls_config.server_name or host, deadline_ns)
+            days = spec.tls_config.min_cert_days  # as http's: the leaf's expiry; unknown (no handshake) fails
+            if days is not None and expires_within(leaf, days):
+                attempt.failed.append("min_cert_days")
 
         return await _check(attempt, channel, spec, deadline_ns, health_pb2, health_pb2_grpc,
                             certificates if spec.tls else None)
@@ -243,13 +247,14 @@ def _cert_context(tls: TLSSpec) -> ssl.SSLContext:
 
 
 async def _peer_certificates(attempt: Attempt, env: ProbeEnv, family: int, sockaddr: tuple, tls: TLSSpec,
-                             server_name: str, deadline_ns: int) -> None:
+                             server_name: str, deadline_ns: int) -> dict | None:
     """A second connection of the prober's own to the same address: a TLS handshake (same server name, client
-    certificate, ALPN h2), its facts recorded, closed without a request. Bounded by the probe's deadline; a
-    failure leaves the run without certificate values."""
+    certificate, ALPN h2), its facts recorded, closed without a request; the leaf certificate it read returned.
+    Bounded by the probe's deadline; a failure leaves the run without certificate values (None)."""
     left = (deadline_ns - monotonic_ns()) / 1e9
     if left <= 0:
-        return
+        return None
+    leaf = None
     loop = asyncio.get_running_loop()
     sock = None
     writer = None
@@ -263,6 +268,7 @@ async def _peer_certificates(attempt: Attempt, env: ProbeEnv, family: int, socka
             _, writer = await asyncio.open_connection(sock=sock, ssl=_cert_context(tls), server_hostname=server_name)
             sock = None  # the transport's now
             attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
+            leaf = leaf_info(writer.get_extra_info("ssl_object"))
             # not verified here, so no "verified chain" expiry (nor does blackbox's grpc prober have one)
             attempt.values.pop("ssl_last_chain_expiry", None)
     except (OSError, TimeoutError, ValueError):  # ssl.SSLError is an OSError
@@ -272,3 +278,4 @@ async def _peer_certificates(attempt: Attempt, env: ProbeEnv, family: int, socka
             writer.transport.abort()
         if sock is not None:
             sock.close()
+    return leaf

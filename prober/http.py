@@ -44,7 +44,7 @@ from prober.errors import find_in_chain
 from prober.resolve import resolve
 from prober.sockets import family_mismatch
 from prober.spec import HTTPSpec, TLSSpec
-from prober.tlsinfo import load_client_chain, tls_facts
+from prober.tlsinfo import expires_within, load_client_chain, tls_facts
 from prober.types import ErrorKind
 
 monotonic_ns = time.monotonic_ns
@@ -472,13 +472,8 @@ def validate(spec: HTTPSpec, facts: dict, attempt: Attempt) -> None:
         attempt.failed.append("fail_if_not_ssl")
     if spec.tls.min_cert_days is not None and facts.get("ssl"):
         hops = attempt.timeline.hops
-        cert = hops[-1].peercert if hops else None
-        if not cert or "notAfter" not in cert:
+        if expires_within(hops[-1].peercert if hops else None, spec.tls.min_cert_days):
             attempt.failed.append("min_cert_days")
-        else:
-            left = (ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()) / 86400
-            if left < spec.tls.min_cert_days:
-                attempt.failed.append("min_cert_days")
 
 
 def record_values(facts: dict, attempt: Attempt) -> None:

@@ -571,6 +571,10 @@ class TCPSpec(Frozen):
     def _one_conversation(self) -> TCPSpec:
         if self.query_response and (self.send is not None or self.expect is not None):
             raise ValueError("query_response: give either query_response or send/expect, not both")
+        if (self.tls_config.min_cert_days is not None and not self.tls
+                and not any(step.starttls for step in self.query_response)):
+            raise ValueError("tls_config.min_cert_days: needs tls: true or a starttls step (a plain connection "
+                             "has no certificate)")
         return self
 
 
@@ -705,6 +709,12 @@ class GRPCSpec(Frozen):
                              "cannot limit TLS versions)")
         return v
 
+    @model_validator(mode="after")
+    def _cert_days_need_tls(self) -> GRPCSpec:
+        if self.tls_config.min_cert_days is not None and not self.tls:
+            raise ValueError("tls_config.min_cert_days: needs tls: true (a plain connection has no certificate)")
+        return self
+
 
 class WebSocketSpec(Frozen):
     """A WebSocket probe: the upgrade, then `query_response` over text messages (send/expect)."""
@@ -718,6 +728,13 @@ class WebSocketSpec(Frozen):
     def _no_starttls(cls, v: tuple[QueryStep, ...]) -> tuple[QueryStep, ...]:
         if any(step.starttls for step in v):
             raise ValueError("starttls is not possible in a WebSocket conversation (use a wss:// target)")
+        return v
+
+    @field_validator("tls_config")
+    @classmethod
+    def _no_cert_days(cls, v: TLSSpec) -> TLSSpec:
+        if v.min_cert_days is not None:
+            raise ValueError("min_cert_days: not supported for websocket probes (http, tcp and grpc have it)")
         return v
 
     @field_validator("headers")
@@ -734,6 +751,13 @@ class UnixSpec(Frozen):
 
     query_response: tuple[QueryStep, ...] = ()
     tls_config: TLSSpec = TLSSpec()
+
+    @field_validator("tls_config")
+    @classmethod
+    def _no_cert_days(cls, v: TLSSpec) -> TLSSpec:
+        if v.min_cert_days is not None:
+            raise ValueError("min_cert_days: not supported for unix probes (http, tcp and grpc have it)")
+        return v
 
 
 ProberName = Literal["http", "tcp", "dns", "icmp", "grpc", "websocket", "unix"]

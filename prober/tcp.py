@@ -13,7 +13,7 @@ from prober.env import ProbeEnv
 from prober.http import ssl_context
 from prober.query import converse
 from prober.sockets import family_mismatch
-from prober.tlsinfo import tls_facts
+from prober.tlsinfo import expires_within, leaf_info, tls_facts
 from prober.types import ErrorKind
 
 monotonic_ns = time.monotonic_ns
@@ -48,6 +48,7 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             if spec.tls:
                 hop.tls_end = monotonic_ns()
                 attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
+                _min_cert_days(attempt, spec, writer.get_extra_info("ssl_object"))
             if spec.query_response:
                 def first(ns: int) -> None:
                     hop.first_byte = hop.first_byte or ns
@@ -59,6 +60,8 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
                     attempt.failed.append(failed)
                 if any(step.starttls for step in spec.query_response):
                     attempt.tls(tls_facts(writer.get_extra_info("ssl_object")))
+                    if not spec.tls and writer.get_extra_info("ssl_object") is not None:  # STARTTLS happened
+                        _min_cert_days(attempt, spec, writer.get_extra_info("ssl_object"))
                 hop.end = monotonic_ns()
                 return attempt.result()
             if spec.send:
@@ -90,3 +93,10 @@ async def probe_tcp(attempt: Attempt, env: ProbeEnv, deadline_ns: int):
             writer.close()
         if sock is not None:
             sock.close()
+
+
+def _min_cert_days(attempt: Attempt, spec, sslobj) -> None:
+    """`tls_config.min_cert_days` on the handshake just made (as http's: the verified leaf's expiry)."""
+    days = spec.tls_config.min_cert_days
+    if days is not None and expires_within(leaf_info(sslobj), days):
+        attempt.failed.append("min_cert_days")

@@ -108,6 +108,27 @@ def _chain(inner: Any, method: str) -> list[tuple[dict[str, Any], bytes]]:
     return out
 
 
+def leaf_info(sslobj: Any) -> dict[str, Any]:
+    """The peer's leaf certificate as `ssl` decodes it: of a verified handshake, else the first certificate the
+    peer sent (an unverified one: grpc's second handshake); {} without one."""
+    if sslobj is None:
+        return {}
+    info = sslobj.getpeercert() or {}
+    if not info:
+        sent = _chain(getattr(sslobj, "_sslobj", sslobj), "get_unverified_chain")
+        info = sent[0][0] if sent else {}
+    return info
+
+
+def expires_within(cert: dict[str, Any] | None, days: float) -> bool:
+    """`tls.min_cert_days` (http, tcp, grpc): True when the leaf certificate expires in fewer than `days` days
+    from now — or its expiry is not known (no certificate, an unreadable date): the validator fails then too."""
+    import time
+
+    not_after = _not_after(cert or {})
+    return not_after is None or (not_after - time.time()) / 86400 < days
+
+
 class EncryptedKey(ValueError):
     """A client key encrypted with a pass phrase: not supported (there is no key to give one)."""
 

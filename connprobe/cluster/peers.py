@@ -89,9 +89,13 @@ def cluster_peers(view: Any, *, listen_port: int, web_config: Any = None, token:
     tls = getattr(web_config, "tls", None)
     ctx = None
     if tls is not None:
+        from prober.tlsinfo import EncryptedKey, no_passphrase
+
         try:
             ctx = pinned_context(tls.cert_file)
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+            ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)
+        except EncryptedKey as exc:
+            raise ValueError(f"--kubernetes: peers' TLS: key_file {tls.key_file}: {exc}") from None
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"--kubernetes: peers' TLS: {tls.cert_file}: {exc}") from None
     return ClusterPeers(view, port=listen_port, scheme="https" if tls is not None else "http", token=token,

@@ -27,6 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from connprobe.lab import control
+from prober.tlsinfo import no_passphrase
 
 MAX_BYTES = 256 * 1024 * 1024
 
@@ -109,7 +110,7 @@ class LabHttpServer:
         self.sites = [web.TCPSite(self.runner, host=None, port=self.port, reuse_address=True)]
         if self.tls_port and self.cert and self.key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_cert_chain(self.cert, self.key, password=no_passphrase)
             self.sites.append(
                 web.TCPSite(self.runner, host=None, port=self.tls_port, ssl_context=ctx, reuse_address=True)
             )

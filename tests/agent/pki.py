@@ -64,3 +64,50 @@ class CA:
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, pair.key)
         return pair
+
+
+def encrypted_copy(pair: Pair, passphrase: bytes = b"pass phrase") -> Path:
+    """The pair's key, encrypted with a pass phrase, in a file next to it (`<cn>.enc.key`)."""
+    key = serialization.load_pem_private_key(pair.key.read_bytes(), None)
+    path = pair.key.with_suffix(".enc.key")
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(passphrase)))
+    path.chmod(0o600)
+    return path
+
+
+def run_on_pty(script: str, arg: str, *, lines: int, wait: float = 30.0) -> str:
+    """Run `python -c script arg` in a new session whose controlling terminal is a pty of ours (the script makes it
+    so with TIOCSCTTY on fd 0) — where OpenSSL's default would ask for a key's pass phrase and wait. Returns what it
+    wrote once `lines` lines came, it ended, or nothing came for `wait` seconds (it is killed then)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    primary, secondary = pty.openpty()
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdin=secondary, stdout=secondary,
+                            stderr=secondary, start_new_session=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root})
+    os.close(secondary)
+    out = b""
+    try:
+        while out.count(b"\n") < lines:
+            ready, _, _ = select.select([primary], [], [], wait)
+            if not ready:
+                break  # waiting at a prompt (or stuck): what it said so far is the evidence
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the child is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(primary)
+    return out.decode(errors="replace").replace("\r\n", "\n")

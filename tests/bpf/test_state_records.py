@@ -126,3 +126,58 @@ async def test_records_the_ring_refuses_go_to_the_second_ring_and_are_delivered(
         assert sensor.rescued_events == rescued  # kept after close
     finally:
         lst.close()
+
+
+def _in_a_wait(tid: int) -> bool:
+    """The thread sleeps in poll/ppoll (x86_64 7, 271; aarch64 73)."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            nr = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return nr in ("7", "271", "73")
+
+
+@kernel
+@pytest.mark.timeout(60)
+def test_synchronous_poll_wakes_for_a_record_only_the_second_ring_took():
+    """`poll(timeout)` waits on both rings: a record the first ring refused (sensor.c emit(): the kernel also
+    refuses now and then with that ring nearly empty) is delivered when it comes, not when the timeout ends.
+    The refusal is made certain by moving the first ring's consumer position (the page user space may write)
+    past its producer's while `poll` is already waiting: every reservation fails; it is put back afterwards."""
+    import struct
+    import threading
+    import time
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    pos = struct.Struct("<Q")
+    try:
+        with KernelSensor(ring_pages=1) as sensor:
+            sensor.watch("tcp", lst.getsockname()[1])
+            sensor.poll(0)
+            sensor.drain()
+            rescued = sensor.rescued_events
+            cons_page = sensor._reader._cons
+            saved = pos.unpack_from(cons_page, 0)[0]
+            returned = threading.Event()
+            waiter = threading.Thread(target=lambda: (sensor.poll(20_000), returned.set()), daemon=True)
+            waiter.start()
+            try:
+                deadline = time.monotonic() + 10
+                while not _in_a_wait(waiter.native_id) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert _in_a_wait(waiter.native_id), "poll() did not start waiting"
+                pos.pack_into(cons_page, 0, saved + (1 << 62))  # the first ring refuses from now on
+                _connections(lst, 1)
+                # bounded: a poll that waits only on the first ring sleeps its 20 s out
+                assert returned.wait(10), "poll() slept through a record in the second ring"
+            finally:
+                waiter.join(30)
+                pos.pack_into(cons_page, 0, saved)
+            assert sensor.rescued_events > rescued
+            events = sensor.drain()
+            assert any(e.kind == EventKind.STATE for e in events), events
+    finally:
+        lst.close()

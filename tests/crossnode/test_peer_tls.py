@@ -68,3 +68,83 @@ async def test_mtls_between_agents(tmp_path, pki):
     finally:
         await server.cleanup()
         await agent.stop()
+
+
+_ENCRYPTED_KEY_CHECKS = """
+import asyncio, fcntl, json, logging, os, sys, termios, types
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is this session's terminal: where OpenSSL would ask
+logging.disable(logging.CRITICAL)
+from connprobe.agent import Agent
+from connprobe.cluster.peers import cluster_peers
+from connprobe.config import PeerSettings
+from connprobe.crossnode import Peer, PeerConfigError
+from connprobe.web import start_server
+from connprobe.webconfig import WebConfigError, load_web_config
+m = json.loads(sys.argv[1])
+
+def say(*words):
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+def web_yml(key):
+    with open(m["web"], "w") as f:
+        f.write(f"tls_server_config:\\n  cert_file: {m['cert']}\\n  key_file: {key}\\n")
+
+web_yml(m["enc"])
+try:
+    load_web_config(m["web"])
+    say("LOADED")
+except WebConfigError as exc:
+    say("ERROR", exc)
+try:
+    cluster_peers(None, listen_port=9516, web_config=types.SimpleNamespace(
+        tls=types.SimpleNamespace(cert_file=m["cert"], key_file=m["enc"])))
+    say("LOADED")
+except ValueError as exc:
+    say("ERROR", exc)
+try:
+    Peer.from_settings(PeerSettings(cidr="10.77.2.0/24", url="https://127.0.0.1:1", cert_file=m["cert"],
+                                    key_file=m["enc"]))
+    say("LOADED")
+except PeerConfigError as exc:
+    say("ERROR", exc)
+
+async def reload():
+    web_yml(m["key"])
+    agent = Agent(m["cfg"], kernel=False)
+    await agent.start()
+    server = await start_server(agent, "127.0.0.1", 0, web_config_path=m["web"])
+    try:
+        web_yml(m["enc"])
+        say("RELOAD", await server.reload_web_config() or "applied")
+    finally:
+        await server.cleanup()
+        await agent.stop()
+
+asyncio.run(reload())
+"""
+
+
+def test_encrypted_key_is_an_error_not_a_pass_phrase_prompt(tmp_path, pki):
+    """The agent's own TLS key (the web config at start and at reload, the shared certificate peers present, a
+    `peers:` client key) encrypted with a pass phrase: one line naming the file, never OpenSSL's prompt on the
+    terminal (a root agent started in a shell, or reloading, would wait there for ever)."""
+    import json
+
+    from tests.agent.pki import encrypted_copy, run_on_pty
+
+    server = pki["server"]
+    enc = encrypted_copy(server)
+    cfg = tmp_path / "b.yml"
+    cfg.write_text("node: {name: node-b}\n")
+    web = tmp_path / "web.yml"
+    arg = json.dumps({"cert": str(server.cert), "key": str(server.key), "enc": str(enc), "web": str(web),
+                      "cfg": str(cfg)})
+    text = run_on_pty(_ENCRYPTED_KEY_CHECKS, arg, lines=4)
+    assert "pass phrase:" not in text.lower(), text
+    said = "the private key is encrypted with a pass phrase (not supported: give it unencrypted)"
+    assert text.strip().splitlines() == [
+        f"ERROR {web}: tls_server_config.key_file: {str(enc)!r}: {said}",
+        f"ERROR --kubernetes: peers' TLS: key_file {enc}: {said}",
+        f"ERROR peers (https://127.0.0.1:1): key_file {enc}: {said}",
+        f"RELOAD {web}: tls_server_config.key_file: {str(enc)!r}: {said}",
+    ], text

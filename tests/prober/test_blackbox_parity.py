@@ -96,6 +96,17 @@ async def test_tcp_query_response_starttls(smtp_server, env, tmp_path):
     assert r.ok, r.error_detail
 
 
+async def test_tcp_starttls_min_cert_days(smtp_server, env):
+    """`tls_config.min_cert_days` on the certificate the STARTTLS handshake verified (valid 1 day here)."""
+    def days(n):
+        return TLSSpec(ca_file=str(smtp_server.ca.path), server_name="localhost", min_cert_days=n)
+
+    (r,) = await run_probe(_tcp(smtp_server.port, SMTP_STEPS, tls_config=days(2)), env)
+    assert r.error is ErrorKind.VALIDATION and r.failed_validators == ("min_cert_days",), r
+    (r,) = await run_probe(_tcp(smtp_server.port, SMTP_STEPS, tls_config=days(0.5)), env)
+    assert r.ok, r.error_detail
+
+
 async def test_tcp_query_response_ends_by_deadline(smtp_server, env):
     (r,) = await run_probe(_tcp(smtp_server.port, [{"expect": "^never"}], timeout=1.0), env)
     assert r.error is ErrorKind.READ_TIMEOUT, (r.error, r.error_detail)

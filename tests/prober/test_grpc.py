@@ -98,6 +98,26 @@ async def test_tls(pki, tmp_path):
         await server.stop(None)
 
 
+async def test_tls_min_cert_days(pki):
+    """`grpc.tls_config.min_cert_days` as http's, on the leaf the second handshake reads (valid 1 day here)."""
+    ca, pair = pki
+    creds = grpc.ssl_server_credentials([(pair.key.read_bytes(), pair.cert.read_bytes())])
+    server, port = await _server(creds)
+    try:
+        tls = TLSSpec(ca_file=str(ca.path), server_name="localhost", min_cert_days=2)
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls))
+        assert r.error is ErrorKind.VALIDATION and r.failed_validators == ("min_cert_days",), r
+        assert r.value("grpc_serving_status") == 1  # the service answered SERVING: only the certificate fails
+        tls = TLSSpec(ca_file=str(ca.path), server_name="localhost", min_cert_days=0.5)
+        r = await _one(_grpc(f"127.0.0.1:{port}", tls=True, tls_config=tls))
+        assert r.ok, r.error_detail
+    finally:
+        await server.stop(None)
+    with pytest.raises(ValueError, match=r"tls_config.min_cert_days: needs tls: true \(a plain connection has no "
+                                         r"certificate\)"):
+        GRPCSpec(tls_config=TLSSpec(min_cert_days=2))
+
+
 async def test_tls_inline_pem_with_a_client_certificate(pki, tmp_path):
     """blackbox's inline `ca`, `cert`, `key` on a grpc probe, against a server that wants a client certificate."""
     ca, pair = pki

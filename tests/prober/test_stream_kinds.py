@@ -86,6 +86,12 @@ def test_websocket_config_errors():
         _ws("http://127.0.0.1:1/")
     with pytest.raises(ValueError, match="a query_response step needs send, expect or starttls"):
         _ws("ws://127.0.0.1:1/", [{}])
+    with pytest.raises(ValueError, match=r"min_cert_days: not supported for websocket probes \(http, tcp and grpc "
+                                         r"have it\)"):
+        _ws("wss://127.0.0.1:1/", tls_config=TLSSpec(min_cert_days=10))
+    with pytest.raises(ValueError, match=r"min_cert_days: not supported for unix probes \(http, tcp and grpc have "
+                                         r"it\)"):
+        UnixSpec(tls_config=TLSSpec(min_cert_days=10))
 
 
 @pytest.fixture

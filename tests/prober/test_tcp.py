@@ -75,6 +75,23 @@ async def test_tls_connect(https_server, env):
     assert r.error is ErrorKind.TLS_ERROR  # self-signed, not trusted
 
 
+async def test_tls_min_cert_days(https_server, cert_files, env):
+    """`tcp.tls_config.min_cert_days` as http's: the verified leaf (valid 30 days here) must last that long."""
+    from prober import TLSSpec
+
+    def tls(days):
+        return spec(f"127.0.0.1:{https_server.port}", prober="tcp", section=TCPSpec(
+            tls=True, tls_config=TLSSpec(ca_file=str(cert_files[0]), min_cert_days=days)))
+
+    (r,) = await run_probe(tls(60), env)
+    assert r.error is ErrorKind.VALIDATION and r.failed_validators == ("min_cert_days",), r
+    (r,) = await run_probe(tls(10), env)
+    assert r.ok, r.error_detail
+    with pytest.raises(ValueError, match=r"tls_config.min_cert_days: needs tls: true or a starttls step \(a plain "
+                                         r"connection has no certificate\)"):
+        TCPSpec(tls_config=TLSSpec(min_cert_days=10))
+
+
 async def test_expect_records_how_the_answer_arrived(echo_server, env):
     s = spec(f"127.0.0.1:{echo_server.port}", prober="tcp", section=TCPSpec(send="ping\\n", expect="echo ping"))
     (r,) = await run_probe(s, env)
