@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from connprobe.agentchannel import DiagnoseChannel, parse_request
+from connprobe.agentchannel import ChannelError, DiagnoseChannel, parse_request
 from tests.agent.helpers import AgentProcess, free_port, wait_for, write_config
 from tests.app.test_diagnose import normalise
 
@@ -214,7 +214,7 @@ def test_a_live_socket_is_not_taken_over(tmp_path):
         await first.start()
         try:
             second = DiagnoseChannel(_NotReady(), tmp_path / "c.sock")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(ChannelError) as err:
                 await second.start()
             return str(err.value)
         finally:
