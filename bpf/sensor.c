@@ -135,7 +135,7 @@ static __always_inline void emit(struct cp_event *ev) {
             return;
     }
     __builtin_memcpy(out, ev, sizeof(struct cp_event));
-    events.ringbuf_submit(out, 0);
+    events.ringbuf_submit(out, 0); /* bpf_ringbuf_submit finds the record's ring from its header: either ring */
 }
 
 /* Network-namespace inode of a socket: sk->__sk_common.skc_net.net->ns.inum (BTF offsets). */
