@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -175,6 +176,14 @@ class AgentProcess:
         with contextlib.suppress(Exception):
             self._stderr.close()
         return self.proc.returncode
+
+
+def last_recent(agent: AgentProcess, probe: str) -> dict | None:
+    """The newest /api/recent entry of `probe`, or None before its first run."""
+    code, text = http_get(agent.url + "/api/recent")
+    assert code == 200
+    entries = json.loads(text)["probes"].get(probe) or []
+    return entries[-1] if entries else None
 
 
 def lab_config(path: Path, lab, interval: str = "3s", extra: list[dict] | None = None,

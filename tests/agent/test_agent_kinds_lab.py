@@ -4,20 +4,11 @@ evidence."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.agent.helpers import AgentProcess, http_get, samples_named, wait_for, write_config
+from tests.agent.helpers import AgentProcess, last_recent, samples_named, wait_for, write_config
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
-
-
-def _last(agent: AgentProcess, probe: str) -> dict | None:
-    code, text = http_get(agent.url + "/api/recent")
-    assert code == 200
-    entries = json.loads(text)["probes"].get(probe) or []
-    return entries[-1] if entries else None
 
 
 def test_agent_icmp_probe_names_a_policy_drop_of_its_echo(lab, tmp_path):
@@ -28,7 +19,7 @@ def test_agent_icmp_probe_names_a_policy_drop_of_its_echo(lab, tmp_path):
     agent = AgentProcess(cfg, tmp_path)
     try:
         agent.start()
-        wait_for(lambda: (_last(agent, "gw6") or {}).get("cause") == "ok", 20, "gw6 healthy")
+        wait_for(lambda: (last_recent(agent, "gw6") or {}).get("cause") == "ok", 20, "gw6 healthy")
         m = agent.metrics()
         assert samples_named(m, "probe_icmp_reply_hop_limit", probe="gw6") == {
             frozenset({("probe", "gw6"), ("target", lab.server("srv2").addr6), ("source", lab.ns("client").name)}):
@@ -36,9 +27,9 @@ def test_agent_icmp_probe_names_a_policy_drop_of_its_echo(lab, tmp_path):
         held = samples_named(m, "connprobe_capability_held", capability="CAP_NET_RAW")
         assert held and all(v == 1.0 for v in held.values()), held
         with lab.icmp_echo_drop("srv2", direction="in", family="ipv6"):
-            last = wait_for(lambda: (d := _last(agent, "gw6")) and d["cause"] == "policy_drop" and d, 20,
+            last = wait_for(lambda: (d := last_recent(agent, "gw6")) and d["cause"] == "policy_drop" and d, 20,
                             "a policy_drop verdict for gw6")
         assert last["sub_cause"] == "policy_drop/echo" and last["kernel_events"] > 0, last
-        wait_for(lambda: (_last(agent, "gw6") or {}).get("cause") == "ok", 20, "gw6 healthy again")
+        wait_for(lambda: (last_recent(agent, "gw6") or {}).get("cause") == "ok", 20, "gw6 healthy again")
     finally:
         agent.stop()

@@ -10,16 +10,9 @@ import time
 
 import pytest
 
-from tests.agent.helpers import AgentProcess, http_get, lab_config, samples_named, wait_for
+from tests.agent.helpers import AgentProcess, http_get, lab_config, last_recent, samples_named, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
-
-
-def _last(agent: AgentProcess, probe: str) -> dict | None:
-    code, text = http_get(agent.url + "/api/recent")
-    assert code == 200
-    entries = json.loads(text)["probes"].get(probe) or []
-    return entries[-1] if entries else None
 
 
 def test_agent_in_the_lab_names_a_policy_drop_and_reloads_on_sighup(lab, tmp_path):
@@ -30,13 +23,13 @@ def test_agent_in_the_lab_names_a_policy_drop_and_reloads_on_sighup(lab, tmp_pat
         code, text = http_get(agent.url + "/-/ready")
         assert code == 200 and "kernel sensor attached" in text
         for name in ("web", "api"):
-            wait_for(lambda n=name: (_last(agent, n) or {}).get("cause") == "ok", 20, f"{name} healthy")
+            wait_for(lambda n=name: (last_recent(agent, n) or {}).get("cause") == "ok", 20, f"{name} healthy")
 
         with lab.policy_drop("srv2", direction="in", port=8080):
-            last = wait_for(lambda: (d := _last(agent, "api")) and d["cause"] == "policy_drop" and d, 30,
+            last = wait_for(lambda: (d := last_recent(agent, "api")) and d["cause"] == "policy_drop" and d, 30,
                             "a policy_drop verdict for api")
             assert last["sub_cause"] == "policy_drop/syn" and last["kernel_events"] > 0
-            assert (_last(agent, "web") or {}).get("cause") == "ok"
+            assert (last_recent(agent, "web") or {}).get("cause") == "ok"
             m = agent.metrics()
             source = lab.ns("client").name
             assert samples_named(m, "connprobe_probe_cause", probe="api", cause="policy_drop", source=source)
@@ -48,7 +41,7 @@ def test_agent_in_the_lab_names_a_policy_drop_and_reloads_on_sighup(lab, tmp_pat
             code, page = http_get(agent.url + "/")
             assert code == 200 and '<section class="timeline" data-probe="api">' in page
             assert "▲ kernel drop" in page and "policy_drop/syn" in page
-        wait_for(lambda: (_last(agent, "api") or {}).get("cause") == "ok", 30, "api healthy again")
+        wait_for(lambda: (last_recent(agent, "api") or {}).get("cause") == "ok", 30, "api healthy again")
 
         lines = [json.loads(x) for x in agent.log_json.read_text().splitlines()]
         assert {x["cause"] for x in lines if x["probe"] == "api"} >= {"ok", "policy_drop"}

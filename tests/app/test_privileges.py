@@ -17,7 +17,16 @@ import yaml
 
 from connprobe.config import ConfigError, parse_config
 from connprobe.privileges import CapSets, Privileges, held_by_threads, mask_of, names, needed_for, read_caps
-from tests.agent.helpers import REPO, AgentProcess, http_get, lab_config, samples_named, wait_for, write_config
+from tests.agent.helpers import (
+    REPO,
+    AgentProcess,
+    http_get,
+    lab_config,
+    last_recent,
+    samples_named,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.timeout(240)]
 kernel = pytest.mark.kernel
@@ -105,13 +114,6 @@ def _assert_every_thread_holds(pid: int, want: list[str], bounding: list[str] | 
     return threads
 
 
-def _last(agent: AgentProcess, probe: str) -> dict | None:
-    code, text = http_get(agent.url + "/api/recent")
-    assert code == 200
-    entries = json.loads(text)["probes"].get(probe) or []
-    return entries[-1] if entries else None
-
-
 def _held_metric(agent: AgentProcess) -> set[str]:
     return {dict(lbl)["capability"] for lbl in samples_named(agent.metrics(), "connprobe_capability_held")}
 
@@ -130,7 +132,7 @@ def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees
         prog_ids = _bpf_prog_ids(agent.proc.pid)
         assert prog_ids
         for name in ("web", "api"):
-            wait_for(lambda n=name: (_last(agent, n) or {}).get("cause") == "ok", 20, f"{name} healthy")
+            wait_for(lambda n=name: (last_recent(agent, n) or {}).get("cause") == "ok", 20, f"{name} healthy")
         # after probes ran: the netns worker threads started since then hold no more than the loop thread
         threads = _assert_every_thread_holds(agent.proc.pid, ["CAP_SYS_ADMIN"])
         client = lab.ns("client").inode
@@ -139,7 +141,7 @@ def test_agent_with_netns_sources_keeps_only_sys_admin_and_the_sensor_still_sees
 
         # without CAP_BPF/CAP_PERFMON the sensor still announces ports and reads the ring buffer
         with lab.policy_drop("srv2", direction="in", port=8080):
-            last = wait_for(lambda: (d := _last(agent, "api")) and d["cause"] == "policy_drop" and d, 30,
+            last = wait_for(lambda: (d := last_recent(agent, "api")) and d["cause"] == "policy_drop" and d, 30,
                             "a policy_drop verdict for api")
         assert last["sub_cause"] == "policy_drop/syn" and last["kernel_events"] > 0
 
@@ -172,7 +174,7 @@ def test_agent_with_host_probes_only_drops_every_capability(tmp_path):
         _assert_every_thread_holds(agent.proc.pid, [])
         assert _held_metric(agent) == set()
         # the watch list and the ring buffer work with no capability at all: the reset is kernel evidence
-        last = wait_for(lambda: (d := _last(agent, "refused")) and d["kernel_events"] > 0 and d, 20,
+        last = wait_for(lambda: (d := last_recent(agent, "refused")) and d["kernel_events"] > 0 and d, 20,
                         "kernel evidence for the refused connection")
         assert last["cause"] == "connection_refused"
         # a netns source cannot come back by reload: CAP_SYS_ADMIN is gone
@@ -325,7 +327,7 @@ def test_the_agent_runs_with_the_daemonset_capabilities(lab, tmp_path):
         assert "not from the bounding set: no CAP_SETPCAP" in agent.stderr()
         assert "still holds" not in agent.stderr()
         assert _held_metric(agent) == {"CAP_SYS_ADMIN"}
-        wait_for(lambda: (_last(agent, "web") or {}).get("cause") == "ok", 20, "web healthy")
+        wait_for(lambda: (last_recent(agent, "web") or {}).get("cause") == "ok", 20, "web healthy")
         _assert_every_thread_holds(agent.proc.pid, ["CAP_SYS_ADMIN"], bounding=caps)
     finally:
         assert agent.stop() == 0

@@ -36,6 +36,21 @@ def test_a_single_name_is_one_state_not_its_letters():
     assert KernelSensor(state_records="CLOSE").state_records == frozenset({"CLOSE"})
 
 
+def _listener(backlog: int) -> socket.socket:
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(backlog)
+    return lst
+
+
+async def _events(sensor: KernelSensor, timeout: float) -> list:
+    """Every event until none comes for `timeout` seconds."""
+    seen = []
+    while (ev := await sensor.next_event(timeout=timeout)) is not None:
+        seen.append(ev)
+    return seen
+
+
 def _connections(lst: socket.socket, n: int) -> None:
     for _ in range(n):
         with socket.create_connection(lst.getsockname()) as c:
@@ -50,9 +65,7 @@ def _state_total(c, *, watched: bool) -> int:
 
 @kernel
 async def test_only_the_listed_states_become_events_and_the_rest_are_counted():
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(64)
+    lst = _listener(64)
     port = lst.getsockname()[1]
     try:
         async with KernelSensor(state_records=TCP_STATES_READ) as sensor:
@@ -60,9 +73,7 @@ async def test_only_the_listed_states_become_events_and_the_rest_are_counted():
             before = _state_total(c0, watched=True)
             sensor.watch("tcp", port)
             _connections(lst, 5)
-            seen = []
-            while (ev := await sensor.next_event(timeout=0.5)) is not None:
-                seen.append(ev)
+            seen = await _events(sensor, 0.5)
             sensor.unwatch("tcp", port)
             c = sensor.counters()
             states = [e for e in seen if e.kind == EventKind.STATE]
@@ -83,18 +94,14 @@ async def test_only_the_listed_states_become_events_and_the_rest_are_counted():
 
 @kernel
 async def test_without_the_list_every_change_is_an_event():
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(64)
+    lst = _listener(64)
     port = lst.getsockname()[1]
     try:
         async with KernelSensor() as sensor:
             before = _state_total(sensor.counters(), watched=True)
             sensor.watch("tcp", port)
             _connections(lst, 3)
-            seen = []
-            while (ev := await sensor.next_event(timeout=0.5)) is not None:
-                seen.append(ev)
+            seen = await _events(sensor, 0.5)
             sensor.unwatch("tcp", port)
             states = [e for e in seen if e.kind == EventKind.STATE]
             assert {"SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "CLOSE"} <= {e.tcp_state for e in states}
@@ -107,17 +114,13 @@ async def test_without_the_list_every_change_is_an_event():
 async def test_records_the_ring_refuses_go_to_the_second_ring_and_are_delivered():
     """A 4 KiB ring, not read during a burst, refuses records after ~36: the second ring (64 KiB) takes the next
     ones, delivered with the others; only what both refuse is lost, and every change is accounted for."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(256)
+    lst = _listener(256)
     try:
         async with KernelSensor(ring_pages=1) as sensor:
             before = _state_total(sensor.counters(), watched=True)
             sensor.watch("tcp", lst.getsockname()[1])
             _connections(lst, 100)  # ~1,000 state changes; the loop is blocked meanwhile: nothing reads
-            got = 0
-            while await sensor.next_event(timeout=0.3) is not None:
-                got += 1
+            got = len(await _events(sensor, 0.3))
             observed = _state_total(sensor.counters(), watched=True) - before
             assert sensor.rescued_events > 0 and sensor.lost_events > 0
             assert got > 4096 // 112  # more than the first ring holds
@@ -149,9 +152,7 @@ def test_synchronous_poll_wakes_for_a_record_only_the_second_ring_took():
     import threading
     import time
 
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(16)
+    lst = _listener(16)
     pos = struct.Struct("<Q")
     try:
         with KernelSensor(ring_pages=1) as sensor:

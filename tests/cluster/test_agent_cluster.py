@@ -9,17 +9,10 @@ import json
 import pytest
 
 from connprobe.lab.topology import role_addresses
-from tests.agent.helpers import AgentProcess, http_get, samples_named, wait_for, write_config
+from tests.agent.helpers import AgentProcess, http_get, last_recent, samples_named, wait_for, write_config
 from tests.cluster import labpods
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
-
-
-def _last(agent: AgentProcess, probe: str) -> dict | None:
-    code, text = http_get(agent.url + "/api/recent")
-    assert code == 200
-    entries = json.loads(text)["probes"].get(probe) or []
-    return entries[-1] if entries else None
 
 
 def _log(agent: AgentProcess) -> list[dict]:
@@ -42,9 +35,9 @@ def test_agent_names_the_destination_pod_of_a_policy_drop(lab, api, tmp_path):
         assert http_get(agent.url + "/-/ready")[1].strip() == (
             "connprobe agent is Ready (kernel sensor attached). cluster state fresh: 3 pods on node n1, "
             "2 services, 2 nodes.")
-        wait_for(lambda: (_last(agent, "ledger") or {}).get("cause") == "ok", 20, "ledger healthy")
+        wait_for(lambda: (last_recent(agent, "ledger") or {}).get("cause") == "ok", 20, "ledger healthy")
         with lab.policy_drop("srv2", direction="in", port=8080):
-            last = wait_for(lambda: (d := _last(agent, "ledger")) and d["cause"] == "policy_drop" and d, 30,
+            last = wait_for(lambda: (d := last_recent(agent, "ledger")) and d["cause"] == "policy_drop" and d, 30,
                             "a policy_drop verdict")
         facts = last["facts"]
         inode = lab.ns("srv2").inode
@@ -114,13 +107,13 @@ def test_selector_source_and_service_target_follow_pods_as_they_come_and_go(lab,
         assert not samples_named(agent.metrics(), "probe_success")
         api.apply(labpods.pod_object("client"))
         for name in (vip_probe, ep_probe):
-            wait_for(lambda n=name: (_last(agent, n) or {}).get("cause") == "ok", 30, f"{name} healthy")
+            wait_for(lambda n=name: (last_recent(agent, n) or {}).get("cause") == "ok", 30, f"{name} healthy")
         m = agent.metrics()
         source = lab.ns("client").name
         assert samples_named(m, "probe_success", probe=vip_probe, target="10.96.0.10:80", source=source)
         endpoint = f"{role_addresses('srv1')[0]}:8080"
         assert samples_named(m, "probe_success", probe=ep_probe, target=endpoint, source=source)
-        last = _last(agent, vip_probe)
+        last = last_recent(agent, vip_probe)
         assert "destination 10.96.0.10: service payments/api" in last["facts"]
         # the pod goes: its probes and their series go
         api.delete("Pod", "frontend", pod)

@@ -6,23 +6,25 @@ Traffic goes only to lab namespaces (and the stand-in API server on loopback).""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 
 from connprobe.lab.topology import role_addresses
-from tests.agent.helpers import REPO, AgentProcess, Daemon, free_port, http_get, samples_named, wait_for, write_config
+from tests.agent.helpers import (
+    REPO,
+    AgentProcess,
+    Daemon,
+    free_port,
+    http_get,
+    last_recent,
+    samples_named,
+    wait_for,
+    write_config,
+)
 from tests.cluster import objects as o
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
-
-
-def _last(agent: AgentProcess, probe: str) -> dict | None:
-    code, text = http_get(agent.url + "/api/recent")
-    assert code == 200
-    entries = json.loads(text)["probes"].get(probe) or []
-    return entries[-1] if entries else None
 
 
 def _peer_series(agent: AgentProcess) -> set[str]:
@@ -59,7 +61,7 @@ def test_agent_probes_its_peers_health_and_follows_nodes(lab, api, tmp_path):
     try:
         agent.start()
         for name in ("mesh/node/n2", "mesh/node/n3", "mesh/dns-node", "mesh/dns-pod"):
-            wait_for(lambda n=name: (_last(agent, n) or {}).get("cause") == "ok", 60, f"{name} ok")
+            wait_for(lambda n=name: (last_recent(agent, n) or {}).get("cause") == "ok", 60, f"{name} ok")
         m = agent.metrics()
         source = lab.ns("client").name
         target = f"http://{role_addresses('srv1')[0]}:{port}/-/healthy"
@@ -68,7 +70,7 @@ def test_agent_probes_its_peers_health_and_follows_nodes(lab, api, tmp_path):
         assert samples_named(m, "probe_success", probe="mesh/dns-node", target=f"{dns}:53")
         # a peer agent that stops answering fails its probe (it was the agent answering, not anything else)
         peers[1].stop()
-        wait_for(lambda: (_last(agent, "mesh/node/n3") or {}).get("cause") not in (None, "ok"), 30,
+        wait_for(lambda: (last_recent(agent, "mesh/node/n3") or {}).get("cause") not in (None, "ok"), 30,
                  "mesh/node/n3 failing")
         # n3 goes NotReady: its probe and series go; back to Ready: they come back
         api.apply(o.node("n3", ready=False, internal_ip=role_addresses("srv2")[0]))

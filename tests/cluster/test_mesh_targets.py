@@ -28,6 +28,19 @@ pytestmark = pytest.mark.timeout(90)
 NODES = {f"n{i}": f"127.0.1.{i}" for i in range(1, 9)}
 
 
+def _no_probes(path):
+    """A configuration file with no probes of its own: every probe comes from the cluster."""
+    path.write_text(yaml.safe_dump({"probes": []}))
+    return path
+
+
+def _view(api, tmp_path) -> ClusterView:
+    """The cluster as node n1 sees it through the stand-in API server (not started)."""
+    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
+    return ClusterView(ClusterState(client, node_name="n1", watch_timeout=30, backoff=Backoff(0.02, 0.2)),
+                       proc_root=str(tmp_path / "proc"))
+
+
 def _mesh(reloads_of, source: ClusterTargets) -> dict[str, str]:
     return {p.name: p.target for p in reloads_of.probes if p.name.startswith("mesh/node/")}
 
@@ -35,14 +48,11 @@ def _mesh(reloads_of, source: ClusterTargets) -> dict[str, str]:
 def test_peers_follow_nodes_and_the_essentials_come_from_the_cluster(api, tmp_path):
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("# the node's\nsearch example.internal\nnameserver 127.0.0.77\nnameserver 127.0.0.78\n")
-    cfg = tmp_path / "c.yml"
-    cfg.write_text(yaml.safe_dump({"probes": []}))
+    cfg = _no_probes(tmp_path / "c.yml")
     for name, ip in NODES.items():
         api.apply(o.node(name, internal_ip=ip))
     api.apply(o.service("kube-dns", namespace="kube-system", cluster_ips=("127.0.2.10",), ports=(("dns", 53),)))
-    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
-    view = ClusterView(ClusterState(client, node_name="n1", watch_timeout=30, backoff=Backoff(0.02, 0.2)),
-                       proc_root=str(tmp_path / "proc"))
+    view = _view(api, tmp_path)
     mesh = MeshOptions(k=3, port=9516, interval=10.0, resolv_conf=str(resolv))
     source = ClusterTargets(ConfigFile(cfg), view, resync=0.3, mesh=mesh)
 
@@ -124,13 +134,10 @@ def test_k_zero_gives_only_the_essentials_and_a_bad_resolv_conf_is_a_note(api, t
     assert first_nameserver(str(resolv)) is None and first_nameserver(str(tmp_path / "none")) is None
     (tmp_path / "ok").write_text("nameserver fe80::1%eth0\n")
     assert first_nameserver(str(tmp_path / "ok")) == "fe80::1"
-    cfg = tmp_path / "c.yml"
-    cfg.write_text(yaml.safe_dump({"probes": []}))
+    cfg = _no_probes(tmp_path / "c.yml")
     api.apply(o.node("n1", internal_ip="127.0.1.1"))
     api.apply(o.node("n2", internal_ip="127.0.1.2"))
-    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
-    view = ClusterView(ClusterState(client, node_name="n1", watch_timeout=30, backoff=Backoff(0.02, 0.2)),
-                       proc_root=str(tmp_path / "proc"))
+    view = _view(api, tmp_path)
     try:
         view.start()
         assert view.wait_synced(10)
@@ -224,13 +231,10 @@ def test_a_peer_agent_over_https_with_basic_auth_is_verified_with_the_shared_cer
         "tls_server_config": {"cert_file": crt, "key_file": key},
         "basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}}))
     port = free_port()
-    cfg = tmp_path / "peer.yml"
-    cfg.write_text(yaml.safe_dump({"probes": []}))
+    cfg = _no_probes(tmp_path / "peer.yml")
     api.apply(o.node("n1", internal_ip="127.0.0.1"))
     api.apply(o.node("n2", internal_ip="127.0.0.2"))
-    client = load_api_client(api.kubeconfig(tmp_path / "kc"))
-    view = ClusterView(ClusterState(client, node_name="n1", watch_timeout=30, backoff=Backoff(0.02, 0.2)),
-                       proc_root=str(tmp_path / "proc"))
+    view = _view(api, tmp_path)
     peer = Daemon("peer", ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "connprobe.cli", "agent", "--config",
                            str(cfg), "--no-kernel", "--no-config-watch", "--listen", f"127.0.0.2:{port}",
                            "--web.config.file", str(web)], tmp_path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -11,21 +12,24 @@ from aiohttp import web
 
 from bpf.clock import sample_clock_offset
 from connprobe.crossnode import Peer, PeerAsker, StaticPeers
-from tests.correlator.builders import result
+from tests.correlator.builders import TCP_FLOW, result
+from tests.crossnode.peers import serve_evidence
 
 pytestmark = pytest.mark.timeout(60)
 
 GOOD = {"node": "b", "watching": True, "clock_uncertainty_ns": 1, "received_ns": 5, "replied_ns": 6, "events": []}
 
 
-async def _serve(handler):
-    app = web.Application()
-    app.router.add_get("/api/evidence", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+async def _recording_peer() -> tuple[web.AppRunner, str, list[dict]]:
+    """A peer that answers GOOD and keeps the query string of every question it was asked."""
+    seen: list[dict] = []
+
+    async def handler(request):
+        seen.append(dict(request.query))
+        return web.json_response(GOOD)
+
+    runner, url = await serve_evidence(handler)
+    return runner, url, seen
 
 
 @pytest.mark.parametrize("answer, why", [
@@ -46,7 +50,7 @@ async def test_hostile_answers_are_reasons(answer, why):
             raise r
         return r
 
-    runner, url = await _serve(handler)
+    runner, url = await serve_evidence(handler)
     asker = PeerAsker(StaticPeers([("10.77.2.0/24", Peer(url, b"t", None, 2.0))]))
     try:
         (got,) = await asker.ask(result(ok=False), sample_clock_offset())
@@ -65,7 +69,7 @@ async def test_a_peer_that_never_answers_ends_by_the_deadline():
         await hold.wait()
         return web.json_response(GOOD)
 
-    runner, url = await _serve(handler)
+    runner, url = await serve_evidence(handler)
     asker = PeerAsker(StaticPeers([("10.77.2.0/24", Peer(url, b"t", None, 0.2))]))
     try:
         (got,) = await asker.ask(result(ok=False), sample_clock_offset())
@@ -83,20 +87,10 @@ async def test_no_peer_for_the_address_asks_nobody():
 
 
 async def test_a_service_ip_is_asked_about_at_the_endpoint_it_was_dnated_to():
-    seen = []
-
-    async def handler(request):
-        seen.append(dict(request.query))
-        return web.json_response(GOOD)
-
-    runner, url = await _serve(handler)
+    runner, url, seen = await _recording_peer()
 
     async def dnat(flow, source):  # what the conntrack table of the probe's namespace says
         return ("10.77.2.11", 8080) if flow.remote_addr == "10.96.0.10" else None
-
-    import dataclasses
-
-    from tests.correlator.builders import TCP_FLOW
 
     r = dataclasses.replace(result(ok=False), flows=(dataclasses.replace(TCP_FLOW, remote_addr="10.96.0.10",
                                                                          remote_port=80),))
@@ -117,17 +111,7 @@ async def test_a_service_ip_is_asked_about_at_the_endpoint_it_was_dnated_to():
 
 async def test_a_link_local_scope_is_not_sent_to_the_peer():
     """The scope (%veth0) is an interface of this node; the peer refuses an address with one (a 400)."""
-    import dataclasses
-
-    from tests.correlator.builders import TCP_FLOW
-
-    seen = []
-
-    async def handler(request):
-        seen.append(dict(request.query))
-        return web.json_response(GOOD)
-
-    runner, url = await _serve(handler)
+    runner, url, seen = await _recording_peer()
     flow = dataclasses.replace(TCP_FLOW, local_addr="fe80::1%veth0", remote_addr="fe80::2%veth0")
     asker = PeerAsker(StaticPeers([("fe80::/64", Peer(url, b"t", None, 2.0))]))
     try:

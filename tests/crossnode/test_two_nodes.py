@@ -14,6 +14,7 @@ from aiohttp import web
 
 from connprobe.lab.twonode import TwoNodes
 from correlator.types import Cause
+from tests.crossnode.peers import serve_evidence
 
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -109,15 +110,10 @@ async def test_slow_peer_the_deadline_holds(lab, tmp_path):
         state["answered"] += 1
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_get("/api/evidence", slow)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, url = await serve_evidence(slow)
     port = runner.addresses[0][1]
     try:
-        async with TwoNodes(lab, tmp_path / "slow", peer_url=f"http://127.0.0.1:{port}",
+        async with TwoNodes(lab, tmp_path / "slow", peer_url=url,
                             peer_timeout="300ms") as slowpeer:
             with lab.policy_drop("srv1", direction="in", port=8080):
                 out = await slowpeer.probe(slowpeer.server_addr(4))
