@@ -10,8 +10,20 @@ import pytest
 
 from prober import ErrorKind, HTTPSpec, TCPSpec, TLSSpec, run_probe
 from prober.spec import GRPCSpec
-from tests.agent.pki import CA
+from tests.agent.pki import CA, server_context
 from tests.prober.helpers import spec
+
+
+async def _ok(reader, writer):
+    """One HTTP/1.1 request, answered 200 "ok", then the connection closed."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
 
 
 @pytest.fixture
@@ -22,21 +34,10 @@ async def tls_servers(tmp_path):
     ports: dict[str, int] = {}
     servers = []
 
-    async def handle(reader, writer):
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
     for name, version in (("TLS12", ssl.TLSVersion.TLSv1_2), ("TLS13", ssl.TLSVersion.TLSv1_3)):
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(pair.cert, pair.key)
+        ctx = server_context(pair)
         ctx.minimum_version = ctx.maximum_version = version
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        server = await asyncio.start_server(_ok, "127.0.0.1", 0, ssl=ctx)
         servers.append(server)
         ports[name] = server.sockets[0].getsockname()[1]
     ports["ca"] = str(ca.path)
@@ -114,22 +115,8 @@ async def mtls(tmp_path):
     ca = CA(tmp_path, "inline-ca")
     server_pair = ca.issue("localhost", server=True)
     client = ca.issue("prober", server=False)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(server_pair.cert, server_pair.key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cafile=str(ca.path))
-
-    async def handle(reader, writer):
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    ctx = server_context(server_pair, client_ca=ca)
+    server = await asyncio.start_server(_ok, "127.0.0.1", 0, ssl=ctx)
     yield {"port": server.sockets[0].getsockname()[1], "ca": ca.path.read_text(), "cert": client.cert.read_text(),
            "key": client.key.read_text(), "key_file": str(client.key), "cert_file": str(client.cert)}
     server.close()
