@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ class CA:
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, pair.key)
         return pair
+
+
+def server_context(pair: Pair, *, client_ca: CA | None = None) -> ssl.SSLContext:
+    """A server-side TLS context serving `pair`; with `client_ca`, a client certificate from that CA is required."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(client_ca.path))
+    return ctx
 
 
 def encrypted_copy(pair: Pair, passphrase: bytes = b"pass phrase") -> Path:

@@ -18,8 +18,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent.helpers import AgentProcess, free_port, http_get, wait_for
-from tests.agent.pki import CA
-from tests.prober.servers import DnsServer
+from tests.agent.pki import CA, server_context
+from tests.prober.servers import DnsServer, serve_plain_and_tls
 
 BLACKBOX = "prometheus-blackbox-exporter"
 
@@ -47,8 +47,7 @@ def _blackbox_view(samples: dict) -> dict:
 async def targets(tmp_path):
     ca = CA(tmp_path, "side-ca")
     pair = ca.issue("localhost", server=True)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pair.cert, pair.key)
+    ctx = server_context(pair)
 
     async def ok(request):
         return web.Response(text="ok from the lab", headers={"Last-Modified": "Mon, 30 Nov 2026 12:00:00 GMT"})
@@ -67,12 +66,7 @@ async def targets(tmp_path):
     app.router.add_get("/ok", ok)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/gz", gz)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    plain = web.TCPSite(runner, "127.0.0.1", 0)
-    await plain.start()
-    tls = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await tls.start()
+    runner, http_port, https_port = await serve_plain_and_tls(app, ctx)
 
     async def smtp(reader, writer):
         writer.write(b"220 mail.lab.test ESMTP\r\n")
@@ -120,8 +114,7 @@ async def targets(tmp_path):
     dot_server.add("both.lab.test", "A", "127.0.0.1", "127.0.0.2")
     dot_server.mutate = sections
     await dot_server.start()
-    yield {"ca": ca.path, "http": plain._server.sockets[0].getsockname()[1],
-           "https": tls._server.sockets[0].getsockname()[1],
+    yield {"ca": ca.path, "http": http_port, "https": https_port,
            "smtp": smtp_server.sockets[0].getsockname()[1], "dns": dns_server.port, "grpc": grpc_port,
            "dot": dot_server.port, "grpc_tls": grpc_tls_port}
     await grpc_tls_server.stop(None)

@@ -145,6 +145,17 @@ async def serve_http(host: str, ssl_context: ssl.SSLContext | None = None) -> tu
     return state, runner
 
 
+async def serve_plain_and_tls(app: web.Application, ssl_context: ssl.SSLContext) -> tuple[web.AppRunner, int, int]:
+    """`app` on 127.0.0.1:0 twice, plain and TLS: (runner, plain port, TLS port); the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    plain = web.TCPSite(runner, "127.0.0.1", 0)
+    await plain.start()
+    tls = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await tls.start()
+    return runner, plain._server.sockets[0].getsockname()[1], tls._server.sockets[0].getsockname()[1]
+
+
 # ---------------------------------------------------------------- scripted HTTP
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from prober import DNSSpec, ErrorKind, QueryStep, TCPSpec, TLSSpec, run_probe
 from prober.spec import RRValidator
-from tests.agent.pki import CA
+from tests.agent.pki import CA, server_context
 from tests.prober.helpers import spec
 
 
@@ -29,8 +29,7 @@ def pki(tmp_path):
 async def smtp_server(pki):
     """An SMTP-like line protocol on loopback: greeting, EHLO listing STARTTLS, STARTTLS upgrading to TLS."""
     ca, pair = pki
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pair.cert, pair.key)
+    ctx = server_context(pair)
     tls_seen: list[bool] = []
 
     async def handle(reader, writer):
@@ -181,10 +180,7 @@ async def mtls_server(tmp_path):
     ca = CA(tmp_path, "mtls-ca")
     server_pair = ca.issue("localhost", server=True)
     client_pair = ca.issue("prober", server=False)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(server_pair.cert, server_pair.key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cafile=str(ca.path))
+    ctx = server_context(server_pair, client_ca=ca)
     seen: list[tuple[str, str | None]] = []
 
     async def ok(request):
@@ -359,8 +355,7 @@ async def h2_server(tmp_path):
 
     ca = CA(tmp_path, "h2-ca")
     pair = ca.issue("localhost", server=True)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pair.cert, pair.key)
+    ctx = server_context(pair)
     ctx.set_alpn_protocols(["h2"])
     seen: list[str] = []
 

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import socket
-import ssl
 import time
 import urllib.parse
 
@@ -19,8 +18,9 @@ from aiohttp import web
 from prober import ErrorKind, HTTPSpec, TLSSpec, run_probe
 from prober import oauth2 as oauth2_mod
 from prober.spec import OAuth2Spec
-from tests.agent.pki import CA
+from tests.agent.pki import CA, server_context
 from tests.prober.helpers import spec
+from tests.prober.servers import serve_plain_and_tls
 
 CLIENT_ID = "probe client"  # a space: form-encoded in the Basic credentials
 SECRET = "s3cr3t:Cn-oauth-secret"  # a colon: the same
@@ -100,19 +100,10 @@ async def token_server(tmp_path):
     s = TokenServer()
     ca = CA(tmp_path, "oauth-ca")
     pair = ca.issue("localhost", server=True)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pair.cert, pair.key)
     app = web.Application()
     app.router.add_post("/token", s.token)
     app.router.add_get("/api", s.api)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    plain = web.TCPSite(runner, "127.0.0.1", 0)
-    await plain.start()
-    tls = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await tls.start()
-    s.port = plain._server.sockets[0].getsockname()[1]
-    s.tls_port = tls._server.sockets[0].getsockname()[1]
+    runner, s.port, s.tls_port = await serve_plain_and_tls(app, server_context(pair))
     s.ca = ca
     yield s
     await runner.cleanup()

@@ -10,8 +10,20 @@ import pytest
 
 from prober import ErrorKind, HTTPSpec, TCPSpec, TLSSpec, run_probe
 from prober.spec import GRPCSpec
-from tests.agent.pki import CA
+from tests.agent.pki import CA, server_context
 from tests.prober.helpers import spec
+
+
+async def _ok(reader, writer):
+    """One HTTP/1.1 request, answered 200 "ok", then the connection closed."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
 
 
 @pytest.fixture
@@ -22,21 +34,10 @@ async def tls_servers(tmp_path):
     ports: dict[str, int] = {}
     servers = []
 
-    async def handle(reader, writer):
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
     for name, version in (("TLS12", ssl.TLSVersion.TLSv1_2), ("TLS13", ssl.TLSVersion.TLSv1_3)):
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(pair.cert, pair.key)
+        ctx = server_context(pair)
         ctx.minimum_version = ctx.maximum_version = version
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        server = await asyncio.start_server(_ok, "127.0.0.1", 0, ssl=ctx)
         servers.append(server)
         ports[name] = server.sockets[0].getsockname()[1]
     ports["ca"] = str(ca.path)
@@ -114,22 +115,8 @@ async def mtls(tmp_path):
     ca = CA(tmp_path, "inline-ca")
     server_pair = ca.issue("localhost", server=True)
     client = ca.issue("prober", server=False)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(server_pair.cert, server_pair.key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cafile=str(ca.path))
-
-    async def handle(reader, writer):
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    ctx = server_context(server_pair, client_ca=ca)
+    server = await asyncio.start_server(_ok, "127.0.0.1", 0, ssl=ctx)
     yield {"port": server.sockets[0].getsockname()[1], "ca": ca.path.read_text(), "cert": client.cert.read_text(),
            "key": client.key.read_text(), "key_file": str(client.key), "cert_file": str(client.cert)}
     server.close()
@@ -201,14 +188,6 @@ def test_inline_pem_in_a_blackbox_file(mtls, tmp_path):
     assert "PRIVATE" not in str(ei.value)
 
 
-def _encrypted_key(m: dict) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(m["key"].encode(), None)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.BestAvailableEncryption(b"pass phrase")).decode()
-
-
 _ENCRYPTED_KEY_CHECKS = """
 import fcntl, json, os, ssl, sys, termios
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is this session's terminal: where OpenSSL would ask
@@ -241,48 +220,20 @@ except ConfigError as exc:
 """
 
 
-def test_encrypted_key_is_an_error_not_a_pass_phrase_prompt(mtls, tmp_path):
+def test_encrypted_key_is_an_error_not_a_pass_phrase_prompt(mtls):
     """An encrypted client key, inline, as key_file (when a probe loads it; a blackbox file's at load): one line.
     The checks run in a child whose controlling terminal is a pty of the test's, where OpenSSL's default would
     ask for the pass phrase and wait."""
     import json
-    import os
-    import pty
-    import select
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from tests.agent.pki import Pair, encrypted_copy, run_on_pty
+
     m = mtls
-    enc = _encrypted_key(m)
-    key_file = tmp_path / "enc.key"
-    key_file.write_text(enc)
+    key_file = encrypted_copy(Pair(Path(m["cert_file"]), Path(m["key_file"])))
+    enc = key_file.read_text()
     args = json.dumps({"cert": m["cert"], "cert_file": m["cert_file"], "enc": enc, "enc_file": str(key_file)})
-    primary, secondary = pty.openpty()
-    root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen([sys.executable, "-c", _ENCRYPTED_KEY_CHECKS, args], stdin=secondary, stdout=secondary,
-                            stderr=secondary, start_new_session=True, cwd=root,
-                            env={**os.environ, "PYTHONPATH": root})
-    os.close(secondary)
-    out = b""
-    try:
-        while out.count(b"\n") < 3:
-            ready, _, _ = select.select([primary], [], [], 30)
-            if not ready:
-                break  # waiting at a prompt (or stuck): what it said so far is the evidence
-            try:
-                chunk = os.read(primary, 4096)
-            except OSError:  # EIO: the child is gone
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        os.close(primary)
-    text = out.decode(errors="replace").replace("\r\n", "\n")
+    text = run_on_pty(_ENCRYPTED_KEY_CHECKS, args, lines=3)
     assert "pass phrase:" not in text.lower(), text
     said = "the private key is encrypted with a pass phrase (not supported: give it unencrypted)"
     assert text.strip().splitlines() == [
